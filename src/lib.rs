@@ -1,1 +1,11 @@
+//! mono: MonoScore and MonoLoss for vision representations, on candle.
 
+pub mod alloc;
+pub mod bench;
+pub mod config;
+pub mod device;
+pub mod io;
+pub mod monoscore;
+pub mod progress;
+
+pub use config::Config;

@@ -1,1 +1,132 @@
-fn main(){}
+//! The `mono` command line: parse, call the library, print.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use mono::io::matrix::MatrixFile;
+use mono::monoscore::{files, ScorePath};
+
+#[global_allocator]
+static ALLOCATOR: mono::alloc::PeakTrackingAllocator = mono::alloc::PeakTrackingAllocator;
+
+#[derive(Parser)]
+#[command(name = "mono", version, about = "MonoScore and MonoLoss for vision representations")]
+struct Cli {
+    /// No progress bars.
+    #[arg(long, global = true)]
+    quiet: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// MonoScore of any representation: N×D similarity embeddings and N×M activations.
+    Score(ScoreArgs),
+    /// Validate a config file and print it with every default filled in.
+    Config {
+        /// The TOML config.
+        config: PathBuf,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// Similarity embeddings (N×D): file.npy, file.safetensors or file.safetensors:tensor.
+    #[arg(long)]
+    embeddings: String,
+    /// Activations (N×M), same forms; one row per image, same order.
+    #[arg(long)]
+    activations: String,
+    /// Also compute the O(N²) pairwise reference; its scores go to --out.
+    #[arg(long)]
+    reference: bool,
+    /// Write {n, d, m, mean, median, live, dead, scores} here (null = dead neuron).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 4096)]
+    batch_rows: usize,
+    /// Accumulation path: auto picks sparse for mostly-zero activations.
+    #[arg(long, value_enum, default_value_t = ScorePath::Auto)]
+    path: ScorePath,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// One-pass MonoScore (sparse and dense paths) against the pairwise reference.
+    Monoscore(mono::bench::monoscore::MonoScoreBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    mono::progress::set_quiet(cli.quiet);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line: the outer context first, then each cause.
+fn format_error(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot set --threads")?;
+    }
+    match cli.command {
+        Command::Score(args) => score(args),
+        Command::Config { config } => {
+            let config = mono::Config::load(&config)?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Monoscore(args)) => mono::bench::monoscore::run(&args).map(|_| ()),
+    }
+}
+
+fn score(args: ScoreArgs) -> Result<()> {
+    let embeddings = MatrixFile::open(&args.embeddings)?;
+    let activations = MatrixFile::open(&args.activations)?;
+    files::check_pair(&embeddings, &activations)?;
+    let one_pass = files::score_files(&embeddings, &activations, args.batch_rows, args.path)?;
+    let result = if args.reference {
+        let reference = files::score_files_pairwise(&embeddings, &activations)?;
+        let diff = one_pass.max_relative_difference(&reference, 1e-3)?;
+        println!("pairwise reference computed; max relative difference to the one-pass engine: {diff:.2e}");
+        reference
+    } else {
+        one_pass
+    };
+    let s = result.summary();
+    let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into());
+    println!(
+        "MonoScore over N = {} images, D = {}, M = {} neurons: mean {} median {} ({} live, {} dead)",
+        result.n,
+        result.d,
+        result.m(),
+        fmt(s.mean),
+        fmt(s.median),
+        s.live,
+        s.dead
+    );
+    if let Some(out) = &args.out {
+        mono::io::write_json_atomic(out, &result.to_json())?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}

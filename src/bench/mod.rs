@@ -1,0 +1,3 @@
+//! `mono bench ...`: benchmarks that print timings and ratios (never asserted in tests).
+
+pub mod monoscore;

@@ -1,0 +1,674 @@
+//! The TOML schema of a mono run. Every key has the paper's value as its default (REFERENCE.md),
+//! unknown keys are rejected, and validation errors name the key and the bad value.
+//! docs/config.md documents every key; `tests/config.rs` checks that each documented key parses.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub encoder: EncoderConfig,
+    pub data: DataConfig,
+    pub features: FeaturesConfig,
+    pub sae: SaeConfig,
+    pub train: TrainConfig,
+    pub mono: MonoConfig,
+    pub finetune: FinetuneConfig,
+    /// Dotted key → list of values; one child run per value (e.g. `lambda = [0.0, 3e-4]`).
+    pub sweep: BTreeMap<String, Vec<toml::Value>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name; outputs go to `output/name`.
+    pub name: String,
+    pub output: PathBuf,
+    /// "auto" | "cpu" | "cuda" | "cuda:N" | "metal".
+    pub device: String,
+    pub seed: u64,
+    /// "sae": extract → train → eval → report; "finetune": finetune → eval → report.
+    pub pipeline: Pipeline,
+    /// CPU threads for rayon and candle; absent = all cores.
+    pub threads: Option<usize>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "mono".into(),
+            output: PathBuf::from("runs"),
+            device: "auto".into(),
+            seed: 42,
+            pipeline: Pipeline::Sae,
+            threads: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Pipeline {
+    Sae,
+    Finetune,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderKind {
+    Clip,
+    Siglip2,
+    Vit,
+    Resnet50,
+}
+
+/// Which tensor of the encoder becomes the feature.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderOutput {
+    /// CLIP: post-LayerNorm CLS token (`pooler_output`).
+    Pooler,
+    /// CLIP: the projected image embedding (`image_embeds`).
+    ImageEmbeds,
+    /// SigLIP2: attention-pooled output; ResNet-50: global average pool.
+    Pooled,
+    /// ViT: CLS token after the final LayerNorm.
+    Cls,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncoderConfig {
+    pub kind: EncoderKind,
+    /// Hugging Face model id or a local directory.
+    pub model: String,
+    pub revision: String,
+    /// Absent = the paper's output for the kind (clip: image_embeds, siglip2/resnet50: pooled, vit: cls).
+    pub output: Option<EncoderOutput>,
+    pub dtype: FloatType,
+    pub batch_size: usize,
+    /// L2-normalise features before storing them (the paper does).
+    pub normalize: bool,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        Self {
+            kind: EncoderKind::Clip,
+            model: "openai/clip-vit-large-patch14".into(),
+            revision: "main".into(),
+            output: None,
+            dtype: FloatType::F32,
+            batch_size: 64,
+            normalize: true,
+        }
+    }
+}
+
+impl EncoderConfig {
+    pub fn output(&self) -> EncoderOutput {
+        self.output.unwrap_or(match self.kind {
+            EncoderKind::Clip => EncoderOutput::ImageEmbeds,
+            EncoderKind::Siglip2 | EncoderKind::Resnet50 => EncoderOutput::Pooled,
+            EncoderKind::Vit => EncoderOutput::Cls,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    Imagenet,
+    Openimages,
+    Cifar10,
+    Cifar100,
+    FashionMnist,
+    Mnist,
+    /// Any directory with one subfolder per class.
+    Folder,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub kind: DatasetKind,
+    pub root: Option<PathBuf>,
+    pub train_split: String,
+    pub eval_split: String,
+    /// Use at most this many images per split.
+    pub limit: Option<usize>,
+    /// Image decoding threads; absent = all cores.
+    pub workers: Option<usize>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            kind: DatasetKind::Imagenet,
+            root: None,
+            train_split: "train".into(),
+            eval_split: "val".into(),
+            limit: None,
+            workers: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturesConfig {
+    /// Feature store directory; absent = `<run dir>/features`.
+    pub dir: Option<PathBuf>,
+    /// Rows per safetensors shard.
+    pub shard_size: usize,
+    pub dtype: FloatType,
+    /// Rows held by the shuffle buffer when streaming the store for training.
+    pub shuffle_buffer: usize,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        Self { dir: None, shard_size: 16384, dtype: FloatType::F32, shuffle_buffer: 65536 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SaeKind {
+    Topk,
+    BatchTopk,
+    Jumprelu,
+    Relu,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SaeConfig {
+    pub kind: SaeKind,
+    pub n_latents: usize,
+    /// Active latents per sample (TopK) or on average per sample (BatchTopK).
+    pub k: usize,
+    /// AuxK loss coefficient (TopK, BatchTopK).
+    pub aux_coef: f64,
+    /// Latents used by the AuxK loss; absent = 64 for topk, 512 for batch_topk.
+    pub k_aux: Option<usize>,
+    /// A latent that has not fired for this many training samples counts as dead.
+    pub dead_after: u64,
+    /// JumpReLU: rectangle-kernel bandwidth of the threshold pseudo-gradient.
+    pub jumprelu_bandwidth: f64,
+    /// JumpReLU: initial log-threshold.
+    pub jumprelu_init_log_threshold: f64,
+    /// JumpReLU: L0 penalty coefficient.
+    pub l0_coef: f64,
+    /// ReLU: L1 penalty coefficient.
+    pub l1_coef: f64,
+    /// Per-sample input standardisation; absent = on for topk (OpenAI style), off otherwise.
+    pub normalize_input: Option<bool>,
+}
+
+impl Default for SaeConfig {
+    fn default() -> Self {
+        Self {
+            kind: SaeKind::BatchTopk,
+            n_latents: 8192,
+            k: 64,
+            aux_coef: 1.0 / 32.0,
+            k_aux: None,
+            dead_after: 10_000_000,
+            jumprelu_bandwidth: 1e-3,
+            jumprelu_init_log_threshold: 0.0,
+            l0_coef: 1e-3,
+            l1_coef: 1e-4,
+            normalize_input: None,
+        }
+    }
+}
+
+impl SaeConfig {
+    pub fn k_aux(&self) -> usize {
+        self.k_aux.unwrap_or(match self.kind {
+            SaeKind::Topk => 64,
+            _ => 512,
+        })
+    }
+
+    pub fn normalize_input(&self) -> bool {
+        self.normalize_input.unwrap_or(self.kind == SaeKind::Topk)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LrDecay {
+    None,
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub adam_eps: f64,
+    pub adam_betas: [f64; 2],
+    /// Clip gradients to this global norm; absent = 1.0 except for topk (none, as OpenAI).
+    pub grad_clip: Option<f64>,
+    pub warmup_steps: usize,
+    pub lr_decay: LrDecay,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub checkpoint_every: usize,
+    /// Append to metrics.jsonl every this many steps.
+    pub log_every: usize,
+    /// Stop after this many steps even if epochs remain.
+    pub max_steps: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 50,
+            batch_size: 2048,
+            lr: 1e-4,
+            adam_eps: 6.25e-10,
+            adam_betas: [0.9, 0.999],
+            grad_clip: None,
+            warmup_steps: 0,
+            lr_decay: LrDecay::None,
+            checkpoint_every: 5000,
+            log_every: 10,
+            max_steps: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn grad_clip(&self, kind: SaeKind) -> Option<f64> {
+        match (self.grad_clip, kind) {
+            (Some(c), _) => Some(c),
+            (None, SaeKind::Topk) => None,
+            (None, _) => Some(1.0),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonoConfig {
+    /// λ; absent = the paper's best value for this dataset × encoder × SAE kind.
+    pub lambda: Option<f64>,
+    /// 1 = batch MonoLoss every step; P > 1 = exact full-dataset MonoLoss every P steps.
+    pub period: usize,
+    /// eps in the min-max range and the denominator.
+    pub eps: f64,
+    /// Feature store of an independent "judge" encoder on the same images; absent = the SAE input.
+    pub similarity_store: Option<PathBuf>,
+}
+
+impl Default for MonoConfig {
+    fn default() -> Self {
+        Self { lambda: None, period: 1, eps: 1e-8, similarity_store: None }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+    Step,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// Width of the TopK layer = backbone width × expansion.
+    pub expansion: usize,
+    /// Active units of the TopK layer; absent = all of them (the paper's runs: k = width).
+    pub k: Option<usize>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub optimizer: Optimizer,
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Weight decay of normalisation weights and biases.
+    pub norm_weight_decay: f64,
+    pub schedule: LrSchedule,
+    pub warmup_epochs: usize,
+    /// StepLR: decay every this many epochs by `gamma`.
+    pub step_size: usize,
+    pub gamma: f64,
+    pub label_smoothing: f64,
+    pub grad_clip: Option<f64>,
+    /// Absent = whole backbone trainable; 0 = frozen; N = only the last N blocks.
+    pub trainable_blocks: Option<usize>,
+    /// LoRA rank on attention projections (ViT only); absent = no LoRA.
+    pub lora_rank: Option<usize>,
+    pub lora_alpha: f64,
+    /// Exponential moving average of the weights, evaluated instead of the raw weights.
+    pub ema_decay: Option<f64>,
+    pub mixed_precision: bool,
+    /// Random-resized-crop and horizontal flip on training images.
+    pub augment: bool,
+    /// Feature store with the similarity embeddings of every training image; absent = the
+    /// backbone's own detached features.
+    pub similarity_store: Option<PathBuf>,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        // ResNet-50 recipe of the paper (torchvision reference recipe, 90 epochs).
+        Self {
+            expansion: 1,
+            k: None,
+            epochs: 90,
+            batch_size: 1024,
+            optimizer: Optimizer::Sgd,
+            lr: 1e-3,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 2e-5,
+            norm_weight_decay: 0.0,
+            schedule: LrSchedule::Cosine,
+            warmup_epochs: 5,
+            step_size: 30,
+            gamma: 0.1,
+            label_smoothing: 0.1,
+            grad_clip: None,
+            trainable_blocks: None,
+            lora_rank: None,
+            lora_alpha: 16.0,
+            ema_decay: Some(0.99998),
+            mixed_precision: false,
+            augment: true,
+            similarity_store: None,
+        }
+    }
+}
+
+/// The paper's best λ (ImageNet and OpenImagesV7 tables), by dataset, encoder and SAE kind.
+pub fn paper_lambda(dataset: DatasetKind, encoder: EncoderKind, sae: SaeKind) -> Option<f64> {
+    let column = match encoder {
+        EncoderKind::Clip => 0,
+        EncoderKind::Siglip2 => 1,
+        EncoderKind::Vit => 2,
+        EncoderKind::Resnet50 => return None,
+    };
+    let row: [f64; 3] = match (dataset, sae) {
+        (DatasetKind::Imagenet, SaeKind::BatchTopk) => [3e-4, 1e-4, 4e-4],
+        (DatasetKind::Imagenet, SaeKind::Topk) => [0.09, 0.14, 0.09],
+        (DatasetKind::Imagenet, SaeKind::Jumprelu) => [5e-4, 1e-4, 7e-4],
+        (DatasetKind::Imagenet, SaeKind::Relu) => [1e-4, 3e-5, 9e-5],
+        (DatasetKind::Openimages, SaeKind::BatchTopk) => [5e-4, 2e-4, 7e-4],
+        (DatasetKind::Openimages, SaeKind::Topk) => [0.5, 0.3, 0.9],
+        (DatasetKind::Openimages, SaeKind::Jumprelu) => [5e-4, 1e-4, 5e-4],
+        (DatasetKind::Openimages, SaeKind::Relu) => [1e-4, 3e-5, 1e-4],
+        _ => return None,
+    };
+    Some(row[column])
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Errors name the file and the key.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Config = deserialize_with_path(toml::Deserializer::new(text))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// λ to use: the configured one, else the paper's value for this setup.
+    pub fn lambda(&self) -> Result<f64> {
+        match self.mono.lambda {
+            Some(l) => Ok(l),
+            None => paper_lambda(self.data.kind, self.encoder.kind, self.sae.kind).with_context(|| {
+                format!(
+                    "mono.lambda is not set and the paper has no value for data.kind = {:?}, encoder.kind = {:?}, sae.kind = {:?}",
+                    self.data.kind, self.encoder.kind, self.sae.kind
+                )
+            }),
+        }
+    }
+
+    /// The run's output directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.output.join(&self.run.name)
+    }
+
+    /// Checks ranges and relations between keys; the error names the key and the value.
+    pub fn validate(&self) -> Result<()> {
+        let mut v = Validator::default();
+        v.check(!self.run.name.trim().is_empty(), || "run.name must not be empty".into());
+        v.check(!self.run.name.contains(['/', '\\']), || format!("run.name = {:?} must not contain a path separator", self.run.name));
+        if let Err(e) = crate::device::DeviceSpec::parse(&self.run.device) {
+            v.fail(format!("run.device = {:?}: {e}", self.run.device));
+        }
+        v.positive_opt("run.threads", self.run.threads);
+
+        v.check(!self.encoder.model.trim().is_empty(), || "encoder.model must not be empty".into());
+        v.positive("encoder.batch_size", self.encoder.batch_size);
+        let output_ok = matches!(
+            (self.encoder.kind, self.encoder.output()),
+            (EncoderKind::Clip, EncoderOutput::Pooler | EncoderOutput::ImageEmbeds)
+                | (EncoderKind::Siglip2, EncoderOutput::Pooled)
+                | (EncoderKind::Vit, EncoderOutput::Cls)
+                | (EncoderKind::Resnet50, EncoderOutput::Pooled)
+        );
+        v.check(output_ok, || {
+            format!("encoder.output = {:?} is not an output of encoder.kind = {:?}", self.encoder.output(), self.encoder.kind)
+        });
+
+        v.positive_opt("data.limit", self.data.limit);
+        v.positive_opt("data.workers", self.data.workers);
+        v.positive("features.shard_size", self.features.shard_size);
+        v.positive("features.shuffle_buffer", self.features.shuffle_buffer);
+
+        let sae = &self.sae;
+        v.positive("sae.n_latents", sae.n_latents);
+        v.positive("sae.k", sae.k);
+        v.check(sae.k <= sae.n_latents, || format!("sae.k = {} must be ≤ sae.n_latents = {}", sae.k, sae.n_latents));
+        v.check(sae.k_aux() <= sae.n_latents, || format!("sae.k_aux = {} must be ≤ sae.n_latents = {}", sae.k_aux(), sae.n_latents));
+        v.non_negative("sae.aux_coef", sae.aux_coef);
+        v.positive("sae.dead_after", sae.dead_after as usize);
+        v.positive_f("sae.jumprelu_bandwidth", sae.jumprelu_bandwidth);
+        v.finite("sae.jumprelu_init_log_threshold", sae.jumprelu_init_log_threshold);
+        v.non_negative("sae.l0_coef", sae.l0_coef);
+        v.non_negative("sae.l1_coef", sae.l1_coef);
+
+        let t = &self.train;
+        v.positive("train.epochs", t.epochs);
+        v.positive("train.batch_size", t.batch_size);
+        v.check(t.batch_size >= 2, || format!("train.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", t.batch_size));
+        v.positive_f("train.lr", t.lr);
+        v.positive_f("train.adam_eps", t.adam_eps);
+        for (i, b) in t.adam_betas.iter().enumerate() {
+            v.check((0.0..1.0).contains(b), || format!("train.adam_betas[{i}] = {b} must be in [0, 1)"));
+        }
+        if let Some(c) = t.grad_clip {
+            v.positive_f("train.grad_clip", c);
+        }
+        v.positive("train.log_every", t.log_every);
+        v.positive_opt("train.max_steps", t.max_steps);
+
+        let m = &self.mono;
+        if let Some(l) = m.lambda {
+            v.non_negative("mono.lambda", l);
+        }
+        v.positive("mono.period", m.period);
+        v.positive_f("mono.eps", m.eps);
+
+        let f = &self.finetune;
+        v.positive("finetune.expansion", f.expansion);
+        v.positive_opt("finetune.k", f.k);
+        v.positive("finetune.epochs", f.epochs);
+        v.positive("finetune.batch_size", f.batch_size);
+        v.check(f.batch_size >= 2, || format!("finetune.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", f.batch_size));
+        v.positive_f("finetune.lr", f.lr);
+        v.check((0.0..1.0).contains(&f.momentum), || format!("finetune.momentum = {} must be in [0, 1)", f.momentum));
+        v.non_negative("finetune.weight_decay", f.weight_decay);
+        v.non_negative("finetune.norm_weight_decay", f.norm_weight_decay);
+        v.check(f.warmup_epochs < f.epochs, || {
+            format!("finetune.warmup_epochs = {} must be < finetune.epochs = {}", f.warmup_epochs, f.epochs)
+        });
+        v.positive("finetune.step_size", f.step_size);
+        v.check(f.gamma > 0.0 && f.gamma <= 1.0, || format!("finetune.gamma = {} must be in (0, 1]", f.gamma));
+        v.check((0.0..1.0).contains(&f.label_smoothing), || {
+            format!("finetune.label_smoothing = {} must be in [0, 1)", f.label_smoothing)
+        });
+        if let Some(c) = f.grad_clip {
+            v.positive_f("finetune.grad_clip", c);
+        }
+        v.positive_opt("finetune.lora_rank", f.lora_rank);
+        v.positive_f("finetune.lora_alpha", f.lora_alpha);
+        if let Some(d) = f.ema_decay {
+            v.check(d > 0.0 && d < 1.0, || format!("finetune.ema_decay = {d} must be in (0, 1)"));
+        }
+        v.check(!(f.lora_rank.is_some() && self.encoder.kind == EncoderKind::Resnet50), || {
+            "finetune.lora_rank applies to ViT attention projections; encoder.kind = \"resnet50\" has none".into()
+        });
+        v.finish()?;
+
+        self.validate_sweep()
+    }
+
+    /// Each sweep key must name a config key, and each value must make a valid config.
+    fn validate_sweep(&self) -> Result<()> {
+        for (key, values) in &self.sweep {
+            if values.is_empty() {
+                bail!("sweep.{key} is an empty list");
+            }
+            for value in values {
+                self.with_override(key, value.clone()).with_context(|| format!("sweep.{key} = {value}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy with one dotted key set (`lambda` is short for `mono.lambda`), re-validated.
+    pub fn with_override(&self, key: &str, value: toml::Value) -> Result<Config> {
+        let path = sweep_key_path(key);
+        let mut tree = toml::Value::try_from(self)?;
+        if let toml::Value::Table(t) = &mut tree {
+            t.remove("sweep");
+        }
+        let mut node = &mut tree;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let table = node.as_table_mut().with_context(|| format!("`{path}` is not a config key"))?;
+            if i + 1 == parts.len() {
+                table.insert(part.to_string(), value.clone());
+                break;
+            }
+            node = table.get_mut(*part).with_context(|| format!("`{path}` is not a config key"))?;
+        }
+        let text = toml::to_string(&tree)?;
+        let mut config: Config = deserialize_with_path(toml::Deserializer::new(&text))?;
+        config.validate()?;
+        config.sweep.clear();
+        Ok(config)
+    }
+}
+
+/// `lambda` → `mono.lambda`; other keys are already dotted paths.
+pub fn sweep_key_path(key: &str) -> String {
+    match key {
+        "lambda" => "mono.lambda".into(),
+        other => other.into(),
+    }
+}
+
+/// Deserialises while tracking the path, so unknown keys and type errors name `section.key`.
+fn deserialize_with_path<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Config>
+where
+    D::Error: std::fmt::Display,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // toml's own message carries a source excerpt; keep its first line only.
+        let message = inner.lines().find(|l| !l.trim().is_empty() && !l.starts_with("TOML parse error")).unwrap_or(&inner);
+        let message = message.trim();
+        if let Some(field) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+            let full = if path == "." { field.to_string() } else { format!("{path}.{field}") };
+            anyhow::anyhow!("unknown key `{full}` ({message})")
+        } else if path == "." {
+            anyhow::anyhow!("{}", inner.trim())
+        } else {
+            anyhow::anyhow!("{path}: {message}")
+        }
+    })
+}
+
+/// Collects the first failed check.
+#[derive(Default)]
+struct Validator {
+    first_error: Option<String>,
+}
+
+impl Validator {
+    fn fail(&mut self, message: String) {
+        self.first_error.get_or_insert(message);
+    }
+
+    fn check(&mut self, ok: bool, message: impl FnOnce() -> String) {
+        if !ok {
+            self.fail(message());
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: usize) {
+        self.check(value > 0, || format!("{key} = {value} must be > 0"));
+    }
+
+    fn positive_opt(&mut self, key: &str, value: Option<usize>) {
+        if let Some(v) = value {
+            self.positive(key, v);
+        }
+    }
+
+    fn finite(&mut self, key: &str, value: f64) {
+        self.check(value.is_finite(), || format!("{key} = {value} must be a finite number"));
+    }
+
+    fn positive_f(&mut self, key: &str, value: f64) {
+        self.check(value.is_finite() && value > 0.0, || format!("{key} = {value} must be > 0"));
+    }
+
+    fn non_negative(&mut self, key: &str, value: f64) {
+        self.check(value.is_finite() && value >= 0.0, || format!("{key} = {value} must be ≥ 0"));
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.first_error {
+            Some(e) => bail!(e),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! Streaming, exact, one-pass MonoScore.
+//!
+//! For neuron k with raw activations l_ik, range r_k = max_k − min_k and unit similarity
+//! embeddings p_i, the min-max scaled activations ã_ik = (l_ik − min_k)/r_k give
+//!   u_k = Σ ã_ik,  v_k = Σ ã_ik²,  w_k = Σ ã_ik p_i,
+//!   MS_k = ½(‖w_k‖² − v_k) / ½(u_k² − v_k).
+//! Scaling is affine, so it folds out of the sums: we accumulate Σ l, Σ l², Σ l·p, Σ p and the
+//! running min/max in ONE pass and apply the scaling at the end (all in f64: the subtractions
+//! cancel). Memory is O(M·D), independent of N.
+//!
+//! Two input paths give the same numbers: a dense one (a B×M matrix, the Σ l·p term is one
+//! f64 GEMM per batch) and a sparse one (CSR rows, e.g. TopK latents: O(nnz·D) work).
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+use super::MonoScores;
+
+/// Per-neuron running statistics of the raw activations.
+#[derive(Clone, Debug)]
+struct NeuronMoments {
+    sum: f64,
+    sum_sq: f64,
+    min: f32,
+    max: f32,
+    /// How many values seen so far equal `min` (needed to tell "fires on < 2 images").
+    count_at_min: u64,
+    /// Values seen explicitly; the sparse path leaves the other rows as implicit zeros.
+    explicit: u64,
+}
+
+impl NeuronMoments {
+    fn new() -> Self {
+        Self { sum: 0.0, sum_sq: 0.0, min: f32::INFINITY, max: f32::NEG_INFINITY, count_at_min: 0, explicit: 0 }
+    }
+
+    /// Folds `count` copies of `value` into the min/max/count-at-min state.
+    #[inline]
+    fn fold_extremes(&mut self, value: f32, count: u64) {
+        if value < self.min {
+            self.min = value;
+            self.count_at_min = count;
+        } else if value == self.min {
+            self.count_at_min += count;
+        }
+        if value > self.max {
+            self.max = value;
+        }
+    }
+}
+
+/// Activations of a batch in compressed sparse row form; absent entries are zeros.
+#[derive(Clone, Copy, Debug)]
+pub struct SparseRows<'a> {
+    /// Length B + 1; row i owns entries `row_offsets[i]..row_offsets[i+1]`.
+    pub row_offsets: &'a [usize],
+    pub columns: &'a [u32],
+    pub values: &'a [f32],
+}
+
+/// Owned CSR storage, e.g. built from a dense batch or from TopK (indices, values).
+#[derive(Clone, Debug, Default)]
+pub struct SparseBatch {
+    pub row_offsets: Vec<usize>,
+    pub columns: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl SparseBatch {
+    /// Keeps the non-zero entries of a dense row-major (rows × cols) matrix.
+    pub fn from_dense(activations: &[f32], cols: usize) -> Self {
+        let rows = if cols == 0 { 0 } else { activations.len() / cols };
+        let mut batch = SparseBatch { row_offsets: Vec::with_capacity(rows + 1), ..Default::default() };
+        batch.row_offsets.push(0);
+        for row in activations.chunks_exact(cols.max(1)).take(rows) {
+            for (c, &v) in row.iter().enumerate() {
+                if v != 0.0 {
+                    batch.columns.push(c as u32);
+                    batch.values.push(v);
+                }
+            }
+            batch.row_offsets.push(batch.columns.len());
+        }
+        batch
+    }
+
+    /// Rows with exactly `k` entries each, e.g. the (indices, values) of a TopK layer.
+    pub fn from_fixed_k(indices: Vec<u32>, values: Vec<f32>, k: usize) -> Self {
+        let rows = if k == 0 { 0 } else { indices.len() / k };
+        SparseBatch { row_offsets: (0..=rows).map(|r| r * k).collect(), columns: indices, values }
+    }
+
+    pub fn as_rows(&self) -> SparseRows<'_> {
+        SparseRows { row_offsets: &self.row_offsets, columns: &self.columns, values: &self.values }
+    }
+}
+
+/// Which accumulation path a batch takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScorePath {
+    /// Sparse when at most `SPARSE_DENSITY_LIMIT` of the entries are non-zero, else dense.
+    Auto,
+    Dense,
+    Sparse,
+}
+
+/// Above this share of non-zeros the GEMM of the dense path beats scattered sparse work.
+pub const SPARSE_DENSITY_LIMIT: f64 = 0.05;
+
+/// The streaming accumulator. Feed batches of (similarity embeddings B×D, activations B×M).
+#[derive(Clone, Debug)]
+pub struct MonoScoreAccumulator {
+    dim: usize,
+    n_neurons: usize,
+    n_rows: u64,
+    /// Σ_i p_i, length D.
+    embedding_sum: Vec<f64>,
+    /// Σ_i l_ik p_i, neuron-major M × D.
+    weighted_sum: Vec<f64>,
+    neurons: Vec<NeuronMoments>,
+}
+
+impl MonoScoreAccumulator {
+    pub fn new(dim: usize, n_neurons: usize) -> Self {
+        Self {
+            dim,
+            n_neurons,
+            n_rows: 0,
+            embedding_sum: vec![0.0; dim],
+            weighted_sum: vec![0.0; dim * n_neurons],
+            neurons: vec![NeuronMoments::new(); n_neurons],
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn n_neurons(&self) -> usize {
+        self.n_neurons
+    }
+
+    pub fn n_rows(&self) -> u64 {
+        self.n_rows
+    }
+
+    /// Adds a batch given as dense row-major matrices, choosing the path by `path`.
+    pub fn add(&mut self, embeddings: &[f32], activations: &[f32], path: ScorePath) -> Result<()> {
+        let rows = self.check_embeddings(embeddings)?;
+        ensure!(
+            activations.len() == rows * self.n_neurons,
+            "activations hold {} values, expected {rows} rows × {} neurons",
+            activations.len(),
+            self.n_neurons
+        );
+        self.check_activations_finite(activations)?;
+        let use_sparse = match path {
+            ScorePath::Dense => false,
+            ScorePath::Sparse => true,
+            ScorePath::Auto => {
+                let nnz = activations.par_iter().filter(|v| **v != 0.0).count();
+                (nnz as f64) <= SPARSE_DENSITY_LIMIT * activations.len() as f64
+            }
+        };
+        if use_sparse {
+            let sparse = SparseBatch::from_dense(activations, self.n_neurons);
+            self.add_sparse_unchecked(embeddings, rows, sparse.as_rows())
+        } else {
+            self.add_dense_unchecked(embeddings, rows, activations)
+        }
+    }
+
+    /// Adds a batch whose activations are CSR rows (absent entries are zeros).
+    pub fn add_sparse(&mut self, embeddings: &[f32], activations: SparseRows<'_>) -> Result<()> {
+        let rows = self.check_embeddings(embeddings)?;
+        ensure!(
+            activations.row_offsets.len() == rows + 1,
+            "sparse activations have {} rows, embeddings have {rows}",
+            activations.row_offsets.len().saturating_sub(1)
+        );
+        ensure!(
+            activations.columns.len() == activations.values.len()
+                && activations.row_offsets.last() == Some(&activations.columns.len())
+                && activations.row_offsets.windows(2).all(|w| w[0] <= w[1]),
+            "malformed sparse activations (offsets, columns and values disagree)"
+        );
+        if let Some(&c) = activations.columns.iter().find(|&&c| c as usize >= self.n_neurons) {
+            bail!("sparse activation column {c} is out of range for {} neurons", self.n_neurons);
+        }
+        self.check_activations_finite(activations.values)?;
+        self.add_sparse_unchecked(embeddings, rows, activations)
+    }
+
+    fn check_embeddings(&self, embeddings: &[f32]) -> Result<usize> {
+        ensure!(self.dim > 0, "similarity embeddings must have at least one column");
+        ensure!(
+            embeddings.len() % self.dim == 0,
+            "embeddings hold {} values, not a multiple of D = {}",
+            embeddings.len(),
+            self.dim
+        );
+        Ok(embeddings.len() / self.dim)
+    }
+
+    fn check_activations_finite(&self, values: &[f32]) -> Result<()> {
+        if let Some(pos) = values.par_iter().position_first(|v| !v.is_finite()) {
+            bail!("activation {} of this batch is {} (NaN/Inf activations cannot be scored)", pos, values[pos]);
+        }
+        Ok(())
+    }
+
+    /// 1/‖e_i‖ per row, in f64; rejects zero-norm and non-finite embeddings.
+    fn inverse_norms(&self, embeddings: &[f32]) -> Result<Vec<f64>> {
+        let first_row = self.n_rows;
+        embeddings
+            .par_chunks_exact(self.dim)
+            .enumerate()
+            .map(|(i, row)| {
+                let sq: f64 = row.iter().map(|&x| (x as f64) * (x as f64)).sum();
+                if !sq.is_finite() {
+                    bail!("similarity embedding of row {} contains NaN/Inf", first_row + i as u64);
+                }
+                if sq == 0.0 {
+                    bail!("similarity embedding of row {} has zero norm (cosine is undefined)", first_row + i as u64);
+                }
+                Ok(1.0 / sq.sqrt())
+            })
+            .collect()
+    }
+
+    fn add_embedding_sum(&mut self, embeddings: &[f32], inv_norms: &[f64]) {
+        for (row, &s) in embeddings.chunks_exact(self.dim).zip(inv_norms) {
+            for (acc, &x) in self.embedding_sum.iter_mut().zip(row) {
+                *acc += x as f64 * s;
+            }
+        }
+    }
+
+    fn add_dense_unchecked(&mut self, embeddings: &[f32], rows: usize, activations: &[f32]) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let inv_norms = self.inverse_norms(embeddings)?;
+        let (dim, m) = (self.dim, self.n_neurons);
+
+        // Moments, per column block so that each thread owns its neurons.
+        const BLOCK: usize = 256;
+        self.neurons.par_chunks_mut(BLOCK).enumerate().for_each(|(b, block)| {
+            let c0 = b * BLOCK;
+            let width = block.len();
+            let mut lo = vec![f32::INFINITY; width];
+            let mut hi = vec![f32::NEG_INFINITY; width];
+            let mut sum = vec![0.0f64; width];
+            let mut sum_sq = vec![0.0f64; width];
+            for row in activations.chunks_exact(m) {
+                let row = &row[c0..c0 + width];
+                for j in 0..width {
+                    let v = row[j];
+                    lo[j] = lo[j].min(v);
+                    hi[j] = hi[j].max(v);
+                    sum[j] += v as f64;
+                    sum_sq[j] += v as f64 * v as f64;
+                }
+            }
+            let mut at_lo = vec![0u64; width];
+            for row in activations.chunks_exact(m) {
+                for (j, &v) in row[c0..c0 + width].iter().enumerate() {
+                    at_lo[j] += (v == lo[j]) as u64;
+                }
+            }
+            for (j, n) in block.iter_mut().enumerate() {
+                n.sum += sum[j];
+                n.sum_sq += sum_sq[j];
+                n.fold_extremes(lo[j], at_lo[j]);
+                n.max = n.max.max(hi[j]);
+                n.explicit += rows as u64;
+            }
+        });
+
+        // Σ_i l_ik p_i for all k: (M × B) · (B × D), one f64 GEMM.
+        let p: Vec<f64> = embeddings
+            .chunks_exact(dim)
+            .zip(&inv_norms)
+            .flat_map(|(row, &s)| row.iter().map(move |&x| x as f64 * s))
+            .collect();
+        let l: Vec<f64> = activations.iter().map(|&x| x as f64).collect();
+        let cpu = candle_core::Device::Cpu;
+        let p = candle_core::Tensor::from_vec(p, (rows, dim), &cpu)?;
+        let l = candle_core::Tensor::from_vec(l, (rows, m), &cpu)?;
+        let weighted = l.t()?.matmul(&p)?.flatten_all()?.to_vec1::<f64>()?;
+        self.weighted_sum.par_iter_mut().zip(weighted.par_iter()).for_each(|(acc, w)| *acc += w);
+
+        self.add_embedding_sum(embeddings, &inv_norms);
+        self.n_rows += rows as u64;
+        Ok(())
+    }
+
+    fn add_sparse_unchecked(&mut self, embeddings: &[f32], rows: usize, activations: SparseRows<'_>) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let inv_norms = self.inverse_norms(embeddings)?;
+        let dim = self.dim;
+
+        // Transpose to column-major (CSC) so that each neuron's work is contiguous and owned
+        // by one thread: the neuron's f64 D-vector stays in cache while rows are gathered.
+        let m = self.n_neurons;
+        let mut col_offsets = vec![0usize; m + 1];
+        for &c in activations.columns {
+            col_offsets[c as usize + 1] += 1;
+        }
+        for c in 0..m {
+            col_offsets[c + 1] += col_offsets[c];
+        }
+        let nnz = activations.columns.len();
+        let mut entry_rows = vec![0u32; nnz];
+        let mut entry_values = vec![0f32; nnz];
+        let mut cursor = col_offsets.clone();
+        for r in 0..rows {
+            for e in activations.row_offsets[r]..activations.row_offsets[r + 1] {
+                let c = activations.columns[e] as usize;
+                entry_rows[cursor[c]] = r as u32;
+                entry_values[cursor[c]] = activations.values[e];
+                cursor[c] += 1;
+            }
+        }
+
+        self.weighted_sum
+            .par_chunks_mut(dim)
+            .zip(self.neurons.par_iter_mut())
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(c, (acc, moments))| {
+                let span = col_offsets[c]..col_offsets[c + 1];
+                for (&r, &v) in entry_rows[span.clone()].iter().zip(&entry_values[span]) {
+                    let r = r as usize;
+                    moments.sum += v as f64;
+                    moments.sum_sq += v as f64 * v as f64;
+                    moments.fold_extremes(v, 1);
+                    moments.explicit += 1;
+                    let coef = v as f64 * inv_norms[r];
+                    let e = &embeddings[r * dim..(r + 1) * dim];
+                    for (a, &x) in acc.iter_mut().zip(e) {
+                        *a += coef * x as f64;
+                    }
+                }
+            });
+
+        self.add_embedding_sum(embeddings, &inv_norms);
+        self.n_rows += rows as u64;
+        Ok(())
+    }
+
+    /// The exact per-neuron MonoScore of everything added so far (None = dead neuron).
+    pub fn finish(&self) -> MonoScores {
+        let n = self.n_rows as f64;
+        let scores = self
+            .weighted_sum
+            .par_chunks(self.dim.max(1))
+            .zip(self.neurons.par_iter())
+            .map(|(weighted, moments)| {
+                let mut moments = moments.clone();
+                let implicit_zeros = self.n_rows - moments.explicit;
+                if implicit_zeros > 0 {
+                    moments.fold_extremes(0.0, implicit_zeros);
+                }
+                // Dead: fewer than two images above the minimum (constant neurons included).
+                if self.n_rows < 2 || self.n_rows - moments.count_at_min < 2 {
+                    return None;
+                }
+                let (min, range) = (moments.min as f64, moments.max as f64 - moments.min as f64);
+                let u = (moments.sum - n * min) / range;
+                let v = (moments.sum_sq - 2.0 * min * moments.sum + n * min * min) / (range * range);
+                let w_sq: f64 = weighted
+                    .iter()
+                    .zip(&self.embedding_sum)
+                    .map(|(&w, &s)| {
+                        let x = (w - min * s) / range;
+                        x * x
+                    })
+                    .sum();
+                let numerator = 0.5 * (w_sq - v);
+                let denominator = 0.5 * (u * u - v);
+                Some(numerator / denominator)
+            })
+            .collect();
+        MonoScores { n: self.n_rows, d: self.dim, scores }
+    }
+}
