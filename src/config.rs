@@ -439,7 +439,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let config: Config = deserialize_with_path(toml::Deserializer::new(text))?;
+        let config = deserialize_with_path(text, true)?;
         config.validate()?;
         Ok(config)
     }
@@ -589,7 +589,8 @@ impl Config {
             node = table.get_mut(*part).with_context(|| format!("`{path}` is not a config key"))?;
         }
         let text = toml::to_string(&tree)?;
-        let mut config: Config = deserialize_with_path(toml::Deserializer::new(&text))?;
+        // Generated text: its line numbers mean nothing to the user.
+        let mut config = deserialize_with_path(&text, false)?;
         config.validate()?;
         config.sweep.clear();
         Ok(config)
@@ -604,24 +605,23 @@ pub fn sweep_key_path(key: &str) -> String {
     }
 }
 
-/// Deserialises while tracking the path, so unknown keys and type errors name `section.key`.
-fn deserialize_with_path<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Config>
-where
-    D::Error: std::fmt::Display,
-{
-    serde_path_to_error::deserialize(de).map_err(|e| {
+/// Deserialises while tracking the path, so unknown keys and type errors name `section.key`
+/// and the line, in one line of text.
+fn deserialize_with_path(text: &str, show_line: bool) -> Result<Config> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        // toml's own message carries a source excerpt; keep its first line only.
-        let message = inner.lines().find(|l| !l.trim().is_empty() && !l.starts_with("TOML parse error")).unwrap_or(&inner);
-        let message = message.trim();
+        let inner = e.into_inner();
+        let line = inner.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let at = line.filter(|_| show_line).map(|l| format!(" (line {l})")).unwrap_or_default();
+        let message = inner.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
         if let Some(field) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
-            let full = if path == "." { field.to_string() } else { format!("{path}.{field}") };
-            anyhow::anyhow!("unknown key `{full}` ({message})")
+            let full = if path.ends_with(field) { path.clone() } else { format!("{path}.{field}") };
+            let expected = message.split_once(", expected ").map(|(_, e)| format!("; expected {e}")).unwrap_or_default();
+            anyhow::anyhow!("unknown key `{full}`{at}{expected}")
         } else if path == "." {
-            anyhow::anyhow!("{}", inner.trim())
+            anyhow::anyhow!("TOML error{at}: {message}")
         } else {
-            anyhow::anyhow!("{path}: {message}")
+            anyhow::anyhow!("{path}{at}: {message}")
         }
     })
 }

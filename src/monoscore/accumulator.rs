@@ -278,18 +278,23 @@ impl MonoScoreAccumulator {
             }
         });
 
-        // Σ_i l_ik p_i for all k: (M × B) · (B × D), one f64 GEMM.
-        let p: Vec<f64> = embeddings
-            .chunks_exact(dim)
-            .zip(&inv_norms)
-            .flat_map(|(row, &s)| row.iter().map(move |&x| x as f64 * s))
-            .collect();
-        let l: Vec<f64> = activations.iter().map(|&x| x as f64).collect();
+        // Σ_i l_ik p_i for all k: (M × B) · (B × D) as f64 GEMMs over row chunks, so the f64
+        // copies stay small whatever the batch size.
+        const GEMM_ROWS: usize = 1024;
         let cpu = candle_core::Device::Cpu;
-        let p = candle_core::Tensor::from_vec(p, (rows, dim), &cpu)?;
-        let l = candle_core::Tensor::from_vec(l, (rows, m), &cpu)?;
-        let weighted = l.t()?.matmul(&p)?.flatten_all()?.to_vec1::<f64>()?;
-        self.weighted_sum.par_iter_mut().zip(weighted.par_iter()).for_each(|(acc, w)| *acc += w);
+        for start in (0..rows).step_by(GEMM_ROWS) {
+            let end = (start + GEMM_ROWS).min(rows);
+            let p: Vec<f64> = embeddings[start * dim..end * dim]
+                .chunks_exact(dim)
+                .zip(&inv_norms[start..end])
+                .flat_map(|(row, &s)| row.iter().map(move |&x| x as f64 * s))
+                .collect();
+            let l: Vec<f64> = activations[start * m..end * m].iter().map(|&x| x as f64).collect();
+            let p = candle_core::Tensor::from_vec(p, (end - start, dim), &cpu)?;
+            let l = candle_core::Tensor::from_vec(l, (end - start, m), &cpu)?;
+            let weighted = l.t()?.matmul(&p)?.flatten_all()?.to_vec1::<f64>()?;
+            self.weighted_sum.par_iter_mut().zip(weighted.par_iter()).for_each(|(acc, w)| *acc += w);
+        }
 
         self.add_embedding_sum(embeddings, &inv_norms);
         self.n_rows += rows as u64;
