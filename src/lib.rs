@@ -7,5 +7,8 @@ pub mod device;
 pub mod io;
 pub mod monoscore;
 pub mod progress;
+pub mod sae;
+pub mod train;
+pub mod sparse;
 
 pub use config::Config;

@@ -15,6 +15,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::MonoScores;
+use crate::sparse::{to_columns, SparseBatch, SparseRows};
 
 /// Per-neuron running statistics of the raw activations.
 #[derive(Clone, Debug)]
@@ -46,52 +47,6 @@ impl NeuronMoments {
         if value > self.max {
             self.max = value;
         }
-    }
-}
-
-/// Activations of a batch in compressed sparse row form; absent entries are zeros.
-#[derive(Clone, Copy, Debug)]
-pub struct SparseRows<'a> {
-    /// Length B + 1; row i owns entries `row_offsets[i]..row_offsets[i+1]`.
-    pub row_offsets: &'a [usize],
-    pub columns: &'a [u32],
-    pub values: &'a [f32],
-}
-
-/// Owned CSR storage, e.g. built from a dense batch or from TopK (indices, values).
-#[derive(Clone, Debug, Default)]
-pub struct SparseBatch {
-    pub row_offsets: Vec<usize>,
-    pub columns: Vec<u32>,
-    pub values: Vec<f32>,
-}
-
-impl SparseBatch {
-    /// Keeps the non-zero entries of a dense row-major (rows × cols) matrix.
-    pub fn from_dense(activations: &[f32], cols: usize) -> Self {
-        let rows = if cols == 0 { 0 } else { activations.len() / cols };
-        let mut batch = SparseBatch { row_offsets: Vec::with_capacity(rows + 1), ..Default::default() };
-        batch.row_offsets.push(0);
-        for row in activations.chunks_exact(cols.max(1)).take(rows) {
-            for (c, &v) in row.iter().enumerate() {
-                if v != 0.0 {
-                    batch.columns.push(c as u32);
-                    batch.values.push(v);
-                }
-            }
-            batch.row_offsets.push(batch.columns.len());
-        }
-        batch
-    }
-
-    /// Rows with exactly `k` entries each, e.g. the (indices, values) of a TopK layer.
-    pub fn from_fixed_k(indices: Vec<u32>, values: Vec<f32>, k: usize) -> Self {
-        let rows = if k == 0 { 0 } else { indices.len() / k };
-        SparseBatch { row_offsets: (0..=rows).map(|r| r * k).collect(), columns: indices, values }
-    }
-
-    pub fn as_rows(&self) -> SparseRows<'_> {
-        SparseRows { row_offsets: &self.row_offsets, columns: &self.columns, values: &self.values }
     }
 }
 
@@ -308,37 +263,17 @@ impl MonoScoreAccumulator {
         let inv_norms = self.inverse_norms(embeddings)?;
         let dim = self.dim;
 
-        // Transpose to column-major (CSC) so that each neuron's work is contiguous and owned
-        // by one thread: the neuron's f64 D-vector stays in cache while rows are gathered.
-        let m = self.n_neurons;
-        let mut col_offsets = vec![0usize; m + 1];
-        for &c in activations.columns {
-            col_offsets[c as usize + 1] += 1;
-        }
-        for c in 0..m {
-            col_offsets[c + 1] += col_offsets[c];
-        }
-        let nnz = activations.columns.len();
-        let mut entry_rows = vec![0u32; nnz];
-        let mut entry_values = vec![0f32; nnz];
-        let mut cursor = col_offsets.clone();
-        for r in 0..rows {
-            for e in activations.row_offsets[r]..activations.row_offsets[r + 1] {
-                let c = activations.columns[e] as usize;
-                entry_rows[cursor[c]] = r as u32;
-                entry_values[cursor[c]] = activations.values[e];
-                cursor[c] += 1;
-            }
-        }
-
+        // Column-major (CSC) so that each neuron's work is contiguous and owned by one thread:
+        // the neuron's f64 D-vector stays in cache while rows are gathered.
+        let cols = to_columns(activations, self.n_neurons);
         self.weighted_sum
             .par_chunks_mut(dim)
             .zip(self.neurons.par_iter_mut())
             .enumerate()
             .with_min_len(16)
             .for_each(|(c, (acc, moments))| {
-                let span = col_offsets[c]..col_offsets[c + 1];
-                for (&r, &v) in entry_rows[span.clone()].iter().zip(&entry_values[span]) {
+                let span = cols.col_offsets[c]..cols.col_offsets[c + 1];
+                for (&r, &v) in cols.rows[span.clone()].iter().zip(&cols.values[span]) {
                     let r = r as usize;
                     moments.sum += v as f64;
                     moments.sum_sq += v as f64 * v as f64;

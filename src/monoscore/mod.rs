@@ -6,7 +6,8 @@ pub mod files;
 mod loss;
 mod reference;
 
-pub use accumulator::{MonoScoreAccumulator, ScorePath, SparseBatch, SparseRows, SPARSE_DENSITY_LIMIT};
+pub use crate::sparse::{SparseBatch, SparseRows};
+pub use accumulator::{MonoScoreAccumulator, ScorePath, SPARSE_DENSITY_LIMIT};
 pub use loss::{batch_mono_loss, BatchMonoLoss};
 pub use reference::pairwise_monoscore;
 

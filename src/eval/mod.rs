@@ -1,0 +1,227 @@
+//! Evaluation of an SAE on a feature store split, in one streaming pass: R² (per-feature
+//! explained variance, averaged), MSE, L0, dead latents, MonoScore (one-pass engine, sparse path)
+//! and class purity. Never touches the training dead-latent counters.
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::data::store::FeatureStore;
+use crate::monoscore::{MonoScoreAccumulator, MonoScoreSummary, MonoScores};
+use crate::sae::{forward, Sae};
+use crate::sparse::SparseBatch;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Purity {
+    /// Mean over live latents of the share of its activating images in its dominant class.
+    pub binary: f64,
+    /// The same with each image weighted by its activation.
+    pub weighted: f64,
+    pub latents: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalResults {
+    pub split: String,
+    pub n_images: usize,
+    pub r2: f64,
+    pub mse: f64,
+    pub l0: f64,
+    /// Latents that fire on no image of the split.
+    pub dead_latents: usize,
+    pub live_latents: usize,
+    pub monoscore: MonoScoreSummary,
+    pub purity: Option<Purity>,
+}
+
+/// Per-latent numbers behind the summary (for reports and histograms).
+pub struct LatentStats {
+    pub monoscores: MonoScores,
+    pub fire_count: Vec<u64>,
+    pub purity_binary: Vec<Option<f64>>,
+    pub purity_weighted: Vec<Option<f64>>,
+}
+
+/// Streaming sums for R² and MSE over D features, in f64.
+struct ReconstructionStats {
+    n: u64,
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+    sq_err: Vec<f64>,
+}
+
+impl ReconstructionStats {
+    fn new(d: usize) -> Self {
+        Self { n: 0, sum: vec![0.0; d], sum_sq: vec![0.0; d], sq_err: vec![0.0; d] }
+    }
+
+    fn add(&mut self, x: &[f32], recon: &[f32], d: usize) {
+        for (row, rrow) in x.chunks_exact(d).zip(recon.chunks_exact(d)) {
+            for j in 0..d {
+                let (a, b) = (row[j] as f64, rrow[j] as f64);
+                self.sum[j] += a;
+                self.sum_sq[j] += a * a;
+                self.sq_err[j] += (a - b) * (a - b);
+            }
+            self.n += 1;
+        }
+    }
+
+    /// Mean over features with non-zero variance of 1 − SS_res / SS_tot; and the MSE.
+    fn finish(&self) -> (f64, f64) {
+        let n = self.n as f64;
+        let mut r2_sum = 0.0;
+        let mut counted = 0usize;
+        for j in 0..self.sum.len() {
+            let ss_tot = self.sum_sq[j] - self.sum[j] * self.sum[j] / n;
+            if ss_tot > 1e-12 * n.max(1.0) {
+                r2_sum += 1.0 - self.sq_err[j] / ss_tot;
+                counted += 1;
+            }
+        }
+        let r2 = if counted > 0 { r2_sum / counted as f64 } else { f64::NAN };
+        let mse = self.sq_err.iter().sum::<f64>() / (n * self.sum.len() as f64);
+        (r2, mse)
+    }
+}
+
+/// Per latent and class: activating images and summed activation.
+struct PurityStats {
+    classes: usize,
+    count: Vec<u64>,
+    weight: Vec<f64>,
+    total_count: Vec<u64>,
+    total_weight: Vec<f64>,
+}
+
+impl PurityStats {
+    fn new(m: usize, classes: usize) -> Self {
+        Self { classes, count: vec![0; m * classes], weight: vec![0.0; m * classes], total_count: vec![0; m], total_weight: vec![0.0; m] }
+    }
+
+    fn add(&mut self, latents: &SparseBatch, labels_of: impl Fn(usize) -> Vec<u32>) {
+        for r in 0..latents.rows() {
+            let labels = labels_of(r);
+            for e in latents.row_offsets[r]..latents.row_offsets[r + 1] {
+                let (k, v) = (latents.columns[e] as usize, latents.values[e] as f64);
+                self.total_count[k] += 1;
+                self.total_weight[k] += v;
+                for &c in &labels {
+                    self.count[k * self.classes + c as usize] += 1;
+                    self.weight[k * self.classes + c as usize] += v;
+                }
+            }
+        }
+    }
+
+    /// (binary, weighted) purity per latent; None for latents that never fired.
+    fn per_latent(&self) -> (Vec<Option<f64>>, Vec<Option<f64>>) {
+        (0..self.total_count.len())
+            .map(|k| {
+                if self.total_count[k] == 0 {
+                    return (None, None);
+                }
+                let row = k * self.classes..(k + 1) * self.classes;
+                let best_count = self.count[row.clone()].iter().copied().max().unwrap_or(0);
+                let best_weight = self.weight[row].iter().copied().fold(0.0, f64::max);
+                let weighted = if self.total_weight[k] > 0.0 { best_weight / self.total_weight[k] } else { 0.0 };
+                (Some(best_count as f64 / self.total_count[k] as f64), Some(weighted))
+            })
+            .unzip()
+    }
+}
+
+fn mean(values: &[Option<f64>]) -> (f64, usize) {
+    let live: Vec<f64> = values.iter().flatten().copied().collect();
+    (if live.is_empty() { f64::NAN } else { live.iter().sum::<f64>() / live.len() as f64 }, live.len())
+}
+
+/// Evaluates `sae` on every row of `store`. `similarity` (same rows) judges MonoScore; without it
+/// the SAE input does, as in training.
+pub fn evaluate(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&FeatureStore>, batch_rows: usize, device: &Device) -> Result<(EvalResults, LatentStats)> {
+    let (n, d, m) = (store.len(), store.dim(), sae.spec().n_latents);
+    ensure!(d == sae.spec().d_in, "{}: features have {d} columns but the SAE expects d_in = {}", store.dir().display(), sae.spec().d_in);
+    if let Some(s) = similarity {
+        ensure!(s.len() == n, "similarity store {} has {} rows, {} has {n}", s.dir().display(), s.len(), store.dir().display());
+    }
+    let sim_dim = similarity.map_or(d, |s| s.dim());
+    let mut recon_stats = ReconstructionStats::new(d);
+    let mut scores = MonoScoreAccumulator::new(sim_dim, m);
+    let classes = store.n_classes();
+    let mut purity = (classes > 0).then(|| PurityStats::new(m, classes));
+    let mut fire_count = vec![0u64; m];
+    let mut nnz_total = 0usize;
+    let (mut x, mut sim) = (Vec::new(), Vec::new());
+    let bar = crate::progress::bar(n as u64, "evaluating");
+    let mut start = 0;
+    while start < n {
+        let end = (start + batch_rows.max(1)).min(n);
+        store.read_range(start, end, &mut x)?;
+        let input = Tensor::from_slice(&x, (end - start, d), device)?;
+        let pass = forward(sae, &input, false)?;
+        let latents = pass.latents().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let recon = pass.recon.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        recon_stats.add(&x, &recon, d);
+        let sparse = SparseBatch::from_dense(&latents, m);
+        nnz_total += sparse.nnz();
+        for &c in &sparse.columns {
+            fire_count[c as usize] += 1;
+        }
+        let judge = match similarity {
+            Some(s) => {
+                s.read_range(start, end, &mut sim)?;
+                &sim
+            }
+            None => &x,
+        };
+        scores.add_sparse(judge, sparse.as_rows()).with_context(|| format!("rows {start}..{end} of {}", store.dir().display()))?;
+        if let Some(p) = purity.as_mut() {
+            p.add(&sparse, |r| store.row_labels(start + r).to_vec());
+        }
+        bar.inc((end - start) as u64);
+        start = end;
+    }
+    bar.finish_and_clear();
+
+    let (r2, mse) = recon_stats.finish();
+    let monoscores = scores.finish();
+    let dead_latents = fire_count.par_iter().filter(|c| **c == 0).count();
+    let (purity_binary, purity_weighted) = purity.as_ref().map(|p| p.per_latent()).unwrap_or_else(|| (vec![None; m], vec![None; m]));
+    let purity_summary = purity.as_ref().map(|_| {
+        let (binary, latents) = mean(&purity_binary);
+        let (weighted, _) = mean(&purity_weighted);
+        Purity { binary, weighted, latents }
+    });
+    let results = EvalResults {
+        split: store.manifest().split.clone(),
+        n_images: n,
+        r2,
+        mse,
+        l0: nnz_total as f64 / n as f64,
+        dead_latents,
+        live_latents: m - dead_latents,
+        monoscore: monoscores.summary(),
+        purity: purity_summary,
+    };
+    Ok((results, LatentStats { monoscores, fire_count, purity_binary, purity_weighted }))
+}
+
+impl LatentStats {
+    /// Per-latent tensors (NaN where undefined), for `latent_stats.safetensors`.
+    pub fn tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let cpu = Device::Cpu;
+        let opt = |v: &[Option<f64>]| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v.iter().map(|x| x.unwrap_or(f64::NAN) as f32).collect::<Vec<f32>>(), v.len(), &cpu)?)
+        };
+        let fire: Vec<f32> = self.fire_count.iter().map(|&c| c as f32).collect();
+        Ok([
+            ("monoscore".to_string(), opt(&self.monoscores.scores)?),
+            ("purity_binary".to_string(), opt(&self.purity_binary)?),
+            ("purity_weighted".to_string(), opt(&self.purity_weighted)?),
+            ("fire_count".to_string(), Tensor::from_vec(fire, self.fire_count.len(), &cpu)?),
+        ]
+        .into_iter()
+        .collect())
+    }
+}

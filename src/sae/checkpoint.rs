@@ -1,0 +1,144 @@
+//! SAE checkpoints in the SAELens layout: `sae_weights.safetensors` (W_enc D×M, W_dec M×D,
+//! b_enc, b_dec, threshold where it applies) and `cfg.json`. Directories are written beside
+//! their final place and renamed into it, so a crash never leaves a half-written checkpoint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::json;
+
+use super::{batch_topk::BatchTopKSae, jumprelu::JumpReluSae, relu::ReluSae, topk::TopKSae, Sae, SaeParams, SaeSpec};
+use crate::config::SaeKind;
+
+pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
+pub const CFG_FILE: &str = "cfg.json";
+
+/// SAELens architecture names: BatchTopK is a JumpReLU with one threshold at inference.
+fn saelens_architecture(kind: SaeKind) -> &'static str {
+    match kind {
+        SaeKind::Topk => "topk",
+        SaeKind::BatchTopk | SaeKind::Jumprelu => "jumprelu",
+        SaeKind::Relu => "standard",
+    }
+}
+
+/// The SAE's tensors under their SAELens names.
+pub fn weight_tensors(sae: &dyn Sae) -> Result<HashMap<String, Tensor>> {
+    let p = sae.params();
+    let mut tensors = HashMap::from([
+        ("W_enc".to_string(), p.w_enc.as_tensor().detach().t()?.contiguous()?),
+        ("W_dec".to_string(), p.w_dec.as_tensor().detach()),
+        ("b_enc".to_string(), p.b_enc.as_tensor().detach()),
+        ("b_dec".to_string(), p.b_dec.as_tensor().detach()),
+    ]);
+    if let Some(t) = sae.threshold()? {
+        tensors.insert("threshold".to_string(), t);
+    }
+    Ok(tensors)
+}
+
+/// cfg.json: SAELens' keys plus ours under `mono`.
+pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value {
+    let spec = sae.spec();
+    json!({
+        "architecture": saelens_architecture(spec.kind),
+        "d_in": spec.d_in,
+        "d_sae": spec.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": spec.kind != SaeKind::Jumprelu,
+        "normalize_activations": if spec.normalize_input { "layer_norm" } else { "none" },
+        "activation_fn_kwargs": if spec.kind == SaeKind::Topk { json!({"k": spec.k}) } else { json!({}) },
+        "k": spec.k,
+        "model_name": source.get("model").cloned().unwrap_or(json!("features")),
+        "hook_name": source.get("output").cloned().unwrap_or(json!("features")),
+        "mono": {"spec": spec, "source": source},
+    })
+}
+
+/// Writes `files` (name, writer) into `dir` atomically: build a sibling temp dir, then swap.
+pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp")).tempdir_in(parent)?;
+    write(tmp.path())?;
+    let staged: PathBuf = tmp.keep();
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
+        std::fs::rename(&staged, dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&staged, dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes the SAE's weights and cfg.json into `dir` (created or replaced atomically).
+pub fn save(dir: &Path, sae: &dyn Sae, source: &serde_json::Value) -> Result<()> {
+    let tensors = weight_tensors(sae)?;
+    let cfg = cfg_json(sae, source);
+    write_dir_atomic(dir, |tmp| write_into(tmp, &tensors, &cfg))
+}
+
+/// Writes weights and cfg.json into an existing directory (used inside larger atomic writes).
+pub fn write_into(dir: &Path, tensors: &HashMap<String, Tensor>, cfg: &serde_json::Value) -> Result<()> {
+    candle_core::safetensors::save(tensors, dir.join(WEIGHTS_FILE))?;
+    std::fs::write(dir.join(CFG_FILE), serde_json::to_string_pretty(cfg)? + "\n")?;
+    Ok(())
+}
+
+/// Reads the spec from a checkpoint's cfg.json.
+pub fn read_spec(dir: &Path) -> Result<SaeSpec> {
+    let path = dir.join(CFG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let spec = cfg.pointer("/mono/spec").with_context(|| format!("{}: no `mono.spec` (not written by mono)", path.display()))?;
+    serde_json::from_value(spec.clone()).with_context(|| format!("{}: bad `mono.spec`", path.display()))
+}
+
+/// Loads an SAE checkpoint onto `device`; every shape is checked against cfg.json.
+pub fn load(dir: &Path, device: &Device) -> Result<Box<dyn Sae>> {
+    let spec = read_spec(dir)?;
+    let path = dir.join(WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&path, device).with_context(|| format!("cannot read {}", path.display()))?;
+    let (d, m) = (spec.d_in, spec.n_latents);
+    let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let t = tensors.get(name).with_context(|| format!("{}: missing tensor `{name}`", path.display()))?;
+        ensure!(t.dims() == shape, "{}: `{name}` has shape {:?}, cfg.json implies {shape:?}", path.display(), t.dims());
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    let w_enc = get("W_enc", &[d, m])?.t()?.contiguous()?;
+    let log_threshold = match spec.kind {
+        SaeKind::Jumprelu => Some(Var::from_tensor(&get("threshold", &[m])?.log()?)?),
+        _ => None,
+    };
+    let params = SaeParams {
+        w_enc: Var::from_tensor(&w_enc)?,
+        w_dec: Var::from_tensor(&get("W_dec", &[m, d])?)?,
+        b_enc: Var::from_tensor(&get("b_enc", &[m])?)?,
+        b_dec: Var::from_tensor(&get("b_dec", &[d])?)?,
+        log_threshold,
+    };
+    Ok(match spec.kind {
+        SaeKind::Topk => Box::new(TopKSae::from_params(spec, params)),
+        SaeKind::Relu => Box::new(ReluSae::from_params(spec, params)),
+        SaeKind::Jumprelu => Box::new(JumpReluSae::from_params(spec, params)),
+        SaeKind::BatchTopk => {
+            let threshold = match tensors.get("threshold") {
+                Some(t) => {
+                    let values = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    if values.iter().any(|v| *v != values[0]) {
+                        bail!("{}: a BatchTopK threshold must be one value for every latent", path.display());
+                    }
+                    values.first().copied()
+                }
+                None => None,
+            };
+            Box::new(BatchTopKSae::from_params(spec, params, threshold))
+        }
+    })
+}

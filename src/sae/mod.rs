@@ -1,0 +1,247 @@
+//! Sparse autoencoders: one file per architecture behind one small trait, sharing the encoder,
+//! the decoder, input standardisation and the AuxK loss defined here.
+//!
+//! Shapes: x (B, D); W_enc and W_dec are stored neuron-major, (M, D) each, so a latent's encoder
+//! and decoder directions are contiguous rows (checkpoints write W_enc transposed, as SAELens).
+
+pub mod batch_topk;
+pub mod checkpoint;
+pub mod jumprelu;
+pub mod ops;
+pub mod relu;
+pub mod topk;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{SaeConfig, SaeKind};
+
+/// Everything that defines an SAE's shape and training losses (written to cfg.json).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SaeSpec {
+    pub kind: SaeKind,
+    pub d_in: usize,
+    pub n_latents: usize,
+    pub k: usize,
+    pub k_aux: usize,
+    pub aux_coef: f64,
+    pub normalize_input: bool,
+    pub jumprelu_bandwidth: f64,
+    pub jumprelu_init_log_threshold: f64,
+    pub l0_coef: f64,
+    pub l1_coef: f64,
+}
+
+impl SaeSpec {
+    pub fn from_config(c: &SaeConfig, d_in: usize) -> Self {
+        Self {
+            kind: c.kind,
+            d_in,
+            n_latents: c.n_latents,
+            k: c.k,
+            k_aux: c.k_aux(),
+            aux_coef: c.aux_coef,
+            normalize_input: c.normalize_input(),
+            jumprelu_bandwidth: c.jumprelu_bandwidth,
+            jumprelu_init_log_threshold: c.jumprelu_init_log_threshold,
+            l0_coef: c.l0_coef,
+            l1_coef: c.l1_coef,
+        }
+    }
+}
+
+/// The trainable tensors.
+pub struct SaeParams {
+    /// (M, D): row k is latent k's encoder direction.
+    pub w_enc: Var,
+    /// (M, D): row k is latent k's dictionary vector, kept at unit norm.
+    pub w_dec: Var,
+    pub b_enc: Var,
+    pub b_dec: Var,
+    /// JumpReLU only: (M,) log-thresholds.
+    pub log_threshold: Option<Var>,
+}
+
+impl SaeParams {
+    /// (name, var) pairs in a fixed order (optimizer state and checkpoints follow it).
+    pub fn named(&self) -> Vec<(&'static str, &Var)> {
+        let mut v = vec![("W_enc", &self.w_enc), ("W_dec", &self.w_dec), ("b_enc", &self.b_enc), ("b_dec", &self.b_dec)];
+        if let Some(t) = &self.log_threshold {
+            v.push(("log_threshold", t));
+        }
+        v
+    }
+
+    /// Kaiming-uniform W_enc with bound `enc_bound`, W_dec = W_encᵀ rows at unit norm; zero biases.
+    pub fn init(spec: &SaeSpec, enc_bound: f64, unit_encoder: bool, seed: u64, device: &Device) -> Result<Self> {
+        let (m, d) = (spec.n_latents, spec.d_in);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut enc: Vec<f32> = (0..m * d).map(|_| rng.random_range(-enc_bound..enc_bound) as f32).collect();
+        let mut dec = enc.clone();
+        normalize_rows(&mut dec, d);
+        if unit_encoder {
+            normalize_rows(&mut enc, d);
+        }
+        let log_threshold = (spec.kind == SaeKind::Jumprelu)
+            .then(|| Var::from_tensor(&Tensor::full(spec.jumprelu_init_log_threshold as f32, m, device)?))
+            .transpose()?;
+        Ok(Self {
+            w_enc: Var::from_tensor(&Tensor::from_vec(enc, (m, d), device)?)?,
+            w_dec: Var::from_tensor(&Tensor::from_vec(dec, (m, d), device)?)?,
+            b_enc: Var::zeros(m, DType::F32, device)?,
+            b_dec: Var::zeros(d, DType::F32, device)?,
+            log_threshold,
+        })
+    }
+}
+
+pub fn normalize_rows(data: &mut [f32], d: usize) {
+    for row in data.chunks_exact_mut(d) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// Output of `activate`.
+pub struct Activation {
+    /// (B, M) latents.
+    pub latents: Tensor,
+    /// Entries whose gradient matters although the latent is 0 (JumpReLU's pseudo-gradient band).
+    pub grad_support: Option<Vec<bool>>,
+    /// BatchTopK: the smallest value kept in this batch (its threshold estimate).
+    pub batch_threshold: Option<f32>,
+}
+
+/// One forward pass over a batch.
+pub struct ForwardPass {
+    /// The input as given, (B, D): the reconstruction target.
+    pub input: Tensor,
+    /// The input in the SAE's working space (standardised when `normalize_input`), (B, D).
+    pub working_input: Tensor,
+    /// Per-row (mean, std) used to standardise, when it was.
+    pub scale: Option<(Tensor, Tensor)>,
+    /// (B, M) encoder outputs before the activation.
+    pub pre: Tensor,
+    pub activation: Activation,
+    /// Reconstruction in the working space and in the input space, (B, D).
+    pub working_recon: Tensor,
+    pub recon: Tensor,
+}
+
+impl ForwardPass {
+    pub fn latents(&self) -> &Tensor {
+        &self.activation.latents
+    }
+}
+
+/// A sparse autoencoder architecture.
+pub trait Sae: Send {
+    fn spec(&self) -> &SaeSpec;
+    fn params(&self) -> &SaeParams;
+
+    /// Latents from pre-activations. `training` selects batch-dependent behaviour (BatchTopK).
+    fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation>;
+
+    /// Training loss terms beyond reconstruction (sparsity penalties, AuxK), by name.
+    /// `dead[k]` marks latents that count as dead.
+    fn extra_losses(&self, pass: &ForwardPass, dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>>;
+
+    /// Reconstruction loss; plain MSE unless an architecture says otherwise.
+    fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {
+        Ok((&pass.recon - &pass.input)?.sqr()?.mean_all()?)
+    }
+
+    /// Whether the encoder sees x − b_dec (all but JumpReLU).
+    fn centers_input(&self) -> bool {
+        true
+    }
+
+    /// Called after each optimizer step with that step's forward pass.
+    fn observe_step(&mut self, _pass: &ForwardPass) {}
+
+    /// The per-latent inference threshold written to checkpoints (BatchTopK, JumpReLU).
+    fn threshold(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Architecture state outside the parameters, for resuming (BatchTopK's running threshold).
+    fn extra_state(&self) -> Vec<f64> {
+        Vec::new()
+    }
+
+    fn restore_extra_state(&mut self, _state: &[f64]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Builds a freshly initialised SAE.
+pub fn build(spec: &SaeSpec, seed: u64, device: &Device) -> Result<Box<dyn Sae>> {
+    Ok(match spec.kind {
+        SaeKind::Topk => Box::new(topk::TopKSae::new(spec.clone(), seed, device)?),
+        SaeKind::BatchTopk => Box::new(batch_topk::BatchTopKSae::new(spec.clone(), seed, device)?),
+        SaeKind::Jumprelu => Box::new(jumprelu::JumpReluSae::new(spec.clone(), seed, device)?),
+        SaeKind::Relu => Box::new(relu::ReluSae::new(spec.clone(), seed, device)?),
+    })
+}
+
+/// Per-row standardisation (x − mean) / (std + 1e-5), std unbiased as in the reference code.
+fn standardize(x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = x.dim(D::Minus1)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / (d.max(2) - 1) as f64)?;
+    let std = (var.sqrt()? + 1e-5)?;
+    Ok((centered.broadcast_div(&std)?, mean, std))
+}
+
+/// The forward pass shared by every architecture.
+pub fn forward(sae: &dyn Sae, x: &Tensor, training: bool) -> Result<ForwardPass> {
+    let p = sae.params();
+    let (working_input, scale) = if sae.spec().normalize_input {
+        let (xs, mean, std) = standardize(x)?;
+        (xs, Some((mean, std)))
+    } else {
+        (x.clone(), None)
+    };
+    let encoder_input = if sae.centers_input() { working_input.broadcast_sub(p.b_dec.as_tensor())? } else { working_input.clone() };
+    let pre = ops::encoder_linear(&encoder_input, p.w_enc.as_tensor(), p.b_enc.as_tensor())?;
+    let activation = sae.activate(&pre, training)?;
+    let decoded = ops::support_matmul(&activation.latents, p.w_dec.as_tensor(), activation.grad_support.as_deref())?;
+    let working_recon = decoded.broadcast_add(p.b_dec.as_tensor())?;
+    let recon = match &scale {
+        Some((mean, std)) => working_recon.broadcast_mul(std)?.broadcast_add(mean)?,
+        None => working_recon.clone(),
+    };
+    Ok(ForwardPass { input: x.clone(), working_input, scale, pre, activation, working_recon, recon })
+}
+
+/// Latents for inference (no graph).
+pub fn encode(sae: &dyn Sae, x: &Tensor) -> Result<Tensor> {
+    Ok(forward(sae, &x.detach(), false)?.activation.latents.detach())
+}
+
+/// Normalised MSE: mean over rows of ‖x̂ − x‖² / ‖x‖² (OpenAI's TopK loss).
+pub fn normalized_mse(recon: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let err = (recon - target)?.sqr()?.sum(D::Minus1)?;
+    let scale = target.sqr()?.sum(D::Minus1)?.clamp(1e-12, f64::INFINITY)?;
+    Ok((err / scale)?.mean_all()?)
+}
+
+/// AuxK: reconstruct the (detached) residual from the top `k_aux` dead latents of each row.
+/// None when no latent is dead.
+pub fn auxk_loss(sae: &dyn Sae, pass: &ForwardPass, dead: &[bool], normalized: bool) -> Result<Option<Tensor>> {
+    let n_dead = dead.iter().filter(|d| **d).count();
+    let spec = sae.spec();
+    if n_dead == 0 || spec.aux_coef == 0.0 {
+        return Ok(None);
+    }
+    let k = spec.k_aux.min(n_dead);
+    let (aux_latents, _) = ops::topk_latents(&pass.pre, &ops::Selection::PerRow(k), Some(dead))?;
+    let aux_recon = ops::support_matmul(&aux_latents, sae.params().w_dec.as_tensor(), None)?;
+    let residual = (&pass.working_input - &pass.working_recon)?.detach();
+    let loss = if normalized { normalized_mse(&aux_recon, &residual)? } else { (aux_recon - residual)?.sqr()?.mean_all()? };
+    Ok(Some((loss * spec.aux_coef)?))
+}

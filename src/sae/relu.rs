@@ -1,0 +1,43 @@
+//! ReLU SAE with an L1 penalty on the latents (decoder rows are unit norm, so plain L1).
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+
+pub struct ReluSae {
+    spec: SaeSpec,
+    params: SaeParams,
+}
+
+impl ReluSae {
+    pub fn new(spec: SaeSpec, seed: u64, device: &Device) -> Result<Self> {
+        let bound = (6.0 / spec.n_latents as f64).sqrt();
+        let params = SaeParams::init(&spec, bound, false, seed, device)?;
+        Ok(Self { spec, params })
+    }
+
+    pub fn from_params(spec: SaeSpec, params: SaeParams) -> Self {
+        Self { spec, params }
+    }
+}
+
+impl Sae for ReluSae {
+    fn spec(&self) -> &SaeSpec {
+        &self.spec
+    }
+
+    fn params(&self) -> &SaeParams {
+        &self.params
+    }
+
+    fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
+        Ok(Activation { latents: pre.relu()?, grad_support: None, batch_threshold: None })
+    }
+
+    fn extra_losses(&self, pass: &ForwardPass, _dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>> {
+        let rows = pass.latents().dim(0)? as f64;
+        let l1 = (pass.latents().sum_all()? / rows)?;
+        Ok(vec![("l1", (l1 * self.spec.l1_coef)?)])
+    }
+}

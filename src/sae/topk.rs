@@ -1,0 +1,49 @@
+//! TopK SAE, OpenAI style (Gao et al., 2024): per-sample standardised input, the k largest
+//! pre-activations of each row kept (then ReLU), normalised-MSE loss, AuxK on dead latents.
+//! Initialisation: nn.Linear's uniform(±1/√D) encoder rows renormalised to unit norm, tied to
+//! the decoder (W_dec = W_encᵀ).
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use super::{auxk_loss, normalized_mse, ops, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+
+pub struct TopKSae {
+    spec: SaeSpec,
+    params: SaeParams,
+}
+
+impl TopKSae {
+    pub fn new(spec: SaeSpec, seed: u64, device: &Device) -> Result<Self> {
+        let bound = 1.0 / (spec.d_in as f64).sqrt();
+        let params = SaeParams::init(&spec, bound, true, seed, device)?;
+        Ok(Self { spec, params })
+    }
+
+    pub fn from_params(spec: SaeSpec, params: SaeParams) -> Self {
+        Self { spec, params }
+    }
+}
+
+impl Sae for TopKSae {
+    fn spec(&self) -> &SaeSpec {
+        &self.spec
+    }
+
+    fn params(&self) -> &SaeParams {
+        &self.params
+    }
+
+    fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
+        let (latents, _) = ops::topk_latents(pre, &ops::Selection::PerRow(self.spec.k), None)?;
+        Ok(Activation { latents, grad_support: None, batch_threshold: None })
+    }
+
+    fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {
+        normalized_mse(&pass.recon, &pass.input)
+    }
+
+    fn extra_losses(&self, pass: &ForwardPass, dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>> {
+        Ok(auxk_loss(self, pass, dead, true)?.map(|l| vec![("auxk", l)]).unwrap_or_default())
+    }
+}

@@ -1,0 +1,330 @@
+//! Sparse rows (CSR) and the few sparse × dense kernels that keep TopK latents cheap:
+//! with k of M latents active, decoding and every weight gradient cost O(nnz·D), not O(B·M·D).
+//! All kernels are parallel over disjoint outputs, so results do not depend on thread count.
+
+use rayon::prelude::*;
+
+/// Rows in compressed sparse row form; absent entries are zeros.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SparseBatch {
+    /// Length rows + 1; row i owns entries `row_offsets[i]..row_offsets[i+1]`.
+    pub row_offsets: Vec<usize>,
+    pub columns: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+/// A borrowed view of CSR rows.
+#[derive(Clone, Copy, Debug)]
+pub struct SparseRows<'a> {
+    pub row_offsets: &'a [usize],
+    pub columns: &'a [u32],
+    pub values: &'a [f32],
+}
+
+impl SparseRows<'_> {
+    pub fn rows(&self) -> usize {
+        self.row_offsets.len().saturating_sub(1)
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.columns.len()
+    }
+}
+
+/// Column-major (CSC) copy of CSR rows: for each column, its (row, value) entries in row order.
+pub struct SparseColumns {
+    pub col_offsets: Vec<usize>,
+    pub rows: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl SparseBatch {
+    /// Keeps the non-zero entries of a dense row-major (rows × cols) matrix.
+    pub fn from_dense(dense: &[f32], cols: usize) -> Self {
+        Self::from_dense_with(dense, cols, None)
+    }
+
+    /// Keeps the non-zero entries, and also the zeros where `extra` (same layout) is true.
+    pub fn from_dense_with(dense: &[f32], cols: usize, extra: Option<&[bool]>) -> Self {
+        let cols = cols.max(1);
+        let rows = dense.len() / cols;
+        let keep = |i: usize, v: f32| v != 0.0 || extra.is_some_and(|x| x[i]);
+        let counts: Vec<usize> = dense
+            .par_chunks_exact(cols)
+            .enumerate()
+            .map(|(r, row)| row.iter().enumerate().filter(|(c, v)| keep(r * cols + c, **v)).count())
+            .collect();
+        let mut row_offsets = Vec::with_capacity(rows + 1);
+        row_offsets.push(0);
+        for c in &counts {
+            row_offsets.push(row_offsets.last().unwrap() + c);
+        }
+        let nnz = *row_offsets.last().unwrap();
+        let mut columns = vec![0u32; nnz];
+        let mut values = vec![0f32; nnz];
+        let mut col_parts: Vec<&mut [u32]> = Vec::with_capacity(rows);
+        let mut val_parts: Vec<&mut [f32]> = Vec::with_capacity(rows);
+        let (mut cs, mut vs) = (columns.as_mut_slice(), values.as_mut_slice());
+        for c in &counts {
+            let (a, rest) = cs.split_at_mut(*c);
+            col_parts.push(a);
+            cs = rest;
+            let (a, rest) = vs.split_at_mut(*c);
+            val_parts.push(a);
+            vs = rest;
+        }
+        dense.par_chunks_exact(cols).zip(col_parts).zip(val_parts).enumerate().for_each(|(r, ((row, cols_out), vals_out))| {
+            let mut e = 0;
+            for (c, &v) in row.iter().enumerate() {
+                if keep(r * cols + c, v) {
+                    cols_out[e] = c as u32;
+                    vals_out[e] = v;
+                    e += 1;
+                }
+            }
+        });
+        SparseBatch { row_offsets, columns, values }
+    }
+
+    /// Rows with exactly `k` entries each, e.g. the (indices, values) of a TopK layer.
+    pub fn from_fixed_k(indices: Vec<u32>, values: Vec<f32>, k: usize) -> Self {
+        let rows = if k == 0 { 0 } else { indices.len() / k };
+        SparseBatch { row_offsets: (0..=rows).map(|r| r * k).collect(), columns: indices, values }
+    }
+
+    pub fn as_rows(&self) -> SparseRows<'_> {
+        SparseRows { row_offsets: &self.row_offsets, columns: &self.columns, values: &self.values }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.as_rows().rows()
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Scatters back to a dense (rows × cols) matrix.
+    pub fn to_dense(&self, cols: usize) -> Vec<f32> {
+        let mut dense = vec![0f32; self.rows() * cols];
+        dense.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, out)| {
+            for e in self.row_offsets[r]..self.row_offsets[r + 1] {
+                out[self.columns[e] as usize] = self.values[e];
+            }
+        });
+        dense
+    }
+
+    /// Same support, other values (one per entry).
+    pub fn with_values(&self, values: Vec<f32>) -> SparseBatch {
+        assert_eq!(values.len(), self.nnz());
+        SparseBatch { row_offsets: self.row_offsets.clone(), columns: self.columns.clone(), values }
+    }
+}
+
+/// Share of non-zero entries of a dense slice.
+pub fn density(dense: &[f32]) -> f64 {
+    if dense.is_empty() {
+        return 0.0;
+    }
+    dense.par_iter().filter(|v| **v != 0.0).count() as f64 / dense.len() as f64
+}
+
+/// CSR → CSC by a counting sort over columns (`n_cols` columns).
+pub fn to_columns(a: SparseRows<'_>, n_cols: usize) -> SparseColumns {
+    let mut col_offsets = vec![0usize; n_cols + 1];
+    for &c in a.columns {
+        col_offsets[c as usize + 1] += 1;
+    }
+    for c in 0..n_cols {
+        col_offsets[c + 1] += col_offsets[c];
+    }
+    let mut rows = vec![0u32; a.nnz()];
+    let mut values = vec![0f32; a.nnz()];
+    let mut cursor = col_offsets.clone();
+    for r in 0..a.rows() {
+        for e in a.row_offsets[r]..a.row_offsets[r + 1] {
+            let c = a.columns[e] as usize;
+            rows[cursor[c]] = r as u32;
+            values[cursor[c]] = a.values[e];
+            cursor[c] += 1;
+        }
+    }
+    SparseColumns { col_offsets, rows, values }
+}
+
+#[inline]
+fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
+    for (a, &b) in acc.iter_mut().zip(x) {
+        *a += alpha * b;
+    }
+}
+
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums: vectorises and keeps rounding independent of the caller.
+    let mut partial = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for j in 0..8 {
+            partial[j] += ca[j] * cb[j];
+        }
+    }
+    let mut s: f32 = partial.iter().sum();
+    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
+        s += x * y;
+    }
+    s
+}
+
+/// (rows × M sparse) · (M × D dense) → rows × D: row i = Σ_e v_e · w[c_e].
+pub fn csr_matmul(a: SparseRows<'_>, w: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; a.rows() * d];
+    out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
+        for e in a.row_offsets[r]..a.row_offsets[r + 1] {
+            let c = a.columns[e] as usize;
+            axpy(row, a.values[e], &w[c * d..(c + 1) * d]);
+        }
+    });
+    out
+}
+
+/// (rows × M sparse)ᵀ · (rows × D dense) → M × D: row k = Σ_i a_ik · x[i].
+pub fn csr_transpose_matmul(a: SparseRows<'_>, x: &[f32], d: usize, m: usize) -> Vec<f32> {
+    let cols = to_columns(a, m);
+    let mut out = vec![0f32; m * d];
+    out.par_chunks_mut(d.max(1)).enumerate().with_min_len(8).for_each(|(k, row)| {
+        for e in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+            let i = cols.rows[e] as usize;
+            axpy(row, cols.values[e], &x[i * d..(i + 1) * d]);
+        }
+    });
+    out
+}
+
+/// `f(row, entry)` for every entry of `a`, in parallel over rows; one output per entry.
+pub fn map_entries(a: SparseRows<'_>, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.nnz()];
+    let mut parts: Vec<(usize, &mut [f32])> = Vec::with_capacity(a.rows());
+    let mut rest = out.as_mut_slice();
+    for r in 0..a.rows() {
+        let (head, tail) = rest.split_at_mut(a.row_offsets[r + 1] - a.row_offsets[r]);
+        parts.push((r, head));
+        rest = tail;
+    }
+    parts.into_par_iter().for_each(|(r, vals)| {
+        for (slot, e) in vals.iter_mut().zip(a.row_offsets[r]..a.row_offsets[r + 1]) {
+            *slot = f(r, e);
+        }
+    });
+    out
+}
+
+/// For every entry (i, k) of `a`: x[i] · w[k] (x: rows × D, w: M × D).
+pub fn csr_sampled_dot(a: SparseRows<'_>, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
+    map_entries(a, |r, e| {
+        let c = a.columns[e] as usize;
+        dot(&x[r * d..(r + 1) * d], &w[c * d..(c + 1) * d])
+    })
+}
+
+/// Per-column sums of the entries.
+pub fn csr_column_sums(a: SparseRows<'_>, m: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; m];
+    for (&c, &v) in a.columns.iter().zip(a.values) {
+        sums[c as usize] += v;
+    }
+    sums
+}
+
+/// Dense (m × k) · (k × n) in f32 with arbitrary strides, through the `gemm` crate (candle's own).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return dst;
+    }
+    if k > 0 {
+        assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too short");
+        assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too short");
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above keep every strided read inside `a` and `b`; dst is m × n row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum();
+            }
+        }
+        out
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn kernels_match_dense_products() {
+        let (rows, m, d) = (7, 11, 5);
+        let dense: Vec<f32> = (0..rows * m).map(|i| if i % 4 == 1 { (i as f32 * 0.37).sin() } else { 0.0 }).collect();
+        let w: Vec<f32> = (0..m * d).map(|i| (i as f32 * 0.13).cos()).collect();
+        let x: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.71).sin()).collect();
+        let a = SparseBatch::from_dense(&dense, m);
+        assert_eq!(a.to_dense(m), dense);
+        close(&csr_matmul(a.as_rows(), &w, d), &dense_matmul(&dense, &w, rows, m, d));
+        let dense_t: Vec<f32> = (0..m * rows).map(|idx| dense[(idx % rows) * m + idx / rows]).collect();
+        close(&csr_transpose_matmul(a.as_rows(), &x, d, m), &dense_matmul(&dense_t, &x, m, rows, d));
+        let sampled = csr_sampled_dot(a.as_rows(), &x, &w, d);
+        for r in 0..rows {
+            for e in a.row_offsets[r]..a.row_offsets[r + 1] {
+                let c = a.columns[e] as usize;
+                let expect: f32 = (0..d).map(|t| x[r * d + t] * w[c * d + t]).sum();
+                assert!((sampled[e] - expect).abs() < 1e-5);
+            }
+        }
+        let sums = csr_column_sums(a.as_rows(), m);
+        for c in 0..m {
+            let expect: f32 = (0..rows).map(|r| dense[r * m + c]).sum();
+            assert!((sums[c] - expect).abs() < 1e-6);
+        }
+        // gemm with a transposed right operand: x (rows × d) · wᵀ (d × m).
+        let g = gemm_f32(rows, m, d, &x, d, 1, &w, 1, d);
+        let wt: Vec<f32> = (0..d * m).map(|idx| w[(idx % m) * d + idx / m]).collect();
+        close(&g, &dense_matmul(&x, &wt, rows, d, m));
+    }
+}

@@ -1,0 +1,3 @@
+//! Training loops and their optimiser machinery.
+
+pub mod optim;

@@ -1,0 +1,278 @@
+//! SAE architectures and their sparse ops against plain references on tiny sizes.
+
+use candle_core::{DType, Device, Tensor, Var};
+use mono::config::{SaeConfig, SaeKind};
+use mono::sae::{self, ops, Sae, SaeSpec};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+fn randn(n: usize, rng: &mut StdRng) -> Vec<f32> {
+    (0..n).map(|_| StandardNormal.sample(rng)).collect()
+}
+
+fn var(data: Vec<f32>, shape: (usize, usize)) -> Var {
+    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
+    }
+}
+
+/// The sparse custom ops (encoder, TopK, decoder, MonoLoss) give the dense graph's loss and
+/// parameter gradients.
+#[test]
+fn sparse_ops_match_the_dense_graph() {
+    let (b, d, m, k) = (24, 6, 40, 3);
+    let mut rng = StdRng::seed_from_u64(7);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    let sim = Tensor::from_vec(randn(b * 5, &mut rng), (b, 5), &Device::Cpu).unwrap();
+    let w_enc = var(randn(m * d, &mut rng), (m, d));
+    let w_dec = var(randn(m * d, &mut rng), (m, d));
+    let b_enc = Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+    let lambda = 0.7;
+
+    for selection in [ops::Selection::PerRow(k), ops::Selection::Batch(k * b)] {
+        // Sparse path.
+        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor()).unwrap();
+        let (lat, _) = ops::topk_latents(&pre, &selection, None).unwrap();
+        assert!(flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1, "test must exercise the sparse path");
+        let recon = ops::support_matmul(&lat, w_dec.as_tensor(), None).unwrap();
+        let (mono, stats) = ops::batch_mono_loss(&lat, &sim, 1e-8, None).unwrap();
+        let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap() + (mono * lambda).unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+
+        // Dense reference: the same selection as a constant mask, plain candle ops.
+        let pre_d = x.matmul(&w_enc.as_tensor().t().unwrap()).unwrap().broadcast_add(b_enc.as_tensor()).unwrap();
+        let (mask, _) = ops::select_mask(&flat(&pre_d), m, &selection, None, true);
+        let mask = Tensor::from_vec(mask.iter().map(|&v| v as u8 as f32).collect::<Vec<_>>(), (b, m), &Device::Cpu).unwrap();
+        let lat_d = (pre_d.relu().unwrap() * mask).unwrap();
+        let recon_d = lat_d.matmul(w_dec.as_tensor()).unwrap();
+        let mono_d = mono::monoscore::batch_mono_loss(&sim, &lat_d, 1e-8).unwrap();
+        assert_eq!(mono_d.n_active, stats.n_active);
+        let loss_d = ((recon_d - &x).unwrap().sqr().unwrap().mean_all().unwrap() + (&mono_d.loss * lambda).unwrap()).unwrap();
+        let grads_d = loss_d.backward().unwrap();
+
+        assert_close(&flat(&lat), &flat(&lat_d), 1e-6, "latents");
+        assert!((loss.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+        for (name, v) in [("W_enc", &w_enc), ("W_dec", &w_dec), ("b_enc", &b_enc)] {
+            let g = flat(grads.get(v.as_tensor()).unwrap());
+            let gd = flat(grads_d.get(v.as_tensor()).unwrap());
+            assert_close(&g, &gd, 1e-4, name);
+        }
+    }
+}
+
+#[test]
+fn topk_keeps_k_per_row_and_batch_topk_keeps_k_times_b() {
+    let (b, m, k) = (32, 50, 4);
+    let mut rng = StdRng::seed_from_u64(3);
+    let values = randn(b * m, &mut rng);
+    let (mask, _) = ops::select_mask(&values, m, &ops::Selection::PerRow(k), None, false);
+    for (r, row) in mask.chunks(m).enumerate() {
+        assert_eq!(row.iter().filter(|x| **x).count(), k);
+        // They are the k largest of the row.
+        let kept_min = values[r * m..(r + 1) * m].iter().zip(row).filter(|(_, k)| **k).map(|(v, _)| *v).fold(f32::INFINITY, f32::min);
+        let dropped_max = values[r * m..(r + 1) * m].iter().zip(row).filter(|(_, k)| !**k).map(|(v, _)| *v).fold(f32::NEG_INFINITY, f32::max);
+        assert!(kept_min >= dropped_max);
+    }
+    let (mask, min) = ops::select_mask(&values, m, &ops::Selection::Batch(k * b), None, true);
+    assert_eq!(mask.iter().filter(|x| **x).count(), k * b);
+    let mut sorted: Vec<f32> = values.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    assert_eq!(min, Some(sorted[k * b - 1]));
+    // Ties: exactly n kept, lowest positions first.
+    let ties = vec![1.0f32; 20];
+    let (mask, _) = ops::select_mask(&ties, 10, &ops::Selection::Batch(7), None, true);
+    assert_eq!(mask.iter().filter(|x| **x).count(), 7);
+    assert!(mask[..7].iter().all(|x| *x));
+    // Allowed columns only.
+    let allowed: Vec<bool> = (0..m).map(|c| c % 5 == 0).collect();
+    let (mask, _) = ops::select_mask(&values, m, &ops::Selection::PerRow(3), Some(&allowed), false);
+    assert!(mask.iter().enumerate().all(|(i, &k)| !k || allowed[i % m]));
+}
+
+fn spec(kind: SaeKind, d: usize, m: usize, k: usize) -> SaeSpec {
+    let mut c = SaeConfig { kind, n_latents: m, k, ..SaeConfig::default() };
+    c.normalize_input = Some(false);
+    SaeSpec::from_config(&c, d)
+}
+
+/// Plain-Rust forward of an SAE: latents and reconstruction, from the parameters' values.
+fn reference_forward(s: &dyn Sae, x: &[f32], b: usize) -> (Vec<f32>, Vec<f32>) {
+    let spec = s.spec().clone();
+    let (d, m) = (spec.d_in, spec.n_latents);
+    let p = s.params();
+    let (we, wd, be, bd) = (flat(p.w_enc.as_tensor()), flat(p.w_dec.as_tensor()), flat(p.b_enc.as_tensor()), flat(p.b_dec.as_tensor()));
+    let mut pre = vec![0f32; b * m];
+    for i in 0..b {
+        for j in 0..m {
+            let mut acc = be[j];
+            for t in 0..d {
+                let xi = x[i * d + t] - if s.centers_input() { bd[t] } else { 0.0 };
+                acc += xi * we[j * d + t];
+            }
+            pre[i * m + j] = acc;
+        }
+    }
+    let mut lat = vec![0f32; b * m];
+    match spec.kind {
+        SaeKind::Topk => {
+            for i in 0..b {
+                let mut idx: Vec<usize> = (0..m).collect();
+                idx.sort_by(|&a, &c| pre[i * m + c].total_cmp(&pre[i * m + a]));
+                for &j in &idx[..spec.k] {
+                    lat[i * m + j] = pre[i * m + j].max(0.0);
+                }
+            }
+        }
+        SaeKind::BatchTopk => {
+            let mut idx: Vec<usize> = (0..b * m).collect();
+            idx.sort_by(|&a, &c| pre[c].total_cmp(&pre[a]));
+            for &j in &idx[..spec.k * b] {
+                lat[j] = pre[j].max(0.0);
+            }
+        }
+        SaeKind::Relu => lat.iter_mut().zip(&pre).for_each(|(l, p)| *l = p.max(0.0)),
+        SaeKind::Jumprelu => {
+            let theta: Vec<f32> = flat(p.log_threshold.as_ref().unwrap().as_tensor()).iter().map(|v| v.exp()).collect();
+            for i in 0..b * m {
+                let z = pre[i].max(0.0);
+                lat[i] = if z > theta[i % m] { z } else { 0.0 };
+            }
+        }
+    }
+    let mut recon = vec![0f32; b * d];
+    for i in 0..b {
+        for t in 0..d {
+            recon[i * d + t] = bd[t] + (0..m).map(|j| lat[i * m + j] * wd[j * d + t]).sum::<f32>();
+        }
+    }
+    (lat, recon)
+}
+
+#[test]
+fn every_architecture_matches_a_plain_forward_and_its_gradients_match_finite_differences() {
+    let (b, d, m, k) = (12, 5, 30, 2);
+    let mut rng = StdRng::seed_from_u64(11);
+    let x_data = randn(b * d, &mut rng);
+    let x = Tensor::from_vec(x_data.clone(), (b, d), &Device::Cpu).unwrap();
+    for kind in [SaeKind::Topk, SaeKind::BatchTopk, SaeKind::Relu, SaeKind::Jumprelu] {
+        let mut s = spec(kind, d, m, k);
+        s.jumprelu_init_log_threshold = -1.0;
+        let model = sae::build(&s, 5, &Device::Cpu).unwrap();
+        let pass = sae::forward(model.as_ref(), &x, true).unwrap();
+        let (lat, recon) = reference_forward(model.as_ref(), &x_data, b);
+        assert_close(&flat(pass.latents()), &lat, 1e-5, &format!("{kind:?} latents"));
+        assert_close(&flat(&pass.recon), &recon, 1e-5, &format!("{kind:?} recon"));
+
+        // Reconstruction-loss gradient w.r.t. W_dec and b_dec: finite differences of the plain
+        // forward (the selection is locally constant).
+        let loss = model.reconstruction_loss(&pass).unwrap();
+        let grads = loss.backward().unwrap();
+        let plain_loss = |m_: &dyn Sae| -> f64 {
+            let (_, r) = reference_forward(m_, &x_data, b);
+            let err: f64 = r.iter().zip(&x_data).map(|(a, c)| ((a - c) as f64).powi(2)).sum::<f64>();
+            if kind == SaeKind::Topk {
+                // normalised MSE: per-row error over per-row ‖x‖²
+                (0..b)
+                    .map(|i| {
+                        let e: f64 = (0..d).map(|t| ((r[i * d + t] - x_data[i * d + t]) as f64).powi(2)).sum();
+                        let n: f64 = (0..d).map(|t| (x_data[i * d + t] as f64).powi(2)).sum();
+                        e / n
+                    })
+                    .sum::<f64>()
+                    / b as f64
+            } else {
+                err / (b * d) as f64
+            }
+        };
+        for (name, v) in [("W_dec", &model.params().w_dec), ("b_dec", &model.params().b_dec)] {
+            let g = flat(grads.get(v.as_tensor()).unwrap());
+            let base = flat(v.as_tensor());
+            for idx in (0..base.len()).step_by(7) {
+                let h = 1e-3f32;
+                let shifted = |delta: f32| {
+                    let mut data = base.clone();
+                    data[idx] += delta;
+                    v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap()).unwrap();
+                    let l = plain_loss(model.as_ref());
+                    v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+                    l
+                };
+                let fd = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+                assert!((fd - g[idx] as f64).abs() < 2e-3 * (1.0 + fd.abs()), "{kind:?} {name}[{idx}]: fd {fd} vs {}", g[idx]);
+            }
+        }
+    }
+}
+
+#[test]
+fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
+    let (b, d, m) = (40, 4, 64);
+    let mut rng = StdRng::seed_from_u64(2);
+    let x_data = randn(b * d, &mut rng);
+    let x = Tensor::from_vec(x_data, (b, d), &Device::Cpu).unwrap();
+    let mut s = spec(SaeKind::Jumprelu, d, m, 4);
+    s.jumprelu_bandwidth = 0.6; // wide band: entries on both sides of θ
+    s.jumprelu_init_log_threshold = (0.5f64).ln();
+    let model = sae::build(&s, 9, &Device::Cpu).unwrap();
+    let pass = sae::forward(model.as_ref(), &x, true).unwrap();
+    let density = flat(pass.latents()).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64;
+    assert!(density > 0.0 && density <= 0.1, "density {density}: the test must take the sparse decoder path");
+    let extra = model.extra_losses(&pass, &vec![false; m]).unwrap();
+    let (_, l0_term) = extra.iter().find(|(n, _)| *n == "l0").unwrap();
+    let recon_loss = model.reconstruction_loss(&pass).unwrap();
+    let total = (&recon_loss + l0_term).unwrap();
+    let grads = total.backward().unwrap();
+    let got = flat(grads.get(model.params().log_threshold.as_ref().unwrap().as_tensor()).unwrap());
+
+    // Expected: θ_k · Σ_i [ −(θ_k/ε) K_ik · ∂L/∂out_ik − l0_coef/(B ε) K_ik ], with
+    // ∂L/∂out_ik = (2/(B·D)) (recon − x)_i · W_dec[k] — also for outputs that are 0.
+    let z: Vec<f32> = flat(&pass.pre.relu().unwrap());
+    let resid: Vec<f32> = flat(&(&pass.recon - &pass.input).unwrap());
+    let wd = flat(model.params().w_dec.as_tensor());
+    let theta: Vec<f32> = flat(model.params().log_threshold.as_ref().unwrap().as_tensor()).iter().map(|v| v.exp()).collect();
+    let eps = s.jumprelu_bandwidth as f32;
+    let mut band_below = 0;
+    for kk in 0..m {
+        let mut g = 0f32;
+        for i in 0..b {
+            let u = (z[i * m + kk] - theta[kk]) / eps;
+            if u.abs() < 0.5 {
+                band_below += (u <= 0.0) as usize;
+                let dout: f32 = (0..d).map(|t| 2.0 / (b * d) as f32 * resid[i * d + t] * wd[kk * d + t]).sum();
+                g += -(theta[kk] / eps) * dout - s.l0_coef as f32 / (b as f32 * eps);
+            }
+        }
+        let expect = theta[kk] * g;
+        assert!((got[kk] - expect).abs() <= 1e-4 * (1.0 + expect.abs()), "latent {kk}: {} vs {expect}", got[kk]);
+    }
+    assert!(band_below > 0, "the test needs entries just below the threshold");
+}
+
+#[test]
+fn batch_topk_inference_does_not_depend_on_the_batch() {
+    let (b, d, m, k) = (16, 6, 40, 3);
+    let mut rng = StdRng::seed_from_u64(4);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    let mut model = sae::build(&spec(SaeKind::BatchTopk, d, m, k), 1, &Device::Cpu).unwrap();
+    let pass = sae::forward(model.as_ref(), &x, true).unwrap();
+    assert_eq!(flat(pass.latents()).iter().filter(|v| **v != 0.0).count(), k * b, "training keeps k·B");
+    model.observe_step(&pass);
+    let threshold = flat(&model.threshold().unwrap().expect("a threshold after one step"));
+    assert!(threshold.iter().all(|t| *t == threshold[0] && *t > 0.0));
+    let all = flat(&sae::encode(model.as_ref(), &x).unwrap());
+    for r in [0, 5, 15] {
+        let one = flat(&sae::encode(model.as_ref(), &x.narrow(0, r, 1).unwrap()).unwrap());
+        assert_eq!(one, all[r * m..(r + 1) * m].to_vec(), "row {r} alone vs in the batch");
+    }
+}
