@@ -294,9 +294,20 @@ impl MonoScoreAccumulator {
 
     /// The exact per-neuron MonoScore of everything added so far (None = dead neuron).
     pub fn finish(&self) -> MonoScores {
+        let scores = self.neuron_stats(false).into_iter().map(|s| s.map(|s| s.score())).collect();
+        MonoScores { n: self.n_rows, d: self.dim, scores }
+    }
+
+    /// Σ_i p_i over the rows added so far.
+    pub fn embedding_sum(&self) -> &[f64] {
+        &self.embedding_sum
+    }
+
+    /// Per-neuron quantities in the min-max scaled space (None = dead neuron). `keep_w` keeps
+    /// the D-vector w_k, which the full-dataset MonoLoss gradient needs.
+    pub fn neuron_stats(&self, keep_w: bool) -> Vec<Option<NeuronStats>> {
         let n = self.n_rows as f64;
-        let scores = self
-            .weighted_sum
+        self.weighted_sum
             .par_chunks(self.dim.max(1))
             .zip(self.neurons.par_iter())
             .map(|(weighted, moments)| {
@@ -312,19 +323,37 @@ impl MonoScoreAccumulator {
                 let (min, range) = (moments.min as f64, moments.max as f64 - moments.min as f64);
                 let u = (moments.sum - n * min) / range;
                 let v = (moments.sum_sq - 2.0 * min * moments.sum + n * min * min) / (range * range);
-                let w_sq: f64 = weighted
-                    .iter()
-                    .zip(&self.embedding_sum)
-                    .map(|(&w, &s)| {
-                        let x = (w - min * s) / range;
-                        x * x
-                    })
-                    .sum();
-                let numerator = 0.5 * (w_sq - v);
-                let denominator = 0.5 * (u * u - v);
-                Some(numerator / denominator)
+                let w: Vec<f64> = weighted.iter().zip(&self.embedding_sum).map(|(&w, &s)| (w - min * s) / range).collect();
+                let w_sq: f64 = w.iter().map(|x| x * x).sum();
+                Some(NeuronStats {
+                    min: moments.min,
+                    max: moments.max,
+                    u,
+                    v,
+                    numerator: 0.5 * (w_sq - v),
+                    denominator: 0.5 * (u * u - v),
+                    w: if keep_w { w } else { Vec::new() },
+                })
             })
-            .collect();
-        MonoScores { n: self.n_rows, d: self.dim, scores }
+            .collect()
+    }
+}
+
+/// One live neuron over the whole set, in the scaled space ã = (l − min)/(max − min).
+#[derive(Clone, Debug)]
+pub struct NeuronStats {
+    pub min: f32,
+    pub max: f32,
+    /// Σ ã, Σ ã², and w = Σ ã p (empty unless asked for).
+    pub u: f64,
+    pub v: f64,
+    pub w: Vec<f64>,
+    pub numerator: f64,
+    pub denominator: f64,
+}
+
+impl NeuronStats {
+    pub fn score(&self) -> f64 {
+        self.numerator / self.denominator
     }
 }

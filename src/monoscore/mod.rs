@@ -7,7 +7,7 @@ mod loss;
 mod reference;
 
 pub use crate::sparse::{SparseBatch, SparseRows};
-pub use accumulator::{MonoScoreAccumulator, ScorePath, SPARSE_DENSITY_LIMIT};
+pub use accumulator::{MonoScoreAccumulator, NeuronStats, ScorePath, SPARSE_DENSITY_LIMIT};
 pub use loss::{batch_mono_loss, BatchMonoLoss};
 pub use reference::pairwise_monoscore;
 

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::full_mono;
 use super::optim::{self, Adam};
 use crate::config::Config;
 use crate::data::store::FeatureStore;
@@ -70,6 +71,8 @@ pub struct StepMetrics {
     pub l0: f64,
     pub dead: usize,
     pub grad_norm: f64,
+    /// Exact full-dataset MonoScore, on steps that took the full-dataset MonoLoss (period > 1).
+    pub full_mono_score: Option<f64>,
 }
 
 /// Checks the inputs against the config before anything is written.
@@ -263,8 +266,87 @@ fn step_losses(sae: &dyn Sae, pass: &ForwardPass, similarity: &Tensor, dead: &[b
         l0: 0.0,
         dead: dead.iter().filter(|d| **d).count(),
         grad_norm: 0.0,
+        full_mono_score: None,
     };
     Ok((total, metrics))
+}
+
+/// The state that one training step changes, and the step itself.
+pub struct SaeTrainer {
+    pub sae: Box<dyn Sae>,
+    pub adam: Adam,
+    /// Training samples since each latent last fired.
+    pub since_fired: Vec<u64>,
+    /// λ of the batch MonoLoss (0 when the full-dataset form is used instead).
+    batch_lambda: f64,
+    lambda: f64,
+    eps: f64,
+    clip: Option<f64>,
+    dead_after: u64,
+}
+
+impl SaeTrainer {
+    pub fn new(sae: Box<dyn Sae>, adam: Adam, since_fired: Vec<u64>, config: &Config, lambda: f64) -> Self {
+        Self {
+            sae,
+            adam,
+            since_fired,
+            batch_lambda: if config.mono.period == 1 { lambda } else { 0.0 },
+            lambda,
+            eps: config.mono.eps,
+            clip: config.train.grad_clip(config.sae.kind),
+            dead_after: config.sae.dead_after,
+        }
+    }
+
+    /// A fresh SAE and optimizer for `config` on `d_in`-dimensional features.
+    pub fn fresh(config: &Config, d_in: usize, lambda: f64, device: &Device) -> Result<Self> {
+        let spec = SaeSpec::from_config(&config.sae, d_in);
+        let sae = sae::build(&spec, config.run.seed, device)?;
+        let sizes: Vec<usize> = sae.params().named().iter().map(|(_, v)| v.elem_count()).collect();
+        let adam = Adam::new(&sizes, config.train.adam_betas, config.train.adam_eps);
+        Ok(Self::new(sae, adam, vec![0u64; spec.n_latents], config, lambda))
+    }
+
+    /// One optimisation step on a batch `input` (B, D) with its similarity embeddings;
+    /// `full` adds λ times the full-dataset MonoLoss gradient.
+    pub fn step(&mut self, input: &Tensor, similarity: &Tensor, lr: f64, full: Option<full_mono::FullMonoGradient>) -> Result<StepMetrics> {
+        let (b, d) = input.dims2()?;
+        let dead: Vec<bool> = self.since_fired.iter().map(|&s| s >= self.dead_after).collect();
+        let pass = sae::forward(self.sae.as_ref(), input, true)?;
+        let (total, mut metrics) = step_losses(self.sae.as_ref(), &pass, similarity, &dead, self.batch_lambda, self.eps)?;
+        ensure!(metrics.loss.is_finite(), "training diverged: loss is {}", metrics.loss);
+        let grads = total.backward()?;
+
+        let params = self.sae.params().named();
+        let mut host: Vec<Vec<f32>> = params.iter().map(|(_, v)| optim::host_grad(&grads, v)).collect::<Result<_>>()?;
+        drop(grads);
+        if let Some(full) = full {
+            for (h, g) in host.iter_mut().zip(&full.grads) {
+                h.iter_mut().zip(g).for_each(|(a, b)| *a += self.lambda as f32 * b);
+            }
+            metrics.full_mono_score = Some(full.mean_score);
+        }
+        let dec_index = params.iter().position(|(n, _)| *n == "W_dec").expect("W_dec");
+        let w_dec = optim::host_data(params[dec_index].1)?;
+        optim::project_out_parallel(&mut host[dec_index], &w_dec, d);
+        metrics.grad_norm = match self.clip {
+            Some(max) => optim::clip_global_norm(&mut host, max),
+            None => optim::global_norm(&host),
+        };
+        let vars: Vec<&candle_core::Var> = params.iter().map(|(_, v)| *v).collect();
+        self.adam.step(&vars, &host, lr)?;
+        optim::update_param(&self.sae.params().w_dec, |w| optim::normalize_rows(w, d))?;
+        self.sae.observe_step(&pass);
+
+        let (fired, nnz) = fired_columns(pass.latents())?;
+        for (s, f) in self.since_fired.iter_mut().zip(&fired) {
+            *s = if *f { 0 } else { s.saturating_add(b as u64) };
+        }
+        metrics.lr = lr;
+        metrics.l0 = nnz as f64 / b as f64;
+        Ok(metrics)
+    }
 }
 
 /// Trains an SAE as `config` says, writing into `run_dir`.
@@ -281,7 +363,7 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
         bail!("--resume: {} has no checkpoint to resume from", run_dir.display());
     }
 
-    let (mut sae, mut adam, mut since_fired, start_step) = match &latest {
+    let (mut trainer, start_step) = match &latest {
         Some(dir) if resume => {
             let (sae, adam, since_fired, state) = load_checkpoint(dir, &spec, device)?;
             ensure!(
@@ -293,17 +375,14 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
                 config.train.batch_size,
                 config.run.seed
             );
-            (sae, adam, since_fired, state.step)
+            (SaeTrainer::new(sae, adam, since_fired, config, lambda), state.step)
         }
-        _ => {
-            let sae = sae::build(&spec, config.run.seed, device)?;
-            let sizes: Vec<usize> = sae.params().named().iter().map(|(_, v)| v.elem_count()).collect();
-            (sae, Adam::new(&sizes, config.train.adam_betas, config.train.adam_eps), vec![0u64; spec.n_latents], 0)
-        }
+        _ => (SaeTrainer::fresh(config, spec.d_in, lambda, device)?, 0),
     };
-    adam.beta1 = config.train.adam_betas[0];
-    adam.beta2 = config.train.adam_betas[1];
-    adam.eps = config.train.adam_eps;
+    // The optimizer's hyper-parameters come from the config, its moments from the checkpoint.
+    trainer.adam.beta1 = config.train.adam_betas[0];
+    trainer.adam.beta2 = config.train.adam_betas[1];
+    trainer.adam.eps = config.train.adam_eps;
 
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     if start_step == 0 {
@@ -325,8 +404,6 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
         "model": train.manifest().encoder.as_ref().and_then(|e| e.get("model")).cloned(),
         "output": train.manifest().encoder.as_ref().and_then(|e| e.get("output")).cloned(),
     });
-    let clip = config.train.grad_clip(config.sae.kind);
-    let dead_after = config.sae.dead_after;
     let bar = crate::progress::bar(total_steps as u64, "training");
     bar.set_position(start_step as u64);
     let started = Instant::now();
@@ -349,39 +426,17 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
             None => input.clone(),
         };
 
-        let dead: Vec<bool> = since_fired.iter().map(|&s| s >= dead_after).collect();
-        let pass = sae::forward(sae.as_ref(), &input, true)?;
-        let (total, mut metrics) = step_losses(sae.as_ref(), &pass, &similarity, &dead, lambda, config.mono.eps)?;
-        ensure!(metrics.loss.is_finite(), "training diverged at step {step}: loss is {}", metrics.loss);
-        let grads = total.backward()?;
-
-        let params = sae.params().named();
-        let mut host: Vec<Vec<f32>> = params.iter().map(|(_, v)| optim::host_grad(&grads, v)).collect::<Result<_>>()?;
-        drop(grads);
-        let dec_index = params.iter().position(|(n, _)| *n == "W_dec").expect("W_dec");
-        let w_dec = optim::host_data(params[dec_index].1)?;
-        optim::project_out_parallel(&mut host[dec_index], &w_dec, d);
-        metrics.grad_norm = match clip {
-            Some(max) => optim::clip_global_norm(&mut host, max),
-            None => optim::global_norm(&host),
+        let full = if lambda > 0.0 && config.mono.period > 1 && (step + 1) % config.mono.period == 0 {
+            Some(full_mono::full_mono_gradient(trainer.sae.as_ref(), train, inputs.train_similarity, b, device)?)
+        } else {
+            None
         };
         let lr = optim::scheduled_lr(config.train.lr, step, total_steps, config.train.warmup_steps, config.train.lr_decay);
-        let vars: Vec<&candle_core::Var> = params.iter().map(|(_, v)| *v).collect();
-        adam.step(&vars, &host, lr)?;
-        optim::update_param(&sae.params().w_dec, |w| optim::normalize_rows(w, d))?;
-        sae.observe_step(&pass);
-
-        let (fired, nnz) = fired_columns(pass.latents())?;
-        for (s, f) in since_fired.iter_mut().zip(&fired) {
-            *s = if *f { 0 } else { s.saturating_add(b as u64) };
-        }
-        drop(pass);
+        let mut metrics = trainer.step(&input, &similarity, lr, full).with_context(|| format!("training step {}", step + 1))?;
 
         let done = step + 1;
         metrics.step = done;
         metrics.epoch = epoch;
-        metrics.lr = lr;
-        metrics.l0 = nnz as f64 / b as f64;
         if done % config.train.log_every == 0 || done == total_steps {
             writeln!(metrics_file, "{}", serde_json::to_string(&metrics)?)?;
         }
@@ -392,17 +447,17 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
         bar.inc(1);
         if (config.train.checkpoint_every > 0 && done % config.train.checkpoint_every == 0) || done == total_steps {
             metrics_file.flush()?;
-            let state = TrainerState { step: done, lambda, batch_size: b, seed: config.run.seed, extra_state: sae.extra_state() };
-            save_checkpoint(run_dir, sae.as_ref(), &adam, &since_fired, &state, &source)?;
+            let state = TrainerState { step: done, lambda, batch_size: b, seed: config.run.seed, extra_state: trainer.sae.extra_state() };
+            save_checkpoint(run_dir, trainer.sae.as_ref(), &trainer.adam, &trainer.since_fired, &state, &source)?;
         }
     }
     bar.finish_and_clear();
     metrics_file.flush()?;
     let seconds = started.elapsed().as_secs_f64();
-    checkpoint::save(&run_dir.join(FINAL_SAE_DIR), sae.as_ref(), &source)?;
+    checkpoint::save(&run_dir.join(FINAL_SAE_DIR), trainer.sae.as_ref(), &source)?;
 
     let results = match inputs.eval {
-        Some(store) => Some(evaluate_into(run_dir, sae.as_ref(), store, inputs.eval_similarity, config, lambda, seconds, device)?),
+        Some(store) => Some(evaluate_into(run_dir, trainer.sae.as_ref(), store, inputs.eval_similarity, config, lambda, seconds, device)?),
         None => None,
     };
     Ok(TrainReport { steps: total_steps, results })

@@ -1,0 +1,114 @@
+//! `mono bench train`: samples/s of one SAE training step per architecture, with λ = 0 and with
+//! the paper's λ, and the MonoLoss overhead. Synthetic unit-norm features held in memory.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::Serialize;
+
+use crate::config::{paper_lambda, Config, DatasetKind, EncoderKind, SaeKind};
+use crate::train::sae::SaeTrainer;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct TrainBenchArgs {
+    #[arg(long, default_value_t = 768)]
+    pub d: usize,
+    #[arg(long, default_value_t = 8192)]
+    pub m: usize,
+    #[arg(long, default_value_t = 64)]
+    pub k: usize,
+    #[arg(long, default_value_t = 2048)]
+    pub batch: usize,
+    /// Timed steps per configuration (after one untimed warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Architectures, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "batch_topk,topk,jumprelu,relu")]
+    pub kinds: Vec<String>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainTiming {
+    pub kind: String,
+    pub lambda: f64,
+    pub seconds_per_step: f64,
+    pub samples_per_second: f64,
+}
+
+fn parse_kind(name: &str) -> Result<SaeKind> {
+    Ok(match name.trim() {
+        "topk" => SaeKind::Topk,
+        "batch_topk" => SaeKind::BatchTopk,
+        "jumprelu" => SaeKind::Jumprelu,
+        "relu" => SaeKind::Relu,
+        other => anyhow::bail!("unknown SAE kind `{other}`; expected topk, batch_topk, jumprelu or relu"),
+    })
+}
+
+/// Unit-norm Gaussian rows, like L2-normalised encoder features.
+fn batch(rows: usize, d: usize, rng: &mut StdRng) -> Tensor {
+    let mut data: Vec<f32> = (0..rows * d).map(|_| StandardNormal.sample(rng)).collect();
+    crate::sae::normalize_rows(&mut data, d);
+    Tensor::from_vec(data, (rows, d), &Device::Cpu).expect("shape matches")
+}
+
+fn time_steps(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<f64> {
+    let mut config = Config::default();
+    config.sae.kind = kind;
+    config.sae.n_latents = args.m;
+    config.sae.k = args.k;
+    config.train.batch_size = args.batch;
+    config.mono.lambda = Some(lambda);
+    let mut trainer = SaeTrainer::fresh(&config, args.d, lambda, &Device::Cpu)?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let batches: Vec<Tensor> = (0..args.steps + 1).map(|_| batch(args.batch, args.d, &mut rng)).collect();
+    trainer.step(&batches[0], &batches[0], config.train.lr, None)?;
+    let start = Instant::now();
+    for x in &batches[1..] {
+        trainer.step(x, x, config.train.lr, None)?;
+    }
+    Ok(start.elapsed().as_secs_f64() / args.steps as f64)
+}
+
+pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
+    let kinds: Vec<SaeKind> = args.kinds.iter().map(|k| parse_kind(k)).collect::<Result<_>>()?;
+    println!(
+        "SAE training step: D = {}, M = {}, k = {}, batch {}, {} timed steps, {} threads",
+        args.d,
+        args.m,
+        args.k,
+        args.batch,
+        args.steps,
+        rayon::current_num_threads()
+    );
+    println!("{:<12} {:>10} {:>12} {:>12} {:>10}", "sae", "λ", "s/step", "samples/s", "overhead");
+    let mut timings = Vec::new();
+    for kind in kinds {
+        let lambda = paper_lambda(DatasetKind::Imagenet, EncoderKind::Clip, kind).expect("paper λ for CLIP on ImageNet");
+        let base = time_steps(args, kind, 0.0)?;
+        let with_mono = time_steps(args, kind, lambda)?;
+        let name = serde_json::to_value(kind)?.as_str().unwrap_or("?").to_string();
+        for (l, t) in [(0.0, base), (lambda, with_mono)] {
+            let overhead = if l > 0.0 { format!("{:+.1} %", 100.0 * (with_mono / base - 1.0)) } else { String::new() };
+            println!("{:<12} {:>10} {:>12.3} {:>12.0} {:>10}", name, l, t, args.batch as f64 / t, overhead);
+            timings.push(TrainTiming { kind: name.clone(), lambda: l, seconds_per_step: t, samples_per_second: args.batch as f64 / t });
+        }
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "benchmark": "train", "d": args.d, "m": args.m, "k": args.k, "batch": args.batch,
+            "threads": rayon::current_num_threads(), "timings": timings,
+        });
+        crate::io::write_json_atomic(path, &doc)?;
+    }
+    Ok(timings)
+}
