@@ -124,7 +124,7 @@ impl FeatureStore {
         &self.labels
     }
 
-    /// The labels of one row: empty without labels, one id for class labels.
+    /// The labels of one row (`row < len()`): empty without labels, one id for class labels.
     pub fn row_labels(&self, row: usize) -> &[u32] {
         self.labels.row(row)
     }
@@ -138,7 +138,7 @@ impl FeatureStore {
         &self.manifest.info.label_names
     }
 
-    /// The image path of a row.
+    /// The image path of a row (`row < len()`, like slice indexing).
     pub fn path(&self, row: usize) -> &str {
         &self.paths[row]
     }

@@ -119,6 +119,8 @@ impl StoreWriter {
     pub fn push(&mut self, features: &[f32], labels: BatchLabels<'_>, paths: &[String]) -> Result<()> {
         let (rows, dim) = (paths.len(), self.info.dim);
         ensure!(features.len() == rows * dim, "{} feature values for {rows} rows of dim {dim}", features.len());
+        // Rows are addressed by u32 (`read_rows`, `epoch_order`).
+        ensure!(self.rows() + rows <= u32::MAX as usize, "a feature store holds at most 2^32 - 1 rows");
         self.check_labels(labels, paths)?;
         let mut scratch = Vec::with_capacity(4);
         for (i, &v) in features.iter().enumerate() {
