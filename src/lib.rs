@@ -3,6 +3,7 @@
 pub mod alloc;
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod io;
 pub mod monoscore;

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use mono::config::FloatType;
+use mono::data::import::{dtype_name, import_features, ImportOptions, SplitPlan};
 use mono::io::matrix::MatrixFile;
 use mono::monoscore::{files, ScorePath};
 
@@ -34,9 +36,58 @@ enum Command {
         /// The TOML config.
         config: PathBuf,
     },
+    /// Feature stores.
+    #[command(subcommand)]
+    Features(FeaturesCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum FeaturesCommand {
+    /// Build a feature store from a features matrix computed elsewhere (+ labels and paths).
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// Features (N×D): file.npy, file.safetensors or file.safetensors:tensor.
+    #[arg(long)]
+    features: String,
+    /// Labels: a 1-D integer .npy (one class per row) or a text file with comma-separated
+    /// labels per line (multi-label; an empty line = none).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Class names, one per line (default "0".."C-1").
+    #[arg(long)]
+    label_names: Option<PathBuf>,
+    /// Image paths, one per line (default row-{i}).
+    #[arg(long)]
+    paths: Option<PathBuf>,
+    /// Feature set directory; each split's store goes to OUT/<split>.
+    #[arg(long)]
+    out: PathBuf,
+    /// Split name when all rows go to one store (default train).
+    #[arg(long)]
+    split: Option<String>,
+    /// Fraction of rows for OUT/val (seeded random division).
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Fraction of rows for OUT/test (seeded random division).
+    #[arg(long)]
+    test_fraction: Option<f64>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Rows per shard.
+    #[arg(long, default_value_t = 16384)]
+    shard_size: usize,
+    /// Stored dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = |s: &str| mono::data::import::parse_dtype(s).map_err(|e| e.to_string()))]
+    dtype: FloatType,
+    /// Rows read at a time.
+    #[arg(long, default_value_t = 4096)]
+    batch_rows: usize,
 }
 
 #[derive(clap::Args)]
@@ -95,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }
+        Command::Features(FeaturesCommand::Import(args)) => import(args),
         Command::Bench(BenchCommand::Monoscore(args)) => mono::bench::monoscore::run(&args).map(|_| ()),
     }
 }
@@ -127,6 +179,34 @@ fn score(args: ScoreArgs) -> Result<()> {
     if let Some(out) = &args.out {
         mono::io::write_json_atomic(out, &result.to_json())?;
         println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn import(args: ImportArgs) -> Result<()> {
+    let opts = ImportOptions {
+        plan: SplitPlan::from_args(args.split, args.val_fraction, args.test_fraction, args.seed)?,
+        features: args.features,
+        labels: args.labels,
+        label_names: args.label_names,
+        paths: args.paths,
+        out: args.out,
+        shard_size: args.shard_size,
+        dtype: args.dtype,
+        batch_rows: args.batch_rows,
+    };
+    for s in import_features(&opts)?.splits {
+        let classes = if s.classes > 0 { format!(", {} classes", s.classes) } else { String::new() };
+        println!(
+            "{}: {} rows × {} ({}), labels {}{classes}, {} shard(s) → {}",
+            s.split,
+            s.rows,
+            s.dim,
+            dtype_name(s.dtype),
+            s.labels,
+            s.shards,
+            s.dir.display()
+        );
     }
     Ok(())
 }

@@ -64,7 +64,7 @@ impl MatrixFile {
         let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the map is read-only; a file truncated underneath us is the user's doing.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let is_npy = mmap.starts_with(b"\x93NUMPY");
+        let is_npy = super::npy::is_npy(&mmap);
         let (data_offset, shape, dtype, label) = if is_npy {
             ensure!(name.is_none(), "{spec}: a .npy file holds one array; drop the `:name` suffix");
             let (offset, shape, dtype) = parse_npy_header(&mmap).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
@@ -112,13 +112,7 @@ impl MatrixFile {
         let begin = self.data_offset + start * self.cols * size;
         let bytes = &self.mmap[begin..begin + (end - start) * self.cols * size];
         out.clear();
-        out.reserve(bytes.len() / size);
-        match self.dtype {
-            ElementType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            ElementType::F64 => out.extend(bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)),
-            ElementType::F16 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-            ElementType::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-        }
+        decode_le_into(self.dtype, bytes, out);
         if let Some(pos) = out.iter().position(|v| !v.is_finite()) {
             bail!(
                 "{}: value at row {}, column {} is {} (NaN/Inf are not allowed)",
@@ -129,6 +123,19 @@ impl MatrixFile {
             );
         }
         Ok(())
+    }
+}
+
+/// Appends little-endian values of `dtype` in `bytes` to `out` as f32.
+pub fn decode_le_into(dtype: ElementType, bytes: &[u8], out: &mut Vec<f32>) {
+    out.reserve(bytes.len() / dtype.size());
+    match dtype {
+        ElementType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        ElementType::F64 => out.extend(bytes.chunks_exact(8).map(|b| {
+            f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+        })),
+        ElementType::F16 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
+        ElementType::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
     }
 }
 
@@ -181,57 +188,14 @@ fn list_names<'a>(names: impl Iterator<Item = &'a String>) -> String {
     names.join(", ")
 }
 
-/// Parses the header of an .npy file (format versions 1–3): data offset, shape and dtype.
+/// Data offset, shape and float dtype of an .npy file.
 fn parse_npy_header(bytes: &[u8]) -> Result<(usize, Vec<usize>, ElementType)> {
-    ensure!(bytes.len() >= 10, "too short for an .npy header");
-    let major = bytes[6];
-    let (header_len, start) = match major {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => {
-            ensure!(bytes.len() >= 12, "too short for an .npy v{major} header");
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
-        }
-        v => bail!("unsupported .npy format version {v}"),
-    };
-    ensure!(bytes.len() >= start + header_len, "truncated .npy header");
-    let header = std::str::from_utf8(&bytes[start..start + header_len]).context("non-UTF-8 .npy header")?;
-
-    let descr = npy_field(header, "descr").context("header lacks 'descr'")?;
-    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
-    let dtype = match descr {
+    let header = super::npy::parse_header(bytes)?;
+    let dtype = match header.descr.as_str() {
         "<f2" | "=f2" | "f2" => ElementType::F16,
         "<f4" | "=f4" | "f4" => ElementType::F32,
         "<f8" | "=f8" | "f8" => ElementType::F64,
         other => bail!("dtype '{other}' is not supported; expected little-endian float16, float32 or float64"),
     };
-    let fortran = npy_field(header, "fortran_order").context("header lacks 'fortran_order'")?;
-    ensure!(fortran.trim() == "False", "Fortran-ordered arrays are not supported; save np.ascontiguousarray(x)");
-    let shape_text = npy_field(header, "shape").context("header lacks 'shape'")?;
-    let shape = shape_text
-        .trim()
-        .trim_start_matches('(')
-        .trim_end_matches(')')
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().with_context(|| format!("bad shape entry '{s}'")))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((start + header_len, shape, dtype))
-}
-
-/// The raw text of `'key': value` in an .npy header dict (value up to the next top-level comma).
-fn npy_field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let at = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
-    let rest = &header[at + key.len() + 2..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let mut depth = 0i32;
-    for (i, ch) in rest.char_indices() {
-        match ch {
-            '(' | '[' => depth += 1,
-            ')' | ']' => depth -= 1,
-            ',' | '}' if depth == 0 => return Some(&rest[..i]),
-            _ => {}
-        }
-    }
-    Some(rest)
+    Ok((header.data_offset, header.shape, dtype))
 }

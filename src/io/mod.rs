@@ -1,6 +1,8 @@
 //! File formats and safe writing.
 
+pub mod labels;
 pub mod matrix;
+pub mod npy;
 
 use std::io::Write;
 use std::path::Path;

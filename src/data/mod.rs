@@ -1,0 +1,5 @@
+//! Data sets and the feature store.
+
+pub mod idx;
+pub mod import;
+pub mod store;

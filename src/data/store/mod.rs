@@ -1,0 +1,179 @@
+//! The feature store: a directory of `shard-NNNNN.safetensors` files and a `manifest.json`,
+//! readable from Python with `safetensors` and `json` alone. A "feature set" is a directory with
+//! one store per split (`DIR/train`, `DIR/val`, `DIR/test`).
+
+mod labels;
+mod manifest;
+mod order;
+mod shard;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+
+pub use labels::Labels;
+pub use manifest::{LabelKind, Manifest, ShardEntry, Skipped, StoreInfo, FORMAT, MANIFEST_FILE};
+pub use order::epoch_order;
+pub use shard::{shard_file_name, FEATURES, LABELS, LABEL_OFFSETS, LABEL_VALUES, PATHS_KEY};
+pub use writer::{BatchLabels, StoreWriter};
+
+use shard::Shard;
+
+/// A finished store, opened for reading: every shard mapped and its header checked against the
+/// manifest up front; labels and paths held in memory.
+pub struct FeatureStore {
+    dir: PathBuf,
+    manifest: Manifest,
+    shards: Vec<Shard>,
+    /// Store row of each shard's first row, then the row count.
+    starts: Vec<usize>,
+    labels: Labels,
+    paths: Vec<String>,
+}
+
+impl std::fmt::Debug for FeatureStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FeatureStore({} {}×{} {} shards)", self.dir.display(), self.len(), self.dim(), self.shards.len())
+    }
+}
+
+impl FeatureStore {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let manifest = Manifest::load(dir)?;
+        ensure!(manifest.count > 0, "{}: the feature store holds no rows", dir.display());
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
+        let mut labels = Labels::empty(manifest.info.labels);
+        let mut paths = Vec::with_capacity(manifest.count);
+        let mut row = 0;
+        for entry in &manifest.shards {
+            let (shard, extras) = Shard::open(&dir.join(&entry.file), &manifest.info, Some(entry.rows))?;
+            starts.push(row);
+            row += shard.rows();
+            labels.extend(extras.labels)?;
+            paths.extend(extras.paths);
+            shards.push(shard);
+        }
+        starts.push(row);
+        Ok(Self { dir: dir.to_path_buf(), manifest, shards, starts, labels, paths })
+    }
+
+    /// Rows in the store.
+    pub fn len(&self) -> usize {
+        self.manifest.count
+    }
+
+    /// Never true for an opened store (an empty one is refused at open); here for API symmetry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dim(&self) -> usize {
+        self.manifest.info.dim
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Rows of each shard, in shard order (the input of `epoch_order`).
+    pub fn shard_rows(&self) -> Vec<usize> {
+        self.shards.iter().map(Shard::rows).collect()
+    }
+
+    /// `epoch_order` over this store's shards.
+    pub fn epoch_order(&self, seed: u64, epoch: u64, shuffle_buffer: usize) -> Vec<u32> {
+        epoch_order(&self.shard_rows(), seed, epoch, shuffle_buffer)
+    }
+
+    /// Rows `start..end` as f32, (end - start) × dim, into `out` (cleared first).
+    pub fn read_range(&self, start: usize, end: usize, out: &mut Vec<f32>) -> Result<()> {
+        ensure!(start <= end && end <= self.len(), "{}: rows {start}..{end} out of range (the store has {})", self.dir.display(), self.len());
+        out.clear();
+        out.reserve((end - start) * self.dim());
+        let mut row = start;
+        while row < end {
+            let s = self.shard_of(row);
+            let local_end = end.min(self.starts[s + 1]) - self.starts[s];
+            self.shards[s].read_into(row - self.starts[s], local_end, self.starts[s], out)?;
+            row = self.starts[s] + local_end;
+        }
+        Ok(())
+    }
+
+    /// The given store rows (any order, repeats allowed) as f32, rows.len() × dim, into `out`.
+    pub fn read_rows(&self, rows: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.reserve(rows.len() * self.dim());
+        for &row in rows {
+            let row = row as usize;
+            ensure!(row < self.len(), "{}: row {row} out of range (the store has {})", self.dir.display(), self.len());
+            let s = self.shard_of(row);
+            let local = row - self.starts[s];
+            self.shards[s].read_into(local, local + 1, self.starts[s], out)?;
+        }
+        Ok(())
+    }
+
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// The labels of one row (`row < len()`): empty without labels, one id for class labels.
+    pub fn row_labels(&self, row: usize) -> &[u32] {
+        self.labels.row(row)
+    }
+
+    /// Number of label names (0 without labels).
+    pub fn n_classes(&self) -> usize {
+        self.manifest.info.label_names.len()
+    }
+
+    pub fn label_names(&self) -> &[String] {
+        &self.manifest.info.label_names
+    }
+
+    /// The image path of a row (`row < len()`, like slice indexing).
+    pub fn path(&self, row: usize) -> &str {
+        &self.paths[row]
+    }
+
+    fn shard_of(&self, row: usize) -> usize {
+        self.starts.partition_point(|&s| s <= row) - 1
+    }
+}
+
+/// Opens `root/split` of a feature set; when it is missing, the error lists the splits present.
+pub fn open_split(root: &Path, split: &str) -> Result<FeatureStore> {
+    let dir = root.join(split);
+    if dir.is_dir() {
+        // Finished or not: `open` says what is wrong with it, if anything.
+        return FeatureStore::open(&dir);
+    }
+    let present = list_splits(root)?;
+    if present.is_empty() {
+        bail!("{}: no split `{split}`, and no finished store in any subdirectory", root.display());
+    }
+    bail!("{}: no split `{split}`; it holds {}", root.display(), present.join(", "))
+}
+
+/// Subdirectories of `root` that hold a finished store, sorted.
+pub fn list_splits(root: &Path) -> Result<Vec<String>> {
+    let entries = std::fs::read_dir(root).with_context(|| format!("cannot open feature set {}", root.display()))?;
+    let mut splits = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot list {}", root.display()))?;
+        if entry.path().join(MANIFEST_FILE).is_file() {
+            if let Some(name) = entry.file_name().to_str() {
+                splits.push(name.to_string());
+            }
+        }
+    }
+    splits.sort();
+    Ok(splits)
+}
