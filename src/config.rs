@@ -238,11 +238,12 @@ impl Default for SaeConfig {
 }
 
 impl SaeConfig {
+    /// AuxK latents; the default is capped at n_latents for small SAEs.
     pub fn k_aux(&self) -> usize {
         self.k_aux.unwrap_or(match self.kind {
             SaeKind::Topk => 64,
             _ => 512,
-        })
+        }.min(self.n_latents))
     }
 
     pub fn normalize_input(&self) -> bool {
@@ -494,7 +495,9 @@ impl Config {
         v.positive("sae.n_latents", sae.n_latents);
         v.positive("sae.k", sae.k);
         v.check(sae.k <= sae.n_latents, || format!("sae.k = {} must be ≤ sae.n_latents = {}", sae.k, sae.n_latents));
-        v.check(sae.k_aux() <= sae.n_latents, || format!("sae.k_aux = {} must be ≤ sae.n_latents = {}", sae.k_aux(), sae.n_latents));
+        if let Some(k_aux) = sae.k_aux {
+            v.check(k_aux <= sae.n_latents, || format!("sae.k_aux = {k_aux} must be ≤ sae.n_latents = {}", sae.n_latents));
+        }
         v.non_negative("sae.aux_coef", sae.aux_coef);
         v.positive("sae.dead_after", sae.dead_after as usize);
         v.positive_f("sae.jumprelu_bandwidth", sae.jumprelu_bandwidth);

@@ -39,6 +39,22 @@ enum Command {
     /// Feature stores.
     #[command(subcommand)]
     Features(FeaturesCommand),
+    /// Train an SAE on the config's feature store with reconstruction + λ·MonoLoss, then evaluate.
+    Train {
+        /// The TOML config.
+        config: PathBuf,
+        /// Continue from the run's newest checkpoint (same result as an uninterrupted run).
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate a trained SAE: R², MSE, L0, dead latents, MonoScore, class purity.
+    Eval {
+        /// A run directory (holding config.toml) or a config file.
+        target: PathBuf,
+        /// Split of the feature set (default: data.eval_split).
+        #[arg(long)]
+        split: Option<String>,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -116,6 +132,8 @@ struct ScoreArgs {
 enum BenchCommand {
     /// One-pass MonoScore (sparse and dense paths) against the pairwise reference.
     Monoscore(mono::bench::monoscore::MonoScoreBenchArgs),
+    /// Samples/s of an SAE training step per architecture, with and without MonoLoss.
+    Train(mono::bench::train::TrainBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -147,7 +165,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Features(FeaturesCommand::Import(args)) => import(args),
+        Command::Train { config, resume } => train(&config, resume),
+        Command::Eval { target, split } => {
+            let (path, results) = mono::train::sae::eval_run(&target, split.as_deref())?;
+            print_results(&results);
+            println!("wrote {}", path.display());
+            Ok(())
+        }
         Command::Bench(BenchCommand::Monoscore(args)) => mono::bench::monoscore::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
     }
 }
 
@@ -209,4 +235,43 @@ fn import(args: ImportArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn train(config_path: &std::path::Path, resume: bool) -> Result<()> {
+    let config = mono::Config::load(config_path)?;
+    if let Some(threads) = config.run.threads {
+        // Ignored when --threads already built the pool: the command line wins.
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    }
+    let report = mono::train::sae::train_from_config(&config, resume)?;
+    println!("trained {} steps into {}", report.steps, config.run_dir().display());
+    if let Some(results) = &report.results {
+        print_results(results);
+    }
+    Ok(())
+}
+
+fn print_results(r: &mono::eval::EvalResults) {
+    let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into());
+    println!(
+        "{} split, {} images: R² {:.4} (total {:.4})  MSE {:.3e}  L0 {:.1}  dead latents {}/{}",
+        r.split,
+        r.n_images,
+        r.r2,
+        r.r2_total,
+        r.mse,
+        r.l0,
+        r.dead_latents,
+        r.dead_latents + r.live_latents
+    );
+    println!(
+        "MonoScore mean {} median {} ({} live, {} dead)",
+        fmt(r.monoscore.mean),
+        fmt(r.monoscore.median),
+        r.monoscore.live,
+        r.monoscore.dead
+    );
+    if let Some(p) = &r.purity {
+        println!("class purity: binary {:.4}  weighted {:.4}  over {} live latents", p.binary, p.weighted, p.latents);
+    }
 }

@@ -1,3 +1,4 @@
 //! `mono bench ...`: benchmarks that print timings and ratios (never asserted in tests).
 
 pub mod monoscore;
+pub mod train;

@@ -2,4 +2,5 @@
 
 pub mod idx;
 pub mod import;
+pub mod sets;
 pub mod store;

@@ -25,7 +25,11 @@ pub struct Purity {
 pub struct EvalResults {
     pub split: String,
     pub n_images: usize,
+    /// Per-feature explained variance, averaged over features (the paper's R²).
     pub r2: f64,
+    /// 1 − Σ SS_res / Σ SS_tot: the share of total variance explained (robust to features that
+    /// barely vary, such as border pixels).
+    pub r2_total: f64,
     pub mse: f64,
     pub l0: f64,
     /// Latents that fire on no image of the split.
@@ -68,21 +72,22 @@ impl ReconstructionStats {
         }
     }
 
-    /// Mean over features with non-zero variance of 1 − SS_res / SS_tot; and the MSE.
-    fn finish(&self) -> (f64, f64) {
+    /// (per-feature R² averaged over features that vary, total R², MSE).
+    fn finish(&self) -> (f64, f64, f64) {
         let n = self.n as f64;
-        let mut r2_sum = 0.0;
-        let mut counted = 0usize;
+        let (mut r2_sum, mut counted, mut tot_sum, mut err_sum) = (0.0, 0usize, 0.0, 0.0);
         for j in 0..self.sum.len() {
             let ss_tot = self.sum_sq[j] - self.sum[j] * self.sum[j] / n;
+            tot_sum += ss_tot;
+            err_sum += self.sq_err[j];
             if ss_tot > 1e-12 * n.max(1.0) {
                 r2_sum += 1.0 - self.sq_err[j] / ss_tot;
                 counted += 1;
             }
         }
         let r2 = if counted > 0 { r2_sum / counted as f64 } else { f64::NAN };
-        let mse = self.sq_err.iter().sum::<f64>() / (n * self.sum.len() as f64);
-        (r2, mse)
+        let r2_total = if tot_sum > 0.0 { 1.0 - err_sum / tot_sum } else { f64::NAN };
+        (r2, r2_total, err_sum / (n * self.sum.len() as f64))
     }
 }
 
@@ -184,7 +189,7 @@ pub fn evaluate(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&Feature
     }
     bar.finish_and_clear();
 
-    let (r2, mse) = recon_stats.finish();
+    let (r2, r2_total, mse) = recon_stats.finish();
     let monoscores = scores.finish();
     let dead_latents = fire_count.par_iter().filter(|c| **c == 0).count();
     let (purity_binary, purity_weighted) = purity.as_ref().map(|p| p.per_latent()).unwrap_or_else(|| (vec![None; m], vec![None; m]));
@@ -194,9 +199,10 @@ pub fn evaluate(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&Feature
         Purity { binary, weighted, latents }
     });
     let results = EvalResults {
-        split: store.manifest().split.clone(),
+        split: store.manifest().info.split.clone(),
         n_images: n,
         r2,
+        r2_total,
         mse,
         l0: nnz_total as f64 / n as f64,
         dead_latents,

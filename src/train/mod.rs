@@ -1,3 +1,5 @@
 //! Training loops and their optimiser machinery.
 
+pub mod full_mono;
 pub mod optim;
+pub mod sae;

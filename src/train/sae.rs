@@ -401,8 +401,8 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
     }
     let source = json!({
         "features": train.dir().display().to_string(),
-        "model": train.manifest().encoder.as_ref().and_then(|e| e.get("model")).cloned(),
-        "output": train.manifest().encoder.as_ref().and_then(|e| e.get("output")).cloned(),
+        "model": train.manifest().info.encoder.as_ref().and_then(|e| e.get("model")).cloned(),
+        "output": train.manifest().info.encoder.as_ref().and_then(|e| e.get("output")).cloned(),
     });
     let bar = crate::progress::bar(total_steps as u64, "training");
     bar.set_position(start_step as u64);
@@ -474,10 +474,60 @@ pub fn evaluate_into(run_dir: &Path, sae: &dyn Sae, store: &FeatureStore, simila
         "train_seconds": train_seconds,
         "features": store.dir().display().to_string(),
     });
-    let stats_path = run_dir.join(LATENT_STATS_FILE);
-    let tmp = run_dir.join(format!(".{LATENT_STATS_FILE}.tmp"));
-    candle_core::safetensors::save(&latents.tensors()?, &tmp)?;
-    std::fs::rename(&tmp, &stats_path)?;
+    write_latent_stats(run_dir, &latents)?;
     crate::io::write_json_atomic(&run_dir.join(RESULTS_FILE), &doc)?;
     Ok(results)
+}
+
+/// `mono train CONFIG`: opens the config's stores and device, then trains and evaluates.
+pub fn train_from_config(config: &Config, resume: bool) -> Result<TrainReport> {
+    let sets = crate::data::sets::open_feature_sets(config)?;
+    let device = crate::device::open_device(&config.run.device)?;
+    let inputs = SaeTrainInputs {
+        train: &sets.train,
+        train_similarity: sets.train_similarity.as_ref(),
+        eval: Some(&sets.eval),
+        eval_similarity: sets.eval_similarity.as_ref(),
+    };
+    train_sae(config, &inputs, &config.run_dir(), resume, &device)
+}
+
+/// `mono eval RUN_DIR|CONFIG [--split S]`: evaluates a run's final SAE (or its newest checkpoint)
+/// and writes results.json (results-S.json for another split). Returns the file and the results.
+pub fn eval_run(target: &Path, split: Option<&str>) -> Result<(PathBuf, EvalResults)> {
+    let (config, run_dir) = if target.is_file() {
+        let config = Config::load(target)?;
+        let dir = config.run_dir();
+        (config, dir)
+    } else {
+        let path = target.join("config.toml");
+        ensure!(path.is_file(), "{} is neither a config file nor a run directory (no config.toml)", target.display());
+        (Config::load(&path)?, target.to_path_buf())
+    };
+    let device = crate::device::open_device(&config.run.device)?;
+    let sae_dir = match run_dir.join(FINAL_SAE_DIR) {
+        d if d.is_dir() => d,
+        _ => latest_checkpoint(&run_dir)?.with_context(|| format!("{} has no trained SAE (no sae/ and no checkpoint)", run_dir.display()))?,
+    };
+    let sae = checkpoint::load(&sae_dir, &device)?;
+    let split = split.unwrap_or(&config.data.eval_split).to_string();
+    let dir = crate::data::sets::features_dir(&config);
+    let store = crate::data::store::open_split(&dir, &split)?;
+    let judge = config.mono.similarity_store.as_ref().map(|j| crate::data::store::open_split(j, &split)).transpose()?;
+    let lambda = config.lambda().unwrap_or(0.0);
+    let (results, latents) = eval::evaluate(sae.as_ref(), &store, judge.as_ref(), config.train.batch_size, &device)?;
+    let name = if split == config.data.eval_split { RESULTS_FILE.to_string() } else { format!("results-{split}.json") };
+    let doc = json!({"results": results, "sae": sae.spec(), "lambda": lambda, "checkpoint": sae_dir.display().to_string()});
+    crate::io::write_json_atomic(&run_dir.join(&name), &doc)?;
+    if name == RESULTS_FILE {
+        write_latent_stats(&run_dir, &latents)?;
+    }
+    Ok((run_dir.join(name), results))
+}
+
+fn write_latent_stats(run_dir: &Path, latents: &eval::LatentStats) -> Result<()> {
+    let tmp = run_dir.join(format!(".{LATENT_STATS_FILE}.tmp"));
+    candle_core::safetensors::save(&latents.tensors()?, &tmp)?;
+    std::fs::rename(&tmp, run_dir.join(LATENT_STATS_FILE))?;
+    Ok(())
 }
