@@ -1,7 +1,11 @@
-//! A global allocator wrapper that tracks live and peak heap bytes, so benchmarks can report
-//! the peak memory of each phase. The binary installs it; elsewhere the counters stay at 0.
+//! The binary's global allocator: mimalloc, which keeps freed pages for reuse (glibc returns
+//! every block over 32 MiB to the kernel, so each training step would page-fault its
+//! (B × M) buffers afresh), wrapped to track live and peak heap bytes for benchmarks.
+//! Elsewhere (library users, tests) the counters stay at 0.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+use mimalloc::MiMalloc as System;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct PeakTrackingAllocator;
@@ -66,4 +70,16 @@ pub fn current_bytes() -> usize {
 /// True when the binary installed the tracking allocator.
 pub fn is_tracking() -> bool {
     current_bytes() > 0
+}
+
+/// Tells mimalloc to keep freed pages instead of returning them to the kernel (its "purge"),
+/// so a training step's large buffers are reused instead of page-faulted anew every step
+/// (28k → 1k minor faults over a 5-step benchmark). MIMALLOC_PURGE_DELAY in the environment wins.
+pub fn keep_freed_pages() {
+    /// `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (libmimalloc-sys 0.1.49, pinned).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a process-wide allocator option; valid at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
 }

@@ -137,6 +137,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    mono::alloc::keep_freed_pages();
     let cli = Cli::parse();
     mono::progress::set_quiet(cli.quiet);
     match run(cli) {

@@ -23,7 +23,7 @@ pub struct TrainBenchArgs {
     pub k: usize,
     #[arg(long, default_value_t = 2048)]
     pub batch: usize,
-    /// Timed steps per configuration (after one untimed warm-up step).
+    /// Timed steps per configuration (after one untimed warm-up step); medians are reported.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
     /// Architectures, comma-separated.
@@ -61,22 +61,41 @@ fn batch(rows: usize, d: usize, rng: &mut StdRng) -> Tensor {
     Tensor::from_vec(data, (rows, d), &Device::Cpu).expect("shape matches")
 }
 
-fn time_steps(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<f64> {
+fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<SaeTrainer> {
     let mut config = Config::default();
     config.sae.kind = kind;
     config.sae.n_latents = args.m;
     config.sae.k = args.k;
     config.train.batch_size = args.batch;
     config.mono.lambda = Some(lambda);
-    let mut trainer = SaeTrainer::fresh(&config, args.d, lambda, &Device::Cpu)?;
+    SaeTrainer::fresh(&config, args.d, lambda, &Device::Cpu)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds per step without and with MonoLoss: both trainers warm up, then their steps
+/// alternate on the same batches so that machine noise hits both alike.
+fn time_pair(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<(f64, f64)> {
+    let lr = Config::default().train.lr;
+    let mut base = trainer(args, kind, 0.0)?;
+    let mut mono = trainer(args, kind, lambda)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let batches: Vec<Tensor> = (0..args.steps + 1).map(|_| batch(args.batch, args.d, &mut rng)).collect();
-    trainer.step(&batches[0], &batches[0], config.train.lr, None)?;
-    let start = Instant::now();
+    base.step(&batches[0], &batches[0], lr, None)?;
+    mono.step(&batches[0], &batches[0], lr, None)?;
+    let (mut tb, mut tm) = (Vec::new(), Vec::new());
     for x in &batches[1..] {
-        trainer.step(x, x, config.train.lr, None)?;
+        let t = Instant::now();
+        base.step(x, x, lr, None)?;
+        tb.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        mono.step(x, x, lr, None)?;
+        tm.push(t.elapsed().as_secs_f64());
     }
-    Ok(start.elapsed().as_secs_f64() / args.steps as f64)
+    Ok((median(tb), median(tm)))
 }
 
 pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
@@ -94,8 +113,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
     let mut timings = Vec::new();
     for kind in kinds {
         let lambda = paper_lambda(DatasetKind::Imagenet, EncoderKind::Clip, kind).expect("paper λ for CLIP on ImageNet");
-        let base = time_steps(args, kind, 0.0)?;
-        let with_mono = time_steps(args, kind, lambda)?;
+        let (base, with_mono) = time_pair(args, kind, lambda)?;
         let name = serde_json::to_value(kind)?.as_str().unwrap_or("?").to_string();
         for (l, t) in [(0.0, base), (lambda, with_mono)] {
             let overhead = if l > 0.0 { format!("{:+.1} %", 100.0 * (with_mono / base - 1.0)) } else { String::new() };
