@@ -44,9 +44,14 @@ pub fn host_grad(grads: &GradStore, var: &Var) -> Result<Vec<f32>> {
     }
 }
 
-/// √(Σ g²) over every gradient, in f64.
+/// √(Σ g²) over every gradient, in f64. Partial sums over fixed chunks, added in order: the
+/// result does not depend on how rayon splits the work, so resumed runs stay bit-identical.
 pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
-    grads.iter().map(|g| g.par_iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sum::<f64>().sqrt()
+    let partial: Vec<f64> = grads
+        .iter()
+        .flat_map(|g| g.par_chunks(1 << 14).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect::<Vec<f64>>())
+        .collect();
+    partial.iter().sum::<f64>().sqrt()
 }
 
 /// Scales all gradients so their global norm is at most `max_norm`; returns the norm before.

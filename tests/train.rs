@@ -1,0 +1,313 @@
+//! SAE training end to end: MonoLoss on real labelled data, checkpoints, resume, bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use mono::data::idx::read_idx_pair;
+use mono::data::store::{BatchLabels, FeatureStore, LabelKind, StoreInfo, StoreWriter};
+use mono::Config;
+
+const FM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");
+
+/// Fashion-MNIST t10k pixels (unit-norm rows) as a feature set: 8000 train, 2000 val rows.
+fn fashion_mnist_features(root: &Path, rows: usize) -> PathBuf {
+    let (images, labels) = read_idx_pair(&Path::new(FM).join("t10k-images-idx3-ubyte.gz"), &Path::new(FM).join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let d = images.rows * images.cols;
+    let dir = root.join("features");
+    let train_rows = rows * 4 / 5;
+    for (split, range) in [("train", 0..train_rows), ("val", train_rows..rows)] {
+        let mut info = StoreInfo::new(d, split);
+        info.labels = LabelKind::Class;
+        info.label_names = mono::data::idx::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+        let mut writer = StoreWriter::create(&dir.join(split), info, 3000).unwrap();
+        let mut feats = Vec::new();
+        let mut labs = Vec::new();
+        let mut paths = Vec::new();
+        for i in range {
+            let px = &images.pixels[i * d..(i + 1) * d];
+            let norm = px.iter().map(|&p| (p as f32).powi(2)).sum::<f32>().sqrt();
+            feats.extend(px.iter().map(|&p| p as f32 / norm));
+            labs.push(labels[i] as u32);
+            paths.push(format!("t10k/{i}"));
+        }
+        writer.push(&feats, BatchLabels::Class(&labs), &paths).unwrap();
+        writer.finish().unwrap();
+    }
+    dir
+}
+
+fn config(root: &Path, features: &Path, name: &str, extra: &str) -> Config {
+    let text = format!(
+        "[run]\nname = \"{name}\"\noutput = \"{}\"\n[data]\nkind = \"fashion_mnist\"\n[features]\ndir = \"{}\"\n{extra}",
+        root.join("runs").display(),
+        features.display()
+    );
+    Config::parse(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"))
+}
+
+const SMALL_SAE: &str = "[sae]\nkind = \"batch_topk\"\nn_latents = 256\nk = 8\n[train]\nepochs = 10\nbatch_size = 256\nlr = 0.001\n";
+
+#[test]
+fn monoloss_raises_monoscore_and_purity_at_comparable_reconstruction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let features = fashion_mnist_features(tmp.path(), 10000);
+    let base = mono::train::sae::train_from_config(&config(tmp.path(), &features, "base", &format!("{SMALL_SAE}[mono]\nlambda = 0.0\n")), false).unwrap();
+    let mono_run = mono::train::sae::train_from_config(&config(tmp.path(), &features, "mono", &format!("{SMALL_SAE}[mono]\nlambda = 0.0003\n")), false).unwrap();
+    let (b, m) = (base.results.unwrap(), mono_run.results.unwrap());
+    let (bs, ms) = (b.monoscore.mean.unwrap(), m.monoscore.mean.unwrap());
+    let (bp, mp) = (b.purity.as_ref().unwrap(), m.purity.as_ref().unwrap());
+    eprintln!("λ=0: MS {bs:.3} purity {:.3}/{:.3} R²tot {:.4}; λ>0: MS {ms:.3} purity {:.3}/{:.3} R²tot {:.4}", bp.binary, bp.weighted, b.r2_total, mp.binary, mp.weighted, m.r2_total);
+    assert!(ms > bs + 0.05, "MonoScore {bs:.3} → {ms:.3}");
+    assert!(mp.binary > bp.binary + 0.03 && mp.weighted > bp.weighted + 0.03, "purity {:?} → {:?}", bp, mp);
+    assert!((m.r2_total - b.r2_total).abs() < 0.02, "reconstruction must stay comparable: R² {} vs {}", b.r2_total, m.r2_total);
+    assert!(b.r2_total > 0.6, "the SAE reconstructs: R² {}", b.r2_total);
+}
+
+/// Every file of a run directory and its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn read_tensors(path: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_stay_unit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let features = fashion_mnist_features(tmp.path(), 2000);
+    let sae = "[sae]\nkind = \"batch_topk\"\nn_latents = 96\nk = 6\n[train]\nepochs = 2\nbatch_size = 128\nlr = 0.001\ncheckpoint_every = 4\nlog_every = 1\n[mono]\nlambda = 0.001\n";
+    let full = config(tmp.path(), &features, "full", sae);
+    mono::train::sae::train_from_config(&full, false).unwrap();
+
+    // Interrupted after 8 steps, then resumed to the end.
+    let part = config(tmp.path(), &features, "part", sae);
+    let mut part_first = part.clone();
+    part_first.train.max_steps = Some(8);
+    mono::train::sae::train_from_config(&part_first, false).unwrap();
+    let mut part_rest = part.clone();
+    part_rest.train.max_steps = None;
+    mono::train::sae::train_from_config(&part_rest, true).unwrap();
+
+    let a = read_tensors(&full.run_dir().join("sae/sae_weights.safetensors"));
+    let b = read_tensors(&part.run_dir().join("sae/sae_weights.safetensors"));
+    for name in ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"] {
+        let (x, y) = (a[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(x, y, "{name}: resumed run differs from the uninterrupted one");
+    }
+    let metrics = |c: &Config| std::fs::read_to_string(c.run_dir().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics(&full), metrics(&part), "metrics.jsonl of the resumed run");
+
+    // SAELens names and shapes; the threshold is one value; decoder rows are unit norm.
+    let (d, m) = (784, 96);
+    assert_eq!(a["W_enc"].dims(), &[d, m]);
+    assert_eq!(a["W_dec"].dims(), &[m, d]);
+    assert_eq!(a["b_enc"].dims(), &[m]);
+    assert_eq!(a["b_dec"].dims(), &[d]);
+    assert_eq!(a["threshold"].dims(), &[m]);
+    let norms = a["W_dec"].sqr().unwrap().sum(1).unwrap().sqrt().unwrap().to_vec1::<f32>().unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5), "decoder rows must stay unit norm: {norms:?}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(full.run_dir().join("sae/cfg.json")).unwrap()).unwrap();
+    assert_eq!(cfg["d_in"], d);
+    assert_eq!(cfg["d_sae"], m);
+    assert_eq!(cfg["architecture"], "jumprelu");
+    assert_eq!(cfg["mono"]["spec"]["kind"], "batch_topk");
+    // Kept checkpoints: the newest two.
+    let ckpts: Vec<String> = std::fs::read_dir(full.run_dir().join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+
+    // A loaded checkpoint gives the same latents as the final SAE; eval reproduces results.json.
+    let loaded = mono::sae::checkpoint::load(&full.run_dir().join("sae"), &Device::Cpu).unwrap();
+    let store = FeatureStore::open(&features.join("val")).unwrap();
+    let mut x = Vec::new();
+    store.read_range(0, 10, &mut x).unwrap();
+    let lat = mono::sae::encode(loaded.as_ref(), &Tensor::from_vec(x, (10, d), &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(lat.dtype(), DType::F32);
+    let before = std::fs::read_to_string(full.run_dir().join("results.json")).unwrap();
+    mono::train::sae::eval_run(&full.run_dir(), None).unwrap();
+    let after = std::fs::read_to_string(full.run_dir().join("results.json")).unwrap();
+    let strip = |s: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v["results"].clone()
+    };
+    assert_eq!(strip(&before), strip(&after), "mono eval reproduces the end-of-training evaluation");
+}
+
+#[test]
+fn full_dataset_monoloss_gradient_matches_finite_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let features = fashion_mnist_features(tmp.path(), 400);
+    let store = FeatureStore::open(&features.join("train")).unwrap();
+    let c = config(tmp.path(), &features, "fd", "[sae]\nkind = \"relu\"\nn_latents = 24\nk = 4\n[mono]\nlambda = 1.0\n");
+    let spec = mono::sae::SaeSpec::from_config(&c.sae, store.dim());
+    let sae = mono::sae::build(&spec, 3, &Device::Cpu).unwrap();
+    let full = mono::train::full_mono::full_mono_gradient(sae.as_ref(), &store, None, 64, &Device::Cpu).unwrap();
+    assert!(full.live > 10);
+    // Loss as a function of b_enc, recomputed exactly with the one-pass engine.
+    let loss = |sae: &dyn mono::sae::Sae| -> f64 {
+        let mut acc = mono::monoscore::MonoScoreAccumulator::new(store.dim(), 24);
+        let mut x = Vec::new();
+        store.read_range(0, store.len(), &mut x).unwrap();
+        let lat = mono::sae::encode(sae, &Tensor::from_vec(x.clone(), (store.len(), store.dim()), &Device::Cpu).unwrap()).unwrap();
+        acc.add(&x, &lat.flatten_all().unwrap().to_vec1::<f32>().unwrap(), mono::monoscore::ScorePath::Dense).unwrap();
+        1.0 - acc.finish().summary().mean.unwrap()
+    };
+    assert!((loss(sae.as_ref()) - full.loss).abs() < 1e-6);
+    let b_enc = &sae.params().b_enc;
+    let base = b_enc.as_tensor().to_vec1::<f32>().unwrap();
+    let names: Vec<&str> = sae.params().named().iter().map(|(n, _)| *n).collect();
+    let grad = &full.grads[names.iter().position(|n| *n == "b_enc").unwrap()];
+    let mut checked = 0;
+    let mut errors = Vec::new();
+    for k in 0..24 {
+        // Small steps: ReLU entries crossing zero put kinks into the loss at larger ones.
+        let h = 1e-4f32;
+        let at = |delta: f32| {
+            let mut v = base.clone();
+            v[k] += delta;
+            b_enc.set(&Tensor::from_vec(v, 24, &Device::Cpu).unwrap()).unwrap();
+            let l = loss(sae.as_ref());
+            b_enc.set(&Tensor::from_vec(base.clone(), 24, &Device::Cpu).unwrap()).unwrap();
+            l
+        };
+        let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+        if grad[k].abs() > 1e-4 {
+            checked += 1;
+        }
+        let err = (fd - grad[k] as f64).abs() / fd.abs().max(1e-3);
+        assert!(err < 0.1, "b_enc[{k}]: fd {fd} vs {}", grad[k]);
+        errors.push(err);
+    }
+    // A ReLU entry crossing zero within ±h puts a kink in a few finite differences.
+    errors.sort_by(f64::total_cmp);
+    assert!(errors[errors.len() / 2] < 0.005 && errors[errors.len() * 3 / 4] < 0.02, "relative errors {errors:?}");
+    assert!(checked > 5, "the gradient must be non-trivial");
+}
+
+fn mono_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mono")).args(args).arg("--quiet").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+fn write_config(path: &Path, c: &Config) {
+    std::fs::write(path, toml::to_string(c).unwrap()).unwrap();
+}
+
+#[test]
+fn bad_input_fails_clearly_and_leaves_runs_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let features = fashion_mnist_features(tmp.path(), 600);
+    let sae = "[sae]\nn_latents = 64\nk = 4\n[train]\nepochs = 1\nbatch_size = 100\n[mono]\nlambda = 0.001\n";
+    let good = config(tmp.path(), &features, "good", sae);
+    let good_path = tmp.path().join("good.toml");
+    write_config(&good_path, &good);
+    let (ok, err) = mono_cli(&["train", good_path.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let before = snapshot(&good.run_dir());
+
+    let expect_failure = |args: &[&str], expect: &str| {
+        let (ok, err) = mono_cli(args);
+        assert!(!ok, "expected failure: {args:?}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.lines().filter(|l| !l.is_empty()).count(), 1, "one error line: {err}");
+        assert!(err.contains(expect), "`{expect}` not in: {err}");
+    };
+    // Training again into a finished run.
+    expect_failure(&["train", good_path.to_str().unwrap()], "already holds a training run");
+    // Resuming with a different SAE width: checkpoint/config mismatch.
+    let mut wide = good.clone();
+    wide.sae.n_latents = 128;
+    let wide_path = tmp.path().join("wide.toml");
+    write_config(&wide_path, &wide);
+    expect_failure(&["train", wide_path.to_str().unwrap(), "--resume"], "does not match the config");
+    // Features of another width than the checkpoint.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for split in ["train", "val"] {
+        let mut w = StoreWriter::create(&other.join(split), StoreInfo::new(10, split), 100).unwrap();
+        let rows: Vec<f32> = (0..200 * 10).map(|i| ((i * 7 % 13) as f32) + 1.0).collect();
+        let paths: Vec<String> = (0..200).map(|i| format!("r{i}")).collect();
+        w.push(&rows, BatchLabels::None, &paths).unwrap();
+        w.finish().unwrap();
+    }
+    let mut narrow = good.clone();
+    narrow.features.dir = Some(other.clone());
+    let narrow_path = tmp.path().join("narrow.toml");
+    write_config(&narrow_path, &narrow);
+    expect_failure(&["train", narrow_path.to_str().unwrap(), "--resume"], "d_in = 784");
+    // A corrupt shard.
+    let corrupt = tmp.path().join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    for split in ["train", "val"] {
+        let src = features.join(split);
+        let dst = corrupt.join(split);
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(corrupt.join("train/shard-00000.safetensors"), b"garbage").unwrap();
+    let mut bad = good.clone();
+    bad.run.name = "fresh".into();
+    bad.features.dir = Some(corrupt.clone());
+    let bad_path = tmp.path().join("bad.toml");
+    write_config(&bad_path, &bad);
+    expect_failure(&["train", bad_path.to_str().unwrap()], "shard-00000.safetensors");
+    assert!(!bad.run_dir().exists(), "a failed start must not create the run directory");
+    // NaN features: patch a value of the val shard (read during evaluation) to NaN.
+    let nan_dir = tmp.path().join("nan");
+    for split in ["train", "val"] {
+        let dst = nan_dir.join(split);
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(features.join(split)).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let shard = nan_dir.join("train/shard-00000.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let at = 8 + header + 4 * (784 * 5 + 300); // row 5, column 300 of `features` (stored first)
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&shard, bytes).unwrap();
+    let mut nan = good.clone();
+    nan.run.name = "nan".into();
+    nan.features.dir = Some(nan_dir.clone());
+    let nan_path = tmp.path().join("nan.toml");
+    write_config(&nan_path, &nan);
+    expect_failure(&["train", nan_path.to_str().unwrap()], "NaN");
+    // An unknown SAE kind.
+    let kind_path = tmp.path().join("kind.toml");
+    std::fs::write(&kind_path, "[sae]\nkind = \"gated\"\n").unwrap();
+    expect_failure(&["train", kind_path.to_str().unwrap()], "sae.kind");
+    // An empty store cannot be opened.
+    let empty = tmp.path().join("empty/train");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(features.join("val/manifest.json")).unwrap()).unwrap();
+    manifest["count"] = 0.into();
+    manifest["shards"] = serde_json::json!([]);
+    std::fs::write(empty.join("manifest.json"), manifest.to_string()).unwrap();
+    let mut e = good.clone();
+    e.run.name = "empty".into();
+    e.features.dir = Some(tmp.path().join("empty"));
+    let e_path = tmp.path().join("empty.toml");
+    write_config(&e_path, &e);
+    expect_failure(&["train", e_path.to_str().unwrap()], "no rows");
+
+    assert_eq!(before, snapshot(&good.run_dir()), "the finished run must be left untouched");
+}
