@@ -36,6 +36,35 @@ pub struct SparseColumns {
     pub col_offsets: Vec<usize>,
     pub rows: Vec<u32>,
     pub values: Vec<f32>,
+    /// Position of each entry in the CSR arrays it came from.
+    pub entries: Vec<u32>,
+}
+
+impl SparseColumns {
+    /// `f(column, csc_entry)` for every entry, in parallel over columns; returns the results in
+    /// the *CSR* order of the source rows. Column order keeps a column's dense row (e.g. a
+    /// dictionary vector) in cache while the entries' rows are gathered.
+    pub fn map_to_rows(&self, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
+        let n_cols = self.col_offsets.len() - 1;
+        let mut by_column = vec![0f32; self.rows.len()];
+        let mut parts: Vec<(usize, &mut [f32])> = Vec::with_capacity(n_cols);
+        let mut rest = by_column.as_mut_slice();
+        for c in 0..n_cols {
+            let (head, tail) = rest.split_at_mut(self.col_offsets[c + 1] - self.col_offsets[c]);
+            parts.push((c, head));
+            rest = tail;
+        }
+        parts.into_par_iter().with_min_len(16).for_each(|(c, out)| {
+            for (slot, j) in out.iter_mut().zip(self.col_offsets[c]..self.col_offsets[c + 1]) {
+                *slot = f(c, j);
+            }
+        });
+        let mut out = vec![0f32; by_column.len()];
+        for (j, v) in by_column.into_iter().enumerate() {
+            out[self.entries[j] as usize] = v;
+        }
+        out
+    }
 }
 
 impl SparseBatch {
@@ -141,16 +170,18 @@ pub fn to_columns(a: SparseRows<'_>, n_cols: usize) -> SparseColumns {
     }
     let mut rows = vec![0u32; a.nnz()];
     let mut values = vec![0f32; a.nnz()];
+    let mut entries = vec![0u32; a.nnz()];
     let mut cursor = col_offsets.clone();
     for r in 0..a.rows() {
         for e in a.row_offsets[r]..a.row_offsets[r + 1] {
             let c = a.columns[e] as usize;
             rows[cursor[c]] = r as u32;
             values[cursor[c]] = a.values[e];
+            entries[cursor[c]] = e as u32;
             cursor[c] += 1;
         }
     }
-    SparseColumns { col_offsets, rows, values }
+    SparseColumns { col_offsets, rows, values, entries }
 }
 
 #[inline]
@@ -220,11 +251,13 @@ pub fn map_entries(a: SparseRows<'_>, f: impl Fn(usize, usize) -> f32 + Sync) ->
     out
 }
 
-/// For every entry (i, k) of `a`: x[i] · w[k] (x: rows × D, w: M × D).
+/// For every entry (i, k) of `a`: x[i] · w[k] (x: rows × D, w: M × D), in CSR order.
 pub fn csr_sampled_dot(a: SparseRows<'_>, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
-    map_entries(a, |r, e| {
-        let c = a.columns[e] as usize;
-        dot(&x[r * d..(r + 1) * d], &w[c * d..(c + 1) * d])
+    let m = a.columns.iter().map(|&c| c as usize + 1).max().unwrap_or(0).max(w.len() / d.max(1));
+    let cols = to_columns(a, m);
+    cols.map_to_rows(|k, j| {
+        let i = cols.rows[j] as usize;
+        dot(&x[i * d..(i + 1) * d], &w[k * d..(k + 1) * d])
     })
 }
 

@@ -68,6 +68,22 @@ fn sparse_ops_match_the_dense_graph() {
             let gd = flat(grads_d.get(v.as_tensor()).unwrap());
             assert_close(&g, &gd, 1e-4, name);
         }
+
+        // The fused decoder + MonoLoss (gradient added inside the decoder's backward).
+        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor()).unwrap();
+        let (lat, _) = ops::topk_latents(&pre, &selection, None).unwrap();
+        let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
+        let decoded = ops::decode(&lat, w_dec.as_tensor(), None, Some(term)).unwrap();
+        let (mono_f, stats_f) = decoded.mono.unwrap();
+        assert_eq!(stats_f.n_active, stats.n_active);
+        let loss_f = ((decoded.output - &x).unwrap().sqr().unwrap().mean_all().unwrap() + (mono_f * lambda).unwrap()).unwrap();
+        assert!((loss_f.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+        let grads_f = loss_f.backward().unwrap();
+        for (name, v) in [("W_enc", &w_enc), ("W_dec", &w_dec), ("b_enc", &b_enc)] {
+            let g = flat(grads_f.get(v.as_tensor()).unwrap());
+            let gd = flat(grads_d.get(v.as_tensor()).unwrap());
+            assert_close(&g, &gd, 1e-4, &format!("fused {name}"));
+        }
     }
 }
 

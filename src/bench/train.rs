@@ -84,15 +84,15 @@ fn time_pair(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<(f64, 
     let mut mono = trainer(args, kind, lambda)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let batches: Vec<Tensor> = (0..args.steps + 1).map(|_| batch(args.batch, args.d, &mut rng)).collect();
-    base.step(&batches[0], &batches[0], lr, None)?;
-    mono.step(&batches[0], &batches[0], lr, None)?;
+    base.step(&batches[0], &batches[0], lr, None, false)?;
+    mono.step(&batches[0], &batches[0], lr, None, false)?;
     let (mut tb, mut tm) = (Vec::new(), Vec::new());
     for x in &batches[1..] {
         let t = Instant::now();
-        base.step(x, x, lr, None)?;
+        base.step(x, x, lr, None, false)?;
         tb.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        mono.step(x, x, lr, None)?;
+        mono.step(x, x, lr, None, false)?;
         tm.push(t.elapsed().as_secs_f64());
     }
     Ok((median(tb), median(tm)))

@@ -129,6 +129,8 @@ pub struct ForwardPass {
     /// Reconstruction in the working space and in the input space, (B, D).
     pub working_recon: Tensor,
     pub recon: Tensor,
+    /// The batch MonoLoss (and its statistics) when the pass was asked for one.
+    pub mono: Option<(Tensor, ops::MonoLossStats)>,
 }
 
 impl ForwardPass {
@@ -199,6 +201,12 @@ fn standardize(x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
 
 /// The forward pass shared by every architecture.
 pub fn forward(sae: &dyn Sae, x: &Tensor, training: bool) -> Result<ForwardPass> {
+    forward_with_mono(sae, x, training, None)
+}
+
+/// The forward pass, with the batch MonoLoss of the latents computed alongside the decoder
+/// (fused with it on the CPU). Add λ·`pass.mono.0` to the objective.
+pub fn forward_with_mono(sae: &dyn Sae, x: &Tensor, training: bool, mono: Option<ops::MonoTerm>) -> Result<ForwardPass> {
     let p = sae.params();
     let (working_input, scale) = if sae.spec().normalize_input {
         let (xs, mean, std) = standardize(x)?;
@@ -209,13 +217,13 @@ pub fn forward(sae: &dyn Sae, x: &Tensor, training: bool) -> Result<ForwardPass>
     let encoder_input = if sae.centers_input() { working_input.broadcast_sub(p.b_dec.as_tensor())? } else { working_input.clone() };
     let pre = ops::encoder_linear(&encoder_input, p.w_enc.as_tensor(), p.b_enc.as_tensor())?;
     let activation = sae.activate(&pre, training)?;
-    let decoded = ops::support_matmul(&activation.latents, p.w_dec.as_tensor(), activation.grad_support.as_deref())?;
-    let working_recon = decoded.broadcast_add(p.b_dec.as_tensor())?;
+    let decoded = ops::decode(&activation.latents, p.w_dec.as_tensor(), activation.grad_support.as_deref(), mono)?;
+    let working_recon = decoded.output.broadcast_add(p.b_dec.as_tensor())?;
     let recon = match &scale {
         Some((mean, std)) => working_recon.broadcast_mul(std)?.broadcast_add(mean)?,
         None => working_recon.clone(),
     };
-    Ok(ForwardPass { input: x.clone(), working_input, scale, pre, activation, working_recon, recon })
+    Ok(ForwardPass { input: x.clone(), working_input, scale, pre, activation, working_recon, recon, mono: decoded.mono })
 }
 
 /// Latents for inference (no graph).

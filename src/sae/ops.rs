@@ -115,6 +115,19 @@ struct SupportMatmul {
     grad_support: Option<Arc<Vec<bool>>>,
     /// CSR of the latents, kept from the forward pass for the backward pass.
     cached: Arc<Mutex<Option<SparseBatch>>>,
+    /// λ·MonoLoss of the same latents, computed on the same CSR; its gradient is added to the
+    /// latents' gradient in the backward pass (saving a dense gradient and its accumulation).
+    mono: Option<MonoInjection>,
+}
+
+struct MonoInjection {
+    /// Host copy of the (B, D) similarity embeddings.
+    similarity: Vec<f32>,
+    lambda: f32,
+    eps: f32,
+    /// (loss, stats) of the forward pass, for the caller.
+    result: Arc<Mutex<Option<(f32, MonoLossStats)>>>,
+    saved: Mutex<Option<MonoLossSaved>>,
 }
 
 impl CustomOp2 for SupportMatmul {
@@ -129,9 +142,15 @@ impl CustomOp2 for SupportMatmul {
             candle_core::bail!("decoder shapes disagree: latents {b}×{m}, W {m2}×{d}");
         }
         let (lat, w) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
-        let out = if sparse::density(lat) <= SPARSE_LIMIT {
+        let out = if self.mono.is_some() || sparse::density(lat) <= SPARSE_LIMIT {
             let csr = SparseBatch::from_dense_with(lat, m, self.grad_support.as_deref().map(|v| v.as_slice()));
             let out = sparse::csr_matmul(csr.as_rows(), w, d);
+            if let Some(mono) = &self.mono {
+                let sim_dim = mono.similarity.len() / b;
+                let (saved, loss, stats) = mono_forward(&csr, b, m, &mono.similarity, sim_dim, mono.eps);
+                *mono.result.lock().unwrap() = Some((loss, stats));
+                *mono.saved.lock().unwrap() = Some(saved);
+            }
             *self.cached.lock().unwrap() = Some(csr);
             out
         } else {
@@ -148,7 +167,12 @@ impl CustomOp2 for SupportMatmul {
         let (dlat, dw) = with_cpu_slice(grad, |g| {
             with_cpu_slice(w, |ws| match &cached {
                 Some(csr) => {
-                    let vals = sparse::csr_sampled_dot(csr.as_rows(), g, ws, d);
+                    let mut vals = sparse::csr_sampled_dot(csr.as_rows(), g, ws, d);
+                    if let Some(mono) = &self.mono {
+                        let saved = mono.saved.lock().unwrap().take().expect("mono forward ran");
+                        let extra = mono_backward(&saved, b, mono.lambda, mono.eps);
+                        vals.iter_mut().zip(extra).for_each(|(v, e)| *v += e);
+                    }
                     let dw = sparse::csr_transpose_matmul(csr.as_rows(), g, d, m);
                     Ok::<_, candle_core::Error>((csr.with_values(vals).to_dense(m), dw))
                 }
@@ -167,11 +191,55 @@ impl CustomOp2 for SupportMatmul {
 /// exact on their non-zeros and on `grad_support`, and 0 on the other zeros.
 pub fn support_matmul(latents: &Tensor, w: &Tensor, grad_support: Option<&[bool]>) -> CResult<Tensor> {
     if latents.device().is_cpu() && latents.dtype() == DType::F32 {
-        let op = SupportMatmul { grad_support: grad_support.map(|g| Arc::new(g.to_vec())), cached: Arc::new(Mutex::new(None)) };
+        let op = SupportMatmul { grad_support: grad_support.map(|g| Arc::new(g.to_vec())), cached: Arc::new(Mutex::new(None)), mono: None };
         latents.contiguous()?.apply_op2(&w.contiguous()?, op)
     } else {
         latents.matmul(w)
     }
+}
+
+/// The MonoLoss to compute with a decoder pass.
+#[derive(Clone, Copy)]
+pub struct MonoTerm<'a> {
+    /// (B, D') similarity embeddings of the batch.
+    pub similarity: &'a Tensor,
+    pub lambda: f64,
+    pub eps: f64,
+}
+
+/// A decoder pass and, when asked for, the batch MonoLoss of the same latents.
+pub struct Decoded {
+    /// (B, D) latents · W.
+    pub output: Tensor,
+    /// The MonoLoss (scalar) and its statistics. Add λ·loss to the objective: on the CPU with
+    /// sparse latents the loss is a constant and the decoder's backward already adds its
+    /// gradient (times λ); elsewhere it is an ordinary graph node.
+    pub mono: Option<(Tensor, MonoLossStats)>,
+}
+
+/// `support_matmul` with an optional MonoLoss on the same latents, fused on the CPU.
+pub fn decode(latents: &Tensor, w: &Tensor, grad_support: Option<&[bool]>, mono: Option<MonoTerm>) -> CResult<Decoded> {
+    let Some(term) = mono else {
+        return Ok(Decoded { output: support_matmul(latents, w, grad_support)?, mono: None });
+    };
+    let fused = latents.device().is_cpu()
+        && latents.dtype() == DType::F32
+        && with_cpu_slice(latents, |l| sparse::density(l) <= SPARSE_LIMIT)?;
+    if !fused {
+        let output = support_matmul(latents, w, grad_support)?;
+        let mono = batch_mono_loss(latents, term.similarity, term.eps, grad_support)?;
+        return Ok(Decoded { output, mono: Some(mono) });
+    }
+    let similarity = term.similarity.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let result = Arc::new(Mutex::new(None));
+    let op = SupportMatmul {
+        grad_support: grad_support.map(|g| Arc::new(g.to_vec())),
+        cached: Arc::new(Mutex::new(None)),
+        mono: Some(MonoInjection { similarity, lambda: term.lambda as f32, eps: term.eps as f32, result: result.clone(), saved: Mutex::new(None) }),
+    };
+    let output = latents.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+    let (loss, stats) = result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
+    Ok(Decoded { output, mono: Some((Tensor::new(loss, &Device::Cpu)?, stats)) })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -323,24 +391,28 @@ pub struct MonoLossStats {
     pub mean_score: f64,
 }
 
-/// Per-neuron quantities of the batch MonoScore, kept for the backward pass.
+/// Per-neuron scalars of the batch MonoScore, kept for the backward pass.
+#[derive(Clone, Copy, Default)]
 struct NeuronBatchStats {
     min: f32,
     max: f32,
     range: f32,
     u: f32,
     v: f32,
-    w: Vec<f32>,
     num: f32,
     den: f32,
     active: bool,
 }
 
-struct SparseMonoLoss {
-    eps: f32,
-    grad_support: Option<Arc<Vec<bool>>>,
-    stats: Arc<Mutex<MonoLossStats>>,
-    saved: Arc<Mutex<Option<(SparseBatch, Vec<f32>, Vec<NeuronBatchStats>)>>>,
+/// What the MonoLoss forward pass keeps for the backward pass.
+struct MonoLossSaved {
+    cols: sparse::SparseColumns,
+    /// Unit similarity rows (B × D) and their sum.
+    unit: Vec<f32>,
+    unit_sum: Vec<f32>,
+    /// w_k = Σ_i ã_ik p_i, neuron-major (M × D).
+    w: Vec<f32>,
+    neurons: Vec<NeuronBatchStats>,
 }
 
 /// Unit rows of the (B, D) similarity embeddings, and their sum.
@@ -357,6 +429,110 @@ fn unit_rows(sim: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
     (unit, total)
 }
 
+/// The batch MonoLoss of CSR latents (B × M; absent entries are zeros) judged by `sim` (B × D):
+/// the state for the backward pass, the loss and its statistics.
+fn mono_forward(csr: &SparseBatch, b: usize, m: usize, sim: &[f32], d: usize, eps: f32) -> (MonoLossSaved, f32, MonoLossStats) {
+    let (unit, unit_sum) = unit_rows(sim, d);
+    let cols = sparse::to_columns(csr.as_rows(), m);
+    // Column order: each neuron's w_k (a D-row) stays in cache while its rows are gathered.
+    let mut w = vec![0f32; m * d];
+    let mut neurons = vec![NeuronBatchStats::default(); m];
+    w.par_chunks_mut(d).zip(neurons.par_iter_mut()).enumerate().with_min_len(16).for_each(|(k, (w, n))| {
+        let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
+        let (rows, vals) = (&cols.rows[span.clone()], &cols.values[span]);
+        let implicit = b - vals.len();
+        let mut min = vals.iter().copied().fold(f32::INFINITY, f32::min);
+        let mut max = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if implicit > 0 {
+            min = min.min(0.0);
+            max = max.max(0.0);
+        }
+        let range = max - min + eps;
+        // Scaled value of the implicit zeros: 0 unless the minimum is negative.
+        let zero_scaled = -min / range;
+        let (mut u, mut v) = (implicit as f32 * zero_scaled, implicit as f32 * zero_scaled * zero_scaled);
+        for (&r, &l) in rows.iter().zip(vals) {
+            let a = (l - min) / range;
+            u += a;
+            v += a * a;
+            // Explicit entries carry (a − zero_scaled); every row's zero_scaled share is added below.
+            let p = &unit[r as usize * d..(r as usize + 1) * d];
+            let coef = a - zero_scaled;
+            w.iter_mut().zip(p).for_each(|(wi, &pi)| *wi += coef * pi);
+        }
+        if zero_scaled != 0.0 {
+            w.iter_mut().zip(&unit_sum).for_each(|(wi, &s)| *wi += zero_scaled * s);
+        }
+        let num = 0.5 * (sparse::dot(w, w) - v);
+        let den = 0.5 * (u * u - v);
+        *n = NeuronBatchStats { min, max, range, u, v, num, den, active: den > eps };
+    });
+    let n_active = neurons.iter().filter(|n| n.active).count();
+    let total: f64 = neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
+    let mean = if n_active > 0 { total / n_active as f64 } else { 0.0 };
+    let loss = if n_active > 0 { 1.0 - mean } else { 1.0 };
+    (MonoLossSaved { cols, unit, unit_sum, w, neurons }, loss as f32, MonoLossStats { n_active, mean_score: mean })
+}
+
+/// g_out · ∂loss/∂latents on the support, in CSR order.
+fn mono_backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) -> Vec<f32> {
+    let MonoLossSaved { cols, unit, unit_sum, w, neurons } = saved;
+    let n_active = neurons.iter().filter(|n| n.active).count();
+    if n_active == 0 {
+        return vec![0.0; cols.rows.len()];
+    }
+    let d = unit_sum.len();
+    let g_score = -g_out / n_active as f32; // ∂L/∂MS_k for active k
+    // Per neuron: ∂L/∂num, ∂L/∂den and the min/max gradients, closed forms over all rows.
+    struct Coef {
+        dnum: f32,
+        dden: f32,
+        dmin: f32,
+        dmax: f32,
+    }
+    let coefs: Vec<Coef> = neurons
+        .par_iter()
+        .enumerate()
+        .map(|(k, n)| {
+            if !n.active {
+                return Coef { dnum: 0.0, dden: 0.0, dmin: 0.0, dmax: 0.0 };
+            }
+            let wk = &w[k * d..(k + 1) * d];
+            let den = n.den + eps;
+            let dnum = g_score / den;
+            let dden = -g_score * n.num / (den * den);
+            let sum_g = dnum * (sparse::dot(unit_sum, wk) - n.u) + dden * (b as f32 * n.u - n.u);
+            let sum_ga = dnum * (sparse::dot(wk, wk) - n.v) + dden * (n.u * n.u - n.v);
+            Coef { dnum, dden, dmin: (sum_ga - sum_g) / n.range, dmax: -sum_ga / n.range }
+        })
+        .collect();
+    // ∂L/∂l = ∂L/∂ã / range, plus the min/max terms on tied entries.
+    cols.map_to_rows(|k, j| {
+        let (n, c) = (&neurons[k], &coefs[k]);
+        if !n.active {
+            return 0.0;
+        }
+        let (r, l) = (cols.rows[j] as usize, cols.values[j]);
+        let a = (l - n.min) / n.range;
+        let da = c.dnum * (sparse::dot(&unit[r * d..(r + 1) * d], &w[k * d..(k + 1) * d]) - a) + c.dden * (n.u - a);
+        let mut g = da / n.range;
+        if l == n.min {
+            g += c.dmin;
+        }
+        if l == n.max {
+            g += c.dmax;
+        }
+        g
+    })
+}
+
+struct SparseMonoLoss {
+    eps: f32,
+    grad_support: Option<Arc<Vec<bool>>>,
+    stats: Arc<Mutex<MonoLossStats>>,
+    saved: Arc<Mutex<Option<(SparseBatch, MonoLossSaved)>>>,
+}
+
 impl CustomOp2 for SparseMonoLoss {
     fn name(&self) -> &'static str {
         "sparse-batch-mono-loss"
@@ -369,125 +545,21 @@ impl CustomOp2 for SparseMonoLoss {
             candle_core::bail!("mono loss: {b} rows of latents but {b2} of similarity embeddings");
         }
         let (lat, sim) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
-        let (unit, unit_sum) = unit_rows(sim, d);
         let csr = SparseBatch::from_dense_with(lat, m, self.grad_support.as_deref().map(|v| v.as_slice()));
-        let cols = sparse::to_columns(csr.as_rows(), m);
-        let eps = self.eps;
-        let neurons: Vec<NeuronBatchStats> = (0..m)
-            .into_par_iter()
-            .with_min_len(16)
-            .map(|k| {
-                let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
-                let (rows, vals) = (&cols.rows[span.clone()], &cols.values[span]);
-                let implicit = b - vals.len();
-                let mut min = vals.iter().copied().fold(f32::INFINITY, f32::min);
-                let mut max = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if implicit > 0 {
-                    min = min.min(0.0);
-                    max = max.max(0.0);
-                }
-                let range = max - min + eps;
-                // Scaled value of the neuron's implicit zeros (0 unless the minimum is negative).
-                let zero_scaled = -min / range;
-                let mut u = implicit as f32 * zero_scaled;
-                let mut v = implicit as f32 * zero_scaled * zero_scaled;
-                let mut w = vec![0f32; d];
-                let mut support_sum = vec![0f32; d];
-                for (&r, &l) in rows.iter().zip(vals) {
-                    let a = (l - min) / range;
-                    u += a;
-                    v += a * a;
-                    let p = &unit[r as usize * d..(r as usize + 1) * d];
-                    w.iter_mut().zip(p).for_each(|(wi, &pi)| *wi += a * pi);
-                    if zero_scaled != 0.0 {
-                        support_sum.iter_mut().zip(p).for_each(|(s, &pi)| *s += pi);
-                    }
-                }
-                if zero_scaled != 0.0 && implicit > 0 {
-                    for j in 0..d {
-                        w[j] += zero_scaled * (unit_sum[j] - support_sum[j]);
-                    }
-                }
-                let w_sq: f32 = w.iter().map(|x| x * x).sum();
-                let num = 0.5 * (w_sq - v);
-                let den = 0.5 * (u * u - v);
-                NeuronBatchStats { min, max, range, u, v, w, num, den, active: den > eps }
-            })
-            .collect();
-        let n_active = neurons.iter().filter(|n| n.active).count();
-        let total: f64 = neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
-        let mean = if n_active > 0 { total / n_active as f64 } else { 0.0 };
-        *self.stats.lock().unwrap() = MonoLossStats { n_active, mean_score: mean };
-        let loss = if n_active > 0 { 1.0 - mean } else { 1.0 };
-        *self.saved.lock().unwrap() = Some((csr, unit, neurons));
-        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+        let (saved, loss, stats) = mono_forward(&csr, b, m, sim, d, self.eps);
+        *self.stats.lock().unwrap() = stats;
+        *self.saved.lock().unwrap() = Some((csr, saved));
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
     fn bwd(&self, lat: &Tensor, _sim: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (b, m) = lat.dims2()?;
         let g_out = grad.to_dtype(DType::F32)?.to_vec0::<f32>()?;
-        let Some((csr, unit, neurons)) = self.saved.lock().unwrap().take() else {
+        let Some((csr, saved)) = self.saved.lock().unwrap().take() else {
             candle_core::bail!("mono loss backward without forward");
         };
-        let n_active = neurons.iter().filter(|n| n.active).count();
-        if n_active == 0 {
-            return Ok((Some(Tensor::zeros((b, m), DType::F32, &Device::Cpu)?), None));
-        }
-        let d = unit.len() / b;
-        let eps = self.eps;
-        let g_score = -g_out / n_active as f32; // dL/dMS_k for active k
-        // Per neuron: dL/dnum, dL/dden and the min/max gradients (closed forms over all rows).
-        struct Coef {
-            dnum: f32,
-            dden: f32,
-            dmin: f32,
-            dmax: f32,
-        }
-        let unit_sum: Vec<f32> = {
-            let mut s = vec![0f32; d];
-            for row in unit.chunks_exact(d) {
-                s.iter_mut().zip(row).for_each(|(t, x)| *t += x);
-            }
-            s
-        };
-        let coefs: Vec<Coef> = neurons
-            .par_iter()
-            .map(|n| {
-                if !n.active {
-                    return Coef { dnum: 0.0, dden: 0.0, dmin: 0.0, dmax: 0.0 };
-                }
-                let dden_denominator = n.den + eps;
-                let dnum = g_score / dden_denominator;
-                let dden = -g_score * n.num / (dden_denominator * dden_denominator);
-                let s_dot_w = sparse::dot(&unit_sum, &n.w);
-                let w_sq = sparse::dot(&n.w, &n.w);
-                let sum_g = dnum * (s_dot_w - n.u) + dden * (b as f32 * n.u - n.u);
-                let sum_ga = dnum * (w_sq - n.v) + dden * (n.u * n.u - n.v);
-                Coef { dnum, dden, dmin: (sum_ga - sum_g) / n.range, dmax: -sum_ga / n.range }
-            })
-            .collect();
-        // Gradient on the support: dL/dl = dL/dã / range, plus the min/max terms on tied entries.
-        let rows = csr.as_rows();
-        let vals = sparse::map_entries(rows, |r, e| {
-            let k = rows.columns[e] as usize;
-            let (n, c) = (&neurons[k], &coefs[k]);
-            if !n.active {
-                return 0.0;
-            }
-            let l = rows.values[e];
-            let a = (l - n.min) / n.range;
-            let da = c.dnum * (sparse::dot(&unit[r * d..(r + 1) * d], &n.w) - a) + c.dden * (n.u - a);
-            let mut g = da / n.range;
-            if l == n.min {
-                g += c.dmin;
-            }
-            if l == n.max {
-                g += c.dmax;
-            }
-            g
-        });
-        let dense = csr.with_values(vals).to_dense(m);
-        Ok((Some(cpu_tensor(dense, (b, m))?), None))
+        let vals = mono_backward(&saved, b, g_out, self.eps);
+        Ok((Some(cpu_tensor(csr.with_values(vals).to_dense(m), (b, m))?), None))
     }
 }
 

@@ -66,8 +66,9 @@ pub struct StepMetrics {
     pub reconstruction: f64,
     pub terms: HashMap<String, f64>,
     pub mono_loss: Option<f64>,
-    pub mono_score: f64,
-    pub mono_active: usize,
+    /// Batch MonoScore (measured every step when λ > 0, else on logged steps).
+    pub mono_score: Option<f64>,
+    pub mono_active: Option<usize>,
     pub l0: f64,
     pub dead: usize,
     pub grad_norm: f64,
@@ -235,7 +236,8 @@ fn fired_columns(latents: &Tensor) -> Result<(Vec<bool>, usize)> {
 }
 
 /// One optimisation step's losses; returns the total loss tensor and the metrics so far.
-fn step_losses(sae: &dyn Sae, pass: &ForwardPass, similarity: &Tensor, dead: &[bool], lambda: f64, eps: f64) -> Result<(Tensor, StepMetrics)> {
+/// With λ = 0 the batch MonoScore is measured (no graph) only when `measure_mono`.
+fn step_losses(sae: &dyn Sae, pass: &ForwardPass, similarity: &Tensor, dead: &[bool], lambda: f64, eps: f64, measure_mono: bool) -> Result<(Tensor, StepMetrics)> {
     let reconstruction = sae.reconstruction_loss(pass)?;
     let mut total = reconstruction.clone();
     let mut terms = HashMap::new();
@@ -243,15 +245,16 @@ fn step_losses(sae: &dyn Sae, pass: &ForwardPass, similarity: &Tensor, dead: &[b
         terms.insert(name.to_string(), term.to_scalar::<f32>()? as f64);
         total = (total + term)?;
     }
-    let grad_support = pass.activation.grad_support.as_deref();
-    let (mono_loss, stats) = if lambda > 0.0 {
-        let (loss, stats) = ops::batch_mono_loss(pass.latents(), similarity, eps, grad_support)?;
-        total = (total + (&loss * lambda)?)?;
-        (Some(loss.to_scalar::<f32>()? as f64), stats)
-    } else {
-        // Logged, not trained on: no graph.
-        let (_, stats) = ops::batch_mono_loss(&pass.latents().detach(), similarity, eps, None)?;
-        (None, stats)
+    let (mono_loss, stats) = match &pass.mono {
+        Some((loss, stats)) => {
+            total = (total + (loss * lambda)?)?;
+            (Some(loss.to_scalar::<f32>()? as f64), Some(*stats))
+        }
+        None if measure_mono => {
+            let (_, stats) = ops::batch_mono_loss(&pass.latents().detach(), similarity, eps, None)?;
+            (None, Some(stats))
+        }
+        None => (None, None),
     };
     let metrics = StepMetrics {
         step: 0,
@@ -261,8 +264,8 @@ fn step_losses(sae: &dyn Sae, pass: &ForwardPass, similarity: &Tensor, dead: &[b
         reconstruction: reconstruction.to_scalar::<f32>()? as f64,
         terms,
         mono_loss,
-        mono_score: stats.mean_score,
-        mono_active: stats.n_active,
+        mono_score: stats.map(|s| s.mean_score),
+        mono_active: stats.map(|s| s.n_active),
         l0: 0.0,
         dead: dead.iter().filter(|d| **d).count(),
         grad_norm: 0.0,
@@ -309,12 +312,14 @@ impl SaeTrainer {
     }
 
     /// One optimisation step on a batch `input` (B, D) with its similarity embeddings;
-    /// `full` adds λ times the full-dataset MonoLoss gradient.
-    pub fn step(&mut self, input: &Tensor, similarity: &Tensor, lr: f64, full: Option<full_mono::FullMonoGradient>) -> Result<StepMetrics> {
+    /// `full` adds λ times the full-dataset MonoLoss gradient; `measure_mono` asks for the
+    /// batch MonoScore even when it is not trained on (for logging).
+    pub fn step(&mut self, input: &Tensor, similarity: &Tensor, lr: f64, full: Option<full_mono::FullMonoGradient>, measure_mono: bool) -> Result<StepMetrics> {
         let (b, d) = input.dims2()?;
         let dead: Vec<bool> = self.since_fired.iter().map(|&s| s >= self.dead_after).collect();
-        let pass = sae::forward(self.sae.as_ref(), input, true)?;
-        let (total, mut metrics) = step_losses(self.sae.as_ref(), &pass, similarity, &dead, self.batch_lambda, self.eps)?;
+        let mono = (self.batch_lambda > 0.0).then_some(ops::MonoTerm { similarity, lambda: self.batch_lambda, eps: self.eps });
+        let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono)?;
+        let (total, mut metrics) = step_losses(self.sae.as_ref(), &pass, similarity, &dead, self.batch_lambda, self.eps, measure_mono)?;
         ensure!(metrics.loss.is_finite(), "training diverged: loss is {}", metrics.loss);
         let grads = total.backward()?;
 
@@ -432,18 +437,18 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
             None
         };
         let lr = optim::scheduled_lr(config.train.lr, step, total_steps, config.train.warmup_steps, config.train.lr_decay);
-        let mut metrics = trainer.step(&input, &similarity, lr, full).with_context(|| format!("training step {}", step + 1))?;
-
         let done = step + 1;
+        let log = done % config.train.log_every == 0 || done == total_steps;
+        let mut metrics = trainer.step(&input, &similarity, lr, full, log).with_context(|| format!("training step {done}"))?;
+
         metrics.step = done;
         metrics.epoch = epoch;
-        if done % config.train.log_every == 0 || done == total_steps {
+        if log {
             writeln!(metrics_file, "{}", serde_json::to_string(&metrics)?)?;
         }
-        bar.set_prefix(format!(
-            "loss {:.4} L0 {:.1} dead {} mono {:.3}",
-            metrics.loss, metrics.l0, metrics.dead, metrics.mono_score
-        ));
+        if let Some(score) = metrics.mono_score {
+            bar.set_prefix(format!("loss {:.4} L0 {:.1} dead {} mono {score:.3}", metrics.loss, metrics.l0, metrics.dead));
+        }
         bar.inc(1);
         if (config.train.checkpoint_every > 0 && done % config.train.checkpoint_every == 0) || done == total_steps {
             metrics_file.flush()?;
