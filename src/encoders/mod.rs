@@ -1,0 +1,56 @@
+//! Image encoders by name (CLIP, SigLIP2, ViT, ResNet-50) over candle-transformers, their weights
+//! from a local directory or the Hugging Face hub.
+
+mod clip;
+pub mod hub;
+mod resnet;
+mod siglip;
+mod vit;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::{EncoderConfig, EncoderKind, EncoderOutput, FloatType};
+
+/// An image encoder: (B, 3, H, W) pixel values → (B, dim) features.
+pub trait ImageEncoder: Send + Sync {
+    fn forward(&self, pixels: &Tensor) -> Result<Tensor>;
+    fn dim(&self) -> usize;
+    /// The (height, width) its position embeddings expect.
+    fn input_size(&self) -> (usize, usize);
+}
+
+pub fn dtype(t: FloatType) -> DType {
+    match t {
+        FloatType::F32 => DType::F32,
+        FloatType::F16 => DType::F16,
+        FloatType::Bf16 => DType::BF16,
+    }
+}
+
+/// Builds an encoder of `kind` from resolved model files.
+pub fn load_from_files(kind: EncoderKind, output: EncoderOutput, files: &hub::ModelFiles, dtype: DType, device: &Device) -> Result<Box<dyn ImageEncoder>> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        anyhow::bail!("encoder.dtype = \"bf16\" is not supported on the CPU (candle has no bf16 matmul there); use f32 or f16");
+    }
+    let config = files.config_json()?;
+    // SAFETY: the weight files are memory-mapped read-only.
+    let vb: VarBuilder<'static> = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
+        .with_context(|| format!("cannot read the weights of {}", files.source))?;
+    let encoder: Box<dyn ImageEncoder> = match kind {
+        EncoderKind::Clip => Box::new(clip::Clip::load(&config, vb, output)?),
+        EncoderKind::Siglip2 => Box::new(siglip::Siglip::load(&config, vb, output)?),
+        EncoderKind::Vit => Box::new(vit::Vit::load(&config, vb, output)?),
+        EncoderKind::Resnet50 => Box::new(resnet::Resnet50::load(vb, output)?),
+    };
+    Ok(encoder)
+}
+
+/// Resolves and loads the encoder a config names.
+pub fn load(cfg: &EncoderConfig, device: &Device) -> Result<(Box<dyn ImageEncoder>, hub::ModelFiles)> {
+    let files = hub::resolve(&cfg.model, &cfg.revision)?;
+    let encoder = load_from_files(cfg.kind, cfg.output(), &files, dtype(cfg.dtype), device)
+        .with_context(|| format!("encoder.model = {:?} ({:?})", cfg.model, cfg.kind))?;
+    Ok((encoder, files))
+}
