@@ -134,6 +134,8 @@ enum BenchCommand {
     Monoscore(mono::bench::monoscore::MonoScoreBenchArgs),
     /// Samples/s of an SAE training step per architecture, with and without MonoLoss.
     Train(mono::bench::train::TrainBenchArgs),
+    /// Images/s of each encoder's forward pass (real architectures, random weights).
+    Extract(mono::bench::extract::ExtractBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -175,6 +177,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Monoscore(args)) => mono::bench::monoscore::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Extract(args)) => mono::bench::extract::run(&args).map(|_| ()),
     }
 }
 

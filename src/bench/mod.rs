@@ -1,4 +1,5 @@
 //! `mono bench ...`: benchmarks that print timings and ratios (never asserted in tests).
 
+pub mod extract;
 pub mod monoscore;
 pub mod train;

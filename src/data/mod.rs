@@ -2,5 +2,6 @@
 
 pub mod idx;
 pub mod import;
+pub mod merge;
 pub mod sets;
 pub mod store;

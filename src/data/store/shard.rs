@@ -12,7 +12,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::labels::Labels;
-use super::manifest::{LabelKind, StoreInfo};
+use super::manifest::{LabelKind, Skipped, StoreInfo};
 use crate::config::FloatType;
 use crate::io::matrix::ElementType;
 
@@ -21,6 +21,8 @@ pub const LABELS: &str = "labels";
 pub const LABEL_OFFSETS: &str = "label_offsets";
 pub const LABEL_VALUES: &str = "label_values";
 pub const PATHS_KEY: &str = "paths";
+/// Shard metadata key: the inputs skipped while the shard was filled (JSON list).
+pub const SKIPPED_KEY: &str = "skipped";
 
 /// `shard-00003.safetensors`.
 pub fn shard_file_name(index: usize) -> String {
@@ -68,7 +70,8 @@ pub fn encode_value(dtype: FloatType, v: f32, out: &mut Vec<u8>) -> bool {
 }
 
 /// The bytes of a shard file holding `rows` rows.
-pub fn encode_shard(info: &StoreInfo, rows: usize, features: &[u8], labels: &Labels, paths: &[String]) -> Result<Vec<u8>> {
+/// `skipped` lists the inputs left out since the previous shard (kept for resumed writers).
+pub fn encode_shard(info: &StoreInfo, rows: usize, features: &[u8], labels: &Labels, paths: &[String], skipped: &[Skipped]) -> Result<Vec<u8>> {
     ensure!(paths.len() == rows, "{} paths for {rows} rows", paths.len());
     let i64_bytes = |v: &mut dyn Iterator<Item = i64>| v.flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
@@ -90,7 +93,10 @@ pub fn encode_shard(info: &StoreInfo, rows: usize, features: &[u8], labels: &Lab
     for (name, shape, bytes) in &label_bytes {
         tensors.push((name.to_string(), TensorView::new(Dtype::I64, shape.clone(), bytes)?));
     }
-    let metadata = HashMap::from([(PATHS_KEY.to_string(), serde_json::to_string(paths)?)]);
+    let mut metadata = HashMap::from([(PATHS_KEY.to_string(), serde_json::to_string(paths)?)]);
+    if !skipped.is_empty() {
+        metadata.insert(SKIPPED_KEY.to_string(), serde_json::to_string(skipped)?);
+    }
     Ok(safetensors::serialize(tensors, Some(metadata))?)
 }
 
@@ -109,6 +115,8 @@ pub struct Shard {
 pub struct ShardExtras {
     pub labels: Labels,
     pub paths: Vec<String>,
+    /// Inputs left out while this shard was filled.
+    pub skipped: Vec<Skipped>,
 }
 
 impl Shard {
@@ -204,6 +212,10 @@ impl Shard {
         let paths: Vec<String> = serde_json::from_str(paths_text)
             .with_context(|| format!("metadata `{PATHS_KEY}` is not a JSON array of strings"))?;
         ensure!(paths.len() == n, "metadata `{PATHS_KEY}` lists {} paths for {n} rows", paths.len());
+        let skipped: Vec<Skipped> = match metadata.metadata().as_ref().and_then(|m| m.get(SKIPPED_KEY)) {
+            Some(text) => serde_json::from_str(text).with_context(|| format!("metadata `{SKIPPED_KEY}` is not a list of skipped inputs"))?,
+            None => Vec::new(),
+        };
 
         let shard = Shard {
             path: path.to_path_buf(),
@@ -213,7 +225,7 @@ impl Shard {
             dim: cols,
             dtype: element_type(info.dtype),
         };
-        Ok((shard, ShardExtras { labels, paths }))
+        Ok((shard, ShardExtras { labels, paths, skipped }))
     }
 
     pub fn rows(&self) -> usize {

@@ -32,6 +32,10 @@ pub struct StoreWriter {
     buf_labels: Labels,
     buf_paths: Vec<String>,
     skipped: Vec<Skipped>,
+    /// How many of `skipped` are already recorded in a written shard.
+    skipped_written: usize,
+    /// The path of the last row kept from before a restart.
+    resumed_last_path: Option<String>,
 }
 
 impl StoreWriter {
@@ -64,11 +68,14 @@ impl StoreWriter {
                 dir.display(),
                 shard_file_name(i)
             );
-            let (shard, _) = Shard::open(&dir.join(name), &writer.info, None)?;
+            let (shard, extras) = Shard::open(&dir.join(name), &writer.info, None)?;
             writer.shards.push(ShardEntry { file: name.clone(), rows: shard.rows() });
             writer.written += shard.rows();
+            writer.skipped.extend(extras.skipped);
+            writer.resumed_last_path = extras.paths.last().cloned().or(writer.resumed_last_path.take());
         }
         writer.resumed_rows = writer.written;
+        writer.skipped_written = writer.skipped.len();
         Ok(writer)
     }
 
@@ -93,6 +100,8 @@ impl StoreWriter {
             buf_features: Vec::new(),
             buf_paths: Vec::new(),
             skipped: Vec::new(),
+            skipped_written: 0,
+            resumed_last_path: None,
         })
     }
 
@@ -107,6 +116,12 @@ impl StoreWriter {
     /// Rows kept from before a restart (0 for a new store).
     pub fn resumed_rows(&self) -> usize {
         self.resumed_rows
+    }
+
+    /// The path of the last row kept from before a restart: inputs up to it are done. The
+    /// inputs skipped before it are restored too (each shard records its own).
+    pub fn resumed_last_path(&self) -> Option<&str> {
+        self.resumed_last_path.as_deref()
     }
 
     /// Rows accepted so far, resumed ones included.
@@ -221,9 +236,10 @@ impl StoreWriter {
         let rows = self.buf_paths.len();
         let name = shard_file_name(self.shards.len());
         let path = self.dir.join(&name);
-        let bytes = encode_shard(&self.info, rows, &self.buf_features, &self.buf_labels, &self.buf_paths)
+        let bytes = encode_shard(&self.info, rows, &self.buf_features, &self.buf_labels, &self.buf_paths, &self.skipped[self.skipped_written..])
             .with_context(|| format!("cannot encode {}", path.display()))?;
         crate::io::write_atomic(&path, &bytes)?;
+        self.skipped_written = self.skipped.len();
         self.shards.push(ShardEntry { file: name, rows });
         self.written += rows;
         self.buf_features.clear();

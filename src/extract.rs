@@ -1,0 +1,234 @@
+//! `mono extract CONFIG`: a data set's images through an encoder into a feature store, per split.
+//!
+//! Decoding and preprocessing run in parallel (rayon) on a producer thread, overlapped with
+//! inference on the caller's thread. An image that cannot be read is skipped, logged with its
+//! path and recorded in the manifest; a run never aborts on one. Rerunning after an interruption
+//! continues after the last complete shard; a finished split is left as it is.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::config::{Config, EncoderKind};
+use crate::data::images::{open_dataset, ImageDataset};
+use crate::data::sets::features_dir;
+use crate::data::store::{BatchLabels, LabelKind, StoreInfo, StoreWriter, MANIFEST_FILE};
+use crate::encoders::preprocess::Preprocessor;
+use crate::encoders::{self, hub::ModelFiles, ImageEncoder};
+
+/// Which part of the work this process does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExtractOptions {
+    /// At most this many images per split (a quick look).
+    pub limit: Option<usize>,
+    /// Part `i` of `n` (0-based): a disjoint contiguous range of each split, written to its own
+    /// feature set `<features.dir>-part-<i>-of-<n>`; `mono features merge` joins the parts.
+    pub part: Option<(usize, usize)>,
+}
+
+/// Parses `--shard i/n` (0 ≤ i < n).
+pub fn parse_part(text: &str) -> Result<(usize, usize)> {
+    let (i, n) = text.split_once('/').with_context(|| format!("--shard {text:?}: expected i/n, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (i.trim().parse().with_context(|| format!("--shard {text:?}"))?, n.trim().parse().with_context(|| format!("--shard {text:?}"))?);
+    ensure!(n > 0 && i < n, "--shard {text:?}: need 0 ≤ i < n");
+    Ok((i, n))
+}
+
+#[derive(Clone, Debug)]
+pub struct SplitReport {
+    pub split: String,
+    pub dir: PathBuf,
+    pub rows: usize,
+    pub skipped: usize,
+    /// Rows found from an earlier, interrupted run.
+    pub resumed_rows: usize,
+    /// The split was already finished: nothing was done.
+    pub already_done: bool,
+    pub seconds: f64,
+}
+
+/// The preprocessing of the encoder's family, from its preprocessor_config.json when present.
+pub fn preprocessor_for(kind: EncoderKind, files: &ModelFiles) -> Result<Preprocessor> {
+    match (&files.preprocessor, kind) {
+        // torchvision's ImageNet evaluation transform, for torchvision-layout ResNet-50 weights.
+        (_, EncoderKind::Resnet50) => Ok(Preprocessor::torchvision_imagenet(256, 224)),
+        (Some(path), _) => Preprocessor::from_hf_json(path),
+        (None, _) => bail!("{}: no preprocessor_config.json; the image size, resampling and normalisation come from it", files.source),
+    }
+}
+
+/// One decoded and preprocessed batch.
+struct Batch {
+    /// (rows, 3·H·W) pixel values of the images that decoded.
+    pixels: Vec<f32>,
+    paths: Vec<String>,
+    labels: Vec<Vec<u32>>,
+    skipped: Vec<(String, String)>,
+    /// Items consumed (decoded or skipped).
+    items: usize,
+}
+
+fn prepare(dataset: &dyn ImageDataset, preprocessor: &Preprocessor, items: std::ops::Range<usize>) -> Batch {
+    let results: Vec<(usize, Result<Vec<f32>>)> = items
+        .clone()
+        .into_par_iter()
+        .map(|i| (i, dataset.load(i).and_then(|img| preprocessor.process(&image::DynamicImage::ImageRgb8(img)))))
+        .collect();
+    let mut batch = Batch { pixels: Vec::new(), paths: Vec::new(), labels: Vec::new(), skipped: Vec::new(), items: items.len() };
+    for (i, result) in results {
+        match result {
+            Ok(pixels) => {
+                batch.pixels.extend(pixels);
+                batch.paths.push(dataset.path(i));
+                batch.labels.push(dataset.labels(i));
+            }
+            Err(e) => batch.skipped.push((dataset.path(i), format!("{e:#}"))),
+        }
+    }
+    batch
+}
+
+/// L2-normalises each row in place (zero rows stay zero).
+fn normalize_rows(features: &mut [f32], dim: usize) {
+    features.par_chunks_mut(dim).for_each(|row| {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+    });
+}
+
+/// Runs the encoder on one prepared batch: (rows, dim) features on the host.
+fn encode(encoder: &dyn ImageEncoder, pixels: &[f32], rows: usize, (h, w): (u32, u32), dtype: DType, device: &Device) -> Result<Vec<f32>> {
+    let input = Tensor::from_slice(pixels, (rows, 3, h as usize, w as usize), device)?.to_dtype(dtype)?;
+    Ok(encoder.forward(&input)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+struct Context_<'a> {
+    config: &'a Config,
+    encoder: &'a dyn ImageEncoder,
+    preprocessor: &'a Preprocessor,
+    encoder_info: serde_json::Value,
+    device: &'a Device,
+}
+
+fn extract_split(ctx: &Context_, split: &str, out_root: &Path, opts: &ExtractOptions) -> Result<SplitReport> {
+    let config = ctx.config;
+    let dir = out_root.join(split);
+    if dir.join(MANIFEST_FILE).is_file() {
+        let manifest = crate::data::store::Manifest::load(&dir)?;
+        return Ok(SplitReport { split: split.into(), dir, rows: manifest.count, skipped: manifest.skipped.len(), resumed_rows: manifest.count, already_done: true, seconds: 0.0 });
+    }
+    let root = config.data.root.as_ref().context("data.root is not set: where are the images?")?;
+    let dataset = open_dataset(config.data.kind, root, split).with_context(|| format!("data.root = {:?}, split {split:?}", root.display().to_string()))?;
+    let total = config.data.limit.into_iter().chain(opts.limit).fold(dataset.len(), usize::min);
+    let range = match opts.part {
+        Some((i, n)) => (i * total / n)..((i + 1) * total / n),
+        None => 0..total,
+    };
+    let mut info = StoreInfo::new(ctx.encoder.dim(), split);
+    info.dtype = config.features.dtype;
+    info.dataset = Some(serde_json::to_value(config.data.kind)?.as_str().unwrap_or_default().to_string());
+    info.encoder = Some(ctx.encoder_info.clone());
+    info.labels = dataset.label_kind();
+    info.label_names = dataset.class_names().to_vec();
+    info.preprocessing = Some(json!(format!("{:?}", ctx.preprocessor)));
+    let has_shards = dir.is_dir() && std::fs::read_dir(&dir)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with("shard-"));
+    let mut writer = if has_shards { StoreWriter::resume(&dir, info, config.features.shard_size)? } else { StoreWriter::create(&dir, info, config.features.shard_size)? };
+    let resumed_rows = writer.resumed_rows();
+    let start = match writer.resumed_last_path() {
+        Some(last) => range.clone().find(|&i| dataset.path(i) == last).map(|i| i + 1).with_context(|| {
+            format!("{}: its last row ({last}) is not among the items of this split/part; delete the directory to start over", dir.display())
+        })?,
+        None => range.start,
+    };
+
+    let batch_size = config.encoder.batch_size;
+    let size = ctx.preprocessor.output_size();
+    let dtype = encoders::dtype(config.encoder.dtype);
+    let bar = crate::progress::bar((range.end - range.start) as u64, split);
+    bar.set_position((start - range.start) as u64);
+    let started = Instant::now();
+    let dataset: &dyn ImageDataset = dataset.as_ref();
+    let (tx, rx) = sync_channel::<Batch>(2);
+    std::thread::scope(|scope| -> Result<()> {
+        let producer = scope.spawn(move || {
+            let mut at = start;
+            while at < range.end {
+                let end = (at + batch_size).min(range.end);
+                if tx.send(prepare(dataset, ctx.preprocessor, at..end)).is_err() {
+                    break; // the consumer stopped on an error
+                }
+                at = end;
+            }
+        });
+        for batch in rx {
+            for (path, reason) in &batch.skipped {
+                bar.suspend(|| eprintln!("skipped {path}: {reason}"));
+                writer.skip(path.clone(), reason.clone());
+            }
+            if !batch.paths.is_empty() {
+                let mut features = encode(ctx.encoder, &batch.pixels, batch.paths.len(), size, dtype, ctx.device)?;
+                if config.encoder.normalize {
+                    normalize_rows(&mut features, ctx.encoder.dim());
+                }
+                let class_ids: Vec<u32>;
+                let labels = match writer.info().labels {
+                    LabelKind::None => BatchLabels::None,
+                    LabelKind::Class => {
+                        class_ids = batch.labels.iter().map(|l| l.first().copied().unwrap_or(0)).collect();
+                        BatchLabels::Class(&class_ids)
+                    }
+                    LabelKind::Multi => BatchLabels::Multi(&batch.labels),
+                };
+                writer.push(&features, labels, &batch.paths)?;
+            }
+            bar.inc(batch.items as u64);
+        }
+        producer.join().map_err(|_| anyhow::anyhow!("the image decoding thread panicked"))?;
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let manifest = writer.finish()?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(SplitReport { split: split.into(), dir, rows: manifest.count, skipped: manifest.skipped.len(), resumed_rows, already_done: false, seconds })
+}
+
+/// Extracts the config's train and eval splits.
+pub fn extract(config: &Config, opts: &ExtractOptions) -> Result<Vec<SplitReport>> {
+    let device = crate::device::open_device(&config.run.device)?;
+    let (encoder, files) = encoders::load(&config.encoder, &device)?;
+    let preprocessor = preprocessor_for(config.encoder.kind, &files)?;
+    let (h, w) = preprocessor.output_size();
+    let (eh, ew) = encoder.input_size();
+    ensure!(
+        (h as usize, w as usize) == (eh, ew) || config.encoder.kind == EncoderKind::Resnet50,
+        "the preprocessor makes {h}×{w} images but {} expects {eh}×{ew}",
+        files.source
+    );
+    let encoder_info = json!({
+        "kind": config.encoder.kind,
+        "model": config.encoder.model,
+        "revision": config.encoder.revision,
+        "output": config.encoder.output(),
+        "normalized": config.encoder.normalize,
+        "source": files.source,
+        "dim": encoder.dim(),
+    });
+    let mut out_root = features_dir(config);
+    if let Some((i, n)) = opts.part {
+        let name = out_root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "features".into());
+        out_root.set_file_name(format!("{name}-part-{i}-of-{n}"));
+    }
+    let ctx = Context_ { config, encoder: encoder.as_ref(), preprocessor: &preprocessor, encoder_info, device: &device };
+    let mut splits = vec![config.data.train_split.clone()];
+    if config.data.eval_split != config.data.train_split {
+        splits.push(config.data.eval_split.clone());
+    }
+    splits.iter().map(|split| extract_split(&ctx, split, &out_root, opts)).collect()
+}
