@@ -49,7 +49,9 @@ fn save(path: &Path, image: &DynamicImage) {
 
 /// A small RGB test card whose pixels all differ.
 fn card(w: u32, h: u32, seed: u8) -> RgbImage {
-    ImageBuffer::from_fn(w, h, |x, y| Rgb([(x * 40) as u8 ^ seed, (y * 50) as u8, seed.wrapping_add((x + y) as u8 * 7)]))
+    ImageBuffer::from_fn(w, h, |x, y| {
+        Rgb([(x * 40) as u8 ^ seed, (y * 50) as u8, seed.wrapping_add((x + y) as u8 * 7)])
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ fn check_cifar_pixels(set: &dyn ImageDataset, i: usize, record: usize) {
     }
 }
 
-const CIFAR10_NAMES: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+const CIFAR10_NAMES: [&str; 10] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
 /// Records of the fixture: train has 2 per batch (records 0..10), test has 3 (records 100..103).
 fn cifar10_train_label(r: usize) -> u8 {
@@ -160,7 +163,10 @@ fn cifar_binary_batch(records: std::ops::Range<usize>, label_bytes: impl Fn(usiz
 fn cifar10_binary_files() -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
     for b in 0..5 {
-        files.push((format!("data_batch_{}.bin", b + 1), cifar_binary_batch(2 * b..2 * b + 2, |r| vec![cifar10_train_label(r)])));
+        files.push((
+            format!("data_batch_{}.bin", b + 1),
+            cifar_binary_batch(2 * b..2 * b + 2, |r| vec![cifar10_train_label(r)]),
+        ));
     }
     files.push(("test_batch.bin".into(), cifar_binary_batch(100..103, |r| vec![(r % 10) as u8])));
     files.push(("batches.meta.txt".into(), format!("{}\n\n", CIFAR10_NAMES.join("\n")).into_bytes()));
@@ -270,7 +276,11 @@ fn cifar_binary_errors_name_the_file() {
     assert!(e.contains("cifar-10-python.tar.gz") && e.contains("cifar-10-batches-bin/"), "{e}");
 
     let truncated = tempfile::tempdir().unwrap();
-    write_tar_gz(&truncated.path().join("cifar-10-binary.tar.gz"), "cifar-10-batches-bin", &cifar10_binary_files()[..2]);
+    write_tar_gz(
+        &truncated.path().join("cifar-10-binary.tar.gz"),
+        "cifar-10-batches-bin",
+        &cifar10_binary_files()[..2],
+    );
     let e = err_of(open_dataset(DatasetKind::Cifar10, truncated.path(), "test"));
     assert!(e.contains("cifar-10-batches-bin/test_batch.bin: not in the archive"), "{e}");
 
@@ -410,7 +420,8 @@ fn cifar10_pickle_files(py2: bool) -> Vec<(String, Vec<u8>)> {
     let test_label = |r: usize| (r % 10) as i64;
     let mut files = Vec::new();
     for b in 0..5 {
-        files.push((format!("data_batch_{}", b + 1), pickled_batch(py2, 2 * b..2 * b + 2, &[("labels", &train_label)])));
+        files
+            .push((format!("data_batch_{}", b + 1), pickled_batch(py2, 2 * b..2 * b + 2, &[("labels", &train_label)])));
     }
     files.push(("test_batch".into(), pickled_batch(py2, 100..103, &[("labels", &test_label)])));
     files.push(("batches.meta".into(), pickled_meta(&[("label_names", CIFAR10_NAMES.map(String::from).to_vec())])));
@@ -493,14 +504,16 @@ fn cifar_pickle_errors_name_the_file() {
 fn checksums(rgb: &RgbImage) -> (u64, u64) {
     let raw = rgb.as_raw();
     let sum = raw.iter().map(|&b| u64::from(b)).sum();
-    let weighted = raw.iter().enumerate().fold(0u64, |acc, (k, &b)| acc.wrapping_add((k as u64 + 1).wrapping_mul(u64::from(b))));
+    let weighted =
+        raw.iter().enumerate().fold(0u64, |acc, (k, &b)| acc.wrapping_add((k as u64 + 1).wrapping_mul(u64::from(b))));
     (sum, weighted)
 }
 
 #[test]
 fn grey_and_rgba_photos_match_hf_convert_rgb() {
     let refs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo("tests/fixtures/images/convert_rgb.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(repo("tests/fixtures/images/convert_rgb.json")).unwrap())
+            .unwrap();
     for name in ["camera.png", "chelsea_rgba.png"] {
         let rgb = load_image_file(&repo("tests/fixtures/preprocess/images").join(name)).unwrap();
         let r = &refs[name];
@@ -508,7 +521,11 @@ fn grey_and_rgba_photos_match_hf_convert_rgb() {
         assert_eq!(u64::from(rgb.height()), r["height"].as_u64().unwrap(), "{name}");
         let (sum, weighted) = checksums(&rgb);
         assert_eq!(sum, r["sum"].as_u64().unwrap(), "{name}: byte sum differs from PIL's convert_rgb");
-        assert_eq!(weighted, r["weighted_sum"].as_u64().unwrap(), "{name}: weighted sum differs from PIL's convert_rgb");
+        assert_eq!(
+            weighted,
+            r["weighted_sum"].as_u64().unwrap(),
+            "{name}: weighted sum differs from PIL's convert_rgb"
+        );
     }
 }
 
@@ -518,7 +535,8 @@ fn cmyk_jpeg_decodes_like_pillow() {
     let pillow = image::open(repo("tests/fixtures/images/cmyk_adobe_pillow_rgb.png")).unwrap().to_rgb8();
     assert_eq!(rgb.dimensions(), (24, 16));
     assert_eq!(rgb.dimensions(), pillow.dimensions());
-    let diffs: Vec<i32> = rgb.as_raw().iter().zip(pillow.as_raw()).map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs()).collect();
+    let diffs: Vec<i32> =
+        rgb.as_raw().iter().zip(pillow.as_raw()).map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs()).collect();
     let max = *diffs.iter().max().unwrap();
     let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
     // Two JPEG decoders (zune-jpeg, libjpeg) differ by IDCT rounding only.
@@ -534,7 +552,10 @@ fn folder_tree(root: &Path) {
     let t = root.join("train");
     save(&t.join("cat/a.png"), &DynamicImage::ImageRgb8(card(5, 3, 1)));
     save(&t.join("cat/nested/deeper/b.jpg"), &DynamicImage::ImageRgb8(card(16, 8, 2)));
-    save(&t.join("dog/grey.png"), &DynamicImage::ImageLuma8(ImageBuffer::from_fn(3, 2, |x, y| Luma([(x * 60 + y * 7) as u8]))));
+    save(
+        &t.join("dog/grey.png"),
+        &DynamicImage::ImageLuma8(ImageBuffer::from_fn(3, 2, |x, y| Luma([(x * 60 + y * 7) as u8]))),
+    );
     let rgba = RgbaImage::from_fn(4, 1, |x, _| Rgba([200, 100, 0, [255, 0, 128, 64][x as usize]]));
     save(&t.join("dog/rgba.png"), &DynamicImage::ImageRgba8(rgba));
     let wide = ImageBuffer::from_raw(2, 1, vec![257 * 9 + 128, 257 * 9 + 129, 65535, 0, 1000, 300u16]).unwrap();
@@ -622,6 +643,8 @@ fn folder_split_dot_and_missing_split() {
     assert!(e.contains("no split directory `train`") && e.contains("a, b"), "{e}");
     let e = err_of(open_dataset(DatasetKind::Folder, &tmp.path().join("a"), "."));
     assert!(e.contains("no class subdirectories"), "{e}");
+    let e = err_of(open_dataset(DatasetKind::Folder, &tmp.path().join("absent"), "."));
+    assert!(e.contains("absent does not exist"), "{e}");
     let none = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(none.path().join("c")).unwrap();
     let e = err_of(open_dataset(DatasetKind::Folder, none.path(), "."));
@@ -637,7 +660,10 @@ const WNIDS: [&str; 3] = ["n01440764", "n01443537", "n01484850"];
 fn imagenet_train(root: &Path) {
     for (k, wnid) in [WNIDS[2], WNIDS[0], WNIDS[1]].iter().enumerate() {
         for j in 0..2 {
-            save(&root.join(format!("train/{wnid}/{wnid}_{j}.JPEG")), &DynamicImage::ImageRgb8(card(6, 4, (k * 2 + j) as u8)));
+            save(
+                &root.join(format!("train/{wnid}/{wnid}_{j}.JPEG")),
+                &DynamicImage::ImageRgb8(card(6, 4, (k * 2 + j) as u8)),
+            );
         }
     }
 }
@@ -664,7 +690,12 @@ fn imagenet_class_order_is_sorted_wnids() {
     // Item 5 is n01484850_1.JPEG, written from card(6, 4, 1); JPEG is lossy, so roughly equal.
     let got = train.load(5).unwrap();
     assert_eq!(got.dimensions(), (6, 4));
-    let mean_diff = card(6, 4, 1).as_raw().iter().zip(got.as_raw()).map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs()).sum::<f64>()
+    let mean_diff = card(6, 4, 1)
+        .as_raw()
+        .iter()
+        .zip(got.as_raw())
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).abs())
+        .sum::<f64>()
         / got.as_raw().len() as f64;
     assert!(mean_diff < 20.0, "mean |diff| {mean_diff}");
 }
@@ -705,7 +736,10 @@ fn imagenet_val_labels_txt_wnids_and_indices_with_synset_mapping() {
         b"ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG n01440764\n\nILSVRC2012_val_00000003.JPEG 1\nILSVRC2012_val_00000004.JPEG n01484850\n",
     );
     let val = open(DatasetKind::Imagenet, tmp.path(), "val");
-    assert_eq!(val.class_names(), ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark, white shark"]);
+    assert_eq!(
+        val.class_names(),
+        ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark, white shark"]
+    );
     assert_eq!(all_labels(&*val), [2, 0, 1, 2].map(|l| vec![l]));
 }
 
@@ -719,7 +753,10 @@ fn imagenet_val_folders_take_train_ids_and_kaggle_layout() {
     save(&images.join("val/n01443537/v2.JPEG"), &DynamicImage::ImageRgb8(card(4, 4, 0)));
     let val = open(DatasetKind::Imagenet, tmp.path(), "val");
     assert_eq!(val.class_names(), WNIDS);
-    assert_eq!(all_paths(&*val), ["ILSVRC/Data/CLS-LOC/val/n01443537/v2.JPEG", "ILSVRC/Data/CLS-LOC/val/n01484850/v1.JPEG"]);
+    assert_eq!(
+        all_paths(&*val),
+        ["ILSVRC/Data/CLS-LOC/val/n01443537/v2.JPEG", "ILSVRC/Data/CLS-LOC/val/n01484850/v1.JPEG"]
+    );
     assert_eq!(all_labels(&*val), [vec![1], vec![2]]);
     assert!(val.load(0).is_ok());
 
@@ -810,7 +847,11 @@ fn openimages_boxable_descriptions_restrict_the_classes() {
     // 0001eeaf4aed83f9 had only a Dog positive: dropped with its label.
     assert_eq!(all_paths(&*set), ["images/validation/00b0f5c0a1b2c3d4.jpg"]);
     assert_eq!(all_labels(&*set), [vec![0, 1]]);
-    assert!(set.notes().iter().any(|n| n.contains("1 positive labels") && n.contains("1 images kept no label")), "{:?}", set.notes());
+    assert!(
+        set.notes().iter().any(|n| n.contains("1 positive labels") && n.contains("1 images kept no label")),
+        "{:?}",
+        set.notes()
+    );
 }
 
 #[test]

@@ -10,9 +10,11 @@
 //! - 16 bits per sample → `round(v / 257)`, done by the image crate's u16 → u8 conversion. (PIL
 //!   differs here: it truncates 48-bit RGB PNGs to the high byte and clips 16-bit grey at 255.)
 //! - float samples (some TIFFs) → clamped to [0, 1], × 255, rounded;
-//! - CMYK and YCCK JPEGs (Adobe APP14 marker) → RGB by zune-jpeg inside the image crate, as
-//!   `R = (255 − C)(255 − K)/255`, the same formula as PIL's CMYK → RGB (no ICC colour management
-//!   in either); `tests/datasets.rs` checks a Pillow-written CMYK JPEG.
+//! - CMYK JPEGs (Adobe APP14 marker) → RGB by zune-jpeg inside the image crate, as
+//!   `R = (255 − C)(255 − K)/255`, the formula of PIL's CMYK → RGB (neither applies ICC profiles);
+//!   `tests/datasets.rs` checks a Pillow-written CMYK JPEG against Pillow's decoding (within 1
+//!   level). zune-jpeg converts YCCK JPEGs too; that path has no fixture here and is unchecked.
+//!   A JPEG it cannot decode is an error naming the file, like any other broken image.
 //!
 //! The file's format is taken from its first bytes, not its extension (ImageNet has PNG and CMYK
 //! files named `.JPEG`). EXIF orientation is not applied, like PIL's `Image.open` and so like the
@@ -69,7 +71,8 @@ mod tests {
 
     #[test]
     fn alpha_blends_over_white() {
-        let rgba = RgbaImage::from_raw(4, 1, vec![10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128, 200, 100, 0, 64]).unwrap();
+        let rgba =
+            RgbaImage::from_raw(4, 1, vec![10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128, 200, 100, 0, 64]).unwrap();
         let rgb = composite_over_white(&rgba);
         assert_eq!(rgb.get_pixel(0, 0), &Rgb([10, 20, 30]), "opaque: unchanged");
         assert_eq!(rgb.get_pixel(1, 0), &Rgb([255, 255, 255]), "transparent: white");
@@ -103,7 +106,8 @@ mod tests {
         assert_eq!(to_rgb8(grey).get_pixel(1, 0), &Rgb([77, 77, 77]));
 
         // 257·k + 128 → k (down), 257·k + 129 → k + 1 (up), 65535 → 255.
-        let wide = ImageBuffer::from_raw(3, 1, vec![257 * 9 + 128, 0, 0, 257 * 9 + 129, 1, 2, 65535, 65535, 65535u16]).unwrap();
+        let wide = ImageBuffer::from_raw(3, 1, vec![257 * 9 + 128, 0, 0, 257 * 9 + 129, 1, 2, 65535, 65535, 65535u16])
+            .unwrap();
         let rgb = to_rgb8(DynamicImage::ImageRgb16(wide));
         assert_eq!(rgb.as_raw(), &[9, 0, 0, 10, 0, 0, 255, 255, 255]);
 

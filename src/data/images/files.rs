@@ -61,7 +61,12 @@ impl FileDataset {
 
     /// Refuses a set without items, naming where it looked.
     pub fn ensure_not_empty(self, looked_in: &Path) -> Result<Self> {
-        ensure!(!self.files.is_empty(), "{}: no image files found ({})", looked_in.display(), super::walk::IMAGE_EXTENSIONS.join(", "));
+        ensure!(
+            !self.files.is_empty(),
+            "{}: no image files found ({})",
+            looked_in.display(),
+            super::walk::IMAGE_EXTENSIONS.join(", ")
+        );
         Ok(self)
     }
 }

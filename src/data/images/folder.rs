@@ -18,7 +18,7 @@ use super::walk::{image_files_nested, subdirectories};
 use crate::data::store::LabelKind;
 
 pub fn open_folder(root: &Path, split: &str) -> Result<FileDataset> {
-    let (dir, prefix) = split_dir(root, split)?;
+    let (dir, prefix) = split_dir(root, split, "; use split \".\" for a folder without split subdirectories")?;
     let classes = subdirectories(&dir)?;
     ensure!(!classes.is_empty(), "{}: no class subdirectories (expected one folder per class)", dir.display());
     let per_class = list_class_folders(&dir, &classes)?;
@@ -31,8 +31,8 @@ pub fn open_folder(root: &Path, split: &str) -> Result<FileDataset> {
     set.ensure_not_empty(&dir)
 }
 
-/// The split's directory and its path relative to `root`.
-pub(super) fn split_dir(root: &Path, split: &str) -> Result<(PathBuf, PathBuf)> {
+/// The split's directory and its path relative to `root`; `hint` ends the error when it is absent.
+pub(super) fn split_dir(root: &Path, split: &str, hint: &str) -> Result<(PathBuf, PathBuf)> {
     if split.is_empty() || split == "." {
         return Ok((root.to_path_buf(), PathBuf::new()));
     }
@@ -41,7 +41,7 @@ pub(super) fn split_dir(root: &Path, split: &str) -> Result<(PathBuf, PathBuf)> 
     if !dir.is_dir() {
         let present = subdirectories(root).unwrap_or_default();
         bail!(
-            "{}: no split directory `{split}` (subdirectories: {}; use split \".\" for a folder without splits)",
+            "{}: no split directory `{split}` (subdirectories: {}){hint}",
             root.display(),
             if present.is_empty() { "none".to_string() } else { present.join(", ") }
         );

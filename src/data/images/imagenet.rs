@@ -36,68 +36,111 @@ pub fn open_imagenet(root: &Path, split: &str) -> Result<FileDataset> {
     } else {
         root.join(KAGGLE_IMAGES)
     };
-    let (dir, rel) = split_dir(&base, split)?;
+    let (dir, rel) = split_dir(&base, split, "")?;
     let rel = base.strip_prefix(root).unwrap_or(Path::new("")).join(rel);
-    let synsets = read_synset_mapping(&root.join(SYNSET_MAPPING))?;
+    let classes = Classes::find(root, &base, split)?;
     let folders = subdirectories(&dir)?;
+    let set = if folders.is_empty() {
+        from_flat_files(root, split, &dir, &rel, classes)?
+    } else {
+        from_class_folders(root, &dir, &rel, &folders, classes)?
+    };
+    set.ensure_not_empty(&dir)
+}
 
-    let known_wnids = match &synsets {
-        Some(s) => Some(s.iter().map(|(w, _)| w.clone()).collect::<Vec<_>>()),
-        None if split != "train" && base.join("train").is_dir() => {
-            Some(subdirectories(&base.join("train"))?).filter(|w| !w.is_empty())
+/// The class list every split shares, when one can be found outside the split itself.
+struct Classes {
+    /// Sorted wnids.
+    wnids: Option<Vec<String>>,
+    /// `(wnid, description)` of the synset mapping, sorted.
+    synsets: Option<Vec<(String, String)>>,
+    /// Where the wnids came from, for messages.
+    source: Option<PathBuf>,
+}
+
+impl Classes {
+    fn find(root: &Path, base: &Path, split: &str) -> Result<Self> {
+        let mapping = root.join(SYNSET_MAPPING);
+        if let Some(synsets) = read_synset_mapping(&mapping)? {
+            let wnids = synsets.iter().map(|(w, _)| w.clone()).collect();
+            return Ok(Self { wnids: Some(wnids), synsets: Some(synsets), source: Some(mapping) });
         }
-        None => None,
-    };
-    let wnid_source = match (&synsets, &known_wnids) {
-        (Some(_), _) => root.join(SYNSET_MAPPING),
-        (None, Some(_)) => base.join("train"),
-        (None, None) => dir.clone(),
-    };
-
-    let mut set;
-    if !folders.is_empty() {
-        let wnids = known_wnids.unwrap_or_else(|| folders.clone());
-        let index = index_of(&wnids);
-        set = FileDataset::new(root, LabelKind::Class, class_names(&wnids, synsets.as_deref()));
-        for (folder, files) in folders.iter().zip(list_class_folders(&dir, &folders)?) {
-            let id = *index.get(folder.as_str()).with_context(|| {
-                format!("{}: folder `{folder}` is not a class of {}", dir.display(), wnid_source.display())
-            })?;
-            for file in files {
-                set.push(rel.join(folder).join(file), &[id])?;
+        let train = base.join("train");
+        if split != "train" && train.is_dir() {
+            let wnids = subdirectories(&train)?;
+            if !wnids.is_empty() {
+                return Ok(Self { wnids: Some(wnids), synsets: None, source: Some(train) });
             }
         }
-    } else {
-        let (labels_file, labels) = read_flat_labels(root, split)?;
-        let wnids = match known_wnids {
-            Some(w) => w,
-            None => wnids_of_labels(&labels_file, &labels)?,
-        };
-        let index = index_of(&wnids);
-        set = FileDataset::new(root, LabelKind::Class, class_names(&wnids, synsets.as_deref()));
-        for name in image_files_flat(&dir)? {
-            let label = labels.get(strip_image_extension(&name)).with_context(|| {
-                format!("{}: no label for this image in {}", dir.join(&name).display(), labels_file.display())
-            })?;
-            let id = match label {
-                Label::Wnid(w) => *index.get(w.as_str()).with_context(|| {
-                    format!("{}: wnid {w} of {name} is not a class of {}", labels_file.display(), wnid_source.display())
-                })?,
-                Label::Index(i) => {
-                    ensure!(
-                        (*i as usize) < wnids.len(),
-                        "{}: label {i} of {name} is past the {} classes of {}",
-                        labels_file.display(),
-                        wnids.len(),
-                        wnid_source.display()
-                    );
-                    *i
-                }
-            };
-            set.push(rel.join(&name), &[id])?;
+        Ok(Self { wnids: None, synsets: None, source: None })
+    }
+
+    /// Names of `wnids` (the known list, or one found in the split): descriptions or the wnids.
+    fn names(&self, wnids: &[String]) -> Vec<String> {
+        match &self.synsets {
+            Some(s) => s.iter().map(|(_, name)| name.clone()).collect(),
+            None => wnids.to_vec(),
         }
     }
-    set.ensure_not_empty(&dir)
+
+    fn source_or(&self, fallback: &Path) -> String {
+        self.source.as_deref().unwrap_or(fallback).display().to_string()
+    }
+}
+
+/// `dir/<wnid>/…` image files; the wnid of each folder must be a known class.
+fn from_class_folders(
+    root: &Path,
+    dir: &Path,
+    rel: &Path,
+    folders: &[String],
+    classes: Classes,
+) -> Result<FileDataset> {
+    let wnids = classes.wnids.clone().unwrap_or_else(|| folders.to_vec());
+    let index = index_of(&wnids);
+    let mut set = FileDataset::new(root, LabelKind::Class, classes.names(&wnids));
+    for (folder, files) in folders.iter().zip(list_class_folders(dir, folders)?) {
+        let id = *index.get(folder.as_str()).with_context(|| {
+            format!("{}: folder `{folder}` is not a class of {}", dir.display(), classes.source_or(dir))
+        })?;
+        for file in files {
+            set.push(rel.join(folder).join(file), &[id])?;
+        }
+    }
+    Ok(set)
+}
+
+/// Image files directly in `dir`, labelled by the split's labels file.
+fn from_flat_files(root: &Path, split: &str, dir: &Path, rel: &Path, classes: Classes) -> Result<FileDataset> {
+    let (labels_file, labels) = read_flat_labels(root, split)?;
+    let wnids = match &classes.wnids {
+        Some(w) => w.clone(),
+        None => wnids_of_labels(&labels_file, &labels)?,
+    };
+    let source = classes.source_or(&labels_file);
+    let index = index_of(&wnids);
+    let mut set = FileDataset::new(root, LabelKind::Class, classes.names(&wnids));
+    for name in image_files_flat(dir)? {
+        let label = labels.get(strip_image_extension(&name)).with_context(|| {
+            format!("{}: no label for this image in {}", dir.join(&name).display(), labels_file.display())
+        })?;
+        let id = match label {
+            Label::Wnid(w) => *index
+                .get(w.as_str())
+                .with_context(|| format!("{}: wnid {w} of {name} is not a class of {source}", labels_file.display()))?,
+            Label::Index(i) => {
+                ensure!(
+                    (*i as usize) < wnids.len(),
+                    "{}: label {i} of {name} is past the {} classes of {source}",
+                    labels_file.display(),
+                    wnids.len()
+                );
+                *i
+            }
+        };
+        set.push(rel.join(&name), &[id])?;
+    }
+    Ok(set)
 }
 
 /// `(wnid, description)` sorted by wnid, or None when the file is absent.
@@ -160,7 +203,10 @@ fn read_solution_csv(path: &Path) -> Result<HashMap<String, Label>> {
         let line = row + 2;
         let record = record.with_context(|| format!("{}: line {line}", path.display()))?;
         let (id, prediction) = (record.get(id_col).unwrap_or("").trim(), record.get(pred_col).unwrap_or(""));
-        let wnid = prediction.split_whitespace().next().with_context(|| format!("{}: line {line}: empty PredictionString", path.display()))?;
+        let wnid = prediction
+            .split_whitespace()
+            .next()
+            .with_context(|| format!("{}: line {line}: empty PredictionString", path.display()))?;
         ensure!(!id.is_empty(), "{}: line {line}: empty ImageId", path.display());
         insert_label(&mut labels, strip_image_extension(id), Label::Wnid(wnid.to_string()), path, line)?;
     }
@@ -177,7 +223,11 @@ fn read_labels_txt(path: &Path) -> Result<HashMap<String, Label>> {
             bail!("{}: line {line_no}: expected `<file name> <wnid or index>`, got {line:?}", path.display());
         };
         let label = if label.bytes().all(|b| b.is_ascii_digit()) {
-            Label::Index(label.parse().with_context(|| format!("{}: line {line_no}: label {label} too large", path.display()))?)
+            Label::Index(
+                label
+                    .parse()
+                    .with_context(|| format!("{}: line {line_no}: label {label} too large", path.display()))?,
+            )
         } else {
             Label::Wnid(label.to_string())
         };
@@ -213,11 +263,4 @@ fn wnids_of_labels(path: &Path, labels: &HashMap<String, Label>) -> Result<Vec<S
 
 fn index_of(wnids: &[String]) -> HashMap<&str, u32> {
     wnids.iter().enumerate().map(|(i, w)| (w.as_str(), i as u32)).collect()
-}
-
-fn class_names(wnids: &[String], synsets: Option<&[(String, String)]>) -> Vec<String> {
-    match synsets {
-        Some(s) => s.iter().map(|(_, name)| name.clone()).collect(),
-        None => wnids.to_vec(),
-    }
 }

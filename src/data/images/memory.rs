@@ -115,12 +115,14 @@ mod tests {
         // Two 2×1 planar items: item 1 is R = (10, 11), G = (20, 21), B = (30, 31).
         let pixels = vec![0, 0, 0, 0, 0, 0, 10, 11, 20, 21, 30, 31];
         let names = vec!["a".to_string(), "b".to_string()];
-        let set = MemoryDataset::new("s", "test", PixelLayout::PlanarRgb, (2, 1), pixels, vec![0, 1], names.clone()).unwrap();
+        let set =
+            MemoryDataset::new("s", "test", PixelLayout::PlanarRgb, (2, 1), pixels, vec![0, 1], names.clone()).unwrap();
         assert_eq!(set.load(1).unwrap().as_raw(), &[10, 20, 30, 11, 21, 31]);
         assert_eq!(set.path(1), "s/test/000001");
         assert!(set.load(2).unwrap_err().to_string().contains("out of range"));
 
-        let grey = MemoryDataset::new("g", "train", PixelLayout::Grey, (1, 2), vec![5, 6], vec![1], names.clone()).unwrap();
+        let grey =
+            MemoryDataset::new("g", "train", PixelLayout::Grey, (1, 2), vec![5, 6], vec![1], names.clone()).unwrap();
         assert_eq!(grey.load(0).unwrap().as_raw(), &[5, 5, 5, 6, 6, 6]);
 
         assert!(MemoryDataset::new("g", "train", PixelLayout::Grey, (1, 2), vec![5], vec![1], names.clone()).is_err());

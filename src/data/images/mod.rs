@@ -74,6 +74,7 @@ pub trait ImageDataset: Send + Sync {
 /// | cifar10, cifar100 | train, test (aliases val, validation) | extracted batches or the original `.tar.gz` |
 /// | mnist, fashion_mnist | train, test (aliases val, validation) | idx files, gzipped or not |
 pub fn open_dataset(kind: DatasetKind, root: &Path, split: &str) -> Result<Box<dyn ImageDataset>> {
+    anyhow::ensure!(root.exists(), "data set root {} does not exist", root.display());
     Ok(match kind {
         DatasetKind::Folder => Box::new(folder::open_folder(root, split)?),
         DatasetKind::Imagenet => Box::new(imagenet::open_imagenet(root, split)?),

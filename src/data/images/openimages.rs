@@ -46,8 +46,10 @@ pub fn open_openimages(root: &Path, split: &str) -> Result<FileDataset> {
     let positives = read_positive_labels(&labels_path, &index)?;
 
     let image_dir = root.join("images").join(split);
-    let on_disk: HashMap<String, String> =
-        image_files_flat(&image_dir)?.into_iter().map(|name| (strip_image_extension(&name).to_string(), name)).collect();
+    let on_disk: HashMap<String, String> = image_files_flat(&image_dir)?
+        .into_iter()
+        .map(|name| (strip_image_extension(&name).to_string(), name))
+        .collect();
     let mut ids: Vec<&String> = positives.images.keys().collect();
     ids.sort();
 
@@ -60,7 +62,11 @@ pub fn open_openimages(root: &Path, split: &str) -> Result<FileDataset> {
         }
     }
     if missing > 0 {
-        let note = format!("{missing} images with labels in {} are missing from {}", labels_path.display(), image_dir.display());
+        let note = format!(
+            "{missing} images with labels in {} are missing from {}",
+            labels_path.display(),
+            image_dir.display()
+        );
         set.set_missing(missing, note);
     }
     if positives.dropped_labels > 0 {
@@ -99,7 +105,8 @@ pub fn read_class_descriptions(path: &Path) -> Result<(Vec<String>, Vec<String>)
         if row == 0 && mid == "LabelName" {
             continue;
         }
-        let name = name.with_context(|| format!("{}: line {}: expected `LabelName,DisplayName`", path.display(), row + 1))?;
+        let name =
+            name.with_context(|| format!("{}: line {}: expected `LabelName,DisplayName`", path.display(), row + 1))?;
         ensure!(!mid.is_empty(), "{}: line {}: empty LabelName", path.display(), row + 1);
         classes.push((mid.to_string(), name.to_string()));
     }
@@ -125,7 +132,10 @@ fn read_positive_labels(path: &Path, index: &HashMap<&str, u32>) -> Result<Posit
     let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
     let headers = reader.byte_headers().with_context(|| format!("{}: cannot read the header", path.display()))?.clone();
     let column = |name: &str| {
-        headers.iter().position(|h| h == name.as_bytes()).with_context(|| format!("{}: no `{name}` column", path.display()))
+        headers
+            .iter()
+            .position(|h| h == name.as_bytes())
+            .with_context(|| format!("{}: no `{name}` column", path.display()))
     };
     let (id_col, label_col, conf_col) = (column("ImageID")?, column("LabelName")?, column("Confidence")?);
     let mut images: HashMap<String, Vec<u32>> = HashMap::new();
@@ -140,11 +150,15 @@ fn read_positive_labels(path: &Path, index: &HashMap<&str, u32>) -> Result<Posit
             break;
         }
         let field = |col: usize| {
-            std::str::from_utf8(record.get(col).unwrap_or(b"")).map(str::trim).with_context(|| format!("{}: line {line}: not UTF-8", path.display()))
+            std::str::from_utf8(record.get(col).unwrap_or(b""))
+                .map(str::trim)
+                .with_context(|| format!("{}: line {line}: not UTF-8", path.display()))
         };
         let confidence = field(conf_col)?;
         let positive = confidence == "1"
-            || confidence.parse::<f64>().with_context(|| format!("{}: line {line}: Confidence {confidence:?} is not a number", path.display()))? == 1.0;
+            || confidence.parse::<f64>().with_context(|| {
+                format!("{}: line {line}: Confidence {confidence:?} is not a number", path.display())
+            })? == 1.0;
         if !positive {
             continue;
         }

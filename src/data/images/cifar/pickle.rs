@@ -2,8 +2,9 @@
 //! array `data` (N × 3072) and a list of labels, and a meta dict of class names.
 //!
 //! serde-pickle cannot build numpy objects, but with `keep_restore_state` it hands back the state
-//! numpy pickles an array with (shape, order and raw bytes), which is all that is needed. Keys are bytes (Python 2 `str`) in the originals, text when re-pickled by
-//! Python 3; both are accepted.
+//! numpy pickles an array with (shape, order and raw bytes), which is all that is needed. Keys
+//! are bytes (Python 2 `str`) in the originals, text when re-pickled by Python 3; both are
+//! accepted.
 
 use std::collections::BTreeMap;
 
@@ -32,7 +33,9 @@ pub fn parse_label_names(bytes: &[u8], key: &str, name: &str) -> Result<Vec<Stri
     items
         .iter()
         .map(|v| match v {
-            Value::Bytes(b) => String::from_utf8(b.clone()).map_err(|_| anyhow!("{name}: a name in `{key}` is not UTF-8")),
+            Value::Bytes(b) => {
+                String::from_utf8(b.clone()).map_err(|_| anyhow!("{name}: a name in `{key}` is not UTF-8"))
+            }
             Value::String(s) => Ok(s.clone()),
             other => bail!("{name}: `{key}` holds {other:?}, not a name"),
         })
