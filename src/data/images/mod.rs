@@ -1,0 +1,87 @@
+//! Image data sets behind one trait: the readers list items (identity, labels) at open time and
+//! decode one item at a time, so the extraction loop can decode in parallel and skip broken files.
+//!
+//! Every reader hands out 8-bit RGB (`decode::to_rgb8` says how other pixel formats are converted)
+//! and lists its items in a fixed, sorted order, so item `i` is the same image on every run.
+
+mod cifar;
+mod decode;
+mod files;
+mod folder;
+mod imagenet;
+mod memory;
+mod mnist;
+mod openimages;
+mod split;
+mod walk;
+
+use std::path::Path;
+
+use anyhow::Result;
+
+pub use decode::{composite_over_white, load_image_file, to_rgb8};
+pub use files::FileDataset;
+pub use memory::{MemoryDataset, PixelLayout};
+pub use walk::{is_image_file, IMAGE_EXTENSIONS};
+
+use crate::config::DatasetKind;
+use crate::data::store::LabelKind;
+
+pub trait ImageDataset: Send + Sync {
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Identity of item i written into the feature store: a file path relative to the data set
+    /// root ('/'-separated), or `<set>/<split>/<index>` for sets held in one file (e.g.
+    /// "cifar10/test/000123").
+    fn path(&self, i: usize) -> String;
+
+    /// Class ids of item i: exactly one for single-label sets, any number for OpenImages.
+    fn labels(&self, i: usize) -> Vec<u32>;
+
+    /// `Class` (one id per item) or `Multi`.
+    fn label_kind(&self) -> LabelKind;
+
+    /// Name of every class id.
+    fn class_names(&self) -> &[String];
+
+    /// Decodes item i as an 8-bit RGB image. Errors (unreadable/corrupt file) name the path; the
+    /// caller skips such items and counts them, so this never panics.
+    fn load(&self, i: usize) -> Result<image::RgbImage>;
+
+    /// Items the data set's index lists but that were left out at open because their file is
+    /// absent (OpenImages); 0 for the others.
+    fn missing(&self) -> usize {
+        0
+    }
+
+    /// What open left out or assumed, one line each, for the caller to show.
+    fn notes(&self) -> &[String] {
+        &[]
+    }
+}
+
+/// Opens split `split` of the data set of `kind` under `root`.
+///
+/// | kind | splits | layout under `root` |
+/// | --- | --- | --- |
+/// | folder | any subdirectory name, or "." for `root` itself | `<split>/<class>/**/<image>` |
+/// | imagenet | train, val, or any other subdirectory | `<split>/<wnid>/*.JPEG`, or flat `val/` + labels file |
+/// | openimages | train, validation (alias val), test | `images/<split>/<ImageID>.jpg` + `labels/`, `metadata/` CSVs |
+/// | cifar10, cifar100 | train, test (aliases val, validation) | extracted batches or the original `.tar.gz` |
+/// | mnist, fashion_mnist | train, test (aliases val, validation) | idx files, gzipped or not |
+pub fn open_dataset(kind: DatasetKind, root: &Path, split: &str) -> Result<Box<dyn ImageDataset>> {
+    anyhow::ensure!(root.exists(), "data set root {} does not exist", root.display());
+    Ok(match kind {
+        DatasetKind::Folder => Box::new(folder::open_folder(root, split)?),
+        DatasetKind::Imagenet => Box::new(imagenet::open_imagenet(root, split)?),
+        DatasetKind::Openimages => Box::new(openimages::open_openimages(root, split)?),
+        DatasetKind::Cifar10 => Box::new(cifar::open_cifar(cifar::Cifar::Ten, root, split)?),
+        DatasetKind::Cifar100 => Box::new(cifar::open_cifar(cifar::Cifar::Hundred, root, split)?),
+        DatasetKind::FashionMnist => Box::new(mnist::open_mnist(mnist::Mnist::Fashion, root, split)?),
+        DatasetKind::Mnist => Box::new(mnist::open_mnist(mnist::Mnist::Digits, root, split)?),
+    })
+}
