@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use mono::config::{SaeConfig, SaeKind};
 use mono::sae::{self, ops, Sae, SaeSpec};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 fn randn(n: usize, rng: &mut StdRng) -> Vec<f32> {

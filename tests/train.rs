@@ -141,7 +141,7 @@ fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_s
     mono::train::sae::eval_run(&full.run_dir(), None).unwrap();
     let after = std::fs::read_to_string(full.run_dir().join("results.json")).unwrap();
     let strip = |s: &str| {
-        let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
         v["results"].clone()
     };
     assert_eq!(strip(&before), strip(&after), "mono eval reproduces the end-of-training evaluation");
