@@ -5,6 +5,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod encoders;
 pub mod eval;
 pub mod io;
 pub mod monoscore;

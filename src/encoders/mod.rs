@@ -1,0 +1,3 @@
+//! Image encoders and their preprocessing.
+
+pub mod preprocess;
