@@ -8,7 +8,9 @@ use image::{DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, Luma, Rgb, Rgb
 use mono::encoders::preprocess::{Alpha, CropRounding, Preprocessor, Resample, ResizeTo};
 
 const STEMS: [&str; 4] = ["coffee", "astronaut", "camera", "chelsea_rgba"];
+#[allow(clippy::excessive_precision)]
 const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 fn fixtures() -> PathBuf {
@@ -216,7 +218,7 @@ fn from_hf_json_errors_name_the_file() {
 
 /// A small photo-like RGB pattern.
 fn pattern(w: u32, h: u32) -> RgbImage {
-    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 13 + y * 7) as u8, (x * y) as u8, (255 - x * 3) as u8]))
+    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 13 + y * 7) as u8, (x * y) as u8, 255 - (x * 3) as u8]))
 }
 
 fn small(resample: Resample, alpha: Alpha) -> Preprocessor {
@@ -365,6 +367,19 @@ fn batch_needs_one_size_and_reports_bad_images() {
     // Degenerate settings are errors, not panics.
     let zero = Preprocessor { crop: Some((0, 8)), ..fixed };
     assert!(zero.process(&DynamicImage::ImageRgb8(pattern(8, 8))).is_err());
+}
+
+#[test]
+fn extreme_aspect_ratios() {
+    // A 3000x2 strip: the shortest-edge resize is 336000x224, but only the 224x224 crop is computed.
+    let strip = DynamicImage::ImageRgb8(pattern(3000, 2));
+    for f in [Resample::Bilinear, Resample::Bicubic, Resample::Nearest] {
+        let pre = Preprocessor { resample: f, ..Preprocessor::torchvision_imagenet(224, 224) };
+        assert_eq!(pre.process(&strip).unwrap().len(), 3 * 224 * 224, "{f:?}");
+    }
+    // Without a crop the output itself would be 75 M pixels: refused, not allocated.
+    let uncropped = Preprocessor { crop: None, ..Preprocessor::torchvision_imagenet(224, 224) };
+    assert!(uncropped.process(&strip).is_err());
 }
 
 /// ms per image for a 500x375 photo-sized input (the typical ImageNet size) → 224x224.

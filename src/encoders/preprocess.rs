@@ -32,6 +32,9 @@ pub use to_rgb::Alpha;
 
 use resample::Window;
 
+/// Largest output accepted per image (64 Mpx, 768 MB of f32); larger requests are errors.
+const MAX_OUTPUT_PIXELS: u64 = 1 << 26;
+
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
@@ -91,6 +94,10 @@ impl Preprocessor {
         let (w, h) = geometry::resized_size(self.resize, width, height)?;
         let (ch, cw) = self.crop.unwrap_or((h, w));
         ensure!(ch > 0 && cw > 0, "crop size {ch}x{cw} is empty");
+        ensure!(
+            ch as u64 * cw as u64 <= MAX_OUTPUT_PIXELS,
+            "a {width}x{height} image would give {ch}x{cw} pixel values, more than {MAX_OUTPUT_PIXELS} per image"
+        );
         Ok((ch, cw))
     }
 
@@ -121,10 +128,9 @@ impl Preprocessor {
 
     /// Preprocess into `out` (3·H·W, already sized by the caller).
     fn process_into(&self, image: &DynamicImage, out: &mut [f32]) -> Result<()> {
+        let (ch, cw) = self.output_size_for(image.width(), image.height())?;
         let rgb = to_rgb::to_rgb8(image, self.alpha);
         let (rw, rh) = geometry::resized_size(self.resize, rgb.width(), rgb.height())?;
-        let (ch, cw) = self.crop.unwrap_or((rh, rw));
-        ensure!(ch > 0 && cw > 0, "crop size {ch}x{cw} is empty");
         let (ox, oy) = match self.crop {
             Some(_) => (
                 geometry::crop_origin(rw, cw, self.crop_rounding),

@@ -11,7 +11,10 @@ use super::geometry::{CropRounding, ResizeTo};
 use super::to_rgb::Alpha;
 use super::Preprocessor;
 
+// Written as transformers writes them; the f32 values are what numpy's float32 cast gives.
+#[allow(clippy::excessive_precision)]
 const OPENAI_CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 const OPENAI_CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 const IMAGENET_STANDARD: [f32; 3] = [0.5, 0.5, 0.5];
 
@@ -224,6 +227,9 @@ fn class_of(obj: &Map<String, Value>) -> Result<&'static Class> {
     })
 }
 
+/// The resize target and centre crop (height, width) a config asks for.
+type ResizeAndCrop = (Option<ResizeTo>, Option<(u32, u32)>);
+
 /// ConvNext's resize: below 384 pixels, shortest edge to `int(edge / crop_pct)` then a centre crop
 /// back to edge×edge; from 384 up, a square squash without crop.
 fn convnext_resize(
@@ -231,7 +237,7 @@ fn convnext_resize(
     size: Size,
     default_pct: f64,
     crop_size: Option<(u32, u32)>,
-) -> Result<(Option<ResizeTo>, Option<(u32, u32)>)> {
+) -> Result<ResizeAndCrop> {
     let Size::ShortestEdge(edge) = size else {
         bail!("ConvNextImageProcessor needs `size` with `shortest_edge`");
     };

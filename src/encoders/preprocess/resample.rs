@@ -47,15 +47,15 @@ pub fn resize_window(src: &RgbImage, out_w: u32, out_h: u32, filter: Resample, w
 
     let (x0, width) = (win.x as usize, win.width as usize);
     let (y0, height) = (win.y as usize, win.height as usize);
-    let horizontal = (out_w != in_w).then(|| coeffs(filter, in_w, out_w));
-    let vertical = (out_h != in_h).then(|| coeffs(filter, in_h, out_h));
+    let horizontal = (out_w != in_w).then(|| coeffs(filter, in_w, out_w, x0..x0 + width));
+    let vertical = (out_h != in_h).then(|| coeffs(filter, in_h, out_h, y0..y0 + height));
     // Source columns and rows the window reads (tap starts and ends grow with the output index).
     let cols = match &horizontal {
-        Some(c) => c.start[x0]..c.end(x0 + width - 1),
+        Some(c) => c.start(x0)..c.end(x0 + width - 1),
         None => x0..x0 + width,
     };
     let rows = match &vertical {
-        Some(c) => c.start[y0]..c.end(y0 + height - 1),
+        Some(c) => c.start(y0)..c.end(y0 + height - 1),
         None => y0..y0 + height,
     };
     let data = src.as_raw().as_slice();
