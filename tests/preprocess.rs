@@ -7,6 +7,10 @@ use candle_core::{DType, Device};
 use image::{DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use mono::encoders::preprocess::{Alpha, CropRounding, Preprocessor, Resample, ResizeTo};
 
+// The binary's allocator, so that the timing test sees the buffer reuse extraction gets.
+#[global_allocator]
+static ALLOCATOR: mono::alloc::PeakTrackingAllocator = mono::alloc::PeakTrackingAllocator;
+
 const STEMS: [&str; 4] = ["coffee", "astronaut", "camera", "chelsea_rgba"];
 #[allow(clippy::excessive_precision)]
 const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -387,6 +391,7 @@ fn extreme_aspect_ratios() {
 #[test]
 #[ignore]
 fn timing_500x375() {
+    mono::alloc::keep_freed_pages();
     let src = image::imageops::crop_imm(photo("coffee").as_rgb8().unwrap(), 0, 0, 300, 200).to_image();
     // Tile the photo to 500x375 so the content is natural.
     let img = DynamicImage::ImageRgb8(RgbImage::from_fn(500, 375, |x, y| *src.get_pixel(x % 300, y % 200)));
