@@ -3,6 +3,7 @@
 
 mod clip;
 pub mod hub;
+pub mod preprocess;
 mod resnet;
 mod siglip;
 mod vit;
