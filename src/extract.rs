@@ -109,15 +109,17 @@ fn encode(encoder: &dyn ImageEncoder, pixels: &[f32], rows: usize, (h, w): (u32,
     Ok(encoder.forward(&input)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-struct Context_<'a> {
+struct Extraction<'a> {
     config: &'a Config,
     encoder: &'a dyn ImageEncoder,
     preprocessor: &'a Preprocessor,
     encoder_info: serde_json::Value,
     device: &'a Device,
+    /// (height, width) of the preprocessed images.
+    size: (u32, u32),
 }
 
-fn extract_split(ctx: &Context_, split: &str, out_root: &Path, opts: &ExtractOptions) -> Result<SplitReport> {
+fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractOptions) -> Result<SplitReport> {
     let config = ctx.config;
     let dir = out_root.join(split);
     if dir.join(MANIFEST_FILE).is_file() {
@@ -149,7 +151,7 @@ fn extract_split(ctx: &Context_, split: &str, out_root: &Path, opts: &ExtractOpt
     };
 
     let batch_size = config.encoder.batch_size;
-    let size = ctx.preprocessor.output_size();
+    let size = ctx.size;
     let dtype = encoders::dtype(config.encoder.dtype);
     let bar = crate::progress::bar((range.end - range.start) as u64, split);
     bar.set_position((start - range.start) as u64);
@@ -204,7 +206,9 @@ pub fn extract(config: &Config, opts: &ExtractOptions) -> Result<Vec<SplitReport
     let device = crate::device::open_device(&config.run.device)?;
     let (encoder, files) = encoders::load(&config.encoder, &device)?;
     let preprocessor = preprocessor_for(config.encoder.kind, &files)?;
-    let (h, w) = preprocessor.output_size();
+    let (h, w) = preprocessor
+        .output_size()
+        .with_context(|| format!("{}: its preprocessing gives images of varying size (no crop); an encoder needs one size", files.source))?;
     let (eh, ew) = encoder.input_size();
     ensure!(
         (h as usize, w as usize) == (eh, ew) || config.encoder.kind == EncoderKind::Resnet50,
@@ -225,7 +229,7 @@ pub fn extract(config: &Config, opts: &ExtractOptions) -> Result<Vec<SplitReport
         let name = out_root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "features".into());
         out_root.set_file_name(format!("{name}-part-{i}-of-{n}"));
     }
-    let ctx = Context_ { config, encoder: encoder.as_ref(), preprocessor: &preprocessor, encoder_info, device: &device };
+    let ctx = Extraction { config, encoder: encoder.as_ref(), preprocessor: &preprocessor, encoder_info, device: &device, size: (h, w) };
     let mut splits = vec![config.data.train_split.clone()];
     if config.data.eval_split != config.data.train_split {
         splits.push(config.data.eval_split.clone());

@@ -7,6 +7,7 @@ pub mod data;
 pub mod device;
 pub mod encoders;
 pub mod eval;
+pub mod extract;
 pub mod io;
 pub mod monoscore;
 pub mod progress;

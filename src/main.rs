@@ -39,6 +39,17 @@ enum Command {
     /// Feature stores.
     #[command(subcommand)]
     Features(FeaturesCommand),
+    /// Extract features of the config's data set (train and eval splits) with its encoder.
+    Extract {
+        /// The TOML config.
+        config: PathBuf,
+        /// At most this many images per split (a quick look).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Do part i of n (0-based), e.g. 0/4; join the parts with `mono features merge`.
+        #[arg(long)]
+        shard: Option<String>,
+    },
     /// Train an SAE on the config's feature store with reconstruction + λ·MonoLoss, then evaluate.
     Train {
         /// The TOML config.
@@ -64,6 +75,18 @@ enum Command {
 enum FeaturesCommand {
     /// Build a feature store from a features matrix computed elsewhere (+ labels and paths).
     Import(ImportArgs),
+    /// Join the feature sets of `mono extract --shard i/n` parts (in the order given) into one.
+    Merge {
+        /// The part directories, e.g. features-part-0-of-2 features-part-1-of-2.
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// The merged feature set (one store per split).
+        #[arg(long)]
+        out: PathBuf,
+        /// Rows per shard of the merged stores.
+        #[arg(long, default_value_t = 16384)]
+        shard_size: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -169,6 +192,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Features(FeaturesCommand::Import(args)) => import(args),
         Command::Train { config, resume } => train(&config, resume),
+        Command::Extract { config, limit, shard } => extract(&config, limit, shard.as_deref()),
+        Command::Features(FeaturesCommand::Merge { parts, out, shard_size }) => {
+            for s in mono::data::merge::merge_feature_sets(&parts, &out, shard_size)? {
+                println!("{}: {} rows ({} skipped) → {}", s.split, s.rows, s.skipped, s.dir.display());
+            }
+            Ok(())
+        }
         Command::Eval { target, split } => {
             let (path, results) = mono::train::sae::eval_run(&target, split.as_deref())?;
             print_results(&results);
@@ -243,10 +273,7 @@ fn import(args: ImportArgs) -> Result<()> {
 
 fn train(config_path: &std::path::Path, resume: bool) -> Result<()> {
     let config = mono::Config::load(config_path)?;
-    if let Some(threads) = config.run.threads {
-        // Ignored when --threads already built the pool: the command line wins.
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
-    }
+    apply_thread_config(&config);
     let report = mono::train::sae::train_from_config(&config, resume)?;
     println!("trained {} steps into {}", report.steps, config.run_dir().display());
     if let Some(results) = &report.results {
@@ -278,4 +305,34 @@ fn print_results(r: &mono::eval::EvalResults) {
     if let Some(p) = &r.purity {
         println!("class purity: binary {:.4}  weighted {:.4}  over {} live latents", p.binary, p.weighted, p.latents);
     }
+}
+
+fn apply_thread_config(config: &mono::Config) {
+    if let Some(threads) = config.run.threads {
+        // Ignored when --threads already built the pool: the command line wins.
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    }
+}
+
+fn extract(config_path: &std::path::Path, limit: Option<usize>, shard: Option<&str>) -> Result<()> {
+    let config = mono::Config::load(config_path)?;
+    apply_thread_config(&config);
+    let part = shard.map(mono::extract::parse_part).transpose()?;
+    for r in mono::extract::extract(&config, &mono::extract::ExtractOptions { limit, part })? {
+        if r.already_done {
+            println!("{}: already extracted ({} rows) in {}", r.split, r.rows, r.dir.display());
+        } else {
+            let new = r.rows - r.resumed_rows + r.skipped;
+            println!(
+                "{}: {} rows, {} skipped → {} ({:.1} images/s{})",
+                r.split,
+                r.rows,
+                r.skipped,
+                r.dir.display(),
+                new as f64 / r.seconds.max(1e-9),
+                if r.resumed_rows > 0 { format!("; resumed after {} rows", r.resumed_rows) } else { String::new() }
+            );
+        }
+    }
+    Ok(())
 }
