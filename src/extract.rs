@@ -139,7 +139,7 @@ fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractO
     info.encoder = Some(ctx.encoder_info.clone());
     info.labels = dataset.label_kind();
     info.label_names = dataset.class_names().to_vec();
-    info.preprocessing = Some(json!(format!("{:?}", ctx.preprocessor)));
+    info.preprocessing = Some(serde_json::to_value(ctx.preprocessor)?);
     let has_shards = dir.is_dir() && std::fs::read_dir(&dir)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with("shard-"));
     let mut writer = if has_shards { StoreWriter::resume(&dir, info, config.features.shard_size)? } else { StoreWriter::create(&dir, info, config.features.shard_size)? };
     let resumed_rows = writer.resumed_rows();

@@ -39,7 +39,7 @@ const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// One model family's preprocessing. Without normalisation, `mean` is 0 and `std` is 1.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Preprocessor {
     pub resize: Option<ResizeTo>,
     pub resample: Resample,

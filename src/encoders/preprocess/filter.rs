@@ -5,7 +5,8 @@ use std::f64::consts::PI;
 
 /// A Pillow resampling filter. The discriminants are PIL's `Image.Resampling` codes, which is how
 /// Hugging Face `preprocessor_config.json` files store them (`"resample": 3` is bicubic).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Resample {
     Nearest = 0,
     Lanczos = 1,

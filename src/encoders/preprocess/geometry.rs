@@ -3,7 +3,8 @@
 use anyhow::{ensure, Result};
 
 /// Target of the resize step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ResizeTo {
     /// Scale so the shorter side becomes this, keeping the aspect ratio; the longer side is
     /// `int(edge * long / short)` (truncated), as in both transformers and torchvision.
@@ -13,7 +14,8 @@ pub enum ResizeTo {
 }
 
 /// How the centre-crop offset `(size - crop) / 2` is rounded when it is not whole.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CropRounding {
     /// Hugging Face `center_crop`: `(size - crop) // 2`.
     Floor,

@@ -11,7 +11,8 @@ use std::borrow::Cow;
 use image::{DynamicImage, RgbImage};
 
 /// What happens to the alpha channel of an image that has one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Alpha {
     /// Composite onto opaque white with Pillow's integer `alpha_composite`: what Hugging Face
     /// processors with `do_convert_rgb` (CLIP, SigLIP, Bit) do to RGBA, LA and transparent images.
