@@ -8,6 +8,7 @@ pub mod device;
 pub mod encoders;
 pub mod eval;
 pub mod extract;
+pub mod finetune;
 pub mod io;
 pub mod monoscore;
 pub mod progress;

@@ -1,0 +1,42 @@
+//! Finetuning a vision backbone with CE + λ·MonoLoss on an intermediate TopK layer (the paper's
+//! second use of MonoLoss): trainable towers, the model, its data and the training loop.
+
+pub mod layers;
+pub mod model;
+pub mod params;
+pub mod resnet;
+pub mod vit;
+
+/// Which backbone parameters train.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trainable {
+    /// Every parameter.
+    All,
+    /// Only the last N blocks (transformer layers or bottlenecks); 0 freezes the backbone.
+    LastBlocks(usize),
+    /// The backbone frozen, LoRA adapters on the attention projections trained.
+    Lora { rank: usize, alpha: f64 },
+}
+
+impl Trainable {
+    pub fn from_config(f: &crate::config::FinetuneConfig) -> Self {
+        match (f.lora_rank, f.trainable_blocks) {
+            (Some(rank), _) => Trainable::Lora { rank, alpha: f.lora_alpha },
+            (None, Some(n)) => Trainable::LastBlocks(n),
+            (None, None) => Trainable::All,
+        }
+    }
+
+    /// Index of the first trainable block out of `n`.
+    pub fn first_trainable_block(&self, n: usize) -> usize {
+        match self {
+            Trainable::All => 0,
+            Trainable::LastBlocks(k) => n - (*k).min(n),
+            Trainable::Lora { .. } => n,
+        }
+    }
+
+    pub fn is_lora(&self) -> bool {
+        matches!(self, Trainable::Lora { .. })
+    }
+}

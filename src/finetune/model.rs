@@ -1,0 +1,128 @@
+//! backbone → Linear(d → d·expansion) → ReLU → TopK(k) → Linear classifier, as in the paper;
+//! MonoLoss acts on the TopK layer's activations.
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::layers::Linear;
+use super::params::{DecayGroup, ParamSet, Weights};
+use super::resnet::ResNet;
+use super::vit::{ClipShape, ClipTower};
+use super::Trainable;
+use crate::config::EncoderKind;
+use crate::sae::ops;
+
+pub enum Backbone {
+    Clip(ClipTower),
+    Resnet(ResNet),
+}
+
+impl Backbone {
+    pub fn dim(&self) -> usize {
+        match self {
+            Backbone::Clip(t) => t.dim,
+            Backbone::Resnet(r) => r.dim,
+        }
+    }
+
+    pub fn forward(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Backbone::Clip(t) => t.forward(pixels),
+            Backbone::Resnet(r) => r.forward(pixels, train),
+        }
+    }
+}
+
+/// What one forward pass produces.
+pub struct Outputs {
+    /// (B, d) backbone features.
+    pub features: Tensor,
+    /// (B, width) TopK-layer activations (MonoLoss acts here).
+    pub topk: Tensor,
+    /// (B, classes).
+    pub logits: Tensor,
+}
+
+pub struct FinetuneModel {
+    pub backbone: Backbone,
+    pub hidden: Linear,
+    pub classifier: Linear,
+    pub k: usize,
+    pub params: ParamSet,
+}
+
+/// PyTorch's nn.Linear initialisation: U(±1/√in) for weight and bias.
+fn new_linear(params: &mut ParamSet, name: &str, out: usize, inp: usize, rng: &mut StdRng, device: &Device) -> Result<Linear> {
+    let bound = 1.0 / (inp as f64).sqrt();
+    let w: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
+    let b: Vec<f32> = (0..out).map(|_| rng.random_range(-bound..bound) as f32).collect();
+    Ok(Linear {
+        weight: params.add(&format!("{name}.weight"), Tensor::from_vec(w, (out, inp), device)?, true, DecayGroup::Weights)?,
+        bias: Some(params.add(&format!("{name}.bias"), Tensor::from_vec(b, out, device)?, true, DecayGroup::NormAndBias)?),
+        lora: None,
+    })
+}
+
+impl FinetuneModel {
+    /// The backbone from a checkpoint plus a fresh TopK head and classifier.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(kind: EncoderKind, config: &serde_json::Value, weights: &Weights, trainable: &Trainable, expansion: usize, k: Option<usize>, classes: usize, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut params = ParamSet::new(dtype);
+        let backbone = match kind {
+            EncoderKind::Clip => Backbone::Clip(ClipTower::load(&ClipShape::from_config(config)?, weights, &mut params, trainable, seed)?),
+            EncoderKind::Resnet50 => {
+                if trainable.is_lora() {
+                    bail!("finetune.lora_rank applies to ViT attention projections; a ResNet has none");
+                }
+                Backbone::Resnet(ResNet::load(weights, &mut params, trainable)?)
+            }
+            other => bail!("finetuning supports encoder.kind = \"clip\" and \"resnet50\" (the paper's models), not {other:?}"),
+        };
+        let d = backbone.dim();
+        let width = d * expansion;
+        let k = k.unwrap_or(width);
+        ensure!(k >= 1 && k <= width, "finetune.k = {k} must be in 1..={width} (the TopK layer is backbone width {d} × expansion {expansion})");
+        ensure!(classes >= 2, "the data set has {classes} classes; a classifier needs at least 2");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let hidden = new_linear(&mut params, "head.topk_layer", width, d, &mut rng, device)?;
+        let classifier = new_linear(&mut params, "head.classifier", classes, width, &mut rng, device)?;
+        Ok(Self { backbone, hidden, classifier, k, params })
+    }
+
+    pub fn forward(&self, pixels: &Tensor, train: bool) -> Result<Outputs> {
+        let features = self.backbone.forward(pixels, train)?;
+        let pre = self.hidden.forward(&features)?;
+        let width = pre.dim(1)?;
+        let topk = if self.k >= width { pre.relu()? } else { ops::topk_latents(&pre, &ops::Selection::PerRow(self.k), None)?.0 };
+        let logits = self.classifier.forward(&topk)?;
+        Ok(Outputs { features, topk, logits })
+    }
+}
+
+/// Cross-entropy with label smoothing ε: (1 − ε)·NLL + ε·mean over classes of −log p.
+pub fn cross_entropy(logits: &Tensor, labels: &[u32], smoothing: f64) -> Result<Tensor> {
+    let (b, c) = logits.dims2()?;
+    let log_p = candle_nn::ops::log_softmax(logits, 1)?;
+    let targets = Tensor::from_vec(labels.to_vec(), (b, 1), logits.device())?;
+    let nll = log_p.gather(&targets, 1)?.neg()?.mean_all()?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = (log_p.sum_all()?.neg()? / (b * c) as f64)?;
+    Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
+}
+
+/// Top-1 and top-5 hits of a batch.
+pub fn topk_hits(logits: &Tensor, labels: &[u32]) -> Result<(usize, usize)> {
+    let rows = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+    let (mut top1, mut top5) = (0, 0);
+    for (row, &y) in rows.iter().zip(labels) {
+        let target = row[y as usize];
+        let better = row.iter().filter(|&&v| v > target).count();
+        top1 += (better == 0) as usize;
+        top5 += (better < 5) as usize;
+    }
+    Ok((top1, top5))
+}

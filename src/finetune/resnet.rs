@@ -1,0 +1,145 @@
+//! A trainable torchvision-layout bottleneck ResNet (ResNet-50 and relatives, any depth/width
+//! read off the checkpoint): train-mode BatchNorm with running statistics, and a stem max-pool
+//! whose backward works. Equals candle-transformers' `resnet50` in evaluation mode.
+
+use std::sync::Mutex;
+
+use anyhow::{ensure, Result};
+use candle_core::Tensor;
+
+use super::layers::{max_pool_3x3_s2, BatchNorm};
+use super::params::{DecayGroup, ParamSet, Weights};
+use super::Trainable;
+
+struct Conv {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?)
+    }
+}
+
+struct Bottleneck {
+    conv1: Conv,
+    bn1: BatchNorm,
+    conv2: Conv,
+    bn2: BatchNorm,
+    conv3: Conv,
+    bn3: BatchNorm,
+    downsample: Option<(Conv, BatchNorm)>,
+}
+
+pub struct ResNet {
+    conv1: Conv,
+    bn1: BatchNorm,
+    blocks: Vec<Bottleneck>,
+    pub dim: usize,
+}
+
+fn take_conv(weights: &Weights, params: &mut ParamSet, name: &str, stride: usize, padding: usize, train: bool) -> Result<Conv> {
+    let key = format!("{name}.weight");
+    let dims = weights.dims(&key)?;
+    ensure!(dims.len() == 4, "{}: `{key}` is not a convolution kernel", weights.source);
+    Ok(Conv { weight: params.add(&key, weights.get(&key, &dims)?, train, DecayGroup::Weights)?, stride, padding })
+}
+
+fn take_bn(weights: &Weights, params: &mut ParamSet, name: &str, channels: usize, train: bool) -> Result<BatchNorm> {
+    let dtype = params.dtype;
+    let get = |k: &str| -> Result<Tensor> { Ok(weights.get(&format!("{name}.{k}"), &[channels])?.to_dtype(dtype)?) };
+    Ok(BatchNorm {
+        weight: params.add(&format!("{name}.weight"), get("weight")?, train, DecayGroup::NormAndBias)?,
+        bias: params.add(&format!("{name}.bias"), get("bias")?, train, DecayGroup::NormAndBias)?,
+        running_mean: Mutex::new(get("running_mean")?),
+        running_var: Mutex::new(get("running_var")?),
+        eps: 1e-5,
+        momentum: 0.1,
+        trainable: train,
+    })
+}
+
+impl ResNet {
+    /// Loads torchvision names (`conv1`, `bn1`, `layer{1..4}.{i}.…`); `trainable` counts the
+    /// bottleneck blocks from the end.
+    pub fn load(weights: &Weights, params: &mut ParamSet, trainable: &Trainable) -> Result<Self> {
+        ensure!(
+            weights.contains("conv1.weight") && weights.contains("layer1.0.conv1.weight"),
+            "{}: not a torchvision-layout ResNet (need conv1.weight, layer1.0.conv1.weight, …)",
+            weights.source
+        );
+        let mut layout = Vec::new(); // (stage, index) of every block
+        for stage in 1..=4 {
+            let mut i = 0;
+            while weights.contains(&format!("layer{stage}.{i}.conv1.weight")) {
+                layout.push((stage, i));
+                i += 1;
+            }
+        }
+        let first = if trainable.is_lora() { layout.len() } else { trainable.first_trainable_block(layout.len()) };
+        let stem_train = first == 0;
+        let conv1 = take_conv(weights, params, "conv1", 2, 3, stem_train)?;
+        let stem_channels = weights.dims("conv1.weight")?[0];
+        let bn1 = take_bn(weights, params, "bn1", stem_channels, stem_train)?;
+        let mut blocks = Vec::new();
+        let mut dim = stem_channels;
+        for (n, &(stage, i)) in layout.iter().enumerate() {
+            let train = n >= first;
+            let base = format!("layer{stage}.{i}");
+            // torchvision v1.5: the stride sits on the 3×3 convolution of each stage's first block.
+            let stride = if i == 0 && stage > 1 { 2 } else { 1 };
+            let c = |k: &str| -> Result<usize> { Ok(weights.dims(&format!("{base}.{k}.weight"))?[0]) };
+            let conv1 = take_conv(weights, params, &format!("{base}.conv1"), 1, 0, train)?;
+            let bn1 = take_bn(weights, params, &format!("{base}.bn1"), c("conv1")?, train)?;
+            let conv2 = take_conv(weights, params, &format!("{base}.conv2"), stride, 1, train)?;
+            let bn2 = take_bn(weights, params, &format!("{base}.bn2"), c("conv2")?, train)?;
+            let conv3 = take_conv(weights, params, &format!("{base}.conv3"), 1, 0, train)?;
+            let out = c("conv3")?;
+            let bn3 = take_bn(weights, params, &format!("{base}.bn3"), out, train)?;
+            let downsample = if weights.contains(&format!("{base}.downsample.0.weight")) {
+                Some((
+                    take_conv(weights, params, &format!("{base}.downsample.0"), stride, 0, train)?,
+                    take_bn(weights, params, &format!("{base}.downsample.1"), out, train)?,
+                ))
+            } else {
+                None
+            };
+            blocks.push(Bottleneck { conv1, bn1, conv2, bn2, conv3, bn3, downsample });
+            dim = out;
+        }
+        Ok(Self { conv1, bn1, blocks, dim })
+    }
+
+    /// (B, 3, H, W) → (B, C) globally average-pooled features.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut x = max_pool_3x3_s2(&x)?;
+        for b in &self.blocks {
+            let h = b.bn1.forward(&b.conv1.forward(&x)?, train)?.relu()?;
+            let h = b.bn2.forward(&b.conv2.forward(&h)?, train)?.relu()?;
+            let h = b.bn3.forward(&b.conv3.forward(&h)?, train)?;
+            let identity = match &b.downsample {
+                Some((conv, bn)) => bn.forward(&conv.forward(&x)?, train)?,
+                None => x.clone(),
+            };
+            x = (h + identity)?.relu()?;
+        }
+        Ok(x.mean(3)?.mean(2)?)
+    }
+
+    /// The BatchNorm running statistics, by parameter-style name (for checkpoints and EMA).
+    pub fn running_stats(&self) -> Vec<(&Mutex<Tensor>, &Mutex<Tensor>)> {
+        let mut out = vec![(&self.bn1.running_mean, &self.bn1.running_var)];
+        for b in &self.blocks {
+            for bn in [&b.bn1, &b.bn2, &b.bn3] {
+                out.push((&bn.running_mean, &bn.running_var));
+            }
+            if let Some((_, bn)) = &b.downsample {
+                out.push((&bn.running_mean, &bn.running_var));
+            }
+        }
+        out
+    }
+}
