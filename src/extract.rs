@@ -55,9 +55,9 @@ pub struct SplitReport {
 /// The preprocessing of the encoder's family, from its preprocessor_config.json when present.
 pub fn preprocessor_for(kind: EncoderKind, files: &ModelFiles) -> Result<Preprocessor> {
     match (&files.preprocessor, kind) {
-        // torchvision's ImageNet evaluation transform, for torchvision-layout ResNet-50 weights.
-        (_, EncoderKind::Resnet50) => Ok(Preprocessor::torchvision_imagenet(256, 224)),
         (Some(path), _) => Preprocessor::from_hf_json(path),
+        // torchvision's ImageNet evaluation transform, for torchvision-layout ResNet-50 weights.
+        (None, EncoderKind::Resnet50) => Ok(Preprocessor::torchvision_imagenet(256, 224)),
         (None, _) => bail!("{}: no preprocessor_config.json; the image size, resampling and normalisation come from it", files.source),
     }
 }

@@ -58,6 +58,14 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Finetune a backbone with CE + λ·MonoLoss on an intermediate TopK layer.
+    Finetune {
+        /// The TOML config.
+        config: PathBuf,
+        /// Continue from the run's newest (per-epoch) checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Evaluate a trained SAE: R², MSE, L0, dead latents, MonoScore, class purity.
     Eval {
         /// A run directory (holding config.toml) or a config file.
@@ -192,6 +200,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Features(FeaturesCommand::Import(args)) => import(args),
         Command::Train { config, resume } => train(&config, resume),
+        Command::Finetune { config, resume } => {
+            let config = mono::Config::load(&config)?;
+            apply_thread_config(&config);
+            let report = mono::finetune::trainer::finetune_from_config(&config, resume)?;
+            let last = &report.results["final"];
+            println!(
+                "finetuned {} epochs into {}: top-1 {:.4}, top-5 {:.4}, TopK-layer MonoScore {}",
+                report.epochs,
+                config.run_dir().display(),
+                last["top1"].as_f64().unwrap_or(f64::NAN),
+                last["top5"].as_f64().unwrap_or(f64::NAN),
+                last["monoscore"]["mean"].as_f64().map(|m| format!("{m:.4}")).unwrap_or_else(|| "n/a".into())
+            );
+            Ok(())
+        }
         Command::Extract { config, limit, shard } => extract(&config, limit, shard.as_deref()),
         Command::Features(FeaturesCommand::Merge { parts, out, shard_size }) => {
             for s in mono::data::merge::merge_feature_sets(&parts, &out, shard_size)? {

@@ -1,10 +1,12 @@
 //! Finetuning a vision backbone with CE + λ·MonoLoss on an intermediate TopK layer (the paper's
 //! second use of MonoLoss): trainable towers, the model, its data and the training loop.
 
+pub mod data;
 pub mod layers;
 pub mod model;
 pub mod params;
 pub mod resnet;
+pub mod trainer;
 pub mod vit;
 
 /// Which backbone parameters train.

@@ -9,9 +9,10 @@ use candle_core::{backprop::GradStore, CpuStorage, DType, Device, InplaceOp1, La
 use rayon::prelude::*;
 
 /// Applies `f` to a parameter's f32 data in place.
-pub fn update_param(var: &Var, f: impl Fn(&mut [f32]) + Sync) -> Result<()> {
-    struct HostUpdate<F>(F);
-    impl<F: Fn(&mut [f32]) + Sync> InplaceOp1 for HostUpdate<F> {
+pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
+    // The op is called through `&self`: the closure sits behind a mutex.
+    struct HostUpdate<F>(std::sync::Mutex<F>);
+    impl<F: FnMut(&mut [f32]) + Send> InplaceOp1 for HostUpdate<F> {
         fn name(&self) -> &'static str {
             "host-update"
         }
@@ -19,19 +20,21 @@ pub fn update_param(var: &Var, f: impl Fn(&mut [f32]) + Sync) -> Result<()> {
             let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("parameter must be contiguous") };
             match storage {
                 CpuStorage::F32(data) => {
-                    (self.0)(&mut data[a..b]);
+                    (self.0.lock().unwrap())(&mut data[a..b]);
                     Ok(())
                 }
                 _ => candle_core::bail!("parameters must be f32"),
             }
         }
     }
-    if var.device().is_cpu() {
-        var.as_tensor().inplace_op1(&HostUpdate(f))?;
+    if var.device().is_cpu() && var.dtype() == DType::F32 {
+        var.as_tensor().inplace_op1(&HostUpdate(std::sync::Mutex::new(f)))?;
     } else {
-        let mut host = var.as_tensor().to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        // Other devices and dtypes (e.g. bf16 weights in mixed precision): through an f32 host copy.
+        let mut f = f;
+        let mut host = var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         f(&mut host);
-        var.set(&Tensor::from_vec(host, var.shape(), var.device())?)?;
+        var.set(&Tensor::from_vec(host, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }
@@ -194,5 +197,63 @@ mod tests {
         assert!((scheduled_lr(1.0, 10, 110, 10, LrDecay::Cosine) - 1.0).abs() < 1e-12);
         assert!(scheduled_lr(1.0, 109, 110, 10, LrDecay::Cosine) < 0.01);
         assert!((scheduled_lr(1.0, 60, 110, 10, LrDecay::Linear) - 0.5).abs() < 1e-12);
+    }
+}
+
+/// SGD with momentum (PyTorch's rule: v = μ v + g, step = g + μ v with Nesterov, else v) and
+/// coupled weight decay (g += wd · p, per parameter), as torchvision's reference recipes use.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub buffers: Vec<Vec<f32>>,
+    pub steps: u64,
+}
+
+impl Sgd {
+    pub fn new(sizes: &[usize], momentum: f64, nesterov: bool) -> Self {
+        Self { momentum, nesterov, buffers: sizes.iter().map(|&n| vec![0.0; n]).collect(), steps: 0 }
+    }
+
+    /// One step; `decay[i]` is parameter i's weight decay.
+    pub fn step(&mut self, params: &[&Var], grads: &[Vec<f32>], decay: &[f64], lr: f64) -> Result<()> {
+        ensure!(params.len() == self.buffers.len() && grads.len() == params.len(), "optimizer state does not match the parameters");
+        let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
+        self.steps += 1;
+        for (((var, grad), buf), &wd) in params.iter().zip(grads).zip(self.buffers.iter_mut()).zip(decay) {
+            let wd = wd as f32;
+            let lr = lr as f32;
+            update_param(var, |p| {
+                p.par_iter_mut().zip(buf.par_iter_mut()).zip(grad.par_iter()).for_each(|((p, b), &g)| {
+                    let g = g + wd * *p;
+                    *b = if first { g } else { mu * *b + g };
+                    let step = if mu == 0.0 { g } else if nesterov { g + mu * *b } else { *b };
+                    *p -= lr * step;
+                });
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// AdamW: Adam's update plus decoupled weight decay p -= lr · wd · p (per parameter).
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub adam: Adam,
+}
+
+impl AdamW {
+    pub fn new(sizes: &[usize], betas: [f64; 2], eps: f64) -> Self {
+        Self { adam: Adam::new(sizes, betas, eps) }
+    }
+
+    pub fn step(&mut self, params: &[&Var], grads: &[Vec<f32>], decay: &[f64], lr: f64) -> Result<()> {
+        for (var, &wd) in params.iter().zip(decay) {
+            if wd > 0.0 {
+                let factor = (1.0 - lr * wd) as f32;
+                update_param(var, |p| p.par_iter_mut().for_each(|x| *x *= factor))?;
+            }
+        }
+        self.adam.step(params, grads, lr)
     }
 }

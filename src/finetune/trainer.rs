@@ -1,0 +1,444 @@
+//! `mono finetune`: CE (label smoothing) + λ·MonoLoss on the TopK layer, SGD/AdamW with
+//! decay groups, warm-up + cosine/step schedules, clipping, EMA, per-epoch evaluation (top-1,
+//! top-5, the TopK layer's MonoScore), checkpoints at every epoch and `--resume`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::data::{class_labels, epoch_order, prepare, Augment, Batch, SimilarityLookup};
+use super::model::{cross_entropy, topk_hits, Backbone, FinetuneModel};
+use super::params::{DecayGroup, Weights};
+use super::Trainable;
+use crate::config::{Config, LrSchedule, Optimizer};
+use crate::data::images::{open_dataset, ImageDataset};
+use crate::data::store::{open_split, FeatureStore};
+use crate::encoders::preprocess::Preprocessor;
+use crate::monoscore::{MonoScoreAccumulator, ScorePath};
+use crate::sae::checkpoint::write_dir_atomic;
+use crate::sae::ops;
+use crate::train::optim::{self, AdamW, Sgd};
+
+const CHECKPOINTS: &str = "checkpoints";
+const METRICS: &str = "metrics.jsonl";
+const RESULTS: &str = "results.json";
+const KEEP_CHECKPOINTS: usize = 2;
+
+enum Opt {
+    Sgd(Sgd),
+    AdamW(AdamW),
+}
+
+impl Opt {
+    fn step(&mut self, vars: &[&candle_core::Var], grads: &[Vec<f32>], decay: &[f64], lr: f64) -> Result<()> {
+        match self {
+            Opt::Sgd(o) => o.step(vars, grads, decay, lr),
+            Opt::AdamW(o) => o.step(vars, grads, decay, lr),
+        }
+    }
+
+    /// State tensors for checkpoints: one or two buffers per parameter.
+    fn buffers(&self) -> Vec<&Vec<f32>> {
+        match self {
+            Opt::Sgd(o) => o.buffers.iter().collect(),
+            Opt::AdamW(o) => o.adam.moments.iter().flat_map(|(m, v)| [m, v]).collect(),
+        }
+    }
+
+    fn buffers_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        match self {
+            Opt::Sgd(o) => o.buffers.iter_mut().collect(),
+            Opt::AdamW(o) => o.adam.moments.iter_mut().flat_map(|(m, v)| [m, v]).collect(),
+        }
+    }
+
+    fn steps(&mut self) -> &mut u64 {
+        match self {
+            Opt::Sgd(o) => &mut o.steps,
+            Opt::AdamW(o) => &mut o.adam.steps,
+        }
+    }
+}
+
+/// Learning rate at global step `step`: linear warm-up from lr/100, then the schedule.
+pub fn finetune_lr(config: &Config, step: usize, steps_per_epoch: usize) -> f64 {
+    let f = &config.finetune;
+    let warmup = f.warmup_epochs * steps_per_epoch;
+    if step < warmup {
+        let t = step as f64 / warmup as f64;
+        return f.lr * (0.01 + 0.99 * t);
+    }
+    let epoch = step / steps_per_epoch.max(1);
+    match f.schedule {
+        LrSchedule::Constant => f.lr,
+        LrSchedule::Step => f.lr * f.gamma.powi((epoch / f.step_size) as i32),
+        LrSchedule::Cosine => {
+            let total = (f.epochs * steps_per_epoch).saturating_sub(warmup).max(1);
+            let progress = (step - warmup) as f64 / total as f64;
+            f.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
+        }
+    }
+}
+
+/// Everything the run reads, opened and checked before anything is written.
+struct Inputs {
+    train: Box<dyn ImageDataset>,
+    eval: Box<dyn ImageDataset>,
+    train_labels: Vec<u32>,
+    eval_labels: Vec<u32>,
+    similarity: Option<(FeatureStore, FeatureStore)>,
+    eval_pre: Preprocessor,
+    size: (u32, u32),
+    weights: Weights,
+    model_config: serde_json::Value,
+}
+
+fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
+    let root = config.data.root.as_ref().context("data.root is not set: where are the images?")?;
+    let train = open_dataset(config.data.kind, root, &config.data.train_split)?;
+    let eval = open_dataset(config.data.kind, root, &config.data.eval_split)?;
+    ensure!(
+        train.class_names() == eval.class_names(),
+        "data.train_split has {} classes and data.eval_split {}: a classifier needs the same classes",
+        train.class_names().len(),
+        eval.class_names().len()
+    );
+    let (train_labels, eval_labels) = (class_labels(train.as_ref())?, class_labels(eval.as_ref())?);
+    let files = crate::encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
+    let eval_pre = crate::extract::preprocessor_for(config.encoder.kind, &files)?;
+    let size = eval_pre.output_size().context("the encoder's preprocessing must give one image size")?;
+    let weights = Weights::load(&files.weights, device)?;
+    let model_config = files.config_json()?;
+    let similarity = match &config.finetune.similarity_store {
+        Some(dir) => Some((
+            open_split(dir, &config.data.train_split).context("finetune.similarity_store")?,
+            open_split(dir, &config.data.eval_split).context("finetune.similarity_store")?,
+        )),
+        None => None,
+    };
+    Ok(Inputs { train, eval, train_labels, eval_labels, similarity, eval_pre, size, weights, model_config })
+}
+
+/// The run's mutable state, saved at every epoch.
+struct State {
+    epoch: usize,
+    step: usize,
+    history: Vec<serde_json::Value>,
+}
+
+fn checkpoint_dirs(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = run_dir.join(CHECKPOINTS);
+    let mut found = Vec::new();
+    if dir.is_dir() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            if let Some(n) = e.file_name().to_string_lossy().strip_prefix("epoch-").and_then(|s| s.parse().ok()) {
+                found.push((n, e.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Trainable parameter values, BatchNorm statistics, optimizer buffers and EMA, by name.
+fn state_tensors(model: &FinetuneModel, opt: &Opt, ema: &Option<HashMap<String, Tensor>>) -> Result<HashMap<String, Tensor>> {
+    let mut t = HashMap::new();
+    for p in model.params.trainable() {
+        t.insert(format!("param.{}", p.name), p.get().detach().to_device(&Device::Cpu)?);
+    }
+    if let Backbone::Resnet(r) = &model.backbone {
+        for (i, (m, v)) in r.running_stats().into_iter().enumerate() {
+            t.insert(format!("bn.{i}.running_mean"), m.lock().unwrap().to_device(&Device::Cpu)?);
+            t.insert(format!("bn.{i}.running_var"), v.lock().unwrap().to_device(&Device::Cpu)?);
+        }
+    }
+    for (i, b) in opt.buffers().into_iter().enumerate() {
+        t.insert(format!("optimizer.{i}"), Tensor::from_slice(b, b.len(), &Device::Cpu)?);
+    }
+    if let Some(ema) = ema {
+        for (name, v) in ema {
+            t.insert(format!("ema.{name}"), v.to_device(&Device::Cpu)?);
+        }
+    }
+    Ok(t)
+}
+
+fn restore(dir: &Path, model: &FinetuneModel, opt: &mut Opt, ema: &mut Option<HashMap<String, Tensor>>, device: &Device) -> Result<State> {
+    let path = dir.join("state.safetensors");
+    let t = candle_core::safetensors::load(&path, device).with_context(|| format!("cannot read {}", path.display()))?;
+    let get = |k: &str| t.get(k).with_context(|| format!("{}: missing `{k}` (checkpoint of another model?)", path.display()));
+    for p in model.params.trainable() {
+        let v = get(&format!("param.{}", p.name))?;
+        ensure!(v.dims() == p.get().dims(), "{}: `{}` has another shape than the model's", path.display(), p.name);
+        p.var.as_ref().unwrap().set(&v.to_dtype(p.get().dtype())?)?;
+    }
+    if let Backbone::Resnet(r) = &model.backbone {
+        for (i, (m, v)) in r.running_stats().into_iter().enumerate() {
+            *m.lock().unwrap() = get(&format!("bn.{i}.running_mean"))?.clone();
+            *v.lock().unwrap() = get(&format!("bn.{i}.running_var"))?.clone();
+        }
+    }
+    for (i, b) in opt.buffers_mut().into_iter().enumerate() {
+        *b = get(&format!("optimizer.{i}"))?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+    }
+    if let Some(ema) = ema {
+        for (name, v) in ema.iter_mut() {
+            *v = get(&format!("ema.{name}"))?.clone();
+        }
+    }
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+    *opt.steps() = doc["optimizer_steps"].as_u64().unwrap_or(0);
+    Ok(State {
+        epoch: doc["epoch"].as_u64().context("state.json: no epoch")? as usize,
+        step: doc["step"].as_u64().context("state.json: no step")? as usize,
+        history: doc["history"].as_array().cloned().unwrap_or_default(),
+    })
+}
+
+/// EMA targets: trainable parameters (and BatchNorm statistics, which follow the same average).
+fn ema_update(model: &FinetuneModel, ema: &mut HashMap<String, Tensor>, decay: f64) -> Result<()> {
+    for p in model.params.trainable() {
+        if let Some(e) = ema.get_mut(&p.name) {
+            *e = ((&*e * decay)? + (p.get().detach() * (1.0 - decay))?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` with the EMA weights in place of the trained ones.
+fn with_ema<R>(model: &FinetuneModel, ema: &Option<HashMap<String, Tensor>>, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let Some(ema) = ema else { return f() };
+    let saved: Vec<Tensor> = model.params.trainable().map(|p| p.get().detach().copy()).collect::<candle_core::Result<_>>()?;
+    for p in model.params.trainable() {
+        p.var.as_ref().unwrap().set(&ema[&p.name])?;
+    }
+    let result = f();
+    for (p, v) in model.params.trainable().zip(saved) {
+        p.var.as_ref().unwrap().set(&v)?;
+    }
+    result
+}
+
+/// Top-1, top-5 and the TopK layer's MonoScore on the eval split.
+fn evaluate(model: &FinetuneModel, inputs: &Inputs, judge: Option<&SimilarityLookup>, batch_size: usize, device: &Device) -> Result<serde_json::Value> {
+    let n = inputs.eval.len();
+    let (h, w) = inputs.size;
+    let width = model.hidden.weight.dim(0)?;
+    let mut acc: Option<MonoScoreAccumulator> = None;
+    let (mut top1, mut top5) = (0, 0);
+    let mut sim = Vec::new();
+    for start in (0..n).step_by(batch_size.max(1)) {
+        let items: Vec<usize> = (start..(start + batch_size).min(n)).collect();
+        let batch = prepare(inputs.eval.as_ref(), &inputs.eval_labels, &items, &inputs.eval_pre, None)?;
+        let x = Tensor::from_vec(batch.pixels, (items.len(), 3, h as usize, w as usize), device)?.to_dtype(model.params.dtype)?;
+        let out = model.forward(&x, false)?;
+        let (t1, t5) = topk_hits(&out.logits, &batch.labels)?;
+        top1 += t1;
+        top5 += t5;
+        let similarity = match judge {
+            Some(j) => {
+                j.read(&items, &mut sim)?;
+                sim.clone()
+            }
+            None => out.features.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
+        };
+        let acts = out.topk.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let acc = acc.get_or_insert_with(|| MonoScoreAccumulator::new(similarity.len() / items.len(), width));
+        acc.add(&similarity, &acts, ScorePath::Auto)?;
+    }
+    let scores = acc.context("the eval split is empty")?.finish().summary();
+    Ok(json!({"top1": top1 as f64 / n as f64, "top5": top5 as f64 / n as f64, "monoscore": scores, "n_images": n}))
+}
+
+pub struct FinetuneReport {
+    pub epochs: usize,
+    pub results: serde_json::Value,
+}
+
+/// `mono finetune CONFIG [--resume]`.
+pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneReport> {
+    let f = &config.finetune;
+    let lambda = config.mono.lambda.context("mono.lambda must be set for finetuning (the paper uses 0, 0.03, 0.05, 0.07 and 0.1)")?;
+    let device = crate::device::open_device(&config.run.device)?;
+    let inputs = open_inputs(config, &device)?;
+    let classes = inputs.train.class_names().len();
+    let train_judge = inputs.similarity.as_ref().map(|(s, _)| SimilarityLookup::new(s, inputs.train.as_ref())).transpose()?;
+    let eval_judge = inputs.similarity.as_ref().map(|(_, s)| SimilarityLookup::new(s, inputs.eval.as_ref())).transpose()?;
+    let steps_per_epoch = inputs.train.len() / f.batch_size;
+    ensure!(steps_per_epoch > 0, "finetune.batch_size = {} exceeds the {} training images", f.batch_size, inputs.train.len());
+    // Mixed precision: bf16 compute with f32 master weights on GPUs; the CPU has no bf16 matmul.
+    let mixed = f.mixed_precision && !device.is_cpu();
+    let dtype = if mixed { DType::BF16 } else { DType::F32 };
+    let model = FinetuneModel::new(config.encoder.kind, &inputs.model_config, &inputs.weights, &Trainable::from_config(f), f.expansion, f.k, classes, config.run.seed, dtype, &device)?;
+
+    let run_dir = config.run_dir();
+    let existing = checkpoint_dirs(&run_dir)?;
+    if !resume && (!existing.is_empty() || run_dir.join(RESULTS).exists()) {
+        bail!("{} already holds a finetuning run; pass --resume to continue it, or choose another run.name", run_dir.display());
+    }
+    if resume && existing.is_empty() {
+        bail!("--resume: {} has no checkpoint to resume from", run_dir.display());
+    }
+
+    // f32 master copies of the trainable parameters (the parameters themselves when f32).
+    let masters: Vec<candle_core::Var> = model
+        .params
+        .trainable()
+        .map(|p| if mixed { candle_core::Var::from_tensor(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?) } else { Ok(p.var.clone().unwrap()) })
+        .collect::<candle_core::Result<_>>()?;
+    let sizes: Vec<usize> = masters.iter().map(|v| v.elem_count()).collect();
+    let decay: Vec<f64> = model.params.trainable().map(|p| if p.group == DecayGroup::Weights { f.weight_decay } else { f.norm_weight_decay }).collect();
+    let mut opt = match f.optimizer {
+        Optimizer::Sgd => Opt::Sgd(Sgd::new(&sizes, f.momentum, f.nesterov)),
+        Optimizer::Adamw => Opt::AdamW(AdamW::new(&sizes, [0.9, 0.999], 1e-8)),
+    };
+    let mut ema: Option<HashMap<String, Tensor>> = f.ema_decay.map(|_| model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect());
+    let mut state = match existing.last() {
+        Some((_, dir)) if resume => restore(dir, &model, &mut opt, &mut ema, &device)?,
+        _ => State { epoch: 0, step: 0, history: Vec::new() },
+    };
+    if mixed {
+        for (m, p) in masters.iter().zip(model.params.trainable()) {
+            m.set(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+        }
+    }
+
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    if state.epoch == 0 {
+        crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
+    }
+    let metrics_path = run_dir.join(METRICS);
+    let kept: String = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= state.step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::write_atomic(&metrics_path, kept.as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+
+    let (h, w) = inputs.size;
+    let augment = Augment::new(&inputs.eval_pre, inputs.size);
+    let total_steps = f.epochs * steps_per_epoch;
+    let bar = crate::progress::bar(total_steps as u64, "finetuning");
+    bar.set_position(state.step as u64);
+    while state.epoch < f.epochs {
+        let epoch = state.epoch;
+        let order = epoch_order(inputs.train.len(), config.run.seed, epoch);
+        let (tx, rx) = sync_channel::<Result<Batch>>(2);
+        let train: &dyn ImageDataset = inputs.train.as_ref();
+        let (labels, pre, aug, seed, bs) = (&inputs.train_labels, &inputs.eval_pre, &augment, config.run.seed, f.batch_size);
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(move || {
+                for chunk in order.chunks_exact(bs) {
+                    if tx.send(prepare(train, labels, chunk, pre, if f.augment { Some((aug, seed, epoch)) } else { None })).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut sim = Vec::new();
+            for batch in rx {
+                let batch = batch?;
+                let x = Tensor::from_vec(batch.pixels, (bs, 3, h as usize, w as usize), &device)?.to_dtype(dtype)?;
+                let out = model.forward(&x, true)?;
+                let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, &batch.labels, f.label_smoothing)?;
+                let similarity = match &train_judge {
+                    Some(j) => {
+                        j.read(&batch.items, &mut sim)?;
+                        Tensor::from_slice(&sim, (bs, j.dim()), &device)?
+                    }
+                    None => out.features.detach(),
+                };
+                let log = (state.step + 1) % config.train.log_every == 0;
+                // Without λ the MonoScore is only measured for the log, without a graph.
+                let topk = if lambda > 0.0 { out.topk.to_dtype(DType::F32)? } else { out.topk.detach().to_dtype(DType::F32)? };
+                let (mono_loss, stats) = if lambda > 0.0 || log {
+                    ops::batch_mono_loss(&topk, &similarity.to_dtype(DType::F32)?, config.mono.eps, None)?
+                } else {
+                    (Tensor::new(0f32, &device)?, ops::MonoLossStats::default())
+                };
+                let loss = if lambda > 0.0 { (&ce + (&mono_loss * lambda)?)? } else { ce.clone() };
+                let loss_value = loss.to_scalar::<f32>()? as f64;
+                ensure!(loss_value.is_finite(), "finetuning diverged at step {}: loss {loss_value}", state.step + 1);
+                let grads = loss.backward()?;
+                let mut host: Vec<Vec<f32>> = model.params.trainable().map(|p| optim::host_grad(&grads, p.var.as_ref().unwrap())).collect::<Result<_>>()?;
+                drop(grads);
+                let grad_norm = match f.grad_clip {
+                    Some(max) => optim::clip_global_norm(&mut host, max),
+                    None => optim::global_norm(&host),
+                };
+                let lr = finetune_lr(config, state.step, steps_per_epoch);
+                let vars: Vec<&candle_core::Var> = masters.iter().collect();
+                opt.step(&vars, &host, &decay, lr)?;
+                if mixed {
+                    for (m, p) in masters.iter().zip(model.params.trainable()) {
+                        p.var.as_ref().unwrap().set(&m.as_tensor().to_device(&device)?.to_dtype(dtype)?)?;
+                    }
+                }
+                if let (Some(ema), Some(d)) = (ema.as_mut(), f.ema_decay) {
+                    ema_update(&model, ema, d)?;
+                }
+                state.step += 1;
+                bar.inc(1);
+                if log {
+                    let (t1, _) = topk_hits(&out.logits, &batch.labels)?;
+                    let line = json!({"step": state.step, "epoch": epoch, "lr": lr, "loss": loss_value, "ce": ce.to_scalar::<f32>()?,
+                        "mono_score": stats.mean_score, "mono_active": stats.n_active, "batch_top1": t1 as f64 / bs as f64, "grad_norm": grad_norm});
+                    writeln!(metrics, "{line}")?;
+                    bar.set_prefix(format!("loss {loss_value:.3} mono {:.3}", stats.mean_score));
+                }
+            }
+            Ok(())
+        })?;
+        let eval = with_ema(&model, &ema, || evaluate(&model, &inputs, eval_judge.as_ref(), f.batch_size, &device))?;
+        let line = json!({"step": state.step, "epoch": epoch, "eval": eval});
+        writeln!(metrics, "{line}")?;
+        metrics.flush()?;
+        bar.suspend(|| {
+            if !crate::progress::is_quiet() {
+                eprintln!("epoch {}: top-1 {:.4} top-5 {:.4} MonoScore {:?}", epoch + 1, eval["top1"], eval["top5"], eval["monoscore"]["mean"]);
+            }
+        });
+        state.history.push(json!({"epoch": epoch + 1, "eval": eval}));
+        state.epoch += 1;
+        // Checkpoint: everything a resumed run needs to continue identically.
+        let tensors = state_tensors(&model, &opt, &ema)?;
+        let doc = json!({"epoch": state.epoch, "step": state.step, "optimizer_steps": *opt.steps(), "history": state.history});
+        write_dir_atomic(&run_dir.join(CHECKPOINTS).join(format!("epoch-{:03}", state.epoch)), |tmp| {
+            candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+            std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&doc)?)?;
+            Ok(())
+        })?;
+        for (_, old) in checkpoint_dirs(&run_dir)?.iter().rev().skip(KEEP_CHECKPOINTS) {
+            std::fs::remove_dir_all(old).ok();
+        }
+    }
+    bar.finish_and_clear();
+
+    // The final model (EMA weights when enabled) with every parameter, and the results.
+    let values = with_ema(&model, &ema, || Ok(model.params.values()))?;
+    let cpu: HashMap<String, Tensor> = values.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let model_path = run_dir.join("model.safetensors");
+    let tmp = run_dir.join(".model.safetensors.tmp");
+    candle_core::safetensors::save(&cpu, &tmp)?;
+    std::fs::rename(&tmp, &model_path)?;
+    let last = state.history.last().cloned().unwrap_or(json!(null));
+    let results = json!({
+        "final": last["eval"],
+        "history": state.history,
+        "lambda": lambda,
+        "encoder": {"kind": config.encoder.kind, "model": config.encoder.model},
+        "classes": classes,
+        "topk": {"width": model.hidden.weight.dim(0)?, "k": model.k},
+        "mixed_precision": mixed,
+        "ema": f.ema_decay.is_some(),
+    });
+    crate::io::write_json_atomic(&run_dir.join(RESULTS), &results)?;
+    Ok(FinetuneReport { epochs: state.epoch, results })
+}
