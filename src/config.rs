@@ -344,6 +344,12 @@ pub enum LrSchedule {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
+    /// backbone → Linear → ReLU → TopK → classifier (the paper); false: classifier on the
+    /// backbone features, MonoLoss on those features.
+    pub topk_layer: bool,
+    /// ResNet-50 on ImageNet-1k without a TopK layer: start the classifier from the checkpoint's
+    /// own `fc` head instead of a fresh one.
+    pub reuse_head: bool,
     /// Width of the TopK layer = backbone width × expansion.
     pub expansion: usize,
     /// Active units of the TopK layer; absent = all of them (the paper's runs: k = width).
@@ -383,6 +389,8 @@ impl Default for FinetuneConfig {
     fn default() -> Self {
         // ResNet-50 recipe of the paper (torchvision reference recipe, 90 epochs).
         Self {
+            topk_layer: true,
+            reuse_head: false,
             expansion: 1,
             k: None,
             epochs: 90,
@@ -553,6 +561,10 @@ impl Config {
         if let Some(d) = f.ema_decay {
             v.check(d > 0.0 && d < 1.0, || format!("finetune.ema_decay = {d} must be in (0, 1)"));
         }
+        v.check(!(f.reuse_head && f.topk_layer), || "finetune.reuse_head = true needs finetune.topk_layer = false (the fc head reads the backbone features)".into());
+        v.check(!(f.reuse_head && self.encoder.kind != EncoderKind::Resnet50), || {
+            format!("finetune.reuse_head applies to encoder.kind = \"resnet50\" (its ImageNet fc head), not {:?}", self.encoder.kind)
+        });
         v.check(!(f.lora_rank.is_some() && self.encoder.kind == EncoderKind::Resnet50), || {
             "finetune.lora_rank applies to ViT attention projections; encoder.kind = \"resnet50\" has none".into()
         });

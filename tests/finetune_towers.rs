@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use mono::config::EncoderKind;
 use mono::finetune::layers::max_pool_3x3_s2;
-use mono::finetune::model::FinetuneModel;
+use mono::finetune::model::{FinetuneModel, HeadSpec};
 use mono::finetune::params::{ParamSet, Weights};
 use mono::finetune::resnet::ResNet;
 use mono::finetune::vit::{ClipShape, ClipTower};
@@ -31,6 +31,10 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     let (a, b) = (flat(a), flat(b));
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
     a.iter().zip(&b).map(|(x, y)| (x - y).abs() / scale).fold(0f32, f32::max)
+}
+
+fn head(expansion: usize, k: Option<usize>, classes: usize) -> HeadSpec {
+    HeadSpec { topk_layer: true, reuse_head: false, expansion, k, classes }
 }
 
 fn config(name: &str) -> serde_json::Value {
@@ -158,11 +162,11 @@ fn check_gradients(model: &FinetuneModel, pixels: &Tensor, labels: &[u32], train
 fn clip_model_gradients_reach_every_parameter_and_match_finite_differences() {
     let weights = Weights::load(&[fixture("clip_vision").join("model.safetensors")], &Device::Cpu).unwrap();
     // f64 so that finite differences are meaningful.
-    let model = FinetuneModel::new(EncoderKind::Clip, &config("clip_vision"), &weights, &Trainable::All, 2, Some(16), 5, 1, DType::F64, &Device::Cpu).unwrap();
+    let model = FinetuneModel::new(EncoderKind::Clip, &config("clip_vision"), &weights, &Trainable::All, &head(2, Some(16), 5), 1, DType::F64, &Device::Cpu).unwrap();
     let pixels = Tensor::randn(0f64, 1.0, (6, 3, 32, 32), &Device::Cpu).unwrap();
     check_gradients(&model, &pixels, &[0, 1, 2, 3, 4, 0], true);
     // LoRA: only the adapters and the head train.
-    let lora = FinetuneModel::new(EncoderKind::Clip, &config("clip_vision"), &weights, &Trainable::Lora { rank: 2, alpha: 4.0 }, 1, None, 5, 1, DType::F32, &Device::Cpu).unwrap();
+    let lora = FinetuneModel::new(EncoderKind::Clip, &config("clip_vision"), &weights, &Trainable::Lora { rank: 2, alpha: 4.0 }, &head(1, None, 5), 1, DType::F32, &Device::Cpu).unwrap();
     let names: Vec<&str> = lora.params.trainable().map(|p| p.name.as_str()).collect();
     assert!(names.iter().all(|n| n.contains("lora_") || n.starts_with("head.")), "{names:?}");
     assert_eq!(names.iter().filter(|n| n.contains("lora_")).count(), 2 * 4 * 2, "A and B for q, k, v, out in 2 layers");
@@ -173,7 +177,7 @@ fn resnet_model_gradients_in_train_mode_and_running_stats_update() {
     let dir = tempfile::tempdir().unwrap();
     common::tiny_resnet(dir.path(), 8, 5);
     let weights = Weights::load(&[dir.path().join("model.safetensors")], &Device::Cpu).unwrap();
-    let model = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, 1, Some(40), 4, 2, DType::F64, &Device::Cpu).unwrap();
+    let model = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &head(1, Some(40), 4), 2, DType::F64, &Device::Cpu).unwrap();
     let pixels = Tensor::randn(0f64, 1.0, (4, 3, 32, 32), &Device::Cpu).unwrap();
     let backbone = &model.backbone;
     let before = match backbone {
@@ -187,11 +191,32 @@ fn resnet_model_gradients_in_train_mode_and_running_stats_update() {
     };
     assert_ne!(before, after, "train-mode BatchNorm updates its running mean");
     // Frozen backbone: only the head trains.
-    let frozen = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::LastBlocks(0), 1, None, 4, 2, DType::F32, &Device::Cpu).unwrap();
+    let frozen = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::LastBlocks(0), &head(1, None, 4), 2, DType::F32, &Device::Cpu).unwrap();
     assert!(frozen.params.trainable().all(|p| p.name.starts_with("head.")));
-    let last = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::LastBlocks(1), 1, None, 4, 2, DType::F32, &Device::Cpu).unwrap();
+    let last = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::LastBlocks(1), &head(1, None, 4), 2, DType::F32, &Device::Cpu).unwrap();
     assert!(last.params.trainable().all(|p| p.name.starts_with("head.") || p.name.starts_with("layer4.")));
     // k larger than the layer fails clearly.
-    let err = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, 1, Some(10_000), 4, 2, DType::F32, &Device::Cpu).err().unwrap();
+    let err = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &head(1, Some(10_000), 4), 2, DType::F32, &Device::Cpu).err().unwrap();
     assert!(err.to_string().contains("finetune.k = 10000"), "{err}");
+}
+
+#[test]
+fn resnet_head_reuse_starts_from_the_checkpoint_fc() {
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_resnet(dir.path(), 8, 7);
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    tensors.insert("fc.weight".into(), Tensor::randn(0f32, 0.1, (6, 128), &Device::Cpu).unwrap());
+    tensors.insert("fc.bias".into(), Tensor::randn(0f32, 0.1, 6, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let weights = Weights::load(&[path], &Device::Cpu).unwrap();
+    let spec = HeadSpec { topk_layer: false, reuse_head: true, expansion: 1, k: None, classes: 6 };
+    let model = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &spec, 0, DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
+    let out = model.forward(&x, false).unwrap();
+    let expected = out.features.matmul(&tensors["fc.weight"].t().unwrap()).unwrap().broadcast_add(&tensors["fc.bias"]).unwrap();
+    assert!(max_rel(&out.logits, &expected) < 1e-6);
+    let wrong = HeadSpec { classes: 10, ..spec };
+    let err = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &wrong, 0, DType::F32, &Device::Cpu).err().unwrap();
+    assert!(err.to_string().contains("fc head is [6, 128]"), "{err}");
 }

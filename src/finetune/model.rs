@@ -39,7 +39,7 @@ impl Backbone {
 pub struct Outputs {
     /// (B, d) backbone features.
     pub features: Tensor,
-    /// (B, width) TopK-layer activations (MonoLoss acts here).
+    /// (B, width) TopK-layer activations (MonoLoss acts here; the features without a TopK layer).
     pub topk: Tensor,
     /// (B, classes).
     pub logits: Tensor,
@@ -47,10 +47,22 @@ pub struct Outputs {
 
 pub struct FinetuneModel {
     pub backbone: Backbone,
-    pub hidden: Linear,
+    /// The TopK layer's linear map; None when the classifier reads the backbone features.
+    pub hidden: Option<Linear>,
     pub classifier: Linear,
     pub k: usize,
     pub params: ParamSet,
+}
+
+/// How the head is built.
+#[derive(Clone, Debug)]
+pub struct HeadSpec {
+    pub topk_layer: bool,
+    /// Start the classifier from the checkpoint's `fc` (ResNet-50 on ImageNet-1k).
+    pub reuse_head: bool,
+    pub expansion: usize,
+    pub k: Option<usize>,
+    pub classes: usize,
 }
 
 /// PyTorch's nn.Linear initialisation: U(±1/√in) for weight and bias.
@@ -68,7 +80,8 @@ fn new_linear(params: &mut ParamSet, name: &str, out: usize, inp: usize, rng: &m
 impl FinetuneModel {
     /// The backbone from a checkpoint plus a fresh TopK head and classifier.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(kind: EncoderKind, config: &serde_json::Value, weights: &Weights, trainable: &Trainable, expansion: usize, k: Option<usize>, classes: usize, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(kind: EncoderKind, config: &serde_json::Value, weights: &Weights, trainable: &Trainable, head: &HeadSpec, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let HeadSpec { expansion, k, classes, .. } = *head;
         let mut params = ParamSet::new(dtype);
         let backbone = match kind {
             EncoderKind::Clip => Backbone::Clip(ClipTower::load(&ClipShape::from_config(config)?, weights, &mut params, trainable, seed)?),
@@ -81,19 +94,49 @@ impl FinetuneModel {
             other => bail!("finetuning supports encoder.kind = \"clip\" and \"resnet50\" (the paper's models), not {other:?}"),
         };
         let d = backbone.dim();
+        ensure!(classes >= 2, "the data set has {classes} classes; a classifier needs at least 2");
+        let mut rng = StdRng::seed_from_u64(seed);
+        if !head.topk_layer {
+            let classifier = if head.reuse_head {
+                ensure!(weights.contains("fc.weight"), "{}: finetune.reuse_head needs an `fc` head in the checkpoint", weights.source);
+                let fc = weights.dims("fc.weight")?;
+                ensure!(
+                    fc == [classes, d],
+                    "finetune.reuse_head: the checkpoint's fc head is {fc:?} but the data set has {classes} classes over {d} features"
+                );
+                Linear {
+                    weight: params.add("fc.weight", weights.get("fc.weight", &[classes, d])?, true, DecayGroup::Weights)?,
+                    bias: Some(params.add("fc.bias", weights.get("fc.bias", &[classes])?, true, DecayGroup::NormAndBias)?),
+                    lora: None,
+                }
+            } else {
+                new_linear(&mut params, "head.classifier", classes, d, &mut rng, device)?
+            };
+            return Ok(Self { backbone, hidden: None, classifier, k: d, params });
+        }
         let width = d * expansion;
         let k = k.unwrap_or(width);
         ensure!(k >= 1 && k <= width, "finetune.k = {k} must be in 1..={width} (the TopK layer is backbone width {d} × expansion {expansion})");
-        ensure!(classes >= 2, "the data set has {classes} classes; a classifier needs at least 2");
-        let mut rng = StdRng::seed_from_u64(seed);
         let hidden = new_linear(&mut params, "head.topk_layer", width, d, &mut rng, device)?;
         let classifier = new_linear(&mut params, "head.classifier", classes, width, &mut rng, device)?;
-        Ok(Self { backbone, hidden, classifier, k, params })
+        Ok(Self { backbone, hidden: Some(hidden), classifier, k, params })
+    }
+
+    /// Width of the layer MonoLoss acts on.
+    pub fn monitored_width(&self) -> Result<usize> {
+        Ok(match &self.hidden {
+            Some(h) => h.weight.dim(0)?,
+            None => self.backbone.dim(),
+        })
     }
 
     pub fn forward(&self, pixels: &Tensor, train: bool) -> Result<Outputs> {
         let features = self.backbone.forward(pixels, train)?;
-        let pre = self.hidden.forward(&features)?;
+        let Some(hidden) = &self.hidden else {
+            let logits = self.classifier.forward(&features)?;
+            return Ok(Outputs { topk: features.clone(), features, logits });
+        };
+        let pre = hidden.forward(&features)?;
         let width = pre.dim(1)?;
         let topk = if self.k >= width { pre.relu()? } else { ops::topk_latents(&pre, &ops::Selection::PerRow(self.k), None)?.0 };
         let logits = self.classifier.forward(&topk)?;

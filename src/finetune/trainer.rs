@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use super::data::{class_labels, epoch_order, prepare, Augment, Batch, SimilarityLookup};
-use super::model::{cross_entropy, topk_hits, Backbone, FinetuneModel};
+use super::model::{cross_entropy, topk_hits, Backbone, FinetuneModel, HeadSpec};
 use super::params::{DecayGroup, Weights};
 use super::Trainable;
 use crate::config::{Config, LrSchedule, Optimizer};
@@ -229,7 +229,7 @@ fn with_ema<R>(model: &FinetuneModel, ema: &Option<HashMap<String, Tensor>>, f: 
 fn evaluate(model: &FinetuneModel, inputs: &Inputs, judge: Option<&SimilarityLookup>, batch_size: usize, device: &Device) -> Result<serde_json::Value> {
     let n = inputs.eval.len();
     let (h, w) = inputs.size;
-    let width = model.hidden.weight.dim(0)?;
+    let width = model.monitored_width()?;
     let mut acc: Option<MonoScoreAccumulator> = None;
     let (mut top1, mut top5) = (0, 0);
     let mut sim = Vec::new();
@@ -275,7 +275,8 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     // Mixed precision: bf16 compute with f32 master weights on GPUs; the CPU has no bf16 matmul.
     let mixed = f.mixed_precision && !device.is_cpu();
     let dtype = if mixed { DType::BF16 } else { DType::F32 };
-    let model = FinetuneModel::new(config.encoder.kind, &inputs.model_config, &inputs.weights, &Trainable::from_config(f), f.expansion, f.k, classes, config.run.seed, dtype, &device)?;
+    let head = HeadSpec { topk_layer: f.topk_layer, reuse_head: f.reuse_head, expansion: f.expansion, k: f.k, classes };
+    let model = FinetuneModel::new(config.encoder.kind, &inputs.model_config, &inputs.weights, &Trainable::from_config(f), &head, config.run.seed, dtype, &device)?;
 
     let run_dir = config.run_dir();
     let existing = checkpoint_dirs(&run_dir)?;
@@ -435,7 +436,7 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         "lambda": lambda,
         "encoder": {"kind": config.encoder.kind, "model": config.encoder.model},
         "classes": classes,
-        "topk": {"width": model.hidden.weight.dim(0)?, "k": model.k},
+        "topk": {"layer": model.hidden.is_some(), "width": model.monitored_width()?, "k": model.k},
         "mixed_precision": mixed,
         "ema": f.ema_decay.is_some(),
     });
