@@ -167,6 +167,8 @@ enum BenchCommand {
     Train(mono::bench::train::TrainBenchArgs),
     /// Images/s of each encoder's forward pass (real architectures, random weights).
     Extract(mono::bench::extract::ExtractBenchArgs),
+    /// Images/s of a finetuning step for ResNet-50 and CLIP-ViT-B/32.
+    Finetune(mono::bench::finetune::FinetuneBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -231,6 +233,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Monoscore(args)) => mono::bench::monoscore::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Extract(args)) => mono::bench::extract::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Finetune(args)) => mono::bench::finetune::run(&args).map(|_| ()),
     }
 }
 

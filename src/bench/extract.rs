@@ -39,7 +39,7 @@ pub struct ExtractTiming {
 }
 
 /// (kind, output, config.json, image size) of a named architecture.
-fn architecture(name: &str) -> Result<(EncoderKind, EncoderOutput, serde_json::Value, usize)> {
+pub(crate) fn architecture(name: &str) -> Result<(EncoderKind, EncoderOutput, serde_json::Value, usize)> {
     let vit_like = |hidden: usize, layers: usize, heads: usize, inter: usize, patch: usize| {
         json!({"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": inter,
                "patch_size": patch, "image_size": 224, "num_channels": 3})
@@ -74,7 +74,7 @@ fn architecture(name: &str) -> Result<(EncoderKind, EncoderOutput, serde_json::V
 }
 
 /// Random weights with the architecture's real tensor names, written to `dir/model.safetensors`.
-fn write_random_weights(kind: EncoderKind, config: &serde_json::Value, dir: &Path) -> Result<()> {
+pub(crate) fn write_random_weights(kind: EncoderKind, config: &serde_json::Value, dir: &Path) -> Result<()> {
     use candle_transformers::models::{clip, resnet, siglip, vit};
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);

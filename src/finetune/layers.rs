@@ -70,24 +70,27 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
+    /// Works on a channel-major (C, B·H·W) copy: every reduction, and the backward of every
+    /// per-channel broadcast, then runs over contiguous rows (strided ones are several times
+    /// slower in candle).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let c = x.dim(1)?;
-        let shape = (1, c, 1, 1);
+        let (b, c, h, w) = x.dims4()?;
+        let rows = x.transpose(0, 1)?.reshape((c, b * h * w))?;
         let (mean, var) = if train && self.trainable {
-            let (b, _, h, w) = x.dims4()?;
             let n = (b * h * w) as f64;
-            let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
-            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?;
+            let mean = rows.mean_keepdim(1)?;
+            let var = rows.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
             let mut rm = self.running_mean.lock().unwrap();
             let mut rv = self.running_var.lock().unwrap();
             *rm = ((&*rm * (1.0 - self.momentum))? + (mean.detach().flatten_all()? * self.momentum)?)?;
             *rv = ((&*rv * (1.0 - self.momentum))? + (var.detach().flatten_all()? * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
             (mean, var)
         } else {
-            (self.running_mean.lock().unwrap().reshape(shape)?, self.running_var.lock().unwrap().reshape(shape)?)
+            (self.running_mean.lock().unwrap().reshape((c, 1))?, self.running_var.lock().unwrap().reshape((c, 1))?)
         };
-        let normed = x.broadcast_sub(&mean)?.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight.reshape(shape)?)?.broadcast_add(&self.bias.reshape(shape)?)?)
+        let scale = (var + self.eps)?.sqrt()?.recip()?.broadcast_mul(&self.weight.reshape((c, 1))?)?;
+        let normed = rows.broadcast_sub(&mean)?.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape((c, 1))?)?;
+        Ok(normed.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?)
     }
 }
 

@@ -65,6 +65,93 @@ impl Opt {
     }
 }
 
+/// What one training step measured.
+pub struct StepOutcome {
+    pub loss: f64,
+    pub ce: f64,
+    pub mono: ops::MonoLossStats,
+    pub grad_norm: f64,
+    /// Top-1 accuracy of the batch (only when measured).
+    pub top1: f64,
+}
+
+/// One finetuning step: forward, CE + λ·MonoLoss, backward, clipping, optimizer (on f32 master
+/// weights when the model computes in half precision).
+pub struct Stepper {
+    opt: Opt,
+    masters: Vec<candle_core::Var>,
+    decay: Vec<f64>,
+    lambda: f64,
+    eps: f64,
+    smoothing: f64,
+    clip: Option<f64>,
+}
+
+impl Stepper {
+    pub fn new(model: &FinetuneModel, f: &crate::config::FinetuneConfig, lambda: f64, eps: f64) -> Result<Self> {
+        let half = model.params.dtype != DType::F32;
+        let masters: Vec<candle_core::Var> = model
+            .params
+            .trainable()
+            .map(|p| if half { candle_core::Var::from_tensor(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?) } else { Ok(p.var.clone().unwrap()) })
+            .collect::<candle_core::Result<_>>()?;
+        let sizes: Vec<usize> = masters.iter().map(|v| v.elem_count()).collect();
+        let decay = model.params.trainable().map(|p| if p.group == DecayGroup::Weights { f.weight_decay } else { f.norm_weight_decay }).collect();
+        let opt = match f.optimizer {
+            Optimizer::Sgd => Opt::Sgd(Sgd::new(&sizes, f.momentum, f.nesterov)),
+            Optimizer::Adamw => Opt::AdamW(AdamW::new(&sizes, [0.9, 0.999], 1e-8)),
+        };
+        Ok(Self { opt, masters, decay, lambda, eps, smoothing: f.label_smoothing, clip: f.grad_clip })
+    }
+
+    /// Copies the model's current values into the f32 master weights (after a restore).
+    fn sync_masters(&self, model: &FinetuneModel) -> Result<()> {
+        if model.params.dtype != DType::F32 {
+            for (m, p) in self.masters.iter().zip(model.params.trainable()) {
+                m.set(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `similarity`: the batch's judge embeddings; None = the backbone's own detached features.
+    pub fn step(&mut self, model: &FinetuneModel, x: &Tensor, labels: &[u32], similarity: Option<&Tensor>, lr: f64, measure: bool) -> Result<StepOutcome> {
+        let out = model.forward(x, true)?;
+        let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, self.smoothing)?;
+        let similarity = match similarity {
+            Some(s) => s.to_dtype(DType::F32)?,
+            None => out.features.detach().to_dtype(DType::F32)?,
+        };
+        // Without λ the MonoScore is only measured for the log, without a graph.
+        let trained = self.lambda > 0.0;
+        let (mono_loss, mono) = if trained || measure {
+            let topk = if trained { out.topk.to_dtype(DType::F32)? } else { out.topk.detach().to_dtype(DType::F32)? };
+            ops::batch_mono_loss(&topk, &similarity, self.eps, None)?
+        } else {
+            (Tensor::new(0f32, x.device())?, ops::MonoLossStats::default())
+        };
+        let loss = if trained { (&ce + (&mono_loss * self.lambda)?)? } else { ce.clone() };
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        ensure!(loss_value.is_finite(), "finetuning diverged: loss {loss_value}");
+        let grads = loss.backward()?;
+        let mut host: Vec<Vec<f32>> = model.params.trainable().map(|p| optim::host_grad(&grads, p.var.as_ref().unwrap())).collect::<Result<_>>()?;
+        drop(grads);
+        let grad_norm = match self.clip {
+            Some(max) => optim::clip_global_norm(&mut host, max),
+            None => optim::global_norm(&host),
+        };
+        let vars: Vec<&candle_core::Var> = self.masters.iter().collect();
+        self.opt.step(&vars, &host, &self.decay, lr)?;
+        if model.params.dtype != DType::F32 {
+            for (m, p) in self.masters.iter().zip(model.params.trainable()) {
+                p.var.as_ref().unwrap().set(&m.as_tensor().to_device(x.device())?.to_dtype(model.params.dtype)?)?;
+            }
+        }
+        let top1 = if measure { topk_hits(&out.logits, labels)?.0 as f64 / labels.len() as f64 } else { f64::NAN };
+        Ok(StepOutcome { loss: loss_value, ce: ce.to_scalar::<f32>()? as f64, mono, grad_norm, top1 })
+    }
+}
+
 /// Learning rate at global step `step`: linear warm-up from lr/100, then the schedule.
 pub fn finetune_lr(config: &Config, step: usize, steps_per_epoch: usize) -> f64 {
     let f = &config.finetune;
@@ -287,28 +374,13 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         bail!("--resume: {} has no checkpoint to resume from", run_dir.display());
     }
 
-    // f32 master copies of the trainable parameters (the parameters themselves when f32).
-    let masters: Vec<candle_core::Var> = model
-        .params
-        .trainable()
-        .map(|p| if mixed { candle_core::Var::from_tensor(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?) } else { Ok(p.var.clone().unwrap()) })
-        .collect::<candle_core::Result<_>>()?;
-    let sizes: Vec<usize> = masters.iter().map(|v| v.elem_count()).collect();
-    let decay: Vec<f64> = model.params.trainable().map(|p| if p.group == DecayGroup::Weights { f.weight_decay } else { f.norm_weight_decay }).collect();
-    let mut opt = match f.optimizer {
-        Optimizer::Sgd => Opt::Sgd(Sgd::new(&sizes, f.momentum, f.nesterov)),
-        Optimizer::Adamw => Opt::AdamW(AdamW::new(&sizes, [0.9, 0.999], 1e-8)),
-    };
+    let mut stepper = Stepper::new(&model, f, lambda, config.mono.eps)?;
     let mut ema: Option<HashMap<String, Tensor>> = f.ema_decay.map(|_| model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect());
     let mut state = match existing.last() {
-        Some((_, dir)) if resume => restore(dir, &model, &mut opt, &mut ema, &device)?,
+        Some((_, dir)) if resume => restore(dir, &model, &mut stepper.opt, &mut ema, &device)?,
         _ => State { epoch: 0, step: 0, history: Vec::new() },
     };
-    if mixed {
-        for (m, p) in masters.iter().zip(model.params.trainable()) {
-            m.set(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
-        }
-    }
+    stepper.sync_masters(&model)?;
 
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     if state.epoch == 0 {
@@ -347,52 +419,27 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
             for batch in rx {
                 let batch = batch?;
                 let x = Tensor::from_vec(batch.pixels, (bs, 3, h as usize, w as usize), &device)?.to_dtype(dtype)?;
-                let out = model.forward(&x, true)?;
-                let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, &batch.labels, f.label_smoothing)?;
                 let similarity = match &train_judge {
                     Some(j) => {
                         j.read(&batch.items, &mut sim)?;
-                        Tensor::from_slice(&sim, (bs, j.dim()), &device)?
+                        Some(Tensor::from_slice(&sim, (bs, j.dim()), &device)?)
                     }
-                    None => out.features.detach(),
+                    None => None,
                 };
                 let log = (state.step + 1) % config.train.log_every == 0;
-                // Without λ the MonoScore is only measured for the log, without a graph.
-                let topk = if lambda > 0.0 { out.topk.to_dtype(DType::F32)? } else { out.topk.detach().to_dtype(DType::F32)? };
-                let (mono_loss, stats) = if lambda > 0.0 || log {
-                    ops::batch_mono_loss(&topk, &similarity.to_dtype(DType::F32)?, config.mono.eps, None)?
-                } else {
-                    (Tensor::new(0f32, &device)?, ops::MonoLossStats::default())
-                };
-                let loss = if lambda > 0.0 { (&ce + (&mono_loss * lambda)?)? } else { ce.clone() };
-                let loss_value = loss.to_scalar::<f32>()? as f64;
-                ensure!(loss_value.is_finite(), "finetuning diverged at step {}: loss {loss_value}", state.step + 1);
-                let grads = loss.backward()?;
-                let mut host: Vec<Vec<f32>> = model.params.trainable().map(|p| optim::host_grad(&grads, p.var.as_ref().unwrap())).collect::<Result<_>>()?;
-                drop(grads);
-                let grad_norm = match f.grad_clip {
-                    Some(max) => optim::clip_global_norm(&mut host, max),
-                    None => optim::global_norm(&host),
-                };
                 let lr = finetune_lr(config, state.step, steps_per_epoch);
-                let vars: Vec<&candle_core::Var> = masters.iter().collect();
-                opt.step(&vars, &host, &decay, lr)?;
-                if mixed {
-                    for (m, p) in masters.iter().zip(model.params.trainable()) {
-                        p.var.as_ref().unwrap().set(&m.as_tensor().to_device(&device)?.to_dtype(dtype)?)?;
-                    }
-                }
+                let step = stepper.step(&model, &x, &batch.labels, similarity.as_ref(), lr, log)
+                    .with_context(|| format!("finetuning step {}", state.step + 1))?;
                 if let (Some(ema), Some(d)) = (ema.as_mut(), f.ema_decay) {
                     ema_update(&model, ema, d)?;
                 }
                 state.step += 1;
                 bar.inc(1);
                 if log {
-                    let (t1, _) = topk_hits(&out.logits, &batch.labels)?;
-                    let line = json!({"step": state.step, "epoch": epoch, "lr": lr, "loss": loss_value, "ce": ce.to_scalar::<f32>()?,
-                        "mono_score": stats.mean_score, "mono_active": stats.n_active, "batch_top1": t1 as f64 / bs as f64, "grad_norm": grad_norm});
+                    let line = json!({"step": state.step, "epoch": epoch, "lr": lr, "loss": step.loss, "ce": step.ce,
+                        "mono_score": step.mono.mean_score, "mono_active": step.mono.n_active, "batch_top1": step.top1, "grad_norm": step.grad_norm});
                     writeln!(metrics, "{line}")?;
-                    bar.set_prefix(format!("loss {loss_value:.3} mono {:.3}", stats.mean_score));
+                    bar.set_prefix(format!("loss {:.3} mono {:.3}", step.loss, step.mono.mean_score));
                 }
             }
             Ok(())
@@ -409,8 +456,8 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         state.history.push(json!({"epoch": epoch + 1, "eval": eval}));
         state.epoch += 1;
         // Checkpoint: everything a resumed run needs to continue identically.
-        let tensors = state_tensors(&model, &opt, &ema)?;
-        let doc = json!({"epoch": state.epoch, "step": state.step, "optimizer_steps": *opt.steps(), "history": state.history});
+        let tensors = state_tensors(&model, &stepper.opt, &ema)?;
+        let doc = json!({"epoch": state.epoch, "step": state.step, "optimizer_steps": *stepper.opt.steps(), "history": state.history});
         write_dir_atomic(&run_dir.join(CHECKPOINTS).join(format!("epoch-{:03}", state.epoch)), |tmp| {
             candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
             std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&doc)?)?;

@@ -1,0 +1,77 @@
+//! `mono bench finetune`: images/s of one finetuning step (forward, CE + λ·MonoLoss on the TopK
+//! layer, backward, SGD) for ResNet-50 and CLIP-ViT-B/32 at 224×224, random weights.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use serde_json::json;
+
+use super::extract::{architecture, write_random_weights};
+use crate::config::FinetuneConfig;
+use crate::finetune::model::{FinetuneModel, HeadSpec};
+use crate::finetune::params::Weights;
+use crate::finetune::trainer::Stepper;
+use crate::finetune::Trainable;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct FinetuneBenchArgs {
+    /// Models, comma-separated: resnet50, clip-b32.
+    #[arg(long, value_delimiter = ',', default_value = "resnet50,clip-b32")]
+    pub models: Vec<String>,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// MonoLoss weight.
+    #[arg(long, default_value_t = 0.1)]
+    pub lambda: f64,
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FinetuneTiming {
+    pub model: String,
+    pub seconds_per_step: f64,
+    pub images_per_second: f64,
+}
+
+pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
+    println!(
+        "Finetuning step (forward + CE + {}·MonoLoss + backward + SGD), batch {}, {} timed steps, {} threads, f32, random weights",
+        args.lambda,
+        args.batch,
+        args.steps,
+        rayon::current_num_threads()
+    );
+    println!("{:<10} {:>10} {:>10}", "model", "s/step", "images/s");
+    let mut timings = Vec::new();
+    for name in &args.models {
+        let (kind, _, config, size) = architecture(name.trim())?;
+        let dir = tempfile::tempdir()?;
+        write_random_weights(kind, &config, dir.path())?;
+        let weights = Weights::load(&[dir.path().join("model.safetensors")], &Device::Cpu)?;
+        let head = HeadSpec { topk_layer: true, reuse_head: false, expansion: 1, k: None, classes: 1000 };
+        let model = FinetuneModel::new(kind, &config, &weights, &Trainable::All, &head, 0, DType::F32, &Device::Cpu)?;
+        let f = FinetuneConfig::default();
+        let mut stepper = Stepper::new(&model, &f, args.lambda, 1e-8)?;
+        let x = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?;
+        let labels: Vec<u32> = (0..args.batch as u32).map(|i| i * 37 % 1000).collect();
+        stepper.step(&model, &x, &labels, None, 1e-3, false)?;
+        let start = Instant::now();
+        for _ in 0..args.steps {
+            stepper.step(&model, &x, &labels, None, 1e-3, false)?;
+        }
+        let per = start.elapsed().as_secs_f64() / args.steps as f64;
+        let t = FinetuneTiming { model: name.clone(), seconds_per_step: per, images_per_second: args.batch as f64 / per };
+        println!("{:<10} {:>10.3} {:>10.2}", t.model, t.seconds_per_step, t.images_per_second);
+        timings.push(t);
+    }
+    if let Some(path) = &args.json {
+        crate::io::write_json_atomic(path, &json!({"benchmark": "finetune", "batch": args.batch, "lambda": args.lambda, "timings": timings}))?;
+    }
+    Ok(timings)
+}
