@@ -32,8 +32,9 @@ pub struct RunConfig {
     /// "auto" | "cpu" | "cuda" | "cuda:N" | "metal".
     pub device: String,
     pub seed: u64,
-    /// "sae": extract → train → eval → report; "finetune": finetune → eval → report.
-    pub pipeline: Pipeline,
+    /// What `mono run` does, in order: finetune, extract, train (ends with evaluation), report.
+    /// "finetune" followed by "extract" extracts with the finetuned backbone.
+    pub stages: Vec<Stage>,
     /// CPU threads for rayon and candle; absent = all cores.
     pub threads: Option<usize>,
 }
@@ -45,17 +46,19 @@ impl Default for RunConfig {
             output: PathBuf::from("runs"),
             device: "auto".into(),
             seed: 42,
-            pipeline: Pipeline::Sae,
+            stages: vec![Stage::Extract, Stage::Train, Stage::Report],
             threads: None,
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
-pub enum Pipeline {
-    Sae,
+pub enum Stage {
     Finetune,
+    Extract,
+    Train,
+    Report,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -344,6 +347,9 @@ pub enum LrSchedule {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
+    /// λ of the finetuning MonoLoss; absent = mono.lambda (set it when the same config also
+    /// trains SAEs, e.g. finetune = 0 to train a plain encoder first).
+    pub lambda: Option<f64>,
     /// backbone → Linear → ReLU → TopK → classifier (the paper); false: classifier on the
     /// backbone features, MonoLoss on those features.
     pub topk_layer: bool,
@@ -389,6 +395,7 @@ impl Default for FinetuneConfig {
     fn default() -> Self {
         // ResNet-50 recipe of the paper (torchvision reference recipe, 90 epochs).
         Self {
+            lambda: None,
             topk_layer: true,
             reuse_head: false,
             expansion: 1,
@@ -480,6 +487,10 @@ impl Config {
             v.fail(format!("run.device = {:?}: {e}", self.run.device));
         }
         v.positive_opt("run.threads", self.run.threads);
+        v.check(!self.run.stages.is_empty(), || "run.stages must name at least one stage".into());
+        v.check(self.run.stages.windows(2).all(|w| w[0] < w[1]), || {
+            format!("run.stages = {:?} must be in the order finetune, extract, train, report, without repeats", self.run.stages)
+        });
 
         v.check(!self.encoder.model.trim().is_empty(), || "encoder.model must not be empty".into());
         v.positive("encoder.batch_size", self.encoder.batch_size);
@@ -536,6 +547,9 @@ impl Config {
         v.positive_f("mono.eps", m.eps);
 
         let f = &self.finetune;
+        if let Some(l) = f.lambda {
+            v.non_negative("finetune.lambda", l);
+        }
         v.positive("finetune.expansion", f.expansion);
         v.positive_opt("finetune.k", f.k);
         v.positive("finetune.epochs", f.epochs);

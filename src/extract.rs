@@ -121,7 +121,7 @@ struct Extraction<'a> {
 
 fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractOptions) -> Result<SplitReport> {
     let config = ctx.config;
-    let dir = out_root.join(split);
+    let dir = out_root.join(crate::data::store::split_dir(split));
     if dir.join(MANIFEST_FILE).is_file() {
         let manifest = crate::data::store::Manifest::load(&dir)?;
         return Ok(SplitReport { split: split.into(), dir, rows: manifest.count, skipped: manifest.skipped.len(), resumed_rows: manifest.count, already_done: true, seconds: 0.0 });

@@ -880,3 +880,18 @@ fn readers_are_thread_safe_trait_objects() {
     let one = RgbaImage::from_pixel(1, 1, Rgba([0, 0, 0, 0]));
     assert_eq!(composite_over_white(&one).get_pixel(0, 0).0, [255, 255, 255]);
 }
+
+#[test]
+fn split_slices_take_contiguous_ranges() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist");
+    let whole = mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, "test").unwrap();
+    let head = mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, "test[0:8000]").unwrap();
+    let tail = mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, "test[8000:]").unwrap();
+    assert_eq!((head.len(), tail.len()), (8000, 2000));
+    assert_eq!(tail.path(0), whole.path(8000));
+    assert_eq!(tail.labels(5), whole.labels(8005));
+    assert_eq!(tail.load(3).unwrap(), whole.load(8003).unwrap());
+    for bad in ["test[5:5]", "test[a:b]", "test[3]", "test[0:10"] {
+        assert!(mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, bad).is_err(), "{bad}");
+    }
+}

@@ -351,7 +351,7 @@ pub struct FinetuneReport {
 /// `mono finetune CONFIG [--resume]`.
 pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneReport> {
     let f = &config.finetune;
-    let lambda = config.mono.lambda.context("mono.lambda must be set for finetuning (the paper uses 0, 0.03, 0.05, 0.07 and 0.1)")?;
+    let lambda = f.lambda.or(config.mono.lambda).context("finetune.lambda (or mono.lambda) must be set for finetuning (the paper uses 0, 0.03, 0.05, 0.07 and 0.1)")?;
     let device = crate::device::open_device(&config.run.device)?;
     let inputs = open_inputs(config, &device)?;
     let classes = inputs.train.class_names().len();

@@ -12,6 +12,7 @@ mod imagenet;
 mod memory;
 mod mnist;
 mod openimages;
+mod slice;
 mod split;
 mod walk;
 
@@ -74,6 +75,15 @@ pub trait ImageDataset: Send + Sync {
 /// | cifar10, cifar100 | train, test (aliases val, validation) | extracted batches or the original `.tar.gz` |
 /// | mnist, fashion_mnist | train, test (aliases val, validation) | idx files, gzipped or not |
 pub fn open_dataset(kind: DatasetKind, root: &Path, split: &str) -> Result<Box<dyn ImageDataset>> {
+    let (name, range) = slice::parse(split)?;
+    let whole = open_whole(kind, root, name)?;
+    Ok(match range {
+        Some((start, end)) => Box::new(slice::Slice::new(whole, start, end, split)?),
+        None => whole,
+    })
+}
+
+fn open_whole(kind: DatasetKind, root: &Path, split: &str) -> Result<Box<dyn ImageDataset>> {
     anyhow::ensure!(root.exists(), "data set root {} does not exist", root.display());
     Ok(match kind {
         DatasetKind::Folder => Box::new(folder::open_folder(root, split)?),

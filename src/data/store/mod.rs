@@ -148,9 +148,14 @@ impl FeatureStore {
     }
 }
 
+/// The directory name of a split: slices such as `test[0:8000]` become `test_0-8000`.
+pub fn split_dir(split: &str) -> String {
+    split.replace('[', "_").replace(':', "-").replace(']', "")
+}
+
 /// Opens `root/split` of a feature set; when it is missing, the error lists the splits present.
 pub fn open_split(root: &Path, split: &str) -> Result<FeatureStore> {
-    let dir = root.join(split);
+    let dir = root.join(split_dir(split));
     if dir.is_dir() {
         // Finished or not: `open` says what is wrong with it, if anything.
         return FeatureStore::open(&dir);
