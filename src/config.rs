@@ -417,7 +417,7 @@ impl Default for FinetuneConfig {
             trainable_blocks: None,
             lora_rank: None,
             lora_alpha: 16.0,
-            ema_decay: Some(0.99998),
+            ema_decay: None,
             mixed_precision: false,
             augment: true,
             similarity_store: None,

@@ -29,6 +29,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the stages a config names (finetune → extract → train → report), reusing finished
+    /// ones, with λ sweeps.
+    Run {
+        /// The TOML config.
+        config: PathBuf,
+        /// Print the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Rebuild report.html (and the sweep table and plots) of a `mono run` directory.
+    Report {
+        /// The run directory.
+        run_dir: PathBuf,
+    },
     /// MonoScore of any representation: N×D similarity embeddings and N×M activations.
     Score(ScoreArgs),
     /// Validate a config file and print it with every default filled in.
@@ -195,6 +209,11 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Score(args) => score(args),
+        Command::Run { config, dry_run } => run_pipeline(&config, dry_run),
+        Command::Report { run_dir } => {
+            println!("wrote {}", mono::report::build(&run_dir)?.display());
+            Ok(())
+        }
         Command::Config { config } => {
             let config = mono::Config::load(&config)?;
             print!("{}", toml::to_string_pretty(&config)?);
@@ -359,6 +378,29 @@ fn extract(config_path: &std::path::Path, limit: Option<usize>, shard: Option<&s
                 if r.resumed_rows > 0 { format!("; resumed after {} rows", r.resumed_rows) } else { String::new() }
             );
         }
+    }
+    Ok(())
+}
+
+fn run_pipeline(config_path: &std::path::Path, dry_run: bool) -> Result<()> {
+    let config = mono::Config::load(config_path)?;
+    apply_thread_config(&config);
+    let plans = mono::pipeline::plan(&config)?;
+    for line in mono::pipeline::describe(&config, &plans) {
+        println!("{line}");
+    }
+    if dry_run {
+        return Ok(());
+    }
+    let summary = mono::pipeline::run(&config, &plans)?;
+    let run_dir = config.run_dir();
+    if let Ok(md) = std::fs::read_to_string(run_dir.join("sweep.md")) {
+        print!("\n{md}");
+    } else if let Some(run) = summary["runs"].as_array().and_then(|r| r.first()) {
+        println!("\n{}", serde_json::to_string_pretty(&run["results"])?);
+    }
+    if config.run.stages.contains(&mono::config::Stage::Report) {
+        println!("\nreport: {}", run_dir.join("report.html").display());
     }
     Ok(())
 }

@@ -43,7 +43,11 @@ pub fn load_from_files(kind: EncoderKind, output: EncoderOutput, files: &hub::Mo
         EncoderKind::Clip => Box::new(clip::Clip::load(&config, vb, output)?),
         EncoderKind::Siglip2 => Box::new(siglip::Siglip::load(&config, vb, output)?),
         EncoderKind::Vit => Box::new(vit::Vit::load(&config, vb, output)?),
-        EncoderKind::Resnet50 => Box::new(resnet::Resnet50::load(vb, output)?),
+        EncoderKind::Resnet50 if resnet::stage_depths(&vb) == [3, 4, 6, 3] && vb.contains_tensor("conv1.weight") => Box::new(resnet::Resnet50::load(vb, output)?),
+        EncoderKind::Resnet50 => {
+            resnet::Resnet50::check(&vb, output)?;
+            Box::new(resnet::GenericResnet::load(&files.weights, device)?)
+        }
     };
     Ok(encoder)
 }

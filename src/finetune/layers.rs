@@ -59,6 +59,8 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// BatchNorm2d over (B, C, H, W): batch statistics in training (running statistics updated with
 /// PyTorch's momentum and unbiased variance), running statistics in evaluation.
 pub struct BatchNorm {
+    /// Checkpoint prefix, e.g. `layer1.0.bn2`.
+    pub name: String,
     pub weight: Tensor,
     pub bias: Tensor,
     pub running_mean: Mutex<Tensor>,

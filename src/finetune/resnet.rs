@@ -51,6 +51,7 @@ fn take_bn(weights: &Weights, params: &mut ParamSet, name: &str, channels: usize
     let dtype = params.dtype;
     let get = |k: &str| -> Result<Tensor> { Ok(weights.get(&format!("{name}.{k}"), &[channels])?.to_dtype(dtype)?) };
     Ok(BatchNorm {
+        name: name.to_string(),
         weight: params.add(&format!("{name}.weight"), get("weight")?, train, DecayGroup::NormAndBias)?,
         bias: params.add(&format!("{name}.bias"), get("bias")?, train, DecayGroup::NormAndBias)?,
         running_mean: Mutex::new(get("running_mean")?),
@@ -129,17 +130,32 @@ impl ResNet {
         Ok(x.mean(3)?.mean(2)?)
     }
 
-    /// The BatchNorm running statistics, by parameter-style name (for checkpoints and EMA).
-    pub fn running_stats(&self) -> Vec<(&Mutex<Tensor>, &Mutex<Tensor>)> {
-        let mut out = vec![(&self.bn1.running_mean, &self.bn1.running_var)];
+    fn batch_norms(&self) -> Vec<&BatchNorm> {
+        let mut out = vec![&self.bn1];
         for b in &self.blocks {
-            for bn in [&b.bn1, &b.bn2, &b.bn3] {
-                out.push((&bn.running_mean, &bn.running_var));
-            }
+            out.extend([&b.bn1, &b.bn2, &b.bn3]);
             if let Some((_, bn)) = &b.downsample {
-                out.push((&bn.running_mean, &bn.running_var));
+                out.push(bn);
             }
         }
         out
+    }
+
+    /// The BatchNorm running statistics (for checkpoints).
+    pub fn running_stats(&self) -> Vec<(&Mutex<Tensor>, &Mutex<Tensor>)> {
+        self.batch_norms().into_iter().map(|bn| (&bn.running_mean, &bn.running_var)).collect()
+    }
+
+    /// The running statistics under their torchvision names (`….running_mean`, `….running_var`).
+    pub fn named_running_stats(&self) -> Vec<(String, Tensor)> {
+        self.batch_norms()
+            .into_iter()
+            .flat_map(|bn| {
+                [
+                    (format!("{}.running_mean", bn.name), bn.running_mean.lock().unwrap().clone()),
+                    (format!("{}.running_var", bn.name), bn.running_var.lock().unwrap().clone()),
+                ]
+            })
+            .collect()
     }
 }

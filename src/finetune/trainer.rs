@@ -470,7 +470,11 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     bar.finish_and_clear();
 
     // The final model (EMA weights when enabled) with every parameter, and the results.
-    let values = with_ema(&model, &ema, || Ok(model.params.values()))?;
+    let mut values = with_ema(&model, &ema, || Ok(model.params.values()))?;
+    // BatchNorm statistics too, so the run directory loads as an encoder (torchvision names).
+    if let Backbone::Resnet(r) = &model.backbone {
+        values.extend(r.named_running_stats());
+    }
     let cpu: HashMap<String, Tensor> = values.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     let model_path = run_dir.join("model.safetensors");
     let tmp = run_dir.join(".model.safetensors.tmp");

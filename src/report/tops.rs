@@ -1,0 +1,103 @@
+//! Top-activating images of a sample of latents: the SAE over the evaluation split, the best
+//! rows per latent, and (when the images can be read) thumbnails with their classes.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use super::{data_uri_png, escape};
+use crate::data::images::open_dataset;
+use crate::data::store::{open_split, FeatureStore};
+use crate::Config;
+
+/// Latents shown: the highest-MonoScore live ones, then random live ones.
+const BEST: usize = 6;
+const RANDOM: usize = 6;
+/// Images per latent.
+const PER_LATENT: usize = 8;
+
+fn pick_latents(stats: &HashMap<String, Tensor>) -> Result<Vec<(usize, f32, f32)>> {
+    let scores = stats["monoscore"].to_vec1::<f32>()?;
+    let purity = stats["purity_binary"].to_vec1::<f32>()?;
+    let mut live: Vec<usize> = (0..scores.len()).filter(|&k| scores[k].is_finite()).collect();
+    live.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut chosen: Vec<usize> = live.iter().take(BEST).copied().collect();
+    let mut rest: Vec<usize> = live.iter().skip(BEST).copied().collect();
+    rest.shuffle(&mut StdRng::seed_from_u64(0));
+    chosen.extend(rest.into_iter().take(RANDOM));
+    Ok(chosen.into_iter().map(|k| (k, scores[k], purity[k])).collect())
+}
+
+/// For each latent, its `PER_LATENT` largest activations as (value, row), largest first.
+fn top_rows(sae: &dyn crate::sae::Sae, store: &FeatureStore, latents: &[usize]) -> Result<Vec<Vec<(f32, usize)>>> {
+    let mut tops: Vec<Vec<(f32, usize)>> = vec![Vec::new(); latents.len()];
+    let (n, d) = (store.len(), store.dim());
+    let mut x = Vec::new();
+    for start in (0..n).step_by(1024) {
+        let end = (start + 1024).min(n);
+        store.read_range(start, end, &mut x)?;
+        let lat = crate::sae::encode(sae, &Tensor::from_slice(&x, (end - start, d), &Device::Cpu)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (j, &k) in latents.iter().enumerate() {
+            for (r, row) in lat.iter().enumerate() {
+                if row[k] > 0.0 {
+                    tops[j].push((row[k], start + r));
+                }
+            }
+            tops[j].sort_by(|a, b| b.0.total_cmp(&a.0));
+            tops[j].truncate(PER_LATENT);
+        }
+    }
+    Ok(tops)
+}
+
+fn thumbnail(image: image::RgbImage) -> Result<String> {
+    let small = image::imageops::resize(&image, 64, 64, image::imageops::FilterType::Triangle);
+    let mut png = Vec::new();
+    small.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(data_uri_png(&png))
+}
+
+/// The HTML section for one trained SAE of `run` (a summary entry).
+pub fn section(config: &Config, run: &Value, train_dir: &Path) -> Result<String> {
+    let stats_path = train_dir.join(crate::train::sae::LATENT_STATS_FILE);
+    if !stats_path.is_file() {
+        return Ok("<p>No evaluation statistics for this run.</p>".into());
+    }
+    let stats = candle_core::safetensors::load(&stats_path, &Device::Cpu)?;
+    let latents = pick_latents(&stats)?;
+    let Some(features) = run["features_dir"].as_str() else { return Ok("<p>No feature set recorded for this run.</p>".into()) };
+    let store = open_split(Path::new(features), &config.data.eval_split)?;
+    let sae = crate::sae::checkpoint::load(&train_dir.join("sae"), &Device::Cpu)?;
+    let ids: Vec<usize> = latents.iter().map(|l| l.0).collect();
+    let tops = top_rows(sae.as_ref(), &store, &ids)?;
+    // Images when the data set is readable here; otherwise paths and classes only.
+    let dataset = config.data.root.as_ref().and_then(|root| open_dataset(config.data.kind, root, &config.data.eval_split).ok());
+    let index: HashMap<String, usize> = dataset.as_ref().map(|ds| (0..ds.len()).map(|i| (ds.path(i), i)).collect()).unwrap_or_default();
+    let names = store.label_names();
+    let mut html = String::from("<p>Latents with the highest MonoScore, then random live ones; each with its most activating evaluation images.</p>");
+    for ((k, score, purity), rows) in latents.iter().zip(&tops) {
+        html.push_str(&format!("<div class=\"latent\"><b>latent {k}</b> — MonoScore {score:.3}, purity {purity:.3}<div class=\"grid\">"));
+        for &(value, row) in rows {
+            let class = store.row_labels(row).iter().filter_map(|&c| names.get(c as usize)).cloned().collect::<Vec<_>>().join(", ");
+            let path = store.path(row);
+            let img = match (dataset.as_ref(), index.get(path)) {
+                (Some(ds), Some(&i)) => ds.load(i).ok().map(thumbnail).transpose()?,
+                _ => None,
+            };
+            html.push_str("<div class=\"cell\">");
+            match img {
+                Some(uri) => html.push_str(&format!("<img alt=\"{}\" title=\"{}\" src=\"{uri}\">", escape(path), escape(path))),
+                None => html.push_str(&format!("<code>{}</code>", escape(path))),
+            }
+            html.push_str(&format!("<br>{}<br>{value:.2}</div>", escape(&class)));
+        }
+        html.push_str("</div></div>");
+    }
+    Ok(html)
+}
