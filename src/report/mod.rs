@@ -212,7 +212,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-const CSS: &str = "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}\
+const CSS: &str = "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto}\
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}\
 .latent{margin:1em 0;padding:.5em;border:1px solid #ddd}.grid{display:flex;flex-wrap:wrap;gap:6px}\
 .cell{font-size:11px;text-align:center;width:72px}.cell img{width:64px;height:64px;image-rendering:pixelated}";
