@@ -124,6 +124,15 @@ fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractO
     let dir = out_root.join(crate::data::store::split_dir(split));
     if dir.join(MANIFEST_FILE).is_file() {
         let manifest = crate::data::store::Manifest::load(&dir)?;
+        // A finished split is reused only if it was made by this encoder from this data set.
+        let same = |key: &str| manifest.info.encoder.as_ref().map(|e| &e[key]) == Some(&ctx.encoder_info[key]);
+        let dataset = serde_json::to_value(config.data.kind)?;
+        ensure!(
+            ["kind", "model", "revision", "output", "normalized"].iter().all(|k| same(k)) && manifest.info.dataset.as_deref() == dataset.as_str(),
+            "{} holds features of another encoder or data set ({}); remove it or set features.dir elsewhere",
+            dir.display(),
+            manifest.info.encoder.as_ref().map(|e| e.to_string()).unwrap_or_default()
+        );
         return Ok(SplitReport { split: split.into(), dir, rows: manifest.count, skipped: manifest.skipped.len(), resumed_rows: manifest.count, already_done: true, seconds: 0.0 });
     }
     let root = config.data.root.as_ref().context("data.root is not set: where are the images?")?;

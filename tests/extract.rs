@@ -81,6 +81,11 @@ fn features_equal_direct_encoding_with_labels_and_provenance() {
     // A second run reuses the finished split.
     let again = extract(&c, &ExtractOptions::default()).unwrap();
     assert!(again[0].already_done);
+    // …but not by another encoder output.
+    let mut other = c.clone();
+    other.encoder.output = Some(mono::config::EncoderOutput::Pooler);
+    let err = format!("{:#}", extract(&other, &ExtractOptions::default()).unwrap_err());
+    assert!(err.contains("holds features of another encoder"), "{err}");
 }
 
 /// A class-folder data set with real PNGs and one corrupt file.
