@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::sync_channel;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -23,8 +23,8 @@ use crate::monoscore::{MonoScoreAccumulator, ScorePath};
 use crate::sae::checkpoint::write_dir_atomic;
 use crate::sae::ops;
 use crate::train::optim::{self, AdamW, Sgd};
+use crate::train::runs;
 
-const CHECKPOINTS: &str = "checkpoints";
 const METRICS: &str = "metrics.jsonl";
 const RESULTS: &str = "results.json";
 const KEEP_CHECKPOINTS: usize = 2;
@@ -218,21 +218,6 @@ struct State {
     history: Vec<serde_json::Value>,
 }
 
-fn checkpoint_dirs(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let dir = run_dir.join(CHECKPOINTS);
-    let mut found = Vec::new();
-    if dir.is_dir() {
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            if let Some(n) = e.file_name().to_string_lossy().strip_prefix("epoch-").and_then(|s| s.parse().ok()) {
-                found.push((n, e.path()));
-            }
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
 /// Trainable parameter values, BatchNorm statistics, optimizer buffers and EMA, by name.
 fn state_tensors(model: &FinetuneModel, opt: &Opt, ema: &Option<HashMap<String, Tensor>>) -> Result<HashMap<String, Tensor>> {
     let mut t = HashMap::new();
@@ -366,7 +351,7 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     let model = FinetuneModel::new(config.encoder.kind, &inputs.model_config, &inputs.weights, &Trainable::from_config(f), &head, config.run.seed, dtype, &device)?;
 
     let run_dir = config.run_dir();
-    let existing = checkpoint_dirs(&run_dir)?;
+    let existing = runs::checkpoint_dirs(&run_dir, "epoch-")?;
     if !resume && (!existing.is_empty() || run_dir.join(RESULTS).exists()) {
         bail!("{} already holds a finetuning run; pass --resume to continue it, or choose another run.name", run_dir.display());
     }
@@ -387,14 +372,8 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
     }
     let metrics_path = run_dir.join(METRICS);
-    let kept: String = std::fs::read_to_string(&metrics_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= state.step))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::io::write_atomic(&metrics_path, kept.as_bytes())?;
-    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    runs::truncate_metrics(&metrics_path, state.step)?;
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
 
     let (h, w) = inputs.size;
     let augment = Augment::new(&inputs.eval_pre, inputs.size);
@@ -458,14 +437,12 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         // Checkpoint: everything a resumed run needs to continue identically.
         let tensors = state_tensors(&model, &stepper.opt, &ema)?;
         let doc = json!({"epoch": state.epoch, "step": state.step, "optimizer_steps": *stepper.opt.steps(), "history": state.history});
-        write_dir_atomic(&run_dir.join(CHECKPOINTS).join(format!("epoch-{:03}", state.epoch)), |tmp| {
+        write_dir_atomic(&run_dir.join(runs::CHECKPOINTS_DIR).join(format!("epoch-{:03}", state.epoch)), |tmp| {
             candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
             std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&doc)?)?;
             Ok(())
         })?;
-        for (_, old) in checkpoint_dirs(&run_dir)?.iter().rev().skip(KEEP_CHECKPOINTS) {
-            std::fs::remove_dir_all(old).ok();
-        }
+        runs::prune_checkpoints(&run_dir, "epoch-", KEEP_CHECKPOINTS)?;
     }
     bar.finish_and_clear();
 

@@ -2,4 +2,5 @@
 
 pub mod full_mono;
 pub mod optim;
+pub mod runs;
 pub mod sae;

@@ -16,13 +16,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::full_mono;
+use super::runs;
 use super::optim::{self, Adam};
 use crate::config::Config;
 use crate::data::store::FeatureStore;
 use crate::eval::{self, EvalResults};
 use crate::sae::{self, checkpoint, ops, ForwardPass, Sae, SaeSpec};
 
-pub const CHECKPOINTS_DIR: &str = "checkpoints";
+pub use super::runs::CHECKPOINTS_DIR;
 pub const FINAL_SAE_DIR: &str = "sae";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const RESULTS_FILE: &str = "results.json";
@@ -121,25 +122,9 @@ fn check_inputs(config: &Config, inputs: &SaeTrainInputs) -> Result<()> {
     Ok(())
 }
 
-fn checkpoint_dirs(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let dir = run_dir.join(CHECKPOINTS_DIR);
-    let mut found = Vec::new();
-    if dir.is_dir() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().to_string();
-            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
-                found.push((step, entry.path()));
-            }
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
 /// The newest checkpoint of a run, if any.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
-    Ok(checkpoint_dirs(run_dir)?.pop().map(|(_, p)| p))
+    Ok(runs::checkpoint_dirs(run_dir, "step-")?.pop().map(|(_, p)| p))
 }
 
 fn save_checkpoint(run_dir: &Path, sae: &dyn Sae, adam: &Adam, since_fired: &[u64], state: &TrainerState, source: &serde_json::Value) -> Result<()> {
@@ -160,10 +145,7 @@ fn save_checkpoint(run_dir: &Path, sae: &dyn Sae, adam: &Adam, since_fired: &[u6
         std::fs::write(tmp.join(STATE_JSON), &state_json)?;
         Ok(())
     })?;
-    for (_, old) in checkpoint_dirs(run_dir)?.iter().rev().skip(KEEP_CHECKPOINTS) {
-        std::fs::remove_dir_all(old).ok();
-    }
-    Ok(())
+    runs::prune_checkpoints(run_dir, "step-", KEEP_CHECKPOINTS)
 }
 
 /// Restores SAE, optimizer and counters from a checkpoint written by `save_checkpoint`.
@@ -202,20 +184,6 @@ fn load_checkpoint(dir: &Path, spec: &SaeSpec, device: &Device) -> Result<(Box<d
     let since_fired: Vec<u64> = get("samples_since_fired")?.to_vec1::<i64>()?.into_iter().map(|s| s.max(0) as u64).collect();
     ensure!(since_fired.len() == spec.n_latents, "{}: dead-latent counters have the wrong size", tensors_path.display());
     Ok((sae, adam, since_fired, state))
-}
-
-/// Keeps the metrics lines up to `step` (a resumed run rewrites what followed its checkpoint).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path)?;
-    let kept: String = text
-        .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    crate::io::write_atomic(path, kept.as_bytes())
 }
 
 /// Which latents fired in this batch, and how many non-zeros the batch has.
@@ -394,7 +362,7 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
         crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
     }
     let metrics_path = run_dir.join(METRICS_FILE);
-    truncate_metrics(&metrics_path, start_step)?;
+    runs::truncate_metrics(&metrics_path, start_step)?;
     let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
 
     let train = inputs.train;
