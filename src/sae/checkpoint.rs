@@ -58,7 +58,7 @@ pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value 
     })
 }
 
-/// Writes `files` (name, writer) into `dir` atomically: build a sibling temp dir, then swap.
+/// Fills `dir` atomically: `write` fills a sibling temporary directory, which then replaces `dir`.
 pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
