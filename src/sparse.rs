@@ -261,6 +261,60 @@ pub fn csr_sampled_dot(a: SparseRows<'_>, x: &[f32], w: &[f32], d: usize) -> Vec
     })
 }
 
+/// Splits a per-entry buffer (CSC order) into one mutable slice per column.
+fn column_slices<'a>(cols: &SparseColumns, buf: &'a mut [f32]) -> Vec<&'a mut [f32]> {
+    let n_cols = cols.col_offsets.len() - 1;
+    let mut out = Vec::with_capacity(n_cols);
+    let mut rest = buf;
+    for c in 0..n_cols {
+        let (head, tail) = rest.split_at_mut(cols.col_offsets[c + 1] - cols.col_offsets[c]);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+/// For every entry (i, k): x[i] · w[k], in CSC order (x: rows × D, w: M × D).
+pub fn csc_dots(cols: &SparseColumns, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; cols.rows.len()];
+    column_slices(cols, &mut out).into_par_iter().enumerate().with_min_len(16).for_each(|(k, slot)| {
+        let wk = &w[k * d..(k + 1) * d];
+        for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
+            let i = cols.rows[j] as usize;
+            *o = dot(&x[i * d..(i + 1) * d], wk);
+        }
+    });
+    out
+}
+
+/// Per-entry values in CSC order → CSR order of the source rows.
+pub fn to_row_order(cols: &SparseColumns, by_column: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; by_column.len()];
+    for (j, &v) in by_column.iter().enumerate() {
+        out[cols.entries[j] as usize] = v;
+    }
+    out
+}
+
+/// The sparse decoder's backward in one pass over columns, so that each gathered gradient row
+/// serves both products and each dictionary row stays in cache: for every entry (i, k, v),
+/// `dw[k] += v · g[i]` (M × D) and `dots[entry] = g[i] · w[k]` (CSC order).
+pub fn decoder_backward(cols: &SparseColumns, g: &[f32], w: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let m = cols.col_offsets.len() - 1;
+    let mut dw = vec![0f32; m * d];
+    let mut dots = vec![0f32; cols.rows.len()];
+    dw.par_chunks_mut(d.max(1)).zip(column_slices(cols, &mut dots)).enumerate().with_min_len(16).for_each(|(k, (dwk, slot))| {
+        let wk = &w[k * d..(k + 1) * d];
+        for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
+            let i = cols.rows[j] as usize;
+            let gi = &g[i * d..(i + 1) * d];
+            axpy(dwk, cols.values[j], gi);
+            *o = dot(gi, wk);
+        }
+    });
+    (dw, dots)
+}
+
 /// Per-column sums of the entries.
 pub fn csr_column_sums(a: SparseRows<'_>, m: usize) -> Vec<f32> {
     let mut sums = vec![0f32; m];

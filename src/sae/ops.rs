@@ -167,13 +167,21 @@ impl CustomOp2 for SupportMatmul {
         let (dlat, dw) = with_cpu_slice(grad, |g| {
             with_cpu_slice(w, |ws| match &cached {
                 Some(csr) => {
-                    let mut vals = sparse::csr_sampled_dot(csr.as_rows(), g, ws, d);
-                    if let Some(mono) = &self.mono {
-                        let saved = mono.saved.lock().unwrap().take().expect("mono forward ran");
-                        let extra = mono_backward(&saved, b, mono.lambda, mono.eps);
-                        vals.iter_mut().zip(extra).for_each(|(v, e)| *v += e);
+                    let saved = self.mono.as_ref().map(|mono| mono.saved.lock().unwrap().take().expect("mono forward ran"));
+                    let own_cols;
+                    let cols = match &saved {
+                        Some(s) => &s.cols,
+                        None => {
+                            own_cols = sparse::to_columns(csr.as_rows(), m);
+                            &own_cols
+                        }
+                    };
+                    let (dw, mut dots) = sparse::decoder_backward(cols, g, ws, d);
+                    if let (Some(mono), Some(saved)) = (&self.mono, &saved) {
+                        let extra = mono_backward(saved, b, mono.lambda, mono.eps);
+                        dots.iter_mut().zip(extra).for_each(|(v, e)| *v += e);
                     }
-                    let dw = sparse::csr_transpose_matmul(csr.as_rows(), g, d, m);
+                    let vals = sparse::to_row_order(cols, &dots);
                     Ok::<_, candle_core::Error>((csr.with_values(vals).to_dense(m), dw))
                 }
                 None => with_cpu_slice(lat, |ls| {
@@ -474,7 +482,7 @@ fn mono_forward(csr: &SparseBatch, b: usize, m: usize, sim: &[f32], d: usize, ep
     (MonoLossSaved { cols, unit, unit_sum, w, neurons }, loss as f32, MonoLossStats { n_active, mean_score: mean })
 }
 
-/// g_out · ∂loss/∂latents on the support, in CSR order.
+/// g_out · ∂loss/∂latents on the support, in CSC order (`saved.cols`).
 fn mono_backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) -> Vec<f32> {
     let MonoLossSaved { cols, unit, unit_sum, w, neurons } = saved;
     let n_active = neurons.iter().filter(|n| n.active).count();
@@ -507,23 +515,28 @@ fn mono_backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) -> Vec<f
         })
         .collect();
     // ∂L/∂l = ∂L/∂ã / range, plus the min/max terms on tied entries.
-    cols.map_to_rows(|k, j| {
+    let mut grads = sparse::csc_dots(cols, unit, w, d);
+    for k in 0..neurons.len() {
         let (n, c) = (&neurons[k], &coefs[k]);
-        if !n.active {
-            return 0.0;
+        for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+            if !n.active {
+                grads[j] = 0.0;
+                continue;
+            }
+            let l = cols.values[j];
+            let a = (l - n.min) / n.range;
+            let da = c.dnum * (grads[j] - a) + c.dden * (n.u - a);
+            let mut g = da / n.range;
+            if l == n.min {
+                g += c.dmin;
+            }
+            if l == n.max {
+                g += c.dmax;
+            }
+            grads[j] = g;
         }
-        let (r, l) = (cols.rows[j] as usize, cols.values[j]);
-        let a = (l - n.min) / n.range;
-        let da = c.dnum * (sparse::dot(&unit[r * d..(r + 1) * d], &w[k * d..(k + 1) * d]) - a) + c.dden * (n.u - a);
-        let mut g = da / n.range;
-        if l == n.min {
-            g += c.dmin;
-        }
-        if l == n.max {
-            g += c.dmax;
-        }
-        g
-    })
+    }
+    grads
 }
 
 struct SparseMonoLoss {
@@ -558,7 +571,7 @@ impl CustomOp2 for SparseMonoLoss {
         let Some((csr, saved)) = self.saved.lock().unwrap().take() else {
             candle_core::bail!("mono loss backward without forward");
         };
-        let vals = mono_backward(&saved, b, g_out, self.eps);
+        let vals = sparse::to_row_order(&saved.cols, &mono_backward(&saved, b, g_out, self.eps));
         Ok((Some(cpu_tensor(csr.with_values(vals).to_dense(m), (b, m))?), None))
     }
 }
