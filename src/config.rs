@@ -489,7 +489,10 @@ impl Config {
         v.positive_opt("run.threads", self.run.threads);
         v.check(!self.run.stages.is_empty(), || "run.stages must name at least one stage".into());
         v.check(self.run.stages.windows(2).all(|w| w[0] < w[1]), || {
-            format!("run.stages = {:?} must be in the order finetune, extract, train, report, without repeats", self.run.stages)
+            format!(
+                "run.stages = {} must be in the order finetune, extract, train, report, without repeats",
+                serde_json::to_string(&self.run.stages).unwrap_or_default()
+            )
         });
 
         v.check(!self.encoder.model.trim().is_empty(), || "encoder.model must not be empty".into());

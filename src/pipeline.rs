@@ -236,7 +236,6 @@ pub const SUMMARY_FILE: &str = "results.json";
 pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<serde_json::Value> {
     let run_dir = config.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
     let mut runs = Vec::new();
     for p in plans {
         let results = run_child(p).with_context(|| format!("run {}", p.child.label))?;
@@ -250,7 +249,9 @@ pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<serde_json::Value> {
             "results": results,
         }));
     }
+    // The config and the summary are written together, once every stage has finished.
     let summary = json!({"run": config.run.name, "stages": config.run.stages, "runs": runs});
+    crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
     crate::io::write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
     if config.run.stages.contains(&Stage::Report) {
         crate::report::build(&run_dir)?;
