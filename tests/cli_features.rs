@@ -1,27 +1,15 @@
 //! `mono features import` end to end on files written here, and bad inputs that must fail with
 //! one `error:` line and leave existing output untouched.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
+use common::{mono, Outcome};
 use candle_core::{Device, Tensor};
 use mono::data::store::{FeatureStore, LabelKind};
 
-struct Outcome {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn mono(args: &[&str]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_mono")).args(args).arg("--quiet").output().expect("run mono");
-    Outcome {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

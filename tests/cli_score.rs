@@ -1,29 +1,17 @@
 //! `mono score` end to end on files written here, and every kind of bad input.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::mono;
 use candle_core::{DType, Device, Tensor};
 use mono::monoscore::pairwise_monoscore;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-struct Outcome {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn mono(args: &[&str]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_mono")).args(args).arg("--quiet").output().expect("run mono");
-    Outcome {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
-}
 
 fn data(n: usize, d: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = StdRng::seed_from_u64(seed);

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
@@ -48,4 +49,21 @@ pub fn tiny_resnet(dir: &Path, w: usize, seed: u64) {
     }
     std::fs::create_dir_all(dir).unwrap();
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+/// What a `mono` command printed and whether it succeeded.
+pub struct Outcome {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the `mono` binary with `--quiet`.
+pub fn mono(args: &[&str]) -> Outcome {
+    let out = Command::new(env!("CARGO_BIN_EXE_mono")).args(args).arg("--quiet").output().expect("run mono");
+    Outcome {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
 }
