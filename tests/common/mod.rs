@@ -67,3 +67,11 @@ pub fn mono(args: &[&str]) -> Outcome {
         stderr: String::from_utf8_lossy(&out.stderr).into(),
     }
 }
+
+/// A seeded standard-normal tensor scaled by `std` (candle's own `randn` is unseeded).
+pub fn seeded_randn(shape: &[usize], std: f64, dtype: DType, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).map(|x: f64| x * std).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
