@@ -243,10 +243,13 @@ impl Default for SaeConfig {
 impl SaeConfig {
     /// AuxK latents; the default is capped at n_latents for small SAEs.
     pub fn k_aux(&self) -> usize {
-        self.k_aux.unwrap_or(match self.kind {
-            SaeKind::Topk => 64,
-            _ => 512,
-        }.min(self.n_latents))
+        self.k_aux.unwrap_or(
+            match self.kind {
+                SaeKind::Topk => 64,
+                _ => 512,
+            }
+            .min(self.n_latents),
+        )
     }
 
     pub fn normalize_input(&self) -> bool {
@@ -450,7 +453,8 @@ pub fn paper_lambda(dataset: DatasetKind, encoder: EncoderKind, sae: SaeKind) ->
 impl Config {
     /// Reads, parses and validates a config file. Errors name the file and the key.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
     }
 
@@ -482,7 +486,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let mut v = Validator::default();
         v.check(!self.run.name.trim().is_empty(), || "run.name must not be empty".into());
-        v.check(!self.run.name.contains(['/', '\\']), || format!("run.name = {:?} must not contain a path separator", self.run.name));
+        v.check(!self.run.name.contains(['/', '\\']), || {
+            format!("run.name = {:?} must not contain a path separator", self.run.name)
+        });
         if let Err(e) = crate::device::DeviceSpec::parse(&self.run.device) {
             v.fail(format!("run.device = {:?}: {e}", self.run.device));
         }
@@ -505,7 +511,11 @@ impl Config {
                 | (EncoderKind::Resnet50, EncoderOutput::Pooled)
         );
         v.check(output_ok, || {
-            format!("encoder.output = {:?} is not an output of encoder.kind = {:?}", self.encoder.output(), self.encoder.kind)
+            format!(
+                "encoder.output = {:?} is not an output of encoder.kind = {:?}",
+                self.encoder.output(),
+                self.encoder.kind
+            )
         });
 
         v.positive_opt("data.limit", self.data.limit);
@@ -516,9 +526,13 @@ impl Config {
         let sae = &self.sae;
         v.positive("sae.n_latents", sae.n_latents);
         v.positive("sae.k", sae.k);
-        v.check(sae.k <= sae.n_latents, || format!("sae.k = {} must be ≤ sae.n_latents = {}", sae.k, sae.n_latents));
+        v.check(sae.k <= sae.n_latents, || {
+            format!("sae.k = {} must be ≤ sae.n_latents = {}", sae.k, sae.n_latents)
+        });
         if let Some(k_aux) = sae.k_aux {
-            v.check(k_aux <= sae.n_latents, || format!("sae.k_aux = {k_aux} must be ≤ sae.n_latents = {}", sae.n_latents));
+            v.check(k_aux <= sae.n_latents, || {
+                format!("sae.k_aux = {k_aux} must be ≤ sae.n_latents = {}", sae.n_latents)
+            });
         }
         v.non_negative("sae.aux_coef", sae.aux_coef);
         v.positive("sae.dead_after", sae.dead_after as usize);
@@ -530,11 +544,15 @@ impl Config {
         let t = &self.train;
         v.positive("train.epochs", t.epochs);
         v.positive("train.batch_size", t.batch_size);
-        v.check(t.batch_size >= 2, || format!("train.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", t.batch_size));
+        v.check(t.batch_size >= 2, || {
+            format!("train.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", t.batch_size)
+        });
         v.positive_f("train.lr", t.lr);
         v.positive_f("train.adam_eps", t.adam_eps);
         for (i, b) in t.adam_betas.iter().enumerate() {
-            v.check((0.0..1.0).contains(b), || format!("train.adam_betas[{i}] = {b} must be in [0, 1)"));
+            v.check((0.0..1.0).contains(b), || {
+                format!("train.adam_betas[{i}] = {b} must be in [0, 1)")
+            });
         }
         if let Some(c) = t.grad_clip {
             v.positive_f("train.grad_clip", c);
@@ -557,16 +575,25 @@ impl Config {
         v.positive_opt("finetune.k", f.k);
         v.positive("finetune.epochs", f.epochs);
         v.positive("finetune.batch_size", f.batch_size);
-        v.check(f.batch_size >= 2, || format!("finetune.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", f.batch_size));
+        v.check(f.batch_size >= 2, || {
+            format!("finetune.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", f.batch_size)
+        });
         v.positive_f("finetune.lr", f.lr);
-        v.check((0.0..1.0).contains(&f.momentum), || format!("finetune.momentum = {} must be in [0, 1)", f.momentum));
+        v.check((0.0..1.0).contains(&f.momentum), || {
+            format!("finetune.momentum = {} must be in [0, 1)", f.momentum)
+        });
         v.non_negative("finetune.weight_decay", f.weight_decay);
         v.non_negative("finetune.norm_weight_decay", f.norm_weight_decay);
         v.check(f.warmup_epochs < f.epochs, || {
-            format!("finetune.warmup_epochs = {} must be < finetune.epochs = {}", f.warmup_epochs, f.epochs)
+            format!(
+                "finetune.warmup_epochs = {} must be < finetune.epochs = {}",
+                f.warmup_epochs, f.epochs
+            )
         });
         v.positive("finetune.step_size", f.step_size);
-        v.check(f.gamma > 0.0 && f.gamma <= 1.0, || format!("finetune.gamma = {} must be in (0, 1]", f.gamma));
+        v.check(f.gamma > 0.0 && f.gamma <= 1.0, || {
+            format!("finetune.gamma = {} must be in (0, 1]", f.gamma)
+        });
         v.check((0.0..1.0).contains(&f.label_smoothing), || {
             format!("finetune.label_smoothing = {} must be in [0, 1)", f.label_smoothing)
         });
@@ -597,7 +624,8 @@ impl Config {
                 bail!("sweep.{key} is an empty list");
             }
             for value in values {
-                self.with_override(key, value.clone()).with_context(|| format!("sweep.{key} = {value}"))?;
+                self.with_override(key, value.clone())
+                    .with_context(|| format!("sweep.{key} = {value}"))?;
             }
         }
         Ok(())
@@ -613,7 +641,8 @@ impl Config {
         let mut node = &mut tree;
         let parts: Vec<&str> = path.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
-            let table = node.as_table_mut().with_context(|| format!("`{path}` is not a config key"))?;
+            let table =
+                node.as_table_mut().with_context(|| format!("`{path}` is not a config key"))?;
             if i + 1 == parts.len() {
                 table.insert(part.to_string(), value.clone());
                 break;
@@ -643,12 +672,24 @@ fn deserialize_with_path(text: &str, show_line: bool) -> Result<Config> {
     serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let line =
+            inner.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
         let at = line.filter(|_| show_line).map(|l| format!(" (line {l})")).unwrap_or_default();
-        let message = inner.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-        if let Some(field) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
+        let message = inner
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if let Some(field) =
+            message.strip_prefix("unknown field `").and_then(|r| r.split('`').next())
+        {
             let full = if path.ends_with(field) { path.clone() } else { format!("{path}.{field}") };
-            let expected = message.split_once(", expected ").map(|(_, e)| format!("; expected {e}")).unwrap_or_default();
+            let expected = message
+                .split_once(", expected ")
+                .map(|(_, e)| format!("; expected {e}"))
+                .unwrap_or_default();
             anyhow::anyhow!("unknown key `{full}`{at}{expected}")
         } else if path == "." {
             anyhow::anyhow!("TOML error{at}: {message}")

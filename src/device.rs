@@ -21,7 +21,9 @@ impl DeviceSpec {
             "cuda" | "gpu" => DeviceSpec::Cuda(0),
             "metal" | "mps" => DeviceSpec::Metal,
             _ => match t.strip_prefix("cuda:") {
-                Some(n) => DeviceSpec::Cuda(n.parse().with_context(|| format!("`{n}` is not a CUDA device ordinal"))?),
+                Some(n) => DeviceSpec::Cuda(
+                    n.parse().with_context(|| format!("`{n}` is not a CUDA device ordinal"))?,
+                ),
                 None => bail!("unknown device; expected auto, cpu, cuda, cuda:N or metal"),
             },
         })

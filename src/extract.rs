@@ -33,8 +33,13 @@ pub struct ExtractOptions {
 
 /// Parses `--shard i/n` (0 ≤ i < n).
 pub fn parse_part(text: &str) -> Result<(usize, usize)> {
-    let (i, n) = text.split_once('/').with_context(|| format!("--shard {text:?}: expected i/n, e.g. 0/4"))?;
-    let (i, n): (usize, usize) = (i.trim().parse().with_context(|| format!("--shard {text:?}"))?, n.trim().parse().with_context(|| format!("--shard {text:?}"))?);
+    let (i, n) = text
+        .split_once('/')
+        .with_context(|| format!("--shard {text:?}: expected i/n, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().with_context(|| format!("--shard {text:?}"))?,
+        n.trim().parse().with_context(|| format!("--shard {text:?}"))?,
+    );
     ensure!(n > 0 && i < n, "--shard {text:?}: need 0 ≤ i < n");
     Ok((i, n))
 }
@@ -73,13 +78,30 @@ struct Batch {
     items: usize,
 }
 
-fn prepare(dataset: &dyn ImageDataset, preprocessor: &Preprocessor, items: std::ops::Range<usize>) -> Batch {
+fn prepare(
+    dataset: &dyn ImageDataset,
+    preprocessor: &Preprocessor,
+    items: std::ops::Range<usize>,
+) -> Batch {
     let results: Vec<(usize, Result<Vec<f32>>)> = items
         .clone()
         .into_par_iter()
-        .map(|i| (i, dataset.load(i).and_then(|img| preprocessor.process(&image::DynamicImage::ImageRgb8(img)))))
+        .map(|i| {
+            (
+                i,
+                dataset
+                    .load(i)
+                    .and_then(|img| preprocessor.process(&image::DynamicImage::ImageRgb8(img))),
+            )
+        })
         .collect();
-    let mut batch = Batch { pixels: Vec::new(), paths: Vec::new(), labels: Vec::new(), skipped: Vec::new(), items: items.len() };
+    let mut batch = Batch {
+        pixels: Vec::new(),
+        paths: Vec::new(),
+        labels: Vec::new(),
+        skipped: Vec::new(),
+        items: items.len(),
+    };
     for (i, result) in results {
         match result {
             Ok(pixels) => {
@@ -104,9 +126,22 @@ fn normalize_rows(features: &mut [f32], dim: usize) {
 }
 
 /// Runs the encoder on one prepared batch: (rows, dim) features on the host.
-fn encode(encoder: &dyn ImageEncoder, pixels: &[f32], rows: usize, (h, w): (u32, u32), dtype: DType, device: &Device) -> Result<Vec<f32>> {
-    let input = Tensor::from_slice(pixels, (rows, 3, h as usize, w as usize), device)?.to_dtype(dtype)?;
-    Ok(encoder.forward(&input)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+fn encode(
+    encoder: &dyn ImageEncoder,
+    pixels: &[f32],
+    rows: usize,
+    (h, w): (u32, u32),
+    dtype: DType,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let input =
+        Tensor::from_slice(pixels, (rows, 3, h as usize, w as usize), device)?.to_dtype(dtype)?;
+    Ok(encoder
+        .forward(&input)?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 struct Extraction<'a> {
@@ -119,13 +154,20 @@ struct Extraction<'a> {
     size: (u32, u32),
 }
 
-fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractOptions) -> Result<SplitReport> {
+fn extract_split(
+    ctx: &Extraction,
+    split: &str,
+    out_root: &Path,
+    opts: &ExtractOptions,
+) -> Result<SplitReport> {
     let config = ctx.config;
     let dir = out_root.join(crate::data::store::split_dir(split));
     if dir.join(MANIFEST_FILE).is_file() {
         let manifest = crate::data::store::Manifest::load(&dir)?;
         // A finished split is reused only if it was made by this encoder from this data set.
-        let same = |key: &str| manifest.info.encoder.as_ref().map(|e| &e[key]) == Some(&ctx.encoder_info[key]);
+        let same = |key: &str| {
+            manifest.info.encoder.as_ref().map(|e| &e[key]) == Some(&ctx.encoder_info[key])
+        };
         let dataset = serde_json::to_value(config.data.kind)?;
         ensure!(
             ["kind", "model", "revision", "output", "normalized"].iter().all(|k| same(k)) && manifest.info.dataset.as_deref() == dataset.as_str(),
@@ -133,10 +175,20 @@ fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractO
             dir.display(),
             manifest.info.encoder.as_ref().map(|e| e.to_string()).unwrap_or_default()
         );
-        return Ok(SplitReport { split: split.into(), dir, rows: manifest.count, skipped: manifest.skipped.len(), resumed_rows: manifest.count, already_done: true, seconds: 0.0 });
+        return Ok(SplitReport {
+            split: split.into(),
+            dir,
+            rows: manifest.count,
+            skipped: manifest.skipped.len(),
+            resumed_rows: manifest.count,
+            already_done: true,
+            seconds: 0.0,
+        });
     }
     let root = config.data.root.as_ref().context("data.root is not set: where are the images?")?;
-    let dataset = open_dataset(config.data.kind, root, split).with_context(|| format!("data.root = {:?}, split {split:?}", root.display().to_string()))?;
+    let dataset = open_dataset(config.data.kind, root, split).with_context(|| {
+        format!("data.root = {:?}, split {split:?}", root.display().to_string())
+    })?;
     let total = config.data.limit.into_iter().chain(opts.limit).fold(dataset.len(), usize::min);
     let range = match opts.part {
         Some((i, n)) => (i * total / n)..((i + 1) * total / n),
@@ -144,13 +196,21 @@ fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractO
     };
     let mut info = StoreInfo::new(ctx.encoder.dim(), split);
     info.dtype = config.features.dtype;
-    info.dataset = Some(serde_json::to_value(config.data.kind)?.as_str().unwrap_or_default().to_string());
+    info.dataset =
+        Some(serde_json::to_value(config.data.kind)?.as_str().unwrap_or_default().to_string());
     info.encoder = Some(ctx.encoder_info.clone());
     info.labels = dataset.label_kind();
     info.label_names = dataset.class_names().to_vec();
     info.preprocessing = Some(serde_json::to_value(ctx.preprocessor)?);
-    let has_shards = dir.is_dir() && std::fs::read_dir(&dir)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with("shard-"));
-    let mut writer = if has_shards { StoreWriter::resume(&dir, info, config.features.shard_size)? } else { StoreWriter::create(&dir, info, config.features.shard_size)? };
+    let has_shards = dir.is_dir()
+        && std::fs::read_dir(&dir)?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("shard-"));
+    let mut writer = if has_shards {
+        StoreWriter::resume(&dir, info, config.features.shard_size)?
+    } else {
+        StoreWriter::create(&dir, info, config.features.shard_size)?
+    };
     let resumed_rows = writer.resumed_rows();
     let start = match writer.resumed_last_path() {
         Some(last) => range.clone().find(|&i| dataset.path(i) == last).map(|i| i + 1).with_context(|| {
@@ -184,7 +244,8 @@ fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractO
                 writer.skip(path.clone(), reason.clone());
             }
             if !batch.paths.is_empty() {
-                let mut features = encode(ctx.encoder, &batch.pixels, batch.paths.len(), size, dtype, ctx.device)?;
+                let mut features =
+                    encode(ctx.encoder, &batch.pixels, batch.paths.len(), size, dtype, ctx.device)?;
                 if config.encoder.normalize {
                     normalize_rows(&mut features, ctx.encoder.dim());
                 }
@@ -192,7 +253,8 @@ fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractO
                 let labels = match writer.info().labels {
                     LabelKind::None => BatchLabels::None,
                     LabelKind::Class => {
-                        class_ids = batch.labels.iter().map(|l| l.first().copied().unwrap_or(0)).collect();
+                        class_ids =
+                            batch.labels.iter().map(|l| l.first().copied().unwrap_or(0)).collect();
                         BatchLabels::Class(&class_ids)
                     }
                     LabelKind::Multi => BatchLabels::Multi(&batch.labels),
@@ -207,7 +269,15 @@ fn extract_split(ctx: &Extraction, split: &str, out_root: &Path, opts: &ExtractO
     bar.finish_and_clear();
     let manifest = writer.finish()?;
     let seconds = started.elapsed().as_secs_f64();
-    Ok(SplitReport { split: split.into(), dir, rows: manifest.count, skipped: manifest.skipped.len(), resumed_rows, already_done: false, seconds })
+    Ok(SplitReport {
+        split: split.into(),
+        dir,
+        rows: manifest.count,
+        skipped: manifest.skipped.len(),
+        resumed_rows,
+        already_done: false,
+        seconds,
+    })
 }
 
 /// Extracts the config's train and eval splits.
@@ -235,10 +305,20 @@ pub fn extract(config: &Config, opts: &ExtractOptions) -> Result<Vec<SplitReport
     });
     let mut out_root = features_dir(config);
     if let Some((i, n)) = opts.part {
-        let name = out_root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "features".into());
+        let name = out_root
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "features".into());
         out_root.set_file_name(format!("{name}-part-{i}-of-{n}"));
     }
-    let ctx = Extraction { config, encoder: encoder.as_ref(), preprocessor: &preprocessor, encoder_info, device: &device, size: (h, w) };
+    let ctx = Extraction {
+        config,
+        encoder: encoder.as_ref(),
+        preprocessor: &preprocessor,
+        encoder_info,
+        device: &device,
+        size: (h, w),
+    };
     let mut splits = vec![config.data.train_split.clone()];
     if config.data.eval_split != config.data.train_split {
         splits.push(config.data.eval_split.clone());

@@ -15,7 +15,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod sae;
-pub mod train;
 pub mod sparse;
+pub mod train;
 
 pub use config::Config;

@@ -205,7 +205,10 @@ fn format_error(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     if let Some(threads) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("cannot set --threads")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("cannot set --threads")?;
     }
     match cli.command {
         Command::Score(args) => score(args),
@@ -232,14 +235,23 @@ fn run(cli: Cli) -> Result<()> {
                 config.run_dir().display(),
                 last["top1"].as_f64().unwrap_or(f64::NAN),
                 last["top5"].as_f64().unwrap_or(f64::NAN),
-                last["monoscore"]["mean"].as_f64().map(|m| format!("{m:.4}")).unwrap_or_else(|| "n/a".into())
+                last["monoscore"]["mean"]
+                    .as_f64()
+                    .map(|m| format!("{m:.4}"))
+                    .unwrap_or_else(|| "n/a".into())
             );
             Ok(())
         }
         Command::Extract { config, limit, shard } => extract(&config, limit, shard.as_deref()),
         Command::Features(FeaturesCommand::Merge { parts, out, shard_size }) => {
             for s in mono::data::merge::merge_feature_sets(&parts, &out, shard_size)? {
-                println!("{}: {} rows ({} skipped) → {}", s.split, s.rows, s.skipped, s.dir.display());
+                println!(
+                    "{}: {} rows ({} skipped) → {}",
+                    s.split,
+                    s.rows,
+                    s.skipped,
+                    s.dir.display()
+                );
             }
             Ok(())
         }
@@ -249,10 +261,14 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", path.display());
             Ok(())
         }
-        Command::Bench(BenchCommand::Monoscore(args)) => mono::bench::monoscore::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Monoscore(args)) => {
+            mono::bench::monoscore::run(&args).map(|_| ())
+        }
         Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Extract(args)) => mono::bench::extract::run(&args).map(|_| ()),
-        Command::Bench(BenchCommand::Finetune(args)) => mono::bench::finetune::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Finetune(args)) => {
+            mono::bench::finetune::run(&args).map(|_| ())
+        }
     }
 }
 
@@ -301,7 +317,8 @@ fn import(args: ImportArgs) -> Result<()> {
         batch_rows: args.batch_rows,
     };
     for s in import_features(&opts)?.splits {
-        let classes = if s.classes > 0 { format!(", {} classes", s.classes) } else { String::new() };
+        let classes =
+            if s.classes > 0 { format!(", {} classes", s.classes) } else { String::new() };
         println!(
             "{}: {} rows × {} ({}), labels {}{classes}, {} shard(s) → {}",
             s.split,
@@ -348,7 +365,10 @@ fn print_results(r: &mono::eval::EvalResults) {
         r.monoscore.dead
     );
     if let Some(p) = &r.purity {
-        println!("class purity: binary {:.4}  weighted {:.4}  over {} live latents", p.binary, p.weighted, p.latents);
+        println!(
+            "class purity: binary {:.4}  weighted {:.4}  over {} live latents",
+            p.binary, p.weighted, p.latents
+        );
     }
 }
 
@@ -375,7 +395,11 @@ fn extract(config_path: &std::path::Path, limit: Option<usize>, shard: Option<&s
                 r.skipped,
                 r.dir.display(),
                 new as f64 / r.seconds.max(1e-9),
-                if r.resumed_rows > 0 { format!("; resumed after {} rows", r.resumed_rows) } else { String::new() }
+                if r.resumed_rows > 0 {
+                    format!("; resumed after {} rows", r.resumed_rows)
+                } else {
+                    String::new()
+                }
             );
         }
     }

@@ -41,13 +41,17 @@ pub struct Child {
 
 /// The sweep's children: the cartesian product of the `[sweep]` lists, in file order.
 pub fn children(config: &Config) -> Result<Vec<Child>> {
-    let mut out = vec![Child { label: String::new(), overrides: Vec::new(), config: config.clone() }];
+    let mut out =
+        vec![Child { label: String::new(), overrides: Vec::new(), config: config.clone() }];
     for (key, values) in &config.sweep {
         let mut next = Vec::new();
         for child in &out {
             for value in values {
                 let mut c = child.clone();
-                c.config = c.config.with_override(key, value.clone()).with_context(|| format!("sweep.{key} = {value}"))?;
+                c.config = c
+                    .config
+                    .with_override(key, value.clone())
+                    .with_context(|| format!("sweep.{key} = {value}"))?;
                 c.overrides.push((key.clone(), value.clone()));
                 next.push(c);
             }
@@ -56,7 +60,11 @@ pub fn children(config: &Config) -> Result<Vec<Child>> {
     }
     for c in &mut out {
         c.config.sweep.clear();
-        c.label = if c.overrides.is_empty() { "base".into() } else { c.overrides.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",") };
+        c.label = if c.overrides.is_empty() {
+            "base".into()
+        } else {
+            c.overrides.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+        };
     }
     Ok(out)
 }
@@ -89,7 +97,9 @@ fn extract_key(c: &Config, finetune: Option<&str>) -> String {
 
 /// Manifests of a user-provided feature set: its identity for the training key.
 fn manifests(dir: &Path, c: &Config) -> serde_json::Value {
-    let read = |split: &str| open_split(dir, split).ok().map(|s| section(&s.manifest().info)).unwrap_or(json!(null));
+    let read = |split: &str| {
+        open_split(dir, split).ok().map(|s| section(&s.manifest().info)).unwrap_or(json!(null))
+    };
     json!({"train": read(&c.data.train_split), "eval": read(&c.data.eval_split)})
 }
 
@@ -144,28 +154,47 @@ fn has_checkpoints(dir: &Path) -> bool {
 }
 
 fn features_done(dir: &Path, c: &Config) -> bool {
-    [&c.data.train_split, &c.data.eval_split].iter().all(|s| dir.join(crate::data::store::split_dir(s)).join("manifest.json").is_file())
+    [&c.data.train_split, &c.data.eval_split]
+        .iter()
+        .all(|s| dir.join(crate::data::store::split_dir(s)).join("manifest.json").is_file())
 }
 
 /// The plan as the lines `mono run` prints first.
 pub fn describe(config: &Config, plans: &[ChildPlan]) -> Vec<String> {
-    let mut lines = vec![format!("mono run → {} ({} run{})", config.run_dir().display(), plans.len(), if plans.len() == 1 { "" } else { "s" })];
+    let mut lines = vec![format!(
+        "mono run → {} ({} run{})",
+        config.run_dir().display(),
+        plans.len(),
+        if plans.len() == 1 { "" } else { "s" }
+    )];
     let mut seen = std::collections::HashSet::new();
     for p in plans {
         let c = &p.child.config;
         let tag = if plans.len() > 1 { format!(" [{}]", p.child.label) } else { String::new() };
         if let Some(d) = &p.finetune_dir {
             if seen.insert(d.clone()) {
-                lines.push(format!("  finetune{tag}: {} — {}", d.display(), status(d.join("results.json").is_file(), has_checkpoints(d))));
+                lines.push(format!(
+                    "  finetune{tag}: {} — {}",
+                    d.display(),
+                    status(d.join("results.json").is_file(), has_checkpoints(d))
+                ));
             }
         }
         if let (Some(d), true) = (&p.features_dir, c.run.stages.contains(&Stage::Extract)) {
             if seen.insert(d.clone()) {
-                lines.push(format!("  extract: {} — {}", d.display(), status(features_done(d, c), d.exists())));
+                lines.push(format!(
+                    "  extract: {} — {}",
+                    d.display(),
+                    status(features_done(d, c), d.exists())
+                ));
             }
         }
         if let Some(d) = &p.train_dir {
-            lines.push(format!("  train{tag}: {} — {}", d.display(), status(d.join("results.json").is_file(), has_checkpoints(d))));
+            lines.push(format!(
+                "  train{tag}: {} — {}",
+                d.display(),
+                status(d.join("results.json").is_file(), has_checkpoints(d))
+            ));
         }
     }
     if config.run.stages.contains(&Stage::Report) {
@@ -178,9 +207,13 @@ pub fn describe(config: &Config, plans: &[ChildPlan]) -> Vec<String> {
 /// config.json and preprocessor_config.json sit beside the finetuned model.safetensors.
 fn make_encoder_dir(finetune_dir: &Path, config: &Config) -> Result<()> {
     let files = crate::encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
-    for (src, name) in [(&files.config, "config.json"), (&files.preprocessor, "preprocessor_config.json")] {
+    for (src, name) in
+        [(&files.config, "config.json"), (&files.preprocessor, "preprocessor_config.json")]
+    {
         if let Some(src) = src {
-            std::fs::copy(src, finetune_dir.join(name)).with_context(|| format!("cannot copy {} into {}", src.display(), finetune_dir.display()))?;
+            std::fs::copy(src, finetune_dir.join(name)).with_context(|| {
+                format!("cannot copy {} into {}", src.display(), finetune_dir.display())
+            })?;
         }
     }
     Ok(())
@@ -226,7 +259,8 @@ fn run_child(plan: &ChildPlan) -> Result<serde_json::Value> {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
@@ -235,11 +269,13 @@ pub const SUMMARY_FILE: &str = "results.json";
 /// Runs the plan; returns the summary written to `<run dir>/results.json`.
 pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<serde_json::Value> {
     let run_dir = config.run_dir();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let mut runs = Vec::new();
     for p in plans {
         let results = run_child(p).with_context(|| format!("run {}", p.child.label))?;
-        let overrides: BTreeMap<String, serde_json::Value> = p.child.overrides.iter().map(|(k, v)| (k.clone(), section(v))).collect();
+        let overrides: BTreeMap<String, serde_json::Value> =
+            p.child.overrides.iter().map(|(k, v)| (k.clone(), section(v))).collect();
         runs.push(json!({
             "label": p.child.label,
             "overrides": overrides,
@@ -251,7 +287,10 @@ pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<serde_json::Value> {
     }
     // The config and the summary are written together, once every stage has finished.
     let summary = json!({"run": config.run.name, "stages": config.run.stages, "runs": runs});
-    crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
+    crate::io::write_atomic(
+        &run_dir.join("config.toml"),
+        toml::to_string_pretty(config)?.as_bytes(),
+    )?;
     crate::io::write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
     if config.run.stages.contains(&Stage::Report) {
         crate::report::build(&run_dir)?;

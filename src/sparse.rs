@@ -102,16 +102,18 @@ impl SparseBatch {
             val_parts.push(a);
             vs = rest;
         }
-        dense.par_chunks_exact(cols).zip(col_parts).zip(val_parts).enumerate().for_each(|(r, ((row, cols_out), vals_out))| {
-            let mut e = 0;
-            for (c, &v) in row.iter().enumerate() {
-                if keep(r * cols + c, v) {
-                    cols_out[e] = c as u32;
-                    vals_out[e] = v;
-                    e += 1;
+        dense.par_chunks_exact(cols).zip(col_parts).zip(val_parts).enumerate().for_each(
+            |(r, ((row, cols_out), vals_out))| {
+                let mut e = 0;
+                for (c, &v) in row.iter().enumerate() {
+                    if keep(r * cols + c, v) {
+                        cols_out[e] = c as u32;
+                        vals_out[e] = v;
+                        e += 1;
+                    }
                 }
-            }
-        });
+            },
+        );
         SparseBatch { row_offsets, columns, values }
     }
 
@@ -277,13 +279,15 @@ fn column_slices<'a>(cols: &SparseColumns, buf: &'a mut [f32]) -> Vec<&'a mut [f
 /// For every entry (i, k): x[i] · w[k], in CSC order (x: rows × D, w: M × D).
 pub fn csc_dots(cols: &SparseColumns, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
     let mut out = vec![0f32; cols.rows.len()];
-    column_slices(cols, &mut out).into_par_iter().enumerate().with_min_len(16).for_each(|(k, slot)| {
-        let wk = &w[k * d..(k + 1) * d];
-        for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
-            let i = cols.rows[j] as usize;
-            *o = dot(&x[i * d..(i + 1) * d], wk);
-        }
-    });
+    column_slices(cols, &mut out).into_par_iter().enumerate().with_min_len(16).for_each(
+        |(k, slot)| {
+            let wk = &w[k * d..(k + 1) * d];
+            for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
+                let i = cols.rows[j] as usize;
+                *o = dot(&x[i * d..(i + 1) * d], wk);
+            }
+        },
+    );
     out
 }
 
@@ -299,19 +303,28 @@ pub fn to_row_order(cols: &SparseColumns, by_column: &[f32]) -> Vec<f32> {
 /// The sparse decoder's backward in one pass over columns, so that each gathered gradient row
 /// serves both products and each dictionary row stays in cache: for every entry (i, k, v),
 /// `dw[k] += v · g[i]` (M × D) and `dots[entry] = g[i] · w[k]` (CSC order).
-pub fn decoder_backward(cols: &SparseColumns, g: &[f32], w: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+pub fn decoder_backward(
+    cols: &SparseColumns,
+    g: &[f32],
+    w: &[f32],
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let m = cols.col_offsets.len() - 1;
     let mut dw = vec![0f32; m * d];
     let mut dots = vec![0f32; cols.rows.len()];
-    dw.par_chunks_mut(d.max(1)).zip(column_slices(cols, &mut dots)).enumerate().with_min_len(16).for_each(|(k, (dwk, slot))| {
-        let wk = &w[k * d..(k + 1) * d];
-        for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
-            let i = cols.rows[j] as usize;
-            let gi = &g[i * d..(i + 1) * d];
-            axpy(dwk, cols.values[j], gi);
-            *o = dot(gi, wk);
-        }
-    });
+    dw.par_chunks_mut(d.max(1))
+        .zip(column_slices(cols, &mut dots))
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(k, (dwk, slot))| {
+            let wk = &w[k * d..(k + 1) * d];
+            for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
+                let i = cols.rows[j] as usize;
+                let gi = &g[i * d..(i + 1) * d];
+                axpy(dwk, cols.values[j], gi);
+                *o = dot(gi, wk);
+            }
+        });
     (dw, dots)
 }
 
@@ -326,7 +339,17 @@ pub fn csr_column_sums(a: SparseRows<'_>, m: usize) -> Vec<f32> {
 
 /// Dense (m × k) · (k × n) in f32 with arbitrary strides, through the `gemm` crate (candle's own).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) -> Vec<f32> {
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) -> Vec<f32> {
     let mut dst = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return dst;
@@ -336,7 +359,8 @@ pub fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usiz
         assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too short");
     }
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism =
+        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above keep every strided read inside `a` and `b`; dst is m × n row-major.
     unsafe {
         gemm::gemm(
@@ -388,14 +412,19 @@ mod tests {
     #[test]
     fn kernels_match_dense_products() {
         let (rows, m, d) = (7, 11, 5);
-        let dense: Vec<f32> = (0..rows * m).map(|i| if i % 4 == 1 { (i as f32 * 0.37).sin() } else { 0.0 }).collect();
+        let dense: Vec<f32> =
+            (0..rows * m).map(|i| if i % 4 == 1 { (i as f32 * 0.37).sin() } else { 0.0 }).collect();
         let w: Vec<f32> = (0..m * d).map(|i| (i as f32 * 0.13).cos()).collect();
         let x: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.71).sin()).collect();
         let a = SparseBatch::from_dense(&dense, m);
         assert_eq!(a.to_dense(m), dense);
         close(&csr_matmul(a.as_rows(), &w, d), &dense_matmul(&dense, &w, rows, m, d));
-        let dense_t: Vec<f32> = (0..m * rows).map(|idx| dense[(idx % rows) * m + idx / rows]).collect();
-        close(&csr_transpose_matmul(a.as_rows(), &x, d, m), &dense_matmul(&dense_t, &x, m, rows, d));
+        let dense_t: Vec<f32> =
+            (0..m * rows).map(|idx| dense[(idx % rows) * m + idx / rows]).collect();
+        close(
+            &csr_transpose_matmul(a.as_rows(), &x, d, m),
+            &dense_matmul(&dense_t, &x, m, rows, d),
+        );
         let sampled = csr_sampled_dot(a.as_rows(), &x, &w, d);
         for r in 0..rows {
             for e in a.row_offsets[r]..a.row_offsets[r + 1] {

@@ -6,10 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{mono, Outcome};
 use candle_core::{Device, Tensor};
+use common::{mono, Outcome};
 use mono::data::store::{FeatureStore, LabelKind};
-
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -41,12 +40,17 @@ fn assert_one_error(o: &Outcome, needle: &str) {
     assert!(!o.ok, "should fail; stdout: {}", o.stdout);
     let lines: Vec<&str> = o.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "stderr: {}", o.stderr);
-    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "expected {needle:?} in {}", lines[0]);
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "expected {needle:?} in {}",
+        lines[0]
+    );
     assert!(!o.stderr.contains("panicked"));
 }
 
 fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = walk(dir).into_iter().map(|p| p.strip_prefix(dir).unwrap().display().to_string()).collect();
+    let mut names: Vec<String> =
+        walk(dir).into_iter().map(|p| p.strip_prefix(dir).unwrap().display().to_string()).collect();
     names.sort();
     names
 }
@@ -77,13 +81,41 @@ fn imports_npy_features_with_class_labels_names_and_paths() {
     let out = tmp.path().join("feats");
 
     let o = mono(&[
-        "features", "import", "--features", s(&tmp.path().join("x.npy")), "--labels", s(&tmp.path().join("y.npy")),
-        "--label-names", s(&tmp.path().join("names.txt")), "--paths", s(&tmp.path().join("paths.txt")),
-        "--out", s(&out), "--split", "val", "--shard-size", "10", "--dtype", "f16",
+        "features",
+        "import",
+        "--features",
+        s(&tmp.path().join("x.npy")),
+        "--labels",
+        s(&tmp.path().join("y.npy")),
+        "--label-names",
+        s(&tmp.path().join("names.txt")),
+        "--paths",
+        s(&tmp.path().join("paths.txt")),
+        "--out",
+        s(&out),
+        "--split",
+        "val",
+        "--shard-size",
+        "10",
+        "--dtype",
+        "f16",
     ]);
     assert!(o.ok, "{}", o.stderr);
-    assert!(o.stdout.contains("val: 23 rows × 5 (f16), labels class, 4 classes, 3 shard(s)"), "{}", o.stdout);
-    assert_eq!(listing(&out), vec!["val", "val/manifest.json", "val/shard-00000.safetensors", "val/shard-00001.safetensors", "val/shard-00002.safetensors"]);
+    assert!(
+        o.stdout.contains("val: 23 rows × 5 (f16), labels class, 4 classes, 3 shard(s)"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(
+        listing(&out),
+        vec![
+            "val",
+            "val/manifest.json",
+            "val/shard-00000.safetensors",
+            "val/shard-00001.safetensors",
+            "val/shard-00002.safetensors"
+        ]
+    );
 
     let store = FeatureStore::open(&out.join("val")).unwrap();
     assert_eq!(store.manifest().info.split, "val");
@@ -105,16 +137,35 @@ fn imports_a_safetensors_tensor_into_train_val_test_with_multi_labels() {
     let t = Tensor::from_vec(x.clone(), (n, d), &Device::Cpu).unwrap();
     let other = Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
     let file = tmp.path().join("x.safetensors");
-    candle_core::safetensors::save(&HashMap::from([("emb".to_string(), t), ("other".to_string(), other)]), &file).unwrap();
+    candle_core::safetensors::save(
+        &HashMap::from([("emb".to_string(), t), ("other".to_string(), other)]),
+        &file,
+    )
+    .unwrap();
     // Row i has labels {i % 3, 5} for even i, none for odd i.
-    let text: String = (0..n).map(|i| if i % 2 == 0 { format!("{},5\n", i % 3) } else { "\n".into() }).collect();
+    let text: String =
+        (0..n).map(|i| if i % 2 == 0 { format!("{},5\n", i % 3) } else { "\n".into() }).collect();
     std::fs::write(tmp.path().join("y.txt"), text).unwrap();
     let out = tmp.path().join("set");
     let spec = format!("{}:emb", s(&file));
     let y = tmp.path().join("y.txt");
     let args = [
-        "features", "import", "--features", &spec, "--labels", s(&y), "--out", s(&out),
-        "--val-fraction", "0.25", "--test-fraction", "0.1", "--seed", "7", "--shard-size", "8",
+        "features",
+        "import",
+        "--features",
+        &spec,
+        "--labels",
+        s(&y),
+        "--out",
+        s(&out),
+        "--val-fraction",
+        "0.25",
+        "--test-fraction",
+        "0.1",
+        "--seed",
+        "7",
+        "--shard-size",
+        "8",
     ];
     let o = mono(&args);
     assert!(o.ok, "{}", o.stderr);
@@ -160,13 +211,31 @@ fn label_count_mismatch_fails_and_leaves_nothing() {
     write_npy(&tmp.path().join("x.npy"), &features(6, 2), 6, 2);
     write_int_npy(&tmp.path().join("y.npy"), &[0, 1, 0, 1, 0]);
     let out = tmp.path().join("out");
-    let o = mono(&["features", "import", "--features", s(&tmp.path().join("x.npy")), "--labels", s(&tmp.path().join("y.npy")), "--out", s(&out)]);
+    let o = mono(&[
+        "features",
+        "import",
+        "--features",
+        s(&tmp.path().join("x.npy")),
+        "--labels",
+        s(&tmp.path().join("y.npy")),
+        "--out",
+        s(&out),
+    ]);
     assert_one_error(&o, "y.npy holds labels for 5 rows but");
     assert!(o.stderr.contains("x.npy has 6 rows"), "{}", o.stderr);
     assert!(!out.exists());
 
     std::fs::write(tmp.path().join("paths.txt"), "a\nb\n").unwrap();
-    let o = mono(&["features", "import", "--features", s(&tmp.path().join("x.npy")), "--paths", s(&tmp.path().join("paths.txt")), "--out", s(&out)]);
+    let o = mono(&[
+        "features",
+        "import",
+        "--features",
+        s(&tmp.path().join("x.npy")),
+        "--paths",
+        s(&tmp.path().join("paths.txt")),
+        "--out",
+        s(&out),
+    ]);
     assert_one_error(&o, "lists 2 paths but");
     assert!(!out.exists());
 }
@@ -181,13 +250,33 @@ fn nan_features_fail_naming_the_row_and_leave_nothing_behind() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let o = mono(&["features", "import", "--features", s(&tmp.path().join("x.npy")), "--out", s(&out), "--shard-size", "5", "--batch-rows", "8"]);
+    let o = mono(&[
+        "features",
+        "import",
+        "--features",
+        s(&tmp.path().join("x.npy")),
+        "--out",
+        s(&out),
+        "--shard-size",
+        "5",
+        "--batch-rows",
+        "8",
+    ]);
     assert_one_error(&o, "x.npy: value at row 27, column 1 is NaN");
     assert_eq!(listing(&out), vec!["keep.txt"], "no store, no temporary directory");
 
     // A directory the import created itself is removed again.
     let fresh = tmp.path().join("fresh");
-    let o = mono(&["features", "import", "--features", s(&tmp.path().join("x.npy")), "--out", s(&fresh), "--val-fraction", "0.5"]);
+    let o = mono(&[
+        "features",
+        "import",
+        "--features",
+        s(&tmp.path().join("x.npy")),
+        "--out",
+        s(&fresh),
+        "--val-fraction",
+        "0.5",
+    ]);
     assert_one_error(&o, "row 27");
     assert!(!fresh.exists());
 }
@@ -207,14 +296,28 @@ fn an_existing_split_is_never_overwritten() {
     let o = mono(&["features", "import", "--features", s(&z), "--out", s(&out)]);
     assert_one_error(&o, "train: already exists; not overwriting it");
     // With fractions the train split collides too; val/test must not appear either.
-    let o = mono(&["features", "import", "--features", s(&z), "--out", s(&out), "--val-fraction", "0.3"]);
+    let o = mono(&[
+        "features",
+        "import",
+        "--features",
+        s(&z),
+        "--out",
+        s(&out),
+        "--val-fraction",
+        "0.3",
+    ]);
     assert_one_error(&o, "already exists");
-    assert_eq!(listing(&out), vec!["train", "train/manifest.json", "train/shard-00000.safetensors"]);
+    assert_eq!(
+        listing(&out),
+        vec!["train", "train/manifest.json", "train/shard-00000.safetensors"]
+    );
     assert_eq!(std::fs::read(out.join("train/manifest.json")).unwrap(), manifest);
     assert_eq!(std::fs::read(out.join("train/shard-00000.safetensors")).unwrap(), shard);
 
     // Another split name beside it is fine.
-    assert!(mono(&["features", "import", "--features", s(&z), "--out", s(&out), "--split", "test"]).ok);
+    assert!(
+        mono(&["features", "import", "--features", s(&z), "--out", s(&out), "--split", "test"]).ok
+    );
 }
 
 #[test]
@@ -239,12 +342,23 @@ fn other_bad_inputs_fail_cleanly() {
         let o = mono(&args);
         if needle.starts_with("unknown dtype") {
             // clap's own usage error: several lines, but it must not panic and must fail.
-            assert!(!o.ok && o.stderr.contains(needle) && !o.stderr.contains("panicked"), "{}", o.stderr);
+            assert!(
+                !o.ok && o.stderr.contains(needle) && !o.stderr.contains("panicked"),
+                "{}",
+                o.stderr
+            );
         } else {
             assert_one_error(&o, needle);
         }
         assert!(!out.exists(), "{needle}");
     }
-    let o = mono(&["features", "import", "--features", s(&tmp.path().join("missing.npy")), "--out", s(&out)]);
+    let o = mono(&[
+        "features",
+        "import",
+        "--features",
+        s(&tmp.path().join("missing.npy")),
+        "--out",
+        s(&out),
+    ]);
     assert_one_error(&o, "missing.npy");
 }

@@ -5,19 +5,26 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::mono;
 use candle_core::{DType, Device, Tensor};
+use common::mono;
 use mono::monoscore::pairwise_monoscore;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-
 fn data(n: usize, d: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let e: Vec<f32> = (0..n * d).map(|_| StandardNormal.sample(&mut rng)).collect();
     let a: Vec<f32> = (0..n * m)
-        .map(|i| if i % m == 0 { 0.0 } else if rng.random::<f32>() < 0.6 { 0.0 } else { rng.random_range(0.0..3.0) })
+        .map(|i| {
+            if i % m == 0 {
+                0.0
+            } else if rng.random::<f32>() < 0.6 {
+                0.0
+            } else {
+                rng.random_range(0.0..3.0)
+            }
+        })
         .collect();
     (e, a)
 }
@@ -39,7 +46,15 @@ fn read_json(path: &Path) -> serde_json::Value {
 }
 
 /// Checks the JSON document against in-process pairwise scores of the given values.
-fn assert_scores(doc: &serde_json::Value, e: &[f32], a: &[f32], n: usize, d: usize, m: usize, tol: f64) {
+fn assert_scores(
+    doc: &serde_json::Value,
+    e: &[f32],
+    a: &[f32],
+    n: usize,
+    d: usize,
+    m: usize,
+    tol: f64,
+) {
     let reference = pairwise_monoscore(e, a, n, d, m).unwrap();
     assert_eq!(doc["n"], n);
     assert_eq!(doc["d"], d);
@@ -53,7 +68,10 @@ fn assert_scores(doc: &serde_json::Value, e: &[f32], a: &[f32], n: usize, d: usi
     assert_eq!(scores.len(), m);
     for (k, r) in reference.scores.iter().enumerate() {
         match r {
-            Some(r) => assert!((scores[k].as_f64().unwrap() - r).abs() <= tol * r.abs().max(1e-3), "neuron {k}"),
+            Some(r) => assert!(
+                (scores[k].as_f64().unwrap() - r).abs() <= tol * r.abs().max(1e-3),
+                "neuron {k}"
+            ),
             None => assert!(scores[k].is_null(), "dead neuron {k} must be null"),
         }
     }
@@ -69,7 +87,17 @@ fn scores_safetensors_and_npy_files() {
     let acts = dir.path().join("acts.npy");
     tensor(&a, n, m).write_npy(&acts).unwrap();
     let out = dir.path().join("sub/scores.json");
-    let r = mono(&["score", "--embeddings", path_str(&emb), "--activations", path_str(&acts), "--out", path_str(&out), "--batch-rows", "17"]);
+    let r = mono(&[
+        "score",
+        "--embeddings",
+        path_str(&emb),
+        "--activations",
+        path_str(&acts),
+        "--out",
+        path_str(&out),
+        "--batch-rows",
+        "17",
+    ]);
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stdout.contains("MonoScore over N = 120"), "{}", r.stdout);
     let doc = read_json(&out);
@@ -78,7 +106,16 @@ fn scores_safetensors_and_npy_files() {
 
     // --reference: the pairwise scores go to the file, the agreement is printed.
     let out2 = dir.path().join("ref.json");
-    let r = mono(&["score", "--embeddings", path_str(&emb), "--activations", path_str(&acts), "--reference", "--out", path_str(&out2)]);
+    let r = mono(&[
+        "score",
+        "--embeddings",
+        path_str(&emb),
+        "--activations",
+        path_str(&acts),
+        "--reference",
+        "--out",
+        path_str(&out2),
+    ]);
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stdout.contains("max relative difference"), "{}", r.stdout);
     assert_scores(&read_json(&out2), &e, &a, n, d, m, 1e-12);
@@ -93,7 +130,11 @@ fn picks_named_tensors_and_reads_half_precision() {
         let file = dir.path().join(format!("both-{name}.safetensors"));
         let et = tensor(&e, n, d).to_dtype(dtype).unwrap();
         let at = tensor(&a, n, m).to_dtype(dtype).unwrap();
-        candle_core::safetensors::save(&HashMap::from([("emb".to_string(), et.clone()), ("acts".to_string(), at.clone())]), &file).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("emb".to_string(), et.clone()), ("acts".to_string(), at.clone())]),
+            &file,
+        )
+        .unwrap();
         let out = dir.path().join(format!("{name}.json"));
         let r = mono(&[
             "score",
@@ -126,7 +167,11 @@ fn assert_fails(emb: &str, acts: &str, expect: &[&str]) {
     for e in expect {
         assert!(lines[0].contains(e), "`{e}` missing from: {}", lines[0]);
     }
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous result", "existing output was touched");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "previous result",
+        "existing output was touched"
+    );
 }
 
 #[test]
@@ -143,15 +188,30 @@ fn bad_inputs_fail_with_one_clear_line() {
     let mut inf = e.clone();
     inf[3] = f32::INFINITY;
     tensor(&inf, 20, 4).write_npy(p("inf.npy")).unwrap();
-    save_one(&p("empty.safetensors"), "x", &Tensor::zeros((0, 5), DType::F32, &Device::Cpu).unwrap());
+    save_one(
+        &p("empty.safetensors"),
+        "x",
+        &Tensor::zeros((0, 5), DType::F32, &Device::Cpu).unwrap(),
+    );
     save_one(&p("rank1.safetensors"), "x", &Tensor::ones(20, DType::F32, &Device::Cpu).unwrap());
-    save_one(&p("rank3.safetensors"), "x", &Tensor::ones((20, 5, 1), DType::F32, &Device::Cpu).unwrap());
+    save_one(
+        &p("rank3.safetensors"),
+        "x",
+        &Tensor::ones((20, 5, 1), DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(
-        &HashMap::from([("a".to_string(), tensor(&a, 20, 5)), ("b".to_string(), tensor(&a, 20, 5))]),
+        &HashMap::from([
+            ("a".to_string(), tensor(&a, 20, 5)),
+            ("b".to_string(), tensor(&a, 20, 5)),
+        ]),
         p("two.safetensors"),
     )
     .unwrap();
-    save_one(&p("ints.safetensors"), "x", &Tensor::zeros((20, 5), DType::U32, &Device::Cpu).unwrap());
+    save_one(
+        &p("ints.safetensors"),
+        "x",
+        &Tensor::zeros((20, 5), DType::U32, &Device::Cpu).unwrap(),
+    );
     std::fs::write(p("garbage.bin"), b"not a tensor file at all").unwrap();
     let npy = p("trunc.npy");
     tensor(&a, 20, 5).write_npy(&npy).unwrap();
@@ -182,7 +242,11 @@ fn config_subcommand_validates() {
     std::fs::write(&good, "[sae]\nkind = \"topk\"\nk = 32\n").unwrap();
     let r = mono(&["config", path_str(&good)]);
     assert!(r.ok, "{}", r.stderr);
-    assert!(r.stdout.contains("kind = \"topk\"") && r.stdout.contains("n_latents = 8192"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("kind = \"topk\"") && r.stdout.contains("n_latents = 8192"),
+        "{}",
+        r.stdout
+    );
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[sae]\nk = 9000\n").unwrap();
     let r = mono(&["config", path_str(&bad)]);

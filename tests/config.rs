@@ -7,7 +7,8 @@ use mono::config::{paper_lambda, DatasetKind, EncoderKind, SaeKind};
 use mono::Config;
 
 fn documented_example() -> String {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/config.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/config.md")).unwrap();
     let start = doc.find("```toml\n").expect("docs/config.md has a toml block") + 8;
     let end = start + doc[start..].find("```").unwrap();
     doc[start..end].to_string()
@@ -34,9 +35,14 @@ fn leaf_keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
 
 /// The schema's own list of keys for a section, read from serde's "expected one of" message.
 fn schema_keys(section: &str) -> Vec<String> {
-    let probe = if section.is_empty() { "zz_probe = 1\n".to_string() } else { format!("[{section}]\nzz_probe = 1\n") };
+    let probe = if section.is_empty() {
+        "zz_probe = 1\n".to_string()
+    } else {
+        format!("[{section}]\nzz_probe = 1\n")
+    };
     let err = Config::parse(&probe).unwrap_err().to_string();
-    let expected = err.split("expected one of ").nth(1).unwrap_or_else(|| panic!("no key list in: {err}"));
+    let expected =
+        err.split("expected one of ").nth(1).unwrap_or_else(|| panic!("no key list in: {err}"));
     expected.split(", ").map(|k| k.trim().trim_matches('`').to_string()).collect()
 }
 
@@ -53,7 +59,10 @@ fn documented_example_parses_and_covers_every_key() {
         }
         for key in schema_keys(&section) {
             let path = format!("{section}.{key}");
-            assert!(documented.contains(&path), "`{path}` is a config key but docs/config.md does not document it");
+            assert!(
+                documented.contains(&path),
+                "`{path}` is a config key but docs/config.md does not document it"
+            );
         }
     }
     // Values in the example really reach the config.
@@ -70,7 +79,10 @@ fn defaults_are_the_papers() {
     assert_eq!((c.sae.n_latents, c.sae.k), (8192, 64));
     assert_eq!(c.sae.aux_coef, 1.0 / 32.0);
     assert_eq!(c.sae.k_aux(), 512);
-    assert_eq!((c.train.epochs, c.train.batch_size, c.train.lr, c.train.adam_eps), (50, 2048, 1e-4, 6.25e-10));
+    assert_eq!(
+        (c.train.epochs, c.train.batch_size, c.train.lr, c.train.adam_eps),
+        (50, 2048, 1e-4, 6.25e-10)
+    );
     assert_eq!(c.train.grad_clip(SaeKind::BatchTopk), Some(1.0));
     assert_eq!(c.train.grad_clip(SaeKind::Topk), None);
     assert_eq!(c.run.seed, 42);
@@ -112,8 +124,14 @@ fn out_of_range_values_fail_with_key_and_value() {
         ("[mono]\nperiod = 0\n", "mono.period = 0 must be > 0"),
         ("[mono]\nlambda = -0.1\n", "mono.lambda = -0.1 must be ≥ 0"),
         ("[run]\ndevice = \"tpu\"\n", "run.device = \"tpu\""),
-        ("[encoder]\nkind = \"vit\"\noutput = \"pooler\"\n", "encoder.output = Pooler is not an output of encoder.kind = Vit"),
-        ("[finetune]\nepochs = 5\nwarmup_epochs = 5\n", "finetune.warmup_epochs = 5 must be < finetune.epochs = 5"),
+        (
+            "[encoder]\nkind = \"vit\"\noutput = \"pooler\"\n",
+            "encoder.output = Pooler is not an output of encoder.kind = Vit",
+        ),
+        (
+            "[finetune]\nepochs = 5\nwarmup_epochs = 5\n",
+            "finetune.warmup_epochs = 5 must be < finetune.epochs = 5",
+        ),
         ("[encoder]\nkind = \"resnet50\"\n[finetune]\nlora_rank = 4\n", "finetune.lora_rank"),
         ("[sweep]\nlambda = [0.1, -1.0]\n", "sweep.lambda = -1.0: mono.lambda = -1 must be ≥ 0"),
         ("[sweep]\nlambda = []\n", "sweep.lambda is an empty list"),

@@ -72,8 +72,11 @@ fn fashion_mnist_committed_test_split() {
     }
     assert_eq!(per_class, [1000; 10]);
 
-    let (images, labels) =
-        read_idx_pair(&root.join("t10k-images-idx3-ubyte.gz"), &root.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let (images, labels) = read_idx_pair(
+        &root.join("t10k-images-idx3-ubyte.gz"),
+        &root.join("t10k-labels-idx1-ubyte.gz"),
+    )
+    .unwrap();
     for i in [0, 1, 4321, 9999] {
         assert_eq!(set.labels(i), vec![u32::from(labels[i])]);
         let rgb = set.load(i).unwrap();
@@ -150,7 +153,10 @@ fn cifar10_train_label(r: usize) -> u8 {
     ((r * 3 + 1) % 10) as u8
 }
 
-fn cifar_binary_batch(records: std::ops::Range<usize>, label_bytes: impl Fn(usize) -> Vec<u8>) -> Vec<u8> {
+fn cifar_binary_batch(
+    records: std::ops::Range<usize>,
+    label_bytes: impl Fn(usize) -> Vec<u8>,
+) -> Vec<u8> {
     let mut out = Vec::new();
     for r in records {
         out.extend(label_bytes(r));
@@ -169,7 +175,10 @@ fn cifar10_binary_files() -> Vec<(String, Vec<u8>)> {
         ));
     }
     files.push(("test_batch.bin".into(), cifar_binary_batch(100..103, |r| vec![(r % 10) as u8])));
-    files.push(("batches.meta.txt".into(), format!("{}\n\n", CIFAR10_NAMES.join("\n")).into_bytes()));
+    files.push((
+        "batches.meta.txt".into(),
+        format!("{}\n\n", CIFAR10_NAMES.join("\n")).into_bytes(),
+    ));
     files
 }
 
@@ -181,7 +190,10 @@ fn write_dir(dir: &Path, files: &[(String, Vec<u8>)]) {
 
 /// A gzipped tar holding `top/` and the files in it, as the originals are packed.
 fn write_tar_gz(path: &Path, top: &str, files: &[(String, Vec<u8>)]) {
-    let gz = flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), flate2::Compression::fast());
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::fast(),
+    );
     let mut tar = tar::Builder::new(gz);
     let mut dir = tar::Header::new_gnu();
     dir.set_entry_type(tar::EntryType::Directory);
@@ -228,15 +240,24 @@ fn cifar10_binary_extracted_and_archived() {
         check_cifar10(&*open(DatasetKind::Cifar10, &extracted, split), split);
     }
     // The extracted directory itself as the root.
-    check_cifar10(&*open(DatasetKind::Cifar10, &extracted.join("cifar-10-batches-bin"), "test"), "test");
+    check_cifar10(
+        &*open(DatasetKind::Cifar10, &extracted.join("cifar-10-batches-bin"), "test"),
+        "test",
+    );
 
     let archived = tmp.path().join("archived");
     std::fs::create_dir_all(&archived).unwrap();
     write_tar_gz(&archived.join("cifar-10-binary.tar.gz"), "cifar-10-batches-bin", &files);
     for split in ["train", "val"] {
-        check_cifar10(&*open(DatasetKind::Cifar10, &archived, split), if split == "val" { "test" } else { split });
+        check_cifar10(
+            &*open(DatasetKind::Cifar10, &archived, split),
+            if split == "val" { "test" } else { split },
+        );
     }
-    check_cifar10(&*open(DatasetKind::Cifar10, &archived.join("cifar-10-binary.tar.gz"), "train"), "train");
+    check_cifar10(
+        &*open(DatasetKind::Cifar10, &archived.join("cifar-10-binary.tar.gz"), "train"),
+        "train",
+    );
 }
 
 #[test]
@@ -342,7 +363,13 @@ impl Pickler {
             self.op(b).put()
         } else {
             let latin1: String = b.iter().map(|&c| c as char).collect();
-            self.global("_codecs", "encode").unicode(&latin1).unicode("latin1").op(&[0x86]).put().op(b"R").put()
+            self.global("_codecs", "encode")
+                .unicode(&latin1)
+                .unicode("latin1")
+                .op(&[0x86])
+                .put()
+                .op(b"R")
+                .put()
         }
     }
 
@@ -388,7 +415,11 @@ impl Pickler {
 }
 
 /// A data batch dict as the CIFAR python version has it.
-fn pickled_batch(py2: bool, records: std::ops::Range<usize>, label_keys: &[(&str, &dyn Fn(usize) -> i64)]) -> Vec<u8> {
+fn pickled_batch(
+    py2: bool,
+    records: std::ops::Range<usize>,
+    label_keys: &[(&str, &dyn Fn(usize) -> i64)],
+) -> Vec<u8> {
     let images: Vec<u8> = records.clone().flat_map(cifar_image).collect();
     let mut p = Pickler::new(py2);
     p.dict_start();
@@ -420,11 +451,16 @@ fn cifar10_pickle_files(py2: bool) -> Vec<(String, Vec<u8>)> {
     let test_label = |r: usize| (r % 10) as i64;
     let mut files = Vec::new();
     for b in 0..5 {
-        files
-            .push((format!("data_batch_{}", b + 1), pickled_batch(py2, 2 * b..2 * b + 2, &[("labels", &train_label)])));
+        files.push((
+            format!("data_batch_{}", b + 1),
+            pickled_batch(py2, 2 * b..2 * b + 2, &[("labels", &train_label)]),
+        ));
     }
     files.push(("test_batch".into(), pickled_batch(py2, 100..103, &[("labels", &test_label)])));
-    files.push(("batches.meta".into(), pickled_meta(&[("label_names", CIFAR10_NAMES.map(String::from).to_vec())])));
+    files.push((
+        "batches.meta".into(),
+        pickled_meta(&[("label_names", CIFAR10_NAMES.map(String::from).to_vec())]),
+    ));
     files.push(("readme.html".into(), b"<html></html>".to_vec()));
     files
 }
@@ -439,7 +475,11 @@ fn cifar10_python_pickles_extracted_and_archived() {
             check_cifar10(&*open(DatasetKind::Cifar10, tmp.path(), split), split);
         }
         let archived = tempfile::tempdir().unwrap();
-        write_tar_gz(&archived.path().join("cifar-10-python.tar.gz"), "cifar-10-batches-py", &files);
+        write_tar_gz(
+            &archived.path().join("cifar-10-python.tar.gz"),
+            "cifar-10-batches-py",
+            &files,
+        );
         for split in ["train", "test"] {
             check_cifar10(&*open(DatasetKind::Cifar10, archived.path(), split), split);
         }
@@ -453,11 +493,15 @@ fn cifar100_python_pickle_uses_fine_labels() {
     let coarse_label = |r: usize| (r % 20) as i64;
     let fine: Vec<String> = (0..100).map(|i| format!("fine_{i}")).collect();
     let coarse: Vec<String> = (0..20).map(|i| format!("coarse_{i}")).collect();
-    let labels: [(&str, &dyn Fn(usize) -> i64); 2] = [("fine_labels", &fine_label), ("coarse_labels", &coarse_label)];
+    let labels: [(&str, &dyn Fn(usize) -> i64); 2] =
+        [("fine_labels", &fine_label), ("coarse_labels", &coarse_label)];
     let files = vec![
         ("train".to_string(), pickled_batch(true, 0..5, &labels)),
         ("test".to_string(), pickled_batch(true, 50..52, &labels)),
-        ("meta".to_string(), pickled_meta(&[("fine_label_names", fine.clone()), ("coarse_label_names", coarse)])),
+        (
+            "meta".to_string(),
+            pickled_meta(&[("fine_label_names", fine.clone()), ("coarse_label_names", coarse)]),
+        ),
     ];
     write_tar_gz(&tmp.path().join("cifar-100-python.tar.gz"), "cifar-100-python", &files);
     let train = open(DatasetKind::Cifar100, tmp.path(), "train");
@@ -504,23 +548,30 @@ fn cifar_pickle_errors_name_the_file() {
 fn checksums(rgb: &RgbImage) -> (u64, u64) {
     let raw = rgb.as_raw();
     let sum = raw.iter().map(|&b| u64::from(b)).sum();
-    let weighted =
-        raw.iter().enumerate().fold(0u64, |acc, (k, &b)| acc.wrapping_add((k as u64 + 1).wrapping_mul(u64::from(b))));
+    let weighted = raw
+        .iter()
+        .enumerate()
+        .fold(0u64, |acc, (k, &b)| acc.wrapping_add((k as u64 + 1).wrapping_mul(u64::from(b))));
     (sum, weighted)
 }
 
 #[test]
 fn grey_and_rgba_photos_match_hf_convert_rgb() {
-    let refs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo("tests/fixtures/images/convert_rgb.json")).unwrap())
-            .unwrap();
+    let refs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("tests/fixtures/images/convert_rgb.json")).unwrap(),
+    )
+    .unwrap();
     for name in ["camera.png", "chelsea_rgba.png"] {
         let rgb = load_image_file(&repo("tests/fixtures/preprocess/images").join(name)).unwrap();
         let r = &refs[name];
         assert_eq!(u64::from(rgb.width()), r["width"].as_u64().unwrap(), "{name}");
         assert_eq!(u64::from(rgb.height()), r["height"].as_u64().unwrap(), "{name}");
         let (sum, weighted) = checksums(&rgb);
-        assert_eq!(sum, r["sum"].as_u64().unwrap(), "{name}: byte sum differs from PIL's convert_rgb");
+        assert_eq!(
+            sum,
+            r["sum"].as_u64().unwrap(),
+            "{name}: byte sum differs from PIL's convert_rgb"
+        );
         assert_eq!(
             weighted,
             r["weighted_sum"].as_u64().unwrap(),
@@ -532,11 +583,16 @@ fn grey_and_rgba_photos_match_hf_convert_rgb() {
 #[test]
 fn cmyk_jpeg_decodes_like_pillow() {
     let rgb = load_image_file(&repo("tests/fixtures/images/cmyk_adobe.jpg")).unwrap();
-    let pillow = image::open(repo("tests/fixtures/images/cmyk_adobe_pillow_rgb.png")).unwrap().to_rgb8();
+    let pillow =
+        image::open(repo("tests/fixtures/images/cmyk_adobe_pillow_rgb.png")).unwrap().to_rgb8();
     assert_eq!(rgb.dimensions(), (24, 16));
     assert_eq!(rgb.dimensions(), pillow.dimensions());
-    let diffs: Vec<i32> =
-        rgb.as_raw().iter().zip(pillow.as_raw()).map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs()).collect();
+    let diffs: Vec<i32> = rgb
+        .as_raw()
+        .iter()
+        .zip(pillow.as_raw())
+        .map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs())
+        .collect();
     let max = *diffs.iter().max().unwrap();
     let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
     // Two JPEG decoders (zune-jpeg, libjpeg) differ by IDCT rounding only.
@@ -554,11 +610,15 @@ fn folder_tree(root: &Path) {
     save(&t.join("cat/nested/deeper/b.jpg"), &DynamicImage::ImageRgb8(card(16, 8, 2)));
     save(
         &t.join("dog/grey.png"),
-        &DynamicImage::ImageLuma8(ImageBuffer::from_fn(3, 2, |x, y| Luma([(x * 60 + y * 7) as u8]))),
+        &DynamicImage::ImageLuma8(ImageBuffer::from_fn(3, 2, |x, y| {
+            Luma([(x * 60 + y * 7) as u8])
+        })),
     );
     let rgba = RgbaImage::from_fn(4, 1, |x, _| Rgba([200, 100, 0, [255, 0, 128, 64][x as usize]]));
     save(&t.join("dog/rgba.png"), &DynamicImage::ImageRgba8(rgba));
-    let wide = ImageBuffer::from_raw(2, 1, vec![257 * 9 + 128, 257 * 9 + 129, 65535, 0, 1000, 300u16]).unwrap();
+    let wide =
+        ImageBuffer::from_raw(2, 1, vec![257 * 9 + 128, 257 * 9 + 129, 65535, 0, 1000, 300u16])
+            .unwrap();
     save(&t.join("dog/wide16.png"), &DynamicImage::ImageRgb16(wide));
     save(&t.join("dog/UPPER.JPEG"), &DynamicImage::ImageRgb8(card(8, 8, 3)));
     write(&t.join("dog/broken.jpg"), b"\xff\xd8\xff\xe0 these are not the bytes of a JPEG");
@@ -671,7 +731,10 @@ fn imagenet_train(root: &Path) {
 /// val/ flat: 4 images; image 3 is a PNG named .JPEG, as a few real ImageNet files are.
 fn imagenet_val_flat(root: &Path) {
     for v in 1..=3 {
-        save(&root.join(format!("val/ILSVRC2012_val_{v:08}.JPEG")), &DynamicImage::ImageRgb8(card(5, 5, v as u8)));
+        save(
+            &root.join(format!("val/ILSVRC2012_val_{v:08}.JPEG")),
+            &DynamicImage::ImageRgb8(card(5, 5, v as u8)),
+        );
     }
     let mut png = std::io::Cursor::new(Vec::new());
     DynamicImage::ImageRgb8(card(3, 3, 9)).write_to(&mut png, image::ImageFormat::Png).unwrap();
@@ -808,8 +871,14 @@ fn openimages_tree(root: &Path) {
           0003d84e0165d630,verification,/m/0k4j,0\n\
           0fffffffffffffff,verification,/m/0k4j,1\n",
     );
-    for (k, id) in ["00b0f5c0a1b2c3d4", "0001eeaf4aed83f9", "0003d84e0165d630", "0aaaaaaaaaaaaaaa"].iter().enumerate() {
-        save(&root.join(format!("images/validation/{id}.jpg")), &DynamicImage::ImageRgb8(card(7, 5, k as u8)));
+    for (k, id) in ["00b0f5c0a1b2c3d4", "0001eeaf4aed83f9", "0003d84e0165d630", "0aaaaaaaaaaaaaaa"]
+        .iter()
+        .enumerate()
+    {
+        save(
+            &root.join(format!("images/validation/{id}.jpg")),
+            &DynamicImage::ImageRgb8(card(7, 5, k as u8)),
+        );
     }
 }
 
@@ -822,7 +891,10 @@ fn openimages_keeps_confidence_one_labels_and_counts_missing_images() {
     // Sorted MIDs: /m/01g317, /m/0bt9lr, /m/0k4j, /m/0unused.
     assert_eq!(set.class_names(), ["Person", "Dog", "Car", "Unused, with a comma"]);
     // Sorted by ImageID; the negative-only image and the unlisted one are not items.
-    assert_eq!(all_paths(&*set), ["images/validation/0001eeaf4aed83f9.jpg", "images/validation/00b0f5c0a1b2c3d4.jpg"]);
+    assert_eq!(
+        all_paths(&*set),
+        ["images/validation/0001eeaf4aed83f9.jpg", "images/validation/00b0f5c0a1b2c3d4.jpg"]
+    );
     assert_eq!(all_labels(&*set), [vec![1], vec![0, 2]]);
     assert_eq!(set.missing(), 1);
     assert!(set.notes()[0].starts_with("1 images with labels"), "{:?}", set.notes());
@@ -836,7 +908,10 @@ fn openimages_boxable_descriptions_restrict_the_classes() {
     openimages_tree(tmp.path());
     std::fs::remove_file(tmp.path().join("metadata/oidv7-class-descriptions.csv")).unwrap();
     // The boxable file has no header line. The labels file here is the oidv7 one.
-    write(&tmp.path().join("metadata/class-descriptions-boxable.csv"), b"/m/0k4j,Car\n/m/01g317,Person\n");
+    write(
+        &tmp.path().join("metadata/class-descriptions-boxable.csv"),
+        b"/m/0k4j,Car\n/m/01g317,Person\n",
+    );
     std::fs::rename(
         tmp.path().join("labels/validation-annotations-human-imagelabels-boxable.csv"),
         tmp.path().join("labels/oidv7-validation-annotations-human-imagelabels.csv"),
@@ -848,7 +923,9 @@ fn openimages_boxable_descriptions_restrict_the_classes() {
     assert_eq!(all_paths(&*set), ["images/validation/00b0f5c0a1b2c3d4.jpg"]);
     assert_eq!(all_labels(&*set), [vec![0, 1]]);
     assert!(
-        set.notes().iter().any(|n| n.contains("1 positive labels") && n.contains("1 images kept no label")),
+        set.notes()
+            .iter()
+            .any(|n| n.contains("1 positive labels") && n.contains("1 images kept no label")),
         "{:?}",
         set.notes()
     );
@@ -867,7 +944,10 @@ fn openimages_errors() {
     );
     let e = err_of(open_dataset(DatasetKind::Openimages, tmp.path(), "validation"));
     assert!(e.contains("line 2") && e.contains("\"yes\""), "{e}");
-    write(&tmp.path().join("labels/validation-annotations-human-imagelabels-boxable.csv"), b"ImageID,LabelName\n");
+    write(
+        &tmp.path().join("labels/validation-annotations-human-imagelabels-boxable.csv"),
+        b"ImageID,LabelName\n",
+    );
     let e = err_of(open_dataset(DatasetKind::Openimages, tmp.path(), "validation"));
     assert!(e.contains("no `Confidence` column"), "{e}");
 }
@@ -884,14 +964,30 @@ fn readers_are_thread_safe_trait_objects() {
 #[test]
 fn split_slices_take_contiguous_ranges() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist");
-    let whole = mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, "test").unwrap();
-    let head = mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, "test[0:8000]").unwrap();
-    let tail = mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, "test[8000:]").unwrap();
+    let whole =
+        mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, "test")
+            .unwrap();
+    let head = mono::data::images::open_dataset(
+        mono::config::DatasetKind::FashionMnist,
+        &root,
+        "test[0:8000]",
+    )
+    .unwrap();
+    let tail = mono::data::images::open_dataset(
+        mono::config::DatasetKind::FashionMnist,
+        &root,
+        "test[8000:]",
+    )
+    .unwrap();
     assert_eq!((head.len(), tail.len()), (8000, 2000));
     assert_eq!(tail.path(0), whole.path(8000));
     assert_eq!(tail.labels(5), whole.labels(8005));
     assert_eq!(tail.load(3).unwrap(), whole.load(8003).unwrap());
     for bad in ["test[5:5]", "test[a:b]", "test[3]", "test[0:10"] {
-        assert!(mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, bad).is_err(), "{bad}");
+        assert!(
+            mono::data::images::open_dataset(mono::config::DatasetKind::FashionMnist, &root, bad)
+                .is_err(),
+            "{bad}"
+        );
     }
 }

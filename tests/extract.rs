@@ -62,16 +62,27 @@ fn features_equal_direct_encoding_with_labels_and_provenance() {
     let dataset = open_dataset(c.data.kind, c.data.root.as_ref().unwrap(), "test").unwrap();
     let files = mono::encoders::hub::resolve(clip_dir().to_str().unwrap(), "main").unwrap();
     let pre = mono::extract::preprocessor_for(c.encoder.kind, &files).unwrap();
-    let encoder = mono::encoders::load_from_files(c.encoder.kind, c.encoder.output(), &files, DType::F32, &Device::Cpu).unwrap();
+    let encoder = mono::encoders::load_from_files(
+        c.encoder.kind,
+        c.encoder.output(),
+        &files,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut pixels = Vec::new();
     for i in 0..40 {
         assert_eq!(paths[i], dataset.path(i));
         assert_eq!(labels[i], dataset.labels(i));
-        pixels.extend(pre.process(&image::DynamicImage::ImageRgb8(dataset.load(i).unwrap())).unwrap());
+        pixels.extend(
+            pre.process(&image::DynamicImage::ImageRgb8(dataset.load(i).unwrap())).unwrap(),
+        );
     }
-    let direct = encoder.forward(&Tensor::from_vec(pixels, (40, 3, 32, 32), &Device::Cpu).unwrap()).unwrap();
+    let direct =
+        encoder.forward(&Tensor::from_vec(pixels, (40, 3, 32, 32), &Device::Cpu).unwrap()).unwrap();
     let norms = direct.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
-    let direct = direct.broadcast_div(&norms).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let direct =
+        direct.broadcast_div(&norms).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let worst = x.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-5, "extracted vs direct: {worst}");
     for row in x.chunks(16) {
@@ -94,11 +105,14 @@ fn folder_dataset(root: &Path) -> PathBuf {
     for (class, n) in [("cats", 14), ("dogs", 13)] {
         std::fs::create_dir_all(data.join("all").join(class)).unwrap();
         for i in 0..n {
-            let img = image::RgbImage::from_fn(40 + i, 30, |x, y| image::Rgb([(x * 5) as u8, (y * 7 + i * 11) as u8, (class.len() as u32 * 40) as u8]));
+            let img = image::RgbImage::from_fn(40 + i, 30, |x, y| {
+                image::Rgb([(x * 5) as u8, (y * 7 + i * 11) as u8, (class.len() as u32 * 40) as u8])
+            });
             img.save(data.join("all").join(class).join(format!("{i:02}.png"))).unwrap();
         }
     }
-    std::fs::write(data.join("all/cats/05b-broken.jpg"), b"\xff\xd8\xff not really a jpeg").unwrap();
+    std::fs::write(data.join("all/cats/05b-broken.jpg"), b"\xff\xd8\xff not really a jpeg")
+        .unwrap();
     data
 }
 
@@ -128,9 +142,14 @@ fn corrupt_images_are_skipped_counted_and_resumed_runs_equal_single_runs() {
 
     // Two parts, merged, equal the single run.
     for i in 0..2 {
-        extract(&single_named(tmp.path(), &data), &ExtractOptions { limit: None, part: Some((i, 2)) }).unwrap();
+        extract(
+            &single_named(tmp.path(), &data),
+            &ExtractOptions { limit: None, part: Some((i, 2)) },
+        )
+        .unwrap();
     }
-    let parts: Vec<PathBuf> = (0..2).map(|i| tmp.path().join(format!("parts/features-part-{i}-of-2"))).collect();
+    let parts: Vec<PathBuf> =
+        (0..2).map(|i| tmp.path().join(format!("parts/features-part-{i}-of-2"))).collect();
     let merged = tmp.path().join("merged");
     mono::data::merge::merge_feature_sets(&parts, &merged, 16).unwrap();
     assert_eq!(contents(&merged.join("all")), expected, "merged parts differ from the single run");
@@ -157,7 +176,11 @@ fn an_unreachable_model_says_how_to_provide_it() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download openai/clip-vit-base-patch32"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE")
+            && err.contains("huggingface-cli download openai/clip-vit-base-patch32"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(!c.run_dir().join("features").exists(), "nothing is written when the model is missing");
 }

@@ -13,7 +13,11 @@ const FM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");
 
 /// Fashion-MNIST t10k images as PNG class folders: `root/train` (first `n_train`) and `root/val`.
 fn fashion_folders(root: &Path, n_train: usize, n_val: usize) -> PathBuf {
-    let (images, labels) = read_idx_pair(&Path::new(FM).join("t10k-images-idx3-ubyte.gz"), &Path::new(FM).join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let (images, labels) = read_idx_pair(
+        &Path::new(FM).join("t10k-images-idx3-ubyte.gz"),
+        &Path::new(FM).join("t10k-labels-idx1-ubyte.gz"),
+    )
+    .unwrap();
     let data = root.join("fashion");
     for (split, range) in [("train", 0..n_train), ("val", n_train..n_train + n_val)] {
         for class in FASHION_MNIST_CLASSES {
@@ -70,7 +74,14 @@ fn tiny_resnet_and_tiny_vit_learn_and_monoloss_raises_topk_monoscore() {
     let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders/clip_vision");
     for (kind, model) in [("resnet50", &resnet), ("clip", &clip)] {
         let run = |name: &str, lambda: f64| {
-            let mut c = config(tmp.path(), &format!("{kind}-{name}"), kind, model, &data, &format!("[mono]\nlambda = {lambda}\n"));
+            let mut c = config(
+                tmp.path(),
+                &format!("{kind}-{name}"),
+                kind,
+                model,
+                &data,
+                &format!("[mono]\nlambda = {lambda}\n"),
+            );
             c.finetune.epochs = 4;
             c.finetune.augment = false;
             finetune_from_config(&c, false).unwrap()
@@ -84,10 +95,21 @@ fn tiny_resnet_and_tiny_vit_learn_and_monoloss_raises_topk_monoscore() {
             final_metric(m, "top1"),
             final_metric(m, "monoscore")
         );
-        assert!(final_metric(b, "top1") > 0.4, "{kind}: top-1 {} is not clearly above chance (0.1)", final_metric(b, "top1"));
-        assert!(final_metric(m, "top1") > 0.3, "{kind}: with MonoLoss top-1 {}", final_metric(m, "top1"));
+        assert!(
+            final_metric(b, "top1") > 0.4,
+            "{kind}: top-1 {} is not clearly above chance (0.1)",
+            final_metric(b, "top1")
+        );
+        assert!(
+            final_metric(m, "top1") > 0.3,
+            "{kind}: with MonoLoss top-1 {}",
+            final_metric(m, "top1")
+        );
         assert!(final_metric(b, "top5") >= final_metric(b, "top1"));
-        assert!(final_metric(m, "monoscore") > final_metric(b, "monoscore") + 0.02, "{kind}: MonoScore must rise with λ");
+        assert!(
+            final_metric(m, "monoscore") > final_metric(b, "monoscore") + 0.02,
+            "{kind}: MonoScore must rise with λ"
+        );
     }
 }
 
@@ -107,11 +129,20 @@ fn resume_equals_uninterrupted_and_bad_input_fails_clearly() {
     std::fs::remove_file(dir.join("results.json")).unwrap();
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     finetune_from_config(&part, true).unwrap();
-    let load = |c: &Config| candle_core::safetensors::load(c.run_dir().join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let load = |c: &Config| {
+        candle_core::safetensors::load(
+            c.run_dir().join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
     let (a, b) = (load(&full), load(&part));
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
-        let (x, y) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (x, y) = (
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         assert_eq!(x, y, "{name}: resumed run differs");
     }
     let metrics = |c: &Config| std::fs::read_to_string(c.run_dir().join("metrics.jsonl")).unwrap();
@@ -122,8 +153,14 @@ fn resume_equals_uninterrupted_and_bad_input_fails_clearly() {
     for split in ["train", "val"] {
         let mut info = mono::data::store::StoreInfo::new(4, split);
         info.labels = mono::data::store::LabelKind::None;
-        let mut w = mono::data::store::StoreWriter::create(&store_dir.join(split), info, 100).unwrap();
-        w.push(&[1.0, 0.0, 0.0, 0.0], mono::data::store::BatchLabels::None, &["train/Bag/00001.png".to_string()]).unwrap();
+        let mut w =
+            mono::data::store::StoreWriter::create(&store_dir.join(split), info, 100).unwrap();
+        w.push(
+            &[1.0, 0.0, 0.0, 0.0],
+            mono::data::store::BatchLabels::None,
+            &["train/Bag/00001.png".to_string()],
+        )
+        .unwrap();
         w.finish().unwrap();
     }
     let mut c = config(tmp.path(), "judge", "resnet50", &resnet, &data, extra);

@@ -38,22 +38,48 @@ fn head(expansion: usize, k: Option<usize>, classes: usize) -> HeadSpec {
 }
 
 fn config(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap())
+        .unwrap()
 }
 
 #[test]
 fn clip_tower_equals_candle_transformers_and_pytorch() {
     for name in ["clip_vision", "clip_full"] {
-        let weights = Weights::load(&[fixture(name).join("model.safetensors")], &Device::Cpu).unwrap();
+        let weights =
+            Weights::load(&[fixture(name).join("model.safetensors")], &Device::Cpu).unwrap();
         let mut params = ParamSet::default();
-        let tower = ClipTower::load(&ClipShape::from_config(&config(name)).unwrap(), &weights, &mut params, &Trainable::All, 0).unwrap();
-        let reference = candle_core::safetensors::load(fixture(name).join("reference.safetensors"), &Device::Cpu).unwrap();
+        let tower = ClipTower::load(
+            &ClipShape::from_config(&config(name)).unwrap(),
+            &weights,
+            &mut params,
+            &Trainable::All,
+            0,
+        )
+        .unwrap();
+        let reference = candle_core::safetensors::load(
+            fixture(name).join("reference.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
         let pixels = &reference["pixel_values"];
         let ours = tower.forward(pixels).unwrap();
         // candle-transformers on the same file.
         let files = mono::encoders::hub::resolve(fixture(name).to_str().unwrap(), "main").unwrap();
-        let theirs = mono::encoders::load_from_files(EncoderKind::Clip, mono::config::EncoderOutput::Pooler, &files, DType::F32, &Device::Cpu).unwrap().forward(pixels).unwrap();
-        assert!(max_rel(&ours, &theirs) <= 1e-5, "{name}: vs candle-transformers {}", max_rel(&ours, &theirs));
+        let theirs = mono::encoders::load_from_files(
+            EncoderKind::Clip,
+            mono::config::EncoderOutput::Pooler,
+            &files,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .forward(pixels)
+        .unwrap();
+        assert!(
+            max_rel(&ours, &theirs) <= 1e-5,
+            "{name}: vs candle-transformers {}",
+            max_rel(&ours, &theirs)
+        );
         assert!(max_rel(&ours, &reference["pooler_output"]) <= 1e-4, "{name}: vs PyTorch");
     }
 }
@@ -83,7 +109,14 @@ fn resnet50_layout_equals_candle_transformers() {
     let weights = Weights::load(&[dir.path().join("model.safetensors")], &Device::Cpu).unwrap();
     let mut params = ParamSet::default();
     let ours = ResNet::load(&weights, &mut params, &Trainable::All).unwrap();
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.path().join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.path().join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let theirs = candle_transformers::models::resnet::resnet50_no_final_layer(vb).unwrap();
     let x = common::seeded_randn(&[2, 3, 72, 100], 1.0, DType::F32, 1);
     let (a, b) = (ours.forward(&x, false).unwrap(), theirs.forward(&x).unwrap());
@@ -130,19 +163,25 @@ fn check_gradients(model: &FinetuneModel, pixels: &Tensor, labels: &[u32], train
     let loss = |m: &FinetuneModel| -> Tensor {
         let out = m.forward(pixels, train).unwrap();
         let ce = mono::finetune::model::cross_entropy(&out.logits, labels, 0.1).unwrap();
-        let (mono_loss, _) = mono::sae::ops::batch_mono_loss(&out.topk, &similarity, 1e-8, None).unwrap();
+        let (mono_loss, _) =
+            mono::sae::ops::batch_mono_loss(&out.topk, &similarity, 1e-8, None).unwrap();
         (ce + (mono_loss * 0.5).unwrap()).unwrap()
     };
     let grads = loss(model).backward().unwrap();
     for p in model.params.trainable() {
-        let g = grads.get(p.var.as_ref().unwrap().as_tensor()).unwrap_or_else(|| panic!("{} gets no gradient", p.name));
+        let g = grads
+            .get(p.var.as_ref().unwrap().as_tensor())
+            .unwrap_or_else(|| panic!("{} gets no gradient", p.name));
         assert!(flat(g).iter().any(|v| *v != 0.0), "{}: zero gradient", p.name);
     }
     for p in model.params.trainable().step_by(7) {
         let var = p.var.as_ref().unwrap();
         let g = flat64(grads.get(var.as_tensor()).unwrap());
         let base = flat64(var.as_tensor());
-        let i = g.iter().enumerate().fold(0, |best, (i, v)| if v.abs() > g[best].abs() { i } else { best });
+        let i = g
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, v)| if v.abs() > g[best].abs() { i } else { best });
         let at = |delta: f64| -> f64 {
             let mut v = base.clone();
             v[i] += delta;
@@ -166,16 +205,41 @@ fn check_gradients(model: &FinetuneModel, pixels: &Tensor, labels: &[u32], train
 
 #[test]
 fn clip_model_gradients_reach_every_parameter_and_match_finite_differences() {
-    let weights = Weights::load(&[fixture("clip_vision").join("model.safetensors")], &Device::Cpu).unwrap();
+    let weights =
+        Weights::load(&[fixture("clip_vision").join("model.safetensors")], &Device::Cpu).unwrap();
     // f64 so that finite differences are meaningful.
-    let model = FinetuneModel::new(EncoderKind::Clip, &config("clip_vision"), &weights, &Trainable::All, &head(2, Some(16), 5), 1, DType::F64, &Device::Cpu).unwrap();
+    let model = FinetuneModel::new(
+        EncoderKind::Clip,
+        &config("clip_vision"),
+        &weights,
+        &Trainable::All,
+        &head(2, Some(16), 5),
+        1,
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
     let pixels = common::seeded_randn(&[6, 3, 32, 32], 1.0, DType::F64, 3);
     check_gradients(&model, &pixels, &[0, 1, 2, 3, 4, 0], true);
     // LoRA: only the adapters and the head train.
-    let lora = FinetuneModel::new(EncoderKind::Clip, &config("clip_vision"), &weights, &Trainable::Lora { rank: 2, alpha: 4.0 }, &head(1, None, 5), 1, DType::F32, &Device::Cpu).unwrap();
+    let lora = FinetuneModel::new(
+        EncoderKind::Clip,
+        &config("clip_vision"),
+        &weights,
+        &Trainable::Lora { rank: 2, alpha: 4.0 },
+        &head(1, None, 5),
+        1,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let names: Vec<&str> = lora.params.trainable().map(|p| p.name.as_str()).collect();
     assert!(names.iter().all(|n| n.contains("lora_") || n.starts_with("head.")), "{names:?}");
-    assert_eq!(names.iter().filter(|n| n.contains("lora_")).count(), 2 * 4 * 2, "A and B for q, k, v, out in 2 layers");
+    assert_eq!(
+        names.iter().filter(|n| n.contains("lora_")).count(),
+        2 * 4 * 2,
+        "A and B for q, k, v, out in 2 layers"
+    );
 }
 
 #[test]
@@ -183,7 +247,17 @@ fn resnet_model_gradients_in_train_mode_and_running_stats_update() {
     let dir = tempfile::tempdir().unwrap();
     common::tiny_resnet(dir.path(), 8, 5);
     let weights = Weights::load(&[dir.path().join("model.safetensors")], &Device::Cpu).unwrap();
-    let model = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &head(1, Some(40), 4), 2, DType::F64, &Device::Cpu).unwrap();
+    let model = FinetuneModel::new(
+        EncoderKind::Resnet50,
+        &serde_json::json!({}),
+        &weights,
+        &Trainable::All,
+        &head(1, Some(40), 4),
+        2,
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
     let pixels = common::seeded_randn(&[4, 3, 32, 32], 1.0, DType::F64, 4);
     let backbone = &model.backbone;
     let before = match backbone {
@@ -197,12 +271,46 @@ fn resnet_model_gradients_in_train_mode_and_running_stats_update() {
     };
     assert_ne!(before, after, "train-mode BatchNorm updates its running mean");
     // Frozen backbone: only the head trains.
-    let frozen = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::LastBlocks(0), &head(1, None, 4), 2, DType::F32, &Device::Cpu).unwrap();
+    let frozen = FinetuneModel::new(
+        EncoderKind::Resnet50,
+        &serde_json::json!({}),
+        &weights,
+        &Trainable::LastBlocks(0),
+        &head(1, None, 4),
+        2,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert!(frozen.params.trainable().all(|p| p.name.starts_with("head.")));
-    let last = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::LastBlocks(1), &head(1, None, 4), 2, DType::F32, &Device::Cpu).unwrap();
-    assert!(last.params.trainable().all(|p| p.name.starts_with("head.") || p.name.starts_with("layer4.")));
+    let last = FinetuneModel::new(
+        EncoderKind::Resnet50,
+        &serde_json::json!({}),
+        &weights,
+        &Trainable::LastBlocks(1),
+        &head(1, None, 4),
+        2,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(last
+        .params
+        .trainable()
+        .all(|p| p.name.starts_with("head.") || p.name.starts_with("layer4.")));
     // k larger than the layer fails clearly.
-    let err = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &head(1, Some(10_000), 4), 2, DType::F32, &Device::Cpu).err().unwrap();
+    let err = FinetuneModel::new(
+        EncoderKind::Resnet50,
+        &serde_json::json!({}),
+        &weights,
+        &Trainable::All,
+        &head(1, Some(10_000), 4),
+        2,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("finetune.k = 10000"), "{err}");
 }
 
@@ -217,12 +325,38 @@ fn resnet_head_reuse_starts_from_the_checkpoint_fc() {
     candle_core::safetensors::save(&tensors, &path).unwrap();
     let weights = Weights::load(&[path], &Device::Cpu).unwrap();
     let spec = HeadSpec { topk_layer: false, reuse_head: true, expansion: 1, k: None, classes: 6 };
-    let model = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &spec, 0, DType::F32, &Device::Cpu).unwrap();
+    let model = FinetuneModel::new(
+        EncoderKind::Resnet50,
+        &serde_json::json!({}),
+        &weights,
+        &Trainable::All,
+        &spec,
+        0,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let x = common::seeded_randn(&[3, 3, 32, 32], 1.0, DType::F32, 7);
     let out = model.forward(&x, false).unwrap();
-    let expected = out.features.matmul(&tensors["fc.weight"].t().unwrap()).unwrap().broadcast_add(&tensors["fc.bias"]).unwrap();
+    let expected = out
+        .features
+        .matmul(&tensors["fc.weight"].t().unwrap())
+        .unwrap()
+        .broadcast_add(&tensors["fc.bias"])
+        .unwrap();
     assert!(max_rel(&out.logits, &expected) < 1e-6);
     let wrong = HeadSpec { classes: 10, ..spec };
-    let err = FinetuneModel::new(EncoderKind::Resnet50, &serde_json::json!({}), &weights, &Trainable::All, &wrong, 0, DType::F32, &Device::Cpu).err().unwrap();
+    let err = FinetuneModel::new(
+        EncoderKind::Resnet50,
+        &serde_json::json!({}),
+        &weights,
+        &Trainable::All,
+        &wrong,
+        0,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("fc head is [6, 128]"), "{err}");
 }

@@ -31,14 +31,25 @@ fn cached_models_load_offline_and_missing_ones_say_how_to_provide_them() {
     let files = hub::resolve("tiny/clip", "main").unwrap();
     assert!(files.weights[0].to_string_lossy().contains("0123abcd"));
     assert!(files.preprocessor.is_some());
-    let encoder = encoders::load_from_files(EncoderKind::Clip, EncoderOutput::ImageEmbeds, &files, DType::F32, &Device::Cpu).unwrap();
+    let encoder = encoders::load_from_files(
+        EncoderKind::Clip,
+        EncoderOutput::ImageEmbeds,
+        &files,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(encoder.dim(), 16);
     // Revision pinning picks the other snapshot.
     let old = hub::resolve("tiny/clip", "v-old").unwrap();
     assert!(old.weights[0].to_string_lossy().contains("4567ef01"));
 
     let err = format!("{:#}", hub::resolve("openai/clip-vit-base-patch32", "main").unwrap_err());
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download openai/clip-vit-base-patch32"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE")
+            && err.contains("huggingface-cli download openai/clip-vit-base-patch32"),
+        "{err}"
+    );
     assert!(err.contains("local directory"), "{err}");
     let err = format!("{:#}", hub::resolve("./no/such/dir", "main").unwrap_err());
     assert!(err.contains("neither an existing directory nor a hub id"), "{err}");

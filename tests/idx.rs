@@ -25,7 +25,8 @@ fn err_of<T>(r: anyhow::Result<T>) -> String {
 #[test]
 fn reads_the_committed_fashion_mnist_test_split() {
     let (images, labels) =
-        read_idx_pair(&data("t10k-images-idx3-ubyte.gz"), &data("t10k-labels-idx1-ubyte.gz")).unwrap();
+        read_idx_pair(&data("t10k-images-idx3-ubyte.gz"), &data("t10k-labels-idx1-ubyte.gz"))
+            .unwrap();
     assert_eq!((images.count, images.rows, images.cols), (10000, 28, 28));
     assert_eq!(images.pixels.len(), 10000 * 28 * 28);
     assert_eq!(labels.len(), 10000);
@@ -34,7 +35,10 @@ fn reads_the_committed_fashion_mnist_test_split() {
         per_class[l as usize] += 1;
     }
     assert_eq!(per_class, [1000; 10]);
-    assert_eq!(FASHION_MNIST_CLASSES[labels[0] as usize], "Ankle boot", "the first test image is an ankle boot");
+    assert_eq!(
+        FASHION_MNIST_CLASSES[labels[0] as usize], "Ankle boot",
+        "the first test image is an ankle boot"
+    );
     // Real images: not blank, full byte range used.
     assert!(images.image(0).iter().any(|&p| p > 200));
     assert_eq!(images.pixels.iter().copied().max(), Some(255));
@@ -45,7 +49,10 @@ fn reads_uncompressed_copies_the_same() {
     let tmp = tempfile::tempdir().unwrap();
     let raw = tmp.path().join("t10k-labels-idx1-ubyte");
     std::fs::write(&raw, gunzip(&data("t10k-labels-idx1-ubyte.gz"))).unwrap();
-    assert_eq!(read_idx_labels(&raw).unwrap(), read_idx_labels(&data("t10k-labels-idx1-ubyte.gz")).unwrap());
+    assert_eq!(
+        read_idx_labels(&raw).unwrap(),
+        read_idx_labels(&data("t10k-labels-idx1-ubyte.gz")).unwrap()
+    );
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! The one-pass MonoScore engine against the O(N²) pairwise reference, and the batch loss.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mono::monoscore::{batch_mono_loss, pairwise_monoscore, MonoScoreAccumulator, MonoScores, ScorePath, SparseBatch};
+use mono::monoscore::{
+    batch_mono_loss, pairwise_monoscore, MonoScoreAccumulator, MonoScores, ScorePath, SparseBatch,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -23,7 +25,13 @@ fn awkward_case(n: usize, d: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>)
                 2 => (i == n / 2) as u8 as f32 * 2.0,
                 3 => g * 2.0 - 0.5,
                 4 => (i == 0 || i == n - 1) as u8 as f32 * (1.0 + i as f32),
-                5 => if i % 3 == 0 { -1.25 } else { g.abs() },
+                5 => {
+                    if i % 3 == 0 {
+                        -1.25
+                    } else {
+                        g.abs()
+                    }
+                }
                 _ => g.max(0.0) * rng.random_range(0.5..2.0),
             };
         }
@@ -31,7 +39,14 @@ fn awkward_case(n: usize, d: usize, m: usize, seed: u64) -> (Vec<f32>, Vec<f32>)
     (embeddings, acts)
 }
 
-fn one_pass(embeddings: &[f32], acts: &[f32], d: usize, m: usize, batch: usize, path: ScorePath) -> MonoScores {
+fn one_pass(
+    embeddings: &[f32],
+    acts: &[f32],
+    d: usize,
+    m: usize,
+    batch: usize,
+    path: ScorePath,
+) -> MonoScores {
     let mut acc = MonoScoreAccumulator::new(d, m);
     let n = embeddings.len() / d;
     let mut start = 0;
@@ -50,7 +65,9 @@ fn assert_close(a: &MonoScores, b: &MonoScores, tol: f64) {
 
 #[test]
 fn one_pass_matches_pairwise_reference_on_several_shapes() {
-    for (n, d, m, seed) in [(3, 2, 6, 1), (17, 5, 9, 2), (64, 16, 12, 3), (200, 33, 20, 4), (97, 1, 7, 5)] {
+    for (n, d, m, seed) in
+        [(3, 2, 6, 1), (17, 5, 9, 2), (64, 16, 12, 3), (200, 33, 20, 4), (97, 1, 7, 5)]
+    {
         let (e, a) = awkward_case(n, d, m, seed);
         let reference = pairwise_monoscore(&e, &a, n, d, m).unwrap();
         for path in [ScorePath::Dense, ScorePath::Sparse, ScorePath::Auto] {
@@ -122,7 +139,8 @@ fn sparse_input_with_explicit_negative_values_matches_dense() {
 
 #[test]
 fn summary_excludes_dead_neurons() {
-    let scores = MonoScores { n: 10, d: 3, scores: vec![Some(0.2), None, Some(0.6), Some(0.4), None] };
+    let scores =
+        MonoScores { n: 10, d: 3, scores: vec![Some(0.2), None, Some(0.6), Some(0.4), None] };
     let s = scores.summary();
     assert_eq!((s.live, s.dead), (3, 2));
     assert!((s.mean.unwrap() - 0.4).abs() < 1e-12);
@@ -165,7 +183,11 @@ fn batch_loss_is_one_minus_mean_batch_monoscore() {
     let s = reference.summary();
     assert_eq!(out.n_active, s.live);
     let loss = out.loss.to_scalar::<f64>().unwrap();
-    assert!((loss - (1.0 - s.mean.unwrap())).abs() < 1e-6, "loss {loss} vs 1 − {}", s.mean.unwrap());
+    assert!(
+        (loss - (1.0 - s.mean.unwrap())).abs() < 1e-6,
+        "loss {loss} vs 1 − {}",
+        s.mean.unwrap()
+    );
     let per_neuron = out.scores.to_vec1::<f64>().unwrap();
     for (k, r) in reference.scores.iter().enumerate() {
         match r {

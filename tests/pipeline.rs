@@ -10,8 +10,17 @@ use mono::Config;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn mono(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mono")).args(args).arg("--quiet").current_dir(ROOT).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_mono"))
+        .args(args)
+        .arg("--quiet")
+        .current_dir(ROOT)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn tiny_config(dir: &Path, lambdas: &str) -> PathBuf {
@@ -58,20 +67,40 @@ fn run_writes_stages_reuses_them_retrains_only_what_changed_and_resumes() {
     assert!(ok, "{err}");
     assert!(stage_lines(&out, "train").iter().all(|l| l.ends_with("— run")), "{out}");
     let run_dir = tmp.path().join("runs/tiny");
-    for f in ["config.toml", "results.json", "report.html", "sweep.csv", "sweep.md", "sweep.png", "monoscore_hist.png"] {
+    for f in [
+        "config.toml",
+        "results.json",
+        "report.html",
+        "sweep.csv",
+        "sweep.md",
+        "sweep.png",
+        "monoscore_hist.png",
+    ] {
         assert!(run_dir.join(f).is_file(), "{f} missing");
     }
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json")).unwrap())
+            .unwrap();
     let runs = summary["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     let features = PathBuf::from(runs[0]["features_dir"].as_str().unwrap());
-    assert_eq!(runs[1]["features_dir"], runs[0]["features_dir"], "sweep children share the features");
+    assert_eq!(
+        runs[1]["features_dir"], runs[0]["features_dir"],
+        "sweep children share the features"
+    );
     for split in ["test_0-600", "test_600-800"] {
         assert!(features.join(split).join("manifest.json").is_file());
     }
-    let train_dirs: Vec<PathBuf> = runs.iter().map(|r| PathBuf::from(r["train_dir"].as_str().unwrap())).collect();
+    let train_dirs: Vec<PathBuf> =
+        runs.iter().map(|r| PathBuf::from(r["train_dir"].as_str().unwrap())).collect();
     for d in &train_dirs {
-        for f in ["results.json", "latent_stats.safetensors", "metrics.jsonl", "sae/sae_weights.safetensors", "sae/cfg.json"] {
+        for f in [
+            "results.json",
+            "latent_stats.safetensors",
+            "metrics.jsonl",
+            "sae/sae_weights.safetensors",
+            "sae/cfg.json",
+        ] {
             assert!(d.join(f).is_file(), "{} lacks {f}", d.display());
         }
     }
@@ -81,7 +110,8 @@ fn run_writes_stages_reuses_them_retrains_only_what_changed_and_resumes() {
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let col = header.iter().position(|h| *h == "monoscore_mean").unwrap();
-    let rows: Vec<Vec<String>> = lines.map(|l| l.split(',').map(|s| s.to_string()).collect()).collect();
+    let rows: Vec<Vec<String>> =
+        lines.map(|l| l.split(',').map(|s| s.to_string()).collect()).collect();
     assert_eq!(rows.len(), 2);
     for r in &rows {
         let v: f64 = r[col].parse().unwrap();
@@ -93,7 +123,10 @@ fn run_writes_stages_reuses_them_retrains_only_what_changed_and_resumes() {
     let (ok, out, err) = mono(&["run", config.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.lines().filter(|l| l.contains("— ")).all(|l| l.ends_with("— cached")), "{out}");
-    assert_eq!(before, std::fs::metadata(train_dirs[0].join("results.json")).unwrap().modified().unwrap());
+    assert_eq!(
+        before,
+        std::fs::metadata(train_dirs[0].join("results.json")).unwrap().modified().unwrap()
+    );
 
     // A changed λ retrains that child only.
     let config = tiny_config(tmp.path(), "0.0, 0.006");
@@ -119,7 +152,10 @@ fn run_writes_stages_reuses_them_retrains_only_what_changed_and_resumes() {
         for part in html.split(attr).skip(1) {
             let target = part.split('"').next().unwrap();
             refs += 1;
-            assert!(target.starts_with("data:image/png;base64,") || run_dir.join(target).is_file(), "report references {target}");
+            assert!(
+                target.starts_with("data:image/png;base64,") || run_dir.join(target).is_file(),
+                "report references {target}"
+            );
         }
     }
     assert!(refs > 10, "the report has plots and image grids");
@@ -133,8 +169,15 @@ fn run_writes_stages_reuses_them_retrains_only_what_changed_and_resumes() {
     // It renders in headless Chromium (installed by .ci/run).
     if Path::new("/usr/bin/chromium").exists() {
         let png = tmp.path().join("report.png");
-        let status = Command::new(Path::new(ROOT).join("scripts/render_report.sh")).arg(run_dir.join("report.html")).arg(&png).status().unwrap();
-        assert!(status.success() && std::fs::metadata(&png).unwrap().len() > 10_000, "headless render failed");
+        let status = Command::new(Path::new(ROOT).join("scripts/render_report.sh"))
+            .arg(run_dir.join("report.html"))
+            .arg(&png)
+            .status()
+            .unwrap();
+        assert!(
+            status.success() && std::fs::metadata(&png).unwrap().len() > 10_000,
+            "headless render failed"
+        );
     } else {
         eprintln!("chromium not installed: skipped the headless render (CI installs it)");
     }
@@ -150,10 +193,21 @@ fn every_shipped_config_parses_and_validates() {
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "toml") {
-                let config = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-                let first_line = std::fs::read_to_string(&path).unwrap().lines().next().unwrap_or_default().to_string();
-                assert!(first_line.starts_with('#'), "{} must start with a comment saying what it reproduces", path.display());
-                mono::pipeline::plan(&config).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                let config =
+                    Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                let first_line = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                assert!(
+                    first_line.starts_with('#'),
+                    "{} must start with a comment saying what it reproduces",
+                    path.display()
+                );
+                mono::pipeline::plan(&config)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
                 count += 1;
             }
         }

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use image::{DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
+use image::{
+    DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage,
+};
 use mono::encoders::preprocess::{Alpha, CropRounding, Preprocessor, Resample, ResizeTo};
 
 // The binary's allocator, so that the timing test sees the buffer reuse extraction gets.
@@ -31,8 +33,10 @@ fn family_preprocessor(family: &str, dir: &Path) -> Preprocessor {
     if family == "resnet_torchvision" {
         return Preprocessor::torchvision_imagenet(256, 224);
     }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("preprocess/preprocess.json")).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("preprocess/preprocess.json")).unwrap(),
+    )
+    .unwrap();
     let path = dir.join(format!("{family}.json"));
     std::fs::write(&path, meta["families"][family]["processor_settings"].to_string()).unwrap();
     Preprocessor::from_hf_json(&path).unwrap()
@@ -45,9 +49,11 @@ fn parity_with_reference_pixel_values() {
     for family in ["clip", "siglip2", "vit", "resnet_torchvision"] {
         let pre = family_preprocessor(family, tmp.path());
         assert_eq!(pre.output_size(), Some((224, 224)), "{family}");
-        let refs =
-            candle_core::safetensors::load(fixtures().join(format!("preprocess/{family}.safetensors")), &Device::Cpu)
-                .unwrap();
+        let refs = candle_core::safetensors::load(
+            fixtures().join(format!("preprocess/{family}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
         let batch = pre.process_batch(&images).unwrap();
         let n = 3 * 224 * 224;
         assert_eq!(batch.len(), STEMS.len() * n);
@@ -59,7 +65,8 @@ fn parity_with_reference_pixel_values() {
             let theirs = &refs[*stem];
             assert_eq!(theirs.dims(), &[3, 224, 224], "{family}/{stem}");
             assert_eq!(theirs.dtype(), DType::F16);
-            let theirs: Vec<f32> = theirs.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let theirs: Vec<f32> =
+                theirs.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             for (k, (&o, &t)) in ours.iter().zip(&theirs).enumerate() {
                 let std = pre.std[k / (224 * 224)];
                 // One u8 level, plus the float16 storage rounding (half an f16 ulp, ≤ 2^-10 here).
@@ -136,7 +143,9 @@ fn from_hf_json_on_every_encoder_fixture() {
         seen += 1;
         let got = Preprocessor::from_hf_json(&path);
         match name.as_str() {
-            "clip_full" | "clip_vision" | "clip_vision_proj" => expect_eq(&name, &got.unwrap(), &clip),
+            "clip_full" | "clip_vision" | "clip_vision_proj" => {
+                expect_eq(&name, &got.unwrap(), &clip)
+            }
             "siglip2" | "siglip2_full" => expect_eq(&name, &got.unwrap(), &siglip),
             "vit" | "vit_cls" => expect_eq(&name, &got.unwrap(), &vit),
             "resnet50_hf" => expect_eq(&name, &got.unwrap(), &resnet_hf),
@@ -162,36 +171,73 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 #[test]
 fn from_hf_json_fills_class_defaults() {
     let tmp = tempfile::tempdir().unwrap();
-    let only = |class: &str| Preprocessor::from_hf_json(&write(tmp.path(), "p.json", &format!(r#"{{"image_processor_type": "{class}"}}"#))).unwrap();
+    let only = |class: &str| {
+        Preprocessor::from_hf_json(&write(
+            tmp.path(),
+            "p.json",
+            &format!(r#"{{"image_processor_type": "{class}"}}"#),
+        ))
+        .unwrap()
+    };
 
     let clip = only("CLIPImageProcessor");
     assert_eq!(clip.resize, Some(ResizeTo::ShortestEdge(224)));
-    assert_eq!((clip.resample, clip.crop, clip.mean, clip.std), (Resample::Bicubic, Some((224, 224)), OPENAI_MEAN, OPENAI_STD));
+    assert_eq!(
+        (clip.resample, clip.crop, clip.mean, clip.std),
+        (Resample::Bicubic, Some((224, 224)), OPENAI_MEAN, OPENAI_STD)
+    );
     assert_eq!(clip.rescale, Some(1.0 / 255.0));
     // transformers 5.24's SigLIP class default is bicubic (checkpoints state their own value).
     let siglip = only("SiglipImageProcessor");
-    assert_eq!((siglip.resample, siglip.resize, siglip.crop), (Resample::Bicubic, Some(ResizeTo::Exact { height: 224, width: 224 }), None));
+    assert_eq!(
+        (siglip.resample, siglip.resize, siglip.crop),
+        (Resample::Bicubic, Some(ResizeTo::Exact { height: 224, width: 224 }), None)
+    );
     assert_eq!(siglip.alpha, Alpha::CompositeWhite);
     let vit = only("ViTImageProcessorFast");
     assert_eq!((vit.resample, vit.alpha, vit.mean), (Resample::Bilinear, Alpha::Drop, [0.5; 3]));
     let convnext = only("ConvNextImageProcessor");
-    assert_eq!((convnext.resize, convnext.crop), (Some(ResizeTo::Exact { height: 384, width: 384 }), None));
+    assert_eq!(
+        (convnext.resize, convnext.crop),
+        (Some(ResizeTo::Exact { height: 384, width: 384 }), None)
+    );
     let bit = only("BitImageProcessorPil");
     assert_eq!((bit.resize, bit.crop), (Some(ResizeTo::ShortestEdge(224)), Some((224, 224))));
 
     // An integer size is a shortest edge for CLIP but a square for ViT; null means "default".
-    let p = write(tmp.path(), "a.json", r#"{"feature_extractor_type": "CLIPFeatureExtractor", "size": 256, "crop_size": 240, "resample": null}"#);
+    let p = write(
+        tmp.path(),
+        "a.json",
+        r#"{"feature_extractor_type": "CLIPFeatureExtractor", "size": 256, "crop_size": 240, "resample": null}"#,
+    );
     let p = Preprocessor::from_hf_json(&p).unwrap();
-    assert_eq!((p.resize, p.crop, p.resample), (Some(ResizeTo::ShortestEdge(256)), Some((240, 240)), Resample::Bicubic));
-    let p = write(tmp.path(), "b.json", r#"{"image_processor_type": "ViTImageProcessor", "size": 384, "image_mean": 0.25}"#);
+    assert_eq!(
+        (p.resize, p.crop, p.resample),
+        (Some(ResizeTo::ShortestEdge(256)), Some((240, 240)), Resample::Bicubic)
+    );
+    let p = write(
+        tmp.path(),
+        "b.json",
+        r#"{"image_processor_type": "ViTImageProcessor", "size": 384, "image_mean": 0.25}"#,
+    );
     let p = Preprocessor::from_hf_json(&p).unwrap();
     assert_eq!((p.resize, p.mean), (Some(ResizeTo::Exact { height: 384, width: 384 }), [0.25; 3]));
     // Switches off: no resize, no rescale, no normalisation.
-    let p = write(tmp.path(), "c.json", r#"{"image_processor_type": "SiglipImageProcessor", "do_resize": false, "do_rescale": false, "do_normalize": false}"#);
+    let p = write(
+        tmp.path(),
+        "c.json",
+        r#"{"image_processor_type": "SiglipImageProcessor", "do_resize": false, "do_rescale": false, "do_normalize": false}"#,
+    );
     let p = Preprocessor::from_hf_json(&p).unwrap();
-    assert_eq!((p.resize, p.rescale, p.mean, p.std, p.output_size()), (None, None, [0.0; 3], [1.0; 3], None));
+    assert_eq!(
+        (p.resize, p.rescale, p.mean, p.std, p.output_size()),
+        (None, None, [0.0; 3], [1.0; 3], None)
+    );
     let rgb = RgbImage::from_fn(3, 2, |x, y| Rgb([x as u8, 10 * y as u8, 200]));
-    assert_eq!(p.process(&DynamicImage::ImageRgb8(rgb)).unwrap(), vec![0., 1., 2., 0., 1., 2., 0., 0., 0., 10., 10., 10., 200., 200., 200., 200., 200., 200.]);
+    assert_eq!(
+        p.process(&DynamicImage::ImageRgb8(rgb)).unwrap(),
+        vec![0., 1., 2., 0., 1., 2., 0., 0., 0., 10., 10., 10., 200., 200., 200., 200., 200., 200.]
+    );
 }
 
 #[test]
@@ -204,14 +250,46 @@ fn from_hf_json_errors_name_the_file() {
         write(tmp.path(), "list.json", "[1, 2]"),
         write(tmp.path(), "notype.json", r#"{"size": 224}"#),
         write(tmp.path(), "unknown.json", r#"{"image_processor_type": "LlavaNextImageProcessor"}"#),
-        write(tmp.path(), "resample.json", r#"{"image_processor_type": "CLIPImageProcessor", "resample": "bicubic"}"#),
-        write(tmp.path(), "code.json", r#"{"image_processor_type": "CLIPImageProcessor", "resample": 9}"#),
-        write(tmp.path(), "size.json", r#"{"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 224}}"#),
-        write(tmp.path(), "zero.json", r#"{"image_processor_type": "ViTImageProcessor", "size": {"height": 0, "width": 4}}"#),
-        write(tmp.path(), "mean.json", r#"{"image_processor_type": "ViTImageProcessor", "image_mean": [0.5, 0.5]}"#),
-        write(tmp.path(), "std.json", r#"{"image_processor_type": "ViTImageProcessor", "image_std": [0.5, 0, 0.5]}"#),
-        write(tmp.path(), "crop.json", r#"{"image_processor_type": "SiglipImageProcessor", "do_center_crop": true}"#),
-        write(tmp.path(), "flag.json", r#"{"image_processor_type": "ViTImageProcessor", "do_resize": "yes"}"#),
+        write(
+            tmp.path(),
+            "resample.json",
+            r#"{"image_processor_type": "CLIPImageProcessor", "resample": "bicubic"}"#,
+        ),
+        write(
+            tmp.path(),
+            "code.json",
+            r#"{"image_processor_type": "CLIPImageProcessor", "resample": 9}"#,
+        ),
+        write(
+            tmp.path(),
+            "size.json",
+            r#"{"image_processor_type": "CLIPImageProcessor", "size": {"longest_edge": 224}}"#,
+        ),
+        write(
+            tmp.path(),
+            "zero.json",
+            r#"{"image_processor_type": "ViTImageProcessor", "size": {"height": 0, "width": 4}}"#,
+        ),
+        write(
+            tmp.path(),
+            "mean.json",
+            r#"{"image_processor_type": "ViTImageProcessor", "image_mean": [0.5, 0.5]}"#,
+        ),
+        write(
+            tmp.path(),
+            "std.json",
+            r#"{"image_processor_type": "ViTImageProcessor", "image_std": [0.5, 0, 0.5]}"#,
+        ),
+        write(
+            tmp.path(),
+            "crop.json",
+            r#"{"image_processor_type": "SiglipImageProcessor", "do_center_crop": true}"#,
+        ),
+        write(
+            tmp.path(),
+            "flag.json",
+            r#"{"image_processor_type": "ViTImageProcessor", "do_resize": "yes"}"#,
+        ),
     ];
     for path in cases {
         let err = Preprocessor::from_hf_json(&path).expect_err(&path.display().to_string());
@@ -222,7 +300,9 @@ fn from_hf_json_errors_name_the_file() {
 
 /// A small photo-like RGB pattern.
 fn pattern(w: u32, h: u32) -> RgbImage {
-    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 13 + y * 7) as u8, (x * y) as u8, 255 - (x * 3) as u8]))
+    RgbImage::from_fn(w, h, |x, y| {
+        Rgb([(x * 13 + y * 7) as u8, (x * y) as u8, 255 - (x * 3) as u8])
+    })
 }
 
 fn small(resample: Resample, alpha: Alpha) -> Preprocessor {
@@ -250,8 +330,9 @@ fn grayscale_and_16_bit_inputs() {
     assert_eq!(pre.process(&DynamicImage::ImageLuma8(gray.clone())).unwrap(), want);
 
     // 16-bit keeps the high byte (what PIL does for 16-bit RGB PNGs); low bytes must not matter.
-    let gray16: ImageBuffer<Luma<u16>, Vec<u16>> =
-        ImageBuffer::from_fn(19, 13, |x, y| Luma([gray.get_pixel(x, y)[0] as u16 * 256 + (x * 37 % 256) as u16]));
+    let gray16: ImageBuffer<Luma<u16>, Vec<u16>> = ImageBuffer::from_fn(19, 13, |x, y| {
+        Luma([gray.get_pixel(x, y)[0] as u16 * 256 + (x * 37 % 256) as u16])
+    });
     assert_eq!(pre.process(&DynamicImage::ImageLuma16(gray16)).unwrap(), want);
 
     let rgb = pattern(23, 17);
@@ -262,7 +343,9 @@ fn grayscale_and_16_bit_inputs() {
     });
     // Through a real 16-bit PNG, decoded by the `image` crate.
     let mut png = Vec::new();
-    DynamicImage::ImageRgb16(rgb16).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    DynamicImage::ImageRgb16(rgb16)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
     let decoded = image::load_from_memory(&png).unwrap();
     assert!(matches!(decoded, DynamicImage::ImageRgb16(_)));
     assert_eq!(pre.process(&decoded).unwrap(), want);
@@ -294,17 +377,37 @@ fn alpha_conventions() {
     assert_ne!(composite.process(&faded).unwrap(), plain);
 
     // Gray + alpha: the same rules on one replicated channel.
-    let la = GrayAlphaImage::from_fn(21, 15, |x, y| image::LumaA([(x * 9 + y) as u8, if x < 5 { 0 } else { 255 }]));
+    let la = GrayAlphaImage::from_fn(21, 15, |x, y| {
+        image::LumaA([(x * 9 + y) as u8, if x < 5 { 0 } else { 255 }])
+    });
     let gray = GrayImage::from_fn(21, 15, |x, y| Luma([(x * 9 + y) as u8]));
-    let white_left = GrayImage::from_fn(21, 15, |x, y| Luma([if x < 5 { 255 } else { (x * 9 + y) as u8 }]));
+    let white_left =
+        GrayImage::from_fn(21, 15, |x, y| Luma([if x < 5 { 255 } else { (x * 9 + y) as u8 }]));
     let la = DynamicImage::ImageLumaA8(la);
     assert_eq!(drop.process(&la).unwrap(), drop.process(&DynamicImage::ImageLuma8(gray)).unwrap());
-    assert_eq!(composite.process(&la).unwrap(), composite.process(&DynamicImage::ImageLuma8(white_left)).unwrap());
+    assert_eq!(
+        composite.process(&la).unwrap(),
+        composite.process(&DynamicImage::ImageLuma8(white_left)).unwrap()
+    );
 }
 
 /// A preprocessor that returns raw u8 levels as floats.
-fn raw(resize: Option<ResizeTo>, resample: Resample, crop: Option<(u32, u32)>, rounding: CropRounding) -> Preprocessor {
-    Preprocessor { resize, resample, crop, crop_rounding: rounding, rescale: None, mean: [0.0; 3], std: [1.0; 3], alpha: Alpha::Drop }
+fn raw(
+    resize: Option<ResizeTo>,
+    resample: Resample,
+    crop: Option<(u32, u32)>,
+    rounding: CropRounding,
+) -> Preprocessor {
+    Preprocessor {
+        resize,
+        resample,
+        crop,
+        crop_rounding: rounding,
+        rescale: None,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        alpha: Alpha::Drop,
+    }
 }
 
 fn gray_row(values: &[u8]) -> DynamicImage {
@@ -316,7 +419,10 @@ fn hand_computed_resizes() {
     let exact = |w| Some(ResizeTo::Exact { height: 1, width: w });
     // 4 -> 2 bilinear: support widened to 2 input pixels; border taps renormalised to 3/7, 3/7, 1/7.
     let p = raw(exact(2), Resample::Bilinear, None, CropRounding::Floor);
-    assert_eq!(p.process(&gray_row(&[10, 20, 30, 40])).unwrap(), vec![17., 33., 17., 33., 17., 33.]);
+    assert_eq!(
+        p.process(&gray_row(&[10, 20, 30, 40])).unwrap(),
+        vec![17., 33., 17., 33., 17., 33.]
+    );
     // 2 -> 4 bilinear: plain interpolation at 0.25, 0.75, 1.25, 1.75.
     let p = raw(exact(4), Resample::Bilinear, None, CropRounding::Floor);
     assert_eq!(p.process(&gray_row(&[0, 100])).unwrap()[..4], [0., 25., 75., 100.]);
@@ -331,11 +437,21 @@ fn hand_computed_resizes() {
     let planar: Vec<f32> = (0..3)
         .flat_map(|c| img.as_rgb8().unwrap().pixels().map(move |p| p[c] as f32).collect::<Vec<_>>())
         .collect();
-    for f in [Resample::Nearest, Resample::Bilinear, Resample::Bicubic, Resample::Lanczos, Resample::Box, Resample::Hamming] {
+    for f in [
+        Resample::Nearest,
+        Resample::Bilinear,
+        Resample::Bicubic,
+        Resample::Lanczos,
+        Resample::Box,
+        Resample::Hamming,
+    ] {
         let p = raw(Some(ResizeTo::Exact { height: 4, width: 6 }), f, None, CropRounding::Floor);
         assert_eq!(p.process(&img).unwrap(), planar, "{f:?}");
     }
-    assert_eq!(raw(None, Resample::Bicubic, None, CropRounding::Floor).process(&img).unwrap(), planar);
+    assert_eq!(
+        raw(None, Resample::Bicubic, None, CropRounding::Floor).process(&img).unwrap(),
+        planar
+    );
 }
 
 #[test]
@@ -392,12 +508,18 @@ fn extreme_aspect_ratios() {
 #[ignore]
 fn timing_500x375() {
     mono::alloc::keep_freed_pages();
-    let src = image::imageops::crop_imm(photo("coffee").as_rgb8().unwrap(), 0, 0, 300, 200).to_image();
+    let src =
+        image::imageops::crop_imm(photo("coffee").as_rgb8().unwrap(), 0, 0, 300, 200).to_image();
     // Tile the photo to 500x375 so the content is natural.
-    let img = DynamicImage::ImageRgb8(RgbImage::from_fn(500, 375, |x, y| *src.get_pixel(x % 300, y % 200)));
+    let img = DynamicImage::ImageRgb8(RgbImage::from_fn(500, 375, |x, y| {
+        *src.get_pixel(x % 300, y % 200)
+    }));
     let tmp = tempfile::tempdir().unwrap();
     for (name, pre) in [
-        ("torchvision resize 256 bilinear + crop 224", Preprocessor::torchvision_imagenet(256, 224)),
+        (
+            "torchvision resize 256 bilinear + crop 224",
+            Preprocessor::torchvision_imagenet(256, 224),
+        ),
         ("clip shortest 224 bicubic + crop 224", family_preprocessor("clip", tmp.path())),
         ("siglip2 squash 224x224 bilinear", family_preprocessor("siglip2", tmp.path())),
     ] {

@@ -37,32 +37,51 @@ fn sparse_ops_match_the_dense_graph() {
     let sim = Tensor::from_vec(randn(b * 5, &mut rng), (b, 5), &Device::Cpu).unwrap();
     let w_enc = var(randn(m * d, &mut rng), (m, d));
     let w_dec = var(randn(m * d, &mut rng), (m, d));
-    let b_enc = Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+    let b_enc =
+        Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
     let lambda = 0.7;
 
     for selection in [ops::Selection::PerRow(k), ops::Selection::Batch(k * b)] {
         // Sparse path.
         let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor()).unwrap();
         let (lat, _) = ops::topk_latents(&pre, &selection, None).unwrap();
-        assert!(flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1, "test must exercise the sparse path");
+        assert!(
+            flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
+            "test must exercise the sparse path"
+        );
         let recon = ops::support_matmul(&lat, w_dec.as_tensor(), None).unwrap();
         let (mono, stats) = ops::batch_mono_loss(&lat, &sim, 1e-8, None).unwrap();
-        let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap() + (mono * lambda).unwrap()).unwrap();
+        let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+            + (mono * lambda).unwrap())
+        .unwrap();
         let grads = loss.backward().unwrap();
 
         // Dense reference: the same selection as a constant mask, plain candle ops.
-        let pre_d = x.matmul(&w_enc.as_tensor().t().unwrap()).unwrap().broadcast_add(b_enc.as_tensor()).unwrap();
+        let pre_d = x
+            .matmul(&w_enc.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b_enc.as_tensor())
+            .unwrap();
         let (mask, _) = ops::select_mask(&flat(&pre_d), m, &selection, None, true);
-        let mask = Tensor::from_vec(mask.iter().map(|&v| v as u8 as f32).collect::<Vec<_>>(), (b, m), &Device::Cpu).unwrap();
+        let mask = Tensor::from_vec(
+            mask.iter().map(|&v| v as u8 as f32).collect::<Vec<_>>(),
+            (b, m),
+            &Device::Cpu,
+        )
+        .unwrap();
         let lat_d = (pre_d.relu().unwrap() * mask).unwrap();
         let recon_d = lat_d.matmul(w_dec.as_tensor()).unwrap();
         let mono_d = mono::monoscore::batch_mono_loss(&sim, &lat_d, 1e-8).unwrap();
         assert_eq!(mono_d.n_active, stats.n_active);
-        let loss_d = ((recon_d - &x).unwrap().sqr().unwrap().mean_all().unwrap() + (&mono_d.loss * lambda).unwrap()).unwrap();
+        let loss_d = ((recon_d - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+            + (&mono_d.loss * lambda).unwrap())
+        .unwrap();
         let grads_d = loss_d.backward().unwrap();
 
         assert_close(&flat(&lat), &flat(&lat_d), 1e-6, "latents");
-        assert!((loss.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+        assert!(
+            (loss.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5
+        );
         for (name, v) in [("W_enc", &w_enc), ("W_dec", &w_dec), ("b_enc", &b_enc)] {
             let g = flat(grads.get(v.as_tensor()).unwrap());
             let gd = flat(grads_d.get(v.as_tensor()).unwrap());
@@ -76,8 +95,12 @@ fn sparse_ops_match_the_dense_graph() {
         let decoded = ops::decode(&lat, w_dec.as_tensor(), None, Some(term)).unwrap();
         let (mono_f, stats_f) = decoded.mono.unwrap();
         assert_eq!(stats_f.n_active, stats.n_active);
-        let loss_f = ((decoded.output - &x).unwrap().sqr().unwrap().mean_all().unwrap() + (mono_f * lambda).unwrap()).unwrap();
-        assert!((loss_f.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5);
+        let loss_f = ((decoded.output - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+            + (mono_f * lambda).unwrap())
+        .unwrap();
+        assert!(
+            (loss_f.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5
+        );
         let grads_f = loss_f.backward().unwrap();
         for (name, v) in [("W_enc", &w_enc), ("W_dec", &w_dec), ("b_enc", &b_enc)] {
             let g = flat(grads_f.get(v.as_tensor()).unwrap());
@@ -96,8 +119,18 @@ fn topk_keeps_k_per_row_and_batch_topk_keeps_k_times_b() {
     for (r, row) in mask.chunks(m).enumerate() {
         assert_eq!(row.iter().filter(|x| **x).count(), k);
         // They are the k largest of the row.
-        let kept_min = values[r * m..(r + 1) * m].iter().zip(row).filter(|(_, k)| **k).map(|(v, _)| *v).fold(f32::INFINITY, f32::min);
-        let dropped_max = values[r * m..(r + 1) * m].iter().zip(row).filter(|(_, k)| !**k).map(|(v, _)| *v).fold(f32::NEG_INFINITY, f32::max);
+        let kept_min = values[r * m..(r + 1) * m]
+            .iter()
+            .zip(row)
+            .filter(|(_, k)| **k)
+            .map(|(v, _)| *v)
+            .fold(f32::INFINITY, f32::min);
+        let dropped_max = values[r * m..(r + 1) * m]
+            .iter()
+            .zip(row)
+            .filter(|(_, k)| !**k)
+            .map(|(v, _)| *v)
+            .fold(f32::NEG_INFINITY, f32::max);
         assert!(kept_min >= dropped_max);
     }
     let (mask, min) = ops::select_mask(&values, m, &ops::Selection::Batch(k * b), None, true);
@@ -127,7 +160,12 @@ fn reference_forward(s: &dyn Sae, x: &[f32], b: usize) -> (Vec<f32>, Vec<f32>) {
     let spec = s.spec().clone();
     let (d, m) = (spec.d_in, spec.n_latents);
     let p = s.params();
-    let (we, wd, be, bd) = (flat(p.w_enc.as_tensor()), flat(p.w_dec.as_tensor()), flat(p.b_enc.as_tensor()), flat(p.b_dec.as_tensor()));
+    let (we, wd, be, bd) = (
+        flat(p.w_enc.as_tensor()),
+        flat(p.w_dec.as_tensor()),
+        flat(p.b_enc.as_tensor()),
+        flat(p.b_dec.as_tensor()),
+    );
     let mut pre = vec![0f32; b * m];
     for i in 0..b {
         for j in 0..m {
@@ -159,7 +197,10 @@ fn reference_forward(s: &dyn Sae, x: &[f32], b: usize) -> (Vec<f32>, Vec<f32>) {
         }
         SaeKind::Relu => lat.iter_mut().zip(&pre).for_each(|(l, p)| *l = p.max(0.0)),
         SaeKind::Jumprelu => {
-            let theta: Vec<f32> = flat(p.log_threshold.as_ref().unwrap().as_tensor()).iter().map(|v| v.exp()).collect();
+            let theta: Vec<f32> = flat(p.log_threshold.as_ref().unwrap().as_tensor())
+                .iter()
+                .map(|v| v.exp())
+                .collect();
             for i in 0..b * m {
                 let z = pre[i].max(0.0);
                 lat[i] = if z > theta[i % m] { z } else { 0.0 };
@@ -196,12 +237,15 @@ fn every_architecture_matches_a_plain_forward_and_its_gradients_match_finite_dif
         let grads = loss.backward().unwrap();
         let plain_loss = |m_: &dyn Sae| -> f64 {
             let (_, r) = reference_forward(m_, &x_data, b);
-            let err: f64 = r.iter().zip(&x_data).map(|(a, c)| ((a - c) as f64).powi(2)).sum::<f64>();
+            let err: f64 =
+                r.iter().zip(&x_data).map(|(a, c)| ((a - c) as f64).powi(2)).sum::<f64>();
             if kind == SaeKind::Topk {
                 // normalised MSE: per-row error over per-row ‖x‖²
                 (0..b)
                     .map(|i| {
-                        let e: f64 = (0..d).map(|t| ((r[i * d + t] - x_data[i * d + t]) as f64).powi(2)).sum();
+                        let e: f64 = (0..d)
+                            .map(|t| ((r[i * d + t] - x_data[i * d + t]) as f64).powi(2))
+                            .sum();
                         let n: f64 = (0..d).map(|t| (x_data[i * d + t] as f64).powi(2)).sum();
                         e / n
                     })
@@ -221,11 +265,16 @@ fn every_architecture_matches_a_plain_forward_and_its_gradients_match_finite_dif
                     data[idx] += delta;
                     v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap()).unwrap();
                     let l = plain_loss(model.as_ref());
-                    v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap()).unwrap();
+                    v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
                     l
                 };
                 let fd = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
-                assert!((fd - g[idx] as f64).abs() < 2e-3 * (1.0 + fd.abs()), "{kind:?} {name}[{idx}]: fd {fd} vs {}", g[idx]);
+                assert!(
+                    (fd - g[idx] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "{kind:?} {name}[{idx}]: fd {fd} vs {}",
+                    g[idx]
+                );
             }
         }
     }
@@ -242,8 +291,12 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
     s.jumprelu_init_log_threshold = (0.5f64).ln();
     let model = sae::build(&s, 9, &Device::Cpu).unwrap();
     let pass = sae::forward(model.as_ref(), &x, true).unwrap();
-    let density = flat(pass.latents()).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64;
-    assert!(density > 0.0 && density <= 0.1, "density {density}: the test must take the sparse decoder path");
+    let density =
+        flat(pass.latents()).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64;
+    assert!(
+        density > 0.0 && density <= 0.1,
+        "density {density}: the test must take the sparse decoder path"
+    );
     let extra = model.extra_losses(&pass, &vec![false; m]).unwrap();
     let (_, l0_term) = extra.iter().find(|(n, _)| *n == "l0").unwrap();
     let recon_loss = model.reconstruction_loss(&pass).unwrap();
@@ -256,7 +309,10 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
     let z: Vec<f32> = flat(&pass.pre.relu().unwrap());
     let resid: Vec<f32> = flat(&(&pass.recon - &pass.input).unwrap());
     let wd = flat(model.params().w_dec.as_tensor());
-    let theta: Vec<f32> = flat(model.params().log_threshold.as_ref().unwrap().as_tensor()).iter().map(|v| v.exp()).collect();
+    let theta: Vec<f32> = flat(model.params().log_threshold.as_ref().unwrap().as_tensor())
+        .iter()
+        .map(|v| v.exp())
+        .collect();
     let eps = s.jumprelu_bandwidth as f32;
     let mut band_below = 0;
     for kk in 0..m {
@@ -265,12 +321,17 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
             let u = (z[i * m + kk] - theta[kk]) / eps;
             if u.abs() < 0.5 {
                 band_below += (u <= 0.0) as usize;
-                let dout: f32 = (0..d).map(|t| 2.0 / (b * d) as f32 * resid[i * d + t] * wd[kk * d + t]).sum();
+                let dout: f32 =
+                    (0..d).map(|t| 2.0 / (b * d) as f32 * resid[i * d + t] * wd[kk * d + t]).sum();
                 g += -(theta[kk] / eps) * dout - s.l0_coef as f32 / (b as f32 * eps);
             }
         }
         let expect = theta[kk] * g;
-        assert!((got[kk] - expect).abs() <= 1e-4 * (1.0 + expect.abs()), "latent {kk}: {} vs {expect}", got[kk]);
+        assert!(
+            (got[kk] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
+            "latent {kk}: {} vs {expect}",
+            got[kk]
+        );
     }
     assert!(band_below > 0, "the test needs entries just below the threshold");
 }
@@ -282,7 +343,11 @@ fn batch_topk_inference_does_not_depend_on_the_batch() {
     let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
     let mut model = sae::build(&spec(SaeKind::BatchTopk, d, m, k), 1, &Device::Cpu).unwrap();
     let pass = sae::forward(model.as_ref(), &x, true).unwrap();
-    assert_eq!(flat(pass.latents()).iter().filter(|v| **v != 0.0).count(), k * b, "training keeps k·B");
+    assert_eq!(
+        flat(pass.latents()).iter().filter(|v| **v != 0.0).count(),
+        k * b,
+        "training keeps k·B"
+    );
     model.observe_step(&pass);
     let threshold = flat(&model.threshold().unwrap().expect("a threshold after one step"));
     assert!(threshold.iter().all(|t| *t == threshold[0] && *t > 0.0));

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use mono::config::FloatType;
 use mono::data::store::{
-    epoch_order, open_split, BatchLabels, FeatureStore, LabelKind, Labels, StoreInfo, StoreWriter, MANIFEST_FILE,
+    epoch_order, open_split, BatchLabels, FeatureStore, LabelKind, Labels, StoreInfo, StoreWriter,
+    MANIFEST_FILE,
 };
 
 fn paths(range: std::ops::Range<usize>) -> Vec<String> {
@@ -14,7 +15,11 @@ fn paths(range: std::ops::Range<usize>) -> Vec<String> {
 
 /// Row i is [i, i + 0.5, -i, i / 8]: exact in f16 for the row counts used here.
 fn rows(range: std::ops::Range<usize>, dim: usize) -> Vec<f32> {
-    range.flat_map(|i| (0..dim).map(move |c| [i as f32, i as f32 + 0.5, -(i as f32), i as f32 / 8.0][c % 4])).collect()
+    range
+        .flat_map(|i| {
+            (0..dim).map(move |c| [i as f32, i as f32 + 0.5, -(i as f32), i as f32 / 8.0][c % 4])
+        })
+        .collect()
 }
 
 fn class_info(dim: usize, dtype: FloatType) -> StoreInfo {
@@ -97,8 +102,11 @@ fn multi_labels_and_no_labels_round_trip() {
     info.labels = LabelKind::Multi;
     info.label_names = (0..5).map(|i| format!("c{i}")).collect();
     info.dataset = Some("toy".into());
-    info.encoder = Some(serde_json::json!({"kind": "clip", "model": "m", "revision": "r", "output": "pooler", "normalized": true}));
-    let lists: Vec<Vec<u32>> = (0..7).map(|i| (0..i % 3).map(|k| ((i + k) % 5) as u32).collect()).collect();
+    info.encoder = Some(
+        serde_json::json!({"kind": "clip", "model": "m", "revision": "r", "output": "pooler", "normalized": true}),
+    );
+    let lists: Vec<Vec<u32>> =
+        (0..7).map(|i| (0..i % 3).map(|k| ((i + k) % 5) as u32).collect()).collect();
     let mut w = StoreWriter::create(tmp.path(), info, 3).unwrap();
     w.push(&rows(0..7, 2), BatchLabels::Multi(&lists), &paths(0..7)).unwrap();
     w.finish().unwrap();
@@ -134,7 +142,8 @@ fn shards_are_plain_safetensors_with_paths_in_metadata() {
     assert_eq!(tensors["features"].shape, vec![5, 4]);
     assert_eq!(tensors["labels"].dtype, safetensors::Dtype::I64);
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join(MANIFEST_FILE)).unwrap())
+            .unwrap();
     assert_eq!(manifest["format"], "mono-feature-store/1");
     assert_eq!(manifest["dtype"], "f16");
     assert_eq!(manifest["labels"], "class");
@@ -156,7 +165,8 @@ fn epoch_order_over_a_store() {
     // Reading in that order gives the rows in that order.
     let mut out = Vec::new();
     store.read_rows(&a[..4], &mut out).unwrap();
-    let expected: Vec<f32> = a[..4].iter().flat_map(|&i| rows(i as usize..i as usize + 1, 4)).collect();
+    let expected: Vec<f32> =
+        a[..4].iter().flat_map(|&i| rows(i as usize..i as usize + 1, 4)).collect();
     assert_eq!(out, expected);
 }
 
@@ -164,7 +174,10 @@ fn epoch_order_over_a_store() {
 fn open_refuses_a_missing_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let e = err_of(FeatureStore::open(tmp.path()));
-    assert!(e.contains("manifest.json: missing (the store is incomplete or not a feature store)"), "{e}");
+    assert!(
+        e.contains("manifest.json: missing (the store is incomplete or not a feature store)"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -197,12 +210,19 @@ fn open_refuses_a_shard_of_another_dim_or_row_count() {
     let mut w = StoreWriter::create(&other, class_info(3, FloatType::F32), 10).unwrap();
     w.push(&rows(0..10, 3), BatchLabels::Class(&[0; 10]), &paths(0..10)).unwrap();
     w.finish().unwrap();
-    std::fs::copy(other.join("shard-00000.safetensors"), store.join("shard-00001.safetensors")).unwrap();
+    std::fs::copy(other.join("shard-00000.safetensors"), store.join("shard-00001.safetensors"))
+        .unwrap();
     let e = err_of(FeatureStore::open(&store));
-    assert!(e.contains("shard-00001.safetensors") && e.contains("expected 4 columns") && e.contains("has 3"), "{e}");
+    assert!(
+        e.contains("shard-00001.safetensors")
+            && e.contains("expected 4 columns")
+            && e.contains("has 3"),
+        "{e}"
+    );
 
     // The 5-row last shard where a 10-row one belongs.
-    std::fs::copy(store.join("shard-00002.safetensors"), store.join("shard-00001.safetensors")).unwrap();
+    std::fs::copy(store.join("shard-00002.safetensors"), store.join("shard-00001.safetensors"))
+        .unwrap();
     let e = err_of(FeatureStore::open(&store));
     assert!(e.contains("shard-00001.safetensors: holds 5 rows but the manifest says 10"), "{e}");
 }
@@ -229,7 +249,10 @@ fn open_refuses_an_empty_store() {
     let e = err_of(FeatureStore::open(tmp.path()));
     assert!(e.contains("holds no rows"), "{e}");
 
-    let e = err_of(StoreWriter::create(&tmp.path().join("w"), StoreInfo::new(2, "train"), 4).and_then(|w| w.finish()));
+    let e = err_of(
+        StoreWriter::create(&tmp.path().join("w"), StoreInfo::new(2, "train"), 4)
+            .and_then(|w| w.finish()),
+    );
     assert!(e.contains("no rows to write"), "{e}");
 }
 
@@ -262,7 +285,8 @@ fn writer_refuses_bad_rows_and_finished_stores() {
     let e = err_of(StoreWriter::resume(tmp.path(), class_info(4, FloatType::F32), 10));
     assert!(e.contains("manifest.json: already exists"), "{e}");
 
-    let mut w = StoreWriter::create(&tmp.path().join("w"), class_info(2, FloatType::F16), 10).unwrap();
+    let mut w =
+        StoreWriter::create(&tmp.path().join("w"), class_info(2, FloatType::F16), 10).unwrap();
     let e = err_of(w.push(&[1.0, f32::NAN], BatchLabels::Class(&[0]), &paths(0..1)));
     assert!(e.contains("row 0 (img/000.png), column 1"), "{e}");
     let e = err_of(w.push(&[1.0, 1e6], BatchLabels::Class(&[0]), &paths(0..1)));

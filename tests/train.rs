@@ -13,14 +13,19 @@ const FM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");
 
 /// Fashion-MNIST t10k pixels (unit-norm rows) as a feature set: 8000 train, 2000 val rows.
 fn fashion_mnist_features(root: &Path, rows: usize) -> PathBuf {
-    let (images, labels) = read_idx_pair(&Path::new(FM).join("t10k-images-idx3-ubyte.gz"), &Path::new(FM).join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    let (images, labels) = read_idx_pair(
+        &Path::new(FM).join("t10k-images-idx3-ubyte.gz"),
+        &Path::new(FM).join("t10k-labels-idx1-ubyte.gz"),
+    )
+    .unwrap();
     let d = images.rows * images.cols;
     let dir = root.join("features");
     let train_rows = rows * 4 / 5;
     for (split, range) in [("train", 0..train_rows), ("val", train_rows..rows)] {
         let mut info = StoreInfo::new(d, split);
         info.labels = LabelKind::Class;
-        info.label_names = mono::data::idx::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+        info.label_names =
+            mono::data::idx::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
         let mut writer = StoreWriter::create(&dir.join(split), info, 3000).unwrap();
         let mut feats = Vec::new();
         let mut labs = Vec::new();
@@ -53,15 +58,33 @@ const SMALL_SAE: &str = "[sae]\nkind = \"batch_topk\"\nn_latents = 256\nk = 8\n[
 fn monoloss_raises_monoscore_and_purity_at_comparable_reconstruction() {
     let tmp = tempfile::tempdir().unwrap();
     let features = fashion_mnist_features(tmp.path(), 10000);
-    let base = mono::train::sae::train_from_config(&config(tmp.path(), &features, "base", &format!("{SMALL_SAE}[mono]\nlambda = 0.0\n")), false).unwrap();
-    let mono_run = mono::train::sae::train_from_config(&config(tmp.path(), &features, "mono", &format!("{SMALL_SAE}[mono]\nlambda = 0.0003\n")), false).unwrap();
+    let base = mono::train::sae::train_from_config(
+        &config(tmp.path(), &features, "base", &format!("{SMALL_SAE}[mono]\nlambda = 0.0\n")),
+        false,
+    )
+    .unwrap();
+    let mono_run = mono::train::sae::train_from_config(
+        &config(tmp.path(), &features, "mono", &format!("{SMALL_SAE}[mono]\nlambda = 0.0003\n")),
+        false,
+    )
+    .unwrap();
     let (b, m) = (base.results.unwrap(), mono_run.results.unwrap());
     let (bs, ms) = (b.monoscore.mean.unwrap(), m.monoscore.mean.unwrap());
     let (bp, mp) = (b.purity.as_ref().unwrap(), m.purity.as_ref().unwrap());
     eprintln!("λ=0: MS {bs:.3} purity {:.3}/{:.3} R²tot {:.4}; λ>0: MS {ms:.3} purity {:.3}/{:.3} R²tot {:.4}", bp.binary, bp.weighted, b.r2_total, mp.binary, mp.weighted, m.r2_total);
     assert!(ms > bs + 0.05, "MonoScore {bs:.3} → {ms:.3}");
-    assert!(mp.binary > bp.binary + 0.03 && mp.weighted > bp.weighted + 0.03, "purity {:?} → {:?}", bp, mp);
-    assert!((m.r2_total - b.r2_total).abs() < 0.02, "reconstruction must stay comparable: R² {} vs {}", b.r2_total, m.r2_total);
+    assert!(
+        mp.binary > bp.binary + 0.03 && mp.weighted > bp.weighted + 0.03,
+        "purity {:?} → {:?}",
+        bp,
+        mp
+    );
+    assert!(
+        (m.r2_total - b.r2_total).abs() < 0.02,
+        "reconstruction must stay comparable: R² {} vs {}",
+        b.r2_total,
+        m.r2_total
+    );
     assert!(b.r2_total > 0.6, "the SAE reconstructs: R² {}", b.r2_total);
 }
 
@@ -106,7 +129,10 @@ fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_s
     let a = read_tensors(&full.run_dir().join("sae/sae_weights.safetensors"));
     let b = read_tensors(&part.run_dir().join("sae/sae_weights.safetensors"));
     for name in ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"] {
-        let (x, y) = (a[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(), b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (x, y) = (
+            a[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         assert_eq!(x, y, "{name}: resumed run differs from the uninterrupted one");
     }
     let metrics = |c: &Config| std::fs::read_to_string(c.run_dir().join("metrics.jsonl")).unwrap();
@@ -120,14 +146,23 @@ fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_s
     assert_eq!(a["b_dec"].dims(), &[d]);
     assert_eq!(a["threshold"].dims(), &[m]);
     let norms = a["W_dec"].sqr().unwrap().sum(1).unwrap().sqrt().unwrap().to_vec1::<f32>().unwrap();
-    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5), "decoder rows must stay unit norm: {norms:?}");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(full.run_dir().join("sae/cfg.json")).unwrap()).unwrap();
+    assert!(
+        norms.iter().all(|n| (n - 1.0).abs() < 1e-5),
+        "decoder rows must stay unit norm: {norms:?}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(full.run_dir().join("sae/cfg.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["d_in"], d);
     assert_eq!(cfg["d_sae"], m);
     assert_eq!(cfg["architecture"], "jumprelu");
     assert_eq!(cfg["mono"]["spec"]["kind"], "batch_topk");
     // Kept checkpoints: the newest two.
-    let ckpts: Vec<String> = std::fs::read_dir(full.run_dir().join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let ckpts: Vec<String> = std::fs::read_dir(full.run_dir().join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     assert_eq!(ckpts.len(), 2, "{ckpts:?}");
 
     // A loaded checkpoint gives the same latents as the final SAE; eval reproduces results.json.
@@ -135,7 +170,9 @@ fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_s
     let store = FeatureStore::open(&features.join("val")).unwrap();
     let mut x = Vec::new();
     store.read_range(0, 10, &mut x).unwrap();
-    let lat = mono::sae::encode(loaded.as_ref(), &Tensor::from_vec(x, (10, d), &Device::Cpu).unwrap()).unwrap();
+    let lat =
+        mono::sae::encode(loaded.as_ref(), &Tensor::from_vec(x, (10, d), &Device::Cpu).unwrap())
+            .unwrap();
     assert_eq!(lat.dtype(), DType::F32);
     let before = std::fs::read_to_string(full.run_dir().join("results.json")).unwrap();
     mono::train::sae::eval_run(&full.run_dir(), None).unwrap();
@@ -144,7 +181,11 @@ fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_s
         let v: serde_json::Value = serde_json::from_str(s).unwrap();
         v["results"].clone()
     };
-    assert_eq!(strip(&before), strip(&after), "mono eval reproduces the end-of-training evaluation");
+    assert_eq!(
+        strip(&before),
+        strip(&after),
+        "mono eval reproduces the end-of-training evaluation"
+    );
 }
 
 #[test]
@@ -152,18 +193,34 @@ fn full_dataset_monoloss_gradient_matches_finite_differences() {
     let tmp = tempfile::tempdir().unwrap();
     let features = fashion_mnist_features(tmp.path(), 400);
     let store = FeatureStore::open(&features.join("train")).unwrap();
-    let c = config(tmp.path(), &features, "fd", "[sae]\nkind = \"relu\"\nn_latents = 24\nk = 4\n[mono]\nlambda = 1.0\n");
+    let c = config(
+        tmp.path(),
+        &features,
+        "fd",
+        "[sae]\nkind = \"relu\"\nn_latents = 24\nk = 4\n[mono]\nlambda = 1.0\n",
+    );
     let spec = mono::sae::SaeSpec::from_config(&c.sae, store.dim());
     let sae = mono::sae::build(&spec, 3, &Device::Cpu).unwrap();
-    let full = mono::train::full_mono::full_mono_gradient(sae.as_ref(), &store, None, 64, &Device::Cpu).unwrap();
+    let full =
+        mono::train::full_mono::full_mono_gradient(sae.as_ref(), &store, None, 64, &Device::Cpu)
+            .unwrap();
     assert!(full.live > 10);
     // Loss as a function of b_enc, recomputed exactly with the one-pass engine.
     let loss = |sae: &dyn mono::sae::Sae| -> f64 {
         let mut acc = mono::monoscore::MonoScoreAccumulator::new(store.dim(), 24);
         let mut x = Vec::new();
         store.read_range(0, store.len(), &mut x).unwrap();
-        let lat = mono::sae::encode(sae, &Tensor::from_vec(x.clone(), (store.len(), store.dim()), &Device::Cpu).unwrap()).unwrap();
-        acc.add(&x, &lat.flatten_all().unwrap().to_vec1::<f32>().unwrap(), mono::monoscore::ScorePath::Dense).unwrap();
+        let lat = mono::sae::encode(
+            sae,
+            &Tensor::from_vec(x.clone(), (store.len(), store.dim()), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        acc.add(
+            &x,
+            &lat.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            mono::monoscore::ScorePath::Dense,
+        )
+        .unwrap();
         1.0 - acc.finish().summary().mean.unwrap()
     };
     assert!((loss(sae.as_ref()) - full.loss).abs() < 1e-6);
@@ -194,7 +251,10 @@ fn full_dataset_monoloss_gradient_matches_finite_differences() {
     }
     // A ReLU entry crossing zero within ±h puts a kink in a few finite differences.
     errors.sort_by(f64::total_cmp);
-    assert!(errors[errors.len() / 2] < 0.005 && errors[errors.len() * 3 / 4] < 0.02, "relative errors {errors:?}");
+    assert!(
+        errors[errors.len() / 2] < 0.005 && errors[errors.len() * 3 / 4] < 0.02,
+        "relative errors {errors:?}"
+    );
     assert!(checked > 5, "the gradient must be non-trivial");
 }
 
@@ -233,12 +293,16 @@ fn bad_input_fails_clearly_and_leaves_runs_intact() {
     wide.sae.n_latents = 128;
     let wide_path = tmp.path().join("wide.toml");
     write_config(&wide_path, &wide);
-    expect_failure(&["train", wide_path.to_str().unwrap(), "--resume"], "does not match the config");
+    expect_failure(
+        &["train", wide_path.to_str().unwrap(), "--resume"],
+        "does not match the config",
+    );
     // Features of another width than the checkpoint.
     let other = tmp.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
     for split in ["train", "val"] {
-        let mut w = StoreWriter::create(&other.join(split), StoreInfo::new(10, split), 100).unwrap();
+        let mut w =
+            StoreWriter::create(&other.join(split), StoreInfo::new(10, split), 100).unwrap();
         let rows: Vec<f32> = (0..200 * 10).map(|i| ((i * 7 % 13) as f32) + 1.0).collect();
         let paths: Vec<String> = (0..200).map(|i| format!("r{i}")).collect();
         w.push(&rows, BatchLabels::None, &paths).unwrap();
@@ -298,7 +362,9 @@ fn bad_input_fails_clearly_and_leaves_runs_intact() {
     // An empty store cannot be opened.
     let empty = tmp.path().join("empty/train");
     std::fs::create_dir_all(&empty).unwrap();
-    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(features.join("val/manifest.json")).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(features.join("val/manifest.json")).unwrap())
+            .unwrap();
     manifest["count"] = 0.into();
     manifest["shards"] = serde_json::json!([]);
     std::fs::write(empty.join("manifest.json"), manifest.to_string()).unwrap();

@@ -39,7 +39,9 @@ pub struct ExtractTiming {
 }
 
 /// (kind, output, config.json, image size) of a named architecture.
-pub(crate) fn architecture(name: &str) -> Result<(EncoderKind, EncoderOutput, serde_json::Value, usize)> {
+pub(crate) fn architecture(
+    name: &str,
+) -> Result<(EncoderKind, EncoderOutput, serde_json::Value, usize)> {
     let vit_like = |hidden: usize, layers: usize, heads: usize, inter: usize, patch: usize| {
         json!({"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": inter,
                "patch_size": patch, "image_size": 224, "num_channels": 3})
@@ -74,7 +76,11 @@ pub(crate) fn architecture(name: &str) -> Result<(EncoderKind, EncoderOutput, se
 }
 
 /// Random weights with the architecture's real tensor names, written to `dir/model.safetensors`.
-pub(crate) fn write_random_weights(kind: EncoderKind, config: &serde_json::Value, dir: &Path) -> Result<()> {
+pub(crate) fn write_random_weights(
+    kind: EncoderKind,
+    config: &serde_json::Value,
+    dir: &Path,
+) -> Result<()> {
     use candle_transformers::models::{clip, resnet, siglip, vit};
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -94,10 +100,18 @@ pub(crate) fn write_random_weights(kind: EncoderKind, config: &serde_json::Value
                 patch_size: u("patch_size"),
             };
             clip::vision_model::ClipVisionTransformer::new(vb.pp("vision_model"), &cfg)?;
-            candle_nn::linear_no_bias(cfg.embed_dim, cfg.projection_dim, vb.pp("visual_projection"))?;
+            candle_nn::linear_no_bias(
+                cfg.embed_dim,
+                cfg.projection_dim,
+                vb.pp("visual_projection"),
+            )?;
             // candle draws this one without registering it.
             let class = Var::from_tensor(&Tensor::randn(0f32, 1.0, cfg.embed_dim, &Device::Cpu)?)?;
-            varmap.data().lock().unwrap().insert("vision_model.embeddings.class_embedding".into(), class);
+            varmap
+                .data()
+                .lock()
+                .unwrap()
+                .insert("vision_model.embeddings.class_embedding".into(), class);
         }
         EncoderKind::Siglip2 => {
             let cfg: siglip::VisionConfig = serde_json::from_value(v.clone())?;
@@ -117,7 +131,13 @@ pub(crate) fn write_random_weights(kind: EncoderKind, config: &serde_json::Value
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let t = var.as_tensor();
-        let t = if name.ends_with("running_var") { t.ones_like()? } else if name.ends_with("running_mean") { t.zeros_like()? } else { (t * 0.02)? };
+        let t = if name.ends_with("running_var") {
+            t.ones_like()?
+        } else if name.ends_with("running_mean") {
+            t.zeros_like()?
+        } else {
+            (t * 0.02)?
+        };
         tensors.insert(name.clone(), t);
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
@@ -125,7 +145,12 @@ pub(crate) fn write_random_weights(kind: EncoderKind, config: &serde_json::Value
 }
 
 pub fn run(args: &ExtractBenchArgs) -> Result<Vec<ExtractTiming>> {
-    println!("Encoder forward pass, batch {}, {} timed batches, {} threads, f32, random weights", args.batch, args.batches, rayon::current_num_threads());
+    println!(
+        "Encoder forward pass, batch {}, {} timed batches, {} threads, f32, random weights",
+        args.batch,
+        args.batches,
+        rayon::current_num_threads()
+    );
     println!("{:<14} {:>6} {:>12} {:>10}", "encoder", "dim", "s/batch", "images/s");
     let mut timings = Vec::new();
     for name in &args.encoders {
@@ -147,12 +172,23 @@ pub fn run(args: &ExtractBenchArgs) -> Result<Vec<ExtractTiming>> {
             encoder.forward(&pixels)?;
         }
         let per_batch = start.elapsed().as_secs_f64() / args.batches as f64;
-        let t = ExtractTiming { encoder: name.clone(), dim: encoder.dim(), seconds_per_batch: per_batch, images_per_second: args.batch as f64 / per_batch };
-        println!("{:<14} {:>6} {:>12.3} {:>10.1}", t.encoder, t.dim, t.seconds_per_batch, t.images_per_second);
+        let t = ExtractTiming {
+            encoder: name.clone(),
+            dim: encoder.dim(),
+            seconds_per_batch: per_batch,
+            images_per_second: args.batch as f64 / per_batch,
+        };
+        println!(
+            "{:<14} {:>6} {:>12.3} {:>10.1}",
+            t.encoder, t.dim, t.seconds_per_batch, t.images_per_second
+        );
         timings.push(t);
     }
     if let Some(path) = &args.json {
-        crate::io::write_json_atomic(path, &json!({"benchmark": "extract", "batch": args.batch, "threads": rayon::current_num_threads(), "timings": timings}))?;
+        crate::io::write_json_atomic(
+            path,
+            &json!({"benchmark": "extract", "batch": args.batch, "threads": rayon::current_num_threads(), "timings": timings}),
+        )?;
     }
     Ok(timings)
 }

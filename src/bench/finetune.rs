@@ -54,8 +54,18 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
         let dir = tempfile::tempdir()?;
         write_random_weights(kind, &config, dir.path())?;
         let weights = Weights::load(&[dir.path().join("model.safetensors")], &Device::Cpu)?;
-        let head = HeadSpec { topk_layer: true, reuse_head: false, expansion: 1, k: None, classes: 1000 };
-        let model = FinetuneModel::new(kind, &config, &weights, &Trainable::All, &head, 0, DType::F32, &Device::Cpu)?;
+        let head =
+            HeadSpec { topk_layer: true, reuse_head: false, expansion: 1, k: None, classes: 1000 };
+        let model = FinetuneModel::new(
+            kind,
+            &config,
+            &weights,
+            &Trainable::All,
+            &head,
+            0,
+            DType::F32,
+            &Device::Cpu,
+        )?;
         let f = FinetuneConfig::default();
         let mut stepper = Stepper::new(&model, &f, args.lambda, 1e-8)?;
         let x = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?;
@@ -66,12 +76,19 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
             stepper.step(&model, &x, &labels, None, 1e-3, false)?;
         }
         let per = start.elapsed().as_secs_f64() / args.steps as f64;
-        let t = FinetuneTiming { model: name.clone(), seconds_per_step: per, images_per_second: args.batch as f64 / per };
+        let t = FinetuneTiming {
+            model: name.clone(),
+            seconds_per_step: per,
+            images_per_second: args.batch as f64 / per,
+        };
         println!("{:<10} {:>10.3} {:>10.2}", t.model, t.seconds_per_step, t.images_per_second);
         timings.push(t);
     }
     if let Some(path) = &args.json {
-        crate::io::write_json_atomic(path, &json!({"benchmark": "finetune", "batch": args.batch, "lambda": args.lambda, "timings": timings}))?;
+        crate::io::write_json_atomic(
+            path,
+            &json!({"benchmark": "finetune", "batch": args.batch, "lambda": args.lambda, "timings": timings}),
+        )?;
     }
     Ok(timings)
 }

@@ -58,7 +58,8 @@ pub struct Timing {
 /// exponential values, regenerated from (seed, b) so every path sees the same data.
 fn synthetic_batch(args: &MonoScoreBenchArgs, b: usize, rows: usize) -> (Vec<f32>, SparseBatch) {
     let mut rng = StdRng::seed_from_u64(args.seed ^ (b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let embeddings: Vec<f32> = (0..rows * args.d).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let embeddings: Vec<f32> =
+        (0..rows * args.d).map(|_| StandardNormal.sample(&mut rng)).collect();
     let mut indices = Vec::with_capacity(rows * args.k);
     let mut values = Vec::with_capacity(rows * args.k);
     for _ in 0..rows {
@@ -83,11 +84,18 @@ fn densify(sparse: &SparseBatch, m: usize) -> Vec<f32> {
 }
 
 /// Runs the one-pass engine over the first `rows` rows; returns (time in the engine, peak heap).
-fn time_one_pass(args: &MonoScoreBenchArgs, rows: usize, path: ScorePath) -> Result<(Duration, usize)> {
+fn time_one_pass(
+    args: &MonoScoreBenchArgs,
+    rows: usize,
+    path: ScorePath,
+) -> Result<(Duration, usize)> {
     alloc::reset_peak();
     let mut acc = MonoScoreAccumulator::new(args.d, args.m);
     let mut spent = Duration::ZERO;
-    let bar = crate::progress::bar(rows as u64, if path == ScorePath::Sparse { "sparse" } else { "dense" });
+    let bar = crate::progress::bar(
+        rows as u64,
+        if path == ScorePath::Sparse { "sparse" } else { "dense" },
+    );
     for (b, start) in (0..rows).step_by(args.batch).enumerate() {
         let len = args.batch.min(rows - start);
         let (embeddings, sparse) = synthetic_batch(args, b, len);
@@ -152,7 +160,10 @@ pub fn run(args: &MonoScoreBenchArgs) -> Result<Vec<Timing>> {
     let mut acc = MonoScoreAccumulator::new(args.d, args.m);
     acc.add_sparse(&embeddings, sparse.as_rows())?;
     let diff = acc.finish().max_relative_difference(&reference, 1e-3)?;
-    ensure!(diff <= 1e-6, "one-pass and pairwise disagree on the benchmark data (max relative difference {diff:.2e})");
+    ensure!(
+        diff <= 1e-6,
+        "one-pass and pairwise disagree on the benchmark data (max relative difference {diff:.2e})"
+    );
     let scale = (n as f64 / ref_rows as f64).powi(2);
     timings.push(Timing {
         method: "pairwise reference O(N²)".into(),
@@ -187,7 +198,10 @@ fn print_table(args: &MonoScoreBenchArgs, timings: &[Timing], diff: f64) {
         args.batch,
         rayon::current_num_threads()
     );
-    println!("{:<28} {:>8} {:>12} {:>14} {:>12}  note", "method", "rows", "timed", "at N", "peak heap");
+    println!(
+        "{:<28} {:>8} {:>12} {:>14} {:>12}  note",
+        "method", "rows", "timed", "at N", "peak heap"
+    );
     for t in timings {
         println!(
             "{:<28} {:>8} {:>12} {:>14} {:>12}  {}",
@@ -196,13 +210,19 @@ fn print_table(args: &MonoScoreBenchArgs, timings: &[Timing], diff: f64) {
             human_seconds(t.seconds_timed),
             human_seconds(t.seconds_at_n),
             t.peak_heap_bytes.map(human_bytes).unwrap_or_else(|| "n/a".into()),
-            t.extrapolated.as_deref().map(|e| format!("extrapolated: {e}")).unwrap_or_else(|| "measured".into())
+            t.extrapolated
+                .as_deref()
+                .map(|e| format!("extrapolated: {e}"))
+                .unwrap_or_else(|| "measured".into())
         );
     }
     let sparse = timings[0].seconds_at_n;
     println!("dense / sparse      = {:.1}×", timings[1].seconds_at_n / sparse);
     println!("pairwise / one-pass = {:.0}× (sparse path)", timings[2].seconds_at_n / sparse);
-    println!("one-pass vs pairwise on {} rows: max relative difference {diff:.2e}", timings[2].rows_timed);
+    println!(
+        "one-pass vs pairwise on {} rows: max relative difference {diff:.2e}",
+        timings[2].rows_timed
+    );
 }
 
 pub fn human_seconds(s: f64) -> String {

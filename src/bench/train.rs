@@ -50,7 +50,9 @@ fn parse_kind(name: &str) -> Result<SaeKind> {
         "batch_topk" => SaeKind::BatchTopk,
         "jumprelu" => SaeKind::Jumprelu,
         "relu" => SaeKind::Relu,
-        other => anyhow::bail!("unknown SAE kind `{other}`; expected topk, batch_topk, jumprelu or relu"),
+        other => {
+            anyhow::bail!("unknown SAE kind `{other}`; expected topk, batch_topk, jumprelu or relu")
+        }
     })
 }
 
@@ -83,7 +85,8 @@ fn time_pair(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<(f64, 
     let mut base = trainer(args, kind, 0.0)?;
     let mut mono = trainer(args, kind, lambda)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let batches: Vec<Tensor> = (0..args.steps + 1).map(|_| batch(args.batch, args.d, &mut rng)).collect();
+    let batches: Vec<Tensor> =
+        (0..args.steps + 1).map(|_| batch(args.batch, args.d, &mut rng)).collect();
     base.step(&batches[0], &batches[0], lr, None, false)?;
     mono.step(&batches[0], &batches[0], lr, None, false)?;
     let (mut tb, mut tm) = (Vec::new(), Vec::new());
@@ -112,13 +115,30 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
     println!("{:<12} {:>10} {:>12} {:>12} {:>10}", "sae", "λ", "s/step", "samples/s", "overhead");
     let mut timings = Vec::new();
     for kind in kinds {
-        let lambda = paper_lambda(DatasetKind::Imagenet, EncoderKind::Clip, kind).expect("paper λ for CLIP on ImageNet");
+        let lambda = paper_lambda(DatasetKind::Imagenet, EncoderKind::Clip, kind)
+            .expect("paper λ for CLIP on ImageNet");
         let (base, with_mono) = time_pair(args, kind, lambda)?;
         let name = serde_json::to_value(kind)?.as_str().unwrap_or("?").to_string();
         for (l, t) in [(0.0, base), (lambda, with_mono)] {
-            let overhead = if l > 0.0 { format!("{:+.1} %", 100.0 * (with_mono / base - 1.0)) } else { String::new() };
-            println!("{:<12} {:>10} {:>12.3} {:>12.0} {:>10}", name, l, t, args.batch as f64 / t, overhead);
-            timings.push(TrainTiming { kind: name.clone(), lambda: l, seconds_per_step: t, samples_per_second: args.batch as f64 / t });
+            let overhead = if l > 0.0 {
+                format!("{:+.1} %", 100.0 * (with_mono / base - 1.0))
+            } else {
+                String::new()
+            };
+            println!(
+                "{:<12} {:>10} {:>12.3} {:>12.0} {:>10}",
+                name,
+                l,
+                t,
+                args.batch as f64 / t,
+                overhead
+            );
+            timings.push(TrainTiming {
+                kind: name.clone(),
+                lambda: l,
+                seconds_per_step: t,
+                samples_per_second: args.batch as f64 / t,
+            });
         }
     }
     if let Some(path) = &args.json {

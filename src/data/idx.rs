@@ -8,8 +8,18 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 
 /// Class names of Fashion-MNIST, by label.
-pub const FASHION_MNIST_CLASSES: [&str; 10] =
-    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
 
 /// Grey-scale images, `count` × `rows` × `cols` bytes, row-major.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,14 +41,16 @@ impl IdxImages {
 /// Reads an `idx3-ubyte` image file (`.gz` or plain).
 pub fn read_idx_images(path: &Path) -> Result<IdxImages> {
     let bytes = read_maybe_gzip(path)?;
-    let (dims, data) = parse_idx(&bytes, 3).with_context(|| format!("{}: not an idx3-ubyte image file", path.display()))?;
+    let (dims, data) = parse_idx(&bytes, 3)
+        .with_context(|| format!("{}: not an idx3-ubyte image file", path.display()))?;
     Ok(IdxImages { count: dims[0], rows: dims[1], cols: dims[2], pixels: data.to_vec() })
 }
 
 /// Reads an `idx1-ubyte` label file (`.gz` or plain).
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
     let bytes = read_maybe_gzip(path)?;
-    let (_, data) = parse_idx(&bytes, 1).with_context(|| format!("{}: not an idx1-ubyte label file", path.display()))?;
+    let (_, data) = parse_idx(&bytes, 1)
+        .with_context(|| format!("{}: not an idx1-ubyte label file", path.display()))?;
     Ok(data.to_vec())
 }
 
@@ -74,19 +86,40 @@ fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
 /// exactly as long as the dimensions say.
 fn parse_idx(bytes: &[u8], ndim: usize) -> Result<(Vec<usize>, &[u8])> {
     ensure!(bytes.len() >= 4, "file is {} bytes, too short for the idx magic number", bytes.len());
-    ensure!(bytes[0] == 0 && bytes[1] == 0, "bad magic number {:02x?} (expected 00 00 08 0{ndim})", &bytes[..4]);
+    ensure!(
+        bytes[0] == 0 && bytes[1] == 0,
+        "bad magic number {:02x?} (expected 00 00 08 0{ndim})",
+        &bytes[..4]
+    );
     if bytes[2] != 0x08 {
         bail!("element type 0x{:02x} is not supported; expected 0x08 (unsigned byte)", bytes[2]);
     }
-    ensure!(bytes[3] as usize == ndim, "holds a {}-dimensional array; expected {ndim} dimensions", bytes[3]);
+    ensure!(
+        bytes[3] as usize == ndim,
+        "holds a {}-dimensional array; expected {ndim} dimensions",
+        bytes[3]
+    );
     let header = 4 + 4 * ndim;
     ensure!(bytes.len() >= header, "truncated header ({} bytes, {header} needed)", bytes.len());
-    let dims: Vec<usize> =
-        bytes[4..header].chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize).collect();
-    let size = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).context("dimensions overflow")?;
+    let dims: Vec<usize> = bytes[4..header]
+        .chunks_exact(4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    let size = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .context("dimensions overflow")?;
     let data = &bytes[header..];
-    ensure!(data.len() >= size, "truncated: dimensions {dims:?} need {size} bytes but {} follow the header", data.len());
-    ensure!(data.len() == size, "{} unexpected bytes after the {size} that dimensions {dims:?} need", data.len() - size);
+    ensure!(
+        data.len() >= size,
+        "truncated: dimensions {dims:?} need {size} bytes but {} follow the header",
+        data.len()
+    );
+    ensure!(
+        data.len() == size,
+        "{} unexpected bytes after the {size} that dimensions {dims:?} need",
+        data.len() - size
+    );
     Ok((dims, data))
 }
 

@@ -26,11 +26,22 @@ pub enum SplitPlan {
 
 impl SplitPlan {
     /// `--split` alone, or the fractions (the other one defaulting to 0); not both.
-    pub fn from_args(split: Option<String>, val: Option<f64>, test: Option<f64>, seed: u64) -> Result<Self> {
+    pub fn from_args(
+        split: Option<String>,
+        val: Option<f64>,
+        test: Option<f64>,
+        seed: u64,
+    ) -> Result<Self> {
         match (split, val.is_some() || test.is_some()) {
-            (Some(_), true) => bail!("give either --split or --val-fraction/--test-fraction, not both"),
+            (Some(_), true) => {
+                bail!("give either --split or --val-fraction/--test-fraction, not both")
+            }
             (split, false) => Ok(SplitPlan::Single(split.unwrap_or_else(|| "train".into()))),
-            (None, true) => Ok(SplitPlan::Fractions { val: val.unwrap_or(0.0), test: test.unwrap_or(0.0), seed }),
+            (None, true) => Ok(SplitPlan::Fractions {
+                val: val.unwrap_or(0.0),
+                test: test.unwrap_or(0.0),
+                seed,
+            }),
         }
     }
 }
@@ -94,13 +105,23 @@ pub fn import_features(opts: &ImportOptions) -> Result<ImportSummary> {
     ensure!(opts.batch_rows > 0, "batch rows must be > 0");
     let matrix = MatrixFile::open(&opts.features)?;
     let n = matrix.rows();
-    ensure!(n <= u32::MAX as usize, "{}: {n} rows is more than a feature store indexes (2^32 - 1)", matrix.label());
+    ensure!(
+        n <= u32::MAX as usize,
+        "{}: {n} rows is more than a feature store indexes (2^32 - 1)",
+        matrix.label()
+    );
     let labels = load_labels(opts, &matrix)?;
     let label_names = load_label_names(opts, labels.as_ref())?;
     let paths = match &opts.paths {
         Some(p) => {
             let lines = read_lines(p, "paths")?;
-            ensure!(lines.len() == n, "{} lists {} paths but {} has {n} rows", p.display(), lines.len(), matrix.label());
+            ensure!(
+                lines.len() == n,
+                "{} lists {} paths but {} has {n} rows",
+                p.display(),
+                lines.len(),
+                matrix.label()
+            );
             lines
         }
         None => (0..n).map(|i| format!("row-{i}")).collect(),
@@ -112,8 +133,10 @@ pub fn import_features(opts: &ImportOptions) -> Result<ImportSummary> {
     }
 
     let created_out = !opts.out.exists();
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let result = build_and_move(opts, &matrix, labels.as_ref(), &label_names, &paths, &names, &split_of);
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let result =
+        build_and_move(opts, &matrix, labels.as_ref(), &label_names, &paths, &names, &split_of);
     if result.is_err() && created_out {
         // Leave nothing behind: the directory was ours and holds nothing else.
         let _ = std::fs::remove_dir(&opts.out);
@@ -180,7 +203,11 @@ fn assign_splits(plan: &SplitPlan, n: usize) -> Result<(Vec<String>, Vec<u8>)> {
             for (flag, f) in [("--val-fraction", val), ("--test-fraction", test)] {
                 ensure!(f.is_finite() && (0.0..1.0).contains(&f), "{flag} = {f} must be in [0, 1)");
             }
-            ensure!(val + test < 1.0, "--val-fraction + --test-fraction = {} must be < 1", val + test);
+            ensure!(
+                val + test < 1.0,
+                "--val-fraction + --test-fraction = {} must be < 1",
+                val + test
+            );
             let n_test = (n as f64 * test).round() as usize;
             let n_val = ((n as f64 * val).round() as usize).min(n - n_test);
             let mut order: Vec<usize> = (0..n).collect();
@@ -188,7 +215,13 @@ fn assign_splits(plan: &SplitPlan, n: usize) -> Result<(Vec<String>, Vec<u8>)> {
             // 0 = train, 1 = val, 2 = test.
             let mut split_of = vec![0u8; n];
             for (i, &row) in order.iter().enumerate() {
-                split_of[row] = if i < n_test { 2 } else if i < n_test + n_val { 1 } else { 0 };
+                split_of[row] = if i < n_test {
+                    2
+                } else if i < n_test + n_val {
+                    1
+                } else {
+                    0
+                };
             }
             let counts = [n - n_test - n_val, n_val, n_test];
             let all = ["train", "val", "test"];
@@ -215,10 +248,10 @@ fn build_and_move(
     names: &[String],
     split_of: &[u8],
 ) -> Result<ImportSummary> {
-    let staging = tempfile::Builder::new()
-        .prefix(".mono-import-")
-        .tempdir_in(&opts.out)
-        .with_context(|| format!("cannot create a temporary directory in {}", opts.out.display()))?;
+    let staging =
+        tempfile::Builder::new().prefix(".mono-import-").tempdir_in(&opts.out).with_context(
+            || format!("cannot create a temporary directory in {}", opts.out.display()),
+        )?;
     let kind = match labels {
         None => LabelKind::None,
         Some(LabelFile::Class(_)) => LabelKind::Class,
@@ -259,7 +292,8 @@ fn build_and_move(
                     writer.push(&features, BatchLabels::Class(&ids), &row_paths)
                 }
                 Some(LabelFile::Multi { offsets, values }) => {
-                    let lists: Vec<Vec<u32>> = rows.iter().map(|&r| values[offsets[r]..offsets[r + 1]].to_vec()).collect();
+                    let lists: Vec<Vec<u32>> =
+                        rows.iter().map(|&r| values[offsets[r]..offsets[r + 1]].to_vec()).collect();
                     writer.push(&features, BatchLabels::Multi(&lists), &row_paths)
                 }
             };
@@ -295,9 +329,13 @@ fn move_into_place(staging: &Path, out: &Path, names: &[String]) -> Result<()> {
     for name in names {
         let target = out.join(name);
         let step = if target.exists() {
-            Err(anyhow::anyhow!("{}: appeared during the import; not overwriting it", target.display()))
+            Err(anyhow::anyhow!(
+                "{}: appeared during the import; not overwriting it",
+                target.display()
+            ))
         } else {
-            std::fs::rename(staging.join(name), &target).with_context(|| format!("cannot move the new store to {}", target.display()))
+            std::fs::rename(staging.join(name), &target)
+                .with_context(|| format!("cannot move the new store to {}", target.display()))
         };
         if let Err(e) = step {
             for dir in &moved {
@@ -323,7 +361,8 @@ mod tests {
         assert_eq!((count(0), count(1), count(2)), (70, 20, 10));
         assert_eq!(assign_splits(&plan, 100).unwrap().1, split_of, "seeded");
 
-        let (names, split_of) = assign_splits(&SplitPlan::Fractions { val: 0.0, test: 0.25, seed: 1 }, 8).unwrap();
+        let (names, split_of) =
+            assign_splits(&SplitPlan::Fractions { val: 0.0, test: 0.25, seed: 1 }, 8).unwrap();
         assert_eq!(names, vec!["train", "test"]);
         assert_eq!(split_of.iter().filter(|&&x| x == 1).count(), 2);
     }
@@ -334,6 +373,9 @@ mod tests {
         assert!(assign_splits(&SplitPlan::Fractions { val: -0.1, test: 0.0, seed: 0 }, 10).is_err());
         assert!(assign_splits(&SplitPlan::Single("../x".into()), 10).is_err());
         assert!(SplitPlan::from_args(Some("val".into()), Some(0.1), None, 0).is_err());
-        assert_eq!(SplitPlan::from_args(None, None, None, 0).unwrap(), SplitPlan::Single("train".into()));
+        assert_eq!(
+            SplitPlan::from_args(None, None, None, 0).unwrap(),
+            SplitPlan::Single("train".into())
+        );
     }
 }

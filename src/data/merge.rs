@@ -21,7 +21,12 @@ pub struct MergedSplit {
 /// The parts must describe the same encoder, data set and labels.
 fn check_compatible(first: &FeatureStore, other: &FeatureStore) -> Result<()> {
     let (a, b) = (&first.manifest().info, &other.manifest().info);
-    let same = a.dim == b.dim && a.dtype == b.dtype && a.encoder == b.encoder && a.dataset == b.dataset && a.labels == b.labels && a.label_names == b.label_names;
+    let same = a.dim == b.dim
+        && a.dtype == b.dtype
+        && a.encoder == b.encoder
+        && a.dataset == b.dataset
+        && a.labels == b.labels
+        && a.label_names == b.label_names;
     ensure!(
         same,
         "{} and {} are not parts of one extraction (dim, dtype, encoder, data set or labels differ)",
@@ -45,7 +50,8 @@ fn copy_rows(store: &FeatureStore, writer: &mut StoreWriter) -> Result<()> {
                 writer.push(&features, BatchLabels::Class(&ids), &paths)?;
             }
             LabelKind::Multi => {
-                let lists: Vec<Vec<u32>> = (start..end).map(|r| store.row_labels(r).to_vec()).collect();
+                let lists: Vec<Vec<u32>> =
+                    (start..end).map(|r| store.row_labels(r).to_vec()).collect();
                 writer.push(&features, BatchLabels::Multi(&lists), &paths)?;
             }
         }
@@ -58,7 +64,11 @@ fn copy_rows(store: &FeatureStore, writer: &mut StoreWriter) -> Result<()> {
 }
 
 /// Merges every split of `parts` into `out/<split>`; an existing `out/<split>` is an error.
-pub fn merge_feature_sets(parts: &[PathBuf], out: &Path, shard_size: usize) -> Result<Vec<MergedSplit>> {
+pub fn merge_feature_sets(
+    parts: &[PathBuf],
+    out: &Path,
+    shard_size: usize,
+) -> Result<Vec<MergedSplit>> {
     ensure!(!parts.is_empty(), "give the part directories to merge");
     let splits = list_splits(&parts[0])?;
     ensure!(!splits.is_empty(), "{}: no finished split to merge", parts[0].display());
@@ -69,21 +79,31 @@ pub fn merge_feature_sets(parts: &[PathBuf], out: &Path, shard_size: usize) -> R
     }
     let mut merged = Vec::new();
     for split in &splits {
-        let stores: Vec<FeatureStore> = parts.iter().map(|p| open_split(p, split)).collect::<Result<_>>()?;
+        let stores: Vec<FeatureStore> =
+            parts.iter().map(|p| open_split(p, split)).collect::<Result<_>>()?;
         for other in &stores[1..] {
             check_compatible(&stores[0], other)?;
         }
         // Built beside the destination and renamed into place: no half-merged split is left behind.
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        let staging = tempfile::Builder::new().prefix(&format!(".{split}.merge")).tempdir_in(out)?;
-        let mut writer = StoreWriter::create(staging.path(), stores[0].manifest().info.clone(), shard_size)?;
+        let staging =
+            tempfile::Builder::new().prefix(&format!(".{split}.merge")).tempdir_in(out)?;
+        let mut writer =
+            StoreWriter::create(staging.path(), stores[0].manifest().info.clone(), shard_size)?;
         for store in &stores {
-            copy_rows(store, &mut writer).with_context(|| format!("copying {}", store.dir().display()))?;
+            copy_rows(store, &mut writer)
+                .with_context(|| format!("copying {}", store.dir().display()))?;
         }
         let manifest = writer.finish()?;
         let dest = out.join(split);
-        std::fs::rename(staging.keep(), &dest).with_context(|| format!("cannot move the merged store to {}", dest.display()))?;
-        merged.push(MergedSplit { split: split.clone(), dir: dest, rows: manifest.count, skipped: manifest.skipped.len() });
+        std::fs::rename(staging.keep(), &dest)
+            .with_context(|| format!("cannot move the merged store to {}", dest.display()))?;
+        merged.push(MergedSplit {
+            split: split.clone(),
+            dir: dest,
+            rows: manifest.count,
+            skipped: manifest.skipped.len(),
+        });
     }
     Ok(merged)
 }

@@ -24,8 +24,10 @@ pub fn features_dir(config: &Config) -> PathBuf {
 pub fn open_feature_sets(config: &Config) -> Result<FeatureSets> {
     let dir = features_dir(config);
     let (train_split, eval_split) = (&config.data.train_split, &config.data.eval_split);
-    let train = open_split(&dir, train_split).with_context(|| format!("features.dir: data.train_split = {train_split:?}"))?;
-    let eval = open_split(&dir, eval_split).with_context(|| format!("features.dir: data.eval_split = {eval_split:?}"))?;
+    let train = open_split(&dir, train_split)
+        .with_context(|| format!("features.dir: data.train_split = {train_split:?}"))?;
+    let eval = open_split(&dir, eval_split)
+        .with_context(|| format!("features.dir: data.eval_split = {eval_split:?}"))?;
     let (train_similarity, eval_similarity) = match &config.mono.similarity_store {
         Some(judge) => (
             Some(open_split(judge, train_split).context("mono.similarity_store")?),

@@ -54,7 +54,8 @@ pub struct Clip {
 impl Clip {
     pub fn load(config: &serde_json::Value, vb: VarBuilder, output: EncoderOutput) -> Result<Self> {
         // Full CLIPModel / CLIPVisionModelWithProjection files prefix the tower with `vision_model.`.
-        let (tower, root) = if vb.contains_tensor("vision_model.embeddings.patch_embedding.weight") {
+        let (tower, root) = if vb.contains_tensor("vision_model.embeddings.patch_embedding.weight")
+        {
             (vb.pp("vision_model"), vb.clone())
         } else if vb.contains_tensor("embeddings.patch_embedding.weight") {
             (vb.clone(), vb.clone())
@@ -62,16 +63,28 @@ impl Clip {
             bail!("weights hold no CLIP vision tower (no `vision_model.embeddings.patch_embedding.weight` nor `embeddings.patch_embedding.weight`)");
         };
         let vision_json = config.get("vision_config").unwrap_or(config);
-        let v: VisionJson = serde_json::from_value(vision_json.clone()).context("config.json: bad CLIP vision config")?;
+        let v: VisionJson = serde_json::from_value(vision_json.clone())
+            .context("config.json: bad CLIP vision config")?;
         ensure!(
             v.hidden_act == "quick_gelu",
             "config.json: hidden_act = {:?}; candle's CLIP tower implements quick_gelu only",
             v.hidden_act
         );
-        ensure!((v.layer_norm_eps - 1e-5).abs() < 1e-12, "config.json: layer_norm_eps = {}; candle's CLIP tower uses 1e-5", v.layer_norm_eps);
+        ensure!(
+            (v.layer_norm_eps - 1e-5).abs() < 1e-12,
+            "config.json: layer_norm_eps = {}; candle's CLIP tower uses 1e-5",
+            v.layer_norm_eps
+        );
         // candle silently draws a random class embedding when the tensor is missing: refuse instead.
-        ensure!(tower.contains_tensor("embeddings.class_embedding"), "weights lack embeddings.class_embedding");
-        let projection_dim = config.get("projection_dim").and_then(|p| p.as_u64()).map(|p| p as usize).unwrap_or(v.projection_dim);
+        ensure!(
+            tower.contains_tensor("embeddings.class_embedding"),
+            "weights lack embeddings.class_embedding"
+        );
+        let projection_dim = config
+            .get("projection_dim")
+            .and_then(|p| p.as_u64())
+            .map(|p| p as usize)
+            .unwrap_or(v.projection_dim);
         let cfg = ClipVisionConfig {
             embed_dim: v.hidden_size,
             activation: Activation::QuickGelu,
@@ -91,9 +104,18 @@ impl Clip {
                     root.contains_tensor("visual_projection.weight"),
                     "weights have no visual_projection (a CLIPVisionModel checkpoint): use encoder.output = \"pooler\""
                 );
-                (Some(candle_nn::linear_no_bias(v.hidden_size, projection_dim, root.pp("visual_projection"))?), projection_dim)
+                (
+                    Some(candle_nn::linear_no_bias(
+                        v.hidden_size,
+                        projection_dim,
+                        root.pp("visual_projection"),
+                    )?),
+                    projection_dim,
+                )
             }
-            other => bail!("encoder.output = {other:?} is not a CLIP output (pooler, image_embeds)"),
+            other => {
+                bail!("encoder.output = {other:?} is not a CLIP output (pooler, image_embeds)")
+            }
         };
         Ok(Self { vision, projection, dim, image_size: v.image_size })
     }

@@ -26,8 +26,10 @@ impl ModelFiles {
     pub fn config_json(&self) -> Result<serde_json::Value> {
         match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not valid JSON", path.display()))
             }
             None => Ok(serde_json::json!({})),
         }
@@ -36,7 +38,9 @@ impl ModelFiles {
 
 /// Whether HF_HUB_OFFLINE asks for no network access.
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    })
 }
 
 fn how_to_provide(model: &str) -> String {
@@ -80,14 +84,23 @@ fn from_directory(dir: &Path) -> Result<ModelFiles> {
             _ => bail!("{}: several .safetensors files and no model.safetensors.index.json to say which", dir.display()),
         }
     };
-    Ok(ModelFiles { config: existing("config.json"), weights, preprocessor: existing("preprocessor_config.json"), source: dir.display().to_string() })
+    Ok(ModelFiles {
+        config: existing("config.json"),
+        weights,
+        preprocessor: existing("preprocessor_config.json"),
+        source: dir.display().to_string(),
+    })
 }
 
 /// Shard file names listed in a `model.safetensors.index.json`.
 fn shards_of_index(index: &Path, locate: impl Fn(&str) -> Result<PathBuf>) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).with_context(|| format!("cannot read {}", index.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
-    let map = json["weight_map"].as_object().with_context(|| format!("{}: no weight_map", index.display()))?;
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+    let map = json["weight_map"]
+        .as_object()
+        .with_context(|| format!("{}: no weight_map", index.display()))?;
     let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
     names.sort();
     names.dedup();
@@ -102,7 +115,12 @@ fn from_hub(model: &str, revision: &str) -> Result<ModelFiles> {
     let api = if offline {
         None
     } else {
-        Some(hf_hub::api::sync::ApiBuilder::from_env().with_progress(!crate::progress::is_quiet()).build().context("cannot set up the Hugging Face hub client")?)
+        Some(
+            hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(!crate::progress::is_quiet())
+                .build()
+                .context("cannot set up the Hugging Face hub client")?,
+        )
     };
     let fetch = |file: &str, required: bool| -> Result<Option<PathBuf>> {
         if let Some(path) = cached.get(file) {

@@ -31,19 +31,30 @@ pub fn dtype(t: FloatType) -> DType {
 }
 
 /// Builds an encoder of `kind` from resolved model files.
-pub fn load_from_files(kind: EncoderKind, output: EncoderOutput, files: &hub::ModelFiles, dtype: DType, device: &Device) -> Result<Box<dyn ImageEncoder>> {
+pub fn load_from_files(
+    kind: EncoderKind,
+    output: EncoderOutput,
+    files: &hub::ModelFiles,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn ImageEncoder>> {
     if device.is_cpu() && dtype == DType::BF16 {
         anyhow::bail!("encoder.dtype = \"bf16\" is not supported on the CPU (candle has no bf16 matmul there); use f32 or f16");
     }
     let config = files.config_json()?;
     // SAFETY: the weight files are memory-mapped read-only.
-    let vb: VarBuilder<'static> = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
-        .with_context(|| format!("cannot read the weights of {}", files.source))?;
+    let vb: VarBuilder<'static> =
+        unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
+            .with_context(|| format!("cannot read the weights of {}", files.source))?;
     let encoder: Box<dyn ImageEncoder> = match kind {
         EncoderKind::Clip => Box::new(clip::Clip::load(&config, vb, output)?),
         EncoderKind::Siglip2 => Box::new(siglip::Siglip::load(&config, vb, output)?),
         EncoderKind::Vit => Box::new(vit::Vit::load(&config, vb, output)?),
-        EncoderKind::Resnet50 if resnet::stage_depths(&vb) == [3, 4, 6, 3] && vb.contains_tensor("conv1.weight") => Box::new(resnet::Resnet50::load(vb, output)?),
+        EncoderKind::Resnet50
+            if resnet::stage_depths(&vb) == [3, 4, 6, 3] && vb.contains_tensor("conv1.weight") =>
+        {
+            Box::new(resnet::Resnet50::load(vb, output)?)
+        }
         EncoderKind::Resnet50 => {
             resnet::Resnet50::check(&vb, output)?;
             Box::new(resnet::GenericResnet::load(&files.weights, device)?)
@@ -53,7 +64,10 @@ pub fn load_from_files(kind: EncoderKind, output: EncoderOutput, files: &hub::Mo
 }
 
 /// Resolves and loads the encoder a config names.
-pub fn load(cfg: &EncoderConfig, device: &Device) -> Result<(Box<dyn ImageEncoder>, hub::ModelFiles)> {
+pub fn load(
+    cfg: &EncoderConfig,
+    device: &Device,
+) -> Result<(Box<dyn ImageEncoder>, hub::ModelFiles)> {
     let files = hub::resolve(&cfg.model, &cfg.revision)?;
     let encoder = load_from_files(cfg.kind, cfg.output(), &files, dtype(cfg.dtype), device)
         .with_context(|| format!("encoder.model = {:?} ({:?})", cfg.model, cfg.kind))?;

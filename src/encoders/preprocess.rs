@@ -118,11 +118,19 @@ impl Preprocessor {
         };
         let n = 3 * h as usize * w as usize;
         let mut out = vec![0f32; images.len() * n];
-        out.par_chunks_mut(n).zip(images.par_iter()).enumerate().try_for_each(|(i, (chunk, image))| {
-            let hw = self.output_size_for(image.width(), image.height()).with_context(|| format!("image {i}"))?;
-            ensure!(hw == (h, w), "image {i} gives {hw:?} pixel values, image 0 gives {:?}", (h, w));
-            self.process_into(image, chunk).with_context(|| format!("image {i}"))
-        })?;
+        out.par_chunks_mut(n).zip(images.par_iter()).enumerate().try_for_each(
+            |(i, (chunk, image))| {
+                let hw = self
+                    .output_size_for(image.width(), image.height())
+                    .with_context(|| format!("image {i}"))?;
+                ensure!(
+                    hw == (h, w),
+                    "image {i} gives {hw:?} pixel values, image 0 gives {:?}",
+                    (h, w)
+                );
+                self.process_into(image, chunk).with_context(|| format!("image {i}"))
+            },
+        )?;
         Ok(out)
     }
 
@@ -155,7 +163,12 @@ impl Preprocessor {
         if x0 >= x1 || y0 >= y1 {
             return Ok(());
         }
-        let win = Window { x: x0 as u32, y: y0 as u32, width: (x1 - x0) as u32, height: (y1 - y0) as u32 };
+        let win = Window {
+            x: x0 as u32,
+            y: y0 as u32,
+            width: (x1 - x0) as u32,
+            height: (y1 - y0) as u32,
+        };
         let pixels = resample::resize_window(&rgb, rw, rh, self.resample, win)?;
 
         // Packed RGB rows → CHW through the per-channel lookup table.

@@ -25,7 +25,9 @@ impl Resnet50 {
             bail!("encoder.output = {output:?} is not a ResNet-50 output (pooled)");
         }
         if !vb.contains_tensor("conv1.weight") || !vb.contains_tensor("layer1.0.bn3.running_var") {
-            if vb.contains_tensor("embedder.embedder.convolution.weight") || vb.contains_tensor("resnet.embedder.embedder.convolution.weight") {
+            if vb.contains_tensor("embedder.embedder.convolution.weight")
+                || vb.contains_tensor("resnet.embedder.embedder.convolution.weight")
+            {
                 bail!("this is a transformers ResNetModel checkpoint (microsoft/resnet-50 names); mono reads torchvision names, e.g. timm/resnet50.tv_in1k");
             }
             bail!("weights are not a torchvision-layout ResNet (need conv1.weight, layer1.0.bn3.running_var, …)");
@@ -55,7 +57,13 @@ impl GenericResnet {
     pub fn load(weights: &[std::path::PathBuf], device: &candle_core::Device) -> Result<Self> {
         let weights = crate::finetune::params::Weights::load(weights, device)?;
         let mut params = crate::finetune::params::ParamSet::default();
-        Ok(Self { net: crate::finetune::resnet::ResNet::load(&weights, &mut params, &crate::finetune::Trainable::LastBlocks(0))? })
+        Ok(Self {
+            net: crate::finetune::resnet::ResNet::load(
+                &weights,
+                &mut params,
+                &crate::finetune::Trainable::LastBlocks(0),
+            )?,
+        })
     }
 }
 

@@ -56,7 +56,8 @@ impl Vit {
         if output != EncoderOutput::Cls {
             bail!("encoder.output = {output:?} is not a ViT output (cls)");
         }
-        let j: VitJson = serde_json::from_value(config.clone()).context("config.json: bad ViT config")?;
+        let j: VitJson =
+            serde_json::from_value(config.clone()).context("config.json: bad ViT config")?;
         let cfg = vit::Config {
             hidden_size: j.hidden_size,
             num_hidden_layers: j.num_hidden_layers,
@@ -79,8 +80,15 @@ impl Vit {
         };
         let embeddings = vit::Embeddings::new(&cfg, false, root.pp("embeddings"))?;
         let encoder = vit::Encoder::new(&cfg, root.pp("encoder"))?;
-        let layernorm = candle_nn::layer_norm(cfg.hidden_size, cfg.layer_norm_eps, root.pp("layernorm"))?;
-        Ok(Self { embeddings, encoder, layernorm, dim: cfg.hidden_size, image_size: cfg.image_size })
+        let layernorm =
+            candle_nn::layer_norm(cfg.hidden_size, cfg.layer_norm_eps, root.pp("layernorm"))?;
+        Ok(Self {
+            embeddings,
+            encoder,
+            layernorm,
+            dim: cfg.hidden_size,
+            image_size: cfg.image_size,
+        })
     }
 }
 

@@ -102,7 +102,13 @@ struct PurityStats {
 
 impl PurityStats {
     fn new(m: usize, classes: usize) -> Self {
-        Self { classes, count: vec![0; m * classes], weight: vec![0.0; m * classes], total_count: vec![0; m], total_weight: vec![0.0; m] }
+        Self {
+            classes,
+            count: vec![0; m * classes],
+            weight: vec![0.0; m * classes],
+            total_count: vec![0; m],
+            total_weight: vec![0.0; m],
+        }
     }
 
     fn add(&mut self, latents: &SparseBatch, labels_of: impl Fn(usize) -> Vec<u32>) {
@@ -130,7 +136,11 @@ impl PurityStats {
                 let row = k * self.classes..(k + 1) * self.classes;
                 let best_count = self.count[row.clone()].iter().copied().max().unwrap_or(0);
                 let best_weight = self.weight[row].iter().copied().fold(0.0, f64::max);
-                let weighted = if self.total_weight[k] > 0.0 { best_weight / self.total_weight[k] } else { 0.0 };
+                let weighted = if self.total_weight[k] > 0.0 {
+                    best_weight / self.total_weight[k]
+                } else {
+                    0.0
+                };
                 (Some(best_count as f64 / self.total_count[k] as f64), Some(weighted))
             })
             .unzip()
@@ -139,16 +149,36 @@ impl PurityStats {
 
 fn mean(values: &[Option<f64>]) -> (f64, usize) {
     let live: Vec<f64> = values.iter().flatten().copied().collect();
-    (if live.is_empty() { f64::NAN } else { live.iter().sum::<f64>() / live.len() as f64 }, live.len())
+    (
+        if live.is_empty() { f64::NAN } else { live.iter().sum::<f64>() / live.len() as f64 },
+        live.len(),
+    )
 }
 
 /// Evaluates `sae` on every row of `store`. `similarity` (same rows) judges MonoScore; without it
 /// the SAE input does, as in training.
-pub fn evaluate(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&FeatureStore>, batch_rows: usize, device: &Device) -> Result<(EvalResults, LatentStats)> {
+pub fn evaluate(
+    sae: &dyn Sae,
+    store: &FeatureStore,
+    similarity: Option<&FeatureStore>,
+    batch_rows: usize,
+    device: &Device,
+) -> Result<(EvalResults, LatentStats)> {
     let (n, d, m) = (store.len(), store.dim(), sae.spec().n_latents);
-    ensure!(d == sae.spec().d_in, "{}: features have {d} columns but the SAE expects d_in = {}", store.dir().display(), sae.spec().d_in);
+    ensure!(
+        d == sae.spec().d_in,
+        "{}: features have {d} columns but the SAE expects d_in = {}",
+        store.dir().display(),
+        sae.spec().d_in
+    );
     if let Some(s) = similarity {
-        ensure!(s.len() == n, "similarity store {} has {} rows, {} has {n}", s.dir().display(), s.len(), store.dir().display());
+        ensure!(
+            s.len() == n,
+            "similarity store {} has {} rows, {} has {n}",
+            s.dir().display(),
+            s.len(),
+            store.dir().display()
+        );
     }
     let sim_dim = similarity.map_or(d, |s| s.dim());
     let mut recon_stats = ReconstructionStats::new(d);
@@ -165,7 +195,12 @@ pub fn evaluate(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&Feature
         store.read_range(start, end, &mut x)?;
         let input = Tensor::from_slice(&x, (end - start, d), device)?;
         let pass = forward(sae, &input, false)?;
-        let latents = pass.latents().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let latents = pass
+            .latents()
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let recon = pass.recon.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
         recon_stats.add(&x, &recon, d);
         let sparse = SparseBatch::from_dense(&latents, m);
@@ -180,7 +215,9 @@ pub fn evaluate(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&Feature
             }
             None => &x,
         };
-        scores.add_sparse(judge, sparse.as_rows()).with_context(|| format!("rows {start}..{end} of {}", store.dir().display()))?;
+        scores
+            .add_sparse(judge, sparse.as_rows())
+            .with_context(|| format!("rows {start}..{end} of {}", store.dir().display()))?;
         if let Some(p) = purity.as_mut() {
             p.add(&sparse, |r| store.row_labels(start + r).to_vec());
         }
@@ -192,7 +229,8 @@ pub fn evaluate(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&Feature
     let (r2, r2_total, mse) = recon_stats.finish();
     let monoscores = scores.finish();
     let dead_latents = fire_count.par_iter().filter(|c| **c == 0).count();
-    let (purity_binary, purity_weighted) = purity.as_ref().map(|p| p.per_latent()).unwrap_or_else(|| (vec![None; m], vec![None; m]));
+    let (purity_binary, purity_weighted) =
+        purity.as_ref().map(|p| p.per_latent()).unwrap_or_else(|| (vec![None; m], vec![None; m]));
     let purity_summary = purity.as_ref().map(|_| {
         let (binary, latents) = mean(&purity_binary);
         let (weighted, _) = mean(&purity_weighted);
@@ -218,7 +256,11 @@ impl LatentStats {
     pub fn tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
         let cpu = Device::Cpu;
         let opt = |v: &[Option<f64>]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v.iter().map(|x| x.unwrap_or(f64::NAN) as f32).collect::<Vec<f32>>(), v.len(), &cpu)?)
+            Ok(Tensor::from_vec(
+                v.iter().map(|x| x.unwrap_or(f64::NAN) as f32).collect::<Vec<f32>>(),
+                v.len(),
+                &cpu,
+            )?)
         };
         let fire: Vec<f32> = self.fire_count.iter().map(|&c| c as f32).collect();
         Ok([

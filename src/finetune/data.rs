@@ -27,7 +27,9 @@ pub struct Batch {
 /// The items of epoch `epoch`, shuffled by (seed, epoch).
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    order.shuffle(&mut StdRng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
     order
 }
 
@@ -88,21 +90,33 @@ pub fn class_labels(dataset: &dyn ImageDataset) -> Result<Vec<u32>> {
         .map(|i| match dataset.labels(i).as_slice() {
             [c] if (*c as usize) < n_classes => Ok(*c),
             [c] => bail!("{}: class {c} is outside the {n_classes} classes", dataset.path(i)),
-            other => bail!("{}: finetuning needs exactly one class per image, found {other:?}", dataset.path(i)),
+            other => bail!(
+                "{}: finetuning needs exactly one class per image, found {other:?}",
+                dataset.path(i)
+            ),
         })
         .collect()
 }
 
 /// Prepares the items `items` (training augmentation when `augment` is given, seeded by
 /// (seed, epoch, item)). Unreadable images are errors here: a classifier cannot skip labels.
-pub fn prepare(dataset: &dyn ImageDataset, labels: &[u32], items: &[usize], eval: &Preprocessor, augment: Option<(&Augment, u64, usize)>) -> Result<Batch> {
+pub fn prepare(
+    dataset: &dyn ImageDataset,
+    labels: &[u32],
+    items: &[usize],
+    eval: &Preprocessor,
+    augment: Option<(&Augment, u64, usize)>,
+) -> Result<Batch> {
     let pixels: Vec<Vec<f32>> = items
         .par_iter()
         .map(|&i| {
             let image = dataset.load(i)?;
             match augment {
                 Some((aug, seed, epoch)) => {
-                    let mut rng = StdRng::seed_from_u64(seed ^ ((epoch as u64) << 40) ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+                    let mut rng = StdRng::seed_from_u64(
+                        seed ^ ((epoch as u64) << 40)
+                            ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+                    );
                     aug.apply(image, &mut rng)
                 }
                 None => eval.process(&DynamicImage::ImageRgb8(image)),
@@ -110,7 +124,11 @@ pub fn prepare(dataset: &dyn ImageDataset, labels: &[u32], items: &[usize], eval
             .with_context(|| dataset.path(i))
         })
         .collect::<Result<_>>()?;
-    Ok(Batch { pixels: pixels.concat(), labels: items.iter().map(|&i| labels[i]).collect(), items: items.to_vec() })
+    Ok(Batch {
+        pixels: pixels.concat(),
+        labels: items.iter().map(|&i| labels[i]).collect(),
+        items: items.to_vec(),
+    })
 }
 
 /// Rows of a similarity feature store, by image path.
@@ -123,7 +141,8 @@ pub struct SimilarityLookup<'a> {
 impl<'a> SimilarityLookup<'a> {
     /// Maps every item of `dataset` to its row in `store`; every image must be there.
     pub fn new(store: &'a FeatureStore, dataset: &dyn ImageDataset) -> Result<Self> {
-        let by_path: HashMap<&str, u32> = (0..store.len()).map(|r| (store.path(r), r as u32)).collect();
+        let by_path: HashMap<&str, u32> =
+            (0..store.len()).map(|r| (store.path(r), r as u32)).collect();
         let mut rows = Vec::with_capacity(dataset.len());
         let mut missing = Vec::new();
         for i in 0..dataset.len() {

@@ -84,14 +84,23 @@ impl BatchNorm {
             let var = rows.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
             let mut rm = self.running_mean.lock().unwrap();
             let mut rv = self.running_var.lock().unwrap();
-            *rm = ((&*rm * (1.0 - self.momentum))? + (mean.detach().flatten_all()? * self.momentum)?)?;
-            *rv = ((&*rv * (1.0 - self.momentum))? + (var.detach().flatten_all()? * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
+            *rm = ((&*rm * (1.0 - self.momentum))?
+                + (mean.detach().flatten_all()? * self.momentum)?)?;
+            *rv = ((&*rv * (1.0 - self.momentum))?
+                + (var.detach().flatten_all()? * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
             (mean, var)
         } else {
-            (self.running_mean.lock().unwrap().reshape((c, 1))?, self.running_var.lock().unwrap().reshape((c, 1))?)
+            (
+                self.running_mean.lock().unwrap().reshape((c, 1))?,
+                self.running_var.lock().unwrap().reshape((c, 1))?,
+            )
         };
-        let scale = (var + self.eps)?.sqrt()?.recip()?.broadcast_mul(&self.weight.reshape((c, 1))?)?;
-        let normed = rows.broadcast_sub(&mean)?.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape((c, 1))?)?;
+        let scale =
+            (var + self.eps)?.sqrt()?.recip()?.broadcast_mul(&self.weight.reshape((c, 1))?)?;
+        let normed = rows
+            .broadcast_sub(&mean)?
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias.reshape((c, 1))?)?;
         Ok(normed.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?)
     }
 }
@@ -105,9 +114,16 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
     let padded = x.pad_with_zeros(2, 1, 2 * ho + 1 - h)?.pad_with_zeros(3, 1, 2 * wo + 1 - w)?;
     let mut out: Option<Tensor> = None;
     for di in 0..3 {
-        let rows = padded.narrow(2, di, 2 * ho)?.reshape((b, c, ho, 2, 2 * wo + 2))?.i((.., .., .., 0, ..))?;
+        let rows = padded.narrow(2, di, 2 * ho)?.reshape((b, c, ho, 2, 2 * wo + 2))?.i((
+            ..,
+            ..,
+            ..,
+            0,
+            ..,
+        ))?;
         for dj in 0..3 {
-            let view = rows.narrow(3, dj, 2 * wo)?.reshape((b, c, ho, wo, 2))?.i((.., .., .., .., 0))?;
+            let view =
+                rows.narrow(3, dj, 2 * wo)?.reshape((b, c, ho, wo, 2))?.i((.., .., .., .., 0))?;
             out = Some(match out {
                 Some(m) => m.maximum(&view)?,
                 None => view,

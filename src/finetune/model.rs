@@ -66,13 +66,30 @@ pub struct HeadSpec {
 }
 
 /// PyTorch's nn.Linear initialisation: U(±1/√in) for weight and bias.
-fn new_linear(params: &mut ParamSet, name: &str, out: usize, inp: usize, rng: &mut StdRng, device: &Device) -> Result<Linear> {
+fn new_linear(
+    params: &mut ParamSet,
+    name: &str,
+    out: usize,
+    inp: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Linear> {
     let bound = 1.0 / (inp as f64).sqrt();
     let w: Vec<f32> = (0..out * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
     let b: Vec<f32> = (0..out).map(|_| rng.random_range(-bound..bound) as f32).collect();
     Ok(Linear {
-        weight: params.add(&format!("{name}.weight"), Tensor::from_vec(w, (out, inp), device)?, true, DecayGroup::Weights)?,
-        bias: Some(params.add(&format!("{name}.bias"), Tensor::from_vec(b, out, device)?, true, DecayGroup::NormAndBias)?),
+        weight: params.add(
+            &format!("{name}.weight"),
+            Tensor::from_vec(w, (out, inp), device)?,
+            true,
+            DecayGroup::Weights,
+        )?,
+        bias: Some(params.add(
+            &format!("{name}.bias"),
+            Tensor::from_vec(b, out, device)?,
+            true,
+            DecayGroup::NormAndBias,
+        )?),
         lora: None,
     })
 }
@@ -80,7 +97,16 @@ fn new_linear(params: &mut ParamSet, name: &str, out: usize, inp: usize, rng: &m
 impl FinetuneModel {
     /// The backbone from a checkpoint plus a fresh TopK head and classifier.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(kind: EncoderKind, config: &serde_json::Value, weights: &Weights, trainable: &Trainable, head: &HeadSpec, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        kind: EncoderKind,
+        config: &serde_json::Value,
+        weights: &Weights,
+        trainable: &Trainable,
+        head: &HeadSpec,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let HeadSpec { expansion, k, classes, .. } = *head;
         let mut params = ParamSet::new(dtype);
         let backbone = match kind {
@@ -98,15 +124,29 @@ impl FinetuneModel {
         let mut rng = StdRng::seed_from_u64(seed);
         if !head.topk_layer {
             let classifier = if head.reuse_head {
-                ensure!(weights.contains("fc.weight"), "{}: finetune.reuse_head needs an `fc` head in the checkpoint", weights.source);
+                ensure!(
+                    weights.contains("fc.weight"),
+                    "{}: finetune.reuse_head needs an `fc` head in the checkpoint",
+                    weights.source
+                );
                 let fc = weights.dims("fc.weight")?;
                 ensure!(
                     fc == [classes, d],
                     "finetune.reuse_head: the checkpoint's fc head is {fc:?} but the data set has {classes} classes over {d} features"
                 );
                 Linear {
-                    weight: params.add("fc.weight", weights.get("fc.weight", &[classes, d])?, true, DecayGroup::Weights)?,
-                    bias: Some(params.add("fc.bias", weights.get("fc.bias", &[classes])?, true, DecayGroup::NormAndBias)?),
+                    weight: params.add(
+                        "fc.weight",
+                        weights.get("fc.weight", &[classes, d])?,
+                        true,
+                        DecayGroup::Weights,
+                    )?,
+                    bias: Some(params.add(
+                        "fc.bias",
+                        weights.get("fc.bias", &[classes])?,
+                        true,
+                        DecayGroup::NormAndBias,
+                    )?),
                     lora: None,
                 }
             } else {
@@ -118,7 +158,8 @@ impl FinetuneModel {
         let k = k.unwrap_or(width);
         ensure!(k >= 1 && k <= width, "finetune.k = {k} must be in 1..={width} (the TopK layer is backbone width {d} × expansion {expansion})");
         let hidden = new_linear(&mut params, "head.topk_layer", width, d, &mut rng, device)?;
-        let classifier = new_linear(&mut params, "head.classifier", classes, width, &mut rng, device)?;
+        let classifier =
+            new_linear(&mut params, "head.classifier", classes, width, &mut rng, device)?;
         Ok(Self { backbone, hidden: Some(hidden), classifier, k, params })
     }
 
@@ -138,7 +179,11 @@ impl FinetuneModel {
         };
         let pre = hidden.forward(&features)?;
         let width = pre.dim(1)?;
-        let topk = if self.k >= width { pre.relu()? } else { ops::topk_latents(&pre, &ops::Selection::PerRow(self.k), None)?.0 };
+        let topk = if self.k >= width {
+            pre.relu()?
+        } else {
+            ops::topk_latents(&pre, &ops::Selection::PerRow(self.k), None)?.0
+        };
         let logits = self.classifier.forward(&topk)?;
         Ok(Outputs { features, topk, logits })
     }

@@ -51,7 +51,13 @@ impl ParamSet {
     }
 
     /// Adds a parameter with the given value (converted to the set's dtype).
-    pub fn add(&mut self, name: &str, value: Tensor, trainable: bool, group: DecayGroup) -> Result<Tensor> {
+    pub fn add(
+        &mut self,
+        name: &str,
+        value: Tensor,
+        trainable: bool,
+        group: DecayGroup,
+    ) -> Result<Tensor> {
         let value = value.to_dtype(self.dtype)?;
         let var = if trainable { Some(Var::from_tensor(&value)?) } else { None };
         let param = Param { name: name.to_string(), tensor: value, var, group };
@@ -85,14 +91,28 @@ impl Weights {
     pub fn load(paths: &[std::path::PathBuf], device: &Device) -> Result<Self> {
         let mut tensors = HashMap::new();
         for p in paths {
-            tensors.extend(candle_core::safetensors::load(p, device).with_context(|| format!("cannot read {}", p.display()))?);
+            tensors.extend(
+                candle_core::safetensors::load(p, device)
+                    .with_context(|| format!("cannot read {}", p.display()))?,
+            );
         }
-        Ok(Self { tensors, source: paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ") })
+        Ok(Self {
+            tensors,
+            source: paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        })
     }
 
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.tensors.get(name).with_context(|| format!("{}: missing tensor `{name}`", self.source))?;
-        anyhow::ensure!(t.dims() == shape, "{}: `{name}` has shape {:?}, expected {shape:?}", self.source, t.dims());
+        let t = self
+            .tensors
+            .get(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", self.source))?;
+        anyhow::ensure!(
+            t.dims() == shape,
+            "{}: `{name}` has shape {:?}, expected {shape:?}",
+            self.source,
+            t.dims()
+        );
         Ok(t.to_dtype(DType::F32)?)
     }
 
@@ -101,6 +121,11 @@ impl Weights {
     }
 
     pub fn dims(&self, name: &str) -> Result<Vec<usize>> {
-        Ok(self.tensors.get(name).with_context(|| format!("{}: missing tensor `{name}`", self.source))?.dims().to_vec())
+        Ok(self
+            .tensors
+            .get(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", self.source))?
+            .dims()
+            .to_vec())
     }
 }

@@ -40,19 +40,43 @@ pub struct ResNet {
     pub dim: usize,
 }
 
-fn take_conv(weights: &Weights, params: &mut ParamSet, name: &str, stride: usize, padding: usize, train: bool) -> Result<Conv> {
+fn take_conv(
+    weights: &Weights,
+    params: &mut ParamSet,
+    name: &str,
+    stride: usize,
+    padding: usize,
+    train: bool,
+) -> Result<Conv> {
     let key = format!("{name}.weight");
     let dims = weights.dims(&key)?;
     ensure!(dims.len() == 4, "{}: `{key}` is not a convolution kernel", weights.source);
-    Ok(Conv { weight: params.add(&key, weights.get(&key, &dims)?, train, DecayGroup::Weights)?, stride, padding })
+    Ok(Conv {
+        weight: params.add(&key, weights.get(&key, &dims)?, train, DecayGroup::Weights)?,
+        stride,
+        padding,
+    })
 }
 
-fn take_bn(weights: &Weights, params: &mut ParamSet, name: &str, channels: usize, train: bool) -> Result<BatchNorm> {
+fn take_bn(
+    weights: &Weights,
+    params: &mut ParamSet,
+    name: &str,
+    channels: usize,
+    train: bool,
+) -> Result<BatchNorm> {
     let dtype = params.dtype;
-    let get = |k: &str| -> Result<Tensor> { Ok(weights.get(&format!("{name}.{k}"), &[channels])?.to_dtype(dtype)?) };
+    let get = |k: &str| -> Result<Tensor> {
+        Ok(weights.get(&format!("{name}.{k}"), &[channels])?.to_dtype(dtype)?)
+    };
     Ok(BatchNorm {
         name: name.to_string(),
-        weight: params.add(&format!("{name}.weight"), get("weight")?, train, DecayGroup::NormAndBias)?,
+        weight: params.add(
+            &format!("{name}.weight"),
+            get("weight")?,
+            train,
+            DecayGroup::NormAndBias,
+        )?,
         bias: params.add(&format!("{name}.bias"), get("bias")?, train, DecayGroup::NormAndBias)?,
         running_mean: Mutex::new(get("running_mean")?),
         running_var: Mutex::new(get("running_var")?),
@@ -79,7 +103,11 @@ impl ResNet {
                 i += 1;
             }
         }
-        let first = if trainable.is_lora() { layout.len() } else { trainable.first_trainable_block(layout.len()) };
+        let first = if trainable.is_lora() {
+            layout.len()
+        } else {
+            trainable.first_trainable_block(layout.len())
+        };
         let stem_train = first == 0;
         let conv1 = take_conv(weights, params, "conv1", 2, 3, stem_train)?;
         let stem_channels = weights.dims("conv1.weight")?[0];
@@ -91,7 +119,8 @@ impl ResNet {
             let base = format!("layer{stage}.{i}");
             // torchvision v1.5: the stride sits on the 3×3 convolution of each stage's first block.
             let stride = if i == 0 && stage > 1 { 2 } else { 1 };
-            let c = |k: &str| -> Result<usize> { Ok(weights.dims(&format!("{base}.{k}.weight"))?[0]) };
+            let c =
+                |k: &str| -> Result<usize> { Ok(weights.dims(&format!("{base}.{k}.weight"))?[0]) };
             let conv1 = take_conv(weights, params, &format!("{base}.conv1"), 1, 0, train)?;
             let bn1 = take_bn(weights, params, &format!("{base}.bn1"), c("conv1")?, train)?;
             let conv2 = take_conv(weights, params, &format!("{base}.conv2"), stride, 1, train)?;

@@ -35,7 +35,13 @@ enum Opt {
 }
 
 impl Opt {
-    fn step(&mut self, vars: &[&candle_core::Var], grads: &[Vec<f32>], decay: &[f64], lr: f64) -> Result<()> {
+    fn step(
+        &mut self,
+        vars: &[&candle_core::Var],
+        grads: &[Vec<f32>],
+        decay: &[f64],
+        lr: f64,
+    ) -> Result<()> {
         match self {
             Opt::Sgd(o) => o.step(vars, grads, decay, lr),
             Opt::AdamW(o) => o.step(vars, grads, decay, lr),
@@ -88,20 +94,52 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    pub fn new(model: &FinetuneModel, f: &crate::config::FinetuneConfig, lambda: f64, eps: f64) -> Result<Self> {
+    pub fn new(
+        model: &FinetuneModel,
+        f: &crate::config::FinetuneConfig,
+        lambda: f64,
+        eps: f64,
+    ) -> Result<Self> {
         let half = model.params.dtype != DType::F32;
         let masters: Vec<candle_core::Var> = model
             .params
             .trainable()
-            .map(|p| if half { candle_core::Var::from_tensor(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?) } else { Ok(p.var.clone().unwrap()) })
+            .map(|p| {
+                if half {
+                    candle_core::Var::from_tensor(
+                        &p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+                    )
+                } else {
+                    Ok(p.var.clone().unwrap())
+                }
+            })
             .collect::<candle_core::Result<_>>()?;
         let sizes: Vec<usize> = masters.iter().map(|v| v.elem_count()).collect();
-        let decay = model.params.trainable().map(|p| if p.group == DecayGroup::Weights { f.weight_decay } else { f.norm_weight_decay }).collect();
+        let decay =
+            model
+                .params
+                .trainable()
+                .map(|p| {
+                    if p.group == DecayGroup::Weights {
+                        f.weight_decay
+                    } else {
+                        f.norm_weight_decay
+                    }
+                })
+                .collect();
         let opt = match f.optimizer {
             Optimizer::Sgd => Opt::Sgd(Sgd::new(&sizes, f.momentum, f.nesterov)),
             Optimizer::Adamw => Opt::AdamW(AdamW::new(&sizes, [0.9, 0.999], 1e-8)),
         };
-        Ok(Self { opt, masters, decay, lambda, eps, smoothing: f.label_smoothing, clip: f.grad_clip })
+        Ok(Self {
+            opt,
+            masters,
+            decay,
+            lambda,
+            eps,
+            smoothing: f.label_smoothing,
+            clip: f.grad_clip,
+        })
     }
 
     /// Copies the model's current values into the f32 master weights (after a restore).
@@ -115,7 +153,15 @@ impl Stepper {
     }
 
     /// `similarity`: the batch's judge embeddings; None = the backbone's own detached features.
-    pub fn step(&mut self, model: &FinetuneModel, x: &Tensor, labels: &[u32], similarity: Option<&Tensor>, lr: f64, measure: bool) -> Result<StepOutcome> {
+    pub fn step(
+        &mut self,
+        model: &FinetuneModel,
+        x: &Tensor,
+        labels: &[u32],
+        similarity: Option<&Tensor>,
+        lr: f64,
+        measure: bool,
+    ) -> Result<StepOutcome> {
         let out = model.forward(x, true)?;
         let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, self.smoothing)?;
         let similarity = match similarity {
@@ -125,7 +171,11 @@ impl Stepper {
         // Without λ the MonoScore is only measured for the log, without a graph.
         let trained = self.lambda > 0.0;
         let (mono_loss, mono) = if trained || measure {
-            let topk = if trained { out.topk.to_dtype(DType::F32)? } else { out.topk.detach().to_dtype(DType::F32)? };
+            let topk = if trained {
+                out.topk.to_dtype(DType::F32)?
+            } else {
+                out.topk.detach().to_dtype(DType::F32)?
+            };
             ops::batch_mono_loss(&topk, &similarity, self.eps, None)?
         } else {
             (Tensor::new(0f32, x.device())?, ops::MonoLossStats::default())
@@ -134,7 +184,11 @@ impl Stepper {
         let loss_value = loss.to_scalar::<f32>()? as f64;
         ensure!(loss_value.is_finite(), "finetuning diverged: loss {loss_value}");
         let grads = loss.backward()?;
-        let mut host: Vec<Vec<f32>> = model.params.trainable().map(|p| optim::host_grad(&grads, p.var.as_ref().unwrap())).collect::<Result<_>>()?;
+        let mut host: Vec<Vec<f32>> = model
+            .params
+            .trainable()
+            .map(|p| optim::host_grad(&grads, p.var.as_ref().unwrap()))
+            .collect::<Result<_>>()?;
         drop(grads);
         let grad_norm = match self.clip {
             Some(max) => optim::clip_global_norm(&mut host, max),
@@ -144,11 +198,24 @@ impl Stepper {
         self.opt.step(&vars, &host, &self.decay, lr)?;
         if model.params.dtype != DType::F32 {
             for (m, p) in self.masters.iter().zip(model.params.trainable()) {
-                p.var.as_ref().unwrap().set(&m.as_tensor().to_device(x.device())?.to_dtype(model.params.dtype)?)?;
+                p.var
+                    .as_ref()
+                    .unwrap()
+                    .set(&m.as_tensor().to_device(x.device())?.to_dtype(model.params.dtype)?)?;
             }
         }
-        let top1 = if measure { topk_hits(&out.logits, labels)?.0 as f64 / labels.len() as f64 } else { f64::NAN };
-        Ok(StepOutcome { loss: loss_value, ce: ce.to_scalar::<f32>()? as f64, mono, grad_norm, top1 })
+        let top1 = if measure {
+            topk_hits(&out.logits, labels)?.0 as f64 / labels.len() as f64
+        } else {
+            f64::NAN
+        };
+        Ok(StepOutcome {
+            loss: loss_value,
+            ce: ce.to_scalar::<f32>()? as f64,
+            mono,
+            grad_norm,
+            top1,
+        })
     }
 }
 
@@ -198,7 +265,8 @@ fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
     let (train_labels, eval_labels) = (class_labels(train.as_ref())?, class_labels(eval.as_ref())?);
     let files = crate::encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
     let eval_pre = crate::extract::preprocessor_for(config.encoder.kind, &files)?;
-    let size = eval_pre.output_size().context("the encoder's preprocessing must give one image size")?;
+    let size =
+        eval_pre.output_size().context("the encoder's preprocessing must give one image size")?;
     let weights = Weights::load(&files.weights, device)?;
     let model_config = files.config_json()?;
     let similarity = match &config.finetune.similarity_store {
@@ -208,7 +276,17 @@ fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
         )),
         None => None,
     };
-    Ok(Inputs { train, eval, train_labels, eval_labels, similarity, eval_pre, size, weights, model_config })
+    Ok(Inputs {
+        train,
+        eval,
+        train_labels,
+        eval_labels,
+        similarity,
+        eval_pre,
+        size,
+        weights,
+        model_config,
+    })
 }
 
 /// The run's mutable state, saved at every epoch.
@@ -219,7 +297,11 @@ struct State {
 }
 
 /// Trainable parameter values, BatchNorm statistics, optimizer buffers and EMA, by name.
-fn state_tensors(model: &FinetuneModel, opt: &Opt, ema: &Option<HashMap<String, Tensor>>) -> Result<HashMap<String, Tensor>> {
+fn state_tensors(
+    model: &FinetuneModel,
+    opt: &Opt,
+    ema: &Option<HashMap<String, Tensor>>,
+) -> Result<HashMap<String, Tensor>> {
     let mut t = HashMap::new();
     for p in model.params.trainable() {
         t.insert(format!("param.{}", p.name), p.get().detach().to_device(&Device::Cpu)?);
@@ -241,13 +323,29 @@ fn state_tensors(model: &FinetuneModel, opt: &Opt, ema: &Option<HashMap<String, 
     Ok(t)
 }
 
-fn restore(dir: &Path, model: &FinetuneModel, opt: &mut Opt, ema: &mut Option<HashMap<String, Tensor>>, device: &Device) -> Result<State> {
+fn restore(
+    dir: &Path,
+    model: &FinetuneModel,
+    opt: &mut Opt,
+    ema: &mut Option<HashMap<String, Tensor>>,
+    device: &Device,
+) -> Result<State> {
     let path = dir.join("state.safetensors");
-    let t = candle_core::safetensors::load(&path, device).with_context(|| format!("cannot read {}", path.display()))?;
-    let get = |k: &str| t.get(k).with_context(|| format!("{}: missing `{k}` (checkpoint of another model?)", path.display()));
+    let t = candle_core::safetensors::load(&path, device)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let get = |k: &str| {
+        t.get(k).with_context(|| {
+            format!("{}: missing `{k}` (checkpoint of another model?)", path.display())
+        })
+    };
     for p in model.params.trainable() {
         let v = get(&format!("param.{}", p.name))?;
-        ensure!(v.dims() == p.get().dims(), "{}: `{}` has another shape than the model's", path.display(), p.name);
+        ensure!(
+            v.dims() == p.get().dims(),
+            "{}: `{}` has another shape than the model's",
+            path.display(),
+            p.name
+        );
         p.var.as_ref().unwrap().set(&v.to_dtype(p.get().dtype())?)?;
     }
     if let Backbone::Resnet(r) = &model.backbone {
@@ -264,7 +362,8 @@ fn restore(dir: &Path, model: &FinetuneModel, opt: &mut Opt, ema: &mut Option<Ha
             *v = get(&format!("ema.{name}"))?.clone();
         }
     }
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
     *opt.steps() = doc["optimizer_steps"].as_u64().unwrap_or(0);
     Ok(State {
         epoch: doc["epoch"].as_u64().context("state.json: no epoch")? as usize,
@@ -284,9 +383,17 @@ fn ema_update(model: &FinetuneModel, ema: &mut HashMap<String, Tensor>, decay: f
 }
 
 /// Runs `f` with the EMA weights in place of the trained ones.
-fn with_ema<R>(model: &FinetuneModel, ema: &Option<HashMap<String, Tensor>>, f: impl FnOnce() -> Result<R>) -> Result<R> {
+fn with_ema<R>(
+    model: &FinetuneModel,
+    ema: &Option<HashMap<String, Tensor>>,
+    f: impl FnOnce() -> Result<R>,
+) -> Result<R> {
     let Some(ema) = ema else { return f() };
-    let saved: Vec<Tensor> = model.params.trainable().map(|p| p.get().detach().copy()).collect::<candle_core::Result<_>>()?;
+    let saved: Vec<Tensor> = model
+        .params
+        .trainable()
+        .map(|p| p.get().detach().copy())
+        .collect::<candle_core::Result<_>>()?;
     for p in model.params.trainable() {
         p.var.as_ref().unwrap().set(&ema[&p.name])?;
     }
@@ -298,7 +405,13 @@ fn with_ema<R>(model: &FinetuneModel, ema: &Option<HashMap<String, Tensor>>, f: 
 }
 
 /// Top-1, top-5 and the TopK layer's MonoScore on the eval split.
-fn evaluate(model: &FinetuneModel, inputs: &Inputs, judge: Option<&SimilarityLookup>, batch_size: usize, device: &Device) -> Result<serde_json::Value> {
+fn evaluate(
+    model: &FinetuneModel,
+    inputs: &Inputs,
+    judge: Option<&SimilarityLookup>,
+    batch_size: usize,
+    device: &Device,
+) -> Result<serde_json::Value> {
     let n = inputs.eval.len();
     let (h, w) = inputs.size;
     let width = model.monitored_width()?;
@@ -307,8 +420,10 @@ fn evaluate(model: &FinetuneModel, inputs: &Inputs, judge: Option<&SimilarityLoo
     let mut sim = Vec::new();
     for start in (0..n).step_by(batch_size.max(1)) {
         let items: Vec<usize> = (start..(start + batch_size).min(n)).collect();
-        let batch = prepare(inputs.eval.as_ref(), &inputs.eval_labels, &items, &inputs.eval_pre, None)?;
-        let x = Tensor::from_vec(batch.pixels, (items.len(), 3, h as usize, w as usize), device)?.to_dtype(model.params.dtype)?;
+        let batch =
+            prepare(inputs.eval.as_ref(), &inputs.eval_labels, &items, &inputs.eval_pre, None)?;
+        let x = Tensor::from_vec(batch.pixels, (items.len(), 3, h as usize, w as usize), device)?
+            .to_dtype(model.params.dtype)?;
         let out = model.forward(&x, false)?;
         let (t1, t5) = topk_hits(&out.logits, &batch.labels)?;
         top1 += t1;
@@ -318,14 +433,28 @@ fn evaluate(model: &FinetuneModel, inputs: &Inputs, judge: Option<&SimilarityLoo
                 j.read(&items, &mut sim)?;
                 sim.clone()
             }
-            None => out.features.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
+            None => out
+                .features
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
         };
-        let acts = out.topk.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let acc = acc.get_or_insert_with(|| MonoScoreAccumulator::new(similarity.len() / items.len(), width));
+        let acts = out
+            .topk
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let acc = acc.get_or_insert_with(|| {
+            MonoScoreAccumulator::new(similarity.len() / items.len(), width)
+        });
         acc.add(&similarity, &acts, ScorePath::Auto)?;
     }
     let scores = acc.context("the eval split is empty")?.finish().summary();
-    Ok(json!({"top1": top1 as f64 / n as f64, "top5": top5 as f64 / n as f64, "monoscore": scores, "n_images": n}))
+    Ok(
+        json!({"top1": top1 as f64 / n as f64, "top5": top5 as f64 / n as f64, "monoscore": scores, "n_images": n}),
+    )
 }
 
 pub struct FinetuneReport {
@@ -340,15 +469,43 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     let device = crate::device::open_device(&config.run.device)?;
     let inputs = open_inputs(config, &device)?;
     let classes = inputs.train.class_names().len();
-    let train_judge = inputs.similarity.as_ref().map(|(s, _)| SimilarityLookup::new(s, inputs.train.as_ref())).transpose()?;
-    let eval_judge = inputs.similarity.as_ref().map(|(_, s)| SimilarityLookup::new(s, inputs.eval.as_ref())).transpose()?;
+    let train_judge = inputs
+        .similarity
+        .as_ref()
+        .map(|(s, _)| SimilarityLookup::new(s, inputs.train.as_ref()))
+        .transpose()?;
+    let eval_judge = inputs
+        .similarity
+        .as_ref()
+        .map(|(_, s)| SimilarityLookup::new(s, inputs.eval.as_ref()))
+        .transpose()?;
     let steps_per_epoch = inputs.train.len() / f.batch_size;
-    ensure!(steps_per_epoch > 0, "finetune.batch_size = {} exceeds the {} training images", f.batch_size, inputs.train.len());
+    ensure!(
+        steps_per_epoch > 0,
+        "finetune.batch_size = {} exceeds the {} training images",
+        f.batch_size,
+        inputs.train.len()
+    );
     // Mixed precision: bf16 compute with f32 master weights on GPUs; the CPU has no bf16 matmul.
     let mixed = f.mixed_precision && !device.is_cpu();
     let dtype = if mixed { DType::BF16 } else { DType::F32 };
-    let head = HeadSpec { topk_layer: f.topk_layer, reuse_head: f.reuse_head, expansion: f.expansion, k: f.k, classes };
-    let model = FinetuneModel::new(config.encoder.kind, &inputs.model_config, &inputs.weights, &Trainable::from_config(f), &head, config.run.seed, dtype, &device)?;
+    let head = HeadSpec {
+        topk_layer: f.topk_layer,
+        reuse_head: f.reuse_head,
+        expansion: f.expansion,
+        k: f.k,
+        classes,
+    };
+    let model = FinetuneModel::new(
+        config.encoder.kind,
+        &inputs.model_config,
+        &inputs.weights,
+        &Trainable::from_config(f),
+        &head,
+        config.run.seed,
+        dtype,
+        &device,
+    )?;
 
     let run_dir = config.run_dir();
     let existing = runs::checkpoint_dirs(&run_dir, "epoch-")?;
@@ -360,16 +517,22 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     }
 
     let mut stepper = Stepper::new(&model, f, lambda, config.mono.eps)?;
-    let mut ema: Option<HashMap<String, Tensor>> = f.ema_decay.map(|_| model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect());
+    let mut ema: Option<HashMap<String, Tensor>> = f
+        .ema_decay
+        .map(|_| model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect());
     let mut state = match existing.last() {
         Some((_, dir)) if resume => restore(dir, &model, &mut stepper.opt, &mut ema, &device)?,
         _ => State { epoch: 0, step: 0, history: Vec::new() },
     };
     stepper.sync_masters(&model)?;
 
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     if state.epoch == 0 {
-        crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
+        crate::io::write_atomic(
+            &run_dir.join("config.toml"),
+            toml::to_string_pretty(config)?.as_bytes(),
+        )?;
     }
     let metrics_path = run_dir.join(METRICS);
     runs::truncate_metrics(&metrics_path, state.step)?;
@@ -385,11 +548,21 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         let order = epoch_order(inputs.train.len(), config.run.seed, epoch);
         let (tx, rx) = sync_channel::<Result<Batch>>(2);
         let train: &dyn ImageDataset = inputs.train.as_ref();
-        let (labels, pre, aug, seed, bs) = (&inputs.train_labels, &inputs.eval_pre, &augment, config.run.seed, f.batch_size);
+        let (labels, pre, aug, seed, bs) =
+            (&inputs.train_labels, &inputs.eval_pre, &augment, config.run.seed, f.batch_size);
         std::thread::scope(|scope| -> Result<()> {
             scope.spawn(move || {
                 for chunk in order.chunks_exact(bs) {
-                    if tx.send(prepare(train, labels, chunk, pre, if f.augment { Some((aug, seed, epoch)) } else { None })).is_err() {
+                    if tx
+                        .send(prepare(
+                            train,
+                            labels,
+                            chunk,
+                            pre,
+                            if f.augment { Some((aug, seed, epoch)) } else { None },
+                        ))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -397,7 +570,8 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
             let mut sim = Vec::new();
             for batch in rx {
                 let batch = batch?;
-                let x = Tensor::from_vec(batch.pixels, (bs, 3, h as usize, w as usize), &device)?.to_dtype(dtype)?;
+                let x = Tensor::from_vec(batch.pixels, (bs, 3, h as usize, w as usize), &device)?
+                    .to_dtype(dtype)?;
                 let similarity = match &train_judge {
                     Some(j) => {
                         j.read(&batch.items, &mut sim)?;
@@ -407,7 +581,8 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
                 };
                 let log = (state.step + 1) % config.train.log_every == 0;
                 let lr = finetune_lr(config, state.step, steps_per_epoch);
-                let step = stepper.step(&model, &x, &batch.labels, similarity.as_ref(), lr, log)
+                let step = stepper
+                    .step(&model, &x, &batch.labels, similarity.as_ref(), lr, log)
                     .with_context(|| format!("finetuning step {}", state.step + 1))?;
                 if let (Some(ema), Some(d)) = (ema.as_mut(), f.ema_decay) {
                     ema_update(&model, ema, d)?;
@@ -418,18 +593,29 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
                     let line = json!({"step": state.step, "epoch": epoch, "lr": lr, "loss": step.loss, "ce": step.ce,
                         "mono_score": step.mono.mean_score, "mono_active": step.mono.n_active, "batch_top1": step.top1, "grad_norm": step.grad_norm});
                     writeln!(metrics, "{line}")?;
-                    bar.set_prefix(format!("loss {:.3} mono {:.3}", step.loss, step.mono.mean_score));
+                    bar.set_prefix(format!(
+                        "loss {:.3} mono {:.3}",
+                        step.loss, step.mono.mean_score
+                    ));
                 }
             }
             Ok(())
         })?;
-        let eval = with_ema(&model, &ema, || evaluate(&model, &inputs, eval_judge.as_ref(), f.batch_size, &device))?;
+        let eval = with_ema(&model, &ema, || {
+            evaluate(&model, &inputs, eval_judge.as_ref(), f.batch_size, &device)
+        })?;
         let line = json!({"step": state.step, "epoch": epoch, "eval": eval});
         writeln!(metrics, "{line}")?;
         metrics.flush()?;
         bar.suspend(|| {
             if !crate::progress::is_quiet() {
-                eprintln!("epoch {}: top-1 {:.4} top-5 {:.4} MonoScore {:?}", epoch + 1, eval["top1"], eval["top5"], eval["monoscore"]["mean"]);
+                eprintln!(
+                    "epoch {}: top-1 {:.4} top-5 {:.4} MonoScore {:?}",
+                    epoch + 1,
+                    eval["top1"],
+                    eval["top5"],
+                    eval["monoscore"]["mean"]
+                );
             }
         });
         state.history.push(json!({"epoch": epoch + 1, "eval": eval}));
@@ -437,11 +623,14 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         // Checkpoint: everything a resumed run needs to continue identically.
         let tensors = state_tensors(&model, &stepper.opt, &ema)?;
         let doc = json!({"epoch": state.epoch, "step": state.step, "optimizer_steps": *stepper.opt.steps(), "history": state.history});
-        write_dir_atomic(&run_dir.join(runs::CHECKPOINTS_DIR).join(format!("epoch-{:03}", state.epoch)), |tmp| {
-            candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-            std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&doc)?)?;
-            Ok(())
-        })?;
+        write_dir_atomic(
+            &run_dir.join(runs::CHECKPOINTS_DIR).join(format!("epoch-{:03}", state.epoch)),
+            |tmp| {
+                candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+                std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&doc)?)?;
+                Ok(())
+            },
+        )?;
         runs::prune_checkpoints(&run_dir, "epoch-", KEEP_CHECKPOINTS)?;
     }
     bar.finish_and_clear();
@@ -452,7 +641,10 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     if let Backbone::Resnet(r) = &model.backbone {
         values.extend(r.named_running_stats());
     }
-    let cpu: HashMap<String, Tensor> = values.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let cpu: HashMap<String, Tensor> = values
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
     let model_path = run_dir.join("model.safetensors");
     let tmp = run_dir.join(".model.safetensors.tmp");
     candle_core::safetensors::save(&cpu, &tmp)?;

@@ -45,9 +45,14 @@ pub struct ClipShape {
 impl ClipShape {
     pub fn from_config(config: &serde_json::Value) -> Result<Self> {
         let v = config.get("vision_config").unwrap_or(config);
-        let get = |k: &str, default: usize| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).unwrap_or(default);
+        let get = |k: &str, default: usize| {
+            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).unwrap_or(default)
+        };
         let act = v.get("hidden_act").and_then(|a| a.as_str()).unwrap_or("quick_gelu");
-        ensure!(act == "quick_gelu", "config.json: hidden_act = {act:?}; the trainable CLIP tower implements quick_gelu");
+        ensure!(
+            act == "quick_gelu",
+            "config.json: hidden_act = {act:?}; the trainable CLIP tower implements quick_gelu"
+        );
         Ok(Self {
             hidden: get("hidden_size", 768),
             layers: get("num_hidden_layers", 12),
@@ -67,7 +72,13 @@ pub(crate) struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    pub fn take(&mut self, name: &str, dims: &[usize], train: bool, group: DecayGroup) -> Result<Tensor> {
+    pub fn take(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        train: bool,
+        group: DecayGroup,
+    ) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
         let value = self.weights.get(&full, dims)?;
         self.params.add(&full, value, train, group)
@@ -83,8 +94,18 @@ impl Loader<'_> {
 
     pub fn linear(&mut self, name: &str, out: usize, inp: usize, train: bool) -> Result<Linear> {
         Ok(Linear {
-            weight: self.take(&format!("{name}.weight"), &[out, inp], train, DecayGroup::Weights)?,
-            bias: Some(self.take(&format!("{name}.bias"), &[out], train, DecayGroup::NormAndBias)?),
+            weight: self.take(
+                &format!("{name}.weight"),
+                &[out, inp],
+                train,
+                DecayGroup::Weights,
+            )?,
+            bias: Some(self.take(
+                &format!("{name}.bias"),
+                &[out],
+                train,
+                DecayGroup::NormAndBias,
+            )?),
             lora: None,
         })
     }
@@ -92,21 +113,43 @@ impl Loader<'_> {
 
 impl ClipTower {
     /// Loads `[vision_model.]…` CLIP weights; `trainable` decides which become Vars.
-    pub fn load(shape: &ClipShape, weights: &Weights, params: &mut ParamSet, trainable: &Trainable, seed: u64) -> Result<Self> {
-        let prefix = if weights.contains("vision_model.embeddings.patch_embedding.weight") { "vision_model." } else { "" };
+    pub fn load(
+        shape: &ClipShape,
+        weights: &Weights,
+        params: &mut ParamSet,
+        trainable: &Trainable,
+        seed: u64,
+    ) -> Result<Self> {
+        let prefix = if weights.contains("vision_model.embeddings.patch_embedding.weight") {
+            "vision_model."
+        } else {
+            ""
+        };
         ensure!(
             weights.contains(&format!("{prefix}embeddings.class_embedding")),
             "{}: no CLIP vision tower (`[vision_model.]embeddings.class_embedding` missing)",
             weights.source
         );
-        let (d, p, n_pos) = (shape.hidden, shape.patch, (shape.image_size / shape.patch).pow(2) + 1);
+        let (d, p, n_pos) =
+            (shape.hidden, shape.patch, (shape.image_size / shape.patch).pow(2) + 1);
         let first = trainable.first_trainable_block(shape.layers);
         let lora = trainable.is_lora();
         let embed_train = first == 0 && !lora;
         let mut l = Loader { weights, params, prefix };
-        let patch_embedding = l.take("embeddings.patch_embedding.weight", &[d, 3, p, p], embed_train, DecayGroup::Weights)?;
-        let class_embedding = l.take("embeddings.class_embedding", &[d], embed_train, DecayGroup::NormAndBias)?;
-        let position_embedding = l.take("embeddings.position_embedding.weight", &[n_pos, d], embed_train, DecayGroup::NormAndBias)?;
+        let patch_embedding = l.take(
+            "embeddings.patch_embedding.weight",
+            &[d, 3, p, p],
+            embed_train,
+            DecayGroup::Weights,
+        )?;
+        let class_embedding =
+            l.take("embeddings.class_embedding", &[d], embed_train, DecayGroup::NormAndBias)?;
+        let position_embedding = l.take(
+            "embeddings.position_embedding.weight",
+            &[n_pos, d],
+            embed_train,
+            DecayGroup::NormAndBias,
+        )?;
         let pre_ln = l.layer_norm("pre_layrnorm", d, embed_train)?;
         let mut blocks = Vec::with_capacity(shape.layers);
         for i in 0..shape.layers {
@@ -116,7 +159,16 @@ impl ClipTower {
                 let mut linear = l.linear(&format!("{base}.self_attn.{name}"), d, d, train)?;
                 if let Trainable::Lora { rank, alpha } = trainable {
                     let full = format!("{prefix}{base}.self_attn.{name}");
-                    linear.lora = Some(new_lora(l.params, &full, d, d, *rank, *alpha, seed ^ ((i * 4 + name.len()) as u64), linear.weight.device())?);
+                    linear.lora = Some(new_lora(
+                        l.params,
+                        &full,
+                        d,
+                        d,
+                        *rank,
+                        *alpha,
+                        seed ^ ((i * 4 + name.len()) as u64),
+                        linear.weight.device(),
+                    )?);
                 }
                 Ok(linear)
             };
@@ -131,19 +183,34 @@ impl ClipTower {
             blocks.push(Block { ln1, q, k, v, out, ln2, fc1, fc2 });
         }
         let post_ln = l.layer_norm("post_layernorm", d, !lora && first < shape.layers)?;
-        Ok(Self { patch_embedding, class_embedding, position_embedding, pre_ln, blocks, post_ln, heads: shape.heads, patch: p, dim: d, image_size: shape.image_size })
+        Ok(Self {
+            patch_embedding,
+            class_embedding,
+            position_embedding,
+            pre_ln,
+            blocks,
+            post_ln,
+            heads: shape.heads,
+            patch: p,
+            dim: d,
+            image_size: shape.image_size,
+        })
     }
 
     /// (B, 3, H, W) → (B, D) pooled output.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
-        let patches = pixels.conv2d(&self.patch_embedding, 0, self.patch, 1, 1)?.flatten_from(2)?.transpose(1, 2)?;
+        let patches = pixels
+            .conv2d(&self.patch_embedding, 0, self.patch, 1, 1)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
         let cls = self.class_embedding.reshape((1, 1, self.dim))?.broadcast_as((b, 1, self.dim))?;
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         x = self.pre_ln.forward(&x)?;
         for block in &self.blocks {
             x = (&x + self.attention(block, &block.ln1.forward(&x)?)?)?;
-            let h = block.fc2.forward(&quick_gelu(&block.fc1.forward(&block.ln2.forward(&x)?)?)?)?;
+            let h =
+                block.fc2.forward(&quick_gelu(&block.fc1.forward(&block.ln2.forward(&x)?)?)?)?;
             x = (x + h)?;
         }
         self.post_ln.forward(&x.i((.., 0, ..))?)
@@ -152,7 +219,9 @@ impl ClipTower {
     fn attention(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let dh = d / self.heads;
-        let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, n, self.heads, dh))?.transpose(1, 2)?.contiguous()?) };
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, dh))?.transpose(1, 2)?.contiguous()?)
+        };
         let q = split((block.q.forward(x)? * (dh as f64).powf(-0.5))?)?;
         let k = split(block.k.forward(x)?)?;
         let v = split(block.v.forward(x)?)?;
@@ -163,12 +232,31 @@ impl ClipTower {
 }
 
 /// A LoRA pair: A ~ U(±1/√in) (Kaiming, as in the LoRA paper), B = 0 so training starts at W.
-fn new_lora(params: &mut ParamSet, name: &str, out: usize, inp: usize, rank: usize, alpha: f64, seed: u64, device: &candle_core::Device) -> Result<Lora> {
+fn new_lora(
+    params: &mut ParamSet,
+    name: &str,
+    out: usize,
+    inp: usize,
+    rank: usize,
+    alpha: f64,
+    seed: u64,
+    device: &candle_core::Device,
+) -> Result<Lora> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let bound = 1.0 / (inp as f64).sqrt();
     let a: Vec<f32> = (0..rank * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
-    let a = params.add(&format!("{name}.lora_A"), Tensor::from_vec(a, (rank, inp), device)?, true, DecayGroup::Weights)?;
-    let b = params.add(&format!("{name}.lora_B"), Tensor::zeros((out, rank), candle_core::DType::F32, device)?, true, DecayGroup::Weights)?;
+    let a = params.add(
+        &format!("{name}.lora_A"),
+        Tensor::from_vec(a, (rank, inp), device)?,
+        true,
+        DecayGroup::Weights,
+    )?;
+    let b = params.add(
+        &format!("{name}.lora_B"),
+        Tensor::zeros((out, rank), candle_core::DType::F32, device)?,
+        true,
+        DecayGroup::Weights,
+    )?;
     Ok(Lora { a, b, scale: alpha / rank as f64 })
 }

@@ -33,14 +33,18 @@ impl LabelFile {
 
 /// An integer .npy is class labels; anything else is read as multi-label text.
 pub fn read_labels(path: &Path) -> Result<LabelFile> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read labels {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read labels {}", path.display()))?;
     if super::npy::is_npy(&bytes) {
-        let labels = parse_npy_labels(&bytes).with_context(|| format!("{}: not a readable label .npy", path.display()))?;
+        let labels = parse_npy_labels(&bytes)
+            .with_context(|| format!("{}: not a readable label .npy", path.display()))?;
         Ok(LabelFile::Class(labels))
     } else {
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| anyhow::anyhow!("{}: neither an .npy file nor UTF-8 text", path.display()))?;
-        let (offsets, values) = parse_multi_labels(text).with_context(|| path.display().to_string())?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
+            anyhow::anyhow!("{}: neither an .npy file nor UTF-8 text", path.display())
+        })?;
+        let (offsets, values) =
+            parse_multi_labels(text).with_context(|| path.display().to_string())?;
         Ok(LabelFile::Multi { offsets, values })
     }
 }
@@ -83,7 +87,9 @@ pub fn parse_npy_labels(bytes: &[u8]) -> Result<Vec<u32>> {
             }
             let v = i64::from_le_bytes(le);
             let v = if signed { v } else { u64::from_le_bytes(le).min(i64::MAX as u64) as i64 };
-            u32::try_from(v).map_err(|_| anyhow::anyhow!("label at row {i} is {v}; class ids must be in 0..2^32"))
+            u32::try_from(v).map_err(|_| {
+                anyhow::anyhow!("label at row {i} is {v}; class ids must be in 0..2^32")
+            })
         })
         .collect()
 }
@@ -98,9 +104,9 @@ pub fn parse_multi_labels(text: &str) -> Result<(Vec<usize>, Vec<u32>)> {
         if !line.is_empty() {
             for item in line.split(',') {
                 let item = item.trim();
-                let v = item
-                    .parse::<u32>()
-                    .map_err(|_| anyhow::anyhow!("line {}: `{item}` is not a non-negative integer label", i + 1))?;
+                let v = item.parse::<u32>().map_err(|_| {
+                    anyhow::anyhow!("line {}: `{item}` is not a non-negative integer label", i + 1)
+                })?;
                 values.push(v);
             }
         }
@@ -112,7 +118,8 @@ pub fn parse_multi_labels(text: &str) -> Result<(Vec<usize>, Vec<u32>)> {
 /// The lines of a text file (one item per line, e.g. paths or class names); a trailing newline
 /// adds no item, and a `\r` before it is dropped.
 pub fn read_lines(path: &Path, what: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {what} {}", path.display()))?;
     Ok(text.lines().map(|l| l.to_string()).collect())
 }
 
@@ -121,7 +128,8 @@ mod tests {
     use super::*;
 
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
+        let header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}\n");
         let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
         bytes.extend((header.len() as u16).to_le_bytes());
         bytes.extend(header.as_bytes());
@@ -144,7 +152,10 @@ mod tests {
         let e = parse_npy_labels(&npy("<i8", "(2,)", &neg)).unwrap_err().to_string();
         assert!(e.contains("row 1") && e.contains("-1"), "{e}");
         assert!(parse_npy_labels(&npy("<f4", "(1,)", &[0; 4])).is_err());
-        assert!(parse_npy_labels(&npy("<i4", "(3,)", &[0; 8])).unwrap_err().to_string().contains("truncated"));
+        assert!(parse_npy_labels(&npy("<i4", "(3,)", &[0; 8]))
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
         assert!(parse_npy_labels(&npy("<i4", "(2, 2)", &[0; 16])).is_err());
     }
 

@@ -63,18 +63,25 @@ impl MatrixFile {
         let (path, name) = split_spec(spec);
         let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the map is read-only; a file truncated underneath us is the user's doing.
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
         let is_npy = super::npy::is_npy(&mmap);
         let (data_offset, shape, dtype, label) = if is_npy {
             ensure!(name.is_none(), "{spec}: a .npy file holds one array; drop the `:name` suffix");
-            let (offset, shape, dtype) = parse_npy_header(&mmap).with_context(|| format!("{}: not a readable .npy file", path.display()))?;
+            let (offset, shape, dtype) = parse_npy_header(&mmap)
+                .with_context(|| format!("{}: not a readable .npy file", path.display()))?;
             (offset, shape, dtype, path.display().to_string())
         } else {
             let (offset, shape, dtype, tensor) = locate_safetensors(&mmap, name.as_deref())
-                .with_context(|| format!("{}: not a readable .safetensors or .npy file", path.display()))?;
+                .with_context(|| {
+                    format!("{}: not a readable .safetensors or .npy file", path.display())
+                })?;
             (offset, shape, dtype, format!("{}:{tensor}", path.display()))
         };
-        ensure!(shape.len() == 2, "{label}: expected a 2-D array (rows × columns), found shape {shape:?}");
+        ensure!(
+            shape.len() == 2,
+            "{label}: expected a 2-D array (rows × columns), found shape {shape:?}"
+        );
         let (rows, cols) = (shape[0], shape[1]);
         ensure!(rows > 0 && cols > 0, "{label}: the array is empty (shape {shape:?})");
         let bytes = rows
@@ -107,7 +114,11 @@ impl MatrixFile {
 
     /// Rows `start..end` as f32 into `out`; NaN/Inf is an error naming the row and column.
     pub fn read_rows(&self, start: usize, end: usize, out: &mut Vec<f32>) -> Result<()> {
-        ensure!(start <= end && end <= self.rows, "{}: rows {start}..{end} out of range", self.label);
+        ensure!(
+            start <= end && end <= self.rows,
+            "{}: rows {start}..{end} out of range",
+            self.label
+        );
         let size = self.dtype.size();
         let begin = self.data_offset + start * self.cols * size;
         let bytes = &self.mmap[begin..begin + (end - start) * self.cols * size];
@@ -130,12 +141,20 @@ impl MatrixFile {
 pub fn decode_le_into(dtype: ElementType, bytes: &[u8], out: &mut Vec<f32>) {
     out.reserve(bytes.len() / dtype.size());
     match dtype {
-        ElementType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        ElementType::F64 => out.extend(bytes.chunks_exact(8).map(|b| {
-            f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-        })),
-        ElementType::F16 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-        ElementType::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+        ElementType::F32 => {
+            out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        }
+        ElementType::F64 => {
+            out.extend(bytes.chunks_exact(8).map(|b| {
+                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+            }))
+        }
+        ElementType::F16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()))
+        }
+        ElementType::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()))
+        }
     }
 }
 
@@ -151,12 +170,19 @@ fn split_spec(spec: &str) -> (PathBuf, Option<String>) {
     (PathBuf::from(spec), None)
 }
 
-fn locate_safetensors(bytes: &[u8], name: Option<&str>) -> Result<(usize, Vec<usize>, ElementType, String)> {
+fn locate_safetensors(
+    bytes: &[u8],
+    name: Option<&str>,
+) -> Result<(usize, Vec<usize>, ElementType, String)> {
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes)?;
     let tensors = metadata.tensors();
     let tensor_name = match name {
         Some(n) => {
-            ensure!(tensors.contains_key(n), "no tensor named `{n}`; it holds {}", list_names(tensors.keys()));
+            ensure!(
+                tensors.contains_key(n),
+                "no tensor named `{n}`; it holds {}",
+                list_names(tensors.keys())
+            );
             n.to_string()
         }
         None => {
@@ -176,7 +202,9 @@ fn locate_safetensors(bytes: &[u8], name: Option<&str>) -> Result<(usize, Vec<us
         safetensors::Dtype::BF16 => ElementType::BF16,
         safetensors::Dtype::F32 => ElementType::F32,
         safetensors::Dtype::F64 => ElementType::F64,
-        other => bail!("tensor `{tensor_name}` has dtype {other:?}; expected f16, bf16, f32 or f64"),
+        other => {
+            bail!("tensor `{tensor_name}` has dtype {other:?}; expected f16, bf16, f32 or f64")
+        }
     };
     let offset = 8 + header_len + info.data_offsets.0;
     Ok((offset, info.shape.clone(), dtype, tensor_name))
@@ -195,7 +223,9 @@ fn parse_npy_header(bytes: &[u8]) -> Result<(usize, Vec<usize>, ElementType)> {
         "<f2" | "=f2" | "f2" => ElementType::F16,
         "<f4" | "=f4" | "f4" => ElementType::F32,
         "<f8" | "=f8" | "f8" => ElementType::F64,
-        other => bail!("dtype '{other}' is not supported; expected little-endian float16, float32 or float64"),
+        other => bail!(
+            "dtype '{other}' is not supported; expected little-endian float16, float32 or float64"
+        ),
     };
     Ok((header.data_offset, header.shape, dtype))
 }

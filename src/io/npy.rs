@@ -30,12 +30,16 @@ pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader> {
         v => bail!("unsupported .npy format version {v}"),
     };
     ensure!(bytes.len() >= start + header_len, "truncated .npy header");
-    let header = std::str::from_utf8(&bytes[start..start + header_len]).context("non-UTF-8 .npy header")?;
+    let header =
+        std::str::from_utf8(&bytes[start..start + header_len]).context("non-UTF-8 .npy header")?;
 
     let descr = field(header, "descr").context("header lacks 'descr'")?;
     let descr = descr.trim().trim_matches(|c| c == '\'' || c == '"').to_string();
     let fortran = field(header, "fortran_order").context("header lacks 'fortran_order'")?;
-    ensure!(fortran.trim() == "False", "Fortran-ordered arrays are not supported; save np.ascontiguousarray(x)");
+    ensure!(
+        fortran.trim() == "False",
+        "Fortran-ordered arrays are not supported; save np.ascontiguousarray(x)"
+    );
     let shape_text = field(header, "shape").context("header lacks 'shape'")?;
     let shape = shape_text
         .trim()
@@ -79,7 +83,8 @@ mod tests {
 
     #[test]
     fn parses_one_and_two_dimensional_headers() {
-        let h = parse_header(&npy("{'descr': '<i8', 'fortran_order': False, 'shape': (7,), }\n")).unwrap();
+        let h = parse_header(&npy("{'descr': '<i8', 'fortran_order': False, 'shape': (7,), }\n"))
+            .unwrap();
         assert_eq!(h.shape, vec![7]);
         assert_eq!(h.descr, "<i8");
         let text = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }\n";
@@ -90,7 +95,8 @@ mod tests {
 
     #[test]
     fn rejects_fortran_order_and_bad_versions() {
-        assert!(parse_header(&npy("{'descr': '<f4', 'fortran_order': True, 'shape': (3, 4), }")).is_err());
+        assert!(parse_header(&npy("{'descr': '<f4', 'fortran_order': True, 'shape': (3, 4), }"))
+            .is_err());
         let mut bytes = npy("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }");
         bytes[6] = 9;
         assert!(parse_header(&bytes).is_err());

@@ -32,7 +32,14 @@ struct NeuronMoments {
 
 impl NeuronMoments {
     fn new() -> Self {
-        Self { sum: 0.0, sum_sq: 0.0, min: f32::INFINITY, max: f32::NEG_INFINITY, count_at_min: 0, explicit: 0 }
+        Self {
+            sum: 0.0,
+            sum_sq: 0.0,
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            count_at_min: 0,
+            explicit: 0,
+        }
     }
 
     /// Folds `count` copies of `value` into the min/max/count-at-min state.
@@ -51,7 +58,9 @@ impl NeuronMoments {
 }
 
 /// Which accumulation path a batch takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ScorePath {
     /// Sparse when at most `SPARSE_DENSITY_LIMIT` of the entries are non-zero, else dense.
@@ -160,7 +169,11 @@ impl MonoScoreAccumulator {
 
     fn check_activations_finite(&self, values: &[f32]) -> Result<()> {
         if let Some(pos) = values.par_iter().position_first(|v| !v.is_finite()) {
-            bail!("activation {} of this batch is {} (NaN/Inf activations cannot be scored)", pos, values[pos]);
+            bail!(
+                "activation {} of this batch is {} (NaN/Inf activations cannot be scored)",
+                pos,
+                values[pos]
+            );
         }
         Ok(())
     }
@@ -177,7 +190,10 @@ impl MonoScoreAccumulator {
                     bail!("similarity embedding of row {} contains NaN/Inf", first_row + i as u64);
                 }
                 if sq == 0.0 {
-                    bail!("similarity embedding of row {} has zero norm (cosine is undefined)", first_row + i as u64);
+                    bail!(
+                        "similarity embedding of row {} has zero norm (cosine is undefined)",
+                        first_row + i as u64
+                    );
                 }
                 Ok(1.0 / sq.sqrt())
             })
@@ -192,7 +208,12 @@ impl MonoScoreAccumulator {
         }
     }
 
-    fn add_dense_unchecked(&mut self, embeddings: &[f32], rows: usize, activations: &[f32]) -> Result<()> {
+    fn add_dense_unchecked(
+        &mut self,
+        embeddings: &[f32],
+        rows: usize,
+        activations: &[f32],
+    ) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
@@ -248,7 +269,10 @@ impl MonoScoreAccumulator {
             let p = candle_core::Tensor::from_vec(p, (end - start, dim), &cpu)?;
             let l = candle_core::Tensor::from_vec(l, (end - start, m), &cpu)?;
             let weighted = l.t()?.matmul(&p)?.flatten_all()?.to_vec1::<f64>()?;
-            self.weighted_sum.par_iter_mut().zip(weighted.par_iter()).for_each(|(acc, w)| *acc += w);
+            self.weighted_sum
+                .par_iter_mut()
+                .zip(weighted.par_iter())
+                .for_each(|(acc, w)| *acc += w);
         }
 
         self.add_embedding_sum(embeddings, &inv_norms);
@@ -256,7 +280,12 @@ impl MonoScoreAccumulator {
         Ok(())
     }
 
-    fn add_sparse_unchecked(&mut self, embeddings: &[f32], rows: usize, activations: SparseRows<'_>) -> Result<()> {
+    fn add_sparse_unchecked(
+        &mut self,
+        embeddings: &[f32],
+        rows: usize,
+        activations: SparseRows<'_>,
+    ) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
@@ -322,8 +351,13 @@ impl MonoScoreAccumulator {
                 }
                 let (min, range) = (moments.min as f64, moments.max as f64 - moments.min as f64);
                 let u = (moments.sum - n * min) / range;
-                let v = (moments.sum_sq - 2.0 * min * moments.sum + n * min * min) / (range * range);
-                let w: Vec<f64> = weighted.iter().zip(&self.embedding_sum).map(|(&w, &s)| (w - min * s) / range).collect();
+                let v =
+                    (moments.sum_sq - 2.0 * min * moments.sum + n * min * min) / (range * range);
+                let w: Vec<f64> = weighted
+                    .iter()
+                    .zip(&self.embedding_sum)
+                    .map(|(&w, &s)| (w - min * s) / range)
+                    .collect();
                 let w_sq: f64 = w.iter().map(|x| x * x).sum();
                 Some(NeuronStats {
                     min: moments.min,

@@ -22,7 +22,12 @@ pub fn check_pair(embeddings: &MatrixFile, activations: &MatrixFile) -> Result<(
 }
 
 /// One pass over both files, `batch_rows` rows at a time.
-pub fn score_files(embeddings: &MatrixFile, activations: &MatrixFile, batch_rows: usize, path: ScorePath) -> Result<MonoScores> {
+pub fn score_files(
+    embeddings: &MatrixFile,
+    activations: &MatrixFile,
+    batch_rows: usize,
+    path: ScorePath,
+) -> Result<MonoScores> {
     check_pair(embeddings, activations)?;
     let n = embeddings.rows();
     let mut acc = MonoScoreAccumulator::new(embeddings.cols(), activations.cols());
@@ -33,7 +38,9 @@ pub fn score_files(embeddings: &MatrixFile, activations: &MatrixFile, batch_rows
         let end = (start + batch_rows.max(1)).min(n);
         embeddings.read_rows(start, end, &mut e)?;
         activations.read_rows(start, end, &mut a)?;
-        acc.add(&e, &a, path).with_context(|| format!("rows {start}..{end} of {} / {}", embeddings.label(), activations.label()))?;
+        acc.add(&e, &a, path).with_context(|| {
+            format!("rows {start}..{end} of {} / {}", embeddings.label(), activations.label())
+        })?;
         bar.inc((end - start) as u64);
         start = end;
     }
@@ -42,7 +49,10 @@ pub fn score_files(embeddings: &MatrixFile, activations: &MatrixFile, batch_rows
 }
 
 /// The pairwise reference on whole files (small N only).
-pub fn score_files_pairwise(embeddings: &MatrixFile, activations: &MatrixFile) -> Result<MonoScores> {
+pub fn score_files_pairwise(
+    embeddings: &MatrixFile,
+    activations: &MatrixFile,
+) -> Result<MonoScores> {
     check_pair(embeddings, activations)?;
     let n = embeddings.rows();
     ensure!(
@@ -53,7 +63,10 @@ pub fn score_files_pairwise(embeddings: &MatrixFile, activations: &MatrixFile) -
     embeddings.read_rows(0, n, &mut e)?;
     activations.read_rows(0, n, &mut a)?;
     if let Some(row) = e.chunks_exact(embeddings.cols()).position(|r| r.iter().all(|&x| x == 0.0)) {
-        anyhow::bail!("{}: similarity embedding of row {row} has zero norm (cosine is undefined)", embeddings.label());
+        anyhow::bail!(
+            "{}: similarity embedding of row {row} has zero norm (cosine is undefined)",
+            embeddings.label()
+        );
     }
     pairwise_monoscore(&e, &a, n, embeddings.cols(), activations.cols())
 }

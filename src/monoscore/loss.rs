@@ -25,7 +25,11 @@ impl BatchMonoLoss {
 
 /// `similarity`: (B, D) embeddings that judge similarity (treated as constants);
 /// `activations`: (B, M), the representation being made monosemantic.
-pub fn batch_mono_loss(similarity: &Tensor, activations: &Tensor, eps: f64) -> Result<BatchMonoLoss> {
+pub fn batch_mono_loss(
+    similarity: &Tensor,
+    activations: &Tensor,
+    eps: f64,
+) -> Result<BatchMonoLoss> {
     let dtype = activations.dtype();
     let similarity = similarity.detach().to_dtype(dtype)?;
     let norms = similarity.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;

@@ -49,7 +49,8 @@ impl MonoScores {
         let mean = live.iter().sum::<f64>() / live.len() as f64;
         live.sort_by(f64::total_cmp);
         let mid = live.len() / 2;
-        let median = if live.len() % 2 == 1 { live[mid] } else { 0.5 * (live[mid - 1] + live[mid]) };
+        let median =
+            if live.len() % 2 == 1 { live[mid] } else { 0.5 * (live[mid - 1] + live[mid]) };
         MonoScoreSummary { mean: Some(mean), median: Some(median), live: live.len(), dead }
     }
 
@@ -69,14 +70,20 @@ impl MonoScores {
     }
 
     /// Largest |a − b| / max(|b|, floor) over neurons live in both; errors if liveness differs.
-    pub fn max_relative_difference(&self, reference: &MonoScores, floor: f64) -> anyhow::Result<f64> {
+    pub fn max_relative_difference(
+        &self,
+        reference: &MonoScores,
+        floor: f64,
+    ) -> anyhow::Result<f64> {
         anyhow::ensure!(self.scores.len() == reference.scores.len(), "different neuron counts");
         let mut worst = 0.0f64;
         for (k, (a, b)) in self.scores.iter().zip(&reference.scores).enumerate() {
             match (a, b) {
                 (Some(a), Some(b)) => worst = worst.max((a - b).abs() / b.abs().max(floor)),
                 (None, None) => {}
-                _ => anyhow::bail!("neuron {k} is live in one result and dead in the other ({a:?} vs {b:?})"),
+                _ => anyhow::bail!(
+                    "neuron {k} is live in one result and dead in the other ({a:?} vs {b:?})"
+                ),
             }
         }
         Ok(worst)

@@ -8,7 +8,13 @@ use anyhow::{ensure, Result};
 use super::MonoScores;
 
 /// `embeddings`: N×D row-major, `activations`: N×M row-major.
-pub fn pairwise_monoscore(embeddings: &[f32], activations: &[f32], n: usize, d: usize, m: usize) -> Result<MonoScores> {
+pub fn pairwise_monoscore(
+    embeddings: &[f32],
+    activations: &[f32],
+    n: usize,
+    d: usize,
+    m: usize,
+) -> Result<MonoScores> {
     ensure!(embeddings.len() == n * d, "embeddings are not {n}×{d}");
     ensure!(activations.len() == n * m, "activations are not {n}×{m}");
 
@@ -19,7 +25,8 @@ pub fn pairwise_monoscore(embeddings: &[f32], activations: &[f32], n: usize, d: 
             row.iter().map(|x| x / norm).collect()
         })
         .collect();
-    let cosine = |i: usize, j: usize| -> f64 { unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum() };
+    let cosine =
+        |i: usize, j: usize| -> f64 { unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum() };
     let mut cos = vec![0.0f64; n * n];
     for i in 0..n {
         for j in (i + 1)..n {

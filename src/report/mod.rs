@@ -57,7 +57,10 @@ fn rows(summary: &Value) -> Vec<Row> {
                             ("topk_monoscore", num(&f["final"]["monoscore"]["mean"])),
                         ]);
                     }
-                    let overrides = r["overrides"].as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()).unwrap_or_default();
+                    let overrides = r["overrides"]
+                        .as_object()
+                        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
+                        .unwrap_or_default();
                     Row {
                         label: r["label"].as_str().unwrap_or("?").to_string(),
                         overrides,
@@ -130,7 +133,10 @@ fn escape(s: &str) -> String {
 /// Builds `report.html` (and the sweep table and plots for sweeps) in `run_dir`.
 pub fn build(run_dir: &Path) -> Result<PathBuf> {
     let summary_path = run_dir.join(crate::pipeline::SUMMARY_FILE);
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).with_context(|| format!("cannot read {} (is this a `mono run` directory?)", summary_path.display()))?)
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary_path).with_context(|| {
+            format!("cannot read {} (is this a `mono run` directory?)", summary_path.display())
+        })?)
         .with_context(|| format!("{}: not valid JSON", summary_path.display()))?;
     let config = Config::load(&run_dir.join("config.toml"))?;
     let rows = rows(&summary);
@@ -165,12 +171,22 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
         crate::io::write_atomic(&run_dir.join("sweep.csv"), csv.as_bytes())?;
         crate::io::write_atomic(&run_dir.join("sweep.md"), md.as_bytes())?;
         html.push_str("<p>Tables: <a href=\"sweep.csv\">sweep.csv</a>, <a href=\"sweep.md\">sweep.md</a>.</p>");
-        let labels: Vec<String> = rows.iter().map(|r| r.overrides.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>().join(",")).collect();
-        let (left, right) = if cols.contains(&"monoscore_mean") { ("monoscore_mean", if cols.contains(&"r2_total") { "r2_total" } else { "r2" }) } else { ("topk_monoscore", "top1") };
+        let labels: Vec<String> = rows
+            .iter()
+            .map(|r| r.overrides.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>().join(","))
+            .collect();
+        let (left, right) = if cols.contains(&"monoscore_mean") {
+            ("monoscore_mean", if cols.contains(&"r2_total") { "r2_total" } else { "r2" })
+        } else {
+            ("topk_monoscore", "top1")
+        };
         let series = |c: &str| rows.iter().map(|r| value(r, c)).collect::<Vec<_>>();
         let png = plots::tradeoff(&labels, (left, &series(left)), (right, &series(right)))?;
         crate::io::write_atomic(&run_dir.join("sweep.png"), &png)?;
-        html.push_str(&format!("<h2>Trade-off</h2><img alt=\"trade-off\" src=\"{}\">", data_uri_png(&png)));
+        html.push_str(&format!(
+            "<h2>Trade-off</h2><img alt=\"trade-off\" src=\"{}\">",
+            data_uri_png(&png)
+        ));
     }
 
     // MonoScore histograms of every trained SAE (baseline vs MonoLoss when swept).
@@ -180,7 +196,11 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
             let path = dir.join(crate::train::sae::LATENT_STATS_FILE);
             if path.is_file() {
                 let t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
-                let scores: Vec<f32> = t["monoscore"].to_vec1::<f32>()?.into_iter().filter(|v| v.is_finite()).collect();
+                let scores: Vec<f32> = t["monoscore"]
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .filter(|v| v.is_finite())
+                    .collect();
                 hists.push((r.label.clone(), scores));
             }
         }
@@ -195,14 +215,21 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     }
 
     // Top-activating images of a sample of latents, for the first and the last trained SAE.
-    let trained: Vec<&Row> = rows.iter().filter(|r| r.train_dir.as_ref().is_some_and(|d| d.join("sae").is_dir())).collect();
+    let trained: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.train_dir.as_ref().is_some_and(|d| d.join("sae").is_dir()))
+        .collect();
     let mut shown = Vec::new();
     for r in [trained.first(), trained.last()].into_iter().flatten() {
         if shown.contains(&r.label) {
             continue;
         }
         shown.push(r.label.clone());
-        let run = summary["runs"].as_array().and_then(|a| a.iter().find(|x| x["label"] == r.label.as_str())).cloned().unwrap_or(Value::Null);
+        let run = summary["runs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["label"] == r.label.as_str()))
+            .cloned()
+            .unwrap_or(Value::Null);
         html.push_str(&format!("<h2>Top-activating images: {}</h2>", escape(&r.label)));
         html.push_str(&tops::section(&config, &run, r.train_dir.as_ref().unwrap())?);
     }

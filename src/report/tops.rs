@@ -35,14 +35,21 @@ fn pick_latents(stats: &HashMap<String, Tensor>) -> Result<Vec<(usize, f32, f32)
 }
 
 /// For each latent, its `PER_LATENT` largest activations as (value, row), largest first.
-fn top_rows(sae: &dyn crate::sae::Sae, store: &FeatureStore, latents: &[usize]) -> Result<Vec<Vec<(f32, usize)>>> {
+fn top_rows(
+    sae: &dyn crate::sae::Sae,
+    store: &FeatureStore,
+    latents: &[usize],
+) -> Result<Vec<Vec<(f32, usize)>>> {
     let mut tops: Vec<Vec<(f32, usize)>> = vec![Vec::new(); latents.len()];
     let (n, d) = (store.len(), store.dim());
     let mut x = Vec::new();
     for start in (0..n).step_by(1024) {
         let end = (start + 1024).min(n);
         store.read_range(start, end, &mut x)?;
-        let lat = crate::sae::encode(sae, &Tensor::from_slice(&x, (end - start, d), &Device::Cpu)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let lat =
+            crate::sae::encode(sae, &Tensor::from_slice(&x, (end - start, d), &Device::Cpu)?)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
         for (j, &k) in latents.iter().enumerate() {
             for (r, row) in lat.iter().enumerate() {
                 if row[k] > 0.0 {
@@ -71,20 +78,35 @@ pub fn section(config: &Config, run: &Value, train_dir: &Path) -> Result<String>
     }
     let stats = candle_core::safetensors::load(&stats_path, &Device::Cpu)?;
     let latents = pick_latents(&stats)?;
-    let Some(features) = run["features_dir"].as_str() else { return Ok("<p>No feature set recorded for this run.</p>".into()) };
+    let Some(features) = run["features_dir"].as_str() else {
+        return Ok("<p>No feature set recorded for this run.</p>".into());
+    };
     let store = open_split(Path::new(features), &config.data.eval_split)?;
     let sae = crate::sae::checkpoint::load(&train_dir.join("sae"), &Device::Cpu)?;
     let ids: Vec<usize> = latents.iter().map(|l| l.0).collect();
     let tops = top_rows(sae.as_ref(), &store, &ids)?;
     // Images when the data set is readable here; otherwise paths and classes only.
-    let dataset = config.data.root.as_ref().and_then(|root| open_dataset(config.data.kind, root, &config.data.eval_split).ok());
-    let index: HashMap<String, usize> = dataset.as_ref().map(|ds| (0..ds.len()).map(|i| (ds.path(i), i)).collect()).unwrap_or_default();
+    let dataset = config
+        .data
+        .root
+        .as_ref()
+        .and_then(|root| open_dataset(config.data.kind, root, &config.data.eval_split).ok());
+    let index: HashMap<String, usize> = dataset
+        .as_ref()
+        .map(|ds| (0..ds.len()).map(|i| (ds.path(i), i)).collect())
+        .unwrap_or_default();
     let names = store.label_names();
     let mut html = String::from("<p>Latents with the highest MonoScore, then random live ones; each with its most activating evaluation images.</p>");
     for ((k, score, purity), rows) in latents.iter().zip(&tops) {
         html.push_str(&format!("<div class=\"latent\"><b>latent {k}</b> — MonoScore {score:.3}, purity {purity:.3}<div class=\"grid\">"));
         for &(value, row) in rows {
-            let class = store.row_labels(row).iter().filter_map(|&c| names.get(c as usize)).cloned().collect::<Vec<_>>().join(", ");
+            let class = store
+                .row_labels(row)
+                .iter()
+                .filter_map(|&c| names.get(c as usize))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
             let path = store.path(row);
             let img = match (dataset.as_ref(), index.get(path)) {
                 (Some(ds), Some(&i)) => ds.load(i).ok().map(thumbnail).transpose()?,
@@ -92,7 +114,11 @@ pub fn section(config: &Config, run: &Value, train_dir: &Path) -> Result<String>
             };
             html.push_str("<div class=\"cell\">");
             match img {
-                Some(uri) => html.push_str(&format!("<img alt=\"{}\" title=\"{}\" src=\"{uri}\">", escape(path), escape(path))),
+                Some(uri) => html.push_str(&format!(
+                    "<img alt=\"{}\" title=\"{}\" src=\"{uri}\">",
+                    escape(path),
+                    escape(path)
+                )),
                 None => html.push_str(&format!("<code>{}</code>", escape(path))),
             }
             html.push_str(&format!("<br>{}<br>{value:.2}</div>", escape(&class)));

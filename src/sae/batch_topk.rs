@@ -37,7 +37,10 @@ impl BatchTopKSae {
 
     /// The inference threshold (None before the first training step).
     pub fn inference_threshold(&self) -> Option<f32> {
-        (self.updates > 0).then(|| (self.ema / (1.0 - THRESHOLD_BETA.powi(self.updates.min(i32::MAX as u64) as i32))) as f32)
+        (self.updates > 0).then(|| {
+            (self.ema / (1.0 - THRESHOLD_BETA.powi(self.updates.min(i32::MAX as u64) as i32)))
+                as f32
+        })
     }
 }
 
@@ -54,18 +57,32 @@ impl Sae for BatchTopKSae {
         let (rows, _) = pre.dims2()?;
         match (training, self.inference_threshold()) {
             (false, Some(threshold)) => {
-                let host = pre.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let host = pre
+                    .detach()
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 let mask = host.iter().map(|&v| v > threshold).collect();
-                Ok(Activation { latents: ops::masked_relu(pre, mask)?, grad_support: None, batch_threshold: None })
+                Ok(Activation {
+                    latents: ops::masked_relu(pre, mask)?,
+                    grad_support: None,
+                    batch_threshold: None,
+                })
             }
             _ => {
-                let (latents, min) = ops::topk_latents(pre, &ops::Selection::Batch(self.spec.k * rows), None)?;
+                let (latents, min) =
+                    ops::topk_latents(pre, &ops::Selection::Batch(self.spec.k * rows), None)?;
                 Ok(Activation { latents, grad_support: None, batch_threshold: min })
             }
         }
     }
 
-    fn extra_losses(&self, pass: &ForwardPass, dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>> {
+    fn extra_losses(
+        &self,
+        pass: &ForwardPass,
+        dead: &[bool],
+    ) -> Result<Vec<(&'static str, Tensor)>> {
         Ok(auxk_loss(self, pass, dead, false)?.map(|l| vec![("auxk", l)]).unwrap_or_default())
     }
 
@@ -78,7 +95,10 @@ impl Sae for BatchTopKSae {
 
     fn threshold(&self) -> Result<Option<Tensor>> {
         let device = self.params.b_enc.device();
-        Ok(self.inference_threshold().map(|t| Tensor::full(t, self.spec.n_latents, device)).transpose()?)
+        Ok(self
+            .inference_threshold()
+            .map(|t| Tensor::full(t, self.spec.n_latents, device))
+            .transpose()?)
     }
 
     fn extra_state(&self) -> Vec<f64> {

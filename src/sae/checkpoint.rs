@@ -9,7 +9,10 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::json;
 
-use super::{batch_topk::BatchTopKSae, jumprelu::JumpReluSae, relu::ReluSae, topk::TopKSae, Sae, SaeParams, SaeSpec};
+use super::{
+    batch_topk::BatchTopKSae, jumprelu::JumpReluSae, relu::ReluSae, topk::TopKSae, Sae, SaeParams,
+    SaeSpec,
+};
 use crate::config::SaeKind;
 
 pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
@@ -61,18 +64,22 @@ pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value 
 /// Fills `dir` atomically: `write` fills a sibling temporary directory, which then replaces `dir`.
 pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let name = dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name =
+        dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
     let tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp")).tempdir_in(parent)?;
     write(tmp.path())?;
     let staged: PathBuf = tmp.keep();
     if dir.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
         std::fs::rename(dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
-        std::fs::rename(&staged, dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+        std::fs::rename(&staged, dir)
+            .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
         std::fs::remove_dir_all(&old).ok();
     } else {
-        std::fs::rename(&staged, dir).with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
+        std::fs::rename(&staged, dir)
+            .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
     }
     Ok(())
 }
@@ -85,7 +92,11 @@ pub fn save(dir: &Path, sae: &dyn Sae, source: &serde_json::Value) -> Result<()>
 }
 
 /// Writes weights and cfg.json into an existing directory (used inside larger atomic writes).
-pub fn write_into(dir: &Path, tensors: &HashMap<String, Tensor>, cfg: &serde_json::Value) -> Result<()> {
+pub fn write_into(
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    cfg: &serde_json::Value,
+) -> Result<()> {
     candle_core::safetensors::save(tensors, dir.join(WEIGHTS_FILE))?;
     std::fs::write(dir.join(CFG_FILE), serde_json::to_string_pretty(cfg)? + "\n")?;
     Ok(())
@@ -94,21 +105,34 @@ pub fn write_into(dir: &Path, tensors: &HashMap<String, Tensor>, cfg: &serde_jso
 /// Reads the spec from a checkpoint's cfg.json.
 pub fn read_spec(dir: &Path) -> Result<SaeSpec> {
     let path = dir.join(CFG_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-    let spec = cfg.pointer("/mono/spec").with_context(|| format!("{}: no `mono.spec` (not written by mono)", path.display()))?;
-    serde_json::from_value(spec.clone()).with_context(|| format!("{}: bad `mono.spec`", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let spec = cfg
+        .pointer("/mono/spec")
+        .with_context(|| format!("{}: no `mono.spec` (not written by mono)", path.display()))?;
+    serde_json::from_value(spec.clone())
+        .with_context(|| format!("{}: bad `mono.spec`", path.display()))
 }
 
 /// Loads an SAE checkpoint onto `device`; every shape is checked against cfg.json.
 pub fn load(dir: &Path, device: &Device) -> Result<Box<dyn Sae>> {
     let spec = read_spec(dir)?;
     let path = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&path, device).with_context(|| format!("cannot read {}", path.display()))?;
+    let tensors = candle_core::safetensors::load(&path, device)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     let (d, m) = (spec.d_in, spec.n_latents);
     let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let t = tensors.get(name).with_context(|| format!("{}: missing tensor `{name}`", path.display()))?;
-        ensure!(t.dims() == shape, "{}: `{name}` has shape {:?}, cfg.json implies {shape:?}", path.display(), t.dims());
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("{}: missing tensor `{name}`", path.display()))?;
+        ensure!(
+            t.dims() == shape,
+            "{}: `{name}` has shape {:?}, cfg.json implies {shape:?}",
+            path.display(),
+            t.dims()
+        );
         Ok(t.to_dtype(DType::F32)?)
     };
     let w_enc = get("W_enc", &[d, m])?.t()?.contiguous()?;
@@ -132,7 +156,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Box<dyn Sae>> {
                 Some(t) => {
                     let values = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                     if values.iter().any(|v| *v != values[0]) {
-                        bail!("{}: a BatchTopK threshold must be one value for every latent", path.display());
+                        bail!(
+                            "{}: a BatchTopK threshold must be one value for every latent",
+                            path.display()
+                        );
                     }
                     values.first().copied()
                 }

@@ -39,8 +39,14 @@ impl JumpReluSae {
 
     fn band(&self, z: &Tensor) -> Result<Band> {
         let cols = z.dim(1)?;
-        let z = z.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let theta = self.log_threshold().detach().exp()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let z = z
+            .detach()
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let theta =
+            self.log_threshold().detach().exp()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
         let eps = self.spec.jumprelu_bandwidth as f32;
         let mut mask = vec![false; z.len()];
         let mut kernel = vec![0f32; z.len()];
@@ -78,19 +84,30 @@ impl Sae for JumpReluSae {
         let band = self.band(&z)?;
         let passed = ops::masked_relu(pre, band.mask.clone())?;
         if !training {
-            return Ok(Activation { latents: passed.detach(), grad_support: None, batch_threshold: None });
+            return Ok(Activation {
+                latents: passed.detach(),
+                grad_support: None,
+                batch_threshold: None,
+            });
         }
-        let theta = self.log_threshold().detach().exp()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let theta =
+            self.log_threshold().detach().exp()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
         let cols = theta.len();
         let eps = self.spec.jumprelu_bandwidth as f32;
-        let coefficient: Vec<f32> = band.kernel.iter().enumerate().map(|(i, &k)| -k * theta[i % cols] / eps).collect();
+        let coefficient: Vec<f32> =
+            band.kernel.iter().enumerate().map(|(i, &k)| -k * theta[i % cols] / eps).collect();
         let coefficient = Tensor::from_vec(coefficient, pre.shape(), pre.device())?;
         let latents = (passed + self.pseudo_gradient(coefficient)?)?;
-        let grad_support = band.kernel.iter().zip(&band.mask).map(|(&k, &m)| k > 0.0 && !m).collect();
+        let grad_support =
+            band.kernel.iter().zip(&band.mask).map(|(&k, &m)| k > 0.0 && !m).collect();
         Ok(Activation { latents, grad_support: Some(grad_support), batch_threshold: None })
     }
 
-    fn extra_losses(&self, pass: &ForwardPass, _dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>> {
+    fn extra_losses(
+        &self,
+        pass: &ForwardPass,
+        _dead: &[bool],
+    ) -> Result<Vec<(&'static str, Tensor)>> {
         let z = pass.pre.relu()?;
         let band = self.band(&z)?;
         let rows = z.dim(0)? as f64;

@@ -68,7 +68,12 @@ pub struct SaeParams {
 impl SaeParams {
     /// (name, var) pairs in a fixed order (optimizer state and checkpoints follow it).
     pub fn named(&self) -> Vec<(&'static str, &Var)> {
-        let mut v = vec![("W_enc", &self.w_enc), ("W_dec", &self.w_dec), ("b_enc", &self.b_enc), ("b_dec", &self.b_dec)];
+        let mut v = vec![
+            ("W_enc", &self.w_enc),
+            ("W_dec", &self.w_dec),
+            ("b_enc", &self.b_enc),
+            ("b_dec", &self.b_dec),
+        ];
         if let Some(t) = &self.log_threshold {
             v.push(("log_threshold", t));
         }
@@ -76,17 +81,26 @@ impl SaeParams {
     }
 
     /// Kaiming-uniform W_enc with bound `enc_bound`, W_dec = W_encᵀ rows at unit norm; zero biases.
-    pub fn init(spec: &SaeSpec, enc_bound: f64, unit_encoder: bool, seed: u64, device: &Device) -> Result<Self> {
+    pub fn init(
+        spec: &SaeSpec,
+        enc_bound: f64,
+        unit_encoder: bool,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let (m, d) = (spec.n_latents, spec.d_in);
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut enc: Vec<f32> = (0..m * d).map(|_| rng.random_range(-enc_bound..enc_bound) as f32).collect();
+        let mut enc: Vec<f32> =
+            (0..m * d).map(|_| rng.random_range(-enc_bound..enc_bound) as f32).collect();
         let mut dec = enc.clone();
         normalize_rows(&mut dec, d);
         if unit_encoder {
             normalize_rows(&mut enc, d);
         }
         let log_threshold = (spec.kind == SaeKind::Jumprelu)
-            .then(|| Var::from_tensor(&Tensor::full(spec.jumprelu_init_log_threshold as f32, m, device)?))
+            .then(|| {
+                Var::from_tensor(&Tensor::full(spec.jumprelu_init_log_threshold as f32, m, device)?)
+            })
             .transpose()?;
         Ok(Self {
             w_enc: Var::from_tensor(&Tensor::from_vec(enc, (m, d), device)?)?,
@@ -149,7 +163,11 @@ pub trait Sae: Send {
 
     /// Training loss terms beyond reconstruction (sparsity penalties, AuxK), by name.
     /// `dead[k]` marks latents that count as dead.
-    fn extra_losses(&self, pass: &ForwardPass, dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>>;
+    fn extra_losses(
+        &self,
+        pass: &ForwardPass,
+        dead: &[bool],
+    ) -> Result<Vec<(&'static str, Tensor)>>;
 
     /// Reconstruction loss; plain MSE unless an architecture says otherwise.
     fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {
@@ -206,7 +224,12 @@ pub fn forward(sae: &dyn Sae, x: &Tensor, training: bool) -> Result<ForwardPass>
 
 /// The forward pass, with the batch MonoLoss of the latents computed alongside the decoder
 /// (fused with it on the CPU). Add λ·`pass.mono.0` to the objective.
-pub fn forward_with_mono(sae: &dyn Sae, x: &Tensor, training: bool, mono: Option<ops::MonoTerm>) -> Result<ForwardPass> {
+pub fn forward_with_mono(
+    sae: &dyn Sae,
+    x: &Tensor,
+    training: bool,
+    mono: Option<ops::MonoTerm>,
+) -> Result<ForwardPass> {
     let p = sae.params();
     let (working_input, scale) = if sae.spec().normalize_input {
         let (xs, mean, std) = standardize(x)?;
@@ -214,16 +237,34 @@ pub fn forward_with_mono(sae: &dyn Sae, x: &Tensor, training: bool, mono: Option
     } else {
         (x.clone(), None)
     };
-    let encoder_input = if sae.centers_input() { working_input.broadcast_sub(p.b_dec.as_tensor())? } else { working_input.clone() };
+    let encoder_input = if sae.centers_input() {
+        working_input.broadcast_sub(p.b_dec.as_tensor())?
+    } else {
+        working_input.clone()
+    };
     let pre = ops::encoder_linear(&encoder_input, p.w_enc.as_tensor(), p.b_enc.as_tensor())?;
     let activation = sae.activate(&pre, training)?;
-    let decoded = ops::decode(&activation.latents, p.w_dec.as_tensor(), activation.grad_support.as_deref(), mono)?;
+    let decoded = ops::decode(
+        &activation.latents,
+        p.w_dec.as_tensor(),
+        activation.grad_support.as_deref(),
+        mono,
+    )?;
     let working_recon = decoded.output.broadcast_add(p.b_dec.as_tensor())?;
     let recon = match &scale {
         Some((mean, std)) => working_recon.broadcast_mul(std)?.broadcast_add(mean)?,
         None => working_recon.clone(),
     };
-    Ok(ForwardPass { input: x.clone(), working_input, scale, pre, activation, working_recon, recon, mono: decoded.mono })
+    Ok(ForwardPass {
+        input: x.clone(),
+        working_input,
+        scale,
+        pre,
+        activation,
+        working_recon,
+        recon,
+        mono: decoded.mono,
+    })
 }
 
 /// Latents for inference (no graph).
@@ -240,7 +281,12 @@ pub fn normalized_mse(recon: &Tensor, target: &Tensor) -> Result<Tensor> {
 
 /// AuxK: reconstruct the (detached) residual from the top `k_aux` dead latents of each row.
 /// None when no latent is dead.
-pub fn auxk_loss(sae: &dyn Sae, pass: &ForwardPass, dead: &[bool], normalized: bool) -> Result<Option<Tensor>> {
+pub fn auxk_loss(
+    sae: &dyn Sae,
+    pass: &ForwardPass,
+    dead: &[bool],
+    normalized: bool,
+) -> Result<Option<Tensor>> {
     let n_dead = dead.iter().filter(|d| **d).count();
     let spec = sae.spec();
     if n_dead == 0 || spec.aux_coef == 0.0 {
@@ -250,6 +296,10 @@ pub fn auxk_loss(sae: &dyn Sae, pass: &ForwardPass, dead: &[bool], normalized: b
     let (aux_latents, _) = ops::topk_latents(&pass.pre, &ops::Selection::PerRow(k), Some(dead))?;
     let aux_recon = ops::support_matmul(&aux_latents, sae.params().w_dec.as_tensor(), None)?;
     let residual = (&pass.working_input - &pass.working_recon)?.detach();
-    let loss = if normalized { normalized_mse(&aux_recon, &residual)? } else { (aux_recon - residual)?.sqr()?.mean_all()? };
+    let loss = if normalized {
+        normalized_mse(&aux_recon, &residual)?
+    } else {
+        (aux_recon - residual)?.sqr()?.mean_all()?
+    };
     Ok(Some((loss * spec.aux_coef)?))
 }

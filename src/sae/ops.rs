@@ -11,7 +11,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 use crate::sparse::{self, SparseBatch};
@@ -57,19 +59,41 @@ impl CustomOp3 for EncoderLinear {
         "sae-encoder-linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let (b, d) = dims2(l1)?;
         let (m, d2) = dims2(l2)?;
         if d != d2 || l3.shape().elem_count() != m {
-            candle_core::bail!("encoder shapes disagree: x {b}×{d}, W {m}×{d2}, b {:?}", l3.shape());
+            candle_core::bail!(
+                "encoder shapes disagree: x {b}×{d}, W {m}×{d2}, b {:?}",
+                l3.shape()
+            );
         }
-        let (x, w, bias) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?, contiguous(self.name(), s3, l3)?);
+        let (x, w, bias) = (
+            contiguous(self.name(), s1, l1)?,
+            contiguous(self.name(), s2, l2)?,
+            contiguous(self.name(), s3, l3)?,
+        );
         let mut out = sparse::gemm_f32(b, m, d, x, d, 1, w, 1, d);
         out.par_chunks_mut(m).for_each(|row| row.iter_mut().zip(bias).for_each(|(o, &c)| *o += c));
         Ok((CpuStorage::F32(out), Shape::from((b, m))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, d) = x.dims2()?;
         let m = w.dim(0)?;
         let grad = grad.contiguous()?;
@@ -135,7 +159,13 @@ impl CustomOp2 for SupportMatmul {
         "sae-support-matmul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let (b, m) = dims2(l1)?;
         let (m2, d) = dims2(l2)?;
         if m != m2 {
@@ -143,11 +173,16 @@ impl CustomOp2 for SupportMatmul {
         }
         let (lat, w) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
         let out = if self.mono.is_some() || sparse::density(lat) <= SPARSE_LIMIT {
-            let csr = SparseBatch::from_dense_with(lat, m, self.grad_support.as_deref().map(|v| v.as_slice()));
+            let csr = SparseBatch::from_dense_with(
+                lat,
+                m,
+                self.grad_support.as_deref().map(|v| v.as_slice()),
+            );
             let out = sparse::csr_matmul(csr.as_rows(), w, d);
             if let Some(mono) = &self.mono {
                 let sim_dim = mono.similarity.len() / b;
-                let (saved, loss, stats) = mono_forward(&csr, b, m, &mono.similarity, sim_dim, mono.eps);
+                let (saved, loss, stats) =
+                    mono_forward(&csr, b, m, &mono.similarity, sim_dim, mono.eps);
                 *mono.result.lock().unwrap() = Some((loss, stats));
                 *mono.saved.lock().unwrap() = Some(saved);
             }
@@ -160,14 +195,23 @@ impl CustomOp2 for SupportMatmul {
         Ok((CpuStorage::F32(out), Shape::from((b, d))))
     }
 
-    fn bwd(&self, lat: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        lat: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (b, m) = lat.dims2()?;
         let d = w.dim(1)?;
         let cached = self.cached.lock().unwrap().take();
         let (dlat, dw) = with_cpu_slice(grad, |g| {
             with_cpu_slice(w, |ws| match &cached {
                 Some(csr) => {
-                    let saved = self.mono.as_ref().map(|mono| mono.saved.lock().unwrap().take().expect("mono forward ran"));
+                    let saved = self
+                        .mono
+                        .as_ref()
+                        .map(|mono| mono.saved.lock().unwrap().take().expect("mono forward ran"));
                     let own_cols;
                     let cols = match &saved {
                         Some(s) => &s.cols,
@@ -197,9 +241,17 @@ impl CustomOp2 for SupportMatmul {
 
 /// (B, M) · (M, D) → (B, D); sparse on the CPU when the latents are. The latents' gradient is
 /// exact on their non-zeros and on `grad_support`, and 0 on the other zeros.
-pub fn support_matmul(latents: &Tensor, w: &Tensor, grad_support: Option<&[bool]>) -> CResult<Tensor> {
+pub fn support_matmul(
+    latents: &Tensor,
+    w: &Tensor,
+    grad_support: Option<&[bool]>,
+) -> CResult<Tensor> {
     if latents.device().is_cpu() && latents.dtype() == DType::F32 {
-        let op = SupportMatmul { grad_support: grad_support.map(|g| Arc::new(g.to_vec())), cached: Arc::new(Mutex::new(None)), mono: None };
+        let op = SupportMatmul {
+            grad_support: grad_support.map(|g| Arc::new(g.to_vec())),
+            cached: Arc::new(Mutex::new(None)),
+            mono: None,
+        };
         latents.contiguous()?.apply_op2(&w.contiguous()?, op)
     } else {
         latents.matmul(w)
@@ -226,7 +278,12 @@ pub struct Decoded {
 }
 
 /// `support_matmul` with an optional MonoLoss on the same latents, fused on the CPU.
-pub fn decode(latents: &Tensor, w: &Tensor, grad_support: Option<&[bool]>, mono: Option<MonoTerm>) -> CResult<Decoded> {
+pub fn decode(
+    latents: &Tensor,
+    w: &Tensor,
+    grad_support: Option<&[bool]>,
+    mono: Option<MonoTerm>,
+) -> CResult<Decoded> {
     let Some(term) = mono else {
         return Ok(Decoded { output: support_matmul(latents, w, grad_support)?, mono: None });
     };
@@ -238,15 +295,23 @@ pub fn decode(latents: &Tensor, w: &Tensor, grad_support: Option<&[bool]>, mono:
         let mono = batch_mono_loss(latents, term.similarity, term.eps, grad_support)?;
         return Ok(Decoded { output, mono: Some(mono) });
     }
-    let similarity = term.similarity.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let similarity =
+        term.similarity.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let result = Arc::new(Mutex::new(None));
     let op = SupportMatmul {
         grad_support: grad_support.map(|g| Arc::new(g.to_vec())),
         cached: Arc::new(Mutex::new(None)),
-        mono: Some(MonoInjection { similarity, lambda: term.lambda as f32, eps: term.eps as f32, result: result.clone(), saved: Mutex::new(None) }),
+        mono: Some(MonoInjection {
+            similarity,
+            lambda: term.lambda as f32,
+            eps: term.eps as f32,
+            result: result.clone(),
+            saved: Mutex::new(None),
+        }),
     };
     let output = latents.contiguous()?.apply_op2(&w.contiguous()?, op)?;
-    let (loss, stats) = result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
+    let (loss, stats) =
+        result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
     Ok(Decoded { output, mono: Some((Tensor::new(loss, &Device::Cpu)?, stats)) })
 }
 
@@ -266,8 +331,16 @@ pub enum Selection {
 /// Ties are broken by position, so exactly the requested count is kept when enough entries are
 /// eligible. Only entries > 0 are eligible when `positive_only` (ReLU before selection), and only
 /// columns with `allowed[c]` when given.
-pub fn select_mask(values: &[f32], cols: usize, how: &Selection, allowed: Option<&[bool]>, positive_only: bool) -> (Vec<bool>, Option<f32>) {
-    let eligible = |c: usize, v: f32| allowed.is_none_or(|a| a[c]) && (!positive_only || v > 0.0) && !v.is_nan();
+pub fn select_mask(
+    values: &[f32],
+    cols: usize,
+    how: &Selection,
+    allowed: Option<&[bool]>,
+    positive_only: bool,
+) -> (Vec<bool>, Option<f32>) {
+    let eligible = |c: usize, v: f32| {
+        allowed.is_none_or(|a| a[c]) && (!positive_only || v > 0.0) && !v.is_nan()
+    };
     let mut mask = vec![false; values.len()];
     // Order: larger value first, then lower flat index.
     let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
@@ -278,7 +351,12 @@ pub fn select_mask(values: &[f32], cols: usize, how: &Selection, allowed: Option
                 .zip(values.par_chunks(cols))
                 .map_init(Vec::new, |scratch: &mut Vec<(f32, u32)>, (mrow, vrow)| {
                     scratch.clear();
-                    scratch.extend(vrow.iter().enumerate().filter(|(c, v)| eligible(*c, **v)).map(|(c, &v)| (v, c as u32)));
+                    scratch.extend(
+                        vrow.iter()
+                            .enumerate()
+                            .filter(|(c, v)| eligible(*c, **v))
+                            .map(|(c, &v)| (v, c as u32)),
+                    );
                     if scratch.len() > k && k > 0 {
                         scratch.select_nth_unstable_by(k - 1, better);
                         scratch.truncate(k);
@@ -317,7 +395,12 @@ pub fn select_mask(values: &[f32], cols: usize, how: &Selection, allowed: Option
 
 /// The eligible entries that can be among the batch's `n` largest: a sampled lower bound on the
 /// n-th largest value keeps the candidate set near 2n instead of the whole batch.
-fn batch_candidates(values: &[f32], cols: usize, n: usize, eligible: &(dyn Fn(usize, f32) -> bool + Sync)) -> Vec<(f32, u32)> {
+fn batch_candidates(
+    values: &[f32],
+    cols: usize,
+    n: usize,
+    eligible: &(dyn Fn(usize, f32) -> bool + Sync),
+) -> Vec<(f32, u32)> {
     let total = values.len();
     let collect_above = |t: f32| -> Vec<(f32, u32)> {
         values
@@ -332,7 +415,11 @@ fn batch_candidates(values: &[f32], cols: usize, n: usize, eligible: &(dyn Fn(us
             .collect()
     };
     let stride = (total / 65536).max(1);
-    let mut sample: Vec<f32> = (0..total).step_by(stride).filter(|&i| eligible(i % cols, values[i])).map(|i| values[i]).collect();
+    let mut sample: Vec<f32> = (0..total)
+        .step_by(stride)
+        .filter(|&i| eligible(i % cols, values[i]))
+        .map(|i| values[i])
+        .collect();
     sample.sort_unstable_by(|a, b| b.total_cmp(a));
     // Expected rank of the n-th largest within the sample, with a 2× margin, then widening.
     let mut rank = ((2 * n) as f64 * sample.len() as f64 / total as f64).ceil() as usize + 8;
@@ -357,13 +444,22 @@ impl CustomOp1 for MaskedRelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
-        let out: Vec<f32> = x.par_iter().zip(self.mask.par_iter()).map(|(&v, &keep)| if keep && v > 0.0 { v } else { 0.0 }).collect();
+        let out: Vec<f32> = x
+            .par_iter()
+            .zip(self.mask.par_iter())
+            .map(|(&v, &keep)| if keep && v > 0.0 { v } else { 0.0 })
+            .collect();
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let out = with_cpu_slice(res, |r| {
-            with_cpu_slice(grad, |g| r.par_iter().zip(g.par_iter()).map(|(&y, &dg)| if y != 0.0 { dg } else { 0.0 }).collect::<Vec<f32>>())
+            with_cpu_slice(grad, |g| {
+                r.par_iter()
+                    .zip(g.par_iter())
+                    .map(|(&y, &dg)| if y != 0.0 { dg } else { 0.0 })
+                    .collect::<Vec<f32>>()
+            })
         })??;
         Ok(Some(cpu_tensor(out, res.shape().clone())?))
     }
@@ -382,7 +478,11 @@ pub fn masked_relu(pre: &Tensor, mask: Vec<bool>) -> CResult<Tensor> {
 
 /// TopK / BatchTopK latents: the selected entries of `pre` (ReLU'd), zeros elsewhere.
 /// Returns the latents and the smallest selected value (BatchTopK's threshold estimate).
-pub fn topk_latents(pre: &Tensor, how: &Selection, allowed: Option<&[bool]>) -> CResult<(Tensor, Option<f32>)> {
+pub fn topk_latents(
+    pre: &Tensor,
+    how: &Selection,
+    allowed: Option<&[bool]>,
+) -> CResult<(Tensor, Option<f32>)> {
     let (_, cols) = pre.dims2()?;
     let host = pre.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let (mask, min) = with_cpu_slice(&host, |v| select_mask(v, cols, how, allowed, true))?;
@@ -439,47 +539,62 @@ fn unit_rows(sim: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
 
 /// The batch MonoLoss of CSR latents (B × M; absent entries are zeros) judged by `sim` (B × D):
 /// the state for the backward pass, the loss and its statistics.
-fn mono_forward(csr: &SparseBatch, b: usize, m: usize, sim: &[f32], d: usize, eps: f32) -> (MonoLossSaved, f32, MonoLossStats) {
+fn mono_forward(
+    csr: &SparseBatch,
+    b: usize,
+    m: usize,
+    sim: &[f32],
+    d: usize,
+    eps: f32,
+) -> (MonoLossSaved, f32, MonoLossStats) {
     let (unit, unit_sum) = unit_rows(sim, d);
     let cols = sparse::to_columns(csr.as_rows(), m);
     // Column order: each neuron's w_k (a D-row) stays in cache while its rows are gathered.
     let mut w = vec![0f32; m * d];
     let mut neurons = vec![NeuronBatchStats::default(); m];
-    w.par_chunks_mut(d).zip(neurons.par_iter_mut()).enumerate().with_min_len(16).for_each(|(k, (w, n))| {
-        let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
-        let (rows, vals) = (&cols.rows[span.clone()], &cols.values[span]);
-        let implicit = b - vals.len();
-        let mut min = vals.iter().copied().fold(f32::INFINITY, f32::min);
-        let mut max = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if implicit > 0 {
-            min = min.min(0.0);
-            max = max.max(0.0);
-        }
-        let range = max - min + eps;
-        // Scaled value of the implicit zeros: 0 unless the minimum is negative.
-        let zero_scaled = -min / range;
-        let (mut u, mut v) = (implicit as f32 * zero_scaled, implicit as f32 * zero_scaled * zero_scaled);
-        for (&r, &l) in rows.iter().zip(vals) {
-            let a = (l - min) / range;
-            u += a;
-            v += a * a;
-            // Explicit entries carry (a − zero_scaled); every row's zero_scaled share is added below.
-            let p = &unit[r as usize * d..(r as usize + 1) * d];
-            let coef = a - zero_scaled;
-            w.iter_mut().zip(p).for_each(|(wi, &pi)| *wi += coef * pi);
-        }
-        if zero_scaled != 0.0 {
-            w.iter_mut().zip(&unit_sum).for_each(|(wi, &s)| *wi += zero_scaled * s);
-        }
-        let num = 0.5 * (sparse::dot(w, w) - v);
-        let den = 0.5 * (u * u - v);
-        *n = NeuronBatchStats { min, max, range, u, v, num, den, active: den > eps };
-    });
+    w.par_chunks_mut(d).zip(neurons.par_iter_mut()).enumerate().with_min_len(16).for_each(
+        |(k, (w, n))| {
+            let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
+            let (rows, vals) = (&cols.rows[span.clone()], &cols.values[span]);
+            let implicit = b - vals.len();
+            let mut min = vals.iter().copied().fold(f32::INFINITY, f32::min);
+            let mut max = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if implicit > 0 {
+                min = min.min(0.0);
+                max = max.max(0.0);
+            }
+            let range = max - min + eps;
+            // Scaled value of the implicit zeros: 0 unless the minimum is negative.
+            let zero_scaled = -min / range;
+            let (mut u, mut v) =
+                (implicit as f32 * zero_scaled, implicit as f32 * zero_scaled * zero_scaled);
+            for (&r, &l) in rows.iter().zip(vals) {
+                let a = (l - min) / range;
+                u += a;
+                v += a * a;
+                // Explicit entries carry (a − zero_scaled); every row's zero_scaled share is added below.
+                let p = &unit[r as usize * d..(r as usize + 1) * d];
+                let coef = a - zero_scaled;
+                w.iter_mut().zip(p).for_each(|(wi, &pi)| *wi += coef * pi);
+            }
+            if zero_scaled != 0.0 {
+                w.iter_mut().zip(&unit_sum).for_each(|(wi, &s)| *wi += zero_scaled * s);
+            }
+            let num = 0.5 * (sparse::dot(w, w) - v);
+            let den = 0.5 * (u * u - v);
+            *n = NeuronBatchStats { min, max, range, u, v, num, den, active: den > eps };
+        },
+    );
     let n_active = neurons.iter().filter(|n| n.active).count();
-    let total: f64 = neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
+    let total: f64 =
+        neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
     let mean = if n_active > 0 { total / n_active as f64 } else { 0.0 };
     let loss = if n_active > 0 { 1.0 - mean } else { 1.0 };
-    (MonoLossSaved { cols, unit, unit_sum, w, neurons }, loss as f32, MonoLossStats { n_active, mean_score: mean })
+    (
+        MonoLossSaved { cols, unit, unit_sum, w, neurons },
+        loss as f32,
+        MonoLossStats { n_active, mean_score: mean },
+    )
 }
 
 /// g_out · ∂loss/∂latents on the support, in CSC order (`saved.cols`).
@@ -491,7 +606,7 @@ fn mono_backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) -> Vec<f
     }
     let d = unit_sum.len();
     let g_score = -g_out / n_active as f32; // ∂L/∂MS_k for active k
-    // Per neuron: ∂L/∂num, ∂L/∂den and the min/max gradients, closed forms over all rows.
+                                            // Per neuron: ∂L/∂num, ∂L/∂den and the min/max gradients, closed forms over all rows.
     struct Coef {
         dnum: f32,
         dden: f32,
@@ -551,21 +666,37 @@ impl CustomOp2 for SparseMonoLoss {
         "sparse-batch-mono-loss"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
         let (b, m) = dims2(l1)?;
         let (b2, d) = dims2(l2)?;
         if b != b2 {
             candle_core::bail!("mono loss: {b} rows of latents but {b2} of similarity embeddings");
         }
         let (lat, sim) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
-        let csr = SparseBatch::from_dense_with(lat, m, self.grad_support.as_deref().map(|v| v.as_slice()));
+        let csr = SparseBatch::from_dense_with(
+            lat,
+            m,
+            self.grad_support.as_deref().map(|v| v.as_slice()),
+        );
         let (saved, loss, stats) = mono_forward(&csr, b, m, sim, d, self.eps);
         *self.stats.lock().unwrap() = stats;
         *self.saved.lock().unwrap() = Some((csr, saved));
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
-    fn bwd(&self, lat: &Tensor, _sim: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        lat: &Tensor,
+        _sim: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (b, m) = lat.dims2()?;
         let g_out = grad.to_dtype(DType::F32)?.to_vec0::<f32>()?;
         let Some((csr, saved)) = self.saved.lock().unwrap().take() else {
@@ -579,7 +710,12 @@ impl CustomOp2 for SparseMonoLoss {
 /// Batch MonoLoss of (B, M) latents judged by (B, D) similarity embeddings. On the CPU with
 /// sparse latents it runs in O(nnz·D) with gradients on the non-zeros and `grad_support`;
 /// otherwise it is the dense candle graph. Returns the loss and the statistics of this batch.
-pub fn batch_mono_loss(latents: &Tensor, similarity: &Tensor, eps: f64, grad_support: Option<&[bool]>) -> CResult<(Tensor, MonoLossStats)> {
+pub fn batch_mono_loss(
+    latents: &Tensor,
+    similarity: &Tensor,
+    eps: f64,
+    grad_support: Option<&[bool]>,
+) -> CResult<(Tensor, MonoLossStats)> {
     let sparse_cpu = latents.device().is_cpu()
         && latents.dtype() == DType::F32
         && with_cpu_slice(latents, |l| sparse::density(l) <= SPARSE_LIMIT)?;

@@ -35,7 +35,11 @@ impl Sae for ReluSae {
         Ok(Activation { latents: pre.relu()?, grad_support: None, batch_threshold: None })
     }
 
-    fn extra_losses(&self, pass: &ForwardPass, _dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>> {
+    fn extra_losses(
+        &self,
+        pass: &ForwardPass,
+        _dead: &[bool],
+    ) -> Result<Vec<(&'static str, Tensor)>> {
         let rows = pass.latents().dim(0)? as f64;
         let l1 = (pass.latents().sum_all()? / rows)?;
         Ok(vec![("l1", (l1 * self.spec.l1_coef)?)])

@@ -43,7 +43,11 @@ impl Sae for TopKSae {
         normalized_mse(&pass.recon, &pass.input)
     }
 
-    fn extra_losses(&self, pass: &ForwardPass, dead: &[bool]) -> Result<Vec<(&'static str, Tensor)>> {
+    fn extra_losses(
+        &self,
+        pass: &ForwardPass,
+        dead: &[bool],
+    ) -> Result<Vec<(&'static str, Tensor)>> {
         Ok(auxk_loss(self, pass, dead, true)?.map(|l| vec![("auxk", l)]).unwrap_or_default())
     }
 }

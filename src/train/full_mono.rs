@@ -38,7 +38,14 @@ struct Coefficients {
     dmax: f64,
 }
 
-fn read_batch(store: &FeatureStore, similarity: Option<&FeatureStore>, start: usize, end: usize, x: &mut Vec<f32>, sim: &mut Vec<f32>) -> Result<()> {
+fn read_batch(
+    store: &FeatureStore,
+    similarity: Option<&FeatureStore>,
+    start: usize,
+    end: usize,
+    x: &mut Vec<f32>,
+    sim: &mut Vec<f32>,
+) -> Result<()> {
     store.read_range(start, end, x)?;
     match similarity {
         Some(s) => s.read_range(start, end, sim),
@@ -54,7 +61,13 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-pub fn full_mono_gradient(sae: &dyn Sae, store: &FeatureStore, similarity: Option<&FeatureStore>, batch_rows: usize, device: &Device) -> Result<FullMonoGradient> {
+pub fn full_mono_gradient(
+    sae: &dyn Sae,
+    store: &FeatureStore,
+    similarity: Option<&FeatureStore>,
+    batch_rows: usize,
+    device: &Device,
+) -> Result<FullMonoGradient> {
     let (n, d, m) = (store.len(), store.dim(), sae.spec().n_latents);
     let sim_dim = similarity.map_or(d, |s| s.dim());
     let batch_rows = batch_rows.max(2);
@@ -70,7 +83,9 @@ pub fn full_mono_gradient(sae: &dyn Sae, store: &FeatureStore, similarity: Optio
     }
     let stats = acc.neuron_stats(true);
     let live = stats.iter().flatten().count();
-    let zero_grads = |sae: &dyn Sae| sae.params().named().iter().map(|(_, v)| vec![0f32; v.elem_count()]).collect::<Vec<_>>();
+    let zero_grads = |sae: &dyn Sae| {
+        sae.params().named().iter().map(|(_, v)| vec![0f32; v.elem_count()]).collect::<Vec<_>>()
+    };
     if live == 0 {
         return Ok(FullMonoGradient { grads: zero_grads(sae), loss: 1.0, mean_score: 0.0, live });
     }
@@ -89,7 +104,17 @@ pub fn full_mono_gradient(sae: &dyn Sae, store: &FeatureStore, similarity: Optio
                 let sum_g = dnum * (s_dot_w - s.u) + dden * (n as f64 * s.u - s.u);
                 let sum_ga = dnum * (w_sq - s.v) + dden * (s.u * s.u - s.v);
                 let range = s.max as f64 - s.min as f64;
-                Coefficients { min: s.min, max: s.max, range, u: s.u, w: s.w, dnum, dden, dmin: (sum_ga - sum_g) / range, dmax: -sum_ga / range }
+                Coefficients {
+                    min: s.min,
+                    max: s.max,
+                    range,
+                    u: s.u,
+                    w: s.w,
+                    dnum,
+                    dden,
+                    dmin: (sum_ga - sum_g) / range,
+                    dmax: -sum_ga / range,
+                }
             })
         })
         .collect();
@@ -102,7 +127,10 @@ pub fn full_mono_gradient(sae: &dyn Sae, store: &FeatureStore, similarity: Optio
         let rows = end - start;
         let pass = forward(sae, &Tensor::from_slice(&x, (rows, d), device)?, true)?;
         let latents = host(pass.latents())?;
-        ensure!(latents.iter().all(|v| v.is_finite()), "non-finite latents in the full-dataset MonoLoss pass");
+        ensure!(
+            latents.iter().all(|v| v.is_finite()),
+            "non-finite latents in the full-dataset MonoLoss pass"
+        );
         let support = pass.activation.grad_support.as_deref();
         let mut c = vec![0f32; rows * m];
         for i in 0..rows {
@@ -116,7 +144,8 @@ pub fn full_mono_gradient(sae: &dyn Sae, store: &FeatureStore, similarity: Optio
                 }
                 let Some(co) = &coefficients[k] else { continue };
                 let a = (l as f64 - co.min as f64) / co.range;
-                let p_dot_w: f64 = p.iter().zip(&co.w).map(|(&pv, &wv)| pv as f64 * wv).sum::<f64>() * inv_norm;
+                let p_dot_w: f64 =
+                    p.iter().zip(&co.w).map(|(&pv, &wv)| pv as f64 * wv).sum::<f64>() * inv_norm;
                 let da = co.dnum * (p_dot_w - a) + co.dden * (co.u - a);
                 let mut value = da / co.range;
                 if l == co.min {

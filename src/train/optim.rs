@@ -5,7 +5,9 @@
 //! (no copy) or, on a GPU, downloaded, updated and uploaded. Moments live on the host either way.
 
 use anyhow::{ensure, Result};
-use candle_core::{backprop::GradStore, CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var,
+};
 use rayon::prelude::*;
 
 /// Applies `f` to a parameter's f32 data in place.
@@ -17,7 +19,9 @@ pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
             "host-update"
         }
         fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-            let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("parameter must be contiguous") };
+            let Some((a, b)) = layout.contiguous_offsets() else {
+                candle_core::bail!("parameter must be contiguous")
+            };
             match storage {
                 CpuStorage::F32(data) => {
                     (self.0.lock().unwrap())(&mut data[a..b]);
@@ -32,7 +36,12 @@ pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
     } else {
         // Other devices and dtypes (e.g. bf16 weights in mixed precision): through an f32 host copy.
         let mut f = f;
-        let mut host = var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut host = var
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         f(&mut host);
         var.set(&Tensor::from_vec(host, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
     }
@@ -42,7 +51,9 @@ pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
 /// A parameter's gradient on the host (zeros when the graph did not reach it).
 pub fn host_grad(grads: &GradStore, var: &Var) -> Result<Vec<f32>> {
     match grads.get(var.as_tensor()) {
-        Some(g) => Ok(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
+        Some(g) => {
+            Ok(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        }
         None => Ok(vec![0.0; var.elem_count()]),
     }
 }
@@ -52,7 +63,11 @@ pub fn host_grad(grads: &GradStore, var: &Var) -> Result<Vec<f32>> {
 pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
     let partial: Vec<f64> = grads
         .iter()
-        .flat_map(|g| g.par_chunks(1 << 14).map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>()).collect::<Vec<f64>>())
+        .flat_map(|g| {
+            g.par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+                .collect::<Vec<f64>>()
+        })
         .collect();
     partial.iter().sum::<f64>().sqrt()
 }
@@ -91,7 +106,12 @@ pub fn normalize_rows(data: &mut [f32], d: usize) {
 
 /// A parameter's data on the host.
 pub fn host_data(var: &Var) -> Result<Vec<f32>> {
-    Ok(var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(var
+        .as_tensor()
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
 }
 
 /// Adam with PyTorch's update: p -= lr/(1−β₁ᵗ) · m / (√(v/(1−β₂ᵗ)) + eps).
@@ -107,12 +127,21 @@ pub struct Adam {
 
 impl Adam {
     pub fn new(sizes: &[usize], betas: [f64; 2], eps: f64) -> Self {
-        Self { beta1: betas[0], beta2: betas[1], eps, steps: 0, moments: sizes.iter().map(|&n| (vec![0.0; n], vec![0.0; n])).collect() }
+        Self {
+            beta1: betas[0],
+            beta2: betas[1],
+            eps,
+            steps: 0,
+            moments: sizes.iter().map(|&n| (vec![0.0; n], vec![0.0; n])).collect(),
+        }
     }
 
     /// One step for every parameter with its gradient.
     pub fn step(&mut self, params: &[&Var], grads: &[Vec<f32>], lr: f64) -> Result<()> {
-        ensure!(params.len() == self.moments.len() && grads.len() == params.len(), "optimizer state does not match the parameters");
+        ensure!(
+            params.len() == self.moments.len() && grads.len() == params.len(),
+            "optimizer state does not match the parameters"
+        );
         self.steps += 1;
         let t = self.steps as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
@@ -138,7 +167,13 @@ impl Adam {
 }
 
 /// Learning rate at `step` (0-based) of `total`: linear warm-up, then constant, linear or cosine decay.
-pub fn scheduled_lr(base: f64, step: usize, total: usize, warmup: usize, decay: crate::config::LrDecay) -> f64 {
+pub fn scheduled_lr(
+    base: f64,
+    step: usize,
+    total: usize,
+    warmup: usize,
+    decay: crate::config::LrDecay,
+) -> f64 {
     use crate::config::LrDecay;
     if step < warmup {
         return base * (step + 1) as f64 / warmup as f64;
@@ -183,7 +218,11 @@ mod tests {
         let w = [0.6f32, 0.8, 1.0, 0.0];
         let mut g = [1.0f32, 1.0, 2.0, 3.0];
         project_out_parallel(&mut g, &w, 2);
-        assert!((g[0] * 0.6 + g[1] * 0.8).abs() < 1e-6 && g[2].abs() < 1e-6 && (g[3] - 3.0).abs() < 1e-6);
+        assert!(
+            (g[0] * 0.6 + g[1] * 0.8).abs() < 1e-6
+                && g[2].abs() < 1e-6
+                && (g[3] - 3.0).abs() < 1e-6
+        );
         let mut rows = [3.0f32, 4.0, 0.0, 2.0];
         normalize_rows(&mut rows, 2);
         assert_eq!(rows, [0.6, 0.8, 0.0, 1.0]);
@@ -212,24 +251,48 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(sizes: &[usize], momentum: f64, nesterov: bool) -> Self {
-        Self { momentum, nesterov, buffers: sizes.iter().map(|&n| vec![0.0; n]).collect(), steps: 0 }
+        Self {
+            momentum,
+            nesterov,
+            buffers: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            steps: 0,
+        }
     }
 
     /// One step; `decay[i]` is parameter i's weight decay.
-    pub fn step(&mut self, params: &[&Var], grads: &[Vec<f32>], decay: &[f64], lr: f64) -> Result<()> {
-        ensure!(params.len() == self.buffers.len() && grads.len() == params.len(), "optimizer state does not match the parameters");
+    pub fn step(
+        &mut self,
+        params: &[&Var],
+        grads: &[Vec<f32>],
+        decay: &[f64],
+        lr: f64,
+    ) -> Result<()> {
+        ensure!(
+            params.len() == self.buffers.len() && grads.len() == params.len(),
+            "optimizer state does not match the parameters"
+        );
         let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
         self.steps += 1;
-        for (((var, grad), buf), &wd) in params.iter().zip(grads).zip(self.buffers.iter_mut()).zip(decay) {
+        for (((var, grad), buf), &wd) in
+            params.iter().zip(grads).zip(self.buffers.iter_mut()).zip(decay)
+        {
             let wd = wd as f32;
             let lr = lr as f32;
             update_param(var, |p| {
-                p.par_iter_mut().zip(buf.par_iter_mut()).zip(grad.par_iter()).for_each(|((p, b), &g)| {
-                    let g = g + wd * *p;
-                    *b = if first { g } else { mu * *b + g };
-                    let step = if mu == 0.0 { g } else if nesterov { g + mu * *b } else { *b };
-                    *p -= lr * step;
-                });
+                p.par_iter_mut().zip(buf.par_iter_mut()).zip(grad.par_iter()).for_each(
+                    |((p, b), &g)| {
+                        let g = g + wd * *p;
+                        *b = if first { g } else { mu * *b + g };
+                        let step = if mu == 0.0 {
+                            g
+                        } else if nesterov {
+                            g + mu * *b
+                        } else {
+                            *b
+                        };
+                        *p -= lr * step;
+                    },
+                );
             })?;
         }
         Ok(())
@@ -247,7 +310,13 @@ impl AdamW {
         Self { adam: Adam::new(sizes, betas, eps) }
     }
 
-    pub fn step(&mut self, params: &[&Var], grads: &[Vec<f32>], decay: &[f64], lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &[&Var],
+        grads: &[Vec<f32>],
+        decay: &[f64],
+        lr: f64,
+    ) -> Result<()> {
         for (var, &wd) in params.iter().zip(decay) {
             if wd > 0.0 {
                 let factor = (1.0 - lr * wd) as f32;

@@ -12,9 +12,16 @@ pub fn checkpoint_dirs(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathB
     let dir = run_dir.join(CHECKPOINTS_DIR);
     let mut found = Vec::new();
     if dir.is_dir() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+        {
             let entry = entry?;
-            if let Some(n) = entry.file_name().to_string_lossy().strip_prefix(prefix).and_then(|s| s.parse::<usize>().ok()) {
+            if let Some(n) = entry
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix(prefix)
+                .and_then(|s| s.parse::<usize>().ok())
+            {
                 found.push((n, entry.path()));
             }
         }
@@ -36,10 +43,16 @@ pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     crate::io::write_atomic(path, kept.as_bytes())

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::full_mono;
-use super::runs;
 use super::optim::{self, Adam};
+use super::runs;
 use crate::config::Config;
 use crate::data::store::FeatureStore;
 use crate::eval::{self, EvalResults};
@@ -87,8 +87,15 @@ fn check_inputs(config: &Config, inputs: &SaeTrainInputs) -> Result<()> {
         train.len(),
         train.dir().display()
     );
-    ensure!(config.sae.k <= config.sae.n_latents, "sae.k = {} must be ≤ sae.n_latents = {}", config.sae.k, config.sae.n_latents);
-    for (store, judge) in [(Some(train), inputs.train_similarity), (inputs.eval, inputs.eval_similarity)] {
+    ensure!(
+        config.sae.k <= config.sae.n_latents,
+        "sae.k = {} must be ≤ sae.n_latents = {}",
+        config.sae.k,
+        config.sae.n_latents
+    );
+    for (store, judge) in
+        [(Some(train), inputs.train_similarity), (inputs.eval, inputs.eval_similarity)]
+    {
         if let (Some(store), Some(judge)) = (store, judge) {
             ensure!(
                 judge.len() == store.len(),
@@ -127,7 +134,14 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(runs::checkpoint_dirs(run_dir, "step-")?.pop().map(|(_, p)| p))
 }
 
-fn save_checkpoint(run_dir: &Path, sae: &dyn Sae, adam: &Adam, since_fired: &[u64], state: &TrainerState, source: &serde_json::Value) -> Result<()> {
+fn save_checkpoint(
+    run_dir: &Path,
+    sae: &dyn Sae,
+    adam: &Adam,
+    since_fired: &[u64],
+    state: &TrainerState,
+    source: &serde_json::Value,
+) -> Result<()> {
     let dir = run_dir.join(CHECKPOINTS_DIR).join(format!("step-{:08}", state.step));
     let weights = checkpoint::weight_tensors(sae)?;
     let cfg = checkpoint::cfg_json(sae, source);
@@ -137,8 +151,12 @@ fn save_checkpoint(run_dir: &Path, sae: &dyn Sae, adam: &Adam, since_fired: &[u6
         tensors.insert(format!("adam_v.{name}"), Tensor::from_slice(v, v.len(), &Device::Cpu)?);
     }
     let fired: Vec<i64> = since_fired.iter().map(|&s| s as i64).collect();
-    tensors.insert("samples_since_fired".into(), Tensor::from_vec(fired, since_fired.len(), &Device::Cpu)?);
-    let state_json = serde_json::to_string_pretty(&json!({"trainer": state, "adam_steps": adam.steps}))? + "\n";
+    tensors.insert(
+        "samples_since_fired".into(),
+        Tensor::from_vec(fired, since_fired.len(), &Device::Cpu)?,
+    );
+    let state_json =
+        serde_json::to_string_pretty(&json!({"trainer": state, "adam_steps": adam.steps}))? + "\n";
     checkpoint::write_dir_atomic(&dir, |tmp| {
         checkpoint::write_into(tmp, &weights, &cfg)?;
         candle_core::safetensors::save(&tensors, tmp.join(STATE_TENSORS))?;
@@ -149,7 +167,11 @@ fn save_checkpoint(run_dir: &Path, sae: &dyn Sae, adam: &Adam, since_fired: &[u6
 }
 
 /// Restores SAE, optimizer and counters from a checkpoint written by `save_checkpoint`.
-fn load_checkpoint(dir: &Path, spec: &SaeSpec, device: &Device) -> Result<(Box<dyn Sae>, Adam, Vec<u64>, TrainerState)> {
+fn load_checkpoint(
+    dir: &Path,
+    spec: &SaeSpec,
+    device: &Device,
+) -> Result<(Box<dyn Sae>, Adam, Vec<u64>, TrainerState)> {
     let saved_spec = checkpoint::read_spec(dir)?;
     ensure!(
         saved_spec == *spec,
@@ -164,32 +186,56 @@ fn load_checkpoint(dir: &Path, spec: &SaeSpec, device: &Device) -> Result<(Box<d
     );
     let mut sae = checkpoint::load(dir, device)?;
     let state_path = dir.join(STATE_JSON);
-    let text = std::fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
-    let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", state_path.display()))?;
-    let state: TrainerState = serde_json::from_value(doc["trainer"].clone()).with_context(|| format!("{}: bad trainer state", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", state_path.display()))?;
+    let state: TrainerState = serde_json::from_value(doc["trainer"].clone())
+        .with_context(|| format!("{}: bad trainer state", state_path.display()))?;
     sae.restore_extra_state(&state.extra_state)?;
     let tensors_path = dir.join(STATE_TENSORS);
-    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu).with_context(|| format!("cannot read {}", tensors_path.display()))?;
-    let get = |name: &str| -> Result<&Tensor> { tensors.get(name).with_context(|| format!("{}: missing `{name}`", tensors_path.display())) };
-    let names: Vec<(&str, usize)> = sae.params().named().iter().map(|(n, v)| (*n, v.elem_count())).collect();
+    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", tensors_path.display()))?;
+    let get = |name: &str| -> Result<&Tensor> {
+        tensors.get(name).with_context(|| format!("{}: missing `{name}`", tensors_path.display()))
+    };
+    let names: Vec<(&str, usize)> =
+        sae.params().named().iter().map(|(n, v)| (*n, v.elem_count())).collect();
     let sizes: Vec<usize> = names.iter().map(|(_, s)| *s).collect();
     let mut adam = Adam::new(&sizes, [0.9, 0.999], 1e-8);
     adam.steps = doc["adam_steps"].as_u64().context("trainer state lacks adam_steps")?;
     for ((name, size), moments) in names.iter().zip(adam.moments.iter_mut()) {
         let m = get(&format!("adam_m.{name}"))?.to_vec1::<f32>()?;
         let v = get(&format!("adam_v.{name}"))?.to_vec1::<f32>()?;
-        ensure!(m.len() == *size && v.len() == *size, "{}: optimizer state of `{name}` has the wrong size", tensors_path.display());
+        ensure!(
+            m.len() == *size && v.len() == *size,
+            "{}: optimizer state of `{name}` has the wrong size",
+            tensors_path.display()
+        );
         *moments = (m, v);
     }
-    let since_fired: Vec<u64> = get("samples_since_fired")?.to_vec1::<i64>()?.into_iter().map(|s| s.max(0) as u64).collect();
-    ensure!(since_fired.len() == spec.n_latents, "{}: dead-latent counters have the wrong size", tensors_path.display());
+    let since_fired: Vec<u64> = get("samples_since_fired")?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|s| s.max(0) as u64)
+        .collect();
+    ensure!(
+        since_fired.len() == spec.n_latents,
+        "{}: dead-latent counters have the wrong size",
+        tensors_path.display()
+    );
     Ok((sae, adam, since_fired, state))
 }
 
 /// Which latents fired in this batch, and how many non-zeros the batch has.
 fn fired_columns(latents: &Tensor) -> Result<(Vec<bool>, usize)> {
     let (_, m) = latents.dims2()?;
-    let host = latents.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let host = latents
+        .detach()
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let mut fired = vec![false; m];
     let mut nnz = 0;
     for row in host.chunks_exact(m) {
@@ -205,7 +251,15 @@ fn fired_columns(latents: &Tensor) -> Result<(Vec<bool>, usize)> {
 
 /// One optimisation step's losses; returns the total loss tensor and the metrics so far.
 /// With λ = 0 the batch MonoScore is measured (no graph) only when `measure_mono`.
-fn step_losses(sae: &dyn Sae, pass: &ForwardPass, similarity: &Tensor, dead: &[bool], lambda: f64, eps: f64, measure_mono: bool) -> Result<(Tensor, StepMetrics)> {
+fn step_losses(
+    sae: &dyn Sae,
+    pass: &ForwardPass,
+    similarity: &Tensor,
+    dead: &[bool],
+    lambda: f64,
+    eps: f64,
+    measure_mono: bool,
+) -> Result<(Tensor, StepMetrics)> {
     let reconstruction = sae.reconstruction_loss(pass)?;
     let mut total = reconstruction.clone();
     let mut terms = HashMap::new();
@@ -257,7 +311,13 @@ pub struct SaeTrainer {
 }
 
 impl SaeTrainer {
-    pub fn new(sae: Box<dyn Sae>, adam: Adam, since_fired: Vec<u64>, config: &Config, lambda: f64) -> Self {
+    pub fn new(
+        sae: Box<dyn Sae>,
+        adam: Adam,
+        since_fired: Vec<u64>,
+        config: &Config,
+        lambda: f64,
+    ) -> Self {
         Self {
             sae,
             adam,
@@ -282,17 +342,37 @@ impl SaeTrainer {
     /// One optimisation step on a batch `input` (B, D) with its similarity embeddings;
     /// `full` adds λ times the full-dataset MonoLoss gradient; `measure_mono` asks for the
     /// batch MonoScore even when it is not trained on (for logging).
-    pub fn step(&mut self, input: &Tensor, similarity: &Tensor, lr: f64, full: Option<full_mono::FullMonoGradient>, measure_mono: bool) -> Result<StepMetrics> {
+    pub fn step(
+        &mut self,
+        input: &Tensor,
+        similarity: &Tensor,
+        lr: f64,
+        full: Option<full_mono::FullMonoGradient>,
+        measure_mono: bool,
+    ) -> Result<StepMetrics> {
         let (b, d) = input.dims2()?;
         let dead: Vec<bool> = self.since_fired.iter().map(|&s| s >= self.dead_after).collect();
-        let mono = (self.batch_lambda > 0.0).then_some(ops::MonoTerm { similarity, lambda: self.batch_lambda, eps: self.eps });
+        let mono = (self.batch_lambda > 0.0).then_some(ops::MonoTerm {
+            similarity,
+            lambda: self.batch_lambda,
+            eps: self.eps,
+        });
         let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono)?;
-        let (total, mut metrics) = step_losses(self.sae.as_ref(), &pass, similarity, &dead, self.batch_lambda, self.eps, measure_mono)?;
+        let (total, mut metrics) = step_losses(
+            self.sae.as_ref(),
+            &pass,
+            similarity,
+            &dead,
+            self.batch_lambda,
+            self.eps,
+            measure_mono,
+        )?;
         ensure!(metrics.loss.is_finite(), "training diverged: loss is {}", metrics.loss);
         let grads = total.backward()?;
 
         let params = self.sae.params().named();
-        let mut host: Vec<Vec<f32>> = params.iter().map(|(_, v)| optim::host_grad(&grads, v)).collect::<Result<_>>()?;
+        let mut host: Vec<Vec<f32>> =
+            params.iter().map(|(_, v)| optim::host_grad(&grads, v)).collect::<Result<_>>()?;
         drop(grads);
         if let Some(full) = full {
             for (h, g) in host.iter_mut().zip(&full.grads) {
@@ -323,7 +403,13 @@ impl SaeTrainer {
 }
 
 /// Trains an SAE as `config` says, writing into `run_dir`.
-pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resume: bool, device: &Device) -> Result<TrainReport> {
+pub fn train_sae(
+    config: &Config,
+    inputs: &SaeTrainInputs,
+    run_dir: &Path,
+    resume: bool,
+    device: &Device,
+) -> Result<TrainReport> {
     check_inputs(config, inputs)?;
     let lambda = config.lambda()?;
     let spec = SaeSpec::from_config(&config.sae, inputs.train.dim());
@@ -357,13 +443,18 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
     trainer.adam.beta2 = config.train.adam_betas[1];
     trainer.adam.eps = config.train.adam_eps;
 
-    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
     if start_step == 0 {
-        crate::io::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(config)?.as_bytes())?;
+        crate::io::write_atomic(
+            &run_dir.join("config.toml"),
+            toml::to_string_pretty(config)?.as_bytes(),
+        )?;
     }
     let metrics_path = run_dir.join(METRICS_FILE);
     runs::truncate_metrics(&metrics_path, start_step)?;
-    let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+    let mut metrics_file =
+        std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
 
     let train = inputs.train;
     let (b, d) = (config.train.batch_size, train.dim());
@@ -386,9 +477,13 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
     for step in start_step..total_steps {
         let epoch = step / steps_per_epoch;
         if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            order = Some((epoch, train.epoch_order(config.run.seed, epoch as u64, config.features.shuffle_buffer)));
+            order = Some((
+                epoch,
+                train.epoch_order(config.run.seed, epoch as u64, config.features.shuffle_buffer),
+            ));
         }
-        let rows = &order.as_ref().unwrap().1[(step % steps_per_epoch) * b..(step % steps_per_epoch + 1) * b];
+        let rows = &order.as_ref().unwrap().1
+            [(step % steps_per_epoch) * b..(step % steps_per_epoch + 1) * b];
         train.read_rows(rows, &mut x)?;
         let input = Tensor::from_slice(&x, (b, d), device)?;
         let similarity = match inputs.train_similarity {
@@ -399,15 +494,30 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
             None => input.clone(),
         };
 
-        let full = if lambda > 0.0 && config.mono.period > 1 && (step + 1) % config.mono.period == 0 {
-            Some(full_mono::full_mono_gradient(trainer.sae.as_ref(), train, inputs.train_similarity, b, device)?)
+        let full = if lambda > 0.0 && config.mono.period > 1 && (step + 1) % config.mono.period == 0
+        {
+            Some(full_mono::full_mono_gradient(
+                trainer.sae.as_ref(),
+                train,
+                inputs.train_similarity,
+                b,
+                device,
+            )?)
         } else {
             None
         };
-        let lr = optim::scheduled_lr(config.train.lr, step, total_steps, config.train.warmup_steps, config.train.lr_decay);
+        let lr = optim::scheduled_lr(
+            config.train.lr,
+            step,
+            total_steps,
+            config.train.warmup_steps,
+            config.train.lr_decay,
+        );
         let done = step + 1;
         let log = done % config.train.log_every == 0 || done == total_steps;
-        let mut metrics = trainer.step(&input, &similarity, lr, full, log).with_context(|| format!("training step {done}"))?;
+        let mut metrics = trainer
+            .step(&input, &similarity, lr, full, log)
+            .with_context(|| format!("training step {done}"))?;
 
         metrics.step = done;
         metrics.epoch = epoch;
@@ -415,13 +525,31 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
             writeln!(metrics_file, "{}", serde_json::to_string(&metrics)?)?;
         }
         if let Some(score) = metrics.mono_score {
-            bar.set_prefix(format!("loss {:.4} L0 {:.1} dead {} mono {score:.3}", metrics.loss, metrics.l0, metrics.dead));
+            bar.set_prefix(format!(
+                "loss {:.4} L0 {:.1} dead {} mono {score:.3}",
+                metrics.loss, metrics.l0, metrics.dead
+            ));
         }
         bar.inc(1);
-        if (config.train.checkpoint_every > 0 && done % config.train.checkpoint_every == 0) || done == total_steps {
+        if (config.train.checkpoint_every > 0 && done % config.train.checkpoint_every == 0)
+            || done == total_steps
+        {
             metrics_file.flush()?;
-            let state = TrainerState { step: done, lambda, batch_size: b, seed: config.run.seed, extra_state: trainer.sae.extra_state() };
-            save_checkpoint(run_dir, trainer.sae.as_ref(), &trainer.adam, &trainer.since_fired, &state, &source)?;
+            let state = TrainerState {
+                step: done,
+                lambda,
+                batch_size: b,
+                seed: config.run.seed,
+                extra_state: trainer.sae.extra_state(),
+            };
+            save_checkpoint(
+                run_dir,
+                trainer.sae.as_ref(),
+                &trainer.adam,
+                &trainer.since_fired,
+                &state,
+                &source,
+            )?;
         }
     }
     bar.finish_and_clear();
@@ -430,7 +558,16 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
     checkpoint::save(&run_dir.join(FINAL_SAE_DIR), trainer.sae.as_ref(), &source)?;
 
     let results = match inputs.eval {
-        Some(store) => Some(evaluate_into(run_dir, trainer.sae.as_ref(), store, inputs.eval_similarity, config, lambda, seconds, device)?),
+        Some(store) => Some(evaluate_into(
+            run_dir,
+            trainer.sae.as_ref(),
+            store,
+            inputs.eval_similarity,
+            config,
+            lambda,
+            seconds,
+            device,
+        )?),
         None => None,
     };
     Ok(TrainReport { steps: total_steps, results })
@@ -438,8 +575,18 @@ pub fn train_sae(config: &Config, inputs: &SaeTrainInputs, run_dir: &Path, resum
 
 /// Evaluates and writes results.json and latent_stats.safetensors into `run_dir`.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate_into(run_dir: &Path, sae: &dyn Sae, store: &FeatureStore, similarity: Option<&FeatureStore>, config: &Config, lambda: f64, train_seconds: f64, device: &Device) -> Result<EvalResults> {
-    let (results, latents) = eval::evaluate(sae, store, similarity, config.train.batch_size, device)?;
+pub fn evaluate_into(
+    run_dir: &Path,
+    sae: &dyn Sae,
+    store: &FeatureStore,
+    similarity: Option<&FeatureStore>,
+    config: &Config,
+    lambda: f64,
+    train_seconds: f64,
+    device: &Device,
+) -> Result<EvalResults> {
+    let (results, latents) =
+        eval::evaluate(sae, store, similarity, config.train.batch_size, device)?;
     let doc = json!({
         "results": results,
         "sae": sae.spec(),
@@ -474,22 +621,38 @@ pub fn eval_run(target: &Path, split: Option<&str>) -> Result<(PathBuf, EvalResu
         (config, dir)
     } else {
         let path = target.join("config.toml");
-        ensure!(path.is_file(), "{} is neither a config file nor a run directory (no config.toml)", target.display());
+        ensure!(
+            path.is_file(),
+            "{} is neither a config file nor a run directory (no config.toml)",
+            target.display()
+        );
         (Config::load(&path)?, target.to_path_buf())
     };
     let device = crate::device::open_device(&config.run.device)?;
     let sae_dir = match run_dir.join(FINAL_SAE_DIR) {
         d if d.is_dir() => d,
-        _ => latest_checkpoint(&run_dir)?.with_context(|| format!("{} has no trained SAE (no sae/ and no checkpoint)", run_dir.display()))?,
+        _ => latest_checkpoint(&run_dir)?.with_context(|| {
+            format!("{} has no trained SAE (no sae/ and no checkpoint)", run_dir.display())
+        })?,
     };
     let sae = checkpoint::load(&sae_dir, &device)?;
     let split = split.unwrap_or(&config.data.eval_split).to_string();
     let dir = crate::data::sets::features_dir(&config);
     let store = crate::data::store::open_split(&dir, &split)?;
-    let judge = config.mono.similarity_store.as_ref().map(|j| crate::data::store::open_split(j, &split)).transpose()?;
+    let judge = config
+        .mono
+        .similarity_store
+        .as_ref()
+        .map(|j| crate::data::store::open_split(j, &split))
+        .transpose()?;
     let lambda = config.lambda().unwrap_or(0.0);
-    let (results, latents) = eval::evaluate(sae.as_ref(), &store, judge.as_ref(), config.train.batch_size, &device)?;
-    let name = if split == config.data.eval_split { RESULTS_FILE.to_string() } else { format!("results-{split}.json") };
+    let (results, latents) =
+        eval::evaluate(sae.as_ref(), &store, judge.as_ref(), config.train.batch_size, &device)?;
+    let name = if split == config.data.eval_split {
+        RESULTS_FILE.to_string()
+    } else {
+        format!("results-{split}.json")
+    };
     let doc = json!({"results": results, "sae": sae.spec(), "lambda": lambda, "checkpoint": sae_dir.display().to_string()});
     crate::io::write_json_atomic(&run_dir.join(&name), &doc)?;
     if name == RESULTS_FILE {

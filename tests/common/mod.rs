@@ -15,20 +15,39 @@ use rand_distr::{Distribution, StandardNormal};
 pub fn tiny_resnet(dir: &Path, w: usize, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let conv = |t: &mut HashMap<String, Tensor>, rng: &mut StdRng, name: &str, o: usize, i: usize, k: usize| {
+    let conv = |t: &mut HashMap<String, Tensor>,
+                rng: &mut StdRng,
+                name: &str,
+                o: usize,
+                i: usize,
+                k: usize| {
         let fan_in = (i * k * k) as f32;
-        let v: Vec<f32> = (0..o * i * k * k).map(|_| StandardNormal.sample(rng)).map(|x: f32| x * (2.0 / fan_in).sqrt()).collect();
-        t.insert(format!("{name}.weight"), Tensor::from_vec(v, (o, i, k, k), &Device::Cpu).unwrap());
+        let v: Vec<f32> = (0..o * i * k * k)
+            .map(|_| StandardNormal.sample(rng))
+            .map(|x: f32| x * (2.0 / fan_in).sqrt())
+            .collect();
+        t.insert(
+            format!("{name}.weight"),
+            Tensor::from_vec(v, (o, i, k, k), &Device::Cpu).unwrap(),
+        );
     };
     let bn = |t: &mut HashMap<String, Tensor>, rng: &mut StdRng, name: &str, c: usize| {
         let r = |rng: &mut StdRng, center: f32, width: f32| -> Tensor {
-            Tensor::from_vec((0..c).map(|_| center + width * rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), c, &Device::Cpu).unwrap()
+            Tensor::from_vec(
+                (0..c).map(|_| center + width * rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(),
+                c,
+                &Device::Cpu,
+            )
+            .unwrap()
         };
         t.insert(format!("{name}.weight"), r(rng, 1.0, 0.1));
         t.insert(format!("{name}.bias"), r(rng, 0.0, 0.1));
         t.insert(format!("{name}.running_mean"), r(rng, 0.0, 0.1));
         t.insert(format!("{name}.running_var"), r(rng, 1.0, 0.2));
-        t.insert(format!("{name}.num_batches_tracked"), Tensor::zeros((), DType::I64, &Device::Cpu).unwrap());
+        t.insert(
+            format!("{name}.num_batches_tracked"),
+            Tensor::zeros((), DType::I64, &Device::Cpu).unwrap(),
+        );
     };
     conv(&mut t, &mut rng, "conv1", w, 3, 7);
     bn(&mut t, &mut rng, "bn1", w);
@@ -60,7 +79,11 @@ pub struct Outcome {
 
 /// Runs the `mono` binary with `--quiet`.
 pub fn mono(args: &[&str]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_mono")).args(args).arg("--quiet").output().expect("run mono");
+    let out = Command::new(env!("CARGO_BIN_EXE_mono"))
+        .args(args)
+        .arg("--quiet")
+        .output()
+        .expect("run mono");
     Outcome {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into(),
@@ -72,6 +95,7 @@ pub fn mono(args: &[&str]) -> Outcome {
 pub fn seeded_randn(shape: &[usize], std: f64, dtype: DType, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).map(|x: f64| x * std).collect();
+    let v: Vec<f64> =
+        (0..n).map(|_| StandardNormal.sample(&mut rng)).map(|x: f64| x * std).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }

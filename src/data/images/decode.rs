@@ -29,7 +29,8 @@ use image::{DynamicImage, ImageReader, RgbImage, RgbaImage};
 
 /// Reads and decodes one image file as 8-bit RGB. Every error names the file.
 pub fn load_image_file(path: &Path) -> Result<RgbImage> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open image {}", path.display()))?;
     let reader = ImageReader::new(BufReader::new(file))
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
@@ -71,8 +72,12 @@ mod tests {
 
     #[test]
     fn alpha_blends_over_white() {
-        let rgba =
-            RgbaImage::from_raw(4, 1, vec![10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128, 200, 100, 0, 64]).unwrap();
+        let rgba = RgbaImage::from_raw(
+            4,
+            1,
+            vec![10, 20, 30, 255, 10, 20, 30, 0, 0, 0, 0, 128, 200, 100, 0, 64],
+        )
+        .unwrap();
         let rgb = composite_over_white(&rgba);
         assert_eq!(rgb.get_pixel(0, 0), &Rgb([10, 20, 30]), "opaque: unchanged");
         assert_eq!(rgb.get_pixel(1, 0), &Rgb([255, 255, 255]), "transparent: white");
@@ -106,15 +111,20 @@ mod tests {
         assert_eq!(to_rgb8(grey).get_pixel(1, 0), &Rgb([77, 77, 77]));
 
         // 257·k + 128 → k (down), 257·k + 129 → k + 1 (up), 65535 → 255.
-        let wide = ImageBuffer::from_raw(3, 1, vec![257 * 9 + 128, 0, 0, 257 * 9 + 129, 1, 2, 65535, 65535, 65535u16])
-            .unwrap();
+        let wide = ImageBuffer::from_raw(
+            3,
+            1,
+            vec![257 * 9 + 128, 0, 0, 257 * 9 + 129, 1, 2, 65535, 65535, 65535u16],
+        )
+        .unwrap();
         let rgb = to_rgb8(DynamicImage::ImageRgb16(wide));
         assert_eq!(rgb.as_raw(), &[9, 0, 0, 10, 0, 0, 255, 255, 255]);
 
         let la = DynamicImage::ImageLumaA8(ImageBuffer::from_pixel(1, 1, LumaA([0, 0])));
         assert_eq!(to_rgb8(la).get_pixel(0, 0), &Rgb([255, 255, 255]));
 
-        let rgba16 = DynamicImage::ImageRgba16(ImageBuffer::from_pixel(1, 1, Rgba([0, 65535, 0, 65535u16])));
+        let rgba16 =
+            DynamicImage::ImageRgba16(ImageBuffer::from_pixel(1, 1, Rgba([0, 65535, 0, 65535u16])));
         assert_eq!(to_rgb8(rgba16).get_pixel(0, 0), &Rgb([0, 255, 0]));
     }
 

@@ -37,7 +37,11 @@ impl FileDataset {
     /// Appends one item; every id must name a class.
     pub fn push(&mut self, file: PathBuf, ids: &[u32]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.class_names.len()) {
-            anyhow::bail!("{}: label {bad} but there are {} classes", file.display(), self.class_names.len());
+            anyhow::bail!(
+                "{}: label {bad} but there are {} classes",
+                file.display(),
+                self.class_names.len()
+            );
         }
         self.labels.push_row(ids)?;
         self.files.push(file);
@@ -77,7 +81,8 @@ impl ImageDataset for FileDataset {
     }
 
     fn path(&self, i: usize) -> String {
-        let parts: Vec<_> = self.files[i].components().map(|c| c.as_os_str().to_string_lossy()).collect();
+        let parts: Vec<_> =
+            self.files[i].components().map(|c| c.as_os_str().to_string_lossy()).collect();
         parts.join("/")
     }
 
@@ -94,7 +99,12 @@ impl ImageDataset for FileDataset {
     }
 
     fn load(&self, i: usize) -> Result<RgbImage> {
-        ensure!(i < self.len(), "{}: item {i} out of range (the set has {})", self.root.display(), self.len());
+        ensure!(
+            i < self.len(),
+            "{}: item {i} out of range (the set has {})",
+            self.root.display(),
+            self.len()
+        );
         load_image_file(&self.root.join(&self.files[i]))
     }
 

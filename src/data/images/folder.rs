@@ -18,9 +18,14 @@ use super::walk::{image_files_nested, subdirectories};
 use crate::data::store::LabelKind;
 
 pub fn open_folder(root: &Path, split: &str) -> Result<FileDataset> {
-    let (dir, prefix) = split_dir(root, split, "; use split \".\" for a folder without split subdirectories")?;
+    let (dir, prefix) =
+        split_dir(root, split, "; use split \".\" for a folder without split subdirectories")?;
     let classes = subdirectories(&dir)?;
-    ensure!(!classes.is_empty(), "{}: no class subdirectories (expected one folder per class)", dir.display());
+    ensure!(
+        !classes.is_empty(),
+        "{}: no class subdirectories (expected one folder per class)",
+        dir.display()
+    );
     let per_class = list_class_folders(&dir, &classes)?;
     let mut set = FileDataset::new(root, LabelKind::Class, classes.clone());
     for (id, (class, files)) in classes.iter().zip(per_class).enumerate() {
@@ -36,7 +41,10 @@ pub(super) fn split_dir(root: &Path, split: &str, hint: &str) -> Result<(PathBuf
     if split.is_empty() || split == "." {
         return Ok((root.to_path_buf(), PathBuf::new()));
     }
-    ensure!(!split.contains(['/', '\\']) && split != "..", "split {split:?} must be a plain directory name");
+    ensure!(
+        !split.contains(['/', '\\']) && split != "..",
+        "split {split:?} must be a plain directory name"
+    );
     let dir = root.join(split);
     if !dir.is_dir() {
         let present = subdirectories(root).unwrap_or_default();

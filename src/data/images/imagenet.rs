@@ -101,7 +101,11 @@ fn from_class_folders(
     let mut set = FileDataset::new(root, LabelKind::Class, classes.names(&wnids));
     for (folder, files) in folders.iter().zip(list_class_folders(dir, folders)?) {
         let id = *index.get(folder.as_str()).with_context(|| {
-            format!("{}: folder `{folder}` is not a class of {}", dir.display(), classes.source_or(dir))
+            format!(
+                "{}: folder `{folder}` is not a class of {}",
+                dir.display(),
+                classes.source_or(dir)
+            )
         })?;
         for file in files {
             set.push(rel.join(folder).join(file), &[id])?;
@@ -111,7 +115,13 @@ fn from_class_folders(
 }
 
 /// Image files directly in `dir`, labelled by the split's labels file.
-fn from_flat_files(root: &Path, split: &str, dir: &Path, rel: &Path, classes: Classes) -> Result<FileDataset> {
+fn from_flat_files(
+    root: &Path,
+    split: &str,
+    dir: &Path,
+    rel: &Path,
+    classes: Classes,
+) -> Result<FileDataset> {
     let (labels_file, labels) = read_flat_labels(root, split)?;
     let wnids = match &classes.wnids {
         Some(w) => w.clone(),
@@ -122,12 +132,16 @@ fn from_flat_files(root: &Path, split: &str, dir: &Path, rel: &Path, classes: Cl
     let mut set = FileDataset::new(root, LabelKind::Class, classes.names(&wnids));
     for name in image_files_flat(dir)? {
         let label = labels.get(strip_image_extension(&name)).with_context(|| {
-            format!("{}: no label for this image in {}", dir.join(&name).display(), labels_file.display())
+            format!(
+                "{}: no label for this image in {}",
+                dir.join(&name).display(),
+                labels_file.display()
+            )
         })?;
         let id = match label {
-            Label::Wnid(w) => *index
-                .get(w.as_str())
-                .with_context(|| format!("{}: wnid {w} of {name} is not a class of {source}", labels_file.display()))?,
+            Label::Wnid(w) => *index.get(w.as_str()).with_context(|| {
+                format!("{}: wnid {w} of {name} is not a class of {source}", labels_file.display())
+            })?,
             Label::Index(i) => {
                 ensure!(
                     (*i as usize) < wnids.len(),
@@ -148,13 +162,17 @@ pub fn read_synset_mapping(path: &Path) -> Result<Option<Vec<(String, String)>>>
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut synsets = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let line = line.trim();
         let (wnid, name) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
         let name = name.trim();
-        synsets.push((wnid.to_string(), if name.is_empty() { wnid.to_string() } else { name.to_string() }));
+        synsets.push((
+            wnid.to_string(),
+            if name.is_empty() { wnid.to_string() } else { name.to_string() },
+        ));
     }
     ensure!(!synsets.is_empty(), "{}: no synsets", path.display());
     synsets.sort();
@@ -192,42 +210,58 @@ fn read_flat_labels(root: &Path, split: &str) -> Result<(PathBuf, HashMap<String
 }
 
 fn read_solution_csv(path: &Path) -> Result<HashMap<String, Label>> {
-    let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let headers = reader.headers().with_context(|| format!("{}: cannot read the header", path.display()))?.clone();
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{}: cannot read the header", path.display()))?
+        .clone();
     let column = |name: &str| {
-        headers.iter().position(|h| h.trim() == name).with_context(|| format!("{}: no `{name}` column", path.display()))
+        headers
+            .iter()
+            .position(|h| h.trim() == name)
+            .with_context(|| format!("{}: no `{name}` column", path.display()))
     };
     let (id_col, pred_col) = (column("ImageId")?, column("PredictionString")?);
     let mut labels = HashMap::new();
     for (row, record) in reader.records().enumerate() {
         let line = row + 2;
         let record = record.with_context(|| format!("{}: line {line}", path.display()))?;
-        let (id, prediction) = (record.get(id_col).unwrap_or("").trim(), record.get(pred_col).unwrap_or(""));
+        let (id, prediction) =
+            (record.get(id_col).unwrap_or("").trim(), record.get(pred_col).unwrap_or(""));
         let wnid = prediction
             .split_whitespace()
             .next()
             .with_context(|| format!("{}: line {line}: empty PredictionString", path.display()))?;
         ensure!(!id.is_empty(), "{}: line {line}: empty ImageId", path.display());
-        insert_label(&mut labels, strip_image_extension(id), Label::Wnid(wnid.to_string()), path, line)?;
+        insert_label(
+            &mut labels,
+            strip_image_extension(id),
+            Label::Wnid(wnid.to_string()),
+            path,
+            line,
+        )?;
     }
     Ok(labels)
 }
 
 fn read_labels_txt(path: &Path) -> Result<HashMap<String, Label>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut labels = HashMap::new();
     for (row, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let line_no = row + 1;
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [name, label] = fields[..] else {
-            bail!("{}: line {line_no}: expected `<file name> <wnid or index>`, got {line:?}", path.display());
+            bail!(
+                "{}: line {line_no}: expected `<file name> <wnid or index>`, got {line:?}",
+                path.display()
+            );
         };
         let label = if label.bytes().all(|b| b.is_ascii_digit()) {
-            Label::Index(
-                label
-                    .parse()
-                    .with_context(|| format!("{}: line {line_no}: label {label} too large", path.display()))?,
-            )
+            Label::Index(label.parse().with_context(|| {
+                format!("{}: line {line_no}: label {label} too large", path.display())
+            })?)
         } else {
             Label::Wnid(label.to_string())
         };
@@ -237,9 +271,19 @@ fn read_labels_txt(path: &Path) -> Result<HashMap<String, Label>> {
     Ok(labels)
 }
 
-fn insert_label(labels: &mut HashMap<String, Label>, key: &str, label: Label, path: &Path, line: usize) -> Result<()> {
+fn insert_label(
+    labels: &mut HashMap<String, Label>,
+    key: &str,
+    label: Label,
+    path: &Path,
+    line: usize,
+) -> Result<()> {
     if let Some(old) = labels.insert(key.to_string(), label.clone()) {
-        ensure!(old == label, "{}: line {line}: {key} is labelled twice, {old:?} and {label:?}", path.display());
+        ensure!(
+            old == label,
+            "{}: line {line}: {key} is labelled twice, {old:?} and {label:?}",
+            path.display()
+        );
     }
     Ok(())
 }

@@ -57,10 +57,24 @@ impl MemoryDataset {
             pixels.len(),
             labels.len()
         );
-        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= class_names.len()) {
-            anyhow::bail!("{set} {split}: item {i} has label {l} but there are only {} classes", class_names.len());
+        if let Some((i, &l)) =
+            labels.iter().enumerate().find(|(_, &l)| l as usize >= class_names.len())
+        {
+            anyhow::bail!(
+                "{set} {split}: item {i} has label {l} but there are only {} classes",
+                class_names.len()
+            );
         }
-        Ok(Self { set: set.into(), split: split.into(), layout, width, height, pixels, labels, class_names })
+        Ok(Self {
+            set: set.into(),
+            split: split.into(),
+            layout,
+            width,
+            height,
+            pixels,
+            labels,
+            class_names,
+        })
     }
 
     fn item_bytes(&self) -> usize {
@@ -90,7 +104,12 @@ impl ImageDataset for MemoryDataset {
     }
 
     fn load(&self, i: usize) -> Result<RgbImage> {
-        ensure!(i < self.len(), "{}: item {i} out of range (the split has {})", self.path(i), self.len());
+        ensure!(
+            i < self.len(),
+            "{}: item {i} out of range (the split has {})",
+            self.path(i),
+            self.len()
+        );
         let size = self.item_bytes();
         let item = &self.pixels[i * size..(i + 1) * size];
         let rgb: Vec<u8> = match self.layout {
@@ -115,18 +134,45 @@ mod tests {
         // Two 2×1 planar items: item 1 is R = (10, 11), G = (20, 21), B = (30, 31).
         let pixels = vec![0, 0, 0, 0, 0, 0, 10, 11, 20, 21, 30, 31];
         let names = vec!["a".to_string(), "b".to_string()];
-        let set =
-            MemoryDataset::new("s", "test", PixelLayout::PlanarRgb, (2, 1), pixels, vec![0, 1], names.clone()).unwrap();
+        let set = MemoryDataset::new(
+            "s",
+            "test",
+            PixelLayout::PlanarRgb,
+            (2, 1),
+            pixels,
+            vec![0, 1],
+            names.clone(),
+        )
+        .unwrap();
         assert_eq!(set.load(1).unwrap().as_raw(), &[10, 20, 30, 11, 21, 31]);
         assert_eq!(set.path(1), "s/test/000001");
         assert!(set.load(2).unwrap_err().to_string().contains("out of range"));
 
-        let grey =
-            MemoryDataset::new("g", "train", PixelLayout::Grey, (1, 2), vec![5, 6], vec![1], names.clone()).unwrap();
+        let grey = MemoryDataset::new(
+            "g",
+            "train",
+            PixelLayout::Grey,
+            (1, 2),
+            vec![5, 6],
+            vec![1],
+            names.clone(),
+        )
+        .unwrap();
         assert_eq!(grey.load(0).unwrap().as_raw(), &[5, 5, 5, 6, 6, 6]);
 
-        assert!(MemoryDataset::new("g", "train", PixelLayout::Grey, (1, 2), vec![5], vec![1], names.clone()).is_err());
-        let e = MemoryDataset::new("g", "train", PixelLayout::Grey, (1, 1), vec![5], vec![2], names).unwrap_err();
+        assert!(MemoryDataset::new(
+            "g",
+            "train",
+            PixelLayout::Grey,
+            (1, 2),
+            vec![5],
+            vec![1],
+            names.clone()
+        )
+        .is_err());
+        let e =
+            MemoryDataset::new("g", "train", PixelLayout::Grey, (1, 1), vec![5], vec![2], names)
+                .unwrap_err();
         assert!(e.to_string().contains("label 2"), "{e}");
     }
 }

@@ -53,7 +53,15 @@ pub fn open_mnist(which: Mnist, root: &Path, split: &str) -> Result<MemoryDatase
     let (images, labels) = read_idx_pair(&images, &labels)?;
     let size = (images.cols as u32, images.rows as u32);
     let labels = labels.into_iter().map(u32::from).collect();
-    MemoryDataset::new(set, split, PixelLayout::Grey, size, images.pixels, labels, which.class_names())
+    MemoryDataset::new(
+        set,
+        split,
+        PixelLayout::Grey,
+        size,
+        images.pixels,
+        labels,
+        which.class_names(),
+    )
 }
 
 /// The first existing spelling of `<prefix>-<what>-<idx>-ubyte[.gz]` in `dirs`.

@@ -91,7 +91,9 @@ fn open_whole(kind: DatasetKind, root: &Path, split: &str) -> Result<Box<dyn Ima
         DatasetKind::Openimages => Box::new(openimages::open_openimages(root, split)?),
         DatasetKind::Cifar10 => Box::new(cifar::open_cifar(cifar::Cifar::Ten, root, split)?),
         DatasetKind::Cifar100 => Box::new(cifar::open_cifar(cifar::Cifar::Hundred, root, split)?),
-        DatasetKind::FashionMnist => Box::new(mnist::open_mnist(mnist::Mnist::Fashion, root, split)?),
+        DatasetKind::FashionMnist => {
+            Box::new(mnist::open_mnist(mnist::Mnist::Fashion, root, split)?)
+        }
         DatasetKind::Mnist => Box::new(mnist::open_mnist(mnist::Mnist::Digits, root, split)?),
     })
 }

@@ -42,7 +42,8 @@ pub fn open_openimages(root: &Path, split: &str) -> Result<FileDataset> {
         root.join("metadata/class-descriptions-boxable.csv"),
     ])?;
     let (mids, names) = read_class_descriptions(&descriptions_path)?;
-    let index: HashMap<&str, u32> = mids.iter().enumerate().map(|(i, m)| (m.as_str(), i as u32)).collect();
+    let index: HashMap<&str, u32> =
+        mids.iter().enumerate().map(|(i, m)| (m.as_str(), i as u32)).collect();
     let positives = read_positive_labels(&labels_path, &index)?;
 
     let image_dir = root.join("images").join(split);
@@ -57,7 +58,9 @@ pub fn open_openimages(root: &Path, split: &str) -> Result<FileDataset> {
     let mut missing = 0;
     for id in ids {
         match on_disk.get(id.as_str()) {
-            Some(name) => set.push(PathBuf::from("images").join(split).join(name), &positives.images[id])?,
+            Some(name) => {
+                set.push(PathBuf::from("images").join(split).join(name), &positives.images[id])?
+            }
             None => missing += 1,
         }
     }
@@ -105,8 +108,9 @@ pub fn read_class_descriptions(path: &Path) -> Result<(Vec<String>, Vec<String>)
         if row == 0 && mid == "LabelName" {
             continue;
         }
-        let name =
-            name.with_context(|| format!("{}: line {}: expected `LabelName,DisplayName`", path.display(), row + 1))?;
+        let name = name.with_context(|| {
+            format!("{}: line {}: expected `LabelName,DisplayName`", path.display(), row + 1)
+        })?;
         ensure!(!mid.is_empty(), "{}: line {}: empty LabelName", path.display(), row + 1);
         classes.push((mid.to_string(), name.to_string()));
     }
@@ -129,15 +133,20 @@ struct Positives {
 
 /// The Confidence-1 labels of every image, streamed (the train files have tens of millions of rows).
 fn read_positive_labels(path: &Path, index: &HashMap<&str, u32>) -> Result<Positives> {
-    let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let headers = reader.byte_headers().with_context(|| format!("{}: cannot read the header", path.display()))?.clone();
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let headers = reader
+        .byte_headers()
+        .with_context(|| format!("{}: cannot read the header", path.display()))?
+        .clone();
     let column = |name: &str| {
         headers
             .iter()
             .position(|h| h == name.as_bytes())
             .with_context(|| format!("{}: no `{name}` column", path.display()))
     };
-    let (id_col, label_col, conf_col) = (column("ImageID")?, column("LabelName")?, column("Confidence")?);
+    let (id_col, label_col, conf_col) =
+        (column("ImageID")?, column("LabelName")?, column("Confidence")?);
     let mut images: HashMap<String, Vec<u32>> = HashMap::new();
     let mut emptied: HashSet<String> = HashSet::new();
     let mut dropped_labels = 0;
@@ -145,7 +154,9 @@ fn read_positive_labels(path: &Path, index: &HashMap<&str, u32>) -> Result<Posit
     let mut line = 1;
     loop {
         line += 1;
-        let more = reader.read_byte_record(&mut record).with_context(|| format!("{}: line {line}", path.display()))?;
+        let more = reader
+            .read_byte_record(&mut record)
+            .with_context(|| format!("{}: line {line}", path.display()))?;
         if !more {
             break;
         }
@@ -157,7 +168,10 @@ fn read_positive_labels(path: &Path, index: &HashMap<&str, u32>) -> Result<Posit
         let confidence = field(conf_col)?;
         let positive = confidence == "1"
             || confidence.parse::<f64>().with_context(|| {
-                format!("{}: line {line}: Confidence {confidence:?} is not a number", path.display())
+                format!(
+                    "{}: line {line}: Confidence {confidence:?} is not a number",
+                    path.display()
+                )
             })? == 1.0;
         if !positive {
             continue;

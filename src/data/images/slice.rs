@@ -9,14 +9,18 @@ use crate::data::store::LabelKind;
 /// Splits `name[a:b]` into the split name and the optional bounds.
 pub fn parse(split: &str) -> Result<(&str, Option<(Option<usize>, Option<usize>)>)> {
     let Some(open) = split.find('[') else { return Ok((split, None)) };
-    let inner = split[open + 1..].strip_suffix(']').with_context(|| format!("split {split:?}: expected name[a:b]"))?;
+    let inner = split[open + 1..]
+        .strip_suffix(']')
+        .with_context(|| format!("split {split:?}: expected name[a:b]"))?;
     let Some((a, b)) = inner.split_once(':') else { bail!("split {split:?}: expected name[a:b]") };
     let bound = |t: &str| -> Result<Option<usize>> {
         let t = t.trim();
         if t.is_empty() {
             Ok(None)
         } else {
-            Ok(Some(t.parse().with_context(|| format!("split {split:?}: `{t}` is not a row index"))?))
+            Ok(Some(
+                t.parse().with_context(|| format!("split {split:?}: `{t}` is not a row index"))?,
+            ))
         }
     };
     Ok((&split[..open], Some((bound(a)?, bound(b)?))))
@@ -29,7 +33,12 @@ pub struct Slice {
 }
 
 impl Slice {
-    pub fn new(inner: Box<dyn ImageDataset>, start: Option<usize>, end: Option<usize>, split: &str) -> Result<Self> {
+    pub fn new(
+        inner: Box<dyn ImageDataset>,
+        start: Option<usize>,
+        end: Option<usize>,
+        split: &str,
+    ) -> Result<Self> {
         let n = inner.len();
         let (start, end) = (start.unwrap_or(0), end.unwrap_or(n).min(n));
         ensure!(start < end, "split {split:?}: the range is empty (the split has {n} items)");

@@ -28,15 +28,19 @@ pub fn strip_image_extension(name: &str) -> &str {
 
 /// Visible subdirectories of `dir`, by name (byte order, as Python's `sorted` orders them).
 pub fn subdirectories(dir: &Path) -> Result<Vec<String>> {
-    let mut names: Vec<String> = read_dir(dir)?.into_iter().filter(|e| e.is_dir).map(|e| e.name).collect();
+    let mut names: Vec<String> =
+        read_dir(dir)?.into_iter().filter(|e| e.is_dir).map(|e| e.name).collect();
     names.sort();
     Ok(names)
 }
 
 /// Image files directly inside `dir`, as file names, sorted.
 pub fn image_files_flat(dir: &Path) -> Result<Vec<String>> {
-    let mut names: Vec<String> =
-        read_dir(dir)?.into_iter().filter(|e| !e.is_dir && is_image_file(&e.path)).map(|e| e.name).collect();
+    let mut names: Vec<String> = read_dir(dir)?
+        .into_iter()
+        .filter(|e| !e.is_dir && is_image_file(&e.path))
+        .map(|e| e.name)
+        .collect();
     names.sort();
     Ok(names)
 }
@@ -50,7 +54,12 @@ pub fn image_files_nested(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-fn walk(dir: &Path, rel: &Path, walking: &mut HashSet<PathBuf>, found: &mut Vec<PathBuf>) -> Result<()> {
+fn walk(
+    dir: &Path,
+    rel: &Path,
+    walking: &mut HashSet<PathBuf>,
+    found: &mut Vec<PathBuf>,
+) -> Result<()> {
     let real = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
     if !walking.insert(real.clone()) {
         return Ok(());
@@ -76,14 +85,17 @@ struct Entry {
 /// The visible entries of `dir`. A name that is not UTF-8 is an error: it could not be written
 /// into the feature store and found again.
 fn read_dir(dir: &Path) -> Result<Vec<Entry>> {
-    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot list directory {}", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list directory {}", dir.display()))?;
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot list directory {}", dir.display()))?;
         let name = entry.file_name();
         let name = name
             .to_str()
-            .with_context(|| format!("{}: the name {:?} is not UTF-8", dir.display(), entry.file_name()))?
+            .with_context(|| {
+                format!("{}: the name {:?} is not UTF-8", dir.display(), entry.file_name())
+            })?
             .to_string();
         if name.starts_with('.') {
             continue;
@@ -125,7 +137,10 @@ mod tests {
             std::fs::write(d.join(f), b"").unwrap();
         }
         let found = image_files_nested(d).unwrap();
-        assert_eq!(found, vec![PathBuf::from("a.jpg"), PathBuf::from("b/inner/c.gif"), PathBuf::from("z.png")]);
+        assert_eq!(
+            found,
+            vec![PathBuf::from("a.jpg"), PathBuf::from("b/inner/c.gif"), PathBuf::from("z.png")]
+        );
         assert_eq!(image_files_flat(d).unwrap(), vec!["a.jpg", "z.png"]);
         assert_eq!(subdirectories(d).unwrap(), vec!["b"]);
         assert!(subdirectories(&d.join("nope")).unwrap_err().to_string().contains("nope"));

@@ -10,7 +10,10 @@ pub enum Labels {
     /// One class id per row.
     Class(Vec<u32>),
     /// Row i holds `values[offsets[i]..offsets[i + 1]]`; `offsets` has rows + 1 entries.
-    Multi { offsets: Vec<usize>, values: Vec<u32> },
+    Multi {
+        offsets: Vec<usize>,
+        values: Vec<u32>,
+    },
 }
 
 impl Labels {
@@ -43,7 +46,9 @@ impl Labels {
     /// Appends one row; a class row takes exactly one id.
     pub fn push_row(&mut self, ids: &[u32]) -> Result<()> {
         match self {
-            Labels::None => ensure!(ids.is_empty(), "the store has no labels but a row came with {ids:?}"),
+            Labels::None => {
+                ensure!(ids.is_empty(), "the store has no labels but a row came with {ids:?}")
+            }
             Labels::Class(v) => {
                 ensure!(ids.len() == 1, "class labels take one id per row, got {ids:?}");
                 v.push(ids[0]);

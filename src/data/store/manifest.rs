@@ -108,12 +108,15 @@ impl Manifest {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                bail!("{}: missing (the store is incomplete or not a feature store)", path.display())
+                bail!(
+                    "{}: missing (the store is incomplete or not a feature store)",
+                    path.display()
+                )
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let manifest: Manifest =
-            serde_json::from_str(&text).with_context(|| format!("{}: not a valid feature-store manifest", path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid feature-store manifest", path.display()))?;
         manifest.validate().with_context(|| format!("{}", path.display()))?;
         Ok(manifest)
     }
@@ -128,7 +131,10 @@ impl Manifest {
             ensure!(s.rows > 0, "shard {} has 0 rows", s.file);
             // A shard is a plain file inside the store, never a path elsewhere.
             ensure!(
-                !s.file.is_empty() && !s.file.contains(['/', '\\']) && s.file != "." && s.file != "..",
+                !s.file.is_empty()
+                    && !s.file.contains(['/', '\\'])
+                    && s.file != "."
+                    && s.file != "..",
                 "shard file name {:?} is not a plain file name",
                 s.file
             );

@@ -34,7 +34,14 @@ pub struct FeatureStore {
 
 impl std::fmt::Debug for FeatureStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FeatureStore({} {}×{} {} shards)", self.dir.display(), self.len(), self.dim(), self.shards.len())
+        write!(
+            f,
+            "FeatureStore({} {}×{} {} shards)",
+            self.dir.display(),
+            self.len(),
+            self.dim(),
+            self.shards.len()
+        )
     }
 }
 
@@ -48,7 +55,8 @@ impl FeatureStore {
         let mut paths = Vec::with_capacity(manifest.count);
         let mut row = 0;
         for entry in &manifest.shards {
-            let (shard, extras) = Shard::open(&dir.join(&entry.file), &manifest.info, Some(entry.rows))?;
+            let (shard, extras) =
+                Shard::open(&dir.join(&entry.file), &manifest.info, Some(entry.rows))?;
             starts.push(row);
             row += shard.rows();
             labels.extend(extras.labels)?;
@@ -93,7 +101,12 @@ impl FeatureStore {
 
     /// Rows `start..end` as f32, (end - start) × dim, into `out` (cleared first).
     pub fn read_range(&self, start: usize, end: usize, out: &mut Vec<f32>) -> Result<()> {
-        ensure!(start <= end && end <= self.len(), "{}: rows {start}..{end} out of range (the store has {})", self.dir.display(), self.len());
+        ensure!(
+            start <= end && end <= self.len(),
+            "{}: rows {start}..{end} out of range (the store has {})",
+            self.dir.display(),
+            self.len()
+        );
         out.clear();
         out.reserve((end - start) * self.dim());
         let mut row = start;
@@ -112,7 +125,12 @@ impl FeatureStore {
         out.reserve(rows.len() * self.dim());
         for &row in rows {
             let row = row as usize;
-            ensure!(row < self.len(), "{}: row {row} out of range (the store has {})", self.dir.display(), self.len());
+            ensure!(
+                row < self.len(),
+                "{}: row {row} out of range (the store has {})",
+                self.dir.display(),
+                self.len()
+            );
             let s = self.shard_of(row);
             let local = row - self.starts[s];
             self.shards[s].read_into(local, local + 1, self.starts[s], out)?;
@@ -169,7 +187,8 @@ pub fn open_split(root: &Path, split: &str) -> Result<FeatureStore> {
 
 /// Subdirectories of `root` that hold a finished store, sorted.
 pub fn list_splits(root: &Path) -> Result<Vec<String>> {
-    let entries = std::fs::read_dir(root).with_context(|| format!("cannot open feature set {}", root.display()))?;
+    let entries = std::fs::read_dir(root)
+        .with_context(|| format!("cannot open feature set {}", root.display()))?;
     let mut splits = Vec::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("cannot list {}", root.display()))?;

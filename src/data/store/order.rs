@@ -53,7 +53,10 @@ mod tests {
 
     fn is_permutation(order: &[u32], n: usize) -> bool {
         let mut seen = vec![false; n];
-        order.len() == n && order.iter().all(|&r| (r as usize) < n && !std::mem::replace(&mut seen[r as usize], true))
+        order.len() == n
+            && order
+                .iter()
+                .all(|&r| (r as usize) < n && !std::mem::replace(&mut seen[r as usize], true))
     }
 
     #[test]

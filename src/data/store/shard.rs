@@ -32,7 +32,9 @@ pub fn shard_file_name(index: usize) -> String {
 /// The shard index of a file name made by `shard_file_name`.
 pub fn parse_shard_file_name(name: &str) -> Option<usize> {
     let digits = name.strip_prefix("shard-")?.strip_suffix(".safetensors")?;
-    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
 }
 
 pub fn element_type(dtype: FloatType) -> ElementType {
@@ -71,9 +73,17 @@ pub fn encode_value(dtype: FloatType, v: f32, out: &mut Vec<u8>) -> bool {
 
 /// The bytes of a shard file holding `rows` rows.
 /// `skipped` lists the inputs left out since the previous shard (kept for resumed writers).
-pub fn encode_shard(info: &StoreInfo, rows: usize, features: &[u8], labels: &Labels, paths: &[String], skipped: &[Skipped]) -> Result<Vec<u8>> {
+pub fn encode_shard(
+    info: &StoreInfo,
+    rows: usize,
+    features: &[u8],
+    labels: &Labels,
+    paths: &[String],
+    skipped: &[Skipped],
+) -> Result<Vec<u8>> {
     ensure!(paths.len() == rows, "{} paths for {rows} rows", paths.len());
-    let i64_bytes = |v: &mut dyn Iterator<Item = i64>| v.flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let i64_bytes =
+        |v: &mut dyn Iterator<Item = i64>| v.flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
     let label_bytes: Vec<(&str, Vec<usize>, Vec<u8>)> = match labels {
         Labels::None => vec![],
@@ -85,11 +95,18 @@ pub fn encode_shard(info: &StoreInfo, rows: usize, features: &[u8], labels: &Lab
             ensure!(offsets.len() == rows + 1, "{} label offsets for {rows} rows", offsets.len());
             vec![
                 (LABEL_OFFSETS, vec![rows + 1], i64_bytes(&mut offsets.iter().map(|&x| x as i64))),
-                (LABEL_VALUES, vec![values.len()], i64_bytes(&mut values.iter().map(|&x| x as i64))),
+                (
+                    LABEL_VALUES,
+                    vec![values.len()],
+                    i64_bytes(&mut values.iter().map(|&x| x as i64)),
+                ),
             ]
         }
     };
-    tensors.push((FEATURES.into(), TensorView::new(safetensors_dtype(info.dtype), vec![rows, info.dim], features)?));
+    tensors.push((
+        FEATURES.into(),
+        TensorView::new(safetensors_dtype(info.dtype), vec![rows, info.dim], features)?,
+    ));
     for (name, shape, bytes) in &label_bytes {
         tensors.push((name.to_string(), TensorView::new(Dtype::I64, shape.clone(), bytes)?));
     }
@@ -122,16 +139,27 @@ pub struct ShardExtras {
 impl Shard {
     /// Maps and checks `path` against `info` (and `rows`, when the manifest gives it).
     /// Every error names the file.
-    pub fn open(path: &Path, info: &StoreInfo, rows: Option<usize>) -> Result<(Shard, ShardExtras)> {
-        let file = File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
+    pub fn open(
+        path: &Path,
+        info: &StoreInfo,
+        rows: Option<usize>,
+    ) -> Result<(Shard, ShardExtras)> {
+        let file =
+            File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
         // SAFETY: read-only map of a finished shard, which the store never rewrites.
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
         Self::check(path, mmap, info, rows).with_context(|| path.display().to_string())
     }
 
-    fn check(path: &Path, mmap: Mmap, info: &StoreInfo, rows: Option<usize>) -> Result<(Shard, ShardExtras)> {
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| anyhow::anyhow!("corrupt safetensors header: {e}"))?;
+    fn check(
+        path: &Path,
+        mmap: Mmap,
+        info: &StoreInfo,
+        rows: Option<usize>,
+    ) -> Result<(Shard, ShardExtras)> {
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| anyhow::anyhow!("corrupt safetensors header: {e}"))?;
         let data_start = 8 + header_len;
         let tensors = metadata.tensors();
         let expected: &[&str] = match info.labels {
@@ -147,7 +175,11 @@ impl Shard {
             );
         }
         for name in expected {
-            ensure!(tensors.contains_key(*name), "lacks the tensor `{name}` (the manifest says labels = \"{}\")", info.labels);
+            ensure!(
+                tensors.contains_key(*name),
+                "lacks the tensor `{name}` (the manifest says labels = \"{}\")",
+                info.labels
+            );
         }
 
         let features = tensors[FEATURES];
@@ -160,7 +192,11 @@ impl Shard {
         let [n, cols] = features.shape[..] else {
             bail!("`features` has shape {:?}; expected (rows, {})", features.shape, info.dim);
         };
-        ensure!(cols == info.dim, "expected {} columns (the manifest's dim) but the shard has {cols}", info.dim);
+        ensure!(
+            cols == info.dim,
+            "expected {} columns (the manifest's dim) but the shard has {cols}",
+            info.dim
+        );
         if let Some(rows) = rows {
             ensure!(n == rows, "holds {n} rows but the manifest says {rows}");
         }
@@ -171,7 +207,10 @@ impl Shard {
             ensure!(t.dtype == Dtype::I64, "`{name}` has dtype {:?}; expected I64", t.dtype);
             ensure!(t.shape == [len], "`{name}` has shape {:?}; expected ({len},)", t.shape);
             let bytes = &mmap[data_start + t.data_offsets.0..data_start + t.data_offsets.1];
-            Ok(bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+            Ok(bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect())
         };
         let n_classes = info.label_names.len();
         let class_id = |v: i64, row: usize| -> Result<u32> {
@@ -185,37 +224,55 @@ impl Shard {
             LabelKind::None => Labels::None,
             LabelKind::Class => {
                 let v = i64s(LABELS, n)?;
-                Labels::Class(v.iter().enumerate().map(|(r, &x)| class_id(x, r)).collect::<Result<_>>()?)
+                Labels::Class(
+                    v.iter().enumerate().map(|(r, &x)| class_id(x, r)).collect::<Result<_>>()?,
+                )
             }
             LabelKind::Multi => {
                 let offsets = i64s(LABEL_OFFSETS, n + 1)?;
                 let nnz = tensors[LABEL_VALUES].shape.first().copied().unwrap_or(0);
                 let values = i64s(LABEL_VALUES, nnz)?;
                 ensure!(offsets[0] == 0, "`label_offsets` must start at 0, found {}", offsets[0]);
-                ensure!(offsets.windows(2).all(|w| w[0] <= w[1]), "`label_offsets` is not non-decreasing");
-                ensure!(offsets[n] as usize == nnz, "`label_offsets` ends at {} but `label_values` holds {nnz}", offsets[n]);
+                ensure!(
+                    offsets.windows(2).all(|w| w[0] <= w[1]),
+                    "`label_offsets` is not non-decreasing"
+                );
+                ensure!(
+                    offsets[n] as usize == nnz,
+                    "`label_offsets` ends at {} but `label_values` holds {nnz}",
+                    offsets[n]
+                );
                 let mut out = Vec::with_capacity(nnz);
                 for r in 0..n {
                     for &v in &values[offsets[r] as usize..offsets[r + 1] as usize] {
                         out.push(class_id(v, r)?);
                     }
                 }
-                Labels::Multi { offsets: offsets.iter().map(|&o| o as usize).collect(), values: out }
+                Labels::Multi {
+                    offsets: offsets.iter().map(|&o| o as usize).collect(),
+                    values: out,
+                }
             }
         };
 
-        let paths_text = metadata
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(PATHS_KEY))
-            .with_context(|| format!("lacks the metadata key `{PATHS_KEY}` (the image path of each row)"))?;
+        let paths_text =
+            metadata.metadata().as_ref().and_then(|m| m.get(PATHS_KEY)).with_context(|| {
+                format!("lacks the metadata key `{PATHS_KEY}` (the image path of each row)")
+            })?;
         let paths: Vec<String> = serde_json::from_str(paths_text)
             .with_context(|| format!("metadata `{PATHS_KEY}` is not a JSON array of strings"))?;
-        ensure!(paths.len() == n, "metadata `{PATHS_KEY}` lists {} paths for {n} rows", paths.len());
-        let skipped: Vec<Skipped> = match metadata.metadata().as_ref().and_then(|m| m.get(SKIPPED_KEY)) {
-            Some(text) => serde_json::from_str(text).with_context(|| format!("metadata `{SKIPPED_KEY}` is not a list of skipped inputs"))?,
-            None => Vec::new(),
-        };
+        ensure!(
+            paths.len() == n,
+            "metadata `{PATHS_KEY}` lists {} paths for {n} rows",
+            paths.len()
+        );
+        let skipped: Vec<Skipped> =
+            match metadata.metadata().as_ref().and_then(|m| m.get(SKIPPED_KEY)) {
+                Some(text) => serde_json::from_str(text).with_context(|| {
+                    format!("metadata `{SKIPPED_KEY}` is not a list of skipped inputs")
+                })?,
+                None => Vec::new(),
+            };
 
         let shard = Shard {
             path: path.to_path_buf(),
@@ -234,12 +291,22 @@ impl Shard {
 
     /// Appends local rows `start..end` as f32; NaN/Inf is an error naming this file and the row
     /// (`first_global` is the store row of local row 0, for the message).
-    pub fn read_into(&self, start: usize, end: usize, first_global: usize, out: &mut Vec<f32>) -> Result<()> {
+    pub fn read_into(
+        &self,
+        start: usize,
+        end: usize,
+        first_global: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         debug_assert!(start <= end && end <= self.rows);
         let row_bytes = self.dim * self.dtype.size();
         let begin = self.features_offset + start * row_bytes;
         let old = out.len();
-        crate::io::matrix::decode_le_into(self.dtype, &self.mmap[begin..begin + (end - start) * row_bytes], out);
+        crate::io::matrix::decode_le_into(
+            self.dtype,
+            &self.mmap[begin..begin + (end - start) * row_bytes],
+            out,
+        );
         if let Some(pos) = out[old..].iter().position(|v| !v.is_finite()) {
             let local = start + pos / self.dim;
             bail!(

@@ -72,7 +72,8 @@ impl StoreWriter {
             writer.shards.push(ShardEntry { file: name.clone(), rows: shard.rows() });
             writer.written += shard.rows();
             writer.skipped.extend(extras.skipped);
-            writer.resumed_last_path = extras.paths.last().cloned().or(writer.resumed_last_path.take());
+            writer.resumed_last_path =
+                extras.paths.last().cloned().or(writer.resumed_last_path.take());
         }
         writer.resumed_rows = writer.written;
         writer.skipped_written = writer.skipped.len();
@@ -80,7 +81,8 @@ impl StoreWriter {
     }
 
     fn new(dir: &Path, info: StoreInfo, shard_size: usize) -> Result<Self> {
-        info.validate().with_context(|| format!("cannot write a feature store in {}", dir.display()))?;
+        info.validate()
+            .with_context(|| format!("cannot write a feature store in {}", dir.display()))?;
         ensure!(shard_size > 0, "shard size must be > 0");
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let manifest = dir.join(MANIFEST_FILE);
@@ -131,11 +133,23 @@ impl StoreWriter {
 
     /// Adds rows: `features` is (rows, dim) row-major, one path per row. Checks the whole batch
     /// (finite values that fit the dtype, label kind and range) before taking any of it.
-    pub fn push(&mut self, features: &[f32], labels: BatchLabels<'_>, paths: &[String]) -> Result<()> {
+    pub fn push(
+        &mut self,
+        features: &[f32],
+        labels: BatchLabels<'_>,
+        paths: &[String],
+    ) -> Result<()> {
         let (rows, dim) = (paths.len(), self.info.dim);
-        ensure!(features.len() == rows * dim, "{} feature values for {rows} rows of dim {dim}", features.len());
+        ensure!(
+            features.len() == rows * dim,
+            "{} feature values for {rows} rows of dim {dim}",
+            features.len()
+        );
         // Rows are addressed by u32 (`read_rows`, `epoch_order`).
-        ensure!(self.rows() + rows <= u32::MAX as usize, "a feature store holds at most 2^32 - 1 rows");
+        ensure!(
+            self.rows() + rows <= u32::MAX as usize,
+            "a feature store holds at most 2^32 - 1 rows"
+        );
         self.check_labels(labels, paths)?;
         let mut scratch = Vec::with_capacity(4);
         for (i, &v) in features.iter().enumerate() {
@@ -182,7 +196,11 @@ impl StoreWriter {
         if !self.buf_paths.is_empty() {
             self.write_shard()?;
         }
-        ensure!(self.written > 0, "{}: no rows to write; a feature store needs at least one", self.dir.display());
+        ensure!(
+            self.written > 0,
+            "{}: no rows to write; a feature store needs at least one",
+            self.dir.display()
+        );
         let manifest = Manifest {
             format: FORMAT.into(),
             info: self.info,
@@ -227,7 +245,9 @@ impl StoreWriter {
                     }
                 }
             }
-            (kind, given) => bail!("the store has labels = \"{kind}\" but the batch came with {given:?}"),
+            (kind, given) => {
+                bail!("the store has labels = \"{kind}\" but the batch came with {given:?}")
+            }
         }
         Ok(())
     }
@@ -236,8 +256,15 @@ impl StoreWriter {
         let rows = self.buf_paths.len();
         let name = shard_file_name(self.shards.len());
         let path = self.dir.join(&name);
-        let bytes = encode_shard(&self.info, rows, &self.buf_features, &self.buf_labels, &self.buf_paths, &self.skipped[self.skipped_written..])
-            .with_context(|| format!("cannot encode {}", path.display()))?;
+        let bytes = encode_shard(
+            &self.info,
+            rows,
+            &self.buf_features,
+            &self.buf_labels,
+            &self.buf_paths,
+            &self.skipped[self.skipped_written..],
+        )
+        .with_context(|| format!("cannot encode {}", path.display()))?;
         crate::io::write_atomic(&path, &bytes)?;
         self.skipped_written = self.skipped.len();
         self.shards.push(ShardEntry { file: name, rows });
@@ -265,8 +292,11 @@ fn shard_files(dir: &Path) -> Result<Vec<String>> {
 fn remove_temp_files(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let entry = entry?;
-        if entry.file_name().to_str().is_some_and(|n| n.starts_with(".tmp")) && entry.path().is_file() {
-            std::fs::remove_file(entry.path()).with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        if entry.file_name().to_str().is_some_and(|n| n.starts_with(".tmp"))
+            && entry.path().is_file()
+        {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
         }
     }
     Ok(())

@@ -102,7 +102,12 @@ fn to_fixed(k: f64) -> i32 {
 }
 
 /// The table of one axis covering at least output pixels `outputs`; cached for usual sizes.
-pub(super) fn coeffs(filter: Resample, in_size: u32, out_size: u32, outputs: Range<usize>) -> Arc<Coeffs> {
+pub(super) fn coeffs(
+    filter: Resample,
+    in_size: u32,
+    out_size: u32,
+    outputs: Range<usize>,
+) -> Arc<Coeffs> {
     if out_size > CACHED_MAX_OUT {
         return Arc::new(Coeffs::compute(filter, in_size, out_size, outputs));
     }
@@ -142,7 +147,13 @@ mod tests {
 
     #[test]
     fn identity_size_is_a_unit_tap() {
-        for f in [Resample::Box, Resample::Bilinear, Resample::Hamming, Resample::Bicubic, Resample::Lanczos] {
+        for f in [
+            Resample::Box,
+            Resample::Bilinear,
+            Resample::Hamming,
+            Resample::Bicubic,
+            Resample::Lanczos,
+        ] {
             let c = Coeffs::compute(f, 5, 5, 0..5);
             for i in 0..5 {
                 let (start, w) = c.taps(i);

@@ -126,7 +126,13 @@ mod tests {
 
     #[test]
     fn kernels_are_one_at_zero_and_vanish_at_support() {
-        for f in [Resample::Box, Resample::Bilinear, Resample::Hamming, Resample::Bicubic, Resample::Lanczos] {
+        for f in [
+            Resample::Box,
+            Resample::Bilinear,
+            Resample::Hamming,
+            Resample::Bicubic,
+            Resample::Lanczos,
+        ] {
             assert_eq!(f.kernel(0.0), 1.0, "{f:?}");
             assert_eq!(f.kernel(f.support() + 1e-9), 0.0, "{f:?}");
         }

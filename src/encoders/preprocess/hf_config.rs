@@ -114,9 +114,12 @@ const CLASSES: [Class; 5] = [
 ];
 
 pub(super) fn from_hf_json(path: &Path) -> Result<Preprocessor> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let json: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-    let obj = json.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let json: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let obj =
+        json.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object", path.display()))?;
     parse(obj).with_context(|| format!("{}: unusable image processor config", path.display()))
 }
 
@@ -137,7 +140,10 @@ fn parse(obj: &Map<String, Value>) -> Result<Preprocessor> {
 
     let resample = match present(obj, "resample") {
         None => class.resample,
-        Some(v) => v.as_i64().and_then(Resample::from_pil).ok_or_else(|| anyhow!("`resample` must be a PIL filter code 0-5, got {v}"))?,
+        Some(v) => v
+            .as_i64()
+            .and_then(Resample::from_pil)
+            .ok_or_else(|| anyhow!("`resample` must be a PIL filter code 0-5, got {v}"))?,
     };
     let mut size = match present(obj, "size") {
         None => class.size,
@@ -178,7 +184,9 @@ fn parse(obj: &Map<String, Value>) -> Result<Preprocessor> {
     let rescale = match present(obj, "rescale_factor") {
         _ if !do_rescale => None,
         None => Some(1.0 / 255.0),
-        Some(v) => Some(v.as_f64().ok_or_else(|| anyhow!("`rescale_factor` must be a number, got {v}"))?),
+        Some(v) => {
+            Some(v.as_f64().ok_or_else(|| anyhow!("`rescale_factor` must be a number, got {v}"))?)
+        }
     };
     let (mean, std) = if do_normalize {
         let mean = match present(obj, "image_mean") {
@@ -189,7 +197,10 @@ fn parse(obj: &Map<String, Value>) -> Result<Preprocessor> {
             None => class.std,
             Some(v) => triple(v).context("`image_std`")?,
         };
-        ensure!(std.iter().all(|&s| s != 0.0 && s.is_finite()), "`image_std` {std:?} must be finite and non-zero");
+        ensure!(
+            std.iter().all(|&s| s != 0.0 && s.is_finite()),
+            "`image_std` {std:?} must be finite and non-zero"
+        );
         (mean, std)
     } else {
         ([0.0; 3], [1.0; 3])
@@ -213,8 +224,13 @@ fn class_of(obj: &Map<String, Value>) -> Result<&'static Class> {
     let raw = present(obj, "image_processor_type")
         .or_else(|| present(obj, "feature_extractor_type"))
         .ok_or_else(|| anyhow!("no `image_processor_type`"))?;
-    let raw = raw.as_str().ok_or_else(|| anyhow!("`image_processor_type` must be a string, got {raw}"))?;
-    let name = raw.trim_end_matches("Fast").trim_end_matches("Pil").replace("FeatureExtractor", "ImageProcessor");
+    let raw = raw
+        .as_str()
+        .ok_or_else(|| anyhow!("`image_processor_type` must be a string, got {raw}"))?;
+    let name = raw
+        .trim_end_matches("Fast")
+        .trim_end_matches("Pil")
+        .replace("FeatureExtractor", "ImageProcessor");
     if name == "Siglip2ImageProcessor" {
         bail!(
             "{raw} is SigLIP 2's NaFlex processor (variable resolution, patchified output with an attention \
@@ -257,7 +273,10 @@ fn convnext_resize(
     );
     // A second, explicit centre crop is representable only when it crops nothing more.
     if let Some(c) = crop_size {
-        ensure!(c == (edge, edge), "ConvNext `do_center_crop` with crop_size {c:?} after its own {edge}x{edge} crop");
+        ensure!(
+            c == (edge, edge),
+            "ConvNext `do_center_crop` with crop_size {c:?} after its own {edge}x{edge} crop"
+        );
     }
     Ok((Some(ResizeTo::ShortestEdge(resize_edge as u32)), Some((edge, edge))))
 }
@@ -282,7 +301,9 @@ fn size_dict(v: &Value, default_to_square: bool) -> Result<Size> {
             Ok(Size::HeightWidth(s, s))
         }
         Value::Number(_) => Ok(Size::ShortestEdge(positive(v)?)),
-        Value::Array(a) if a.len() == 2 => Ok(Size::HeightWidth(positive(&a[0])?, positive(&a[1])?)),
+        Value::Array(a) if a.len() == 2 => {
+            Ok(Size::HeightWidth(positive(&a[0])?, positive(&a[1])?))
+        }
         Value::Object(m) => {
             let get = |k: &str| present(m, k);
             match (get("height"), get("width"), get("shortest_edge"), get("longest_edge")) {
@@ -300,7 +321,9 @@ fn size_dict(v: &Value, default_to_square: bool) -> Result<Size> {
 
 /// A per-channel triple, or one number for all three channels.
 fn triple(v: &Value) -> Result<[f32; 3]> {
-    let num = |x: &Value| x.as_f64().map(|f| f as f32).ok_or_else(|| anyhow!("expected a number, got {x}"));
+    let num = |x: &Value| {
+        x.as_f64().map(|f| f as f32).ok_or_else(|| anyhow!("expected a number, got {x}"))
+    };
     match v {
         Value::Number(_) => Ok([num(v)?; 3]),
         Value::Array(a) if a.len() == 3 => Ok([num(&a[0])?, num(&a[1])?, num(&a[2])?]),

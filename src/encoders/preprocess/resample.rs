@@ -30,7 +30,13 @@ pub struct Window {
 
 /// The pixels inside `win` of `src` resized to `out_w`×`out_h` with `filter`, as packed RGB rows
 /// (`win.width * win.height * 3` bytes), byte-identical to Pillow's `resize((out_w, out_h))`.
-pub fn resize_window(src: &RgbImage, out_w: u32, out_h: u32, filter: Resample, win: Window) -> Result<Vec<u8>> {
+pub fn resize_window(
+    src: &RgbImage,
+    out_w: u32,
+    out_h: u32,
+    filter: Resample,
+    win: Window,
+) -> Result<Vec<u8>> {
     let (in_w, in_h) = src.dimensions();
     ensure!(in_w > 0 && in_h > 0, "cannot resize an empty {in_w}x{in_h} image");
     ensure!(out_w > 0 && out_h > 0, "cannot resize to an empty {out_w}x{out_h} image");
@@ -222,7 +228,14 @@ mod tests {
     #[test]
     fn bilinear_downscale_4_to_2() {
         // Weights 3/7, 3/7, 1/7 (see coeffs): (30 + 60 + 30) / 7 = 17.1 and (20 + 90 + 120) / 7 = 32.9.
-        let out = resize_window(&gray_row(&[10, 20, 30, 40]), 2, 1, Resample::Bilinear, Window::full(2, 1)).unwrap();
+        let out = resize_window(
+            &gray_row(&[10, 20, 30, 40]),
+            2,
+            1,
+            Resample::Bilinear,
+            Window::full(2, 1),
+        )
+        .unwrap();
         assert_eq!(out, vec![17, 17, 17, 33, 33, 33]);
     }
 
@@ -230,14 +243,22 @@ mod tests {
     fn bilinear_upscale_2_to_4() {
         // Scale 1/2: output centres 0.25, 0.75, 1.25, 1.75 in input pixels, ordinary interpolation
         // with the outside neighbour dropped and the weights renormalised: 0, 25, 75, 100.
-        let out = resize_window(&gray_row(&[0, 100]), 4, 1, Resample::Bilinear, Window::full(4, 1)).unwrap();
+        let out = resize_window(&gray_row(&[0, 100]), 4, 1, Resample::Bilinear, Window::full(4, 1))
+            .unwrap();
         assert_eq!(red(&out), vec![0, 25, 75, 100]);
     }
 
     #[test]
     fn bicubic_upscale_overshoots_and_clamps() {
         // A step 0, 0, 255, 255 doubled: Keys' cubic rings, and the ringing is clamped to 0..=255.
-        let out = resize_window(&gray_row(&[0, 0, 255, 255]), 8, 1, Resample::Bicubic, Window::full(8, 1)).unwrap();
+        let out = resize_window(
+            &gray_row(&[0, 0, 255, 255]),
+            8,
+            1,
+            Resample::Bicubic,
+            Window::full(8, 1),
+        )
+        .unwrap();
         let r = red(&out);
         assert_eq!(&r[..2], &[0, 0]);
         assert_eq!(&r[6..], &[255, 255]);
@@ -249,7 +270,14 @@ mod tests {
         let values = [3u8, 200, 17, 90, 255, 0, 44];
         let row = gray_row(&values);
         let col = RgbImage::from_raw(1, 7, row.as_raw().clone()).unwrap();
-        for f in [Resample::Bilinear, Resample::Bicubic, Resample::Lanczos, Resample::Box, Resample::Hamming, Resample::Nearest] {
+        for f in [
+            Resample::Bilinear,
+            Resample::Bicubic,
+            Resample::Lanczos,
+            Resample::Box,
+            Resample::Hamming,
+            Resample::Nearest,
+        ] {
             let h = resize_window(&row, 3, 1, f, Window::full(3, 1)).unwrap();
             let v = resize_window(&col, 1, 3, f, Window::full(1, 3)).unwrap();
             assert_eq!(h, v, "{f:?}");
@@ -258,22 +286,43 @@ mod tests {
 
     #[test]
     fn same_size_is_identity() {
-        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, (x * y) as u8]));
-        for f in [Resample::Nearest, Resample::Bilinear, Resample::Bicubic, Resample::Lanczos, Resample::Box, Resample::Hamming] {
-            assert_eq!(&resize_window(&img, 5, 4, f, Window::full(5, 4)).unwrap(), img.as_raw(), "{f:?}");
+        let img =
+            RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, (x * y) as u8]));
+        for f in [
+            Resample::Nearest,
+            Resample::Bilinear,
+            Resample::Bicubic,
+            Resample::Lanczos,
+            Resample::Box,
+            Resample::Hamming,
+        ] {
+            assert_eq!(
+                &resize_window(&img, 5, 4, f, Window::full(5, 4)).unwrap(),
+                img.as_raw(),
+                "{f:?}"
+            );
         }
     }
 
     #[test]
     fn nearest_picks_centres() {
         // 5 -> 2: a = 2.5, positions 1.25 and 3.75 -> inputs 1 and 3.
-        let out = resize_window(&gray_row(&[10, 20, 30, 40, 50]), 2, 1, Resample::Nearest, Window::full(2, 1)).unwrap();
+        let out = resize_window(
+            &gray_row(&[10, 20, 30, 40, 50]),
+            2,
+            1,
+            Resample::Nearest,
+            Window::full(2, 1),
+        )
+        .unwrap();
         assert_eq!(red(&out), vec![20, 40]);
     }
 
     #[test]
     fn window_equals_crop_of_full_resize() {
-        let img = RgbImage::from_fn(37, 43, |x, y| image::Rgb([(x * 7 + y * 3) as u8, (x * x + y) as u8, (y * 11) as u8]));
+        let img = RgbImage::from_fn(37, 43, |x, y| {
+            image::Rgb([(x * 7 + y * 3) as u8, (x * x + y) as u8, (y * 11) as u8])
+        });
         // Horizontal first (height grows), vertical first (height shrinks by 24 > 2 * 2), one axis only.
         for (w, h) in [(19, 49), (35, 19), (37, 21), (20, 43)] {
             for f in [Resample::Bilinear, Resample::Bicubic, Resample::Lanczos, Resample::Nearest] {
@@ -281,7 +330,9 @@ mod tests {
                 let win = Window { x: 3, y: 5, width: 11, height: 13 };
                 let part = resize_window(&img, w, h, f, win).unwrap();
                 let w = w as usize;
-                let expected: Vec<u8> = (5..18).flat_map(|y| full[(y * w + 3) * 3..(y * w + 14) * 3].to_vec()).collect();
+                let expected: Vec<u8> = (5..18)
+                    .flat_map(|y| full[(y * w + 3) * 3..(y * w + 14) * 3].to_vec())
+                    .collect();
                 assert_eq!(part, expected, "{f:?} {w}x{h}");
             }
         }
@@ -291,7 +342,14 @@ mod tests {
     fn bad_sizes_are_errors() {
         let img = gray_row(&[1, 2, 3]);
         assert!(resize_window(&img, 0, 1, Resample::Bilinear, Window::full(0, 1)).is_err());
-        assert!(resize_window(&img, 2, 1, Resample::Bilinear, Window { x: 1, y: 0, width: 2, height: 1 }).is_err());
+        assert!(resize_window(
+            &img,
+            2,
+            1,
+            Resample::Bilinear,
+            Window { x: 1, y: 0, width: 2, height: 1 }
+        )
+        .is_err());
         let empty = RgbImage::new(0, 0);
         assert!(resize_window(&empty, 2, 2, Resample::Bilinear, Window::full(2, 2)).is_err());
     }

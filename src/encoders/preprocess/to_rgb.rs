@@ -26,13 +26,20 @@ pub enum Alpha {
 /// The image as 8-bit RGB; borrowed when it already is.
 pub fn to_rgb8(image: &DynamicImage, alpha: Alpha) -> Cow<'_, RgbImage> {
     let (w, h) = (image.width(), image.height());
-    let rgb = |data: Vec<u8>| Cow::Owned(RgbImage::from_raw(w, h, data).expect("3 bytes per pixel"));
+    let rgb =
+        |data: Vec<u8>| Cow::Owned(RgbImage::from_raw(w, h, data).expect("3 bytes per pixel"));
     match image {
         DynamicImage::ImageRgb8(img) => Cow::Borrowed(img),
-        DynamicImage::ImageLuma8(img) => rgb(img.as_raw().iter().flat_map(|&l| [l, l, l]).collect()),
-        DynamicImage::ImageLumaA8(img) => rgb(from_la(img.as_raw().chunks_exact(2).map(|p| [p[0], p[1]]), alpha)),
+        DynamicImage::ImageLuma8(img) => {
+            rgb(img.as_raw().iter().flat_map(|&l| [l, l, l]).collect())
+        }
+        DynamicImage::ImageLumaA8(img) => {
+            rgb(from_la(img.as_raw().chunks_exact(2).map(|p| [p[0], p[1]]), alpha))
+        }
         DynamicImage::ImageRgba8(img) => rgb(from_rgba(img.as_raw().chunks_exact(4), alpha)),
-        DynamicImage::ImageLuma16(img) => rgb(img.as_raw().iter().flat_map(|&l| [hi(l); 3]).collect()),
+        DynamicImage::ImageLuma16(img) => {
+            rgb(img.as_raw().iter().flat_map(|&l| [hi(l); 3]).collect())
+        }
         DynamicImage::ImageLumaA16(img) => {
             rgb(from_la(img.as_raw().chunks_exact(2).map(|p| [hi(p[0]), hi(p[1])]), alpha))
         }

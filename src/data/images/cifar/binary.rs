@@ -6,7 +6,12 @@ use anyhow::{ensure, Result};
 use super::IMAGE_BYTES;
 
 /// Pixels (records × 3072) and the label at byte `label_at` of each record's `label_bytes`.
-pub fn parse_records(bytes: &[u8], label_bytes: usize, label_at: usize, name: &str) -> Result<(Vec<u8>, Vec<u32>)> {
+pub fn parse_records(
+    bytes: &[u8],
+    label_bytes: usize,
+    label_at: usize,
+    name: &str,
+) -> Result<(Vec<u8>, Vec<u32>)> {
     let record = label_bytes + IMAGE_BYTES;
     ensure!(
         !bytes.is_empty() && bytes.len().is_multiple_of(record),
@@ -43,7 +48,10 @@ mod tests {
         assert_eq!(p[300], (300 % 251) as u8);
         let (_, l) = parse_records(&bytes[1..], 1, 0, "x").unwrap();
         assert_eq!(l, vec![7]);
-        assert!(parse_records(&bytes[2..], 1, 0, "x").unwrap_err().to_string().contains("x: 3072 bytes"));
+        assert!(parse_records(&bytes[2..], 1, 0, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("x: 3072 bytes"));
         assert!(parse_records(&[], 1, 0, "x").is_err());
         assert_eq!(parse_label_names(b"cat\r\ndog\n\n", "m").unwrap(), vec!["cat", "dog"]);
     }

@@ -93,8 +93,12 @@ pub fn open_cifar(which: Cifar, root: &Path, split: &str) -> Result<MemoryDatase
 
     let class_names = match (which, format) {
         (_, Format::Binary) => binary::parse_label_names(&meta.bytes, &meta.name)?,
-        (Cifar::Ten, Format::Pickle) => pickle::parse_label_names(&meta.bytes, "label_names", &meta.name)?,
-        (Cifar::Hundred, Format::Pickle) => pickle::parse_label_names(&meta.bytes, "fine_label_names", &meta.name)?,
+        (Cifar::Ten, Format::Pickle) => {
+            pickle::parse_label_names(&meta.bytes, "label_names", &meta.name)?
+        }
+        (Cifar::Hundred, Format::Pickle) => {
+            pickle::parse_label_names(&meta.bytes, "fine_label_names", &meta.name)?
+        }
     };
     ensure!(
         class_names.len() == which.classes(),
@@ -108,14 +112,26 @@ pub fn open_cifar(which: Cifar, root: &Path, split: &str) -> Result<MemoryDatase
     let mut labels = Vec::new();
     for member in members {
         let (p, l) = match (which, format) {
-            (Cifar::Ten, Format::Binary) => binary::parse_records(&member.bytes, 1, 0, &member.name)?,
+            (Cifar::Ten, Format::Binary) => {
+                binary::parse_records(&member.bytes, 1, 0, &member.name)?
+            }
             // Coarse label byte, then the fine one.
-            (Cifar::Hundred, Format::Binary) => binary::parse_records(&member.bytes, 2, 1, &member.name)?,
-            (Cifar::Ten, Format::Pickle) => pickle::parse_batch(&member.bytes, "labels", &member.name)?,
-            (Cifar::Hundred, Format::Pickle) => pickle::parse_batch(&member.bytes, "fine_labels", &member.name)?,
+            (Cifar::Hundred, Format::Binary) => {
+                binary::parse_records(&member.bytes, 2, 1, &member.name)?
+            }
+            (Cifar::Ten, Format::Pickle) => {
+                pickle::parse_batch(&member.bytes, "labels", &member.name)?
+            }
+            (Cifar::Hundred, Format::Pickle) => {
+                pickle::parse_batch(&member.bytes, "fine_labels", &member.name)?
+            }
         };
         if let Some(bad) = l.iter().find(|&&x| x as usize >= class_names.len()) {
-            anyhow::bail!("{}: label {bad}, but {set} has {} classes", member.name, class_names.len());
+            anyhow::bail!(
+                "{}: label {bad}, but {set} has {} classes",
+                member.name,
+                class_names.len()
+            );
         }
         pixels.extend_from_slice(&p);
         labels.extend_from_slice(&l);

@@ -17,9 +17,14 @@ use super::IMAGE_BYTES;
 pub fn parse_batch(bytes: &[u8], labels_key: &str, name: &str) -> Result<(Vec<u8>, Vec<u32>)> {
     let value = unpickle(bytes, name)?;
     let dict = as_dict(&value, name)?;
-    let (rows, cols, pixels) = uint8_matrix(get(dict, "data", name)?).with_context(|| format!("{name}: `data`"))?;
-    ensure!(cols == IMAGE_BYTES, "{name}: `data` is {rows} × {cols}; CIFAR images are {IMAGE_BYTES} bytes");
-    let labels = int_list(get(dict, labels_key, name)?).with_context(|| format!("{name}: `{labels_key}`"))?;
+    let (rows, cols, pixels) =
+        uint8_matrix(get(dict, "data", name)?).with_context(|| format!("{name}: `data`"))?;
+    ensure!(
+        cols == IMAGE_BYTES,
+        "{name}: `data` is {rows} × {cols}; CIFAR images are {IMAGE_BYTES} bytes"
+    );
+    let labels = int_list(get(dict, labels_key, name)?)
+        .with_context(|| format!("{name}: `{labels_key}`"))?;
     ensure!(labels.len() == rows, "{name}: {} labels for {rows} images", labels.len());
     Ok((pixels, labels))
 }
@@ -33,9 +38,8 @@ pub fn parse_label_names(bytes: &[u8], key: &str, name: &str) -> Result<Vec<Stri
     items
         .iter()
         .map(|v| match v {
-            Value::Bytes(b) => {
-                String::from_utf8(b.clone()).map_err(|_| anyhow!("{name}: a name in `{key}` is not UTF-8"))
-            }
+            Value::Bytes(b) => String::from_utf8(b.clone())
+                .map_err(|_| anyhow!("{name}: a name in `{key}` is not UTF-8")),
             Value::String(s) => Ok(s.clone()),
             other => bail!("{name}: `{key}` holds {other:?}, not a name"),
         })
@@ -44,7 +48,8 @@ pub fn parse_label_names(bytes: &[u8], key: &str, name: &str) -> Result<Vec<Stri
 
 fn unpickle(bytes: &[u8], name: &str) -> Result<Value> {
     let options = DeOptions::new().keep_restore_state().replace_unresolved_globals();
-    serde_pickle::value_from_slice(bytes, options).map_err(|e| anyhow!("{name}: not a readable pickle: {e}"))
+    serde_pickle::value_from_slice(bytes, options)
+        .map_err(|e| anyhow!("{name}: not a readable pickle: {e}"))
 }
 
 fn as_dict<'a>(value: &'a Value, name: &str) -> Result<&'a BTreeMap<HashableValue, Value>> {
@@ -67,14 +72,19 @@ fn uint8_matrix(value: &Value) -> Result<(usize, usize, Vec<u8>)> {
     // is_fortran, data), or without the version. Protocol 5 (Python 3's default):
     // `_frombuffer(data, dtype, shape, order)`.
     let (shape, c_order, data) = match &state[..] {
-        [_, shape, _, fortran, data] | [shape, _, fortran, data] if matches!(shape, Value::Tuple(_)) => {
+        [_, shape, _, fortran, data] | [shape, _, fortran, data]
+            if matches!(shape, Value::Tuple(_)) =>
+        {
             (shape, matches!(fortran, Value::Bool(false)), data)
         }
-        [data @ Value::Bytes(_), _, shape, order] => (shape, matches!(order, Value::String(o) if o == "C"), data),
+        [data @ Value::Bytes(_), _, shape, order] => {
+            (shape, matches!(order, Value::String(o) if o == "C"), data)
+        }
         _ => bail!("not a pickled numpy array"),
     };
     let Value::Tuple(shape) = shape else { bail!("not a pickled numpy array (no shape)") };
-    let shape: Vec<usize> = shape.iter().map(|d| as_usize(d).context("bad shape")).collect::<Result<_>>()?;
+    let shape: Vec<usize> =
+        shape.iter().map(|d| as_usize(d).context("bad shape")).collect::<Result<_>>()?;
     let [rows, cols] = shape[..] else { bail!("shape {shape:?}, expected 2 dimensions") };
     ensure!(c_order, "Fortran-order arrays are not supported");
     let Value::Bytes(data) = data else { bail!("not a pickled numpy array (no raw data)") };
@@ -89,7 +99,10 @@ fn uint8_matrix(value: &Value) -> Result<(usize, usize, Vec<u8>)> {
 
 fn int_list(value: &Value) -> Result<Vec<u32>> {
     let (Value::List(items) | Value::Tuple(items)) = value else { bail!("not a list") };
-    items.iter().map(|v| as_usize(v).and_then(|n| u32::try_from(n).ok()).context("not a label")).collect()
+    items
+        .iter()
+        .map(|v| as_usize(v).and_then(|n| u32::try_from(n).ok()).context("not a label"))
+        .collect()
 }
 
 fn as_usize(value: &Value) -> Option<usize> {

@@ -63,7 +63,12 @@ pub fn locate(which: Cifar, root: &Path) -> Result<Source> {
             [format!("{dir}/"), archive.to_string()]
         })
         .collect();
-    bail!("{}: no {} data found (looked for {})", root.display(), which.set_name(), wanted.join(", "))
+    bail!(
+        "{}: no {} data found (looked for {})",
+        root.display(),
+        which.set_name(),
+        wanted.join(", ")
+    )
 }
 
 impl Source {
@@ -74,7 +79,8 @@ impl Source {
                 .iter()
                 .map(|n| {
                     let path = dir.join(n);
-                    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let bytes = std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
                     Ok(Member { name: path.display().to_string(), bytes })
                 })
                 .collect(),
