@@ -1,13 +1,11 @@
 //! `mono features import` end to end on files written here, and bad inputs that must fail with
 //! one `error:` line and leave existing output untouched.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::common::{mono, Outcome};
 use candle_core::{Device, Tensor};
-use common::{mono, Outcome};
 use mono::data::store::{FeatureStore, LabelKind};
 
 fn s(p: &Path) -> &str {

@@ -1,12 +1,10 @@
 //! `mono score` end to end on files written here, and every kind of bad input.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::common::mono;
 use candle_core::{DType, Device, Tensor};
-use common::mono;
 use mono::monoscore::pairwise_monoscore;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

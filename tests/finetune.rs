@@ -1,7 +1,7 @@
 //! `mono finetune` on real Fashion-MNIST images with tiny backbones: above-chance accuracy,
 //! MonoLoss raises the TopK layer's MonoScore, resume equals uninterrupted, bad input fails.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

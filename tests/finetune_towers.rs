@@ -1,7 +1,7 @@
 //! The trainable towers equal candle-transformers' forward on the same weights, every trainable
 //! parameter gets a gradient, and gradients match finite differences.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

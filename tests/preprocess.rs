@@ -503,7 +503,7 @@ fn extreme_aspect_ratios() {
 }
 
 /// ms per image for a 500x375 photo-sized input (the typical ImageNet size) → 224x224.
-/// `cargo test --release --test preprocess -- --ignored --nocapture`
+/// `cargo test --release --test main preprocess -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn timing_500x375() {

@@ -1,0 +1,20 @@
+//! The integration tests, one binary (candle is linked once): one module per area.
+
+mod common;
+
+mod cli_features;
+mod cli_score;
+mod config;
+mod datasets;
+mod encoders;
+mod extract;
+mod finetune;
+mod finetune_towers;
+mod hub;
+mod idx;
+mod monoscore;
+mod pipeline;
+mod preprocess;
+mod sae;
+mod store;
+mod train;
