@@ -5,21 +5,23 @@
 //! path and recorded in the manifest; a run never aborts on one. Rerunning after an interruption
 //! continues after the last complete shard; a finished split is left as it is.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::config::{Config, EncoderKind};
+use crate::base::config::{Config, EncoderKind};
+use crate::data::batch::load_pixels;
 use crate::data::images::{open_dataset, ImageDataset};
+use crate::data::preprocess::Preprocessor;
 use crate::data::sets::features_dir;
 use crate::data::store::{BatchLabels, LabelKind, StoreInfo, StoreWriter, MANIFEST_FILE};
-use crate::encoders::preprocess::Preprocessor;
-use crate::encoders::{self, hub::ModelFiles, ImageEncoder};
+use crate::encoders::{self, ImageEncoder};
 
 /// Which part of the work this process does.
 #[derive(Clone, Copy, Debug, Default)]
@@ -57,16 +59,6 @@ pub struct SplitReport {
     pub seconds: f64,
 }
 
-/// The preprocessing of the encoder's family, from its preprocessor_config.json when present.
-pub fn preprocessor_for(kind: EncoderKind, files: &ModelFiles) -> Result<Preprocessor> {
-    match (&files.preprocessor, kind) {
-        (Some(path), _) => Preprocessor::from_hf_json(path),
-        // torchvision's ImageNet evaluation transform, for torchvision-layout ResNet-50 weights.
-        (None, EncoderKind::Resnet50) => Ok(Preprocessor::torchvision_imagenet(256, 224)),
-        (None, _) => bail!("{}: no preprocessor_config.json; the image size, resampling and normalisation come from it", files.source),
-    }
-}
-
 /// One decoded and preprocessed batch.
 struct Batch {
     /// (rows, 3·H·W) pixel values of the images that decoded.
@@ -78,23 +70,11 @@ struct Batch {
     items: usize,
 }
 
-fn prepare(
-    dataset: &dyn ImageDataset,
-    preprocessor: &Preprocessor,
-    items: std::ops::Range<usize>,
-) -> Batch {
-    let results: Vec<(usize, Result<Vec<f32>>)> = items
-        .clone()
-        .into_par_iter()
-        .map(|i| {
-            (
-                i,
-                dataset
-                    .load(i)
-                    .and_then(|img| preprocessor.process(&image::DynamicImage::ImageRgb8(img))),
-            )
-        })
-        .collect();
+fn prepare(dataset: &dyn ImageDataset, preprocessor: &Preprocessor, items: Range<usize>) -> Batch {
+    let items: Vec<usize> = items.collect();
+    let results = load_pixels(dataset, &items, |_, image| {
+        preprocessor.process(&image::DynamicImage::ImageRgb8(image))
+    });
     let mut batch = Batch {
         pixels: Vec::new(),
         paths: Vec::new(),
@@ -102,7 +82,7 @@ fn prepare(
         skipped: Vec::new(),
         items: items.len(),
     };
-    for (i, result) in results {
+    for (&i, result) in items.iter().zip(results) {
         match result {
             Ok(pixels) => {
                 batch.pixels.extend(pixels);
@@ -222,7 +202,7 @@ fn extract_split(
     let batch_size = config.encoder.batch_size;
     let size = ctx.size;
     let dtype = encoders::dtype(config.encoder.dtype);
-    let bar = crate::progress::bar((range.end - range.start) as u64, split);
+    let bar = crate::base::progress::bar((range.end - range.start) as u64, split);
     bar.set_position((start - range.start) as u64);
     let started = Instant::now();
     let dataset: &dyn ImageDataset = dataset.as_ref();
@@ -282,9 +262,9 @@ fn extract_split(
 
 /// Extracts the config's train and eval splits.
 pub fn extract(config: &Config, opts: &ExtractOptions) -> Result<Vec<SplitReport>> {
-    let device = crate::device::open_device(&config.run.device)?;
+    let device = crate::base::device::open_device(&config.run.device)?;
     let (encoder, files) = encoders::load(&config.encoder, &device)?;
-    let preprocessor = preprocessor_for(config.encoder.kind, &files)?;
+    let preprocessor = encoders::preprocessor_for(config.encoder.kind, &files)?;
     let (h, w) = preprocessor
         .output_size()
         .with_context(|| format!("{}: its preprocessing gives images of varying size (no crop); an encoder needs one size", files.source))?;

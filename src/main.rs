@@ -6,13 +6,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use mono::base::io::matrix::MatrixFile;
 use mono::config::FloatType;
 use mono::data::import::{dtype_name, import_features, ImportOptions, SplitPlan};
-use mono::io::matrix::MatrixFile;
 use mono::monoscore::{files, ScorePath};
 
 #[global_allocator]
-static ALLOCATOR: mono::alloc::PeakTrackingAllocator = mono::alloc::PeakTrackingAllocator;
+static ALLOCATOR: mono::base::alloc::PeakTrackingAllocator =
+    mono::base::alloc::PeakTrackingAllocator;
 
 #[derive(Parser)]
 #[command(name = "mono", version, about = "MonoScore and MonoLoss for vision representations")]
@@ -186,9 +187,9 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    mono::alloc::keep_freed_pages();
+    mono::base::alloc::keep_freed_pages();
     let cli = Cli::parse();
-    mono::progress::set_quiet(cli.quiet);
+    mono::base::progress::set_quiet(cli.quiet);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -227,7 +228,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune { config, resume } => {
             let config = mono::Config::load(&config)?;
             apply_thread_config(&config);
-            let report = mono::finetune::trainer::finetune_from_config(&config, resume)?;
+            let report = mono::train::finetune::finetune_from_config(&config, resume)?;
             let last = &report.results["final"];
             println!(
                 "finetuned {} epochs into {}: top-1 {:.4}, top-5 {:.4}, TopK-layer MonoScore {}",
@@ -298,7 +299,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         s.dead
     );
     if let Some(out) = &args.out {
-        mono::io::write_json_atomic(out, &result.to_json())?;
+        mono::base::io::write_json_atomic(out, &result.to_json())?;
         println!("wrote {}", out.display());
     }
     Ok(())

@@ -156,7 +156,7 @@ fn sweep_override_sets_a_dotted_key() {
 
 #[test]
 fn device_specs_parse() {
-    use mono::device::DeviceSpec;
+    use mono::base::device::DeviceSpec;
     assert_eq!(DeviceSpec::parse("auto").unwrap(), DeviceSpec::Auto);
     assert_eq!(DeviceSpec::parse("CPU").unwrap(), DeviceSpec::Cpu);
     assert_eq!(DeviceSpec::parse("cuda").unwrap(), DeviceSpec::Cuda(0));

@@ -61,7 +61,7 @@ fn features_equal_direct_encoding_with_labels_and_provenance() {
     // The same images, preprocessed and encoded by hand.
     let dataset = open_dataset(c.data.kind, c.data.root.as_ref().unwrap(), "test").unwrap();
     let files = mono::encoders::hub::resolve(clip_dir().to_str().unwrap(), "main").unwrap();
-    let pre = mono::extract::preprocessor_for(c.encoder.kind, &files).unwrap();
+    let pre = mono::encoders::preprocessor_for(c.encoder.kind, &files).unwrap();
     let encoder = mono::encoders::load_from_files(
         c.encoder.kind,
         c.encoder.output(),

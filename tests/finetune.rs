@@ -6,7 +6,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use mono::data::idx::{read_idx_pair, FASHION_MNIST_CLASSES};
-use mono::finetune::trainer::finetune_from_config;
+use mono::train::finetune::finetune_from_config;
 use mono::Config;
 
 const FM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");

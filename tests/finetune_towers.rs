@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use mono::config::EncoderKind;
-use mono::finetune::layers::max_pool_3x3_s2;
-use mono::finetune::model::{FinetuneModel, HeadSpec};
-use mono::finetune::params::{ParamSet, Weights};
-use mono::finetune::resnet::ResNet;
-use mono::finetune::vit::{ClipShape, ClipTower};
-use mono::finetune::Trainable;
+use mono::models::clip::{ClipShape, ClipTower};
+use mono::models::layers::max_pool_3x3_s2;
+use mono::models::params::{ParamSet, Weights};
+use mono::models::resnet::ResNet;
+use mono::models::Trainable;
+use mono::train::finetune::model::{FinetuneModel, HeadSpec};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders").join(name)
@@ -162,9 +162,9 @@ fn check_gradients(model: &FinetuneModel, pixels: &Tensor, labels: &[u32], train
     let similarity = model.forward(pixels, false).unwrap().features.detach();
     let loss = |m: &FinetuneModel| -> Tensor {
         let out = m.forward(pixels, train).unwrap();
-        let ce = mono::finetune::model::cross_entropy(&out.logits, labels, 0.1).unwrap();
+        let ce = mono::train::finetune::model::cross_entropy(&out.logits, labels, 0.1).unwrap();
         let (mono_loss, _) =
-            mono::sae::ops::batch_mono_loss(&out.topk, &similarity, 1e-8, None).unwrap();
+            mono::monoscore::batch_mono_loss(&out.topk, &similarity, 1e-8, None).unwrap();
         (ce + (mono_loss * 0.5).unwrap()).unwrap()
     };
     let grads = loss(model).backward().unwrap();
@@ -261,12 +261,16 @@ fn resnet_model_gradients_in_train_mode_and_running_stats_update() {
     let pixels = common::seeded_randn(&[4, 3, 32, 32], 1.0, DType::F64, 4);
     let backbone = &model.backbone;
     let before = match backbone {
-        mono::finetune::model::Backbone::Resnet(r) => flat(&r.running_stats()[0].0.lock().unwrap()),
+        mono::train::finetune::model::Backbone::Resnet(r) => {
+            flat(&r.running_stats()[0].0.lock().unwrap())
+        }
         _ => unreachable!(),
     };
     check_gradients(&model, &pixels, &[0, 1, 2, 3], true);
     let after = match backbone {
-        mono::finetune::model::Backbone::Resnet(r) => flat(&r.running_stats()[0].0.lock().unwrap()),
+        mono::train::finetune::model::Backbone::Resnet(r) => {
+            flat(&r.running_stats()[0].0.lock().unwrap())
+        }
         _ => unreachable!(),
     };
     assert_ne!(before, after, "train-mode BatchNorm updates its running mean");

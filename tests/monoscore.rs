@@ -2,7 +2,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use mono::monoscore::{
-    batch_mono_loss, pairwise_monoscore, MonoScoreAccumulator, MonoScores, ScorePath, SparseBatch,
+    dense_batch_mono_loss, pairwise_monoscore, MonoScoreAccumulator, MonoScores, ScorePath,
+    SparseBatch,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -168,7 +169,7 @@ fn rejects_bad_batches() {
 
 /// The batch loss on (B, M) f64 activations; returns (loss, per-neuron batch scores).
 fn loss_of(sim: &Tensor, acts: &Tensor) -> f64 {
-    batch_mono_loss(sim, acts, 1e-8).unwrap().loss.to_scalar::<f64>().unwrap()
+    dense_batch_mono_loss(acts, sim, 1e-8).unwrap().loss.to_scalar::<f64>().unwrap()
 }
 
 #[test]
@@ -178,7 +179,7 @@ fn batch_loss_is_one_minus_mean_batch_monoscore() {
     let dev = Device::Cpu;
     let sim = Tensor::from_vec(e.clone(), (b, d), &dev).unwrap();
     let acts = Tensor::from_vec(a.clone(), (b, m), &dev).unwrap().to_dtype(DType::F64).unwrap();
-    let out = batch_mono_loss(&sim, &acts, 1e-8).unwrap();
+    let out = dense_batch_mono_loss(&acts, &sim, 1e-8).unwrap();
     let reference = pairwise_monoscore(&e, &a, b, d, m).unwrap();
     let s = reference.summary();
     assert_eq!(out.n_active, s.live);
@@ -208,7 +209,7 @@ fn batch_loss_gradient_matches_central_differences() {
     let a: Vec<f64> = (0..b * m).map(|_| rng.random_range(-1.0..2.0)).collect();
     let sim = Tensor::from_vec(e, (b, d), &dev).unwrap();
     let acts = Var::from_tensor(&Tensor::from_vec(a.clone(), (b, m), &dev).unwrap()).unwrap();
-    let out = batch_mono_loss(&sim, acts.as_tensor(), 1e-8).unwrap();
+    let out = dense_batch_mono_loss(acts.as_tensor(), &sim, 1e-8).unwrap();
     let grads = out.loss.backward().unwrap();
     let grad = grads.get(acts.as_tensor()).expect("gradient reaches the activations");
     let grad = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -236,7 +237,7 @@ fn batch_loss_is_finite_when_no_neuron_is_active() {
     let dev = Device::Cpu;
     let sim = Tensor::ones((4, 3), DType::F32, &dev).unwrap();
     let acts = Var::from_tensor(&Tensor::zeros((4, 6), DType::F32, &dev).unwrap()).unwrap();
-    let out = batch_mono_loss(&sim, acts.as_tensor(), 1e-8).unwrap();
+    let out = dense_batch_mono_loss(acts.as_tensor(), &sim, 1e-8).unwrap();
     assert_eq!(out.n_active, 0);
     assert_eq!(out.loss.to_scalar::<f32>().unwrap(), 1.0);
     let grads = out.loss.backward().unwrap();

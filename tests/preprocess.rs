@@ -7,11 +7,12 @@ use candle_core::{DType, Device};
 use image::{
     DynamicImage, GrayAlphaImage, GrayImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage,
 };
-use mono::encoders::preprocess::{Alpha, CropRounding, Preprocessor, Resample, ResizeTo};
+use mono::data::preprocess::{Alpha, CropRounding, Preprocessor, Resample, ResizeTo};
 
 // The binary's allocator, so that the timing test sees the buffer reuse extraction gets.
 #[global_allocator]
-static ALLOCATOR: mono::alloc::PeakTrackingAllocator = mono::alloc::PeakTrackingAllocator;
+static ALLOCATOR: mono::base::alloc::PeakTrackingAllocator =
+    mono::base::alloc::PeakTrackingAllocator;
 
 const STEMS: [&str; 4] = ["coffee", "astronaut", "camera", "chelsea_rgba"];
 #[allow(clippy::excessive_precision)]
@@ -507,7 +508,7 @@ fn extreme_aspect_ratios() {
 #[test]
 #[ignore]
 fn timing_500x375() {
-    mono::alloc::keep_freed_pages();
+    mono::base::alloc::keep_freed_pages();
     let src =
         image::imageops::crop_imm(photo("coffee").as_rgb8().unwrap(), 0, 0, 300, 200).to_image();
     // Tile the photo to 500x375 so the content is natural.

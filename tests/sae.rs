@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use mono::config::{SaeConfig, SaeKind};
+use mono::models::topk;
 use mono::sae::{self, ops, Sae, SaeSpec};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -41,16 +42,16 @@ fn sparse_ops_match_the_dense_graph() {
         Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
     let lambda = 0.7;
 
-    for selection in [ops::Selection::PerRow(k), ops::Selection::Batch(k * b)] {
+    for selection in [topk::Selection::PerRow(k), topk::Selection::Batch(k * b)] {
         // Sparse path.
         let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor()).unwrap();
-        let (lat, _) = ops::topk_latents(&pre, &selection, None).unwrap();
+        let (lat, _) = topk::topk_latents(&pre, &selection, None).unwrap();
         assert!(
             flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
             "test must exercise the sparse path"
         );
         let recon = ops::support_matmul(&lat, w_dec.as_tensor(), None).unwrap();
-        let (mono, stats) = ops::batch_mono_loss(&lat, &sim, 1e-8, None).unwrap();
+        let (mono, stats) = mono::monoscore::batch_mono_loss(&lat, &sim, 1e-8, None).unwrap();
         let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
             + (mono * lambda).unwrap())
         .unwrap();
@@ -62,7 +63,7 @@ fn sparse_ops_match_the_dense_graph() {
             .unwrap()
             .broadcast_add(b_enc.as_tensor())
             .unwrap();
-        let (mask, _) = ops::select_mask(&flat(&pre_d), m, &selection, None, true);
+        let (mask, _) = topk::select_mask(&flat(&pre_d), m, &selection, None, true);
         let mask = Tensor::from_vec(
             mask.iter().map(|&v| v as u8 as f32).collect::<Vec<_>>(),
             (b, m),
@@ -71,7 +72,7 @@ fn sparse_ops_match_the_dense_graph() {
         .unwrap();
         let lat_d = (pre_d.relu().unwrap() * mask).unwrap();
         let recon_d = lat_d.matmul(w_dec.as_tensor()).unwrap();
-        let mono_d = mono::monoscore::batch_mono_loss(&sim, &lat_d, 1e-8).unwrap();
+        let mono_d = mono::monoscore::dense_batch_mono_loss(&lat_d, &sim, 1e-8).unwrap();
         assert_eq!(mono_d.n_active, stats.n_active);
         let loss_d = ((recon_d - &x).unwrap().sqr().unwrap().mean_all().unwrap()
             + (&mono_d.loss * lambda).unwrap())
@@ -90,7 +91,7 @@ fn sparse_ops_match_the_dense_graph() {
 
         // The fused decoder + MonoLoss (gradient added inside the decoder's backward).
         let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor()).unwrap();
-        let (lat, _) = ops::topk_latents(&pre, &selection, None).unwrap();
+        let (lat, _) = topk::topk_latents(&pre, &selection, None).unwrap();
         let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
         let decoded = ops::decode(&lat, w_dec.as_tensor(), None, Some(term)).unwrap();
         let (mono_f, stats_f) = decoded.mono.unwrap();
@@ -115,7 +116,7 @@ fn topk_keeps_k_per_row_and_batch_topk_keeps_k_times_b() {
     let (b, m, k) = (32, 50, 4);
     let mut rng = StdRng::seed_from_u64(3);
     let values = randn(b * m, &mut rng);
-    let (mask, _) = ops::select_mask(&values, m, &ops::Selection::PerRow(k), None, false);
+    let (mask, _) = topk::select_mask(&values, m, &topk::Selection::PerRow(k), None, false);
     for (r, row) in mask.chunks(m).enumerate() {
         assert_eq!(row.iter().filter(|x| **x).count(), k);
         // They are the k largest of the row.
@@ -133,19 +134,20 @@ fn topk_keeps_k_per_row_and_batch_topk_keeps_k_times_b() {
             .fold(f32::NEG_INFINITY, f32::max);
         assert!(kept_min >= dropped_max);
     }
-    let (mask, min) = ops::select_mask(&values, m, &ops::Selection::Batch(k * b), None, true);
+    let (mask, min) = topk::select_mask(&values, m, &topk::Selection::Batch(k * b), None, true);
     assert_eq!(mask.iter().filter(|x| **x).count(), k * b);
     let mut sorted: Vec<f32> = values.clone();
     sorted.sort_by(|a, b| b.total_cmp(a));
     assert_eq!(min, Some(sorted[k * b - 1]));
     // Ties: exactly n kept, lowest positions first.
     let ties = vec![1.0f32; 20];
-    let (mask, _) = ops::select_mask(&ties, 10, &ops::Selection::Batch(7), None, true);
+    let (mask, _) = topk::select_mask(&ties, 10, &topk::Selection::Batch(7), None, true);
     assert_eq!(mask.iter().filter(|x| **x).count(), 7);
     assert!(mask[..7].iter().all(|x| *x));
     // Allowed columns only.
     let allowed: Vec<bool> = (0..m).map(|c| c % 5 == 0).collect();
-    let (mask, _) = ops::select_mask(&values, m, &ops::Selection::PerRow(3), Some(&allowed), false);
+    let (mask, _) =
+        topk::select_mask(&values, m, &topk::Selection::PerRow(3), Some(&allowed), false);
     assert!(mask.iter().enumerate().all(|(i, &k)| !k || allowed[i % m]));
 }
 

@@ -12,7 +12,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::config::{EncoderKind, EncoderOutput};
+use crate::base::config::{EncoderKind, EncoderOutput};
 use crate::encoders::{self, hub::ModelFiles};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -185,7 +185,7 @@ pub fn run(args: &ExtractBenchArgs) -> Result<Vec<ExtractTiming>> {
         timings.push(t);
     }
     if let Some(path) = &args.json {
-        crate::io::write_json_atomic(
+        crate::base::io::write_json_atomic(
             path,
             &json!({"benchmark": "extract", "batch": args.batch, "threads": rayon::current_num_threads(), "timings": timings}),
         )?;

@@ -9,11 +9,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::extract::{architecture, write_random_weights};
-use crate::config::FinetuneConfig;
-use crate::finetune::model::{FinetuneModel, HeadSpec};
-use crate::finetune::params::Weights;
-use crate::finetune::trainer::Stepper;
-use crate::finetune::Trainable;
+use crate::base::config::FinetuneConfig;
+use crate::models::params::Weights;
+use crate::models::Trainable;
+use crate::train::finetune::model::{FinetuneModel, HeadSpec};
+use crate::train::finetune::Stepper;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct FinetuneBenchArgs {
@@ -85,7 +85,7 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
         timings.push(t);
     }
     if let Some(path) = &args.json {
-        crate::io::write_json_atomic(
+        crate::base::io::write_json_atomic(
             path,
             &json!({"benchmark": "finetune", "batch": args.batch, "lambda": args.lambda, "timings": timings}),
         )?;

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp1, StandardNormal};
 use serde::Serialize;
 
-use crate::alloc;
+use crate::base::alloc;
 use crate::monoscore::{pairwise_monoscore, MonoScoreAccumulator, ScorePath, SparseBatch};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -92,7 +92,7 @@ fn time_one_pass(
     alloc::reset_peak();
     let mut acc = MonoScoreAccumulator::new(args.d, args.m);
     let mut spent = Duration::ZERO;
-    let bar = crate::progress::bar(
+    let bar = crate::base::progress::bar(
         rows as u64,
         if path == ScorePath::Sparse { "sparse" } else { "dense" },
     );
@@ -183,7 +183,7 @@ pub fn run(args: &MonoScoreBenchArgs) -> Result<Vec<Timing>> {
             "max_relative_difference_vs_reference": diff,
             "timings": timings,
         });
-        crate::io::write_json_atomic(path, &doc)?;
+        crate::base::io::write_json_atomic(path, &doc)?;
     }
     Ok(timings)
 }

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
-use crate::config::{paper_lambda, Config, DatasetKind, EncoderKind, SaeKind};
+use crate::base::config::{paper_lambda, Config, DatasetKind, EncoderKind, SaeKind};
 use crate::train::sae::SaeTrainer;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -146,7 +146,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
             "benchmark": "train", "d": args.d, "m": args.m, "k": args.k, "batch": args.batch,
             "threads": rayon::current_num_threads(), "timings": timings,
         });
-        crate::io::write_json_atomic(path, &doc)?;
+        crate::base::io::write_json_atomic(path, &doc)?;
     }
     Ok(timings)
 }

@@ -11,9 +11,9 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::store::{BatchLabels, LabelKind, StoreInfo, StoreWriter};
-use crate::config::FloatType;
-use crate::io::labels::{read_labels, read_lines, LabelFile};
-use crate::io::matrix::MatrixFile;
+use crate::base::config::FloatType;
+use crate::base::io::labels::{read_labels, read_lines, LabelFile};
+use crate::base::io::matrix::MatrixFile;
 
 /// Which split(s) the rows go to.
 #[derive(Clone, Debug, PartialEq)]
@@ -270,7 +270,7 @@ fn build_and_move(
 
     let n = matrix.rows();
     let dim = matrix.cols();
-    let bar = crate::progress::bar(n as u64, "importing");
+    let bar = crate::base::progress::bar(n as u64, "importing");
     let mut batch = Vec::new();
     for start in (0..n).step_by(opts.batch_rows) {
         let end = (start + opts.batch_rows).min(n);

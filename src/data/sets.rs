@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::store::{open_split, FeatureStore};
-use crate::config::Config;
+use crate::base::config::Config;
 
 pub struct FeatureSets {
     pub train: FeatureStore,

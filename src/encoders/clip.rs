@@ -9,7 +9,7 @@ use candle_transformers::models::clip::vision_model::{ClipVisionConfig, ClipVisi
 use serde::Deserialize;
 
 use super::ImageEncoder;
-use crate::config::EncoderOutput;
+use crate::base::config::EncoderOutput;
 
 /// The vision part of a CLIP config.json, with transformers' defaults for omitted keys.
 #[derive(Deserialize)]

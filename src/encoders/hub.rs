@@ -117,7 +117,7 @@ fn from_hub(model: &str, revision: &str) -> Result<ModelFiles> {
     } else {
         Some(
             hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(!crate::progress::is_quiet())
+                .with_progress(!crate::base::progress::is_quiet())
                 .build()
                 .context("cannot set up the Hugging Face hub client")?,
         )

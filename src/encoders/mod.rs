@@ -3,16 +3,16 @@
 
 mod clip;
 pub mod hub;
-pub mod preprocess;
 mod resnet;
 mod siglip;
 mod vit;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{EncoderConfig, EncoderKind, EncoderOutput, FloatType};
+use crate::base::config::{EncoderConfig, EncoderKind, EncoderOutput, FloatType};
+use crate::data::preprocess::Preprocessor;
 
 /// An image encoder: (B, 3, H, W) pixel values → (B, dim) features.
 pub trait ImageEncoder: Send + Sync {
@@ -72,4 +72,14 @@ pub fn load(
     let encoder = load_from_files(cfg.kind, cfg.output(), &files, dtype(cfg.dtype), device)
         .with_context(|| format!("encoder.model = {:?} ({:?})", cfg.model, cfg.kind))?;
     Ok((encoder, files))
+}
+
+/// The preprocessing of the encoder's family, from its preprocessor_config.json when present.
+pub fn preprocessor_for(kind: EncoderKind, files: &hub::ModelFiles) -> Result<Preprocessor> {
+    match (&files.preprocessor, kind) {
+        (Some(path), _) => Preprocessor::from_hf_json(path),
+        // torchvision's ImageNet evaluation transform, for torchvision-layout ResNet-50 weights.
+        (None, EncoderKind::Resnet50) => Ok(Preprocessor::torchvision_imagenet(256, 224)),
+        (None, _) => bail!("{}: no preprocessor_config.json; the image size, resampling and normalisation come from it", files.source),
+    }
 }

@@ -7,7 +7,7 @@ use candle_nn::{Func, VarBuilder};
 use candle_transformers::models::resnet;
 
 use super::ImageEncoder;
-use crate::config::EncoderOutput;
+use crate::base::config::EncoderOutput;
 
 pub struct Resnet50 {
     model: Func<'static>,
@@ -50,18 +50,18 @@ pub fn stage_depths(vb: &VarBuilder) -> [usize; 4] {
 /// Other bottleneck ResNets (depths or widths candle-transformers does not build): mono's own
 /// tower in evaluation mode, which equals candle-transformers' on the standard layout.
 pub struct GenericResnet {
-    net: crate::finetune::resnet::ResNet,
+    net: crate::models::resnet::ResNet,
 }
 
 impl GenericResnet {
     pub fn load(weights: &[std::path::PathBuf], device: &candle_core::Device) -> Result<Self> {
-        let weights = crate::finetune::params::Weights::load(weights, device)?;
-        let mut params = crate::finetune::params::ParamSet::default();
+        let weights = crate::models::params::Weights::load(weights, device)?;
+        let mut params = crate::models::params::ParamSet::default();
         Ok(Self {
-            net: crate::finetune::resnet::ResNet::load(
+            net: crate::models::resnet::ResNet::load(
                 &weights,
                 &mut params,
-                &crate::finetune::Trainable::LastBlocks(0),
+                &crate::models::Trainable::LastBlocks(0),
             )?,
         })
     }

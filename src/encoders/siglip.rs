@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::siglip::{VisionConfig, VisionModel};
 
 use super::ImageEncoder;
-use crate::config::EncoderOutput;
+use crate::base::config::EncoderOutput;
 
 pub struct Siglip {
     model: VisionModel,

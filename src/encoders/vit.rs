@@ -8,7 +8,7 @@ use candle_transformers::models::vit;
 use serde::Deserialize;
 
 use super::ImageEncoder;
-use crate::config::EncoderOutput;
+use crate::base::config::EncoderOutput;
 
 /// ViTConfig with transformers' defaults for omitted keys (candle's Config has none).
 #[derive(Deserialize)]

@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::base::sparse::SparseBatch;
 use crate::data::store::FeatureStore;
 use crate::monoscore::{MonoScoreAccumulator, MonoScoreSummary, MonoScores};
 use crate::sae::{forward, Sae};
-use crate::sparse::SparseBatch;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Purity {
@@ -188,7 +188,7 @@ pub fn evaluate(
     let mut fire_count = vec![0u64; m];
     let mut nnz_total = 0usize;
     let (mut x, mut sim) = (Vec::new(), Vec::new());
-    let bar = crate::progress::bar(n as u64, "evaluating");
+    let bar = crate::base::progress::bar(n as u64, "evaluating");
     let mut start = 0;
     while start < n {
         let end = (start + batch_rows.max(1)).min(n);

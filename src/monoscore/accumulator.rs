@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::MonoScores;
-use crate::sparse::{to_columns, SparseBatch, SparseRows};
+use crate::base::sparse::{to_columns, SparseBatch, SparseRows};
 
 /// Per-neuron running statistics of the raw activations.
 #[derive(Clone, Debug)]

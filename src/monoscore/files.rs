@@ -3,7 +3,7 @@
 use anyhow::{ensure, Context, Result};
 
 use super::{pairwise_monoscore, MonoScoreAccumulator, MonoScores, ScorePath};
-use crate::io::matrix::MatrixFile;
+use crate::base::io::matrix::MatrixFile;
 
 /// Beyond this many rows the O(N²) reference is refused (its cosine table alone is N²·8 bytes).
 pub const REFERENCE_MAX_ROWS: usize = 8192;
@@ -31,7 +31,7 @@ pub fn score_files(
     check_pair(embeddings, activations)?;
     let n = embeddings.rows();
     let mut acc = MonoScoreAccumulator::new(embeddings.cols(), activations.cols());
-    let bar = crate::progress::bar(n as u64, "scoring");
+    let bar = crate::base::progress::bar(n as u64, "scoring");
     let (mut e, mut a) = (Vec::new(), Vec::new());
     let mut start = 0;
     while start < n {

@@ -1,4 +1,6 @@
-//! The batch MonoLoss as a differentiable candle computation.
+//! The batch MonoLoss: one entry point (`batch_mono_loss`) over two implementations, the
+//! differentiable candle graph below (every device) and the sparse CPU kernels of
+//! `sparse_loss.rs` for mostly-zero latents.
 //!
 //! Within a batch: ã = (a − min)/(max − min + eps) per neuron, the O(B) MonoScore per neuron,
 //! neurons with den ≤ eps (firing on < 2 images of the batch) excluded, and
@@ -6,6 +8,31 @@
 //! so gradients reach the activations, through the min and the max as well.
 
 use candle_core::{DType, Result, Tensor, D};
+
+use super::sparse_loss::{sparse_batch_mono_loss, MonoLossStats};
+use crate::base::cpu::with_cpu_slice;
+use crate::base::sparse::{self, SPARSE_LIMIT};
+
+/// Batch MonoLoss of (B, M) latents judged by (B, D) similarity embeddings. On the CPU with
+/// sparse latents it runs in O(nnz·D) with gradients on the non-zeros and `grad_support`;
+/// otherwise it is the dense candle graph. Returns the loss and the statistics of this batch.
+pub fn batch_mono_loss(
+    latents: &Tensor,
+    similarity: &Tensor,
+    eps: f64,
+    grad_support: Option<&[bool]>,
+) -> Result<(Tensor, MonoLossStats)> {
+    let sparse_cpu = latents.device().is_cpu()
+        && latents.dtype() == DType::F32
+        && with_cpu_slice(latents, |l| sparse::density(l) <= SPARSE_LIMIT)?;
+    if sparse_cpu {
+        sparse_batch_mono_loss(latents, similarity, eps, grad_support)
+    } else {
+        let out = dense_batch_mono_loss(latents, similarity, eps)?;
+        let mean_score = out.mean_score()?;
+        Ok((out.loss, MonoLossStats { n_active: out.n_active, mean_score }))
+    }
+}
 
 pub struct BatchMonoLoss {
     /// Scalar 1 − mean score over active neurons (1 when no neuron is active).
@@ -23,11 +50,11 @@ impl BatchMonoLoss {
     }
 }
 
-/// `similarity`: (B, D) embeddings that judge similarity (treated as constants);
-/// `activations`: (B, M), the representation being made monosemantic.
-pub fn batch_mono_loss(
-    similarity: &Tensor,
+/// The dense graph. `activations`: (B, M), the representation being made monosemantic;
+/// `similarity`: (B, D) embeddings that judge similarity (treated as constants).
+pub fn dense_batch_mono_loss(
     activations: &Tensor,
+    similarity: &Tensor,
     eps: f64,
 ) -> Result<BatchMonoLoss> {
     let dtype = activations.dtype();

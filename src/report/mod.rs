@@ -168,8 +168,8 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     html.push_str("</table>");
 
     if rows.len() > 1 {
-        crate::io::write_atomic(&run_dir.join("sweep.csv"), csv.as_bytes())?;
-        crate::io::write_atomic(&run_dir.join("sweep.md"), md.as_bytes())?;
+        crate::base::io::write_atomic(&run_dir.join("sweep.csv"), csv.as_bytes())?;
+        crate::base::io::write_atomic(&run_dir.join("sweep.md"), md.as_bytes())?;
         html.push_str("<p>Tables: <a href=\"sweep.csv\">sweep.csv</a>, <a href=\"sweep.md\">sweep.md</a>.</p>");
         let labels: Vec<String> = rows
             .iter()
@@ -182,7 +182,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
         };
         let series = |c: &str| rows.iter().map(|r| value(r, c)).collect::<Vec<_>>();
         let png = plots::tradeoff(&labels, (left, &series(left)), (right, &series(right)))?;
-        crate::io::write_atomic(&run_dir.join("sweep.png"), &png)?;
+        crate::base::io::write_atomic(&run_dir.join("sweep.png"), &png)?;
         html.push_str(&format!(
             "<h2>Trade-off</h2><img alt=\"trade-off\" src=\"{}\">",
             data_uri_png(&png)
@@ -207,7 +207,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     }
     if !hists.is_empty() {
         let png = plots::histograms(&hists)?;
-        crate::io::write_atomic(&run_dir.join("monoscore_hist.png"), &png)?;
+        crate::base::io::write_atomic(&run_dir.join("monoscore_hist.png"), &png)?;
         html.push_str(&format!(
             "<h2>MonoScore of live latents</h2><p>Per-latent MonoScore on the evaluation split (dead latents left out).</p><img alt=\"histogram\" src=\"{}\">",
             data_uri_png(&png)
@@ -235,7 +235,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     }
     html.push_str("</body></html>\n");
     let path = run_dir.join("report.html");
-    crate::io::write_atomic(&path, html.as_bytes())?;
+    crate::base::io::write_atomic(&path, html.as_bytes())?;
     Ok(path)
 }
 

@@ -7,7 +7,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use super::{auxk_loss, ops, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use super::{auxk_loss, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use crate::models::topk as select;
 
 const THRESHOLD_BETA: f64 = 0.999;
 
@@ -65,14 +66,14 @@ impl Sae for BatchTopKSae {
                     .to_vec1::<f32>()?;
                 let mask = host.iter().map(|&v| v > threshold).collect();
                 Ok(Activation {
-                    latents: ops::masked_relu(pre, mask)?,
+                    latents: select::masked_relu(pre, mask)?,
                     grad_support: None,
                     batch_threshold: None,
                 })
             }
             _ => {
                 let (latents, min) =
-                    ops::topk_latents(pre, &ops::Selection::Batch(self.spec.k * rows), None)?;
+                    select::topk_latents(pre, &select::Selection::Batch(self.spec.k * rows), None)?;
                 Ok(Activation { latents, grad_support: None, batch_threshold: min })
             }
         }

@@ -3,7 +3,7 @@
 //! their final place and renamed into it, so a crash never leaves a half-written checkpoint.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -13,7 +13,7 @@ use super::{
     batch_topk::BatchTopKSae, jumprelu::JumpReluSae, relu::ReluSae, topk::TopKSae, Sae, SaeParams,
     SaeSpec,
 };
-use crate::config::SaeKind;
+use crate::base::config::SaeKind;
 
 pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 pub const CFG_FILE: &str = "cfg.json";
@@ -61,34 +61,11 @@ pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value 
     })
 }
 
-/// Fills `dir` atomically: `write` fills a sibling temporary directory, which then replaces `dir`.
-pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let name =
-        dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
-    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp")).tempdir_in(parent)?;
-    write(tmp.path())?;
-    let staged: PathBuf = tmp.keep();
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
-        std::fs::rename(&staged, dir)
-            .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        std::fs::rename(&staged, dir)
-            .with_context(|| format!("cannot move checkpoint into {}", dir.display()))?;
-    }
-    Ok(())
-}
-
 /// Writes the SAE's weights and cfg.json into `dir` (created or replaced atomically).
 pub fn save(dir: &Path, sae: &dyn Sae, source: &serde_json::Value) -> Result<()> {
     let tensors = weight_tensors(sae)?;
     let cfg = cfg_json(sae, source);
-    write_dir_atomic(dir, |tmp| write_into(tmp, &tensors, &cfg))
+    crate::base::io::write_dir_atomic(dir, |tmp| write_into(tmp, &tensors, &cfg))
 }
 
 /// Writes weights and cfg.json into an existing directory (used inside larger atomic writes).

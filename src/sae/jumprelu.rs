@@ -8,7 +8,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use super::{ops, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use crate::models::topk as select;
 
 pub struct JumpReluSae {
     spec: SaeSpec,
@@ -82,7 +83,7 @@ impl Sae for JumpReluSae {
     fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation> {
         let z = pre.relu()?;
         let band = self.band(&z)?;
-        let passed = ops::masked_relu(pre, band.mask.clone())?;
+        let passed = select::masked_relu(pre, band.mask.clone())?;
         if !training {
             return Ok(Activation {
                 latents: passed.detach(),

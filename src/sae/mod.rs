@@ -17,7 +17,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{SaeConfig, SaeKind};
+use crate::base::config::{SaeConfig, SaeKind};
+use crate::models::topk as select;
+use crate::monoscore::MonoLossStats;
 
 /// Everything that defines an SAE's shape and training losses (written to cfg.json).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,7 +146,7 @@ pub struct ForwardPass {
     pub working_recon: Tensor,
     pub recon: Tensor,
     /// The batch MonoLoss (and its statistics) when the pass was asked for one.
-    pub mono: Option<(Tensor, ops::MonoLossStats)>,
+    pub mono: Option<(Tensor, MonoLossStats)>,
 }
 
 impl ForwardPass {
@@ -293,7 +295,8 @@ pub fn auxk_loss(
         return Ok(None);
     }
     let k = spec.k_aux.min(n_dead);
-    let (aux_latents, _) = ops::topk_latents(&pass.pre, &ops::Selection::PerRow(k), Some(dead))?;
+    let (aux_latents, _) =
+        select::topk_latents(&pass.pre, &select::Selection::PerRow(k), Some(dead))?;
     let aux_recon = ops::support_matmul(&aux_latents, sae.params().w_dec.as_tensor(), None)?;
     let residual = (&pass.working_input - &pass.working_recon)?.detach();
     let loss = if normalized {

@@ -6,7 +6,8 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::{auxk_loss, normalized_mse, ops, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use super::{auxk_loss, normalized_mse, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use crate::models::topk as select;
 
 pub struct TopKSae {
     spec: SaeSpec,
@@ -35,7 +36,8 @@ impl Sae for TopKSae {
     }
 
     fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
-        let (latents, _) = ops::topk_latents(pre, &ops::Selection::PerRow(self.spec.k), None)?;
+        let (latents, _) =
+            select::topk_latents(pre, &select::Selection::PerRow(self.spec.k), None)?;
         Ok(Activation { latents, grad_support: None, batch_threshold: None })
     }
 

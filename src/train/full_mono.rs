@@ -12,10 +12,10 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::optim;
+use crate::base::sparse::SparseBatch;
 use crate::data::store::FeatureStore;
 use crate::monoscore::MonoScoreAccumulator;
 use crate::sae::{forward, Sae};
-use crate::sparse::SparseBatch;
 
 pub struct FullMonoGradient {
     /// ∂L/∂θ per parameter, in `SaeParams::named` order.

@@ -1,6 +1,8 @@
-//! Training loops and their optimiser machinery.
+//! The trainers (SAE, finetuning) and the training support they share: optimisers, learning-rate
+//! schedules and run directories.
 
+pub mod finetune;
 pub mod full_mono;
 pub mod optim;
-pub mod runs;
+pub mod run_dir;
 pub mod sae;

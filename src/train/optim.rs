@@ -172,9 +172,9 @@ pub fn scheduled_lr(
     step: usize,
     total: usize,
     warmup: usize,
-    decay: crate::config::LrDecay,
+    decay: crate::base::config::LrDecay,
 ) -> f64 {
-    use crate::config::LrDecay;
+    use crate::base::config::LrDecay;
     if step < warmup {
         return base * (step + 1) as f64 / warmup as f64;
     }
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn schedules() {
-        use crate::config::LrDecay;
+        use crate::base::config::LrDecay;
         assert_eq!(scheduled_lr(1.0, 0, 100, 10, LrDecay::None), 0.1);
         assert_eq!(scheduled_lr(1.0, 50, 100, 10, LrDecay::None), 1.0);
         assert!((scheduled_lr(1.0, 10, 110, 10, LrDecay::Cosine) - 1.0).abs() < 1e-12);

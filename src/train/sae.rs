@@ -17,13 +17,13 @@ use serde_json::json;
 
 use super::full_mono;
 use super::optim::{self, Adam};
-use super::runs;
-use crate::config::Config;
+use super::run_dir;
+use crate::base::config::Config;
 use crate::data::store::FeatureStore;
 use crate::eval::{self, EvalResults};
 use crate::sae::{self, checkpoint, ops, ForwardPass, Sae, SaeSpec};
 
-pub use super::runs::CHECKPOINTS_DIR;
+pub use super::run_dir::CHECKPOINTS_DIR;
 pub const FINAL_SAE_DIR: &str = "sae";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const RESULTS_FILE: &str = "results.json";
@@ -131,7 +131,7 @@ fn check_inputs(config: &Config, inputs: &SaeTrainInputs) -> Result<()> {
 
 /// The newest checkpoint of a run, if any.
 pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
-    Ok(runs::checkpoint_dirs(run_dir, "step-")?.pop().map(|(_, p)| p))
+    Ok(run_dir::checkpoint_dirs(run_dir, "step-")?.pop().map(|(_, p)| p))
 }
 
 fn save_checkpoint(
@@ -157,13 +157,13 @@ fn save_checkpoint(
     );
     let state_json =
         serde_json::to_string_pretty(&json!({"trainer": state, "adam_steps": adam.steps}))? + "\n";
-    checkpoint::write_dir_atomic(&dir, |tmp| {
+    crate::base::io::write_dir_atomic(&dir, |tmp| {
         checkpoint::write_into(tmp, &weights, &cfg)?;
         candle_core::safetensors::save(&tensors, tmp.join(STATE_TENSORS))?;
         std::fs::write(tmp.join(STATE_JSON), &state_json)?;
         Ok(())
     })?;
-    runs::prune_checkpoints(run_dir, "step-", KEEP_CHECKPOINTS)
+    run_dir::prune_checkpoints(run_dir, "step-", KEEP_CHECKPOINTS)
 }
 
 /// Restores SAE, optimizer and counters from a checkpoint written by `save_checkpoint`.
@@ -273,7 +273,8 @@ fn step_losses(
             (Some(loss.to_scalar::<f32>()? as f64), Some(*stats))
         }
         None if measure_mono => {
-            let (_, stats) = ops::batch_mono_loss(&pass.latents().detach(), similarity, eps, None)?;
+            let (_, stats) =
+                crate::monoscore::batch_mono_loss(&pass.latents().detach(), similarity, eps, None)?;
             (None, Some(stats))
         }
         None => (None, None),
@@ -446,13 +447,13 @@ pub fn train_sae(
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     if start_step == 0 {
-        crate::io::write_atomic(
+        crate::base::io::write_atomic(
             &run_dir.join("config.toml"),
             toml::to_string_pretty(config)?.as_bytes(),
         )?;
     }
     let metrics_path = run_dir.join(METRICS_FILE);
-    runs::truncate_metrics(&metrics_path, start_step)?;
+    run_dir::truncate_metrics(&metrics_path, start_step)?;
     let mut metrics_file =
         std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
 
@@ -468,7 +469,7 @@ pub fn train_sae(
         "model": train.manifest().info.encoder.as_ref().and_then(|e| e.get("model")).cloned(),
         "output": train.manifest().info.encoder.as_ref().and_then(|e| e.get("output")).cloned(),
     });
-    let bar = crate::progress::bar(total_steps as u64, "training");
+    let bar = crate::base::progress::bar(total_steps as u64, "training");
     bar.set_position(start_step as u64);
     let started = Instant::now();
     let (mut x, mut sim) = (Vec::new(), Vec::new());
@@ -595,14 +596,14 @@ pub fn evaluate_into(
         "features": store.dir().display().to_string(),
     });
     write_latent_stats(run_dir, &latents)?;
-    crate::io::write_json_atomic(&run_dir.join(RESULTS_FILE), &doc)?;
+    crate::base::io::write_json_atomic(&run_dir.join(RESULTS_FILE), &doc)?;
     Ok(results)
 }
 
 /// `mono train CONFIG`: opens the config's stores and device, then trains and evaluates.
 pub fn train_from_config(config: &Config, resume: bool) -> Result<TrainReport> {
     let sets = crate::data::sets::open_feature_sets(config)?;
-    let device = crate::device::open_device(&config.run.device)?;
+    let device = crate::base::device::open_device(&config.run.device)?;
     let inputs = SaeTrainInputs {
         train: &sets.train,
         train_similarity: sets.train_similarity.as_ref(),
@@ -628,7 +629,7 @@ pub fn eval_run(target: &Path, split: Option<&str>) -> Result<(PathBuf, EvalResu
         );
         (Config::load(&path)?, target.to_path_buf())
     };
-    let device = crate::device::open_device(&config.run.device)?;
+    let device = crate::base::device::open_device(&config.run.device)?;
     let sae_dir = match run_dir.join(FINAL_SAE_DIR) {
         d if d.is_dir() => d,
         _ => latest_checkpoint(&run_dir)?.with_context(|| {
@@ -654,7 +655,7 @@ pub fn eval_run(target: &Path, split: Option<&str>) -> Result<(PathBuf, EvalResu
         format!("results-{split}.json")
     };
     let doc = json!({"results": results, "sae": sae.spec(), "lambda": lambda, "checkpoint": sae_dir.display().to_string()});
-    crate::io::write_json_atomic(&run_dir.join(&name), &doc)?;
+    crate::base::io::write_json_atomic(&run_dir.join(&name), &doc)?;
     if name == RESULTS_FILE {
         write_latent_stats(&run_dir, &latents)?;
     }

@@ -18,14 +18,14 @@ mod walk;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 pub use decode::{composite_over_white, load_image_file, to_rgb8};
 pub use files::FileDataset;
 pub use memory::{MemoryDataset, PixelLayout};
 pub use walk::{is_image_file, IMAGE_EXTENSIONS};
 
-use crate::config::DatasetKind;
+use crate::base::config::DatasetKind;
 use crate::data::store::LabelKind;
 
 pub trait ImageDataset: Send + Sync {
@@ -96,4 +96,19 @@ fn open_whole(kind: DatasetKind, root: &Path, split: &str) -> Result<Box<dyn Ima
         }
         DatasetKind::Mnist => Box::new(mnist::open_mnist(mnist::Mnist::Digits, root, split)?),
     })
+}
+
+/// Single-label classes of every item, checked against the class count.
+pub fn class_labels(dataset: &dyn ImageDataset) -> Result<Vec<u32>> {
+    let n_classes = dataset.class_names().len();
+    (0..dataset.len())
+        .map(|i| match dataset.labels(i).as_slice() {
+            [c] if (*c as usize) < n_classes => Ok(*c),
+            [c] => bail!("{}: class {c} is outside the {n_classes} classes", dataset.path(i)),
+            other => bail!(
+                "{}: a classifier needs exactly one class per image, found {other:?}",
+                dataset.path(i)
+            ),
+        })
+        .collect()
 }

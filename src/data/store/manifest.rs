@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::FloatType;
+use crate::base::config::FloatType;
 
 pub const FORMAT: &str = "mono-feature-store/1";
 pub const MANIFEST_FILE: &str = "manifest.json";

@@ -3,6 +3,7 @@
 //! one store per split (`DIR/train`, `DIR/val`, `DIR/test`).
 
 mod labels;
+mod lookup;
 mod manifest;
 mod order;
 mod shard;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 
 pub use labels::Labels;
+pub use lookup::SimilarityLookup;
 pub use manifest::{LabelKind, Manifest, ShardEntry, Skipped, StoreInfo, FORMAT, MANIFEST_FILE};
 pub use order::epoch_order;
 pub use shard::{shard_file_name, FEATURES, LABELS, LABEL_OFFSETS, LABEL_VALUES, PATHS_KEY};

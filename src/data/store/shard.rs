@@ -13,8 +13,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::labels::Labels;
 use super::manifest::{LabelKind, Skipped, StoreInfo};
-use crate::config::FloatType;
-use crate::io::matrix::ElementType;
+use crate::base::config::FloatType;
+use crate::base::io::matrix::ElementType;
 
 pub const FEATURES: &str = "features";
 pub const LABELS: &str = "labels";
@@ -302,7 +302,7 @@ impl Shard {
         let row_bytes = self.dim * self.dtype.size();
         let begin = self.features_offset + start * row_bytes;
         let old = out.len();
-        crate::io::matrix::decode_le_into(
+        crate::base::io::matrix::decode_le_into(
             self.dtype,
             &self.mmap[begin..begin + (end - start) * row_bytes],
             out,

@@ -213,7 +213,7 @@ impl StoreWriter {
         // Serialised from the struct, not a `Value`, so the keys keep their declared order.
         let mut text = serde_json::to_string_pretty(&manifest)?;
         text.push('\n');
-        crate::io::write_atomic(&path, text.as_bytes())?;
+        crate::base::io::write_atomic(&path, text.as_bytes())?;
         Ok(manifest)
     }
 
@@ -265,7 +265,7 @@ impl StoreWriter {
             &self.skipped[self.skipped_written..],
         )
         .with_context(|| format!("cannot encode {}", path.display()))?;
-        crate::io::write_atomic(&path, &bytes)?;
+        crate::base::io::write_atomic(&path, &bytes)?;
         self.skipped_written = self.skipped.len();
         self.shards.push(ShardEntry { file: name, rows });
         self.written += rows;

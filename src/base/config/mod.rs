@@ -489,7 +489,7 @@ impl Config {
         v.check(!self.run.name.contains(['/', '\\']), || {
             format!("run.name = {:?} must not contain a path separator", self.run.name)
         });
-        if let Err(e) = crate::device::DeviceSpec::parse(&self.run.device) {
+        if let Err(e) = crate::base::device::DeviceSpec::parse(&self.run.device) {
             v.fail(format!("run.device = {:?}: {e}", self.run.device));
         }
         v.positive_opt("run.threads", self.run.threads);

@@ -5,7 +5,7 @@ pub mod matrix;
 pub mod npy;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -39,4 +39,27 @@ pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
     write_atomic(path, text.as_bytes())
+}
+
+/// Fills `dir` atomically: `write` fills a sibling temporary directory, which then replaces `dir`.
+pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name =
+        dir.file_name().context("the directory path has no name")?.to_string_lossy().to_string();
+    let tmp = tempfile::Builder::new().prefix(&format!(".{name}.tmp")).tempdir_in(parent)?;
+    write(tmp.path())?;
+    let staged: PathBuf = tmp.keep();
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
+        std::fs::rename(&staged, dir)
+            .with_context(|| format!("cannot move the new directory into {}", dir.display()))?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&staged, dir)
+            .with_context(|| format!("cannot move the new directory into {}", dir.display()))?;
+    }
+    Ok(())
 }

@@ -9,21 +9,65 @@ use std::sync::mpsc::sync_channel;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use serde_json::json;
 
-use super::data::{class_labels, epoch_order, prepare, Augment, Batch, SimilarityLookup};
-use super::model::{cross_entropy, topk_hits, Backbone, FinetuneModel, HeadSpec};
-use super::params::{DecayGroup, Weights};
-use super::Trainable;
-use crate::config::{Config, LrSchedule, Optimizer};
-use crate::data::images::{open_dataset, ImageDataset};
-use crate::data::store::{open_split, FeatureStore};
-use crate::encoders::preprocess::Preprocessor;
-use crate::monoscore::{MonoScoreAccumulator, ScorePath};
-use crate::sae::checkpoint::write_dir_atomic;
-use crate::sae::ops;
+pub mod model;
+
+use model::{cross_entropy, topk_hits, Backbone, FinetuneModel, HeadSpec};
+
+use crate::base::config::{Config, LrSchedule, Optimizer};
+use crate::base::io::write_dir_atomic;
+use crate::data::augment::Augment;
+use crate::data::batch::{load_pixels, shuffled_items as epoch_order};
+use crate::data::images::{class_labels, open_dataset, ImageDataset};
+use crate::data::preprocess::Preprocessor;
+use crate::data::store::{open_split, FeatureStore, SimilarityLookup};
+use crate::models::params::{DecayGroup, Weights};
+use crate::models::Trainable;
+use crate::monoscore::{self as ops, MonoScoreAccumulator, ScorePath};
 use crate::train::optim::{self, AdamW, Sgd};
-use crate::train::runs;
+use crate::train::run_dir;
+
+/// One prepared batch.
+pub struct Batch {
+    /// (rows, 3·H·W) pixel values.
+    pub pixels: Vec<f32>,
+    pub labels: Vec<u32>,
+    /// Dataset item indices.
+    pub items: Vec<usize>,
+}
+
+/// Prepares the items `items` (training augmentation when `augment` is given, seeded by
+/// (seed, epoch, item)). Unreadable images are errors here: a classifier cannot skip labels.
+pub fn prepare(
+    dataset: &dyn ImageDataset,
+    labels: &[u32],
+    items: &[usize],
+    eval: &Preprocessor,
+    augment: Option<(&Augment, u64, usize)>,
+) -> Result<Batch> {
+    let pixels = load_pixels(dataset, items, |i, image| match augment {
+        Some((aug, seed, epoch)) => {
+            let mut rng = StdRng::seed_from_u64(
+                seed ^ ((epoch as u64) << 40) ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+            );
+            aug.apply(image, &mut rng)
+        }
+        None => eval.process(&image::DynamicImage::ImageRgb8(image)),
+    });
+    let pixels: Vec<Vec<f32>> = items
+        .iter()
+        .zip(pixels)
+        .map(|(&i, p)| p.with_context(|| dataset.path(i)))
+        .collect::<Result<_>>()?;
+    Ok(Batch {
+        pixels: pixels.concat(),
+        labels: items.iter().map(|&i| labels[i]).collect(),
+        items: items.to_vec(),
+    })
+}
 
 const METRICS: &str = "metrics.jsonl";
 const RESULTS: &str = "results.json";
@@ -96,7 +140,7 @@ pub struct Stepper {
 impl Stepper {
     pub fn new(
         model: &FinetuneModel,
-        f: &crate::config::FinetuneConfig,
+        f: &crate::base::config::FinetuneConfig,
         lambda: f64,
         eps: f64,
     ) -> Result<Self> {
@@ -264,7 +308,7 @@ fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
     );
     let (train_labels, eval_labels) = (class_labels(train.as_ref())?, class_labels(eval.as_ref())?);
     let files = crate::encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
-    let eval_pre = crate::extract::preprocessor_for(config.encoder.kind, &files)?;
+    let eval_pre = crate::encoders::preprocessor_for(config.encoder.kind, &files)?;
     let size =
         eval_pre.output_size().context("the encoder's preprocessing must give one image size")?;
     let weights = Weights::load(&files.weights, device)?;
@@ -466,7 +510,7 @@ pub struct FinetuneReport {
 pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneReport> {
     let f = &config.finetune;
     let lambda = f.lambda.or(config.mono.lambda).context("finetune.lambda (or mono.lambda) must be set for finetuning (the paper uses 0, 0.03, 0.05, 0.07 and 0.1)")?;
-    let device = crate::device::open_device(&config.run.device)?;
+    let device = crate::base::device::open_device(&config.run.device)?;
     let inputs = open_inputs(config, &device)?;
     let classes = inputs.train.class_names().len();
     let train_judge = inputs
@@ -508,7 +552,7 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     )?;
 
     let run_dir = config.run_dir();
-    let existing = runs::checkpoint_dirs(&run_dir, "epoch-")?;
+    let existing = run_dir::checkpoint_dirs(&run_dir, "epoch-")?;
     if !resume && (!existing.is_empty() || run_dir.join(RESULTS).exists()) {
         bail!("{} already holds a finetuning run; pass --resume to continue it, or choose another run.name", run_dir.display());
     }
@@ -529,19 +573,19 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     if state.epoch == 0 {
-        crate::io::write_atomic(
+        crate::base::io::write_atomic(
             &run_dir.join("config.toml"),
             toml::to_string_pretty(config)?.as_bytes(),
         )?;
     }
     let metrics_path = run_dir.join(METRICS);
-    runs::truncate_metrics(&metrics_path, state.step)?;
+    run_dir::truncate_metrics(&metrics_path, state.step)?;
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
 
     let (h, w) = inputs.size;
     let augment = Augment::new(&inputs.eval_pre, inputs.size);
     let total_steps = f.epochs * steps_per_epoch;
-    let bar = crate::progress::bar(total_steps as u64, "finetuning");
+    let bar = crate::base::progress::bar(total_steps as u64, "finetuning");
     bar.set_position(state.step as u64);
     while state.epoch < f.epochs {
         let epoch = state.epoch;
@@ -608,7 +652,7 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         writeln!(metrics, "{line}")?;
         metrics.flush()?;
         bar.suspend(|| {
-            if !crate::progress::is_quiet() {
+            if !crate::base::progress::is_quiet() {
                 eprintln!(
                     "epoch {}: top-1 {:.4} top-5 {:.4} MonoScore {:?}",
                     epoch + 1,
@@ -624,14 +668,14 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         let tensors = state_tensors(&model, &stepper.opt, &ema)?;
         let doc = json!({"epoch": state.epoch, "step": state.step, "optimizer_steps": *stepper.opt.steps(), "history": state.history});
         write_dir_atomic(
-            &run_dir.join(runs::CHECKPOINTS_DIR).join(format!("epoch-{:03}", state.epoch)),
+            &run_dir.join(run_dir::CHECKPOINTS_DIR).join(format!("epoch-{:03}", state.epoch)),
             |tmp| {
                 candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
                 std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&doc)?)?;
                 Ok(())
             },
         )?;
-        runs::prune_checkpoints(&run_dir, "epoch-", KEEP_CHECKPOINTS)?;
+        run_dir::prune_checkpoints(&run_dir, "epoch-", KEEP_CHECKPOINTS)?;
     }
     bar.finish_and_clear();
 
@@ -660,6 +704,6 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         "mixed_precision": mixed,
         "ema": f.ema_decay.is_some(),
     });
-    crate::io::write_json_atomic(&run_dir.join(RESULTS), &results)?;
+    crate::base::io::write_json_atomic(&run_dir.join(RESULTS), &results)?;
     Ok(FinetuneReport { epochs: state.epoch, results })
 }

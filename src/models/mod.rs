@@ -1,13 +1,12 @@
-//! Finetuning a vision backbone with CE + λ·MonoLoss on an intermediate TopK layer (the paper's
-//! second use of MonoLoss): trainable towers, the model, its data and the training loop.
+//! The trainable towers shared by extraction (inference) and finetuning (training): a
+//! torchvision-layout bottleneck ResNet and a CLIP vision tower, their differentiable layers, named
+//! parameter sets, LoRA, and the TopK activation (selection without sorting).
 
-pub mod data;
+pub mod clip;
 pub mod layers;
-pub mod model;
 pub mod params;
 pub mod resnet;
-pub mod trainer;
-pub mod vit;
+pub mod topk;
 
 /// Which backbone parameters train.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,7 +20,7 @@ pub enum Trainable {
 }
 
 impl Trainable {
-    pub fn from_config(f: &crate::config::FinetuneConfig) -> Self {
+    pub fn from_config(f: &crate::base::config::FinetuneConfig) -> Self {
         match (f.lora_rank, f.trainable_blocks) {
             (Some(rank), _) => Trainable::Lora { rank, alpha: f.lora_alpha },
             (None, Some(n)) => Trainable::LastBlocks(n),

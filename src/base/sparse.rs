@@ -153,6 +153,9 @@ impl SparseBatch {
     }
 }
 
+/// Above this share of non-zeros the dense GEMM is faster than the sparse training kernels.
+pub const SPARSE_LIMIT: f64 = 0.1;
+
 /// Share of non-zero entries of a dense slice.
 pub fn density(dense: &[f32]) -> f64 {
     if dense.is_empty() {

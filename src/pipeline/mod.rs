@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::config::{Config, Stage};
+use crate::base::config::{Config, Stage};
 use crate::data::store::open_split;
 
 /// FNV-1a 64 of the canonical JSON of `value` (keys sorted), as 12 hex digits.
@@ -228,7 +228,7 @@ fn run_child(plan: &ChildPlan) -> Result<serde_json::Value> {
             let mut fc = c.clone();
             fc.run.output = dir.parent().expect("inside the run dir").to_path_buf();
             fc.run.name = dir.file_name().expect("named").to_string_lossy().to_string();
-            crate::finetune::trainer::finetune_from_config(&fc, has_checkpoints(dir))?;
+            crate::train::finetune::finetune_from_config(&fc, has_checkpoints(dir))?;
             make_encoder_dir(dir, &c)?;
         }
         results.insert("finetune".into(), read_json(&dir.join("results.json"))?);
@@ -244,7 +244,7 @@ fn run_child(plan: &ChildPlan) -> Result<serde_json::Value> {
     if let Some(dir) = &plan.train_dir {
         if !dir.join(crate::train::sae::RESULTS_FILE).is_file() {
             let sets = crate::data::sets::open_feature_sets(&c)?;
-            let device = crate::device::open_device(&c.run.device)?;
+            let device = crate::base::device::open_device(&c.run.device)?;
             let inputs = crate::train::sae::SaeTrainInputs {
                 train: &sets.train,
                 train_similarity: sets.train_similarity.as_ref(),
@@ -287,11 +287,11 @@ pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<serde_json::Value> {
     }
     // The config and the summary are written together, once every stage has finished.
     let summary = json!({"run": config.run.name, "stages": config.run.stages, "runs": runs});
-    crate::io::write_atomic(
+    crate::base::io::write_atomic(
         &run_dir.join("config.toml"),
         toml::to_string_pretty(config)?.as_bytes(),
     )?;
-    crate::io::write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
+    crate::base::io::write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
     if config.run.stages.contains(&Stage::Report) {
         crate::report::build(&run_dir)?;
     }

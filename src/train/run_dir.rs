@@ -55,5 +55,5 @@ pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::io::write_atomic(path, kept.as_bytes())
+    crate::base::io::write_atomic(path, kept.as_bytes())
 }

@@ -6,13 +6,13 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::layers::Linear;
-use super::params::{DecayGroup, ParamSet, Weights};
-use super::resnet::ResNet;
-use super::vit::{ClipShape, ClipTower};
-use super::Trainable;
-use crate::config::EncoderKind;
-use crate::sae::ops;
+use crate::base::config::EncoderKind;
+use crate::models::clip::{ClipShape, ClipTower};
+use crate::models::layers::Linear;
+use crate::models::params::{DecayGroup, ParamSet, Weights};
+use crate::models::resnet::ResNet;
+use crate::models::topk;
+use crate::models::Trainable;
 
 pub enum Backbone {
     Clip(ClipTower),
@@ -182,7 +182,7 @@ impl FinetuneModel {
         let topk = if self.k >= width {
             pre.relu()?
         } else {
-            ops::topk_latents(&pre, &ops::Selection::PerRow(self.k), None)?.0
+            topk::topk_latents(&pre, &topk::Selection::PerRow(self.k), None)?.0
         };
         let logits = self.classifier.forward(&topk)?;
         Ok(Outputs { features, topk, logits })

@@ -1,0 +1,34 @@
+//! Direct access to the f32 data of CPU tensors, for custom candle ops and host kernels.
+
+use candle_core::{CpuStorage, Device, Layout, Shape, Storage, Tensor};
+
+pub type CResult<T> = candle_core::Result<T>;
+
+/// The contiguous f32 data of a custom op's CPU input.
+pub fn contiguous<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: inputs must be contiguous"),
+    }
+}
+
+/// Runs `f` on the f32 data of a CPU tensor without copying (when already contiguous).
+pub fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(contiguous("tensor", cpu, layout)?)),
+        _ => candle_core::bail!("expected a CPU tensor"),
+    }
+}
+
+/// A CPU tensor owning `data`.
+pub fn cpu_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> CResult<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// The two dimensions of a custom op's 2-D input.
+pub fn dims2(l: &Layout) -> CResult<(usize, usize)> {
+    l.shape().dims2()
+}

@@ -1,0 +1,10 @@
+//! What every layer uses: the validated config, devices, file formats and atomic writes, the
+//! sparse CPU kernels, progress bars and the allocator.
+
+pub mod alloc;
+pub mod config;
+pub mod cpu;
+pub mod device;
+pub mod io;
+pub mod progress;
+pub mod sparse;

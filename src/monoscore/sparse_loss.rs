@@ -1,0 +1,247 @@
+//! The batch MonoLoss on sparse latents in O(nnz·D): forward and backward kernels over the
+//! latents' non-zeros (CSR/CSC), a custom op for the loss alone, and the pieces the SAE decoder
+//! uses to fuse the loss into its own pass. Tested against the dense graph (`loss.rs`).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::base::cpu::{contiguous, cpu_tensor, dims2, CResult};
+use crate::base::sparse::{self, SparseBatch};
+
+/// What the last forward pass of the sparse MonoLoss saw (for logging).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MonoLossStats {
+    pub n_active: usize,
+    pub mean_score: f64,
+}
+
+/// Per-neuron scalars of the batch MonoScore, kept for the backward pass.
+#[derive(Clone, Copy, Default)]
+struct NeuronBatchStats {
+    min: f32,
+    max: f32,
+    range: f32,
+    u: f32,
+    v: f32,
+    num: f32,
+    den: f32,
+    active: bool,
+}
+
+/// What the MonoLoss forward pass keeps for the backward pass.
+pub(crate) struct MonoLossSaved {
+    pub(crate) cols: sparse::SparseColumns,
+    /// Unit similarity rows (B × D) and their sum.
+    unit: Vec<f32>,
+    unit_sum: Vec<f32>,
+    /// w_k = Σ_i ã_ik p_i, neuron-major (M × D).
+    w: Vec<f32>,
+    neurons: Vec<NeuronBatchStats>,
+}
+
+/// Unit rows of the (B, D) similarity embeddings, and their sum.
+fn unit_rows(sim: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut unit = sim.to_vec();
+    unit.par_chunks_mut(d).for_each(|row| {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|x| *x /= norm);
+    });
+    let mut total = vec![0f32; d];
+    for row in unit.chunks_exact(d) {
+        total.iter_mut().zip(row).for_each(|(t, x)| *t += x);
+    }
+    (unit, total)
+}
+
+/// The batch MonoLoss of CSR latents (B × M; absent entries are zeros) judged by `sim` (B × D):
+/// the state for the backward pass, the loss and its statistics.
+pub(crate) fn forward(
+    csr: &SparseBatch,
+    b: usize,
+    m: usize,
+    sim: &[f32],
+    d: usize,
+    eps: f32,
+) -> (MonoLossSaved, f32, MonoLossStats) {
+    let (unit, unit_sum) = unit_rows(sim, d);
+    let cols = sparse::to_columns(csr.as_rows(), m);
+    // Column order: each neuron's w_k (a D-row) stays in cache while its rows are gathered.
+    let mut w = vec![0f32; m * d];
+    let mut neurons = vec![NeuronBatchStats::default(); m];
+    w.par_chunks_mut(d).zip(neurons.par_iter_mut()).enumerate().with_min_len(16).for_each(
+        |(k, (w, n))| {
+            let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
+            let (rows, vals) = (&cols.rows[span.clone()], &cols.values[span]);
+            let implicit = b - vals.len();
+            let mut min = vals.iter().copied().fold(f32::INFINITY, f32::min);
+            let mut max = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if implicit > 0 {
+                min = min.min(0.0);
+                max = max.max(0.0);
+            }
+            let range = max - min + eps;
+            // Scaled value of the implicit zeros: 0 unless the minimum is negative.
+            let zero_scaled = -min / range;
+            let (mut u, mut v) =
+                (implicit as f32 * zero_scaled, implicit as f32 * zero_scaled * zero_scaled);
+            for (&r, &l) in rows.iter().zip(vals) {
+                let a = (l - min) / range;
+                u += a;
+                v += a * a;
+                // Explicit entries carry (a − zero_scaled); every row's zero_scaled share is added below.
+                let p = &unit[r as usize * d..(r as usize + 1) * d];
+                let coef = a - zero_scaled;
+                w.iter_mut().zip(p).for_each(|(wi, &pi)| *wi += coef * pi);
+            }
+            if zero_scaled != 0.0 {
+                w.iter_mut().zip(&unit_sum).for_each(|(wi, &s)| *wi += zero_scaled * s);
+            }
+            let num = 0.5 * (sparse::dot(w, w) - v);
+            let den = 0.5 * (u * u - v);
+            *n = NeuronBatchStats { min, max, range, u, v, num, den, active: den > eps };
+        },
+    );
+    let n_active = neurons.iter().filter(|n| n.active).count();
+    let total: f64 =
+        neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
+    let mean = if n_active > 0 { total / n_active as f64 } else { 0.0 };
+    let loss = if n_active > 0 { 1.0 - mean } else { 1.0 };
+    (
+        MonoLossSaved { cols, unit, unit_sum, w, neurons },
+        loss as f32,
+        MonoLossStats { n_active, mean_score: mean },
+    )
+}
+
+/// g_out · ∂loss/∂latents on the support, in CSC order (`saved.cols`).
+pub(crate) fn backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) -> Vec<f32> {
+    let MonoLossSaved { cols, unit, unit_sum, w, neurons } = saved;
+    let n_active = neurons.iter().filter(|n| n.active).count();
+    if n_active == 0 {
+        return vec![0.0; cols.rows.len()];
+    }
+    let d = unit_sum.len();
+    let g_score = -g_out / n_active as f32; // ∂L/∂MS_k for active k
+                                            // Per neuron: ∂L/∂num, ∂L/∂den and the min/max gradients, closed forms over all rows.
+    struct Coef {
+        dnum: f32,
+        dden: f32,
+        dmin: f32,
+        dmax: f32,
+    }
+    let coefs: Vec<Coef> = neurons
+        .par_iter()
+        .enumerate()
+        .map(|(k, n)| {
+            if !n.active {
+                return Coef { dnum: 0.0, dden: 0.0, dmin: 0.0, dmax: 0.0 };
+            }
+            let wk = &w[k * d..(k + 1) * d];
+            let den = n.den + eps;
+            let dnum = g_score / den;
+            let dden = -g_score * n.num / (den * den);
+            let sum_g = dnum * (sparse::dot(unit_sum, wk) - n.u) + dden * (b as f32 * n.u - n.u);
+            let sum_ga = dnum * (sparse::dot(wk, wk) - n.v) + dden * (n.u * n.u - n.v);
+            Coef { dnum, dden, dmin: (sum_ga - sum_g) / n.range, dmax: -sum_ga / n.range }
+        })
+        .collect();
+    // ∂L/∂l = ∂L/∂ã / range, plus the min/max terms on tied entries.
+    let mut grads = sparse::csc_dots(cols, unit, w, d);
+    for k in 0..neurons.len() {
+        let (n, c) = (&neurons[k], &coefs[k]);
+        for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+            if !n.active {
+                grads[j] = 0.0;
+                continue;
+            }
+            let l = cols.values[j];
+            let a = (l - n.min) / n.range;
+            let da = c.dnum * (grads[j] - a) + c.dden * (n.u - a);
+            let mut g = da / n.range;
+            if l == n.min {
+                g += c.dmin;
+            }
+            if l == n.max {
+                g += c.dmax;
+            }
+            grads[j] = g;
+        }
+    }
+    grads
+}
+
+struct SparseMonoLoss {
+    eps: f32,
+    grad_support: Option<Arc<Vec<bool>>>,
+    stats: Arc<Mutex<MonoLossStats>>,
+    saved: Arc<Mutex<Option<(SparseBatch, MonoLossSaved)>>>,
+}
+
+impl CustomOp2 for SparseMonoLoss {
+    fn name(&self) -> &'static str {
+        "sparse-batch-mono-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (b, m) = dims2(l1)?;
+        let (b2, d) = dims2(l2)?;
+        if b != b2 {
+            candle_core::bail!("mono loss: {b} rows of latents but {b2} of similarity embeddings");
+        }
+        let (lat, sim) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
+        let csr = SparseBatch::from_dense_with(
+            lat,
+            m,
+            self.grad_support.as_deref().map(|v| v.as_slice()),
+        );
+        let (saved, loss, stats) = forward(&csr, b, m, sim, d, self.eps);
+        *self.stats.lock().unwrap() = stats;
+        *self.saved.lock().unwrap() = Some((csr, saved));
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        lat: &Tensor,
+        _sim: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (b, m) = lat.dims2()?;
+        let g_out = grad.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+        let Some((csr, saved)) = self.saved.lock().unwrap().take() else {
+            candle_core::bail!("mono loss backward without forward");
+        };
+        let vals = sparse::to_row_order(&saved.cols, &backward(&saved, b, g_out, self.eps));
+        Ok((Some(cpu_tensor(csr.with_values(vals).to_dense(m), (b, m))?), None))
+    }
+}
+
+/// The sparse op: the loss of (B, M) CPU f32 latents judged by (B, D) similarity embeddings,
+/// with gradients on the non-zeros and on `grad_support`.
+pub(crate) fn sparse_batch_mono_loss(
+    latents: &Tensor,
+    similarity: &Tensor,
+    eps: f64,
+    grad_support: Option<&[bool]>,
+) -> CResult<(Tensor, MonoLossStats)> {
+    let stats = Arc::new(Mutex::new(MonoLossStats::default()));
+    let op = SparseMonoLoss {
+        eps: eps as f32,
+        grad_support: grad_support.map(|g| Arc::new(g.to_vec())),
+        stats: stats.clone(),
+        saved: Arc::new(Mutex::new(None)),
+    };
+    let sim = similarity.detach().to_dtype(DType::F32)?.contiguous()?;
+    let loss = latents.contiguous()?.apply_op2(&sim, op)?;
+    let s = *stats.lock().unwrap();
+    Ok((loss, s))
+}
