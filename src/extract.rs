@@ -12,10 +12,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
+
 use serde_json::json;
 
 use crate::base::config::{Config, EncoderKind};
+use crate::base::cpu::normalize_rows;
 use crate::data::batch::load_pixels;
 use crate::data::images::{open_dataset, ImageDataset};
 use crate::data::preprocess::Preprocessor;
@@ -93,16 +94,6 @@ fn prepare(dataset: &dyn ImageDataset, preprocessor: &Preprocessor, items: Range
         }
     }
     batch
-}
-
-/// L2-normalises each row in place (zero rows stay zero).
-fn normalize_rows(features: &mut [f32], dim: usize) {
-    features.par_chunks_mut(dim).for_each(|row| {
-        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            row.iter_mut().for_each(|x| *x /= norm);
-        }
-    });
 }
 
 /// Runs the encoder on one prepared batch: (rows, dim) features on the host.

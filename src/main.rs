@@ -228,18 +228,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune { config, resume } => {
             let config = mono::Config::load(&config)?;
             apply_thread_config(&config);
-            let report = mono::train::finetune::finetune_from_config(&config, resume)?;
-            let last = &report.results["final"];
+            let results = mono::pipeline::stages::finetune(&config, &config.run_dir(), resume)?;
+            let last = &results.final_eval;
             println!(
                 "finetuned {} epochs into {}: top-1 {:.4}, top-5 {:.4}, TopK-layer MonoScore {}",
-                report.epochs,
+                results.history.len(),
                 config.run_dir().display(),
-                last["top1"].as_f64().unwrap_or(f64::NAN),
-                last["top5"].as_f64().unwrap_or(f64::NAN),
-                last["monoscore"]["mean"]
-                    .as_f64()
-                    .map(|m| format!("{m:.4}"))
-                    .unwrap_or_else(|| "n/a".into())
+                last.top1,
+                last.top5,
+                fmt_opt(last.monoscore.mean)
             );
             Ok(())
         }
@@ -257,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval { target, split } => {
-            let (path, results) = mono::train::sae::eval_run(&target, split.as_deref())?;
+            let (path, results) = mono::eval::eval_run(&target, split.as_deref())?;
             print_results(&results);
             println!("wrote {}", path.display());
             Ok(())
@@ -287,14 +284,13 @@ fn score(args: ScoreArgs) -> Result<()> {
         one_pass
     };
     let s = result.summary();
-    let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into());
     println!(
         "MonoScore over N = {} images, D = {}, M = {} neurons: mean {} median {} ({} live, {} dead)",
         result.n,
         result.d,
         result.m(),
-        fmt(s.mean),
-        fmt(s.median),
+        fmt_opt(s.mean),
+        fmt_opt(s.median),
         s.live,
         s.dead
     );
@@ -337,16 +333,18 @@ fn import(args: ImportArgs) -> Result<()> {
 fn train(config_path: &std::path::Path, resume: bool) -> Result<()> {
     let config = mono::Config::load(config_path)?;
     apply_thread_config(&config);
-    let report = mono::train::sae::train_from_config(&config, resume)?;
-    println!("trained {} steps into {}", report.steps, config.run_dir().display());
-    if let Some(results) = &report.results {
-        print_results(results);
-    }
+    let outcome = mono::pipeline::stages::train(&config, &config.run_dir(), resume)?;
+    println!("trained {} steps into {}", outcome.steps, config.run_dir().display());
+    print_results(&outcome.results.results);
     Ok(())
 }
 
-fn print_results(r: &mono::eval::EvalResults) {
-    let fmt = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into());
+/// A score with four decimals, or "n/a".
+fn fmt_opt(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into())
+}
+
+fn print_results(r: &mono::layout::EvalResults) {
     println!(
         "{} split, {} images: R² {:.4} (total {:.4})  MSE {:.3e}  L0 {:.1}  dead latents {}/{}",
         r.split,
@@ -360,8 +358,8 @@ fn print_results(r: &mono::eval::EvalResults) {
     );
     println!(
         "MonoScore mean {} median {} ({} live, {} dead)",
-        fmt(r.monoscore.mean),
-        fmt(r.monoscore.median),
+        fmt_opt(r.monoscore.mean),
+        fmt_opt(r.monoscore.median),
         r.monoscore.live,
         r.monoscore.dead
     );
@@ -419,13 +417,13 @@ fn run_pipeline(config_path: &std::path::Path, dry_run: bool) -> Result<()> {
     }
     let summary = mono::pipeline::run(&config, &plans)?;
     let run_dir = config.run_dir();
-    if let Ok(md) = std::fs::read_to_string(run_dir.join("sweep.md")) {
+    if let Ok(md) = std::fs::read_to_string(run_dir.join(mono::layout::SWEEP_MD)) {
         print!("\n{md}");
-    } else if let Some(run) = summary["runs"].as_array().and_then(|r| r.first()) {
-        println!("\n{}", serde_json::to_string_pretty(&run["results"])?);
+    } else if let Some(run) = summary.runs.first() {
+        println!("\n{}", serde_json::to_string_pretty(&run.results)?);
     }
     if config.run.stages.contains(&mono::config::Stage::Report) {
-        println!("\nreport: {}", run_dir.join("report.html").display());
+        println!("\nreport: {}", run_dir.join(mono::layout::REPORT_FILE).display());
     }
     Ok(())
 }

@@ -6,7 +6,6 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use mono::data::idx::{read_idx_pair, FASHION_MNIST_CLASSES};
-use mono::train::finetune::finetune_from_config;
 use mono::Config;
 
 const FM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");
@@ -48,10 +47,10 @@ fn tiny_resnet_dir(root: &Path) -> PathBuf {
 
 fn config(root: &Path, name: &str, kind: &str, model: &Path, data: &Path, extra: &str) -> Config {
     let text = format!(
-        "[run]\nname = \"{name}\"\noutput = \"{}\"\n[encoder]\nkind = \"{kind}\"\nmodel = \"{}\"\n\
+        "[run]\nname = \"{name}\"\noutput = \"{}\"\nlog_every = 5\n[encoder]\nkind = \"{kind}\"\nmodel = \"{}\"\n\
          [data]\nkind = \"folder\"\nroot = \"{}\"\ntrain_split = \"train\"\neval_split = \"val\"\n\
          [finetune]\nepochs = 3\nbatch_size = 50\noptimizer = \"adamw\"\nlr = 0.003\nweight_decay = 0.0\n\
-         warmup_epochs = 0\nlabel_smoothing = 0.0\nema_decay = 0.9\nk = 16\n[train]\nlog_every = 5\n{extra}",
+         warmup_epochs = 0\nlabel_smoothing = 0.0\nema_decay = 0.9\nk = 16\n{extra}",
         root.join("runs").display(),
         model.display(),
         data.display()
@@ -59,7 +58,12 @@ fn config(root: &Path, name: &str, kind: &str, model: &Path, data: &Path, extra:
     Config::parse(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"))
 }
 
-fn final_metric(results: &serde_json::Value, key: &str) -> f64 {
+fn finetune_from_config(c: &Config, resume: bool) -> anyhow::Result<mono::layout::FinetuneResults> {
+    mono::pipeline::stages::finetune(c, &c.run_dir(), resume)
+}
+
+fn final_metric(results: &mono::layout::FinetuneResults, key: &str) -> f64 {
+    let results = &serde_json::to_value(results).unwrap();
     match key {
         "monoscore" => results["final"]["monoscore"]["mean"].as_f64().unwrap(),
         k => results["final"][k].as_f64().unwrap(),
@@ -87,7 +91,7 @@ fn tiny_resnet_and_tiny_vit_learn_and_monoloss_raises_topk_monoscore() {
             finetune_from_config(&c, false).unwrap()
         };
         let (base, mono) = (run("base", 0.0), run("mono", 1.0));
-        let (b, m) = (&base.results, &mono.results);
+        let (b, m) = (&base, &mono);
         eprintln!(
             "{kind}: λ=0 top-1 {:.3} MonoScore {:.3}; λ=1 top-1 {:.3} MonoScore {:.3}",
             final_metric(b, "top1"),

@@ -262,14 +262,14 @@ fn resnet_model_gradients_in_train_mode_and_running_stats_update() {
     let backbone = &model.backbone;
     let before = match backbone {
         mono::train::finetune::model::Backbone::Resnet(r) => {
-            flat(&r.running_stats()[0].0.lock().unwrap())
+            flat(&r.batch_norms()[0].running_mean.lock().unwrap())
         }
         _ => unreachable!(),
     };
     check_gradients(&model, &pixels, &[0, 1, 2, 3], true);
     let after = match backbone {
         mono::train::finetune::model::Backbone::Resnet(r) => {
-            flat(&r.running_stats()[0].0.lock().unwrap())
+            flat(&r.batch_norms()[0].running_mean.lock().unwrap())
         }
         _ => unreachable!(),
     };

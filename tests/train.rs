@@ -58,17 +58,12 @@ const SMALL_SAE: &str = "[sae]\nkind = \"batch_topk\"\nn_latents = 256\nk = 8\n[
 fn monoloss_raises_monoscore_and_purity_at_comparable_reconstruction() {
     let tmp = tempfile::tempdir().unwrap();
     let features = fashion_mnist_features(tmp.path(), 10000);
-    let base = mono::train::sae::train_from_config(
-        &config(tmp.path(), &features, "base", &format!("{SMALL_SAE}[mono]\nlambda = 0.0\n")),
-        false,
-    )
-    .unwrap();
-    let mono_run = mono::train::sae::train_from_config(
-        &config(tmp.path(), &features, "mono", &format!("{SMALL_SAE}[mono]\nlambda = 0.0003\n")),
-        false,
-    )
-    .unwrap();
-    let (b, m) = (base.results.unwrap(), mono_run.results.unwrap());
+    let train = |name: &str, lambda: f64| {
+        let c =
+            config(tmp.path(), &features, name, &format!("{SMALL_SAE}[mono]\nlambda = {lambda}\n"));
+        mono::pipeline::stages::train(&c, &c.run_dir(), false).unwrap().results.results
+    };
+    let (b, m) = (train("base", 0.0), train("mono", 0.0003));
     let (bs, ms) = (b.monoscore.mean.unwrap(), m.monoscore.mean.unwrap());
     let (bp, mp) = (b.purity.as_ref().unwrap(), m.purity.as_ref().unwrap());
     eprintln!("λ=0: MS {bs:.3} purity {:.3}/{:.3} R²tot {:.4}; λ>0: MS {ms:.3} purity {:.3}/{:.3} R²tot {:.4}", bp.binary, bp.weighted, b.r2_total, mp.binary, mp.weighted, m.r2_total);
@@ -113,18 +108,20 @@ fn read_tensors(path: &Path) -> std::collections::HashMap<String, Tensor> {
 fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_stay_unit() {
     let tmp = tempfile::tempdir().unwrap();
     let features = fashion_mnist_features(tmp.path(), 2000);
-    let sae = "[sae]\nkind = \"batch_topk\"\nn_latents = 96\nk = 6\n[train]\nepochs = 2\nbatch_size = 128\nlr = 0.001\ncheckpoint_every = 4\nlog_every = 1\n[mono]\nlambda = 0.001\n";
-    let full = config(tmp.path(), &features, "full", sae);
-    mono::train::sae::train_from_config(&full, false).unwrap();
+    let sae = "[sae]\nkind = \"batch_topk\"\nn_latents = 96\nk = 6\n[train]\nepochs = 2\nbatch_size = 128\nlr = 0.001\ncheckpoint_every = 4\n[mono]\nlambda = 0.001\n";
+    let mut full = config(tmp.path(), &features, "full", sae);
+    full.run.log_every = 1;
+    mono::pipeline::stages::train(&full, &full.run_dir(), false).unwrap();
 
     // Interrupted after 8 steps, then resumed to the end.
-    let part = config(tmp.path(), &features, "part", sae);
+    let mut part = config(tmp.path(), &features, "part", sae);
+    part.run.log_every = 1;
     let mut part_first = part.clone();
     part_first.train.max_steps = Some(8);
-    mono::train::sae::train_from_config(&part_first, false).unwrap();
+    mono::pipeline::stages::train(&part_first, &part_first.run_dir(), false).unwrap();
     let mut part_rest = part.clone();
     part_rest.train.max_steps = None;
-    mono::train::sae::train_from_config(&part_rest, true).unwrap();
+    mono::pipeline::stages::train(&part_rest, &part_rest.run_dir(), true).unwrap();
 
     let a = read_tensors(&full.run_dir().join("sae/sae_weights.safetensors"));
     let b = read_tensors(&part.run_dir().join("sae/sae_weights.safetensors"));
@@ -175,7 +172,7 @@ fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_s
             .unwrap();
     assert_eq!(lat.dtype(), DType::F32);
     let before = std::fs::read_to_string(full.run_dir().join("results.json")).unwrap();
-    mono::train::sae::eval_run(&full.run_dir(), None).unwrap();
+    mono::eval::eval_run(&full.run_dir(), None).unwrap();
     let after = std::fs::read_to_string(full.run_dir().join("results.json")).unwrap();
     let strip = |s: &str| {
         let v: serde_json::Value = serde_json::from_str(s).unwrap();
@@ -227,7 +224,7 @@ fn full_dataset_monoloss_gradient_matches_finite_differences() {
     let b_enc = &sae.params().b_enc;
     let base = b_enc.as_tensor().to_vec1::<f32>().unwrap();
     let names: Vec<&str> = sae.params().named().iter().map(|(n, _)| *n).collect();
-    let grad = &full.grads[names.iter().position(|n| *n == "b_enc").unwrap()];
+    let grad = &full.grads.0[names.iter().position(|n| *n == "b_enc").unwrap()];
     let mut checked = 0;
     let mut errors = Vec::new();
     for k in 0..24 {

@@ -32,3 +32,14 @@ pub fn cpu_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> CResult<Tensor> {
 pub fn dims2(l: &Layout) -> CResult<(usize, usize)> {
     l.shape().dims2()
 }
+
+/// Rescales each `d`-wide row of `data` to unit L2 norm (rows of zeros stay zero).
+pub fn normalize_rows(data: &mut [f32], d: usize) {
+    use rayon::prelude::*;
+    data.par_chunks_mut(d).for_each(|row| {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+    });
+}

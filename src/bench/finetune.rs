@@ -13,7 +13,7 @@ use crate::base::config::FinetuneConfig;
 use crate::models::params::Weights;
 use crate::models::Trainable;
 use crate::train::finetune::model::{FinetuneModel, HeadSpec};
-use crate::train::finetune::Stepper;
+use crate::train::finetune::Finetuner;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct FinetuneBenchArgs {
@@ -67,13 +67,13 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
             &Device::Cpu,
         )?;
         let f = FinetuneConfig::default();
-        let mut stepper = Stepper::new(&model, &f, args.lambda, 1e-8)?;
+        let mut finetuner = Finetuner::new(model, &f, args.lambda, 1e-8)?;
         let x = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?;
         let labels: Vec<u32> = (0..args.batch as u32).map(|i| i * 37 % 1000).collect();
-        stepper.step(&model, &x, &labels, None, 1e-3, false)?;
+        finetuner.step(&x, &labels, None, 1e-3, false)?;
         let start = Instant::now();
         for _ in 0..args.steps {
-            stepper.step(&model, &x, &labels, None, 1e-3, false)?;
+            finetuner.step(&x, &labels, None, 1e-3, false)?;
         }
         let per = start.elapsed().as_secs_f64() / args.steps as f64;
         let t = FinetuneTiming {

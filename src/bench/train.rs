@@ -59,7 +59,7 @@ fn parse_kind(name: &str) -> Result<SaeKind> {
 /// Unit-norm Gaussian rows, like L2-normalised encoder features.
 fn batch(rows: usize, d: usize, rng: &mut StdRng) -> Tensor {
     let mut data: Vec<f32> = (0..rows * d).map(|_| StandardNormal.sample(rng)).collect();
-    crate::sae::normalize_rows(&mut data, d);
+    crate::base::cpu::normalize_rows(&mut data, d);
     Tensor::from_vec(data, (rows, d), &Device::Cpu).expect("shape matches")
 }
 
@@ -70,7 +70,8 @@ fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<SaeTrain
     config.sae.k = args.k;
     config.train.batch_size = args.batch;
     config.mono.lambda = Some(lambda);
-    SaeTrainer::fresh(&config, args.d, lambda, &Device::Cpu)
+    let spec = crate::sae::SaeSpec::from_config(&config.sae, args.d);
+    SaeTrainer::new(&config, &spec, &Device::Cpu)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

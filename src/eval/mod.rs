@@ -2,42 +2,21 @@
 //! explained variance, averaged), MSE, L0, dead latents, MonoScore (one-pass engine, sparse path)
 //! and class purity. Never touches the training dead-latent counters.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
-use serde::Serialize;
 
+use crate::base::config::Config;
 use crate::base::sparse::SparseBatch;
 use crate::data::store::FeatureStore;
-use crate::monoscore::{MonoScoreAccumulator, MonoScoreSummary, MonoScores};
+use crate::layout::{
+    split_results_file, write_json, EvalResults, Purity, TrainResults, CONFIG_FILE, FINAL_SAE_DIR,
+    LATENT_STATS_FILE, RESULTS_FILE,
+};
+use crate::monoscore::{MonoScoreAccumulator, MonoScores};
 use crate::sae::{forward, Sae};
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Purity {
-    /// Mean over live latents of the share of its activating images in its dominant class.
-    pub binary: f64,
-    /// The same with each image weighted by its activation.
-    pub weighted: f64,
-    pub latents: usize,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct EvalResults {
-    pub split: String,
-    pub n_images: usize,
-    /// Per-feature explained variance, averaged over features (the paper's R²).
-    pub r2: f64,
-    /// 1 − Σ SS_res / Σ SS_tot: the share of total variance explained (robust to features that
-    /// barely vary, such as border pixels).
-    pub r2_total: f64,
-    pub mse: f64,
-    pub l0: f64,
-    /// Latents that fire on no image of the split.
-    pub dead_latents: usize,
-    pub live_latents: usize,
-    pub monoscore: MonoScoreSummary,
-    pub purity: Option<Purity>,
-}
 
 /// Per-latent numbers behind the summary (for reports and histograms).
 pub struct LatentStats {
@@ -272,4 +251,101 @@ impl LatentStats {
         .into_iter()
         .collect())
     }
+}
+
+/// Evaluates `sae` on `store` and writes results.json (`results_file`) and, for the run's own
+/// evaluation split, latent_stats.safetensors into `run_dir`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_into(
+    run_dir: &Path,
+    results_file: &str,
+    sae: &dyn Sae,
+    store: &FeatureStore,
+    similarity: Option<&FeatureStore>,
+    lambda: f64,
+    train_seconds: Option<f64>,
+    checkpoint: Option<&Path>,
+    batch_rows: usize,
+    device: &Device,
+) -> Result<TrainResults> {
+    let (results, latents) = evaluate(sae, store, similarity, batch_rows, device)?;
+    let doc = TrainResults {
+        results,
+        sae: sae.spec().clone(),
+        lambda,
+        train_seconds,
+        features: store.dir().display().to_string(),
+        checkpoint: checkpoint.map(|c| c.display().to_string()),
+    };
+    if results_file == RESULTS_FILE {
+        write_latent_stats(run_dir, &latents)?;
+    }
+    write_json(&run_dir.join(results_file), &doc)?;
+    Ok(doc)
+}
+
+fn write_latent_stats(run_dir: &Path, latents: &LatentStats) -> Result<()> {
+    let tmp = run_dir.join(format!(".{LATENT_STATS_FILE}.tmp"));
+    candle_core::safetensors::save(&latents.tensors()?, &tmp)?;
+    std::fs::rename(&tmp, run_dir.join(LATENT_STATS_FILE))
+        .with_context(|| format!("cannot write {}", run_dir.join(LATENT_STATS_FILE).display()))?;
+    Ok(())
+}
+
+/// `mono eval RUN_DIR|CONFIG [--split S]`: evaluates a run's final SAE (or its newest checkpoint)
+/// and writes results.json (results-S.json for another split). Returns the file and the results.
+pub fn eval_run(target: &Path, split: Option<&str>) -> Result<(PathBuf, EvalResults)> {
+    let (config, run_dir) = if target.is_file() {
+        let config = Config::load(target)?;
+        let dir = config.run_dir();
+        (config, dir)
+    } else {
+        let path = target.join(CONFIG_FILE);
+        ensure!(
+            path.is_file(),
+            "{} is neither a config file nor a run directory (no {CONFIG_FILE})",
+            target.display()
+        );
+        (Config::load(&path)?, target.to_path_buf())
+    };
+    let device = crate::base::device::open_device(&config.run.device)?;
+    let sae_dir = match run_dir.join(FINAL_SAE_DIR) {
+        d if d.is_dir() => d,
+        _ => crate::train::run_dir::RunDir::new(&run_dir, "step-", 8)
+            .checkpoints()?
+            .pop()
+            .map(|(_, p)| p)
+            .with_context(|| {
+                format!("{} has no trained SAE (no sae/ and no checkpoint)", run_dir.display())
+            })?,
+    };
+    let sae = crate::sae::checkpoint::load(&sae_dir, &device)?;
+    let split = split.unwrap_or(&config.data.eval_split).to_string();
+    let dir = crate::data::sets::features_dir(&config);
+    let store = crate::data::store::open_split(&dir, &split)?;
+    let judge = config
+        .mono
+        .similarity_store
+        .as_ref()
+        .map(|j| crate::data::store::open_split(j, &split))
+        .transpose()?;
+    let name = if split == config.data.eval_split {
+        RESULTS_FILE.to_string()
+    } else {
+        split_results_file(&split)
+    };
+    let lambda = config.lambda().unwrap_or(0.0);
+    let doc = evaluate_into(
+        &run_dir,
+        &name,
+        sae.as_ref(),
+        &store,
+        judge.as_ref(),
+        lambda,
+        None,
+        Some(&sae_dir),
+        config.train.batch_size,
+        &device,
+    )?;
+    Ok((run_dir.join(name), doc.results))
 }

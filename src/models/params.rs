@@ -71,6 +71,11 @@ impl ParamSet {
         self.index.get(name).map(|&i| &self.params[i])
     }
 
+    /// The device of the parameters (the CPU for an empty set).
+    pub fn device(&self) -> Device {
+        self.params.first().map_or(Device::Cpu, |p| p.tensor.device().clone())
+    }
+
     pub fn trainable(&self) -> impl Iterator<Item = &Param> {
         self.params.iter().filter(|p| p.var.is_some())
     }

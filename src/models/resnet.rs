@@ -159,7 +159,8 @@ impl ResNet {
         Ok(x.mean(3)?.mean(2)?)
     }
 
-    fn batch_norms(&self) -> Vec<&BatchNorm> {
+    /// Every BatchNorm layer, stem first.
+    pub fn batch_norms(&self) -> Vec<&BatchNorm> {
         let mut out = vec![&self.bn1];
         for b in &self.blocks {
             out.extend([&b.bn1, &b.bn2, &b.bn3]);
@@ -168,11 +169,6 @@ impl ResNet {
             }
         }
         out
-    }
-
-    /// The BatchNorm running statistics (for checkpoints).
-    pub fn running_stats(&self) -> Vec<(&Mutex<Tensor>, &Mutex<Tensor>)> {
-        self.batch_norms().into_iter().map(|bn| (&bn.running_mean, &bn.running_var)).collect()
     }
 
     /// The running statistics under their torchvision names (`….running_mean`, `….running_var`).

@@ -13,7 +13,7 @@ pub use loss::{batch_mono_loss, dense_batch_mono_loss, BatchMonoLoss};
 pub use reference::pairwise_monoscore;
 pub use sparse_loss::MonoLossStats;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Per-neuron MonoScores over N images; `None` marks a dead neuron (fewer than two images
 /// above its minimum, constant neurons included). Dead neurons are never averaged in.
@@ -25,7 +25,7 @@ pub struct MonoScores {
 }
 
 /// Mean and median over live neurons, with the dead ones counted apart.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MonoScoreSummary {
     pub mean: Option<f64>,
     pub median: Option<f64>,

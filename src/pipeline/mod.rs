@@ -6,6 +6,9 @@
 //! rerun after a crash or a tweak redoes only what changed, and sweep children share whatever
 //! they have in common (e.g. the extracted features). Interrupted stages resume.
 
+pub mod keys;
+pub mod stages;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -13,22 +16,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::base::config::{Config, Stage};
-use crate::data::store::open_split;
-
-/// FNV-1a 64 of the canonical JSON of `value` (keys sorted), as 12 hex digits.
-pub fn stable_key(value: &serde_json::Value) -> String {
-    let text = serde_json::to_string(value).expect("JSON values serialise");
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{:012x}", h >> 16)
-}
-
-fn section<T: serde::Serialize>(t: &T) -> serde_json::Value {
-    serde_json::to_value(t).expect("config sections serialise")
-}
+use crate::layout::{
+    read_json, write_json, ChildResults, ChildSummary, RunSummary, CHECKPOINTS_DIR, CONFIG_FILE,
+    REPORT_FILE, RESULTS_FILE,
+};
+use keys::{extract_key, finetune_key, manifests, train_key};
 
 /// One run of a sweep (or the only run).
 #[derive(Clone, Debug)]
@@ -78,43 +70,6 @@ pub struct ChildPlan {
     pub train_dir: Option<PathBuf>,
 }
 
-fn finetune_key(c: &Config) -> String {
-    stable_key(&json!({
-        "encoder": section(&c.encoder), "data": section(&c.data), "finetune": section(&c.finetune),
-        "lambda": c.finetune.lambda.or(c.mono.lambda), "eps": c.mono.eps, "seed": c.run.seed,
-        "log_every": c.train.log_every,
-    }))
-}
-
-fn extract_key(c: &Config, finetune: Option<&str>) -> String {
-    let mut encoder = section(&c.encoder);
-    encoder["batch_size"] = json!(null); // does not change the features
-    stable_key(&json!({
-        "encoder": encoder, "finetuned": finetune, "data": section(&c.data),
-        "dtype": section(&c.features.dtype), "shard_size": c.features.shard_size,
-    }))
-}
-
-/// Manifests of a user-provided feature set: its identity for the training key.
-fn manifests(dir: &Path, c: &Config) -> serde_json::Value {
-    let read = |split: &str| {
-        open_split(dir, split).ok().map(|s| section(&s.manifest().info)).unwrap_or(json!(null))
-    };
-    json!({"train": read(&c.data.train_split), "eval": read(&c.data.eval_split)})
-}
-
-fn train_key(c: &Config, features: &serde_json::Value) -> Result<String> {
-    let mut mono = section(&c.mono);
-    mono["lambda"] = json!(c.lambda()?);
-    if let Some(judge) = &c.mono.similarity_store {
-        mono["similarity_store"] = manifests(judge, c);
-    }
-    Ok(stable_key(&json!({
-        "sae": section(&c.sae), "train": section(&c.train), "mono": mono, "seed": c.run.seed,
-        "shuffle_buffer": c.features.shuffle_buffer, "features": features, "splits": [c.data.train_split, c.data.eval_split],
-    })))
-}
-
 /// Computes every child's stage directories.
 pub fn plan(config: &Config) -> Result<Vec<ChildPlan>> {
     let run_dir = config.run_dir();
@@ -150,13 +105,13 @@ fn status(done: bool, started: bool) -> &'static str {
 }
 
 fn has_checkpoints(dir: &Path) -> bool {
-    dir.join("checkpoints").read_dir().is_ok_and(|mut d| d.next().is_some())
+    dir.join(CHECKPOINTS_DIR).read_dir().is_ok_and(|mut d| d.next().is_some())
 }
 
 fn features_done(dir: &Path, c: &Config) -> bool {
-    [&c.data.train_split, &c.data.eval_split]
-        .iter()
-        .all(|s| dir.join(crate::data::store::split_dir(s)).join("manifest.json").is_file())
+    [&c.data.train_split, &c.data.eval_split].iter().all(|s| {
+        dir.join(crate::data::store::split_dir(s)).join(crate::data::store::MANIFEST_FILE).is_file()
+    })
 }
 
 /// The plan as the lines `mono run` prints first.
@@ -176,7 +131,7 @@ pub fn describe(config: &Config, plans: &[ChildPlan]) -> Vec<String> {
                 lines.push(format!(
                     "  finetune{tag}: {} — {}",
                     d.display(),
-                    status(d.join("results.json").is_file(), has_checkpoints(d))
+                    status(d.join(RESULTS_FILE).is_file(), has_checkpoints(d))
                 ));
             }
         }
@@ -193,45 +148,26 @@ pub fn describe(config: &Config, plans: &[ChildPlan]) -> Vec<String> {
             lines.push(format!(
                 "  train{tag}: {} — {}",
                 d.display(),
-                status(d.join("results.json").is_file(), has_checkpoints(d))
+                status(d.join(RESULTS_FILE).is_file(), has_checkpoints(d))
             ));
         }
     }
     if config.run.stages.contains(&Stage::Report) {
-        lines.push(format!("  report: {}", config.run_dir().join("report.html").display()));
+        lines.push(format!("  report: {}", config.run_dir().join(REPORT_FILE).display()));
     }
     lines
 }
 
-/// After finetuning, the run directory doubles as an encoder directory: the base model's
-/// config.json and preprocessor_config.json sit beside the finetuned model.safetensors.
-fn make_encoder_dir(finetune_dir: &Path, config: &Config) -> Result<()> {
-    let files = crate::encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
-    for (src, name) in
-        [(&files.config, "config.json"), (&files.preprocessor, "preprocessor_config.json")]
-    {
-        if let Some(src) = src {
-            std::fs::copy(src, finetune_dir.join(name)).with_context(|| {
-                format!("cannot copy {} into {}", src.display(), finetune_dir.display())
-            })?;
-        }
-    }
-    Ok(())
-}
-
-fn run_child(plan: &ChildPlan) -> Result<serde_json::Value> {
+fn run_child(plan: &ChildPlan) -> Result<ChildResults> {
     let mut c = plan.child.config.clone();
     let stages = c.run.stages.clone();
-    let mut results = serde_json::Map::new();
+    let mut results = ChildResults::default();
     if let Some(dir) = &plan.finetune_dir {
-        if !dir.join("results.json").is_file() {
-            let mut fc = c.clone();
-            fc.run.output = dir.parent().expect("inside the run dir").to_path_buf();
-            fc.run.name = dir.file_name().expect("named").to_string_lossy().to_string();
-            crate::train::finetune::finetune_from_config(&fc, has_checkpoints(dir))?;
-            make_encoder_dir(dir, &c)?;
+        if !dir.join(RESULTS_FILE).is_file() {
+            stages::finetune(&c, dir, has_checkpoints(dir))?;
+            stages::make_encoder_dir(dir, &c)?;
         }
-        results.insert("finetune".into(), read_json(&dir.join("results.json"))?);
+        results.finetune = Some(read_json(&dir.join(RESULTS_FILE))?);
         // Later stages extract with the finetuned backbone.
         c.encoder.model = dir.display().to_string();
     }
@@ -242,56 +178,45 @@ fn run_child(plan: &ChildPlan) -> Result<serde_json::Value> {
         }
     }
     if let Some(dir) = &plan.train_dir {
-        if !dir.join(crate::train::sae::RESULTS_FILE).is_file() {
-            let sets = crate::data::sets::open_feature_sets(&c)?;
-            let device = crate::base::device::open_device(&c.run.device)?;
-            let inputs = crate::train::sae::SaeTrainInputs {
-                train: &sets.train,
-                train_similarity: sets.train_similarity.as_ref(),
-                eval: Some(&sets.eval),
-                eval_similarity: sets.eval_similarity.as_ref(),
-            };
-            crate::train::sae::train_sae(&c, &inputs, dir, has_checkpoints(dir), &device)?;
+        if !dir.join(RESULTS_FILE).is_file() {
+            stages::train(&c, dir, has_checkpoints(dir))?;
         }
-        results.insert("train".into(), read_json(&dir.join(crate::train::sae::RESULTS_FILE))?);
+        results.train = Some(read_json(&dir.join(RESULTS_FILE))?);
     }
-    Ok(serde_json::Value::Object(results))
+    Ok(results)
 }
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
-}
-
-pub const SUMMARY_FILE: &str = "results.json";
 
 /// Runs the plan; returns the summary written to `<run dir>/results.json`.
-pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<serde_json::Value> {
+pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<RunSummary> {
     let run_dir = config.run_dir();
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let mut runs = Vec::new();
     for p in plans {
         let results = run_child(p).with_context(|| format!("run {}", p.child.label))?;
-        let overrides: BTreeMap<String, serde_json::Value> =
-            p.child.overrides.iter().map(|(k, v)| (k.clone(), section(v))).collect();
-        runs.push(json!({
-            "label": p.child.label,
-            "overrides": overrides,
-            "finetune_dir": p.finetune_dir,
-            "features_dir": p.features_dir,
-            "train_dir": p.train_dir,
-            "results": results,
-        }));
+        let overrides: BTreeMap<String, serde_json::Value> = p
+            .child
+            .overrides
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v)?)))
+            .collect::<Result<_>>()?;
+        runs.push(ChildSummary {
+            label: p.child.label.clone(),
+            overrides,
+            finetune_dir: p.finetune_dir.clone(),
+            features_dir: p.features_dir.clone(),
+            train_dir: p.train_dir.clone(),
+            results,
+        });
     }
     // The config and the summary are written together, once every stage has finished.
-    let summary = json!({"run": config.run.name, "stages": config.run.stages, "runs": runs});
+    let summary =
+        RunSummary { run: config.run.name.clone(), stages: config.run.stages.clone(), runs };
     crate::base::io::write_atomic(
-        &run_dir.join("config.toml"),
+        &run_dir.join(CONFIG_FILE),
         toml::to_string_pretty(config)?.as_bytes(),
     )?;
-    crate::base::io::write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
+    write_json(&run_dir.join(RESULTS_FILE), &summary)?;
     if config.run.stages.contains(&Stage::Report) {
         crate::report::build(&run_dir)?;
     }

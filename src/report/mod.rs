@@ -7,11 +7,15 @@ mod tops;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use base64::Engine;
-use serde_json::Value;
 
-use crate::Config;
+use crate::base::config::Config;
+use crate::base::io::write_atomic;
+use crate::layout::{
+    read_json, RunSummary, CONFIG_FILE, FINAL_SAE_DIR, LATENT_STATS_FILE, MONOSCORE_HIST_PNG,
+    REPORT_FILE, RESULTS_FILE, SWEEP_CSV, SWEEP_MD, SWEEP_PNG,
+};
 
 /// One row of the comparison table.
 struct Row {
@@ -22,55 +26,43 @@ struct Row {
     train_dir: Option<PathBuf>,
 }
 
-fn num(v: &Value) -> Option<f64> {
-    v.as_f64().or_else(|| v.as_u64().map(|x| x as f64))
-}
-
-fn rows(summary: &Value) -> Vec<Row> {
-    summary["runs"]
-        .as_array()
-        .map(|runs| {
-            runs.iter()
-                .map(|r| {
-                    let res = &r["results"];
-                    let mut values = Vec::new();
-                    if let Some(t) = res.get("train") {
-                        let e = &t["results"];
-                        values.extend([
-                            ("lambda", num(&t["lambda"])),
-                            ("monoscore_mean", num(&e["monoscore"]["mean"])),
-                            ("monoscore_median", num(&e["monoscore"]["median"])),
-                            ("live", num(&e["monoscore"]["live"])),
-                            ("dead", num(&e["monoscore"]["dead"])),
-                            ("purity_binary", num(&e["purity"]["binary"])),
-                            ("purity_weighted", num(&e["purity"]["weighted"])),
-                            ("r2", num(&e["r2"])),
-                            ("r2_total", num(&e["r2_total"])),
-                            ("l0", num(&e["l0"])),
-                        ]);
-                    }
-                    if let Some(f) = res.get("finetune") {
-                        values.extend([
-                            ("finetune_lambda", num(&f["lambda"])),
-                            ("top1", num(&f["final"]["top1"])),
-                            ("top5", num(&f["final"]["top5"])),
-                            ("topk_monoscore", num(&f["final"]["monoscore"]["mean"])),
-                        ]);
-                    }
-                    let overrides = r["overrides"]
-                        .as_object()
-                        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
-                        .unwrap_or_default();
-                    Row {
-                        label: r["label"].as_str().unwrap_or("?").to_string(),
-                        overrides,
-                        values,
-                        train_dir: r["train_dir"].as_str().map(PathBuf::from),
-                    }
-                })
-                .collect()
+fn rows(summary: &RunSummary) -> Vec<Row> {
+    summary
+        .runs
+        .iter()
+        .map(|r| {
+            let mut values = Vec::new();
+            if let Some(t) = &r.results.train {
+                let e = &t.results;
+                values.extend([
+                    ("lambda", Some(t.lambda)),
+                    ("monoscore_mean", e.monoscore.mean),
+                    ("monoscore_median", e.monoscore.median),
+                    ("live", Some(e.monoscore.live as f64)),
+                    ("dead", Some(e.monoscore.dead as f64)),
+                    ("purity_binary", e.purity.as_ref().map(|p| p.binary)),
+                    ("purity_weighted", e.purity.as_ref().map(|p| p.weighted)),
+                    ("r2", Some(e.r2)),
+                    ("r2_total", Some(e.r2_total)),
+                    ("l0", Some(e.l0)),
+                ]);
+            }
+            if let Some(f) = &r.results.finetune {
+                values.extend([
+                    ("finetune_lambda", Some(f.lambda)),
+                    ("top1", Some(f.final_eval.top1)),
+                    ("top5", Some(f.final_eval.top5)),
+                    ("topk_monoscore", f.final_eval.monoscore.mean),
+                ]);
+            }
+            Row {
+                label: r.label.clone(),
+                overrides: r.overrides.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+                values,
+                train_dir: r.train_dir.clone(),
+            }
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 fn fmt(v: Option<f64>) -> String {
@@ -132,13 +124,14 @@ fn escape(s: &str) -> String {
 
 /// Builds `report.html` (and the sweep table and plots for sweeps) in `run_dir`.
 pub fn build(run_dir: &Path) -> Result<PathBuf> {
-    let summary_path = run_dir.join(crate::pipeline::SUMMARY_FILE);
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary_path).with_context(|| {
-            format!("cannot read {} (is this a `mono run` directory?)", summary_path.display())
-        })?)
-        .with_context(|| format!("{}: not valid JSON", summary_path.display()))?;
-    let config = Config::load(&run_dir.join("config.toml"))?;
+    let summary_path = run_dir.join(RESULTS_FILE);
+    anyhow::ensure!(
+        summary_path.is_file(),
+        "{} has no {RESULTS_FILE} (is this a `mono run` directory?)",
+        run_dir.display()
+    );
+    let summary: RunSummary = read_json(&summary_path)?;
+    let config = Config::load(&run_dir.join(CONFIG_FILE))?;
     let rows = rows(&summary);
     anyhow::ensure!(!rows.is_empty(), "{}: no runs to report", summary_path.display());
 
@@ -149,7 +142,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
          <h1>mono report: {name}</h1><p>Stages: {stages}. Generated from <code>{dir}</code>.</p>",
         name = escape(&config.run.name),
         css = CSS,
-        stages = escape(&summary["stages"].to_string()),
+        stages = escape(&serde_json::to_string(&summary.stages)?),
         dir = escape(&run_dir.display().to_string())
     ));
     html.push_str("<h2>Results</h2><table><tr><th>run</th>");
@@ -168,9 +161,11 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     html.push_str("</table>");
 
     if rows.len() > 1 {
-        crate::base::io::write_atomic(&run_dir.join("sweep.csv"), csv.as_bytes())?;
-        crate::base::io::write_atomic(&run_dir.join("sweep.md"), md.as_bytes())?;
-        html.push_str("<p>Tables: <a href=\"sweep.csv\">sweep.csv</a>, <a href=\"sweep.md\">sweep.md</a>.</p>");
+        write_atomic(&run_dir.join(SWEEP_CSV), csv.as_bytes())?;
+        write_atomic(&run_dir.join(SWEEP_MD), md.as_bytes())?;
+        html.push_str(&format!(
+            "<p>Tables: <a href=\"{SWEEP_CSV}\">{SWEEP_CSV}</a>, <a href=\"{SWEEP_MD}\">{SWEEP_MD}</a>.</p>"
+        ));
         let labels: Vec<String> = rows
             .iter()
             .map(|r| r.overrides.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>().join(","))
@@ -182,7 +177,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
         };
         let series = |c: &str| rows.iter().map(|r| value(r, c)).collect::<Vec<_>>();
         let png = plots::tradeoff(&labels, (left, &series(left)), (right, &series(right)))?;
-        crate::base::io::write_atomic(&run_dir.join("sweep.png"), &png)?;
+        write_atomic(&run_dir.join(SWEEP_PNG), &png)?;
         html.push_str(&format!(
             "<h2>Trade-off</h2><img alt=\"trade-off\" src=\"{}\">",
             data_uri_png(&png)
@@ -193,7 +188,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     let mut hists = Vec::new();
     for r in &rows {
         if let Some(dir) = &r.train_dir {
-            let path = dir.join(crate::train::sae::LATENT_STATS_FILE);
+            let path = dir.join(LATENT_STATS_FILE);
             if path.is_file() {
                 let t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
                 let scores: Vec<f32> = t["monoscore"]
@@ -207,7 +202,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     }
     if !hists.is_empty() {
         let png = plots::histograms(&hists)?;
-        crate::base::io::write_atomic(&run_dir.join("monoscore_hist.png"), &png)?;
+        write_atomic(&run_dir.join(MONOSCORE_HIST_PNG), &png)?;
         html.push_str(&format!(
             "<h2>MonoScore of live latents</h2><p>Per-latent MonoScore on the evaluation split (dead latents left out).</p><img alt=\"histogram\" src=\"{}\">",
             data_uri_png(&png)
@@ -217,7 +212,7 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     // Top-activating images of a sample of latents, for the first and the last trained SAE.
     let trained: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.train_dir.as_ref().is_some_and(|d| d.join("sae").is_dir()))
+        .filter(|r| r.train_dir.as_ref().is_some_and(|d| d.join(FINAL_SAE_DIR).is_dir()))
         .collect();
     let mut shown = Vec::new();
     for r in [trained.first(), trained.last()].into_iter().flatten() {
@@ -225,17 +220,17 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
             continue;
         }
         shown.push(r.label.clone());
-        let run = summary["runs"]
-            .as_array()
-            .and_then(|a| a.iter().find(|x| x["label"] == r.label.as_str()))
-            .cloned()
-            .unwrap_or(Value::Null);
+        let features = summary
+            .runs
+            .iter()
+            .find(|x| x.label == r.label)
+            .and_then(|x| x.features_dir.as_deref());
         html.push_str(&format!("<h2>Top-activating images: {}</h2>", escape(&r.label)));
-        html.push_str(&tops::section(&config, &run, r.train_dir.as_ref().unwrap())?);
+        html.push_str(&tops::section(&config, features, r.train_dir.as_ref().unwrap())?);
     }
     html.push_str("</body></html>\n");
-    let path = run_dir.join("report.html");
-    crate::base::io::write_atomic(&path, html.as_bytes())?;
+    let path = run_dir.join(REPORT_FILE);
+    write_atomic(&path, html.as_bytes())?;
     Ok(path)
 }
 

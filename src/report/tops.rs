@@ -9,12 +9,12 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde_json::Value;
 
 use super::{data_uri_png, escape};
+use crate::base::config::Config;
 use crate::data::images::open_dataset;
 use crate::data::store::{open_split, FeatureStore};
-use crate::Config;
+use crate::layout::{FINAL_SAE_DIR, LATENT_STATS_FILE};
 
 /// Latents shown: the highest-MonoScore live ones, then random live ones.
 const BEST: usize = 6;
@@ -70,19 +70,19 @@ fn thumbnail(image: image::RgbImage) -> Result<String> {
     Ok(data_uri_png(&png))
 }
 
-/// The HTML section for one trained SAE of `run` (a summary entry).
-pub fn section(config: &Config, run: &Value, train_dir: &Path) -> Result<String> {
-    let stats_path = train_dir.join(crate::train::sae::LATENT_STATS_FILE);
+/// The HTML section for one trained SAE (`train_dir`) trained on the feature set `features`.
+pub fn section(config: &Config, features: Option<&Path>, train_dir: &Path) -> Result<String> {
+    let stats_path = train_dir.join(LATENT_STATS_FILE);
     if !stats_path.is_file() {
         return Ok("<p>No evaluation statistics for this run.</p>".into());
     }
     let stats = candle_core::safetensors::load(&stats_path, &Device::Cpu)?;
     let latents = pick_latents(&stats)?;
-    let Some(features) = run["features_dir"].as_str() else {
+    let Some(features) = features else {
         return Ok("<p>No feature set recorded for this run.</p>".into());
     };
-    let store = open_split(Path::new(features), &config.data.eval_split)?;
-    let sae = crate::sae::checkpoint::load(&train_dir.join("sae"), &Device::Cpu)?;
+    let store = open_split(features, &config.data.eval_split)?;
+    let sae = crate::sae::checkpoint::load(&train_dir.join(FINAL_SAE_DIR), &Device::Cpu)?;
     let ids: Vec<usize> = latents.iter().map(|l| l.0).collect();
     let tops = top_rows(sae.as_ref(), &store, &ids)?;
     // Images when the data set is readable here; otherwise paths and classes only.

@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::base::config::{SaeConfig, SaeKind};
+use crate::base::cpu::normalize_rows;
 use crate::models::topk as select;
 use crate::monoscore::MonoLossStats;
 
@@ -111,13 +112,6 @@ impl SaeParams {
             b_dec: Var::zeros(d, DType::F32, device)?,
             log_threshold,
         })
-    }
-}
-
-pub fn normalize_rows(data: &mut [f32], d: usize) {
-    for row in data.chunks_exact_mut(d) {
-        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|x| *x /= norm);
     }
 }
 

@@ -11,7 +11,7 @@
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::optim;
+use super::optim::Gradients;
 use crate::base::sparse::SparseBatch;
 use crate::data::store::FeatureStore;
 use crate::monoscore::MonoScoreAccumulator;
@@ -19,7 +19,7 @@ use crate::sae::{forward, Sae};
 
 pub struct FullMonoGradient {
     /// ∂L/∂θ per parameter, in `SaeParams::named` order.
-    pub grads: Vec<Vec<f32>>,
+    pub grads: Gradients,
     pub loss: f64,
     pub mean_score: f64,
     pub live: usize,
@@ -83,11 +83,11 @@ pub fn full_mono_gradient(
     }
     let stats = acc.neuron_stats(true);
     let live = stats.iter().flatten().count();
-    let zero_grads = |sae: &dyn Sae| {
-        sae.params().named().iter().map(|(_, v)| vec![0f32; v.elem_count()]).collect::<Vec<_>>()
-    };
+    let named = sae.params().named();
+    let vars: Vec<&candle_core::Var> = named.iter().map(|(_, v)| *v).collect();
     if live == 0 {
-        return Ok(FullMonoGradient { grads: zero_grads(sae), loss: 1.0, mean_score: 0.0, live });
+        let grads = Gradients::zeros(&vars);
+        return Ok(FullMonoGradient { grads, loss: 1.0, mean_score: 0.0, live });
     }
     let mean_score = stats.iter().flatten().map(|s| s.score()).sum::<f64>() / live as f64;
     let total = acc.embedding_sum().to_vec();
@@ -120,7 +120,7 @@ pub fn full_mono_gradient(
         .collect();
 
     // Pass 2: backpropagate Σ c·l batch by batch.
-    let mut grads = zero_grads(sae);
+    let mut grads = Gradients::zeros(&vars);
     for start in (0..n).step_by(batch_rows) {
         let end = (start + batch_rows).min(n);
         read_batch(store, similarity, start, end, &mut x, &mut sim)?;
@@ -159,11 +159,7 @@ pub fn full_mono_gradient(
         }
         let c = Tensor::from_vec(c, (rows, m), device)?;
         let surrogate = (pass.latents() * c)?.sum_all()?;
-        let batch_grads = surrogate.backward()?;
-        for ((_, var), acc) in sae.params().named().iter().zip(grads.iter_mut()) {
-            let g = optim::host_grad(&batch_grads, var)?;
-            acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
-        }
+        grads.add_scaled(&Gradients::from_store(&surrogate.backward()?, &vars)?, 1.0);
     }
     Ok(FullMonoGradient { grads, loss: 1.0 - mean_score, mean_score, live })
 }

@@ -6,3 +6,4 @@ pub mod full_mono;
 pub mod optim;
 pub mod run_dir;
 pub mod sae;
+pub mod schedule;

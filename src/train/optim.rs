@@ -1,14 +1,103 @@
-//! Optimiser steps on host slices: Adam (PyTorch's update rule, any eps), clipping by global norm,
-//! the unit-norm decoder constraint, and learning-rate schedules.
+//! Optimisers behind one trait (Adam with PyTorch's update rule and any eps, AdamW with decoupled
+//! decay, SGD with momentum and coupled decay), and the gradient post-processing both trainers
+//! use: global-norm clipping and the unit-norm decoder constraint.
 //!
-//! Gradients come to the host as Vec<f32>; parameters are updated in place in their CPU storage
-//! (no copy) or, on a GPU, downloaded, updated and uploaded. Moments live on the host either way.
+//! Gradients come to the host as f32 vectors; parameters are updated in place in their CPU
+//! storage (no copy) or, on a GPU, downloaded, updated and uploaded. Optimiser state is saved in
+//! checkpoints under the parameters' names.
 
-use anyhow::{ensure, Result};
+use std::collections::HashMap;
+
+use anyhow::{ensure, Context, Result};
 use candle_core::{
     backprop::GradStore, CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, Var,
 };
 use rayon::prelude::*;
+
+/// One gradient per parameter, on the host, in parameter order.
+pub struct Gradients(pub Vec<Vec<f32>>);
+
+impl Gradients {
+    /// The gradients of `params` in a backward pass (zeros where the graph did not reach one).
+    pub fn from_store(grads: &GradStore, params: &[&Var]) -> Result<Self> {
+        let host = params
+            .iter()
+            .map(|var| match grads.get(var.as_tensor()) {
+                Some(g) => {
+                    Ok(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+                }
+                None => Ok(vec![0.0; var.elem_count()]),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self(host))
+    }
+
+    /// Zeros shaped like `params`.
+    pub fn zeros(params: &[&Var]) -> Self {
+        Self(params.iter().map(|v| vec![0.0; v.elem_count()]).collect())
+    }
+
+    /// self += scale · other.
+    pub fn add_scaled(&mut self, other: &Gradients, scale: f32) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            a.par_iter_mut().zip(b.par_iter()).for_each(|(x, y)| *x += scale * y);
+        }
+    }
+
+    /// √(Σ g²) over every gradient, in f64. Partial sums over fixed chunks, added in order: the
+    /// result does not depend on how rayon splits the work, so resumed runs stay bit-identical.
+    pub fn global_norm(&self) -> f64 {
+        let partial: Vec<f64> = self
+            .0
+            .iter()
+            .flat_map(|g| {
+                g.par_chunks(1 << 14)
+                    .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+                    .collect::<Vec<f64>>()
+            })
+            .collect();
+        partial.iter().sum::<f64>().sqrt()
+    }
+
+    /// Scales all gradients so that their global norm is at most `max_norm` (PyTorch's
+    /// clip_grad_norm_); returns the norm before clipping.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.global_norm();
+        if norm > max_norm && norm.is_finite() {
+            let s = (max_norm / (norm + 1e-6)) as f32;
+            self.0.iter_mut().for_each(|g| g.par_iter_mut().for_each(|x| *x *= s));
+        }
+        norm
+    }
+
+    /// Removes from each row of gradient `index` its component along the same row of `weights`
+    /// ((rows, d) row-major): the step then stays tangent to the unit sphere of each row.
+    pub fn project_out_parallel(&mut self, index: usize, weights: &[f32], d: usize) {
+        self.0[index].par_chunks_mut(d).zip(weights.par_chunks(d)).for_each(|(g, w)| {
+            let norm_sq: f32 = w.iter().map(|x| x * x).sum();
+            if norm_sq > 0.0 {
+                let along = g.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() / norm_sq;
+                g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
+            }
+        });
+    }
+}
+
+/// Updates parameters from their gradients; state is kept per parameter, in parameter order.
+pub trait Optimizer: Send {
+    fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()>;
+
+    /// The state as CPU tensors named after the parameters (`names`, in parameter order).
+    fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>>;
+
+    /// Restores what `state` saved for the same parameters; `source` names the file in errors.
+    fn load_state(
+        &mut self,
+        names: &[&str],
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<()>;
+}
 
 /// Applies `f` to a parameter's f32 data in place.
 pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
@@ -36,82 +125,51 @@ pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
     } else {
         // Other devices and dtypes (e.g. bf16 weights in mixed precision): through an f32 host copy.
         let mut f = f;
-        let mut host = var
-            .as_tensor()
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut host = host_data(var)?;
         f(&mut host);
         var.set(&Tensor::from_vec(host, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }
 
-/// A parameter's gradient on the host (zeros when the graph did not reach it).
-pub fn host_grad(grads: &GradStore, var: &Var) -> Result<Vec<f32>> {
-    match grads.get(var.as_tensor()) {
-        Some(g) => {
-            Ok(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
-        }
-        None => Ok(vec![0.0; var.elem_count()]),
-    }
-}
-
-/// √(Σ g²) over every gradient, in f64. Partial sums over fixed chunks, added in order: the
-/// result does not depend on how rayon splits the work, so resumed runs stay bit-identical.
-pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
-    let partial: Vec<f64> = grads
-        .iter()
-        .flat_map(|g| {
-            g.par_chunks(1 << 14)
-                .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
-                .collect::<Vec<f64>>()
-        })
-        .collect();
-    partial.iter().sum::<f64>().sqrt()
-}
-
-/// Scales all gradients so their global norm is at most `max_norm`; returns the norm before.
-pub fn clip_global_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let norm = global_norm(grads);
-    if norm > max_norm && norm.is_finite() {
-        let s = (max_norm / (norm + 1e-6)) as f32;
-        grads.iter_mut().for_each(|g| g.par_iter_mut().for_each(|x| *x *= s));
-    }
-    norm
-}
-
-/// Removes from each row of `grad` its component along the (unit) row of `weights`:
-/// the gradient step then stays tangent to the unit sphere of each dictionary vector.
-pub fn project_out_parallel(grad: &mut [f32], weights: &[f32], d: usize) {
-    grad.par_chunks_mut(d).zip(weights.par_chunks(d)).for_each(|(g, w)| {
-        let norm_sq: f32 = w.iter().map(|x| x * x).sum();
-        if norm_sq > 0.0 {
-            let along = g.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() / norm_sq;
-            g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
-        }
-    });
-}
-
-/// Rescales each row of `data` to unit norm.
-pub fn normalize_rows(data: &mut [f32], d: usize) {
-    data.par_chunks_mut(d).for_each(|row| {
-        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            row.iter_mut().for_each(|x| *x /= norm);
-        }
-    });
-}
-
 /// A parameter's data on the host.
 pub fn host_data(var: &Var) -> Result<Vec<f32>> {
-    Ok(var
-        .as_tensor()
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
+    Ok(var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+}
+
+fn check_sizes(params: &[&Var], grads: &Gradients, state: usize) -> Result<()> {
+    ensure!(
+        params.len() == state && grads.0.len() == state,
+        "optimizer state does not match the parameters"
+    );
+    for (p, g) in params.iter().zip(&grads.0) {
+        ensure!(p.elem_count() == g.len(), "gradient size does not match its parameter");
+    }
+    Ok(())
+}
+
+/// A state tensor of `size` f32 values from a checkpoint.
+fn saved_vector(
+    tensors: &HashMap<String, Tensor>,
+    key: &str,
+    size: usize,
+    source: &str,
+) -> Result<Vec<f32>> {
+    let t = tensors.get(key).with_context(|| format!("{source}: missing `{key}`"))?;
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    ensure!(v.len() == size, "{source}: `{key}` has {} values, the parameter {size}", v.len());
+    Ok(v)
+}
+
+fn saved_steps(tensors: &HashMap<String, Tensor>, source: &str) -> Result<u64> {
+    let t = tensors.get(STEPS_KEY).with_context(|| format!("{source}: missing `{STEPS_KEY}`"))?;
+    Ok(t.to_dtype(DType::I64)?.to_vec0::<i64>()?.max(0) as u64)
+}
+
+const STEPS_KEY: &str = "optimizer_steps";
+
+fn steps_tensor(steps: u64) -> Result<Tensor> {
+    Ok(Tensor::new(steps as i64, &Device::Cpu)?)
 }
 
 /// Adam with PyTorch's update: p -= lr/(1−β₁ᵗ) · m / (√(v/(1−β₂ᵗ)) + eps).
@@ -122,7 +180,7 @@ pub struct Adam {
     pub eps: f64,
     pub steps: u64,
     /// First and second moments per parameter, in parameter order.
-    pub moments: Vec<(Vec<f32>, Vec<f32>)>,
+    moments: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Adam {
@@ -135,13 +193,11 @@ impl Adam {
             moments: sizes.iter().map(|&n| (vec![0.0; n], vec![0.0; n])).collect(),
         }
     }
+}
 
-    /// One step for every parameter with its gradient.
-    pub fn step(&mut self, params: &[&Var], grads: &[Vec<f32>], lr: f64) -> Result<()> {
-        ensure!(
-            params.len() == self.moments.len() && grads.len() == params.len(),
-            "optimizer state does not match the parameters"
-        );
+impl Optimizer for Adam {
+    fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
+        check_sizes(params, grads, self.moments.len())?;
         self.steps += 1;
         let t = self.steps as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
@@ -149,8 +205,7 @@ impl Adam {
         let (b1, b2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
         let step_size = (lr / bc1) as f32;
         let inv_bc2_sqrt = (1.0 / bc2_sqrt) as f32;
-        for ((var, grad), (m, v)) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
-            ensure!(grad.len() == m.len(), "gradient size does not match its parameter");
+        for ((var, grad), (m, v)) in params.iter().zip(&grads.0).zip(self.moments.iter_mut()) {
             m.par_iter_mut().zip(v.par_iter_mut()).zip(grad.par_iter()).for_each(|((m, v), &g)| {
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
@@ -164,78 +219,69 @@ impl Adam {
         }
         Ok(())
     }
+
+    fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::from([(STEPS_KEY.to_string(), steps_tensor(self.steps)?)]);
+        for (name, (m, v)) in names.iter().zip(&self.moments) {
+            out.insert(format!("adam_m.{name}"), Tensor::from_slice(m, m.len(), &Device::Cpu)?);
+            out.insert(format!("adam_v.{name}"), Tensor::from_slice(v, v.len(), &Device::Cpu)?);
+        }
+        Ok(out)
+    }
+
+    fn load_state(
+        &mut self,
+        names: &[&str],
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<()> {
+        ensure!(names.len() == self.moments.len(), "{source}: optimizer state of another model");
+        for (name, (m, v)) in names.iter().zip(self.moments.iter_mut()) {
+            *m = saved_vector(tensors, &format!("adam_m.{name}"), m.len(), source)?;
+            *v = saved_vector(tensors, &format!("adam_v.{name}"), v.len(), source)?;
+        }
+        self.steps = saved_steps(tensors, source)?;
+        Ok(())
+    }
 }
 
-/// Learning rate at `step` (0-based) of `total`: linear warm-up, then constant, linear or cosine decay.
-pub fn scheduled_lr(
-    base: f64,
-    step: usize,
-    total: usize,
-    warmup: usize,
-    decay: crate::base::config::LrDecay,
-) -> f64 {
-    use crate::base::config::LrDecay;
-    if step < warmup {
-        return base * (step + 1) as f64 / warmup as f64;
-    }
-    let span = total.saturating_sub(warmup).max(1);
-    let progress = ((step - warmup) as f64 / span as f64).min(1.0);
-    match decay {
-        LrDecay::None => base,
-        LrDecay::Linear => base * (1.0 - progress),
-        LrDecay::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+/// AdamW: Adam's update plus decoupled weight decay p -= lr · wd · p, per parameter.
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    adam: Adam,
+    decay: Vec<f64>,
+}
+
+impl AdamW {
+    /// `decay[i]`: weight decay of parameter i.
+    pub fn new(sizes: &[usize], betas: [f64; 2], eps: f64, decay: Vec<f64>) -> Self {
+        Self { adam: Adam::new(sizes, betas, eps), decay }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adam_matches_the_pytorch_rule() {
-        let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
-        let mut adam = Adam::new(&[2], [0.9, 0.999], 1e-8);
-        let grads = [vec![0.5f32, -1.0]];
-        adam.step(&[&var], &grads, 0.1).unwrap();
-        // Step 1: m̂ = g, v̂ = g², update = lr · g/(|g| + eps) ≈ ±lr.
-        let p = var.as_tensor().to_vec1::<f32>().unwrap();
-        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] + 1.9).abs() < 1e-6, "{p:?}");
-        adam.step(&[&var], &[vec![0.0f32, 0.0]], 0.1).unwrap();
-        // Step 2 with g = 0: m = 0.9·0.05 → m̂ = 0.045/0.19; v̂ = 0.999·0.00025/0.001999.
-        let m_hat = 0.9 * 0.05 / (1.0 - 0.81);
-        let v_hat = 0.999 * 0.001 * 0.25 / (1.0 - 0.999f64.powi(2));
-        let expect = 0.9 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
-        let p = var.as_tensor().to_vec1::<f32>().unwrap();
-        assert!((p[0] as f64 - expect).abs() < 1e-5, "{} vs {expect}", p[0]);
+impl Optimizer for AdamW {
+    fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
+        check_sizes(params, grads, self.decay.len())?;
+        for (var, &wd) in params.iter().zip(&self.decay) {
+            if wd > 0.0 {
+                let factor = (1.0 - lr * wd) as f32;
+                update_param(var, |p| p.par_iter_mut().for_each(|x| *x *= factor))?;
+            }
+        }
+        self.adam.step(params, grads, lr)
     }
 
-    #[test]
-    fn clipping_projection_and_norms() {
-        let mut grads = vec![vec![3.0f32, 0.0], vec![4.0f32]];
-        let before = clip_global_norm(&mut grads, 1.0);
-        assert!((before - 5.0).abs() < 1e-9);
-        assert!((global_norm(&grads) - 1.0).abs() < 1e-5);
-        let w = [0.6f32, 0.8, 1.0, 0.0];
-        let mut g = [1.0f32, 1.0, 2.0, 3.0];
-        project_out_parallel(&mut g, &w, 2);
-        assert!(
-            (g[0] * 0.6 + g[1] * 0.8).abs() < 1e-6
-                && g[2].abs() < 1e-6
-                && (g[3] - 3.0).abs() < 1e-6
-        );
-        let mut rows = [3.0f32, 4.0, 0.0, 2.0];
-        normalize_rows(&mut rows, 2);
-        assert_eq!(rows, [0.6, 0.8, 0.0, 1.0]);
+    fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>> {
+        self.adam.state(names)
     }
 
-    #[test]
-    fn schedules() {
-        use crate::base::config::LrDecay;
-        assert_eq!(scheduled_lr(1.0, 0, 100, 10, LrDecay::None), 0.1);
-        assert_eq!(scheduled_lr(1.0, 50, 100, 10, LrDecay::None), 1.0);
-        assert!((scheduled_lr(1.0, 10, 110, 10, LrDecay::Cosine) - 1.0).abs() < 1e-12);
-        assert!(scheduled_lr(1.0, 109, 110, 10, LrDecay::Cosine) < 0.01);
-        assert!((scheduled_lr(1.0, 60, 110, 10, LrDecay::Linear) - 0.5).abs() < 1e-12);
+    fn load_state(
+        &mut self,
+        names: &[&str],
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<()> {
+        self.adam.load_state(names, tensors, source)
     }
 }
 
@@ -243,41 +289,36 @@ mod tests {
 /// coupled weight decay (g += wd · p, per parameter), as torchvision's reference recipes use.
 #[derive(Clone, Debug)]
 pub struct Sgd {
-    pub momentum: f64,
-    pub nesterov: bool,
-    pub buffers: Vec<Vec<f32>>,
-    pub steps: u64,
+    momentum: f64,
+    nesterov: bool,
+    decay: Vec<f64>,
+    buffers: Vec<Vec<f32>>,
+    steps: u64,
 }
 
 impl Sgd {
-    pub fn new(sizes: &[usize], momentum: f64, nesterov: bool) -> Self {
+    /// `decay[i]`: weight decay of parameter i.
+    pub fn new(sizes: &[usize], momentum: f64, nesterov: bool, decay: Vec<f64>) -> Self {
         Self {
             momentum,
             nesterov,
+            decay,
             buffers: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             steps: 0,
         }
     }
+}
 
-    /// One step; `decay[i]` is parameter i's weight decay.
-    pub fn step(
-        &mut self,
-        params: &[&Var],
-        grads: &[Vec<f32>],
-        decay: &[f64],
-        lr: f64,
-    ) -> Result<()> {
-        ensure!(
-            params.len() == self.buffers.len() && grads.len() == params.len(),
-            "optimizer state does not match the parameters"
-        );
+impl Optimizer for Sgd {
+    fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
+        check_sizes(params, grads, self.buffers.len())?;
         let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
         self.steps += 1;
+        let lr = lr as f32;
         for (((var, grad), buf), &wd) in
-            params.iter().zip(grads).zip(self.buffers.iter_mut()).zip(decay)
+            params.iter().zip(&grads.0).zip(self.buffers.iter_mut()).zip(&self.decay)
         {
             let wd = wd as f32;
-            let lr = lr as f32;
             update_param(var, |p| {
                 p.par_iter_mut().zip(buf.par_iter_mut()).zip(grad.par_iter()).for_each(
                     |((p, b), &g)| {
@@ -297,32 +338,101 @@ impl Sgd {
         }
         Ok(())
     }
-}
 
-/// AdamW: Adam's update plus decoupled weight decay p -= lr · wd · p (per parameter).
-#[derive(Clone, Debug)]
-pub struct AdamW {
-    pub adam: Adam,
-}
-
-impl AdamW {
-    pub fn new(sizes: &[usize], betas: [f64; 2], eps: f64) -> Self {
-        Self { adam: Adam::new(sizes, betas, eps) }
+    fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::from([(STEPS_KEY.to_string(), steps_tensor(self.steps)?)]);
+        for (name, b) in names.iter().zip(&self.buffers) {
+            out.insert(format!("momentum.{name}"), Tensor::from_slice(b, b.len(), &Device::Cpu)?);
+        }
+        Ok(out)
     }
 
-    pub fn step(
+    fn load_state(
         &mut self,
-        params: &[&Var],
-        grads: &[Vec<f32>],
-        decay: &[f64],
-        lr: f64,
+        names: &[&str],
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
     ) -> Result<()> {
-        for (var, &wd) in params.iter().zip(decay) {
-            if wd > 0.0 {
-                let factor = (1.0 - lr * wd) as f32;
-                update_param(var, |p| p.par_iter_mut().for_each(|x| *x *= factor))?;
-            }
+        ensure!(names.len() == self.buffers.len(), "{source}: optimizer state of another model");
+        for (name, b) in names.iter().zip(self.buffers.iter_mut()) {
+            *b = saved_vector(tensors, &format!("momentum.{name}"), b.len(), source)?;
         }
-        self.adam.step(params, grads, lr)
+        self.steps = saved_steps(tensors, source)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn var(values: &[f32]) -> Var {
+        Var::from_tensor(&Tensor::new(values, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn adam_matches_the_pytorch_rule() {
+        let var = var(&[1.0, -2.0]);
+        let mut adam = Adam::new(&[2], [0.9, 0.999], 1e-8);
+        adam.step(&[&var], &Gradients(vec![vec![0.5, -1.0]]), 0.1).unwrap();
+        // Step 1: m̂ = g, v̂ = g², update = lr · g/(|g| + eps) ≈ ±lr.
+        let p = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] + 1.9).abs() < 1e-6, "{p:?}");
+        adam.step(&[&var], &Gradients(vec![vec![0.0, 0.0]]), 0.1).unwrap();
+        // Step 2 with g = 0: m = 0.9·0.05 → m̂ = 0.045/0.19; v̂ = 0.999·0.00025/0.001999.
+        let m_hat = 0.9 * 0.05 / (1.0 - 0.81);
+        let v_hat = 0.999 * 0.001 * 0.25 / (1.0 - 0.999f64.powi(2));
+        let expect = 0.9 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
+        let p = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert!((p[0] as f64 - expect).abs() < 1e-5, "{} vs {expect}", p[0]);
+    }
+
+    #[test]
+    fn state_round_trips_under_parameter_names() {
+        let (a, b) = (var(&[1.0, 2.0]), var(&[3.0]));
+        let mut adam = Adam::new(&[2, 1], [0.9, 0.999], 1e-8);
+        adam.step(&[&a, &b], &Gradients(vec![vec![0.1, 0.2], vec![0.3]]), 0.01).unwrap();
+        let saved = adam.state(&["a", "b"]).unwrap();
+        assert!(saved.contains_key("adam_m.a") && saved.contains_key("adam_v.b"));
+        let mut restored = Adam::new(&[2, 1], [0.9, 0.999], 1e-8);
+        restored.load_state(&["a", "b"], &saved, "test").unwrap();
+        assert_eq!(restored.steps, 1);
+        assert_eq!(restored.moments, adam.moments);
+        let mut wrong = Adam::new(&[3, 1], [0.9, 0.999], 1e-8);
+        let e = wrong.load_state(&["a", "b"], &saved, "test").unwrap_err().to_string();
+        assert!(e.contains("adam_m.a"), "{e}");
+
+        let mut sgd = Sgd::new(&[2], 0.9, true, vec![0.0]);
+        sgd.step(&[&a], &Gradients(vec![vec![1.0, 1.0]]), 0.1).unwrap();
+        let saved = sgd.state(&["a"]).unwrap();
+        let mut restored = Sgd::new(&[2], 0.9, true, vec![0.0]);
+        restored.load_state(&["a"], &saved, "test").unwrap();
+        assert_eq!((restored.steps, &restored.buffers), (1, &sgd.buffers));
+    }
+
+    #[test]
+    fn sgd_momentum_nesterov_and_coupled_decay() {
+        let p = var(&[1.0]);
+        let mut sgd = Sgd::new(&[1], 0.5, false, vec![0.1]);
+        sgd.step(&[&p], &Gradients(vec![vec![1.0]]), 0.1).unwrap();
+        // g = 1 + 0.1·1 = 1.1; b = g; p = 1 − 0.11.
+        assert!((p.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.89).abs() < 1e-6);
+        sgd.step(&[&p], &Gradients(vec![vec![0.0]]), 0.1).unwrap();
+        // g = 0.089; b = 0.5·1.1 + 0.089 = 0.639; p = 0.89 − 0.0639.
+        assert!((p.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.8261).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clipping_and_projection() {
+        let mut grads = Gradients(vec![vec![3.0, 0.0], vec![4.0]]);
+        let before = grads.clip_global_norm(1.0);
+        assert!((before - 5.0).abs() < 1e-9);
+        assert!((grads.global_norm() - 1.0).abs() < 1e-5);
+        let w = [0.6f32, 0.8, 1.0, 0.0];
+        let mut g = Gradients(vec![vec![1.0, 1.0, 2.0, 3.0]]);
+        g.project_out_parallel(0, &w, 2);
+        let g = &g.0[0];
+        assert!((g[0] * 0.6 + g[1] * 0.8).abs() < 1e-6 && g[2].abs() < 1e-6);
+        assert!((g[3] - 3.0).abs() < 1e-6);
     }
 }

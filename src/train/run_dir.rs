@@ -1,45 +1,114 @@
-//! Run-directory housekeeping shared by the SAE and finetuning loops: numbered checkpoint
-//! directories and the metrics log of a resumed run.
+//! A trainer's run directory (layout in `crate::layout`): the start checks, config.toml, the
+//! metrics log of a possibly resumed run, and numbered checkpoints written atomically, of which the
+//! newest few are kept. Shared by the SAE trainer and the finetuner.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-pub const CHECKPOINTS_DIR: &str = "checkpoints";
+use crate::base::config::Config;
+use crate::base::io::{write_atomic, write_dir_atomic};
+use crate::layout::{CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, STATE_JSON, STATE_TENSORS};
 
-/// `<run_dir>/checkpoints/<prefix>NNN…` directories with their numbers, oldest first.
-pub fn checkpoint_dirs(run_dir: &Path, prefix: &str) -> Result<Vec<(usize, PathBuf)>> {
-    let dir = run_dir.join(CHECKPOINTS_DIR);
-    let mut found = Vec::new();
-    if dir.is_dir() {
-        for entry in
-            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
-        {
-            let entry = entry?;
-            if let Some(n) = entry
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix(prefix)
-                .and_then(|s| s.parse::<usize>().ok())
+/// Checkpoints kept on disk (the newest ones).
+const KEEP_CHECKPOINTS: usize = 2;
+
+pub struct RunDir {
+    path: PathBuf,
+    /// Checkpoint directory names: `<prefix><number, zero-padded to width>`.
+    prefix: &'static str,
+    width: usize,
+}
+
+impl RunDir {
+    /// `prefix` and `width` name the checkpoints, e.g. "step-" and 8 → `step-00000120`.
+    pub fn new(path: &Path, prefix: &'static str, width: usize) -> Self {
+        Self { path: path.to_path_buf(), prefix, width }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// `checkpoints/<prefix>N` directories with their numbers, oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<(usize, PathBuf)>> {
+        let dir = self.path.join(CHECKPOINTS_DIR);
+        let mut found = Vec::new();
+        if dir.is_dir() {
+            for entry in
+                std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
             {
-                found.push((n, entry.path()));
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().to_string();
+                if let Some(n) = name.strip_prefix(self.prefix).and_then(|s| s.parse().ok()) {
+                    found.push((n, entry.path()));
+                }
             }
         }
+        found.sort();
+        Ok(found)
     }
-    found.sort();
-    Ok(found)
+
+    /// Checks the directory against `resume` before anything is written: a fresh start needs a
+    /// directory without a run (no checkpoint, none of `finished`), a resume needs a checkpoint.
+    /// Returns the checkpoint to resume from. `what` names the run in errors ("training").
+    pub fn start(&self, what: &str, finished: &[&str], resume: bool) -> Result<Option<PathBuf>> {
+        let latest = self.checkpoints()?.pop().map(|(_, p)| p);
+        let done = finished.iter().any(|f| self.path.join(f).exists());
+        if !resume && (latest.is_some() || done) {
+            bail!(
+                "{} already holds a {what} run; pass --resume to continue it, or choose another run.name",
+                self.path.display()
+            );
+        }
+        if resume && latest.is_none() {
+            bail!("--resume: {} has no checkpoint to resume from", self.path.display());
+        }
+        Ok(latest.filter(|_| resume))
+    }
+
+    /// Creates the directory, writes config.toml when the run starts at step 0, keeps the metrics
+    /// lines up to `step` (a resumed run rewrites what followed its checkpoint) and opens the
+    /// metrics log for appending.
+    pub fn begin(&self, config: &Config, step: usize) -> Result<MetricsLog> {
+        std::fs::create_dir_all(&self.path)
+            .with_context(|| format!("cannot create {}", self.path.display()))?;
+        if step == 0 {
+            write_atomic(&self.path.join(CONFIG_FILE), toml::to_string_pretty(config)?.as_bytes())?;
+        }
+        let path = self.path.join(METRICS_FILE);
+        truncate_metrics(&path, step)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(MetricsLog { file, path })
+    }
+
+    /// Writes checkpoint `n` (`write` fills the directory) atomically, then removes all but the
+    /// newest checkpoints.
+    pub fn save_checkpoint(&self, n: usize, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let name = format!("{}{:0width$}", self.prefix, n, width = self.width);
+        write_dir_atomic(&self.path.join(CHECKPOINTS_DIR).join(name), write)?;
+        for (_, old) in self.checkpoints()?.iter().rev().skip(KEEP_CHECKPOINTS) {
+            std::fs::remove_dir_all(old).ok();
+        }
+        Ok(())
+    }
 }
 
-/// Deletes all but the newest `keep` checkpoints.
-pub fn prune_checkpoints(run_dir: &Path, prefix: &str, keep: usize) -> Result<()> {
-    for (_, old) in checkpoint_dirs(run_dir, prefix)?.iter().rev().skip(keep) {
-        std::fs::remove_dir_all(old).ok();
-    }
-    Ok(())
-}
-
-/// Keeps the metrics lines up to `step` (a resumed run rewrites what followed its checkpoint).
-pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+/// Keeps the metrics lines whose `step` is at most `step`.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
@@ -55,5 +124,46 @@ pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::base::io::write_atomic(path, kept.as_bytes())
+    write_atomic(path, kept.as_bytes())
+}
+
+/// metrics.jsonl, one JSON object per line.
+pub struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn write<T: Serialize>(&mut self, line: &T) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(line)?)
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.file.flush().with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+/// Writes a trainer's state into a checkpoint directory: scalars as JSON, tensors as safetensors.
+pub fn write_state<T: Serialize>(
+    dir: &Path,
+    scalars: &T,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    candle_core::safetensors::save(tensors, dir.join(STATE_TENSORS))?;
+    std::fs::write(dir.join(STATE_JSON), serde_json::to_string_pretty(scalars)? + "\n")?;
+    Ok(())
+}
+
+/// Reads what `write_state` wrote (tensors on the CPU); errors name the file.
+pub fn read_state<T: DeserializeOwned>(dir: &Path) -> Result<(T, HashMap<String, Tensor>)> {
+    let json = dir.join(STATE_JSON);
+    let text = std::fs::read_to_string(&json)
+        .with_context(|| format!("cannot read {}", json.display()))?;
+    let scalars = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a trainer state", json.display()))?;
+    let path = dir.join(STATE_TENSORS);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok((scalars, tensors))
 }

@@ -37,6 +37,8 @@ pub struct RunConfig {
     pub stages: Vec<Stage>,
     /// CPU threads for rayon and candle; absent = all cores.
     pub threads: Option<usize>,
+    /// Steps between metrics.jsonl lines (SAE training and finetuning).
+    pub log_every: usize,
 }
 
 impl Default for RunConfig {
@@ -48,6 +50,7 @@ impl Default for RunConfig {
             seed: 42,
             stages: vec![Stage::Extract, Stage::Train, Stage::Report],
             threads: None,
+            log_every: 10,
         }
     }
 }
@@ -257,12 +260,17 @@ impl SaeConfig {
     }
 }
 
+/// The learning-rate schedule after the linear warm-up (both trainers).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum LrDecay {
-    None,
+pub enum ScheduleKind {
+    Constant,
+    /// Linear decay to 0 at the last step.
     Linear,
+    /// Half a cosine down to 0 at the last step.
     Cosine,
+    /// × gamma every `step_size` epochs (finetuning).
+    Step,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -275,12 +283,11 @@ pub struct TrainConfig {
     pub adam_betas: [f64; 2],
     /// Clip gradients to this global norm; absent = 1.0 except for topk (none, as OpenAI).
     pub grad_clip: Option<f64>,
+    /// Linear warm-up from 1 % of lr over this many steps.
     pub warmup_steps: usize,
-    pub lr_decay: LrDecay,
+    pub schedule: ScheduleKind,
     /// Write a checkpoint every this many steps (0 = only at the end).
     pub checkpoint_every: usize,
-    /// Append to metrics.jsonl every this many steps.
-    pub log_every: usize,
     /// Stop after this many steps even if epochs remain.
     pub max_steps: Option<usize>,
 }
@@ -295,9 +302,8 @@ impl Default for TrainConfig {
             adam_betas: [0.9, 0.999],
             grad_clip: None,
             warmup_steps: 0,
-            lr_decay: LrDecay::None,
+            schedule: ScheduleKind::Constant,
             checkpoint_every: 5000,
-            log_every: 10,
             max_steps: None,
         }
     }
@@ -334,17 +340,9 @@ impl Default for MonoConfig {
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Optimizer {
+pub enum OptimizerKind {
     Sgd,
     Adamw,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum LrSchedule {
-    Constant,
-    Cosine,
-    Step,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -365,14 +363,14 @@ pub struct FinetuneConfig {
     pub k: Option<usize>,
     pub epochs: usize,
     pub batch_size: usize,
-    pub optimizer: Optimizer,
+    pub optimizer: OptimizerKind,
     pub lr: f64,
     pub momentum: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
     /// Weight decay of normalisation weights and biases.
     pub norm_weight_decay: f64,
-    pub schedule: LrSchedule,
+    pub schedule: ScheduleKind,
     pub warmup_epochs: usize,
     /// StepLR: decay every this many epochs by `gamma`.
     pub step_size: usize,
@@ -405,13 +403,13 @@ impl Default for FinetuneConfig {
             k: None,
             epochs: 90,
             batch_size: 1024,
-            optimizer: Optimizer::Sgd,
+            optimizer: OptimizerKind::Sgd,
             lr: 1e-3,
             momentum: 0.9,
             nesterov: false,
             weight_decay: 2e-5,
             norm_weight_decay: 0.0,
-            schedule: LrSchedule::Cosine,
+            schedule: ScheduleKind::Cosine,
             warmup_epochs: 5,
             step_size: 30,
             gamma: 0.1,
@@ -477,6 +475,14 @@ impl Config {
         }
     }
 
+    /// λ of the finetuning MonoLoss: finetune.lambda, else mono.lambda (no paper default).
+    pub fn finetune_lambda(&self) -> Result<f64> {
+        self.finetune.lambda.or(self.mono.lambda).context(
+            "finetune.lambda (or mono.lambda) must be set for finetuning \
+             (the paper uses 0, 0.03, 0.05, 0.07 and 0.1)",
+        )
+    }
+
     /// The run's output directory.
     pub fn run_dir(&self) -> PathBuf {
         self.run.output.join(&self.run.name)
@@ -493,6 +499,7 @@ impl Config {
             v.fail(format!("run.device = {:?}: {e}", self.run.device));
         }
         v.positive_opt("run.threads", self.run.threads);
+        v.positive("run.log_every", self.run.log_every);
         v.check(!self.run.stages.is_empty(), || "run.stages must name at least one stage".into());
         v.check(self.run.stages.windows(2).all(|w| w[0] < w[1]), || {
             format!(
@@ -557,7 +564,7 @@ impl Config {
         if let Some(c) = t.grad_clip {
             v.positive_f("train.grad_clip", c);
         }
-        v.positive("train.log_every", t.log_every);
+
         v.positive_opt("train.max_steps", t.max_steps);
 
         let m = &self.mono;

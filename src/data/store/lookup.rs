@@ -9,15 +9,15 @@ use super::FeatureStore;
 use crate::data::images::ImageDataset;
 
 /// Rows of a similarity feature store, by image path.
-pub struct SimilarityLookup<'a> {
-    store: &'a FeatureStore,
+pub struct SimilarityLookup {
+    store: FeatureStore,
     /// dataset item → store row.
     rows: Vec<u32>,
 }
 
-impl<'a> SimilarityLookup<'a> {
+impl SimilarityLookup {
     /// Maps every item of `dataset` to its row in `store`; every image must be there.
-    pub fn new(store: &'a FeatureStore, dataset: &dyn ImageDataset) -> Result<Self> {
+    pub fn new(store: FeatureStore, dataset: &dyn ImageDataset) -> Result<Self> {
         let by_path: HashMap<&str, u32> =
             (0..store.len()).map(|r| (store.path(r), r as u32)).collect();
         let mut rows = Vec::with_capacity(dataset.len());

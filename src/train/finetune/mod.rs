@@ -1,34 +1,36 @@
-//! `mono finetune`: CE (label smoothing) + λ·MonoLoss on the TopK layer, SGD/AdamW with
-//! decay groups, warm-up + cosine/step schedules, clipping, EMA, per-epoch evaluation (top-1,
-//! top-5, the TopK layer's MonoScore), checkpoints at every epoch and `--resume`.
-
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::Path;
-use std::sync::mpsc::sync_channel;
-
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use serde_json::json;
+//! The finetuner: CE (label smoothing) + λ·MonoLoss on the TopK layer, SGD/AdamW with decay
+//! groups, warm-up + cosine/step schedules, clipping, EMA, per-epoch evaluation (top-1, top-5, the
+//! TopK layer's MonoScore), a checkpoint after every epoch and `--resume`.
 
 pub mod model;
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc::sync_channel;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
 use model::{cross_entropy, topk_hits, Backbone, FinetuneModel, HeadSpec};
 
-use crate::base::config::{Config, LrSchedule, Optimizer};
-use crate::base::io::write_dir_atomic;
+use super::optim::{AdamW, Gradients, Optimizer, Sgd};
+use super::run_dir::{self, MetricsLog, RunDir};
+use super::schedule::Schedule;
+use crate::base::config::{Config, FinetuneConfig, OptimizerKind};
 use crate::data::augment::Augment;
-use crate::data::batch::{load_pixels, shuffled_items as epoch_order};
+use crate::data::batch::{load_pixels, shuffled_items};
 use crate::data::images::{class_labels, open_dataset, ImageDataset};
 use crate::data::preprocess::Preprocessor;
-use crate::data::store::{open_split, FeatureStore, SimilarityLookup};
+use crate::data::store::{open_split, SimilarityLookup};
+use crate::layout::{
+    EncoderIdentity, EpochEval, EpochRecord, FinetuneResults, TopkLayer, MODEL_FILE, RESULTS_FILE,
+};
 use crate::models::params::{DecayGroup, Weights};
 use crate::models::Trainable;
-use crate::monoscore::{self as ops, MonoScoreAccumulator, ScorePath};
-use crate::train::optim::{self, AdamW, Sgd};
-use crate::train::run_dir;
+use crate::monoscore::{batch_mono_loss, MonoLossStats, MonoScoreAccumulator, ScorePath};
 
 /// One prepared batch.
 pub struct Batch {
@@ -69,185 +71,176 @@ pub fn prepare(
     })
 }
 
-const METRICS: &str = "metrics.jsonl";
-const RESULTS: &str = "results.json";
-const KEEP_CHECKPOINTS: usize = 2;
-
-enum Opt {
-    Sgd(Sgd),
-    AdamW(AdamW),
-}
-
-impl Opt {
-    fn step(
-        &mut self,
-        vars: &[&candle_core::Var],
-        grads: &[Vec<f32>],
-        decay: &[f64],
-        lr: f64,
-    ) -> Result<()> {
-        match self {
-            Opt::Sgd(o) => o.step(vars, grads, decay, lr),
-            Opt::AdamW(o) => o.step(vars, grads, decay, lr),
-        }
-    }
-
-    /// State tensors for checkpoints: one or two buffers per parameter.
-    fn buffers(&self) -> Vec<&Vec<f32>> {
-        match self {
-            Opt::Sgd(o) => o.buffers.iter().collect(),
-            Opt::AdamW(o) => o.adam.moments.iter().flat_map(|(m, v)| [m, v]).collect(),
-        }
-    }
-
-    fn buffers_mut(&mut self) -> Vec<&mut Vec<f32>> {
-        match self {
-            Opt::Sgd(o) => o.buffers.iter_mut().collect(),
-            Opt::AdamW(o) => o.adam.moments.iter_mut().flat_map(|(m, v)| [m, v]).collect(),
-        }
-    }
-
-    fn steps(&mut self) -> &mut u64 {
-        match self {
-            Opt::Sgd(o) => &mut o.steps,
-            Opt::AdamW(o) => &mut o.adam.steps,
-        }
-    }
-}
-
 /// What one training step measured.
 pub struct StepOutcome {
     pub loss: f64,
     pub ce: f64,
-    pub mono: ops::MonoLossStats,
+    pub mono: MonoLossStats,
     pub grad_norm: f64,
     /// Top-1 accuracy of the batch (only when measured).
     pub top1: f64,
 }
 
-/// One finetuning step: forward, CE + λ·MonoLoss, backward, clipping, optimizer (on f32 master
-/// weights when the model computes in half precision).
-pub struct Stepper {
-    opt: Opt,
-    masters: Vec<candle_core::Var>,
-    decay: Vec<f64>,
+/// A metrics.jsonl line of a logged step.
+#[derive(Serialize)]
+struct StepLine {
+    step: usize,
+    epoch: usize,
+    lr: f64,
+    loss: f64,
+    ce: f64,
+    mono_score: f64,
+    mono_active: usize,
+    batch_top1: f64,
+    grad_norm: f64,
+}
+
+/// A metrics.jsonl line after each epoch.
+#[derive(Serialize)]
+struct EpochLine<'a> {
+    step: usize,
+    epoch: usize,
+    eval: &'a EpochEval,
+}
+
+/// Scalar state saved with each checkpoint.
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    epoch: usize,
+    step: usize,
+    history: Vec<EpochRecord>,
+}
+
+/// What a step does, from the config.
+struct StepSettings {
     lambda: f64,
     eps: f64,
     smoothing: f64,
     clip: Option<f64>,
 }
 
-impl Stepper {
-    pub fn new(
-        model: &FinetuneModel,
-        f: &crate::base::config::FinetuneConfig,
-        lambda: f64,
-        eps: f64,
-    ) -> Result<Self> {
+/// Exponential moving average of the trainable parameters.
+struct Ema {
+    decay: f64,
+    values: HashMap<String, Tensor>,
+}
+
+/// The model and everything its training changes.
+pub struct Finetuner {
+    pub model: FinetuneModel,
+    optimizer: Box<dyn Optimizer>,
+    /// The weights the optimiser updates: the model's own Vars in f32, or f32 copies when the
+    /// model computes in half precision (copied back after every step).
+    masters: Vec<Var>,
+    ema: Option<Ema>,
+    settings: StepSettings,
+    /// Epochs and steps done, and the evaluation after each epoch.
+    epoch: usize,
+    step: usize,
+    history: Vec<EpochRecord>,
+}
+
+fn optimizer_for(f: &FinetuneConfig, sizes: &[usize], decay: Vec<f64>) -> Box<dyn Optimizer> {
+    match f.optimizer {
+        OptimizerKind::Sgd => Box::new(Sgd::new(sizes, f.momentum, f.nesterov, decay)),
+        OptimizerKind::Adamw => Box::new(AdamW::new(sizes, [0.9, 0.999], 1e-8, decay)),
+    }
+}
+
+impl Finetuner {
+    pub fn new(model: FinetuneModel, f: &FinetuneConfig, lambda: f64, eps: f64) -> Result<Self> {
         let half = model.params.dtype != DType::F32;
-        let masters: Vec<candle_core::Var> = model
+        let masters: Vec<Var> = model
             .params
             .trainable()
-            .map(|p| {
-                if half {
-                    candle_core::Var::from_tensor(
-                        &p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-                    )
-                } else {
-                    Ok(p.var.clone().unwrap())
-                }
+            .map(|p| match &p.var {
+                Some(v) if !half => Ok(v.clone()),
+                _ => Var::from_tensor(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?),
             })
             .collect::<candle_core::Result<_>>()?;
         let sizes: Vec<usize> = masters.iter().map(|v| v.elem_count()).collect();
-        let decay =
-            model
-                .params
-                .trainable()
-                .map(|p| {
-                    if p.group == DecayGroup::Weights {
-                        f.weight_decay
-                    } else {
-                        f.norm_weight_decay
-                    }
-                })
-                .collect();
-        let opt = match f.optimizer {
-            Optimizer::Sgd => Opt::Sgd(Sgd::new(&sizes, f.momentum, f.nesterov)),
-            Optimizer::Adamw => Opt::AdamW(AdamW::new(&sizes, [0.9, 0.999], 1e-8)),
-        };
-        Ok(Self {
-            opt,
-            masters,
+        let decay = model
+            .params
+            .trainable()
+            .map(|p| match p.group {
+                DecayGroup::Weights => f.weight_decay,
+                DecayGroup::NormAndBias => f.norm_weight_decay,
+            })
+            .collect();
+        let ema = f.ema_decay.map(|decay| Ema {
             decay,
-            lambda,
-            eps,
-            smoothing: f.label_smoothing,
-            clip: f.grad_clip,
+            values: model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect(),
+        });
+        Ok(Self {
+            optimizer: optimizer_for(f, &sizes, decay),
+            model,
+            masters,
+            ema,
+            settings: StepSettings { lambda, eps, smoothing: f.label_smoothing, clip: f.grad_clip },
+            epoch: 0,
+            step: 0,
+            history: Vec::new(),
         })
     }
 
-    /// Copies the model's current values into the f32 master weights (after a restore).
-    fn sync_masters(&self, model: &FinetuneModel) -> Result<()> {
-        if model.params.dtype != DType::F32 {
-            for (m, p) in self.masters.iter().zip(model.params.trainable()) {
-                m.set(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
-            }
-        }
-        Ok(())
+    fn trainable_vars(&self) -> Vec<&Var> {
+        self.model.params.trainable().map(|p| p.var.as_ref().expect("trainable")).collect()
     }
 
-    /// `similarity`: the batch's judge embeddings; None = the backbone's own detached features.
+    fn trainable_names(&self) -> Vec<&str> {
+        self.model.params.trainable().map(|p| p.name.as_str()).collect()
+    }
+
+    /// One step on pixels `x` with `labels`; `similarity`: the batch's judge embeddings (None =
+    /// the backbone's own detached features). `measure` asks for the batch MonoScore and top-1
+    /// even when they are not trained on (for the log).
     pub fn step(
         &mut self,
-        model: &FinetuneModel,
         x: &Tensor,
         labels: &[u32],
         similarity: Option<&Tensor>,
         lr: f64,
         measure: bool,
     ) -> Result<StepOutcome> {
-        let out = model.forward(x, true)?;
-        let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, self.smoothing)?;
+        let s = &self.settings;
+        let out = self.model.forward(x, true)?;
+        let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, s.smoothing)?;
         let similarity = match similarity {
-            Some(s) => s.to_dtype(DType::F32)?,
+            Some(t) => t.to_dtype(DType::F32)?,
             None => out.features.detach().to_dtype(DType::F32)?,
         };
         // Without λ the MonoScore is only measured for the log, without a graph.
-        let trained = self.lambda > 0.0;
+        let trained = s.lambda > 0.0;
         let (mono_loss, mono) = if trained || measure {
-            let topk = if trained {
-                out.topk.to_dtype(DType::F32)?
-            } else {
-                out.topk.detach().to_dtype(DType::F32)?
-            };
-            ops::batch_mono_loss(&topk, &similarity, self.eps, None)?
+            let topk = out.topk.to_dtype(DType::F32)?;
+            let topk = if trained { topk } else { topk.detach() };
+            batch_mono_loss(&topk, &similarity, s.eps, None)?
         } else {
-            (Tensor::new(0f32, x.device())?, ops::MonoLossStats::default())
+            (Tensor::new(0f32, x.device())?, MonoLossStats::default())
         };
-        let loss = if trained { (&ce + (&mono_loss * self.lambda)?)? } else { ce.clone() };
+        let loss = if trained { (&ce + (&mono_loss * s.lambda)?)? } else { ce.clone() };
         let loss_value = loss.to_scalar::<f32>()? as f64;
         ensure!(loss_value.is_finite(), "finetuning diverged: loss {loss_value}");
-        let grads = loss.backward()?;
-        let mut host: Vec<Vec<f32>> = model
-            .params
-            .trainable()
-            .map(|p| optim::host_grad(&grads, p.var.as_ref().unwrap()))
-            .collect::<Result<_>>()?;
-        drop(grads);
-        let grad_norm = match self.clip {
-            Some(max) => optim::clip_global_norm(&mut host, max),
-            None => optim::global_norm(&host),
+        let mut grads = Gradients::from_store(&loss.backward()?, &self.trainable_vars())?;
+        let grad_norm = match s.clip {
+            Some(max) => grads.clip_global_norm(max),
+            None => grads.global_norm(),
         };
-        let vars: Vec<&candle_core::Var> = self.masters.iter().collect();
-        self.opt.step(&vars, &host, &self.decay, lr)?;
-        if model.params.dtype != DType::F32 {
-            for (m, p) in self.masters.iter().zip(model.params.trainable()) {
-                p.var
-                    .as_ref()
-                    .unwrap()
-                    .set(&m.as_tensor().to_device(x.device())?.to_dtype(model.params.dtype)?)?;
+        let masters: Vec<&Var> = self.masters.iter().collect();
+        self.optimizer.step(&masters, &grads, lr)?;
+        if self.model.params.dtype != DType::F32 {
+            for (m, v) in self.masters.iter().zip(self.trainable_vars()) {
+                v.set(&m.as_tensor().to_device(x.device())?.to_dtype(self.model.params.dtype)?)?;
             }
         }
+        if let Some(ema) = &mut self.ema {
+            for p in self.model.params.trainable() {
+                if let Some(e) = ema.values.get_mut(&p.name) {
+                    *e = ((&*e * ema.decay)? + (p.get().detach() * (1.0 - ema.decay))?)?;
+                }
+            }
+        }
+        self.step += 1;
         let top1 = if measure {
             topk_hits(&out.logits, labels)?.0 as f64 / labels.len() as f64
         } else {
@@ -261,27 +254,215 @@ impl Stepper {
             top1,
         })
     }
+
+    /// Runs `f` with the EMA weights (when kept) in place of the trained ones.
+    fn with_ema<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let Some(ema) = &self.ema else { return f() };
+        let vars = self.trainable_vars();
+        let saved: Vec<Tensor> =
+            vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+        for (p, v) in self.model.params.trainable().zip(&vars) {
+            v.set(&ema.values[&p.name])?;
+        }
+        let result = f();
+        for (v, value) in vars.iter().zip(saved) {
+            v.set(&value)?;
+        }
+        result
+    }
+
+    /// Top-1, top-5 and the TopK layer's MonoScore on the eval split (EMA weights when kept).
+    fn evaluate(&self, inputs: &Inputs, batch: usize, device: &Device) -> Result<EpochEval> {
+        self.with_ema(|| evaluate(&self.model, inputs, batch, device))
+    }
+
+    /// Trainable values, BatchNorm statistics, optimiser state and EMA, by name.
+    fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut t = self.optimizer.state(&self.trainable_names())?;
+        for p in self.model.params.trainable() {
+            t.insert(format!("param.{}", p.name), p.get().detach().to_device(&Device::Cpu)?);
+        }
+        if let Backbone::Resnet(r) = &self.model.backbone {
+            for (name, value) in r.named_running_stats() {
+                t.insert(format!("bn.{name}"), value.to_device(&Device::Cpu)?);
+            }
+        }
+        if let Some(ema) = &self.ema {
+            for (name, v) in &ema.values {
+                t.insert(format!("ema.{name}"), v.to_device(&Device::Cpu)?);
+            }
+        }
+        Ok(t)
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        let state =
+            TrainerState { epoch: self.epoch, step: self.step, history: self.history.clone() };
+        run_dir::write_state(dir, &state, &self.state_tensors()?)
+    }
+
+    /// Continues from checkpoint `dir` (written by `save_state` for the same model).
+    fn load_state(&mut self, dir: &Path) -> Result<()> {
+        let (state, t): (TrainerState, _) = run_dir::read_state(dir)?;
+        let source = dir.join(crate::layout::STATE_TENSORS).display().to_string();
+        let device = self.model.params.device();
+        let get = |k: &str| {
+            t.get(k)
+                .with_context(|| format!("{source}: missing `{k}` (checkpoint of another model?)"))
+        };
+        for p in self.model.params.trainable() {
+            let v = get(&format!("param.{}", p.name))?;
+            ensure!(
+                v.dims() == p.get().dims(),
+                "{source}: `{}` has another shape than the model's",
+                p.name
+            );
+            p.var
+                .as_ref()
+                .expect("trainable")
+                .set(&v.to_device(&device)?.to_dtype(p.get().dtype())?)?;
+        }
+        if let Backbone::Resnet(r) = &self.model.backbone {
+            for bn in r.batch_norms() {
+                *bn.running_mean.lock().unwrap() =
+                    get(&format!("bn.{}.running_mean", bn.name))?.to_device(&device)?;
+                *bn.running_var.lock().unwrap() =
+                    get(&format!("bn.{}.running_var", bn.name))?.to_device(&device)?;
+            }
+        }
+        let names: Vec<String> = self.trainable_names().iter().map(|n| n.to_string()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.optimizer.load_state(&names, &t, &source)?;
+        if let Some(ema) = &mut self.ema {
+            for (name, v) in ema.values.iter_mut() {
+                *v = get(&format!("ema.{name}"))?.to_device(&device)?;
+            }
+        }
+        // Half-precision models: the masters start from the restored values.
+        if self.model.params.dtype != DType::F32 {
+            for (m, p) in self.masters.iter().zip(self.model.params.trainable()) {
+                m.set(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+            }
+        }
+        (self.epoch, self.step, self.history) = (state.epoch, state.step, state.history);
+        Ok(())
+    }
+
+    /// Trains the remaining epochs, logging into `log` and checkpointing into `run` after each.
+    fn fit(
+        &mut self,
+        config: &Config,
+        inputs: &Inputs,
+        run: &RunDir,
+        log: &mut MetricsLog,
+        device: &Device,
+    ) -> Result<()> {
+        let f = &config.finetune;
+        let steps_per_epoch = inputs.train.len() / f.batch_size;
+        let total = f.epochs * steps_per_epoch;
+        let schedule = Schedule::new(
+            f.lr,
+            f.schedule,
+            f.warmup_epochs * steps_per_epoch,
+            WARMUP_START,
+            total,
+            f.step_size * steps_per_epoch,
+            f.gamma,
+        );
+        let (h, w) = inputs.size;
+        let augment = Augment::new(&inputs.eval_pre, inputs.size);
+        let bar = crate::base::progress::bar(total as u64, "finetuning");
+        bar.set_position(self.step as u64);
+        while self.epoch < f.epochs {
+            let epoch = self.epoch;
+            let order = shuffled_items(inputs.train.len(), config.run.seed, epoch);
+            let (tx, rx) = sync_channel::<Result<Batch>>(2);
+            let train: &dyn ImageDataset = inputs.train.as_ref();
+            let aug = f.augment.then_some((&augment, config.run.seed, epoch));
+            let (labels, pre, bs) = (&inputs.train_labels, &inputs.eval_pre, f.batch_size);
+            std::thread::scope(|scope| -> Result<()> {
+                scope.spawn(move || {
+                    for chunk in order.chunks_exact(bs) {
+                        if tx.send(prepare(train, labels, chunk, pre, aug)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut sim = Vec::new();
+                for batch in rx {
+                    let batch = batch?;
+                    let x =
+                        Tensor::from_vec(batch.pixels, (bs, 3, h as usize, w as usize), device)?
+                            .to_dtype(self.model.params.dtype)?;
+                    let similarity = match &inputs.train_judge {
+                        Some(j) => {
+                            j.read(&batch.items, &mut sim)?;
+                            Some(Tensor::from_slice(&sim, (bs, j.dim()), device)?)
+                        }
+                        None => None,
+                    };
+                    let done = self.step + 1;
+                    let log_now = done % config.run.log_every == 0;
+                    let lr = schedule.lr(self.step);
+                    let out = self
+                        .step(&x, &batch.labels, similarity.as_ref(), lr, log_now)
+                        .with_context(|| format!("finetuning step {done}"))?;
+                    bar.inc(1);
+                    if log_now {
+                        log.write(&StepLine {
+                            step: done,
+                            epoch,
+                            lr,
+                            loss: out.loss,
+                            ce: out.ce,
+                            mono_score: out.mono.mean_score,
+                            mono_active: out.mono.n_active,
+                            batch_top1: out.top1,
+                            grad_norm: out.grad_norm,
+                        })?;
+                        bar.set_prefix(format!(
+                            "loss {:.3} mono {:.3}",
+                            out.loss, out.mono.mean_score
+                        ));
+                    }
+                }
+                Ok(())
+            })?;
+            let eval = self.evaluate(inputs, f.batch_size, device)?;
+            log.write(&EpochLine { step: self.step, epoch, eval: &eval })?;
+            log.flush()?;
+            bar.suspend(|| {
+                if !crate::base::progress::is_quiet() {
+                    eprintln!(
+                        "epoch {}: top-1 {:.4} top-5 {:.4} MonoScore {:?}",
+                        epoch + 1,
+                        eval.top1,
+                        eval.top5,
+                        eval.monoscore.mean
+                    );
+                }
+            });
+            self.history.push(EpochRecord { epoch: epoch + 1, eval });
+            self.epoch += 1;
+            run.save_checkpoint(self.epoch, |dir| self.save_state(dir))?;
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    /// Every parameter of the final model (EMA weights when kept) and, for ResNets, the
+    /// BatchNorm statistics under torchvision names, so the file loads as an encoder.
+    fn final_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut values = self.with_ema(|| Ok(self.model.params.values()))?;
+        if let Backbone::Resnet(r) = &self.model.backbone {
+            values.extend(r.named_running_stats());
+        }
+        values.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect()
+    }
 }
 
-/// Learning rate at global step `step`: linear warm-up from lr/100, then the schedule.
-pub fn finetune_lr(config: &Config, step: usize, steps_per_epoch: usize) -> f64 {
-    let f = &config.finetune;
-    let warmup = f.warmup_epochs * steps_per_epoch;
-    if step < warmup {
-        let t = step as f64 / warmup as f64;
-        return f.lr * (0.01 + 0.99 * t);
-    }
-    let epoch = step / steps_per_epoch.max(1);
-    match f.schedule {
-        LrSchedule::Constant => f.lr,
-        LrSchedule::Step => f.lr * f.gamma.powi((epoch / f.step_size) as i32),
-        LrSchedule::Cosine => {
-            let total = (f.epochs * steps_per_epoch).saturating_sub(warmup).max(1);
-            let progress = (step - warmup) as f64 / total as f64;
-            f.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
-        }
-    }
-}
+/// The factor of lr at the first warm-up step (torchvision's recipes: 0.01).
+const WARMUP_START: f64 = 0.01;
 
 /// Everything the run reads, opened and checked before anything is written.
 struct Inputs {
@@ -289,7 +470,9 @@ struct Inputs {
     eval: Box<dyn ImageDataset>,
     train_labels: Vec<u32>,
     eval_labels: Vec<u32>,
-    similarity: Option<(FeatureStore, FeatureStore)>,
+    /// Similarity embeddings of the training and evaluation images (finetune.similarity_store).
+    train_judge: Option<SimilarityLookup>,
+    eval_judge: Option<SimilarityLookup>,
     eval_pre: Preprocessor,
     size: (u32, u32),
     weights: Weights,
@@ -313,19 +496,20 @@ fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
         eval_pre.output_size().context("the encoder's preprocessing must give one image size")?;
     let weights = Weights::load(&files.weights, device)?;
     let model_config = files.config_json()?;
-    let similarity = match &config.finetune.similarity_store {
-        Some(dir) => Some((
-            open_split(dir, &config.data.train_split).context("finetune.similarity_store")?,
-            open_split(dir, &config.data.eval_split).context("finetune.similarity_store")?,
-        )),
-        None => None,
+    let judge = |split: &str, dataset: &dyn ImageDataset| -> Result<Option<SimilarityLookup>> {
+        let Some(dir) = &config.finetune.similarity_store else { return Ok(None) };
+        let store = open_split(dir, split).context("finetune.similarity_store")?;
+        Ok(Some(SimilarityLookup::new(store, dataset)?))
     };
+    let train_judge = judge(&config.data.train_split, train.as_ref())?;
+    let eval_judge = judge(&config.data.eval_split, eval.as_ref())?;
     Ok(Inputs {
         train,
         eval,
         train_labels,
         eval_labels,
-        similarity,
+        train_judge,
+        eval_judge,
         eval_pre,
         size,
         weights,
@@ -333,129 +517,13 @@ fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
     })
 }
 
-/// The run's mutable state, saved at every epoch.
-struct State {
-    epoch: usize,
-    step: usize,
-    history: Vec<serde_json::Value>,
-}
-
-/// Trainable parameter values, BatchNorm statistics, optimizer buffers and EMA, by name.
-fn state_tensors(
-    model: &FinetuneModel,
-    opt: &Opt,
-    ema: &Option<HashMap<String, Tensor>>,
-) -> Result<HashMap<String, Tensor>> {
-    let mut t = HashMap::new();
-    for p in model.params.trainable() {
-        t.insert(format!("param.{}", p.name), p.get().detach().to_device(&Device::Cpu)?);
-    }
-    if let Backbone::Resnet(r) = &model.backbone {
-        for (i, (m, v)) in r.running_stats().into_iter().enumerate() {
-            t.insert(format!("bn.{i}.running_mean"), m.lock().unwrap().to_device(&Device::Cpu)?);
-            t.insert(format!("bn.{i}.running_var"), v.lock().unwrap().to_device(&Device::Cpu)?);
-        }
-    }
-    for (i, b) in opt.buffers().into_iter().enumerate() {
-        t.insert(format!("optimizer.{i}"), Tensor::from_slice(b, b.len(), &Device::Cpu)?);
-    }
-    if let Some(ema) = ema {
-        for (name, v) in ema {
-            t.insert(format!("ema.{name}"), v.to_device(&Device::Cpu)?);
-        }
-    }
-    Ok(t)
-}
-
-fn restore(
-    dir: &Path,
-    model: &FinetuneModel,
-    opt: &mut Opt,
-    ema: &mut Option<HashMap<String, Tensor>>,
-    device: &Device,
-) -> Result<State> {
-    let path = dir.join("state.safetensors");
-    let t = candle_core::safetensors::load(&path, device)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let get = |k: &str| {
-        t.get(k).with_context(|| {
-            format!("{}: missing `{k}` (checkpoint of another model?)", path.display())
-        })
-    };
-    for p in model.params.trainable() {
-        let v = get(&format!("param.{}", p.name))?;
-        ensure!(
-            v.dims() == p.get().dims(),
-            "{}: `{}` has another shape than the model's",
-            path.display(),
-            p.name
-        );
-        p.var.as_ref().unwrap().set(&v.to_dtype(p.get().dtype())?)?;
-    }
-    if let Backbone::Resnet(r) = &model.backbone {
-        for (i, (m, v)) in r.running_stats().into_iter().enumerate() {
-            *m.lock().unwrap() = get(&format!("bn.{i}.running_mean"))?.clone();
-            *v.lock().unwrap() = get(&format!("bn.{i}.running_var"))?.clone();
-        }
-    }
-    for (i, b) in opt.buffers_mut().into_iter().enumerate() {
-        *b = get(&format!("optimizer.{i}"))?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-    }
-    if let Some(ema) = ema {
-        for (name, v) in ema.iter_mut() {
-            *v = get(&format!("ema.{name}"))?.clone();
-        }
-    }
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
-    *opt.steps() = doc["optimizer_steps"].as_u64().unwrap_or(0);
-    Ok(State {
-        epoch: doc["epoch"].as_u64().context("state.json: no epoch")? as usize,
-        step: doc["step"].as_u64().context("state.json: no step")? as usize,
-        history: doc["history"].as_array().cloned().unwrap_or_default(),
-    })
-}
-
-/// EMA targets: trainable parameters (and BatchNorm statistics, which follow the same average).
-fn ema_update(model: &FinetuneModel, ema: &mut HashMap<String, Tensor>, decay: f64) -> Result<()> {
-    for p in model.params.trainable() {
-        if let Some(e) = ema.get_mut(&p.name) {
-            *e = ((&*e * decay)? + (p.get().detach() * (1.0 - decay))?)?;
-        }
-    }
-    Ok(())
-}
-
-/// Runs `f` with the EMA weights in place of the trained ones.
-fn with_ema<R>(
-    model: &FinetuneModel,
-    ema: &Option<HashMap<String, Tensor>>,
-    f: impl FnOnce() -> Result<R>,
-) -> Result<R> {
-    let Some(ema) = ema else { return f() };
-    let saved: Vec<Tensor> = model
-        .params
-        .trainable()
-        .map(|p| p.get().detach().copy())
-        .collect::<candle_core::Result<_>>()?;
-    for p in model.params.trainable() {
-        p.var.as_ref().unwrap().set(&ema[&p.name])?;
-    }
-    let result = f();
-    for (p, v) in model.params.trainable().zip(saved) {
-        p.var.as_ref().unwrap().set(&v)?;
-    }
-    result
-}
-
 /// Top-1, top-5 and the TopK layer's MonoScore on the eval split.
 fn evaluate(
     model: &FinetuneModel,
     inputs: &Inputs,
-    judge: Option<&SimilarityLookup>,
     batch_size: usize,
     device: &Device,
-) -> Result<serde_json::Value> {
+) -> Result<EpochEval> {
     let n = inputs.eval.len();
     let (h, w) = inputs.size;
     let width = model.monitored_width()?;
@@ -472,60 +540,42 @@ fn evaluate(
         let (t1, t5) = topk_hits(&out.logits, &batch.labels)?;
         top1 += t1;
         top5 += t5;
-        let similarity = match judge {
+        let similarity = match &inputs.eval_judge {
             Some(j) => {
                 j.read(&items, &mut sim)?;
                 sim.clone()
             }
-            None => out
-                .features
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
+            None => host_vec(&out.features)?,
         };
-        let acts = out
-            .topk
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let acts = host_vec(&out.topk)?;
         let acc = acc.get_or_insert_with(|| {
             MonoScoreAccumulator::new(similarity.len() / items.len(), width)
         });
         acc.add(&similarity, &acts, ScorePath::Auto)?;
     }
-    let scores = acc.context("the eval split is empty")?.finish().summary();
-    Ok(
-        json!({"top1": top1 as f64 / n as f64, "top5": top5 as f64 / n as f64, "monoscore": scores, "n_images": n}),
-    )
+    let monoscore = acc.context("the eval split is empty")?.finish().summary();
+    Ok(EpochEval {
+        top1: top1 as f64 / n as f64,
+        top5: top5 as f64 / n as f64,
+        monoscore,
+        n_images: n,
+    })
 }
 
-pub struct FinetuneReport {
-    pub epochs: usize,
-    pub results: serde_json::Value,
+fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// `mono finetune CONFIG [--resume]`.
-pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneReport> {
+/// Finetunes as `config` says into `run_dir` (fresh, or continuing its newest checkpoint when
+/// `resume`): model.safetensors and results.json at the end.
+pub fn finetune(config: &Config, run_dir: &Path, resume: bool) -> Result<FinetuneResults> {
     let f = &config.finetune;
-    let lambda = f.lambda.or(config.mono.lambda).context("finetune.lambda (or mono.lambda) must be set for finetuning (the paper uses 0, 0.03, 0.05, 0.07 and 0.1)")?;
+    let lambda = config.finetune_lambda()?;
     let device = crate::base::device::open_device(&config.run.device)?;
     let inputs = open_inputs(config, &device)?;
     let classes = inputs.train.class_names().len();
-    let train_judge = inputs
-        .similarity
-        .as_ref()
-        .map(|(s, _)| SimilarityLookup::new(s, inputs.train.as_ref()))
-        .transpose()?;
-    let eval_judge = inputs
-        .similarity
-        .as_ref()
-        .map(|(_, s)| SimilarityLookup::new(s, inputs.eval.as_ref()))
-        .transpose()?;
-    let steps_per_epoch = inputs.train.len() / f.batch_size;
     ensure!(
-        steps_per_epoch > 0,
+        inputs.train.len() / f.batch_size > 0,
         "finetune.batch_size = {} exceeds the {} training images",
         f.batch_size,
         inputs.train.len()
@@ -550,160 +600,31 @@ pub fn finetune_from_config(config: &Config, resume: bool) -> Result<FinetuneRep
         dtype,
         &device,
     )?;
-
-    let run_dir = config.run_dir();
-    let existing = run_dir::checkpoint_dirs(&run_dir, "epoch-")?;
-    if !resume && (!existing.is_empty() || run_dir.join(RESULTS).exists()) {
-        bail!("{} already holds a finetuning run; pass --resume to continue it, or choose another run.name", run_dir.display());
+    let run = RunDir::new(run_dir, "epoch-", 3);
+    let resume_from = run.start("finetuning", &[RESULTS_FILE], resume)?;
+    let mut finetuner = Finetuner::new(model, f, lambda, config.mono.eps)?;
+    if let Some(dir) = &resume_from {
+        finetuner.load_state(dir)?;
     }
-    if resume && existing.is_empty() {
-        bail!("--resume: {} has no checkpoint to resume from", run_dir.display());
-    }
+    let mut log = run.begin(config, finetuner.step)?;
+    finetuner.fit(config, &inputs, &run, &mut log, &device)?;
 
-    let mut stepper = Stepper::new(&model, f, lambda, config.mono.eps)?;
-    let mut ema: Option<HashMap<String, Tensor>> = f
-        .ema_decay
-        .map(|_| model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect());
-    let mut state = match existing.last() {
-        Some((_, dir)) if resume => restore(dir, &model, &mut stepper.opt, &mut ema, &device)?,
-        _ => State { epoch: 0, step: 0, history: Vec::new() },
+    let model_path = run.join(MODEL_FILE);
+    let tmp = run.join(&format!(".{MODEL_FILE}.tmp"));
+    candle_core::safetensors::save(&finetuner.final_tensors()?, &tmp)?;
+    std::fs::rename(&tmp, &model_path)
+        .with_context(|| format!("cannot write {}", model_path.display()))?;
+    let m = &finetuner.model;
+    let results = FinetuneResults {
+        final_eval: finetuner.history.last().context("no epoch was trained")?.eval.clone(),
+        history: finetuner.history.clone(),
+        lambda,
+        encoder: EncoderIdentity { kind: config.encoder.kind, model: config.encoder.model.clone() },
+        classes,
+        topk: TopkLayer { layer: m.hidden.is_some(), width: m.monitored_width()?, k: m.k },
+        mixed_precision: mixed,
+        ema: f.ema_decay.is_some(),
     };
-    stepper.sync_masters(&model)?;
-
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    if state.epoch == 0 {
-        crate::base::io::write_atomic(
-            &run_dir.join("config.toml"),
-            toml::to_string_pretty(config)?.as_bytes(),
-        )?;
-    }
-    let metrics_path = run_dir.join(METRICS);
-    run_dir::truncate_metrics(&metrics_path, state.step)?;
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
-
-    let (h, w) = inputs.size;
-    let augment = Augment::new(&inputs.eval_pre, inputs.size);
-    let total_steps = f.epochs * steps_per_epoch;
-    let bar = crate::base::progress::bar(total_steps as u64, "finetuning");
-    bar.set_position(state.step as u64);
-    while state.epoch < f.epochs {
-        let epoch = state.epoch;
-        let order = epoch_order(inputs.train.len(), config.run.seed, epoch);
-        let (tx, rx) = sync_channel::<Result<Batch>>(2);
-        let train: &dyn ImageDataset = inputs.train.as_ref();
-        let (labels, pre, aug, seed, bs) =
-            (&inputs.train_labels, &inputs.eval_pre, &augment, config.run.seed, f.batch_size);
-        std::thread::scope(|scope| -> Result<()> {
-            scope.spawn(move || {
-                for chunk in order.chunks_exact(bs) {
-                    if tx
-                        .send(prepare(
-                            train,
-                            labels,
-                            chunk,
-                            pre,
-                            if f.augment { Some((aug, seed, epoch)) } else { None },
-                        ))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-            let mut sim = Vec::new();
-            for batch in rx {
-                let batch = batch?;
-                let x = Tensor::from_vec(batch.pixels, (bs, 3, h as usize, w as usize), &device)?
-                    .to_dtype(dtype)?;
-                let similarity = match &train_judge {
-                    Some(j) => {
-                        j.read(&batch.items, &mut sim)?;
-                        Some(Tensor::from_slice(&sim, (bs, j.dim()), &device)?)
-                    }
-                    None => None,
-                };
-                let log = (state.step + 1) % config.train.log_every == 0;
-                let lr = finetune_lr(config, state.step, steps_per_epoch);
-                let step = stepper
-                    .step(&model, &x, &batch.labels, similarity.as_ref(), lr, log)
-                    .with_context(|| format!("finetuning step {}", state.step + 1))?;
-                if let (Some(ema), Some(d)) = (ema.as_mut(), f.ema_decay) {
-                    ema_update(&model, ema, d)?;
-                }
-                state.step += 1;
-                bar.inc(1);
-                if log {
-                    let line = json!({"step": state.step, "epoch": epoch, "lr": lr, "loss": step.loss, "ce": step.ce,
-                        "mono_score": step.mono.mean_score, "mono_active": step.mono.n_active, "batch_top1": step.top1, "grad_norm": step.grad_norm});
-                    writeln!(metrics, "{line}")?;
-                    bar.set_prefix(format!(
-                        "loss {:.3} mono {:.3}",
-                        step.loss, step.mono.mean_score
-                    ));
-                }
-            }
-            Ok(())
-        })?;
-        let eval = with_ema(&model, &ema, || {
-            evaluate(&model, &inputs, eval_judge.as_ref(), f.batch_size, &device)
-        })?;
-        let line = json!({"step": state.step, "epoch": epoch, "eval": eval});
-        writeln!(metrics, "{line}")?;
-        metrics.flush()?;
-        bar.suspend(|| {
-            if !crate::base::progress::is_quiet() {
-                eprintln!(
-                    "epoch {}: top-1 {:.4} top-5 {:.4} MonoScore {:?}",
-                    epoch + 1,
-                    eval["top1"],
-                    eval["top5"],
-                    eval["monoscore"]["mean"]
-                );
-            }
-        });
-        state.history.push(json!({"epoch": epoch + 1, "eval": eval}));
-        state.epoch += 1;
-        // Checkpoint: everything a resumed run needs to continue identically.
-        let tensors = state_tensors(&model, &stepper.opt, &ema)?;
-        let doc = json!({"epoch": state.epoch, "step": state.step, "optimizer_steps": *stepper.opt.steps(), "history": state.history});
-        write_dir_atomic(
-            &run_dir.join(run_dir::CHECKPOINTS_DIR).join(format!("epoch-{:03}", state.epoch)),
-            |tmp| {
-                candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-                std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&doc)?)?;
-                Ok(())
-            },
-        )?;
-        run_dir::prune_checkpoints(&run_dir, "epoch-", KEEP_CHECKPOINTS)?;
-    }
-    bar.finish_and_clear();
-
-    // The final model (EMA weights when enabled) with every parameter, and the results.
-    let mut values = with_ema(&model, &ema, || Ok(model.params.values()))?;
-    // BatchNorm statistics too, so the run directory loads as an encoder (torchvision names).
-    if let Backbone::Resnet(r) = &model.backbone {
-        values.extend(r.named_running_stats());
-    }
-    let cpu: HashMap<String, Tensor> = values
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    let model_path = run_dir.join("model.safetensors");
-    let tmp = run_dir.join(".model.safetensors.tmp");
-    candle_core::safetensors::save(&cpu, &tmp)?;
-    std::fs::rename(&tmp, &model_path)?;
-    let last = state.history.last().cloned().unwrap_or(json!(null));
-    let results = json!({
-        "final": last["eval"],
-        "history": state.history,
-        "lambda": lambda,
-        "encoder": {"kind": config.encoder.kind, "model": config.encoder.model},
-        "classes": classes,
-        "topk": {"layer": model.hidden.is_some(), "width": model.monitored_width()?, "k": model.k},
-        "mixed_precision": mixed,
-        "ema": f.ema_decay.is_some(),
-    });
-    crate::base::io::write_json_atomic(&run_dir.join(RESULTS), &results)?;
-    Ok(FinetuneReport { epochs: state.epoch, results })
+    crate::layout::write_json(&run.join(RESULTS_FILE), &results)?;
+    Ok(results)
 }
