@@ -4,14 +4,14 @@
 use std::collections::BTreeSet;
 
 use mono::config::{paper_lambda, DatasetKind, EncoderKind, SaeKind};
+use mono::sae::SaeSpec;
 use mono::Config;
 
-fn documented_example() -> String {
+/// The ```toml blocks of docs/config.md: the whole config, then `[sae]` of each other kind.
+fn documented_examples() -> Vec<String> {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/config.md")).unwrap();
-    let start = doc.find("```toml\n").expect("docs/config.md has a toml block") + 8;
-    let end = start + doc[start..].find("```").unwrap();
-    doc[start..end].to_string()
+    doc.split("```toml\n").skip(1).map(|b| b.split("```").next().unwrap().to_string()).collect()
 }
 
 /// Dotted paths of all leaf keys in a TOML document.
@@ -33,12 +33,13 @@ fn leaf_keys(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
     }
 }
 
-/// The schema's own list of keys for a section, read from serde's "expected one of" message.
-fn schema_keys(section: &str) -> Vec<String> {
-    let probe = if section.is_empty() {
-        "zz_probe = 1\n".to_string()
-    } else {
-        format!("[{section}]\nzz_probe = 1\n")
+/// The schema's own list of keys for a section (`[sae]` of `sae_kind`), read from serde's
+/// "expected one of" message.
+fn schema_keys(section: &str, sae_kind: &str) -> Vec<String> {
+    let probe = match section {
+        "" => "zz_probe = 1\n".to_string(),
+        "sae" => format!("[sae]\nkind = \"{sae_kind}\"\nzz_probe = 1\n"),
+        _ => format!("[{section}]\nzz_probe = 1\n"),
     };
     let err = Config::parse(&probe).unwrap_err().to_string();
     let expected =
@@ -47,26 +48,48 @@ fn schema_keys(section: &str) -> Vec<String> {
 }
 
 #[test]
-fn documented_example_parses_and_covers_every_key() {
-    let text = documented_example();
-    let config = Config::parse(&text).unwrap_or_else(|e| panic!("docs/config.md example: {e:#}"));
+fn documented_examples_parse_and_cover_every_key() {
+    let examples = documented_examples();
+    assert_eq!(examples.len(), 4, "the whole config, then [sae] of topk, jumprelu and relu");
     let mut documented = BTreeSet::new();
-    leaf_keys(&text.parse::<toml::Value>().unwrap(), "", &mut documented);
-
-    for section in schema_keys("") {
+    let mut kinds = Vec::new();
+    for text in &examples {
+        let config =
+            Config::parse(text).unwrap_or_else(|e| panic!("docs/config.md: {e:#}\n{text}"));
+        let mut keys = BTreeSet::new();
+        leaf_keys(&text.parse::<toml::Value>().unwrap(), "", &mut keys);
+        kinds.push(config.sae.kind());
+        // Keys of [sae] are documented per kind.
+        let kind = serde_json::to_value(config.sae.kind()).unwrap().as_str().unwrap().to_string();
+        documented.extend(keys.into_iter().map(|k| match k.strip_prefix("sae.") {
+            Some(rest) => format!("sae[{kind}].{rest}"),
+            None => k,
+        }));
+    }
+    assert_eq!(kinds, [SaeKind::BatchTopk, SaeKind::Topk, SaeKind::Jumprelu, SaeKind::Relu]);
+    for section in schema_keys("", "") {
         if section == "sweep" {
             continue;
         }
-        for key in schema_keys(&section) {
-            let path = format!("{section}.{key}");
-            assert!(
-                documented.contains(&path),
-                "`{path}` is a config key but docs/config.md does not document it"
-            );
+        let kinds: &[&str] =
+            if section == "sae" { &["batch_topk", "topk", "jumprelu", "relu"] } else { &[""] };
+        for kind in kinds {
+            for key in schema_keys(&section, kind) {
+                let path = if section == "sae" {
+                    format!("sae[{kind}].{key}")
+                } else {
+                    format!("{section}.{key}")
+                };
+                assert!(
+                    documented.contains(&path),
+                    "`{path}` is a config key but docs/config.md does not document it"
+                );
+            }
         }
     }
+    let config = Config::parse(&examples[0]).unwrap();
     // Values in the example really reach the config.
-    assert_eq!(config.sae.k_aux(), 512);
+    assert_eq!(SaeSpec::from_config(&config.sae, 768).k_aux, 512);
     assert_eq!(config.finetune.lora_rank, Some(8));
     assert_eq!(config.data.limit, Some(100000));
     assert_eq!(config.sweep.len(), 2);
@@ -75,10 +98,11 @@ fn documented_example_parses_and_covers_every_key() {
 #[test]
 fn defaults_are_the_papers() {
     let c = Config::parse("").unwrap();
-    assert_eq!(c.sae.kind, SaeKind::BatchTopk);
-    assert_eq!((c.sae.n_latents, c.sae.k), (8192, 64));
-    assert_eq!(c.sae.aux_coef, 1.0 / 32.0);
-    assert_eq!(c.sae.k_aux(), 512);
+    let spec = SaeSpec::from_config(&c.sae, 768);
+    assert_eq!(spec.kind, SaeKind::BatchTopk);
+    assert_eq!((spec.n_latents, spec.k, spec.k_aux), (8192, 64, 512));
+    assert_eq!(spec.aux_coef, 1.0 / 32.0);
+    assert!(!spec.normalize_input);
     assert_eq!(
         (c.train.epochs, c.train.batch_size, c.train.lr, c.train.adam_eps),
         (50, 2048, 1e-4, 6.25e-10)
@@ -89,8 +113,12 @@ fn defaults_are_the_papers() {
     assert_eq!(c.lambda().unwrap(), 3e-4, "ImageNet × CLIP × BatchTopK");
 
     let topk = Config::parse("[sae]\nkind = \"topk\"\n[encoder]\nkind = \"siglip2\"\nmodel = \"google/siglip2-so400m-patch14-384\"\n").unwrap();
-    assert_eq!(topk.sae.k_aux(), 64);
-    assert!(topk.sae.normalize_input());
+    let spec = SaeSpec::from_config(&topk.sae, 1152);
+    assert_eq!(spec.k_aux, 64);
+    assert!(spec.normalize_input);
+    // The AuxK default is capped for small SAEs.
+    let small = Config::parse("[sae]\nn_latents = 100\nk = 4\n").unwrap();
+    assert_eq!(SaeSpec::from_config(&small.sae, 8).k_aux, 100);
     assert_eq!(topk.lambda().unwrap(), 0.14);
     assert_eq!(paper_lambda(DatasetKind::Openimages, EncoderKind::Vit, SaeKind::Topk), Some(0.9));
     assert_eq!(paper_lambda(DatasetKind::FashionMnist, EncoderKind::Vit, SaeKind::Topk), None);
@@ -111,6 +139,20 @@ fn unknown_keys_fail_with_their_name() {
     assert!(e.contains("unknown key `saes`"), "{e}");
     let e = parse_err("[sweep]\n\"sae.kk\" = [1]\n");
     assert!(e.contains("sweep.sae.kk") && e.contains("unknown key `sae.kk`"), "{e}");
+    // A key of another SAE kind names itself, its line and the kind.
+    let e = parse_err("[run]\nseed = 1\n[sae]\nkind = \"topk\"\nl1_coef = 0.1\n");
+    assert!(e.contains("unknown key `sae.l1_coef` (line 5)"), "{e}");
+    assert!(e.contains("not a key of sae.kind = \"topk\"") && e.contains("`k_aux`"), "{e}");
+    let e = parse_err("[sae]\nkind = \"relu\"\nk = 4\n");
+    assert!(e.contains("unknown key `sae.k` (line 3)"), "{e}");
+    let e = parse_err("[sae]\nkind = \"topk\"\nk = \"four\"\n");
+    assert!(e.contains("sae.k (line 3): invalid type: string"), "{e}");
+    // Renamed keys say what they became.
+    let e = parse_err("[train]\nlr_decay = \"cosine\"\n");
+    assert!(
+        e.contains("unknown key `train.lr_decay` (line 2)") && e.contains("train.schedule"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -150,7 +192,7 @@ fn sweep_override_sets_a_dotted_key() {
     assert_eq!(child.mono.lambda, Some(0.5));
     assert!(child.sweep.is_empty());
     let child = c.with_override("sae.k", toml::Value::Integer(16)).unwrap();
-    assert_eq!(child.sae.k, 16);
+    assert_eq!(SaeSpec::from_config(&child.sae, 8).k, 16);
     assert!(c.with_override("nope.key", toml::Value::Integer(1)).is_err());
 }
 

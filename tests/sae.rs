@@ -152,9 +152,9 @@ fn topk_keeps_k_per_row_and_batch_topk_keeps_k_times_b() {
 }
 
 fn spec(kind: SaeKind, d: usize, m: usize, k: usize) -> SaeSpec {
-    let mut c = SaeConfig { kind, n_latents: m, k, ..SaeConfig::default() };
-    c.normalize_input = Some(false);
-    SaeSpec::from_config(&c, d)
+    let mut s = SaeSpec::from_config(&SaeConfig::of_kind(kind), d);
+    (s.n_latents, s.k, s.normalize_input) = (m, k, false);
+    s
 }
 
 /// Plain-Rust forward of an SAE: latents and reconstruction, from the parameters' values.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
+use mono::config::{BatchTopkConfig, SaeConfig};
 use mono::data::idx::read_idx_pair;
 use mono::data::store::{BatchLabels, FeatureStore, LabelKind, StoreInfo, StoreWriter};
 use mono::Config;
@@ -194,7 +195,7 @@ fn full_dataset_monoloss_gradient_matches_finite_differences() {
         tmp.path(),
         &features,
         "fd",
-        "[sae]\nkind = \"relu\"\nn_latents = 24\nk = 4\n[mono]\nlambda = 1.0\n",
+        "[sae]\nkind = \"relu\"\nn_latents = 24\n[mono]\nlambda = 1.0\n",
     );
     let spec = mono::sae::SaeSpec::from_config(&c.sae, store.dim());
     let sae = mono::sae::build(&spec, 3, &Device::Cpu).unwrap();
@@ -287,7 +288,10 @@ fn bad_input_fails_clearly_and_leaves_runs_intact() {
     expect_failure(&["train", good_path.to_str().unwrap()], "already holds a training run");
     // Resuming with a different SAE width: checkpoint/config mismatch.
     let mut wide = good.clone();
-    wide.sae.n_latents = 128;
+    wide.sae = match wide.sae {
+        SaeConfig::BatchTopk(c) => SaeConfig::BatchTopk(BatchTopkConfig { n_latents: 128, ..c }),
+        other => panic!("the test SAE is BatchTopK, not {other:?}"),
+    };
     let wide_path = tmp.path().join("wide.toml");
     write_config(&wide_path, &wide);
     expect_failure(

@@ -10,7 +10,10 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
-use crate::base::config::{paper_lambda, Config, DatasetKind, EncoderKind, SaeKind};
+use crate::base::config::{
+    paper_lambda, BatchTopkConfig, Config, DatasetKind, EncoderKind, JumpReluConfig, ReluConfig,
+    SaeConfig, SaeKind, TopkConfig,
+};
 use crate::train::sae::SaeTrainer;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -65,9 +68,14 @@ fn batch(rows: usize, d: usize, rng: &mut StdRng) -> Tensor {
 
 fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<SaeTrainer> {
     let mut config = Config::default();
-    config.sae.kind = kind;
-    config.sae.n_latents = args.m;
-    config.sae.k = args.k;
+    config.sae = match SaeConfig::of_kind(kind) {
+        SaeConfig::Topk(c) => SaeConfig::Topk(TopkConfig { n_latents: args.m, k: args.k, ..c }),
+        SaeConfig::BatchTopk(c) => {
+            SaeConfig::BatchTopk(BatchTopkConfig { n_latents: args.m, k: args.k, ..c })
+        }
+        SaeConfig::Jumprelu(c) => SaeConfig::Jumprelu(JumpReluConfig { n_latents: args.m, ..c }),
+        SaeConfig::Relu(c) => SaeConfig::Relu(ReluConfig { n_latents: args.m, ..c }),
+    };
     config.train.batch_size = args.batch;
     config.mono.lambda = Some(lambda);
     let spec = crate::sae::SaeSpec::from_config(&config.sae, args.d);

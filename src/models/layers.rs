@@ -1,5 +1,5 @@
 //! Differentiable building blocks. candle's fused LayerNorm and softmax_last_dim have no
-//! backward (CANDLE_NOTES.md), so these are compositions of ops that all have one.
+//! backward (docs/candle.md), so these are compositions of ops that all have one.
 
 use std::sync::Mutex;
 

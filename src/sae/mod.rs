@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::base::config::{SaeConfig, SaeKind};
+use crate::base::config::{BatchTopkConfig, JumpReluConfig, ReluConfig, SaeConfig, SaeKind};
 use crate::base::cpu::normalize_rows;
 use crate::models::topk as select;
 use crate::monoscore::MonoLossStats;
@@ -39,19 +39,34 @@ pub struct SaeSpec {
 }
 
 impl SaeSpec {
+    /// The spec of `[sae]` on `d_in`-dimensional inputs. Keys of other kinds, which the
+    /// architecture never reads, keep their defaults (cfg.json has one flat shape).
     pub fn from_config(c: &SaeConfig, d_in: usize) -> Self {
+        let n_latents = c.n_latents();
+        let (k, k_aux, aux_coef) = c.topk().unwrap_or_else(|| {
+            let d = BatchTopkConfig::default();
+            (d.k, d.k_aux, d.aux_coef)
+        });
+        let jump = match c {
+            SaeConfig::Jumprelu(j) => j.clone(),
+            _ => JumpReluConfig::default(),
+        };
+        let l1_coef = match c {
+            SaeConfig::Relu(r) => r.l1_coef,
+            _ => ReluConfig::default().l1_coef,
+        };
         Self {
-            kind: c.kind,
+            kind: c.kind(),
             d_in,
-            n_latents: c.n_latents,
-            k: c.k,
-            k_aux: c.k_aux(),
-            aux_coef: c.aux_coef,
+            n_latents,
+            k,
+            k_aux: k_aux.min(n_latents),
+            aux_coef,
             normalize_input: c.normalize_input(),
-            jumprelu_bandwidth: c.jumprelu_bandwidth,
-            jumprelu_init_log_threshold: c.jumprelu_init_log_threshold,
-            l0_coef: c.l0_coef,
-            l1_coef: c.l1_coef,
+            jumprelu_bandwidth: jump.jumprelu_bandwidth,
+            jumprelu_init_log_threshold: jump.jumprelu_init_log_threshold,
+            l0_coef: jump.l0_coef,
+            l1_coef,
         }
     }
 }

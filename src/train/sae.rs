@@ -50,8 +50,8 @@ impl StepSettings {
             lambda: config.lambda()?,
             period: config.mono.period,
             eps: config.mono.eps,
-            clip: config.train.grad_clip(config.sae.kind),
-            dead_after: config.sae.dead_after,
+            clip: config.train.grad_clip(config.sae.kind()),
+            dead_after: config.sae.dead_after(),
         })
     }
 

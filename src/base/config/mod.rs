@@ -1,12 +1,18 @@
-//! The TOML schema of a mono run. Every key has the paper's value as its default (REFERENCE.md),
-//! unknown keys are rejected, and validation errors name the key and the bad value.
-//! docs/config.md documents every key; `tests/config.rs` checks that each documented key parses.
+//! The TOML schema of a mono run. Every key defaults to the paper's setup, unknown keys are
+//! rejected (`parse.rs`), and validation errors name the key and the bad value (`validate.rs`).
+//! docs/config.md documents every key; the test suite checks that each documented key parses.
+
+mod parse;
+mod sae;
+mod validate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+pub use sae::{BatchTopkConfig, JumpReluConfig, ReluConfig, SaeConfig, SaeKind, TopkConfig};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -188,75 +194,6 @@ pub struct FeaturesConfig {
 impl Default for FeaturesConfig {
     fn default() -> Self {
         Self { dir: None, shard_size: 16384, dtype: FloatType::F32, shuffle_buffer: 65536 }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SaeKind {
-    Topk,
-    BatchTopk,
-    Jumprelu,
-    Relu,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SaeConfig {
-    pub kind: SaeKind,
-    pub n_latents: usize,
-    /// Active latents per sample (TopK) or on average per sample (BatchTopK).
-    pub k: usize,
-    /// AuxK loss coefficient (TopK, BatchTopK).
-    pub aux_coef: f64,
-    /// Latents used by the AuxK loss; absent = 64 for topk, 512 for batch_topk.
-    pub k_aux: Option<usize>,
-    /// A latent that has not fired for this many training samples counts as dead.
-    pub dead_after: u64,
-    /// JumpReLU: rectangle-kernel bandwidth of the threshold pseudo-gradient.
-    pub jumprelu_bandwidth: f64,
-    /// JumpReLU: initial log-threshold.
-    pub jumprelu_init_log_threshold: f64,
-    /// JumpReLU: L0 penalty coefficient.
-    pub l0_coef: f64,
-    /// ReLU: L1 penalty coefficient.
-    pub l1_coef: f64,
-    /// Per-sample input standardisation; absent = on for topk (OpenAI style), off otherwise.
-    pub normalize_input: Option<bool>,
-}
-
-impl Default for SaeConfig {
-    fn default() -> Self {
-        Self {
-            kind: SaeKind::BatchTopk,
-            n_latents: 8192,
-            k: 64,
-            aux_coef: 1.0 / 32.0,
-            k_aux: None,
-            dead_after: 10_000_000,
-            jumprelu_bandwidth: 1e-3,
-            jumprelu_init_log_threshold: 0.0,
-            l0_coef: 1e-3,
-            l1_coef: 1e-4,
-            normalize_input: None,
-        }
-    }
-}
-
-impl SaeConfig {
-    /// AuxK latents; the default is capped at n_latents for small SAEs.
-    pub fn k_aux(&self) -> usize {
-        self.k_aux.unwrap_or(
-            match self.kind {
-                SaeKind::Topk => 64,
-                _ => 512,
-            }
-            .min(self.n_latents),
-        )
-    }
-
-    pub fn normalize_input(&self) -> bool {
-        self.normalize_input.unwrap_or(self.kind == SaeKind::Topk)
     }
 }
 
@@ -457,7 +394,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let config = deserialize_with_path(text, true)?;
+        let config = parse::deserialize(text, true)?;
         config.validate()?;
         Ok(config)
     }
@@ -466,10 +403,12 @@ impl Config {
     pub fn lambda(&self) -> Result<f64> {
         match self.mono.lambda {
             Some(l) => Ok(l),
-            None => paper_lambda(self.data.kind, self.encoder.kind, self.sae.kind).with_context(|| {
+            None => paper_lambda(self.data.kind, self.encoder.kind, self.sae.kind()).with_context(|| {
                 format!(
                     "mono.lambda is not set and the paper has no value for data.kind = {:?}, encoder.kind = {:?}, sae.kind = {:?}",
-                    self.data.kind, self.encoder.kind, self.sae.kind
+                    self.data.kind,
+                    self.encoder.kind,
+                    self.sae.kind()
                 )
             }),
         }
@@ -486,142 +425,6 @@ impl Config {
     /// The run's output directory.
     pub fn run_dir(&self) -> PathBuf {
         self.run.output.join(&self.run.name)
-    }
-
-    /// Checks ranges and relations between keys; the error names the key and the value.
-    pub fn validate(&self) -> Result<()> {
-        let mut v = Validator::default();
-        v.check(!self.run.name.trim().is_empty(), || "run.name must not be empty".into());
-        v.check(!self.run.name.contains(['/', '\\']), || {
-            format!("run.name = {:?} must not contain a path separator", self.run.name)
-        });
-        if let Err(e) = crate::base::device::DeviceSpec::parse(&self.run.device) {
-            v.fail(format!("run.device = {:?}: {e}", self.run.device));
-        }
-        v.positive_opt("run.threads", self.run.threads);
-        v.positive("run.log_every", self.run.log_every);
-        v.check(!self.run.stages.is_empty(), || "run.stages must name at least one stage".into());
-        v.check(self.run.stages.windows(2).all(|w| w[0] < w[1]), || {
-            format!(
-                "run.stages = {} must be in the order finetune, extract, train, report, without repeats",
-                serde_json::to_string(&self.run.stages).unwrap_or_default()
-            )
-        });
-
-        v.check(!self.encoder.model.trim().is_empty(), || "encoder.model must not be empty".into());
-        v.positive("encoder.batch_size", self.encoder.batch_size);
-        let output_ok = matches!(
-            (self.encoder.kind, self.encoder.output()),
-            (EncoderKind::Clip, EncoderOutput::Pooler | EncoderOutput::ImageEmbeds)
-                | (EncoderKind::Siglip2, EncoderOutput::Pooled)
-                | (EncoderKind::Vit, EncoderOutput::Cls)
-                | (EncoderKind::Resnet50, EncoderOutput::Pooled)
-        );
-        v.check(output_ok, || {
-            format!(
-                "encoder.output = {:?} is not an output of encoder.kind = {:?}",
-                self.encoder.output(),
-                self.encoder.kind
-            )
-        });
-
-        v.positive_opt("data.limit", self.data.limit);
-        v.positive_opt("data.workers", self.data.workers);
-        v.positive("features.shard_size", self.features.shard_size);
-        v.positive("features.shuffle_buffer", self.features.shuffle_buffer);
-
-        let sae = &self.sae;
-        v.positive("sae.n_latents", sae.n_latents);
-        v.positive("sae.k", sae.k);
-        v.check(sae.k <= sae.n_latents, || {
-            format!("sae.k = {} must be ≤ sae.n_latents = {}", sae.k, sae.n_latents)
-        });
-        if let Some(k_aux) = sae.k_aux {
-            v.check(k_aux <= sae.n_latents, || {
-                format!("sae.k_aux = {k_aux} must be ≤ sae.n_latents = {}", sae.n_latents)
-            });
-        }
-        v.non_negative("sae.aux_coef", sae.aux_coef);
-        v.positive("sae.dead_after", sae.dead_after as usize);
-        v.positive_f("sae.jumprelu_bandwidth", sae.jumprelu_bandwidth);
-        v.finite("sae.jumprelu_init_log_threshold", sae.jumprelu_init_log_threshold);
-        v.non_negative("sae.l0_coef", sae.l0_coef);
-        v.non_negative("sae.l1_coef", sae.l1_coef);
-
-        let t = &self.train;
-        v.positive("train.epochs", t.epochs);
-        v.positive("train.batch_size", t.batch_size);
-        v.check(t.batch_size >= 2, || {
-            format!("train.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", t.batch_size)
-        });
-        v.positive_f("train.lr", t.lr);
-        v.positive_f("train.adam_eps", t.adam_eps);
-        for (i, b) in t.adam_betas.iter().enumerate() {
-            v.check((0.0..1.0).contains(b), || {
-                format!("train.adam_betas[{i}] = {b} must be in [0, 1)")
-            });
-        }
-        if let Some(c) = t.grad_clip {
-            v.positive_f("train.grad_clip", c);
-        }
-
-        v.positive_opt("train.max_steps", t.max_steps);
-
-        let m = &self.mono;
-        if let Some(l) = m.lambda {
-            v.non_negative("mono.lambda", l);
-        }
-        v.positive("mono.period", m.period);
-        v.positive_f("mono.eps", m.eps);
-
-        let f = &self.finetune;
-        if let Some(l) = f.lambda {
-            v.non_negative("finetune.lambda", l);
-        }
-        v.positive("finetune.expansion", f.expansion);
-        v.positive_opt("finetune.k", f.k);
-        v.positive("finetune.epochs", f.epochs);
-        v.positive("finetune.batch_size", f.batch_size);
-        v.check(f.batch_size >= 2, || {
-            format!("finetune.batch_size = {} must be ≥ 2 (MonoLoss compares pairs)", f.batch_size)
-        });
-        v.positive_f("finetune.lr", f.lr);
-        v.check((0.0..1.0).contains(&f.momentum), || {
-            format!("finetune.momentum = {} must be in [0, 1)", f.momentum)
-        });
-        v.non_negative("finetune.weight_decay", f.weight_decay);
-        v.non_negative("finetune.norm_weight_decay", f.norm_weight_decay);
-        v.check(f.warmup_epochs < f.epochs, || {
-            format!(
-                "finetune.warmup_epochs = {} must be < finetune.epochs = {}",
-                f.warmup_epochs, f.epochs
-            )
-        });
-        v.positive("finetune.step_size", f.step_size);
-        v.check(f.gamma > 0.0 && f.gamma <= 1.0, || {
-            format!("finetune.gamma = {} must be in (0, 1]", f.gamma)
-        });
-        v.check((0.0..1.0).contains(&f.label_smoothing), || {
-            format!("finetune.label_smoothing = {} must be in [0, 1)", f.label_smoothing)
-        });
-        if let Some(c) = f.grad_clip {
-            v.positive_f("finetune.grad_clip", c);
-        }
-        v.positive_opt("finetune.lora_rank", f.lora_rank);
-        v.positive_f("finetune.lora_alpha", f.lora_alpha);
-        if let Some(d) = f.ema_decay {
-            v.check(d > 0.0 && d < 1.0, || format!("finetune.ema_decay = {d} must be in (0, 1)"));
-        }
-        v.check(!(f.reuse_head && f.topk_layer), || "finetune.reuse_head = true needs finetune.topk_layer = false (the fc head reads the backbone features)".into());
-        v.check(!(f.reuse_head && self.encoder.kind != EncoderKind::Resnet50), || {
-            format!("finetune.reuse_head applies to encoder.kind = \"resnet50\" (its ImageNet fc head), not {:?}", self.encoder.kind)
-        });
-        v.check(!(f.lora_rank.is_some() && self.encoder.kind == EncoderKind::Resnet50), || {
-            "finetune.lora_rank applies to ViT attention projections; encoder.kind = \"resnet50\" has none".into()
-        });
-        v.finish()?;
-
-        self.validate_sweep()
     }
 
     /// Each sweep key must name a config key, and each value must make a valid config.
@@ -658,7 +461,7 @@ impl Config {
         }
         let text = toml::to_string(&tree)?;
         // Generated text: its line numbers mean nothing to the user.
-        let mut config = deserialize_with_path(&text, false)?;
+        let mut config = parse::deserialize(&text, false)?;
         config.validate()?;
         config.sweep.clear();
         Ok(config)
@@ -670,85 +473,5 @@ pub fn sweep_key_path(key: &str) -> String {
     match key {
         "lambda" => "mono.lambda".into(),
         other => other.into(),
-    }
-}
-
-/// Deserialises while tracking the path, so unknown keys and type errors name `section.key`
-/// and the line, in one line of text.
-fn deserialize_with_path(text: &str, show_line: bool) -> Result<Config> {
-    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let line =
-            inner.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
-        let at = line.filter(|_| show_line).map(|l| format!(" (line {l})")).unwrap_or_default();
-        let message = inner
-            .message()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ");
-        if let Some(field) =
-            message.strip_prefix("unknown field `").and_then(|r| r.split('`').next())
-        {
-            let full = if path.ends_with(field) { path.clone() } else { format!("{path}.{field}") };
-            let expected = message
-                .split_once(", expected ")
-                .map(|(_, e)| format!("; expected {e}"))
-                .unwrap_or_default();
-            anyhow::anyhow!("unknown key `{full}`{at}{expected}")
-        } else if path == "." {
-            anyhow::anyhow!("TOML error{at}: {message}")
-        } else {
-            anyhow::anyhow!("{path}{at}: {message}")
-        }
-    })
-}
-
-/// Collects the first failed check.
-#[derive(Default)]
-struct Validator {
-    first_error: Option<String>,
-}
-
-impl Validator {
-    fn fail(&mut self, message: String) {
-        self.first_error.get_or_insert(message);
-    }
-
-    fn check(&mut self, ok: bool, message: impl FnOnce() -> String) {
-        if !ok {
-            self.fail(message());
-        }
-    }
-
-    fn positive(&mut self, key: &str, value: usize) {
-        self.check(value > 0, || format!("{key} = {value} must be > 0"));
-    }
-
-    fn positive_opt(&mut self, key: &str, value: Option<usize>) {
-        if let Some(v) = value {
-            self.positive(key, v);
-        }
-    }
-
-    fn finite(&mut self, key: &str, value: f64) {
-        self.check(value.is_finite(), || format!("{key} = {value} must be a finite number"));
-    }
-
-    fn positive_f(&mut self, key: &str, value: f64) {
-        self.check(value.is_finite() && value > 0.0, || format!("{key} = {value} must be > 0"));
-    }
-
-    fn non_negative(&mut self, key: &str, value: f64) {
-        self.check(value.is_finite() && value >= 0.0, || format!("{key} = {value} must be ≥ 0"));
-    }
-
-    fn finish(self) -> Result<()> {
-        match self.first_error {
-            Some(e) => bail!(e),
-            None => Ok(()),
-        }
     }
 }
