@@ -2,6 +2,7 @@
 
 mod common;
 
+mod architecture;
 mod cli_features;
 mod cli_score;
 mod config;
