@@ -4,8 +4,19 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first; a module may use its own layer and those before it.
 const LAYERS: [&str; 13] = [
-    "base", "data", "models", "encoders", "extract", "monoscore", "sae", "layout", "train", "eval",
-    "report", "pipeline", "bench",
+    "base",
+    "data",
+    "models",
+    "encoders",
+    "extract",
+    "monoscore",
+    "sae",
+    "layout",
+    "train",
+    "eval",
+    "report",
+    "pipeline",
+    "bench",
 ];
 
 fn rank(module: &str) -> Option<usize> {

@@ -119,7 +119,7 @@ impl SparseBatch {
 
     /// Rows with exactly `k` entries each, e.g. the (indices, values) of a TopK layer.
     pub fn from_fixed_k(indices: Vec<u32>, values: Vec<f32>, k: usize) -> Self {
-        let rows = if k == 0 { 0 } else { indices.len() / k };
+        let rows = indices.len().checked_div(k).unwrap_or(0);
         SparseBatch { row_offsets: (0..=rows).map(|r| r * k).collect(), columns: indices, values }
     }
 
@@ -430,10 +430,10 @@ mod tests {
         );
         let sampled = csr_sampled_dot(a.as_rows(), &x, &w, d);
         for r in 0..rows {
-            for e in a.row_offsets[r]..a.row_offsets[r + 1] {
-                let c = a.columns[e] as usize;
-                let expect: f32 = (0..d).map(|t| x[r * d + t] * w[c * d + t]).sum();
-                assert!((sampled[e] - expect).abs() < 1e-5);
+            let span = a.row_offsets[r]..a.row_offsets[r + 1];
+            for (&c, &got) in a.columns[span.clone()].iter().zip(&sampled[span]) {
+                let expect: f32 = (0..d).map(|t| x[r * d + t] * w[c as usize * d + t]).sum();
+                assert!((got - expect).abs() < 1e-5);
             }
         }
         let sums = csr_column_sums(a.as_rows(), m);

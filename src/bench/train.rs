@@ -67,8 +67,7 @@ fn batch(rows: usize, d: usize, rng: &mut StdRng) -> Tensor {
 }
 
 fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<SaeTrainer> {
-    let mut config = Config::default();
-    config.sae = match SaeConfig::of_kind(kind) {
+    let sae = match SaeConfig::of_kind(kind) {
         SaeConfig::Topk(c) => SaeConfig::Topk(TopkConfig { n_latents: args.m, k: args.k, ..c }),
         SaeConfig::BatchTopk(c) => {
             SaeConfig::BatchTopk(BatchTopkConfig { n_latents: args.m, k: args.k, ..c })
@@ -76,6 +75,7 @@ fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<SaeTrain
         SaeConfig::Jumprelu(c) => SaeConfig::Jumprelu(JumpReluConfig { n_latents: args.m, ..c }),
         SaeConfig::Relu(c) => SaeConfig::Relu(ReluConfig { n_latents: args.m, ..c }),
     };
+    let mut config = Config { sae, ..Config::default() };
     config.train.batch_size = args.batch;
     config.mono.lambda = Some(lambda);
     let spec = crate::sae::SaeSpec::from_config(&config.sae, args.d);

@@ -162,10 +162,8 @@ impl ClipTower {
                     linear.lora = Some(new_lora(
                         l.params,
                         &full,
-                        d,
-                        d,
-                        *rank,
-                        *alpha,
+                        (d, d),
+                        (*rank, *alpha),
                         seed ^ ((i * 4 + name.len()) as u64),
                         linear.weight.device(),
                     )?);
@@ -231,14 +229,13 @@ impl ClipTower {
     }
 }
 
-/// A LoRA pair: A ~ U(±1/√in) (Kaiming, as in the LoRA paper), B = 0 so training starts at W.
+/// A LoRA pair for an (out, in) weight: A ~ U(±1/√in) (Kaiming, as in the LoRA paper), B = 0 so
+/// training starts at W; scaled by alpha / rank.
 fn new_lora(
     params: &mut ParamSet,
     name: &str,
-    out: usize,
-    inp: usize,
-    rank: usize,
-    alpha: f64,
+    (out, inp): (usize, usize),
+    (rank, alpha): (usize, f64),
     seed: u64,
     device: &candle_core::Device,
 ) -> Result<Lora> {

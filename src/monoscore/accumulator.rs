@@ -159,7 +159,7 @@ impl MonoScoreAccumulator {
     fn check_embeddings(&self, embeddings: &[f32]) -> Result<usize> {
         ensure!(self.dim > 0, "similarity embeddings must have at least one column");
         ensure!(
-            embeddings.len() % self.dim == 0,
+            embeddings.len().is_multiple_of(self.dim),
             "embeddings hold {} values, not a multiple of D = {}",
             embeddings.len(),
             self.dim

@@ -151,14 +151,14 @@ pub(crate) fn backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) ->
     let mut grads = sparse::csc_dots(cols, unit, w, d);
     for k in 0..neurons.len() {
         let (n, c) = (&neurons[k], &coefs[k]);
-        for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+        let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
+        for (grad, &l) in grads[span.clone()].iter_mut().zip(&cols.values[span]) {
             if !n.active {
-                grads[j] = 0.0;
+                *grad = 0.0;
                 continue;
             }
-            let l = cols.values[j];
             let a = (l - n.min) / n.range;
-            let da = c.dnum * (grads[j] - a) + c.dden * (n.u - a);
+            let da = c.dnum * (*grad - a) + c.dden * (n.u - a);
             let mut g = da / n.range;
             if l == n.min {
                 g += c.dmin;
@@ -166,7 +166,7 @@ pub(crate) fn backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) ->
             if l == n.max {
                 g += c.dmax;
             }
-            grads[j] = g;
+            *grad = g;
         }
     }
     grads

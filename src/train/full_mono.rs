@@ -136,13 +136,13 @@ pub fn full_mono_gradient(
         for i in 0..rows {
             let p = &sim[i * sim_dim..(i + 1) * sim_dim];
             let inv_norm = 1.0 / p.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-            for k in 0..m {
+            for (k, co) in coefficients.iter().enumerate() {
                 let idx = i * m + k;
                 let l = latents[idx];
                 if l == 0.0 && !support.is_some_and(|s| s[idx]) {
                     continue;
                 }
-                let Some(co) = &coefficients[k] else { continue };
+                let Some(co) = co else { continue };
                 let a = (l as f64 - co.min as f64) / co.range;
                 let p_dot_w: f64 =
                     p.iter().zip(&co.w).map(|(&pv, &wv)| pv as f64 * wv).sum::<f64>() * inv_norm;

@@ -372,7 +372,7 @@ impl SaeTrainer {
                 })
                 .transpose()?;
             let done = step + 1;
-            let log_now = done % config.run.log_every == 0 || done == total;
+            let log_now = done.is_multiple_of(config.run.log_every) || done == total;
             let lr = schedule.lr(step);
             let outcome = self
                 .step(&input, &similarity, lr, full, log_now)
@@ -396,7 +396,7 @@ impl SaeTrainer {
     /// Whether this step takes the full-dataset MonoLoss.
     fn full_mono_due(&self) -> bool {
         let s = &self.settings;
-        s.lambda > 0.0 && s.period > 1 && (self.step + 1) % s.period == 0
+        s.lambda > 0.0 && s.period > 1 && (self.step + 1).is_multiple_of(s.period)
     }
 
     /// A checkpoint every `train.checkpoint_every` steps and at the last step.
@@ -409,7 +409,7 @@ impl SaeTrainer {
         source: &serde_json::Value,
     ) -> Result<()> {
         let every = config.train.checkpoint_every;
-        if (every > 0 && self.step % every == 0) || self.step == total {
+        if (every > 0 && self.step.is_multiple_of(every)) || self.step == total {
             log.flush()?;
             run.save_checkpoint(self.step, |dir| self.save_state(dir, config, source))?;
         }

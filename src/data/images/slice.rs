@@ -6,8 +6,11 @@ use anyhow::{bail, ensure, Context, Result};
 use super::ImageDataset;
 use crate::data::store::LabelKind;
 
+/// The bounds of `[a:b]`, each optional.
+pub type Bounds = (Option<usize>, Option<usize>);
+
 /// Splits `name[a:b]` into the split name and the optional bounds.
-pub fn parse(split: &str) -> Result<(&str, Option<(Option<usize>, Option<usize>)>)> {
+pub fn parse(split: &str) -> Result<(&str, Option<Bounds>)> {
     let Some(open) = split.find('[') else { return Ok((split, None)) };
     let inner = split[open + 1..]
         .strip_suffix(']')

@@ -402,7 +402,7 @@ impl Finetuner {
                         None => None,
                     };
                     let done = self.step + 1;
-                    let log_now = done % config.run.log_every == 0;
+                    let log_now = done.is_multiple_of(config.run.log_every);
                     let lr = schedule.lr(self.step);
                     let out = self
                         .step(&x, &batch.labels, similarity.as_ref(), lr, log_now)
