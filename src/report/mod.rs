@@ -24,6 +24,7 @@ struct Row {
     /// (column, value) pairs, in display order.
     values: Vec<(&'static str, Option<f64>)>,
     train_dir: Option<PathBuf>,
+    features_dir: Option<PathBuf>,
 }
 
 fn rows(summary: &RunSummary) -> Vec<Row> {
@@ -60,6 +61,7 @@ fn rows(summary: &RunSummary) -> Vec<Row> {
                 overrides: r.overrides.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
                 values,
                 train_dir: r.train_dir.clone(),
+                features_dir: r.features_dir.clone(),
             }
         })
         .collect()
@@ -135,23 +137,35 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
     let rows = rows(&summary);
     anyhow::ensure!(!rows.is_empty(), "{}: no runs to report", summary_path.display());
 
-    let (csv, md) = tables(&rows);
-    let mut html = String::new();
-    html.push_str(&format!(
+    let mut html = format!(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>mono report: {name}</title><style>{css}</style></head><body>\
          <h1>mono report: {name}</h1><p>Stages: {stages}. Generated from <code>{dir}</code>.</p>",
         name = escape(&config.run.name),
         css = CSS,
         stages = escape(&serde_json::to_string(&summary.stages)?),
         dir = escape(&run_dir.display().to_string())
-    ));
-    html.push_str("<h2>Results</h2><table><tr><th>run</th>");
-    let cols = columns(&rows);
+    );
+    html.push_str(&results_table(&rows));
+    if rows.len() > 1 {
+        html.push_str(&sweep_section(run_dir, &rows)?);
+    }
+    html.push_str(&histogram_section(run_dir, &rows)?);
+    html.push_str(&top_images_sections(&config, &rows)?);
+    html.push_str("</body></html>\n");
+    let path = run_dir.join(REPORT_FILE);
+    write_atomic(&path, html.as_bytes())?;
+    Ok(path)
+}
+
+/// The comparison table as HTML.
+fn results_table(rows: &[Row]) -> String {
+    let cols = columns(rows);
+    let mut html = String::from("<h2>Results</h2><table><tr><th>run</th>");
     for c in &cols {
         html.push_str(&format!("<th>{c}</th>"));
     }
     html.push_str("</tr>");
-    for r in &rows {
+    for r in rows {
         html.push_str(&format!("<tr><td>{}</td>", escape(&r.label)));
         for c in &cols {
             html.push_str(&format!("<td>{}</td>", fmt(value(r, c))));
@@ -159,79 +173,75 @@ pub fn build(run_dir: &Path) -> Result<PathBuf> {
         html.push_str("</tr>");
     }
     html.push_str("</table>");
+    html
+}
 
-    if rows.len() > 1 {
-        write_atomic(&run_dir.join(SWEEP_CSV), csv.as_bytes())?;
-        write_atomic(&run_dir.join(SWEEP_MD), md.as_bytes())?;
-        html.push_str(&format!(
-            "<p>Tables: <a href=\"{SWEEP_CSV}\">{SWEEP_CSV}</a>, <a href=\"{SWEEP_MD}\">{SWEEP_MD}</a>.</p>"
-        ));
-        let labels: Vec<String> = rows
-            .iter()
-            .map(|r| r.overrides.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>().join(","))
-            .collect();
-        let (left, right) = if cols.contains(&"monoscore_mean") {
-            ("monoscore_mean", if cols.contains(&"r2_total") { "r2_total" } else { "r2" })
-        } else {
-            ("topk_monoscore", "top1")
-        };
-        let series = |c: &str| rows.iter().map(|r| value(r, c)).collect::<Vec<_>>();
-        let png = plots::tradeoff(&labels, (left, &series(left)), (right, &series(right)))?;
-        write_atomic(&run_dir.join(SWEEP_PNG), &png)?;
-        html.push_str(&format!(
-            "<h2>Trade-off</h2><img alt=\"trade-off\" src=\"{}\">",
-            data_uri_png(&png)
-        ));
-    }
+/// sweep.csv, sweep.md and the trade-off plot (MonoScore and R², or accuracy, per swept value).
+fn sweep_section(run_dir: &Path, rows: &[Row]) -> Result<String> {
+    let (csv, md) = tables(rows);
+    write_atomic(&run_dir.join(SWEEP_CSV), csv.as_bytes())?;
+    write_atomic(&run_dir.join(SWEEP_MD), md.as_bytes())?;
+    let cols = columns(rows);
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| r.overrides.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>().join(","))
+        .collect();
+    let (left, right) = if cols.contains(&"monoscore_mean") {
+        ("monoscore_mean", if cols.contains(&"r2_total") { "r2_total" } else { "r2" })
+    } else {
+        ("topk_monoscore", "top1")
+    };
+    let series = |c: &str| rows.iter().map(|r| value(r, c)).collect::<Vec<_>>();
+    let png = plots::tradeoff(&labels, (left, &series(left)), (right, &series(right)))?;
+    write_atomic(&run_dir.join(SWEEP_PNG), &png)?;
+    Ok(format!(
+        "<p>Tables: <a href=\"{SWEEP_CSV}\">{SWEEP_CSV}</a>, <a href=\"{SWEEP_MD}\">{SWEEP_MD}</a>.</p>\
+         <h2>Trade-off</h2><img alt=\"trade-off\" src=\"{}\">",
+        data_uri_png(&png)
+    ))
+}
 
-    // MonoScore histograms of every trained SAE (baseline vs MonoLoss when swept).
+/// MonoScore histograms of every trained SAE (baseline vs MonoLoss when swept).
+fn histogram_section(run_dir: &Path, rows: &[Row]) -> Result<String> {
     let mut hists = Vec::new();
-    for r in &rows {
-        if let Some(dir) = &r.train_dir {
-            let path = dir.join(LATENT_STATS_FILE);
-            if path.is_file() {
-                let t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
-                let scores: Vec<f32> = t["monoscore"]
-                    .to_vec1::<f32>()?
-                    .into_iter()
-                    .filter(|v| v.is_finite())
-                    .collect();
-                hists.push((r.label.clone(), scores));
-            }
+    for r in rows {
+        let Some(path) = r.train_dir.as_ref().map(|d| d.join(LATENT_STATS_FILE)) else { continue };
+        if path.is_file() {
+            let t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
+            let scores: Vec<f32> =
+                t["monoscore"].to_vec1::<f32>()?.into_iter().filter(|v| v.is_finite()).collect();
+            hists.push((r.label.clone(), scores));
         }
     }
-    if !hists.is_empty() {
-        let png = plots::histograms(&hists)?;
-        write_atomic(&run_dir.join(MONOSCORE_HIST_PNG), &png)?;
-        html.push_str(&format!(
-            "<h2>MonoScore of live latents</h2><p>Per-latent MonoScore on the evaluation split (dead latents left out).</p><img alt=\"histogram\" src=\"{}\">",
-            data_uri_png(&png)
-        ));
+    if hists.is_empty() {
+        return Ok(String::new());
     }
+    let png = plots::histograms(&hists)?;
+    write_atomic(&run_dir.join(MONOSCORE_HIST_PNG), &png)?;
+    Ok(format!(
+        "<h2>MonoScore of live latents</h2><p>Per-latent MonoScore on the evaluation split (dead latents left out).</p><img alt=\"histogram\" src=\"{}\">",
+        data_uri_png(&png)
+    ))
+}
 
-    // Top-activating images of a sample of latents, for the first and the last trained SAE.
+/// Top-activating images of a sample of latents, for the first and the last trained SAE.
+fn top_images_sections(config: &Config, rows: &[Row]) -> Result<String> {
     let trained: Vec<&Row> = rows
         .iter()
         .filter(|r| r.train_dir.as_ref().is_some_and(|d| d.join(FINAL_SAE_DIR).is_dir()))
         .collect();
+    let mut html = String::new();
     let mut shown = Vec::new();
     for r in [trained.first(), trained.last()].into_iter().flatten() {
         if shown.contains(&r.label) {
             continue;
         }
         shown.push(r.label.clone());
-        let features = summary
-            .runs
-            .iter()
-            .find(|x| x.label == r.label)
-            .and_then(|x| x.features_dir.as_deref());
+        let train_dir = r.train_dir.as_ref().expect("filtered on train_dir");
         html.push_str(&format!("<h2>Top-activating images: {}</h2>", escape(&r.label)));
-        html.push_str(&tops::section(&config, features, r.train_dir.as_ref().unwrap())?);
+        html.push_str(&tops::section(config, r.features_dir.as_deref(), train_dir)?);
     }
-    html.push_str("</body></html>\n");
-    let path = run_dir.join(REPORT_FILE);
-    write_atomic(&path, html.as_bytes())?;
-    Ok(path)
+    Ok(html)
 }
 
 const CSS: &str = "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0;display:block;overflow-x:auto}\

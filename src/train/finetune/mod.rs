@@ -369,85 +369,95 @@ impl Finetuner {
             f.step_size * steps_per_epoch,
             f.gamma,
         );
-        let (h, w) = inputs.size;
-        let augment = Augment::new(&inputs.eval_pre, inputs.size);
         let bar = crate::base::progress::bar(total as u64, "finetuning");
         bar.set_position(self.step as u64);
         while self.epoch < f.epochs {
-            let epoch = self.epoch;
-            let order = shuffled_items(inputs.train.len(), config.run.seed, epoch);
-            let (tx, rx) = sync_channel::<Result<Batch>>(2);
-            let train: &dyn ImageDataset = inputs.train.as_ref();
-            let aug = f.augment.then_some((&augment, config.run.seed, epoch));
-            let (labels, pre, bs) = (&inputs.train_labels, &inputs.eval_pre, f.batch_size);
-            std::thread::scope(|scope| -> Result<()> {
-                scope.spawn(move || {
-                    for chunk in order.chunks_exact(bs) {
-                        if tx.send(prepare(train, labels, chunk, pre, aug)).is_err() {
-                            break;
-                        }
-                    }
-                });
-                let mut sim = Vec::new();
-                for batch in rx {
-                    let batch = batch?;
-                    let x =
-                        Tensor::from_vec(batch.pixels, (bs, 3, h as usize, w as usize), device)?
-                            .to_dtype(self.model.params.dtype)?;
-                    let similarity = match &inputs.train_judge {
-                        Some(j) => {
-                            j.read(&batch.items, &mut sim)?;
-                            Some(Tensor::from_slice(&sim, (bs, j.dim()), device)?)
-                        }
-                        None => None,
-                    };
-                    let done = self.step + 1;
-                    let log_now = done.is_multiple_of(config.run.log_every);
-                    let lr = schedule.lr(self.step);
-                    let out = self
-                        .step(&x, &batch.labels, similarity.as_ref(), lr, log_now)
-                        .with_context(|| format!("finetuning step {done}"))?;
-                    bar.inc(1);
-                    if log_now {
-                        log.write(&StepLine {
-                            step: done,
-                            epoch,
-                            lr,
-                            loss: out.loss,
-                            ce: out.ce,
-                            mono_score: out.mono.mean_score,
-                            mono_active: out.mono.n_active,
-                            batch_top1: out.top1,
-                            grad_norm: out.grad_norm,
-                        })?;
-                        bar.set_prefix(format!(
-                            "loss {:.3} mono {:.3}",
-                            out.loss, out.mono.mean_score
-                        ));
-                    }
-                }
-                Ok(())
-            })?;
+            self.train_epoch(config, inputs, &schedule, log, &bar, device)?;
             let eval = self.evaluate(inputs, f.batch_size, device)?;
-            log.write(&EpochLine { step: self.step, epoch, eval: &eval })?;
+            log.write(&EpochLine { step: self.step, epoch: self.epoch, eval: &eval })?;
             log.flush()?;
             bar.suspend(|| {
                 if !crate::base::progress::is_quiet() {
                     eprintln!(
                         "epoch {}: top-1 {:.4} top-5 {:.4} MonoScore {:?}",
-                        epoch + 1,
+                        self.epoch + 1,
                         eval.top1,
                         eval.top5,
                         eval.monoscore.mean
                     );
                 }
             });
-            self.history.push(EpochRecord { epoch: epoch + 1, eval });
             self.epoch += 1;
+            self.history.push(EpochRecord { epoch: self.epoch, eval });
             run.save_checkpoint(self.epoch, |dir| self.save_state(dir))?;
         }
         bar.finish_and_clear();
         Ok(())
+    }
+
+    /// One epoch: batches prepared on a producer thread (decoding and augmentation in parallel)
+    /// while the steps run on this one.
+    fn train_epoch(
+        &mut self,
+        config: &Config,
+        inputs: &Inputs,
+        schedule: &Schedule,
+        log: &mut MetricsLog,
+        bar: &indicatif::ProgressBar,
+        device: &Device,
+    ) -> Result<()> {
+        let (f, epoch) = (&config.finetune, self.epoch);
+        let order = shuffled_items(inputs.train.len(), config.run.seed, epoch);
+        let augment = Augment::new(&inputs.eval_pre, inputs.size);
+        let aug = f.augment.then_some((&augment, config.run.seed, epoch));
+        let train: &dyn ImageDataset = inputs.train.as_ref();
+        let (labels, pre, bs) = (&inputs.train_labels, &inputs.eval_pre, f.batch_size);
+        let (h, w) = (inputs.size.0 as usize, inputs.size.1 as usize);
+        let (tx, rx) = sync_channel::<Result<Batch>>(2);
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(move || {
+                for chunk in order.chunks_exact(bs) {
+                    if tx.send(prepare(train, labels, chunk, pre, aug)).is_err() {
+                        break; // the steps stopped on an error
+                    }
+                }
+            });
+            let mut sim = Vec::new();
+            for batch in rx {
+                let batch = batch?;
+                let x = Tensor::from_vec(batch.pixels, (bs, 3, h, w), device)?
+                    .to_dtype(self.model.params.dtype)?;
+                let similarity = match &inputs.train_judge {
+                    Some(j) => {
+                        j.read(&batch.items, &mut sim)?;
+                        Some(Tensor::from_slice(&sim, (bs, j.dim()), device)?)
+                    }
+                    None => None,
+                };
+                let done = self.step + 1;
+                let log_now = done.is_multiple_of(config.run.log_every);
+                let lr = schedule.lr(self.step);
+                let out = self
+                    .step(&x, &batch.labels, similarity.as_ref(), lr, log_now)
+                    .with_context(|| format!("finetuning step {done}"))?;
+                bar.inc(1);
+                if log_now {
+                    log.write(&StepLine {
+                        step: done,
+                        epoch,
+                        lr,
+                        loss: out.loss,
+                        ce: out.ce,
+                        mono_score: out.mono.mean_score,
+                        mono_active: out.mono.n_active,
+                        batch_top1: out.top1,
+                        grad_norm: out.grad_norm,
+                    })?;
+                    bar.set_prefix(format!("loss {:.3} mono {:.3}", out.loss, out.mono.mean_score));
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Every parameter of the final model (EMA weights when kept) and, for ResNets, the
