@@ -7,6 +7,7 @@ mod cli_features;
 mod cli_score;
 mod config;
 mod datasets;
+mod docs;
 mod encoders;
 mod extract;
 mod finetune;
