@@ -285,11 +285,7 @@ pub fn evaluate_into(
 }
 
 fn write_latent_stats(run_dir: &Path, latents: &LatentStats) -> Result<()> {
-    let tmp = run_dir.join(format!(".{LATENT_STATS_FILE}.tmp"));
-    candle_core::safetensors::save(&latents.tensors()?, &tmp)?;
-    std::fs::rename(&tmp, run_dir.join(LATENT_STATS_FILE))
-        .with_context(|| format!("cannot write {}", run_dir.join(LATENT_STATS_FILE).display()))?;
-    Ok(())
+    crate::base::io::write_safetensors_atomic(&run_dir.join(LATENT_STATS_FILE), &latents.tensors()?)
 }
 
 /// `mono eval RUN_DIR|CONFIG [--split S]`: evaluates a run's final SAE (or its newest checkpoint)

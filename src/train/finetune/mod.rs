@@ -619,11 +619,7 @@ pub fn finetune(config: &Config, run_dir: &Path, resume: bool) -> Result<Finetun
     let mut log = run.begin(config, finetuner.step)?;
     finetuner.fit(config, &inputs, &run, &mut log, &device)?;
 
-    let model_path = run.join(MODEL_FILE);
-    let tmp = run.join(&format!(".{MODEL_FILE}.tmp"));
-    candle_core::safetensors::save(&finetuner.final_tensors()?, &tmp)?;
-    std::fs::rename(&tmp, &model_path)
-        .with_context(|| format!("cannot write {}", model_path.display()))?;
+    crate::base::io::write_safetensors_atomic(&run.join(MODEL_FILE), &finetuner.final_tensors()?)?;
     let m = &finetuner.model;
     let results = FinetuneResults {
         final_eval: finetuner.history.last().context("no epoch was trained")?.eval.clone(),
