@@ -163,9 +163,9 @@ fn check_gradients(model: &FinetuneModel, pixels: &Tensor, labels: &[u32], train
     let loss = |m: &FinetuneModel| -> Tensor {
         let out = m.forward(pixels, train).unwrap();
         let ce = mono::train::finetune::model::cross_entropy(&out.logits, labels, 0.1).unwrap();
-        let (mono_loss, _) =
-            mono::monoscore::batch_mono_loss(&out.topk, &similarity, 1e-8, None).unwrap();
-        (ce + (mono_loss * 0.5).unwrap()).unwrap()
+        let mono = mono::monoscore::batch_mono_loss(&out.topk, &similarity, 1e-8, None, m.kernels)
+            .unwrap();
+        (ce + (mono.loss * 0.5).unwrap()).unwrap()
     };
     let grads = loss(model).backward().unwrap();
     for p in model.params.trainable() {

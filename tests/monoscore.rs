@@ -182,7 +182,10 @@ fn batch_loss_is_one_minus_mean_batch_monoscore() {
     let out = dense_batch_mono_loss(&acts, &sim, 1e-8).unwrap();
     let reference = pairwise_monoscore(&e, &a, b, d, m).unwrap();
     let s = reference.summary();
-    assert_eq!(out.n_active, s.live);
+    assert_eq!(
+        out.n_active.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+        s.live as f64
+    );
     let loss = out.loss.to_scalar::<f64>().unwrap();
     assert!(
         (loss - (1.0 - s.mean.unwrap())).abs() < 1e-6,
@@ -238,7 +241,7 @@ fn batch_loss_is_finite_when_no_neuron_is_active() {
     let sim = Tensor::ones((4, 3), DType::F32, &dev).unwrap();
     let acts = Var::from_tensor(&Tensor::zeros((4, 6), DType::F32, &dev).unwrap()).unwrap();
     let out = dense_batch_mono_loss(acts.as_tensor(), &sim, 1e-8).unwrap();
-    assert_eq!(out.n_active, 0);
+    assert_eq!(out.n_active.to_scalar::<f32>().unwrap(), 0.0);
     assert_eq!(out.loss.to_scalar::<f32>().unwrap(), 1.0);
     let grads = out.loss.backward().unwrap();
     if let Some(g) = grads.get(acts.as_tensor()) {

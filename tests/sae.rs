@@ -1,6 +1,7 @@
 //! SAE architectures and their sparse ops against plain references on tiny sizes.
 
 use candle_core::{DType, Device, Tensor, Var};
+use mono::base::host::Kernels;
 use mono::config::{SaeConfig, SaeKind};
 use mono::models::topk;
 use mono::sae::{self, ops, Sae, SaeSpec};
@@ -14,6 +15,12 @@ fn randn(n: usize, rng: &mut StdRng) -> Vec<f32> {
 
 fn var(data: Vec<f32>, shape: (usize, usize)) -> Var {
     Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+const HOST: Kernels = Kernels::Host;
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -44,16 +51,17 @@ fn sparse_ops_match_the_dense_graph() {
 
     for selection in [topk::Selection::PerRow(k), topk::Selection::Batch(k * b)] {
         // Sparse path.
-        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor()).unwrap();
-        let (lat, _) = topk::topk_latents(&pre, &selection, None).unwrap();
+        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), HOST).unwrap();
+        let (lat, _) = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
         assert!(
             flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
             "test must exercise the sparse path"
         );
-        let recon = ops::support_matmul(&lat, w_dec.as_tensor(), None).unwrap();
-        let (mono, stats) = mono::monoscore::batch_mono_loss(&lat, &sim, 1e-8, None).unwrap();
+        let recon = ops::support_matmul(&lat, w_dec.as_tensor(), None, HOST).unwrap();
+        let mono = mono::monoscore::batch_mono_loss(&lat, &sim, 1e-8, None, HOST).unwrap();
+        let n_active = scalar(&mono.n_active);
         let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
-            + (mono * lambda).unwrap())
+            + (mono.loss * lambda).unwrap())
         .unwrap();
         let grads = loss.backward().unwrap();
 
@@ -73,7 +81,7 @@ fn sparse_ops_match_the_dense_graph() {
         let lat_d = (pre_d.relu().unwrap() * mask).unwrap();
         let recon_d = lat_d.matmul(w_dec.as_tensor()).unwrap();
         let mono_d = mono::monoscore::dense_batch_mono_loss(&lat_d, &sim, 1e-8).unwrap();
-        assert_eq!(mono_d.n_active, stats.n_active);
+        assert_eq!(scalar(&mono_d.n_active), n_active);
         let loss_d = ((recon_d - &x).unwrap().sqr().unwrap().mean_all().unwrap()
             + (&mono_d.loss * lambda).unwrap())
         .unwrap();
@@ -90,14 +98,14 @@ fn sparse_ops_match_the_dense_graph() {
         }
 
         // The fused decoder + MonoLoss (gradient added inside the decoder's backward).
-        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor()).unwrap();
-        let (lat, _) = topk::topk_latents(&pre, &selection, None).unwrap();
+        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), HOST).unwrap();
+        let (lat, _) = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
         let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
-        let decoded = ops::decode(&lat, w_dec.as_tensor(), None, Some(term)).unwrap();
-        let (mono_f, stats_f) = decoded.mono.unwrap();
-        assert_eq!(stats_f.n_active, stats.n_active);
+        let decoded = ops::decode(&lat, w_dec.as_tensor(), None, Some(term), HOST).unwrap();
+        let mono_f = decoded.mono.unwrap();
+        assert_eq!(scalar(&mono_f.n_active), n_active);
         let loss_f = ((decoded.output - &x).unwrap().sqr().unwrap().mean_all().unwrap()
-            + (mono_f * lambda).unwrap())
+            + (mono_f.loss * lambda).unwrap())
         .unwrap();
         assert!(
             (loss_f.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5
@@ -224,10 +232,11 @@ fn every_architecture_matches_a_plain_forward_and_its_gradients_match_finite_dif
     let mut rng = StdRng::seed_from_u64(11);
     let x_data = randn(b * d, &mut rng);
     let x = Tensor::from_vec(x_data.clone(), (b, d), &Device::Cpu).unwrap();
-    for kind in [SaeKind::Topk, SaeKind::BatchTopk, SaeKind::Relu, SaeKind::Jumprelu] {
+    let kinds = [SaeKind::Topk, SaeKind::BatchTopk, SaeKind::Relu, SaeKind::Jumprelu];
+    for (kind, kernels) in kinds.into_iter().flat_map(|k| [(k, HOST), (k, Kernels::Portable)]) {
         let mut s = spec(kind, d, m, k);
         s.jumprelu_init_log_threshold = -1.0;
-        let model = sae::build(&s, 5, &Device::Cpu).unwrap();
+        let model = sae::build(&s, 5, &Device::Cpu, kernels).unwrap();
         let pass = sae::forward(model.as_ref(), &x, true).unwrap();
         let (lat, recon) = reference_forward(model.as_ref(), &x_data, b);
         assert_close(&flat(pass.latents()), &lat, 1e-5, &format!("{kind:?} latents"));
@@ -291,51 +300,56 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
     let mut s = spec(SaeKind::Jumprelu, d, m, 4);
     s.jumprelu_bandwidth = 0.6; // wide band: entries on both sides of θ
     s.jumprelu_init_log_threshold = (0.5f64).ln();
-    let model = sae::build(&s, 9, &Device::Cpu).unwrap();
-    let pass = sae::forward(model.as_ref(), &x, true).unwrap();
-    let density =
-        flat(pass.latents()).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64;
-    assert!(
-        density > 0.0 && density <= 0.1,
-        "density {density}: the test must take the sparse decoder path"
-    );
-    let extra = model.extra_losses(&pass, &vec![false; m]).unwrap();
-    let (_, l0_term) = extra.iter().find(|(n, _)| *n == "l0").unwrap();
-    let recon_loss = model.reconstruction_loss(&pass).unwrap();
-    let total = (&recon_loss + l0_term).unwrap();
-    let grads = total.backward().unwrap();
-    let got = flat(grads.get(model.params().log_threshold.as_ref().unwrap().as_tensor()).unwrap());
-
-    // Expected: θ_k · Σ_i [ −(θ_k/ε) K_ik · ∂L/∂out_ik − l0_coef/(B ε) K_ik ], with
-    // ∂L/∂out_ik = (2/(B·D)) (recon − x)_i · W_dec[k] — also for outputs that are 0.
-    let z: Vec<f32> = flat(&pass.pre.relu().unwrap());
-    let resid: Vec<f32> = flat(&(&pass.recon - &pass.input).unwrap());
-    let wd = flat(model.params().w_dec.as_tensor());
-    let theta: Vec<f32> = flat(model.params().log_threshold.as_ref().unwrap().as_tensor())
-        .iter()
-        .map(|v| v.exp())
-        .collect();
-    let eps = s.jumprelu_bandwidth as f32;
-    let mut band_below = 0;
-    for kk in 0..m {
-        let mut g = 0f32;
-        for i in 0..b {
-            let u = (z[i * m + kk] - theta[kk]) / eps;
-            if u.abs() < 0.5 {
-                band_below += (u <= 0.0) as usize;
-                let dout: f32 =
-                    (0..d).map(|t| 2.0 / (b * d) as f32 * resid[i * d + t] * wd[kk * d + t]).sum();
-                g += -(theta[kk] / eps) * dout - s.l0_coef as f32 / (b as f32 * eps);
-            }
-        }
-        let expect = theta[kk] * g;
+    for kernels in [HOST, Kernels::Portable] {
+        let model = sae::build(&s, 9, &Device::Cpu, kernels).unwrap();
+        let pass = sae::forward(model.as_ref(), &x, true).unwrap();
+        let density =
+            flat(pass.latents()).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64;
         assert!(
-            (got[kk] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
-            "latent {kk}: {} vs {expect}",
-            got[kk]
+            density > 0.0 && density <= 0.1,
+            "density {density}: the test must take the sparse decoder path"
         );
+        let no_dead = Tensor::zeros(m, DType::U8, &Device::Cpu).unwrap();
+        let extra = model.extra_losses(&pass, &no_dead).unwrap();
+        let (_, l0_term) = extra.iter().find(|(n, _)| *n == "l0").unwrap();
+        let recon_loss = model.reconstruction_loss(&pass).unwrap();
+        let total = (&recon_loss + l0_term).unwrap();
+        let grads = total.backward().unwrap();
+        let got =
+            flat(grads.get(model.params().log_threshold.as_ref().unwrap().as_tensor()).unwrap());
+
+        // Expected: θ_k · Σ_i [ −(θ_k/ε) K_ik · ∂L/∂out_ik − l0_coef/(B ε) K_ik ], with
+        // ∂L/∂out_ik = (2/(B·D)) (recon − x)_i · W_dec[k] — also for outputs that are 0.
+        let z: Vec<f32> = flat(&pass.pre.relu().unwrap());
+        let resid: Vec<f32> = flat(&(&pass.recon - &pass.input).unwrap());
+        let wd = flat(model.params().w_dec.as_tensor());
+        let theta: Vec<f32> = flat(model.params().log_threshold.as_ref().unwrap().as_tensor())
+            .iter()
+            .map(|v| v.exp())
+            .collect();
+        let eps = s.jumprelu_bandwidth as f32;
+        let mut band_below = 0;
+        for kk in 0..m {
+            let mut g = 0f32;
+            for i in 0..b {
+                let u = (z[i * m + kk] - theta[kk]) / eps;
+                if u.abs() < 0.5 {
+                    band_below += (u <= 0.0) as usize;
+                    let dout: f32 = (0..d)
+                        .map(|t| 2.0 / (b * d) as f32 * resid[i * d + t] * wd[kk * d + t])
+                        .sum();
+                    g += -(theta[kk] / eps) * dout - s.l0_coef as f32 / (b as f32 * eps);
+                }
+            }
+            let expect = theta[kk] * g;
+            assert!(
+                (got[kk] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
+                "latent {kk}: {} vs {expect}",
+                got[kk]
+            );
+        }
+        assert!(band_below > 0, "the test needs entries just below the threshold");
     }
-    assert!(band_below > 0, "the test needs entries just below the threshold");
 }
 
 #[test]
@@ -343,19 +357,22 @@ fn batch_topk_inference_does_not_depend_on_the_batch() {
     let (b, d, m, k) = (16, 6, 40, 3);
     let mut rng = StdRng::seed_from_u64(4);
     let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
-    let mut model = sae::build(&spec(SaeKind::BatchTopk, d, m, k), 1, &Device::Cpu).unwrap();
-    let pass = sae::forward(model.as_ref(), &x, true).unwrap();
-    assert_eq!(
-        flat(pass.latents()).iter().filter(|v| **v != 0.0).count(),
-        k * b,
-        "training keeps k·B"
-    );
-    model.observe_step(&pass);
-    let threshold = flat(&model.threshold().unwrap().expect("a threshold after one step"));
-    assert!(threshold.iter().all(|t| *t == threshold[0] && *t > 0.0));
-    let all = flat(&sae::encode(model.as_ref(), &x).unwrap());
-    for r in [0, 5, 15] {
-        let one = flat(&sae::encode(model.as_ref(), &x.narrow(0, r, 1).unwrap()).unwrap());
-        assert_eq!(one, all[r * m..(r + 1) * m].to_vec(), "row {r} alone vs in the batch");
+    for kernels in [HOST, Kernels::Portable] {
+        let mut model =
+            sae::build(&spec(SaeKind::BatchTopk, d, m, k), 1, &Device::Cpu, kernels).unwrap();
+        let pass = sae::forward(model.as_ref(), &x, true).unwrap();
+        assert_eq!(
+            flat(pass.latents()).iter().filter(|v| **v != 0.0).count(),
+            k * b,
+            "training keeps k·B"
+        );
+        model.observe_step(&pass).unwrap();
+        let threshold = flat(&model.threshold().unwrap().expect("a threshold after one step"));
+        assert!(threshold.iter().all(|t| *t == threshold[0] && *t > 0.0));
+        let all = flat(&sae::encode(model.as_ref(), &x).unwrap());
+        for r in [0, 5, 15] {
+            let one = flat(&sae::encode(model.as_ref(), &x.narrow(0, r, 1).unwrap()).unwrap());
+            assert_eq!(one, all[r * m..(r + 1) * m].to_vec(), "row {r} alone vs in the batch");
+        }
     }
 }

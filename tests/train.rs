@@ -164,7 +164,12 @@ fn checkpoints_are_saelens_shaped_resume_equals_uninterrupted_and_decoder_rows_s
     assert_eq!(ckpts.len(), 2, "{ckpts:?}");
 
     // A loaded checkpoint gives the same latents as the final SAE; eval reproduces results.json.
-    let loaded = mono::sae::checkpoint::load(&full.run_dir().join("sae"), &Device::Cpu).unwrap();
+    let loaded = mono::sae::checkpoint::load(
+        &full.run_dir().join("sae"),
+        &Device::Cpu,
+        mono::base::host::Kernels::Host,
+    )
+    .unwrap();
     let store = FeatureStore::open(&features.join("val")).unwrap();
     let mut x = Vec::new();
     store.read_range(0, 10, &mut x).unwrap();
@@ -198,62 +203,72 @@ fn full_dataset_monoloss_gradient_matches_finite_differences() {
         "[sae]\nkind = \"relu\"\nn_latents = 24\n[mono]\nlambda = 1.0\n",
     );
     let spec = mono::sae::SaeSpec::from_config(&c.sae, store.dim());
-    let sae = mono::sae::build(&spec, 3, &Device::Cpu).unwrap();
-    let full =
-        mono::train::full_mono::full_mono_gradient(sae.as_ref(), &store, None, 64, &Device::Cpu)
+    for kernels in [mono::base::host::Kernels::Host, mono::base::host::Kernels::Portable] {
+        let sae = mono::sae::build(&spec, 3, &Device::Cpu, kernels).unwrap();
+        let full = mono::train::full_mono::full_mono_gradient(
+            sae.as_ref(),
+            &store,
+            None,
+            64,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        assert!(scalar(&full.live) > 10.0);
+        // Loss as a function of b_enc, recomputed exactly with the one-pass engine.
+        let loss = |sae: &dyn mono::sae::Sae| -> f64 {
+            let mut acc = mono::monoscore::MonoScoreAccumulator::new(store.dim(), 24);
+            let mut x = Vec::new();
+            store.read_range(0, store.len(), &mut x).unwrap();
+            let lat = mono::sae::encode(
+                sae,
+                &Tensor::from_vec(x.clone(), (store.len(), store.dim()), &Device::Cpu).unwrap(),
+            )
             .unwrap();
-    assert!(full.live > 10);
-    // Loss as a function of b_enc, recomputed exactly with the one-pass engine.
-    let loss = |sae: &dyn mono::sae::Sae| -> f64 {
-        let mut acc = mono::monoscore::MonoScoreAccumulator::new(store.dim(), 24);
-        let mut x = Vec::new();
-        store.read_range(0, store.len(), &mut x).unwrap();
-        let lat = mono::sae::encode(
-            sae,
-            &Tensor::from_vec(x.clone(), (store.len(), store.dim()), &Device::Cpu).unwrap(),
-        )
-        .unwrap();
-        acc.add(
-            &x,
-            &lat.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            mono::monoscore::ScorePath::Dense,
-        )
-        .unwrap();
-        1.0 - acc.finish().summary().mean.unwrap()
-    };
-    assert!((loss(sae.as_ref()) - full.loss).abs() < 1e-6);
-    let b_enc = &sae.params().b_enc;
-    let base = b_enc.as_tensor().to_vec1::<f32>().unwrap();
-    let names: Vec<&str> = sae.params().named().iter().map(|(n, _)| *n).collect();
-    let grad = &full.grads.0[names.iter().position(|n| *n == "b_enc").unwrap()];
-    let mut checked = 0;
-    let mut errors = Vec::new();
-    for k in 0..24 {
-        // Small steps: ReLU entries crossing zero put kinks into the loss at larger ones.
-        let h = 1e-4f32;
-        let at = |delta: f32| {
-            let mut v = base.clone();
-            v[k] += delta;
-            b_enc.set(&Tensor::from_vec(v, 24, &Device::Cpu).unwrap()).unwrap();
-            let l = loss(sae.as_ref());
-            b_enc.set(&Tensor::from_vec(base.clone(), 24, &Device::Cpu).unwrap()).unwrap();
-            l
+            acc.add(
+                &x,
+                &lat.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                mono::monoscore::ScorePath::Dense,
+            )
+            .unwrap();
+            1.0 - acc.finish().summary().mean.unwrap()
         };
-        let fd = (at(h) - at(-h)) / (2.0 * h as f64);
-        if grad[k].abs() > 1e-4 {
-            checked += 1;
+        let full_loss = 1.0 - scalar(&full.mean_score);
+        assert!((loss(sae.as_ref()) - full_loss).abs() < 1e-6, "{kernels:?}");
+        let b_enc = &sae.params().b_enc;
+        let base = b_enc.as_tensor().to_vec1::<f32>().unwrap();
+        let names: Vec<&str> = sae.params().named().iter().map(|(n, _)| *n).collect();
+        let grads = full.grads.to_host().unwrap();
+        let grad = &grads[names.iter().position(|n| *n == "b_enc").unwrap()];
+        let mut checked = 0;
+        let mut errors = Vec::new();
+        for k in 0..24 {
+            // Small steps: ReLU entries crossing zero put kinks into the loss at larger ones.
+            let h = 1e-4f32;
+            let at = |delta: f32| {
+                let mut v = base.clone();
+                v[k] += delta;
+                b_enc.set(&Tensor::from_vec(v, 24, &Device::Cpu).unwrap()).unwrap();
+                let l = loss(sae.as_ref());
+                b_enc.set(&Tensor::from_vec(base.clone(), 24, &Device::Cpu).unwrap()).unwrap();
+                l
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+            if grad[k].abs() > 1e-4 {
+                checked += 1;
+            }
+            let err = (fd - grad[k] as f64).abs() / fd.abs().max(1e-3);
+            assert!(err < 0.1, "b_enc[{k}]: fd {fd} vs {}", grad[k]);
+            errors.push(err);
         }
-        let err = (fd - grad[k] as f64).abs() / fd.abs().max(1e-3);
-        assert!(err < 0.1, "b_enc[{k}]: fd {fd} vs {}", grad[k]);
-        errors.push(err);
+        // A ReLU entry crossing zero within ±h puts a kink in a few finite differences.
+        errors.sort_by(f64::total_cmp);
+        assert!(
+            errors[errors.len() / 2] < 0.005 && errors[errors.len() * 3 / 4] < 0.02,
+            "relative errors {errors:?}"
+        );
+        assert!(checked > 5, "the gradient must be non-trivial");
     }
-    // A ReLU entry crossing zero within ±h puts a kink in a few finite differences.
-    errors.sort_by(f64::total_cmp);
-    assert!(
-        errors[errors.len() / 2] < 0.005 && errors[errors.len() * 3 / 4] < 0.02,
-        "relative errors {errors:?}"
-    );
-    assert!(checked > 5, "the gradient must be non-trivial");
 }
 
 fn mono_cli(args: &[&str]) -> (bool, String) {

@@ -1,4 +1,5 @@
-//! Direct access to the f32 data of CPU tensors, for custom candle ops and host kernels.
+//! Direct access to the f32 data of CPU tensors, for custom candle ops and host kernels. Every
+//! access counts as a host kernel run (`base::host::host_kernels`).
 
 use candle_core::{CpuStorage, Device, Layout, Shape, Storage, Tensor};
 
@@ -6,6 +7,7 @@ pub type CResult<T> = candle_core::Result<T>;
 
 /// The contiguous f32 data of a custom op's CPU input.
 pub fn contiguous<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f32]> {
+    crate::base::host::host_kernel_ran();
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -15,6 +17,7 @@ pub fn contiguous<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f
 
 /// Runs `f` on the f32 data of a CPU tensor without copying (when already contiguous).
 pub fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    crate::base::host::host_kernel_ran();
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {

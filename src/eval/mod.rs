@@ -315,7 +315,8 @@ pub fn eval_run(target: &Path, split: Option<&str>) -> Result<(PathBuf, EvalResu
                 format!("{} has no trained SAE (no sae/ and no checkpoint)", run_dir.display())
             })?,
     };
-    let sae = crate::sae::checkpoint::load(&sae_dir, &device)?;
+    let kernels = crate::base::host::Kernels::choose(config.run.ops, &device);
+    let sae = crate::sae::checkpoint::load(&sae_dir, &device, kernels)?;
     let split = split.unwrap_or(&config.data.eval_split).to_string();
     let dir = crate::data::sets::features_dir(&config);
     let store = crate::data::store::open_split(&dir, &split)?;

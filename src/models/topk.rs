@@ -1,13 +1,20 @@
-//! TopK activations without sorting rows: the k largest entries of each row (TopK) or the n
-//! largest of a whole batch (BatchTopK), found by selection (`select_nth_unstable`) on the CPU,
-//! and the masked ReLU that keeps them with the right gradient.
+//! TopK activations without sorting: the k largest positive entries of each row (TopK) or the n
+//! largest of a whole batch (BatchTopK), and the masked ReLU that keeps them with the right
+//! gradient.
+//!
+//! Host kernels select by `select_nth_unstable` (ties broken by position, so exactly k are kept).
+//! The portable kernels find each row's threshold — the k-th largest value — by bisection with
+//! candle ops only (compare, count, where), converging to adjacent floats, so they keep exactly
+//! the entries ≥ that value: the same set, except that entries tied with the k-th value are all
+//! kept. No sort, no host round trip, any width (the counts are u32: up to 2^32 entries).
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
+use crate::base::host::Kernels;
 
 /// Which entries a TopK selection keeps.
 #[derive(Clone, Debug)]
@@ -156,26 +163,105 @@ impl CustomOp1 for MaskedRelu {
     }
 }
 
+/// A selection mask: host booleans for the host kernel, a 0/1 tensor like `pre` otherwise.
+pub enum Mask {
+    Host(Vec<bool>),
+    Device(Tensor),
+}
+
 /// ReLU of the entries the mask keeps, zero elsewhere; gradient = the kept (positive) mask.
-pub fn masked_relu(pre: &Tensor, mask: Vec<bool>) -> CResult<Tensor> {
-    if pre.device().is_cpu() && pre.dtype() == DType::F32 {
-        pre.contiguous()?.apply_op1(MaskedRelu { mask: Arc::new(mask) })
-    } else {
-        let m: Vec<f32> = mask.iter().map(|&k| k as u8 as f32).collect();
-        let m = Tensor::from_vec(m, pre.shape(), pre.device())?.to_dtype(pre.dtype())?;
-        pre.relu()?.mul(&m)
+pub fn masked_relu(pre: &Tensor, mask: Mask) -> CResult<Tensor> {
+    match mask {
+        Mask::Host(mask) => pre.contiguous()?.apply_op1(MaskedRelu { mask: Arc::new(mask) }),
+        Mask::Device(mask) => pre.relu()?.mul(&mask.to_dtype(pre.dtype())?),
     }
 }
 
-/// TopK / BatchTopK latents: the selected entries of `pre` (ReLU'd), zeros elsewhere.
-/// Returns the latents and the smallest selected value (BatchTopK's threshold estimate).
+/// TopK / BatchTopK latents: the selected positive entries of `pre` (B, M), zeros elsewhere.
+/// `allowed`: an (M,) 0/1 tensor of the columns that may be selected (AuxK: dead latents).
+/// Returns the latents and the smallest selected value as a scalar tensor (BatchTopK's
+/// threshold estimate; None when nothing was selected — host kernels only; the portable value
+/// is then +∞).
 pub fn topk_latents(
     pre: &Tensor,
     how: &Selection,
-    allowed: Option<&[bool]>,
-) -> CResult<(Tensor, Option<f32>)> {
-    let (_, cols) = pre.dims2()?;
-    let host = pre.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let (mask, min) = with_cpu_slice(&host, |v| select_mask(v, cols, how, allowed, true))?;
-    Ok((masked_relu(pre, mask)?, min))
+    allowed: Option<&Tensor>,
+    kernels: Kernels,
+) -> CResult<(Tensor, Option<Tensor>)> {
+    if kernels.for_tensor(pre).is_host() {
+        let (_, cols) = pre.dims2()?;
+        let allowed: Option<Vec<bool>> = allowed
+            .map(|a| {
+                let a = a.to_dtype(DType::F32)?;
+                with_cpu_slice(&a, |v| v.iter().map(|&x| x != 0.0).collect())
+            })
+            .transpose()?;
+        let (mask, min) =
+            with_cpu_slice(pre, |v| select_mask(v, cols, how, allowed.as_deref(), true))?;
+        let min = min.map(|m| Tensor::new(m, pre.device())).transpose()?;
+        return Ok((masked_relu(pre, Mask::Host(mask))?, min));
+    }
+    let (mask, threshold) = portable_select(&pre.detach(), how, allowed)?;
+    Ok((masked_relu(pre, Mask::Device(mask))?, Some(threshold)))
+}
+
+/// Bisection steps of the portable selection: enough to reach adjacent f32 values from any
+/// starting range (about 8 geometric steps to a ratio of 4, then 25 halvings to one ulp).
+const BISECTION_STEPS: usize = 40;
+
+/// The portable selection: a 0/1 mask like `values` and the threshold (the smallest selected
+/// value; a scalar for `Batch`, (B, 1) for `PerRow`).
+fn portable_select(
+    values: &Tensor,
+    how: &Selection,
+    allowed: Option<&Tensor>,
+) -> CResult<(Tensor, Tensor)> {
+    let (rows, cols) = values.dims2()?;
+    let values = values.to_dtype(DType::F32)?;
+    let zeros = values.zeros_like()?;
+    // Eligible: positive and in an allowed column; the others become -∞ (never ≥ a threshold).
+    let mut eligible = values.gt(&zeros)?;
+    if let Some(allowed) = allowed {
+        let allowed =
+            allowed.to_dtype(DType::U8)?.reshape((1, cols))?.broadcast_as((rows, cols))?;
+        eligible = allowed.where_cond(&eligible, &eligible.zeros_like()?)?;
+    }
+    let (grouped, k) = match *how {
+        Selection::PerRow(k) => ((rows, cols), k),
+        Selection::Batch(n) => ((1, rows * cols), n),
+    };
+    let eligible = eligible.reshape(grouped)?;
+    let values = values.reshape(grouped)?;
+    let neg_inf = Tensor::full(f32::NEG_INFINITY, grouped, values.device())?;
+    let pos_inf = Tensor::full(f32::INFINITY, grouped, values.device())?;
+    let candidates = eligible.where_cond(&values, &neg_inf)?;
+    let lowest = eligible.where_cond(&values, &pos_inf)?.min_keepdim(1)?;
+    let count = |t: &Tensor| -> CResult<Tensor> {
+        candidates.broadcast_ge(t)?.to_dtype(DType::U32)?.sum_keepdim(1)
+    };
+    let need = Tensor::full(k.max(1) as u32, (grouped.0, 1), values.device())?;
+    // Invariant: at least k entries ≥ lo, fewer than k entries ≥ hi.
+    let mut lo = lowest.clone();
+    let mut hi = (candidates.max_keepdim(1)? * 2.0)?;
+    for _ in 0..BISECTION_STEPS {
+        let far = hi.gt(&(&lo * 4.0)?)?;
+        let geometric = (lo.sqrt()? * hi.sqrt()?)?;
+        let halfway = (&lo + ((&hi - &lo)? * 0.5)?)?;
+        let mid = far.where_cond(&geometric, &halfway)?;
+        let take = count(&mid)?.ge(&need)?;
+        lo = take.where_cond(&mid, &lo)?;
+        hi = take.where_cond(&hi, &mid)?;
+    }
+    // With at most k eligible entries, all of them are selected.
+    let few = eligible.to_dtype(DType::U32)?.sum_keepdim(1)?.le(&need)?;
+    let mut threshold = few.where_cond(&lowest, &lo)?;
+    if k == 0 {
+        threshold = threshold.ones_like()?.affine(0.0, f64::INFINITY)?;
+    }
+    let mask = candidates.broadcast_ge(&threshold)?.reshape((rows, cols))?;
+    let threshold = match how {
+        Selection::Batch(_) => threshold.reshape(())?,
+        Selection::PerRow(_) => threshold,
+    };
+    Ok((mask, threshold))
 }

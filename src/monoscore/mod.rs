@@ -9,9 +9,8 @@ pub(crate) mod sparse_loss;
 
 pub use crate::base::sparse::{SparseBatch, SparseRows};
 pub use accumulator::{MonoScoreAccumulator, NeuronStats, ScorePath, SPARSE_DENSITY_LIMIT};
-pub use loss::{batch_mono_loss, dense_batch_mono_loss, BatchMonoLoss};
+pub use loss::{batch_mono_loss, dense_batch_mono_loss, BatchMono, BatchMonoLoss};
 pub use reference::pairwise_monoscore;
-pub use sparse_loss::MonoLossStats;
 
 use serde::{Deserialize, Serialize};
 

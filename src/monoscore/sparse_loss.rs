@@ -7,27 +7,77 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::loss::BatchMono;
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, CResult};
 use crate::base::sparse::{self, SparseBatch};
 
-/// What the last forward pass of the sparse MonoLoss saw (for logging).
+/// What a forward pass of the sparse MonoLoss measured.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct MonoLossStats {
+pub(crate) struct MonoLossStats {
     pub n_active: usize,
     pub mean_score: f64,
 }
 
+impl MonoLossStats {
+    /// As the scalar tensors of a `BatchMono` (on the CPU, where this kernel runs).
+    pub(crate) fn into_batch_mono(self, loss: f32) -> CResult<BatchMono> {
+        let cpu = &candle_core::Device::Cpu;
+        Ok(BatchMono {
+            loss: Tensor::new(loss, cpu)?,
+            mean_score: Tensor::new(self.mean_score as f32, cpu)?,
+            n_active: Tensor::new(self.n_active as f32, cpu)?,
+        })
+    }
+}
+
+/// No entry: the column's extreme is attained first by an implicit zero.
+const IMPLICIT: usize = usize::MAX;
+
 /// Per-neuron scalars of the batch MonoScore, kept for the backward pass.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct NeuronBatchStats {
     min: f32,
-    max: f32,
     range: f32,
     u: f32,
     v: f32,
     num: f32,
     den: f32,
     active: bool,
+    /// CSC positions of the entries that receive the min's and the max's gradient: the first row
+    /// attaining each (PyTorch's `min(dim)`), or IMPLICIT when that row is an implicit zero.
+    min_at: usize,
+    max_at: usize,
+}
+
+impl Default for NeuronBatchStats {
+    fn default() -> Self {
+        Self {
+            min: 0.0,
+            range: 0.0,
+            u: 0.0,
+            v: 0.0,
+            num: 0.0,
+            den: 0.0,
+            active: false,
+            min_at: IMPLICIT,
+            max_at: IMPLICIT,
+        }
+    }
+}
+
+/// The CSC position (offset by `first`) of the first row attaining `target` in a column with
+/// explicit `rows` (ascending) and `values`, or IMPLICIT when an implicit zero comes first.
+fn first_at(rows: &[u32], values: &[f32], target: f32, first: usize, b: usize) -> usize {
+    let explicit = values.iter().position(|&v| v == target);
+    // The first implicit row: the first gap in the ascending explicit rows.
+    let implicit_row = (rows.len() < b && target == 0.0).then(|| {
+        rows.iter().enumerate().find(|(i, &r)| r as usize != *i).map_or(rows.len(), |(i, _)| i)
+    });
+    match (explicit, implicit_row) {
+        (Some(j), Some(r)) if (rows[j] as usize) > r => IMPLICIT,
+        (Some(j), _) => first + j,
+        (None, _) => IMPLICIT,
+    }
 }
 
 /// What the MonoLoss forward pass keeps for the backward pass.
@@ -100,7 +150,18 @@ pub(crate) fn forward(
             }
             let num = 0.5 * (sparse::dot(w, w) - v);
             let den = 0.5 * (u * u - v);
-            *n = NeuronBatchStats { min, max, range, u, v, num, den, active: den > eps };
+            let first = cols.col_offsets[k];
+            *n = NeuronBatchStats {
+                min,
+                range,
+                u,
+                v,
+                num,
+                den,
+                active: den > eps,
+                min_at: first_at(rows, vals, min, first, b),
+                max_at: first_at(rows, vals, max, first, b),
+            };
         },
     );
     let n_active = neurons.iter().filter(|n| n.active).count();
@@ -147,12 +208,13 @@ pub(crate) fn backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) ->
             Coef { dnum, dden, dmin: (sum_ga - sum_g) / n.range, dmax: -sum_ga / n.range }
         })
         .collect();
-    // ∂L/∂l = ∂L/∂ã / range, plus the min/max terms on tied entries.
+    // ∂L/∂l = ∂L/∂ã / range, plus the min/max terms on the one entry each goes to.
     let mut grads = sparse::csc_dots(cols, unit, w, d);
     for k in 0..neurons.len() {
         let (n, c) = (&neurons[k], &coefs[k]);
         let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
-        for (grad, &l) in grads[span.clone()].iter_mut().zip(&cols.values[span]) {
+        let first = span.start;
+        for (j, (grad, &l)) in grads[span.clone()].iter_mut().zip(&cols.values[span]).enumerate() {
             if !n.active {
                 *grad = 0.0;
                 continue;
@@ -160,10 +222,10 @@ pub(crate) fn backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) ->
             let a = (l - n.min) / n.range;
             let da = c.dnum * (*grad - a) + c.dden * (n.u - a);
             let mut g = da / n.range;
-            if l == n.min {
+            if first + j == n.min_at {
                 g += c.dmin;
             }
-            if l == n.max {
+            if first + j == n.max_at {
                 g += c.dmax;
             }
             *grad = g;
@@ -232,7 +294,7 @@ pub(crate) fn sparse_batch_mono_loss(
     similarity: &Tensor,
     eps: f64,
     grad_support: Option<&[bool]>,
-) -> CResult<(Tensor, MonoLossStats)> {
+) -> CResult<BatchMono> {
     let stats = Arc::new(Mutex::new(MonoLossStats::default()));
     let op = SparseMonoLoss {
         eps: eps as f32,
@@ -243,5 +305,8 @@ pub(crate) fn sparse_batch_mono_loss(
     let sim = similarity.detach().to_dtype(DType::F32)?.contiguous()?;
     let loss = latents.contiguous()?.apply_op2(&sim, op)?;
     let s = *stats.lock().unwrap();
-    Ok((loss, s))
+    let mut out = s.into_batch_mono(0.0)?;
+    out.mean_score = loss.detach().affine(-1.0, 1.0)?;
+    out.loss = loss;
+    Ok(out)
 }

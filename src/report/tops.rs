@@ -82,7 +82,11 @@ pub fn section(config: &Config, features: Option<&Path>, train_dir: &Path) -> Re
         return Ok("<p>No feature set recorded for this run.</p>".into());
     };
     let store = open_split(features, &config.data.eval_split)?;
-    let sae = crate::sae::checkpoint::load(&train_dir.join(FINAL_SAE_DIR), &Device::Cpu)?;
+    let sae = crate::sae::checkpoint::load(
+        &train_dir.join(FINAL_SAE_DIR),
+        &Device::Cpu,
+        crate::base::host::Kernels::Host,
+    )?;
     let ids: Vec<usize> = latents.iter().map(|l| l.0).collect();
     let tops = top_rows(sae.as_ref(), &store, &ids)?;
     // Images when the data set is readable here; otherwise paths and classes only.

@@ -2,46 +2,54 @@
 //! batch are kept, so a sample may use more or fewer than k latents; at inference a threshold
 //! learned during training replaces the batch, so latents never depend on batch composition.
 //! The threshold is a running average of the smallest kept activation (EMA, β = 0.999, bias
-//! corrected so that short runs have a threshold too).
+//! corrected so that short runs have a threshold too), kept on the SAE's device.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::{auxk_loss, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
-use crate::models::topk as select;
+use crate::base::host::{self, stat_dtype, Kernels};
+use crate::models::topk::{self as select, Mask};
 
 const THRESHOLD_BETA: f64 = 0.999;
 
 pub struct BatchTopKSae {
     spec: SaeSpec,
     params: SaeParams,
-    /// Bias-uncorrected EMA of the batch thresholds and the number of updates.
-    ema: f64,
-    updates: u64,
+    /// Bias-uncorrected EMA of the batch thresholds, and the number of updates (scalars).
+    ema: Tensor,
+    updates: Tensor,
 }
 
 impl BatchTopKSae {
-    pub fn new(spec: SaeSpec, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(spec: SaeSpec, seed: u64, device: &Device, kernels: Kernels) -> Result<Self> {
         let bound = (6.0 / spec.n_latents as f64).sqrt();
-        let params = SaeParams::init(&spec, bound, false, seed, device)?;
-        Ok(Self { spec, params, ema: 0.0, updates: 0 })
+        let params = SaeParams::init(&spec, bound, false, seed, device, kernels)?;
+        let zero = Tensor::zeros((), stat_dtype(device), device)?;
+        Ok(Self { spec, params, ema: zero.clone(), updates: zero })
     }
 
     /// A loaded SAE with a fixed inference threshold.
-    pub fn from_params(spec: SaeSpec, params: SaeParams, threshold: Option<f32>) -> Self {
+    pub fn from_params(spec: SaeSpec, params: SaeParams, threshold: Option<f32>) -> Result<Self> {
+        let device = params.b_enc.device().clone();
         let (ema, updates) = match threshold {
-            Some(t) => (t as f64 * (1.0 - THRESHOLD_BETA), 1),
-            None => (0.0, 0),
+            Some(t) => (t as f64 * (1.0 - THRESHOLD_BETA), 1.0),
+            None => (0.0, 0.0),
         };
-        Self { spec, params, ema, updates }
+        let scalar = |v: f64| Tensor::new(v, &device)?.to_dtype(stat_dtype(&device));
+        Ok(Self { spec, params, ema: scalar(ema)?, updates: scalar(updates)? })
     }
 
-    /// The inference threshold (None before the first training step).
-    pub fn inference_threshold(&self) -> Option<f32> {
-        (self.updates > 0).then(|| {
-            (self.ema / (1.0 - THRESHOLD_BETA.powi(self.updates.min(i32::MAX as u64) as i32)))
-                as f32
-        })
+    /// The bias-corrected threshold as a scalar tensor: ema / (1 − β^updates).
+    fn corrected(&self) -> Result<Tensor> {
+        let decay = (&self.updates * THRESHOLD_BETA.ln())?.exp()?;
+        Ok(self.ema.div(&decay.affine(-1.0, 1.0)?)?.to_dtype(DType::F32)?)
+    }
+
+    /// The inference threshold (None before the first training step). Reads the update count
+    /// to the host: for inference, never inside a training step.
+    pub fn inference_threshold(&self) -> Result<Option<Tensor>> {
+        (host::read_scalar(&self.updates)? > 0.0).then(|| self.corrected()).transpose()
     }
 }
 
@@ -56,24 +64,25 @@ impl Sae for BatchTopKSae {
 
     fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation> {
         let (rows, _) = pre.dims2()?;
-        match (training, self.inference_threshold()) {
-            (false, Some(threshold)) => {
-                let host = pre
-                    .detach()
-                    .to_device(&Device::Cpu)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let mask = host.iter().map(|&v| v > threshold).collect();
-                Ok(Activation {
-                    latents: select::masked_relu(pre, mask)?,
-                    grad_support: None,
-                    batch_threshold: None,
-                })
+        let threshold = if training { None } else { self.inference_threshold()? };
+        match threshold {
+            Some(threshold) => {
+                let mask = pre.detach().broadcast_gt(&threshold.to_dtype(pre.dtype())?)?;
+                let mask = if self.params.kernels.for_tensor(pre).is_host() {
+                    let mask = mask.to_dtype(DType::F32)?;
+                    Mask::Host(crate::base::cpu::with_cpu_slice(&mask, |m| {
+                        m.iter().map(|&v| v != 0.0).collect()
+                    })?)
+                } else {
+                    Mask::Device(mask)
+                };
+                let latents = select::masked_relu(pre, mask)?;
+                Ok(Activation { latents, grad_support: None, batch_threshold: None })
             }
-            _ => {
+            None => {
+                let selection = select::Selection::Batch(self.spec.k * rows);
                 let (latents, min) =
-                    select::topk_latents(pre, &select::Selection::Batch(self.spec.k * rows), None)?;
+                    select::topk_latents(pre, &selection, None, self.params.kernels)?;
                 Ok(Activation { latents, grad_support: None, batch_threshold: min })
             }
         }
@@ -82,34 +91,41 @@ impl Sae for BatchTopKSae {
     fn extra_losses(
         &self,
         pass: &ForwardPass,
-        dead: &[bool],
+        dead: &Tensor,
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        Ok(auxk_loss(self, pass, dead, false)?.map(|l| vec![("auxk", l)]).unwrap_or_default())
+        Ok(vec![("auxk", auxk_loss(self, pass, dead, false)?)])
     }
 
-    fn observe_step(&mut self, pass: &ForwardPass) {
-        if let Some(t) = pass.activation.batch_threshold {
-            self.ema = THRESHOLD_BETA * self.ema + (1.0 - THRESHOLD_BETA) * t as f64;
-            self.updates += 1;
-        }
+    /// The EMA takes the batch's smallest kept value; a batch that kept nothing (its portable
+    /// threshold is +∞) leaves it as it is.
+    fn observe_step(&mut self, pass: &ForwardPass) -> Result<()> {
+        let Some(t) = &pass.activation.batch_threshold else { return Ok(()) };
+        let t = t.to_dtype(self.ema.dtype())?;
+        let kept = t.lt(&t.ones_like()?.affine(0.0, f64::INFINITY)?)?;
+        let t = kept.where_cond(&t, &t.zeros_like()?)?;
+        let updated = ((&self.ema * THRESHOLD_BETA)? + (t * (1.0 - THRESHOLD_BETA))?)?;
+        self.ema = kept.where_cond(&updated, &self.ema)?;
+        self.updates = (&self.updates + kept.to_dtype(self.updates.dtype())?)?;
+        Ok(())
     }
 
     fn threshold(&self) -> Result<Option<Tensor>> {
-        let device = self.params.b_enc.device();
         Ok(self
-            .inference_threshold()
-            .map(|t| Tensor::full(t, self.spec.n_latents, device))
+            .inference_threshold()?
+            .map(|t| t.broadcast_as(self.spec.n_latents)?.contiguous())
             .transpose()?)
     }
 
-    fn extra_state(&self) -> Vec<f64> {
-        vec![self.ema, self.updates as f64]
+    fn extra_state(&self) -> Result<Vec<f64>> {
+        Ok(vec![host::read_scalar(&self.ema)?, host::read_scalar(&self.updates)?])
     }
 
     fn restore_extra_state(&mut self, state: &[f64]) -> Result<()> {
         anyhow::ensure!(state.len() == 2, "BatchTopK state needs 2 values, found {}", state.len());
-        self.ema = state[0];
-        self.updates = state[1] as u64;
+        let device = self.params.b_enc.device().clone();
+        let scalar = |v: f64| Tensor::new(v, &device)?.to_dtype(stat_dtype(&device));
+        self.ema = scalar(state[0])?;
+        self.updates = scalar(state[1])?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use super::{
     SaeSpec,
 };
 use crate::base::config::SaeKind;
+use crate::base::host::Kernels;
 
 pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 pub const CFG_FILE: &str = "cfg.json";
@@ -94,7 +95,7 @@ pub fn read_spec(dir: &Path) -> Result<SaeSpec> {
 }
 
 /// Loads an SAE checkpoint onto `device`; every shape is checked against cfg.json.
-pub fn load(dir: &Path, device: &Device) -> Result<Box<dyn Sae>> {
+pub fn load(dir: &Path, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae>> {
     let spec = read_spec(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load(&path, device)
@@ -123,6 +124,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Box<dyn Sae>> {
         b_enc: Var::from_tensor(&get("b_enc", &[m])?)?,
         b_dec: Var::from_tensor(&get("b_dec", &[d])?)?,
         log_threshold,
+        kernels,
     };
     Ok(match spec.kind {
         SaeKind::Topk => Box::new(TopKSae::from_params(spec, params)),
@@ -131,7 +133,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Box<dyn Sae>> {
         SaeKind::BatchTopk => {
             let threshold = match tensors.get("threshold") {
                 Some(t) => {
-                    let values = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    let values = crate::base::host::read_f32(t)?;
                     if values.iter().any(|v| *v != values[0]) {
                         bail!(
                             "{}: a BatchTopK threshold must be one value for every latent",
@@ -142,7 +144,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Box<dyn Sae>> {
                 }
                 None => None,
             };
-            Box::new(BatchTopKSae::from_params(spec, params, threshold))
+            Box::new(BatchTopKSae::from_params(spec, params, threshold)?)
         }
     })
 }

@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::base::config::{BatchTopkConfig, JumpReluConfig, ReluConfig, SaeConfig, SaeKind};
 use crate::base::cpu::normalize_rows;
-use crate::models::topk as select;
-use crate::monoscore::MonoLossStats;
+use crate::base::host::Kernels;
+use crate::models::topk::{self as select, Mask};
+use crate::monoscore::BatchMono;
 
 /// Everything that defines an SAE's shape and training losses (written to cfg.json).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,6 +82,8 @@ pub struct SaeParams {
     pub b_dec: Var,
     /// JumpReLU only: (M,) log-thresholds.
     pub log_threshold: Option<Var>,
+    /// The kernels the SAE's forward and backward passes run with.
+    pub kernels: Kernels,
 }
 
 impl SaeParams {
@@ -105,6 +108,7 @@ impl SaeParams {
         unit_encoder: bool,
         seed: u64,
         device: &Device,
+        kernels: Kernels,
     ) -> Result<Self> {
         let (m, d) = (spec.n_latents, spec.d_in);
         let mut rng = StdRng::seed_from_u64(seed);
@@ -126,6 +130,7 @@ impl SaeParams {
             b_enc: Var::zeros(m, DType::F32, device)?,
             b_dec: Var::zeros(d, DType::F32, device)?,
             log_threshold,
+            kernels,
         })
     }
 }
@@ -135,9 +140,9 @@ pub struct Activation {
     /// (B, M) latents.
     pub latents: Tensor,
     /// Entries whose gradient matters although the latent is 0 (JumpReLU's pseudo-gradient band).
-    pub grad_support: Option<Vec<bool>>,
-    /// BatchTopK: the smallest value kept in this batch (its threshold estimate).
-    pub batch_threshold: Option<f32>,
+    pub grad_support: Option<Mask>,
+    /// BatchTopK: the smallest value kept in this batch (its threshold estimate), a scalar.
+    pub batch_threshold: Option<Tensor>,
 }
 
 /// One forward pass over a batch.
@@ -155,7 +160,7 @@ pub struct ForwardPass {
     pub working_recon: Tensor,
     pub recon: Tensor,
     /// The batch MonoLoss (and its statistics) when the pass was asked for one.
-    pub mono: Option<(Tensor, MonoLossStats)>,
+    pub mono: Option<BatchMono>,
 }
 
 impl ForwardPass {
@@ -173,11 +178,11 @@ pub trait Sae: Send {
     fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation>;
 
     /// Training loss terms beyond reconstruction (sparsity penalties, AuxK), by name.
-    /// `dead[k]` marks latents that count as dead.
+    /// `dead`: (M,) 0/1 on the SAE's device, the latents that count as dead.
     fn extra_losses(
         &self,
         pass: &ForwardPass,
-        dead: &[bool],
+        dead: &Tensor,
     ) -> Result<Vec<(&'static str, Tensor)>>;
 
     /// Reconstruction loss; plain MSE unless an architecture says otherwise.
@@ -191,7 +196,9 @@ pub trait Sae: Send {
     }
 
     /// Called after each optimizer step with that step's forward pass.
-    fn observe_step(&mut self, _pass: &ForwardPass) {}
+    fn observe_step(&mut self, _pass: &ForwardPass) -> Result<()> {
+        Ok(())
+    }
 
     /// The per-latent inference threshold written to checkpoints (BatchTopK, JumpReLU).
     fn threshold(&self) -> Result<Option<Tensor>> {
@@ -199,8 +206,8 @@ pub trait Sae: Send {
     }
 
     /// Architecture state outside the parameters, for resuming (BatchTopK's running threshold).
-    fn extra_state(&self) -> Vec<f64> {
-        Vec::new()
+    fn extra_state(&self) -> Result<Vec<f64>> {
+        Ok(Vec::new())
     }
 
     fn restore_extra_state(&mut self, _state: &[f64]) -> Result<()> {
@@ -209,12 +216,13 @@ pub trait Sae: Send {
 }
 
 /// Builds a freshly initialised SAE.
-pub fn build(spec: &SaeSpec, seed: u64, device: &Device) -> Result<Box<dyn Sae>> {
+pub fn build(spec: &SaeSpec, seed: u64, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae>> {
+    let spec = spec.clone();
     Ok(match spec.kind {
-        SaeKind::Topk => Box::new(topk::TopKSae::new(spec.clone(), seed, device)?),
-        SaeKind::BatchTopk => Box::new(batch_topk::BatchTopKSae::new(spec.clone(), seed, device)?),
-        SaeKind::Jumprelu => Box::new(jumprelu::JumpReluSae::new(spec.clone(), seed, device)?),
-        SaeKind::Relu => Box::new(relu::ReluSae::new(spec.clone(), seed, device)?),
+        SaeKind::Topk => Box::new(topk::TopKSae::new(spec, seed, device, kernels)?),
+        SaeKind::BatchTopk => Box::new(batch_topk::BatchTopKSae::new(spec, seed, device, kernels)?),
+        SaeKind::Jumprelu => Box::new(jumprelu::JumpReluSae::new(spec, seed, device, kernels)?),
+        SaeKind::Relu => Box::new(relu::ReluSae::new(spec, seed, device, kernels)?),
     })
 }
 
@@ -253,13 +261,15 @@ pub fn forward_with_mono(
     } else {
         working_input.clone()
     };
-    let pre = ops::encoder_linear(&encoder_input, p.w_enc.as_tensor(), p.b_enc.as_tensor())?;
+    let pre =
+        ops::encoder_linear(&encoder_input, p.w_enc.as_tensor(), p.b_enc.as_tensor(), p.kernels)?;
     let activation = sae.activate(&pre, training)?;
     let decoded = ops::decode(
         &activation.latents,
         p.w_dec.as_tensor(),
-        activation.grad_support.as_deref(),
+        activation.grad_support.as_ref(),
         mono,
+        p.kernels,
     )?;
     let working_recon = decoded.output.broadcast_add(p.b_dec.as_tensor())?;
     let recon = match &scale {
@@ -286,32 +296,47 @@ pub fn encode(sae: &dyn Sae, x: &Tensor) -> Result<Tensor> {
 /// Normalised MSE: mean over rows of ‖x̂ − x‖² / ‖x‖² (OpenAI's TopK loss).
 pub fn normalized_mse(recon: &Tensor, target: &Tensor) -> Result<Tensor> {
     let err = (recon - target)?.sqr()?.sum(D::Minus1)?;
-    let scale = target.sqr()?.sum(D::Minus1)?.clamp(1e-12, f64::INFINITY)?;
+    let norms = target.sqr()?.sum(D::Minus1)?;
+    let scale = norms.maximum(&norms.ones_like()?.affine(0.0, 1e-12)?)?;
     Ok((err / scale)?.mean_all()?)
 }
 
-/// AuxK: reconstruct the (detached) residual from the top `k_aux` dead latents of each row.
-/// None when no latent is dead.
+/// AuxK: reconstruct the (detached) residual from the top `k_aux` dead latents of each row
+/// (all of them when fewer are dead); 0 when no latent is dead.
 pub fn auxk_loss(
     sae: &dyn Sae,
     pass: &ForwardPass,
-    dead: &[bool],
+    dead: &Tensor,
     normalized: bool,
-) -> Result<Option<Tensor>> {
-    let n_dead = dead.iter().filter(|d| **d).count();
-    let spec = sae.spec();
-    if n_dead == 0 || spec.aux_coef == 0.0 {
-        return Ok(None);
+) -> Result<Tensor> {
+    let (spec, p) = (sae.spec(), sae.params());
+    let zero = pass.pre.zeros_like()?.sum_all()?;
+    if spec.aux_coef == 0.0 {
+        return Ok(zero);
     }
-    let k = spec.k_aux.min(n_dead);
-    let (aux_latents, _) =
-        select::topk_latents(&pass.pre, &select::Selection::PerRow(k), Some(dead))?;
-    let aux_recon = ops::support_matmul(&aux_latents, sae.params().w_dec.as_tensor(), None)?;
+    // Host kernels skip the work when nothing is dead; portable ones multiply by (any dead).
+    let any_dead = if p.kernels.is_host() {
+        if crate::base::cpu::with_cpu_slice(&dead.to_dtype(DType::F32)?, |d| {
+            d.iter().all(|&v| v == 0.0)
+        })? {
+            return Ok(zero);
+        }
+        None
+    } else {
+        Some(dead.to_dtype(DType::F32)?.max_keepdim(0)?.reshape(())?)
+    };
+    let selection = select::Selection::PerRow(spec.k_aux);
+    let (aux_latents, _) = select::topk_latents(&pass.pre, &selection, Some(dead), p.kernels)?;
+    let aux_recon = ops::support_matmul(&aux_latents, p.w_dec.as_tensor(), None, p.kernels)?;
     let residual = (&pass.working_input - &pass.working_recon)?.detach();
     let loss = if normalized {
         normalized_mse(&aux_recon, &residual)?
     } else {
         (aux_recon - residual)?.sqr()?.mean_all()?
     };
-    Ok(Some((loss * spec.aux_coef)?))
+    let loss = (loss * spec.aux_coef)?;
+    Ok(match any_dead {
+        Some(factor) => (loss * factor)?,
+        None => loss,
+    })
 }

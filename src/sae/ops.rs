@@ -6,17 +6,20 @@
 //! outputs of ReLU / TopK / JumpReLU, whose zeros pass no gradient upstream, so the chain rule
 //! result is unchanged (tests compare against the dense graph).
 //!
-//! Each public function dispatches: the custom op on the CPU, plain candle ops elsewhere (CUDA,
-//! Metal), so models are written once and run on every device.
+//! Each public function dispatches on `Kernels`: the custom op with host kernels, plain candle
+//! ops otherwise (CUDA, Metal, or `run.ops = "portable"`), so models are written once.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
+use crate::base::host::Kernels;
 use crate::base::sparse::{self, SparseBatch, SPARSE_LIMIT};
+use crate::models::topk::Mask;
 use crate::monoscore::sparse_loss::{self, MonoLossSaved, MonoLossStats};
+use crate::monoscore::BatchMono;
 
 // ---------------------------------------------------------------------------------------------
 // Encoder: pre = xc · Wᵀ + b, with a backward that exploits a sparse upstream gradient.
@@ -92,8 +95,8 @@ impl CustomOp3 for EncoderLinear {
 }
 
 /// (B, D) · (M, D)ᵀ + (M,) → (B, M).
-pub fn encoder_linear(x: &Tensor, w: &Tensor, b: &Tensor) -> CResult<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+pub fn encoder_linear(x: &Tensor, w: &Tensor, b: &Tensor, kernels: Kernels) -> CResult<Tensor> {
+    if kernels.for_tensor(x).is_host() {
         x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, EncoderLinear)
     } else {
         x.matmul(&w.t()?)?.broadcast_add(b)
@@ -213,11 +216,12 @@ impl CustomOp2 for SupportMatmul {
 pub fn support_matmul(
     latents: &Tensor,
     w: &Tensor,
-    grad_support: Option<&[bool]>,
+    grad_support: Option<&Mask>,
+    kernels: Kernels,
 ) -> CResult<Tensor> {
-    if latents.device().is_cpu() && latents.dtype() == DType::F32 {
+    if kernels.for_tensor(latents).is_host() {
         let op = SupportMatmul {
-            grad_support: grad_support.map(|g| Arc::new(g.to_vec())),
+            grad_support: host_support(grad_support),
             cached: Arc::new(Mutex::new(None)),
             mono: None,
         };
@@ -240,36 +244,51 @@ pub struct MonoTerm<'a> {
 pub struct Decoded {
     /// (B, D) latents · W.
     pub output: Tensor,
-    /// The MonoLoss (scalar) and its statistics. Add λ·loss to the objective: on the CPU with
+    /// The MonoLoss and its statistics. Add λ·loss to the objective: with host kernels on
     /// sparse latents the loss is a constant and the decoder's backward already adds its
-    /// gradient (times λ); elsewhere it is an ordinary graph node.
-    pub mono: Option<(Tensor, MonoLossStats)>,
+    /// gradient (times λ); otherwise it is an ordinary graph node.
+    pub mono: Option<BatchMono>,
+}
+
+/// The host kernels' copy of a gradient support mask.
+fn host_support(grad_support: Option<&Mask>) -> Option<Arc<Vec<bool>>> {
+    match grad_support {
+        Some(Mask::Host(s)) => Some(Arc::new(s.clone())),
+        _ => None,
+    }
 }
 
 /// `support_matmul` with an optional MonoLoss on the same latents, fused on the CPU.
 pub fn decode(
     latents: &Tensor,
     w: &Tensor,
-    grad_support: Option<&[bool]>,
+    grad_support: Option<&Mask>,
     mono: Option<MonoTerm>,
+    kernels: Kernels,
 ) -> CResult<Decoded> {
     let Some(term) = mono else {
-        return Ok(Decoded { output: support_matmul(latents, w, grad_support)?, mono: None });
+        let output = support_matmul(latents, w, grad_support, kernels)?;
+        return Ok(Decoded { output, mono: None });
     };
-    let fused = latents.device().is_cpu()
-        && latents.dtype() == DType::F32
+    let fused = kernels.for_tensor(latents).is_host()
         && with_cpu_slice(latents, |l| sparse::density(l) <= SPARSE_LIMIT)?;
     if !fused {
-        let output = support_matmul(latents, w, grad_support)?;
-        let mono =
-            crate::monoscore::batch_mono_loss(latents, term.similarity, term.eps, grad_support)?;
+        let output = support_matmul(latents, w, grad_support, kernels)?;
+        let mono = crate::monoscore::batch_mono_loss(
+            latents,
+            term.similarity,
+            term.eps,
+            grad_support,
+            kernels,
+        )
+        .map_err(candle_core::Error::wrap)?;
         return Ok(Decoded { output, mono: Some(mono) });
     }
     let similarity =
-        term.similarity.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        with_cpu_slice(&term.similarity.detach().to_dtype(DType::F32)?, <[f32]>::to_vec)?;
     let result = Arc::new(Mutex::new(None));
     let op = SupportMatmul {
-        grad_support: grad_support.map(|g| Arc::new(g.to_vec())),
+        grad_support: host_support(grad_support),
         cached: Arc::new(Mutex::new(None)),
         mono: Some(MonoInjection {
             similarity,
@@ -280,7 +299,7 @@ pub fn decode(
         }),
     };
     let output = latents.contiguous()?.apply_op2(&w.contiguous()?, op)?;
-    let (loss, stats) =
+    let (loss, stats): (f32, MonoLossStats) =
         result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
-    Ok(Decoded { output, mono: Some((Tensor::new(loss, &Device::Cpu)?, stats)) })
+    Ok(Decoded { output, mono: Some(stats.into_batch_mono(loss)?) })
 }

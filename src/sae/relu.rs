@@ -4,6 +4,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use crate::base::host::Kernels;
 
 pub struct ReluSae {
     spec: SaeSpec,
@@ -11,9 +12,9 @@ pub struct ReluSae {
 }
 
 impl ReluSae {
-    pub fn new(spec: SaeSpec, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(spec: SaeSpec, seed: u64, device: &Device, kernels: Kernels) -> Result<Self> {
         let bound = (6.0 / spec.n_latents as f64).sqrt();
-        let params = SaeParams::init(&spec, bound, false, seed, device)?;
+        let params = SaeParams::init(&spec, bound, false, seed, device, kernels)?;
         Ok(Self { spec, params })
     }
 
@@ -38,7 +39,7 @@ impl Sae for ReluSae {
     fn extra_losses(
         &self,
         pass: &ForwardPass,
-        _dead: &[bool],
+        _dead: &Tensor,
     ) -> Result<Vec<(&'static str, Tensor)>> {
         let rows = pass.latents().dim(0)? as f64;
         let l1 = (pass.latents().sum_all()? / rows)?;

@@ -6,6 +6,8 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
+use crate::base::host::Kernels;
+
 use super::{auxk_loss, normalized_mse, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::models::topk as select;
 
@@ -15,9 +17,9 @@ pub struct TopKSae {
 }
 
 impl TopKSae {
-    pub fn new(spec: SaeSpec, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(spec: SaeSpec, seed: u64, device: &Device, kernels: Kernels) -> Result<Self> {
         let bound = 1.0 / (spec.d_in as f64).sqrt();
-        let params = SaeParams::init(&spec, bound, true, seed, device)?;
+        let params = SaeParams::init(&spec, bound, true, seed, device, kernels)?;
         Ok(Self { spec, params })
     }
 
@@ -36,8 +38,8 @@ impl Sae for TopKSae {
     }
 
     fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
-        let (latents, _) =
-            select::topk_latents(pre, &select::Selection::PerRow(self.spec.k), None)?;
+        let selection = select::Selection::PerRow(self.spec.k);
+        let (latents, _) = select::topk_latents(pre, &selection, None, self.params.kernels)?;
         Ok(Activation { latents, grad_support: None, batch_threshold: None })
     }
 
@@ -48,8 +50,8 @@ impl Sae for TopKSae {
     fn extra_losses(
         &self,
         pass: &ForwardPass,
-        dead: &[bool],
+        dead: &Tensor,
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        Ok(auxk_loss(self, pass, dead, true)?.map(|l| vec![("auxk", l)]).unwrap_or_default())
+        Ok(vec![("auxk", auxk_loss(self, pass, dead, true)?)])
     }
 }

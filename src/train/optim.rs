@@ -2,9 +2,10 @@
 //! decay, SGD with momentum and coupled decay), and the gradient post-processing both trainers
 //! use: global-norm clipping and the unit-norm decoder constraint.
 //!
-//! Gradients come to the host as f32 vectors; parameters are updated in place in their CPU
-//! storage (no copy) or, on a GPU, downloaded, updated and uploaded. Optimiser state is saved in
-//! checkpoints under the parameters' names.
+//! Host kernels: gradients come to the host as f32 vectors and CPU parameters are updated in place
+//! (no copy); the optimiser state lives in host vectors. Portable kernels: gradients, state and
+//! updates are device tensors and candle ops, so a GPU step moves nothing to the host. State is
+//! saved in checkpoints under the parameters' names either way.
 
 use std::collections::HashMap;
 
@@ -14,73 +15,179 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// One gradient per parameter, on the host, in parameter order.
-pub struct Gradients(pub Vec<Vec<f32>>);
+use crate::base::cpu::with_cpu_slice;
+use crate::base::host::Kernels;
+
+/// One gradient per parameter, in parameter order: host vectors or device tensors.
+pub enum Gradients {
+    Host(Vec<Vec<f32>>),
+    Device(Vec<Tensor>),
+}
 
 impl Gradients {
     /// The gradients of `params` in a backward pass (zeros where the graph did not reach one).
-    pub fn from_store(grads: &GradStore, params: &[&Var]) -> Result<Self> {
-        let host = params
+    pub fn from_store(grads: &GradStore, params: &[&Var], kernels: Kernels) -> Result<Self> {
+        let zeros = |var: &Var| var.as_tensor().zeros_like();
+        if kernels.is_host() {
+            let host = params
+                .iter()
+                .map(|var| {
+                    let g = match grads.get(var.as_tensor()) {
+                        Some(g) => g.to_dtype(DType::F32)?,
+                        None => zeros(var)?.to_dtype(DType::F32)?,
+                    };
+                    Ok(with_cpu_slice(&g, <[f32]>::to_vec)?)
+                })
+                .collect::<Result<_>>()?;
+            return Ok(Gradients::Host(host));
+        }
+        let device = params
             .iter()
             .map(|var| match grads.get(var.as_tensor()) {
-                Some(g) => {
-                    Ok(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
-                }
-                None => Ok(vec![0.0; var.elem_count()]),
+                Some(g) => Ok(g.to_dtype(DType::F32)?),
+                None => Ok(zeros(var)?.to_dtype(DType::F32)?),
             })
             .collect::<Result<_>>()?;
-        Ok(Self(host))
+        Ok(Gradients::Device(device))
     }
 
     /// Zeros shaped like `params`.
-    pub fn zeros(params: &[&Var]) -> Self {
-        Self(params.iter().map(|v| vec![0.0; v.elem_count()]).collect())
+    pub fn zeros(params: &[&Var], kernels: Kernels) -> Result<Self> {
+        Ok(if kernels.is_host() {
+            Gradients::Host(params.iter().map(|v| vec![0.0; v.elem_count()]).collect())
+        } else {
+            Gradients::Device(
+                params
+                    .iter()
+                    .map(|v| v.as_tensor().zeros_like()?.to_dtype(DType::F32))
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        })
     }
 
     /// self += scale · other.
-    pub fn add_scaled(&mut self, other: &Gradients, scale: f32) {
-        for (a, b) in self.0.iter_mut().zip(&other.0) {
-            a.par_iter_mut().zip(b.par_iter()).for_each(|(x, y)| *x += scale * y);
+    pub fn add_scaled(&mut self, other: &Gradients, scale: f64) -> Result<()> {
+        match (self, other) {
+            (Gradients::Host(a), Gradients::Host(b)) => {
+                let s = scale as f32;
+                for (a, b) in a.iter_mut().zip(b) {
+                    a.par_iter_mut().zip(b.par_iter()).for_each(|(x, y)| *x += s * y);
+                }
+            }
+            (Gradients::Device(a), Gradients::Device(b)) => {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a = (&*a + (b * scale)?)?;
+                }
+            }
+            _ => anyhow::bail!("gradients of host and portable kernels cannot be mixed"),
         }
+        Ok(())
     }
 
-    /// √(Σ g²) over every gradient, in f64. Partial sums over fixed chunks, added in order: the
-    /// result does not depend on how rayon splits the work, so resumed runs stay bit-identical.
-    pub fn global_norm(&self) -> f64 {
-        let partial: Vec<f64> = self
-            .0
-            .iter()
-            .flat_map(|g| {
-                g.par_chunks(1 << 14)
-                    .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
-                    .collect::<Vec<f64>>()
-            })
-            .collect();
-        partial.iter().sum::<f64>().sqrt()
+    /// √(Σ g²) over every gradient, as a scalar tensor. Host: in f64 over fixed chunks added in
+    /// order, so the result does not depend on how rayon splits the work (resumed runs stay
+    /// bit-identical). Portable: on the device, without a host round trip.
+    pub fn global_norm(&self) -> Result<Tensor> {
+        match self {
+            Gradients::Host(grads) => Ok(Tensor::new(host_norm(grads), &Device::Cpu)?),
+            Gradients::Device(grads) => {
+                let mut total: Option<Tensor> = None;
+                for g in grads {
+                    let s = g.sqr()?.sum_all()?;
+                    total = Some(match total {
+                        Some(t) => (t + s)?,
+                        None => s,
+                    });
+                }
+                let total = total.context("no gradients")?;
+                Ok(total.sqrt()?)
+            }
+        }
     }
 
     /// Scales all gradients so that their global norm is at most `max_norm` (PyTorch's
-    /// clip_grad_norm_); returns the norm before clipping.
-    pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
-        let norm = self.global_norm();
-        if norm > max_norm && norm.is_finite() {
-            let s = (max_norm / (norm + 1e-6)) as f32;
-            self.0.iter_mut().for_each(|g| g.par_iter_mut().for_each(|x| *x *= s));
+    /// clip_grad_norm_); returns the norm before clipping (a scalar tensor).
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<Tensor> {
+        let norm = self.global_norm()?;
+        match self {
+            Gradients::Host(grads) => {
+                let n = host_norm(grads);
+                if n > max_norm && n.is_finite() {
+                    let s = (max_norm / (n + 1e-6)) as f32;
+                    grads.iter_mut().for_each(|g| g.par_iter_mut().for_each(|x| *x *= s));
+                }
+            }
+            Gradients::Device(grads) => {
+                // factor = max/(norm + 1e-6) where norm > max (and finite), else 1.
+                let limit = norm.ones_like()?.affine(0.0, max_norm)?;
+                let over = norm
+                    .gt(&limit)?
+                    .mul(&norm.lt(&norm.ones_like()?.affine(0.0, f64::INFINITY)?)?)?;
+                let scaled = limit.div(&(&norm + 1e-6)?)?;
+                let factor = over.where_cond(&scaled, &norm.ones_like()?)?;
+                for g in grads.iter_mut() {
+                    *g = g.broadcast_mul(&factor.to_dtype(g.dtype())?)?;
+                }
+            }
         }
-        norm
+        Ok(norm)
     }
 
     /// Removes from each row of gradient `index` its component along the same row of `weights`
-    /// ((rows, d) row-major): the step then stays tangent to the unit sphere of each row.
-    pub fn project_out_parallel(&mut self, index: usize, weights: &[f32], d: usize) {
-        self.0[index].par_chunks_mut(d).zip(weights.par_chunks(d)).for_each(|(g, w)| {
-            let norm_sq: f32 = w.iter().map(|x| x * x).sum();
-            if norm_sq > 0.0 {
-                let along = g.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() / norm_sq;
-                g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
+    /// ((rows, d)): the step then stays tangent to the unit sphere of each row.
+    pub fn project_out_parallel(&mut self, index: usize, weights: &Var, d: usize) -> Result<()> {
+        match self {
+            Gradients::Host(grads) => {
+                let w = host_data(weights)?;
+                grads[index].par_chunks_mut(d).zip(w.par_chunks(d)).for_each(|(g, w)| {
+                    let norm_sq: f32 = w.iter().map(|x| x * x).sum();
+                    if norm_sq > 0.0 {
+                        let along = g.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() / norm_sq;
+                        g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
+                    }
+                });
             }
-        });
+            Gradients::Device(grads) => {
+                let w = weights.as_tensor().detach();
+                let g = &grads[index];
+                let norm_sq = w.sqr()?.sum_keepdim(1)?;
+                let along = g.mul(&w)?.sum_keepdim(1)?;
+                let positive = norm_sq.gt(&norm_sq.zeros_like()?)?;
+                let safe = positive.where_cond(&norm_sq, &norm_sq.ones_like()?)?;
+                let coef = positive.where_cond(&along.div(&safe)?, &along.zeros_like()?)?;
+                grads[index] = (g - w.broadcast_mul(&coef)?)?;
+            }
+        }
+        Ok(())
     }
+
+    fn len(&self) -> usize {
+        match self {
+            Gradients::Host(g) => g.len(),
+            Gradients::Device(g) => g.len(),
+        }
+    }
+
+    /// The gradients as host vectors (tests, diagnostics).
+    pub fn to_host(&self) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Gradients::Host(g) => Ok(g.clone()),
+            Gradients::Device(g) => g.iter().map(crate::base::host::read_f32).collect(),
+        }
+    }
+}
+
+/// The f64 norm of host gradients, summed over fixed chunks in order.
+fn host_norm(grads: &[Vec<f32>]) -> f64 {
+    let partial: Vec<f64> = grads
+        .iter()
+        .flat_map(|g| {
+            g.par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+                .collect::<Vec<f64>>()
+        })
+        .collect();
+    partial.iter().sum::<f64>().sqrt()
 }
 
 /// Updates parameters from their gradients; state is kept per parameter, in parameter order.
@@ -99,7 +206,7 @@ pub trait Optimizer: Send {
     ) -> Result<()>;
 }
 
-/// Applies `f` to a parameter's f32 data in place.
+/// Applies `f` to a parameter's f32 data in place (host kernels).
 pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
     // The op is called through `&self`: the closure sits behind a mutex.
     struct HostUpdate<F>(std::sync::Mutex<F>);
@@ -108,6 +215,7 @@ pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
             "host-update"
         }
         fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+            crate::base::host::host_kernel_ran();
             let Some((a, b)) = layout.contiguous_offsets() else {
                 candle_core::bail!("parameter must be contiguous")
             };
@@ -123,7 +231,7 @@ pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
     if var.device().is_cpu() && var.dtype() == DType::F32 {
         var.as_tensor().inplace_op1(&HostUpdate(std::sync::Mutex::new(f)))?;
     } else {
-        // Other devices and dtypes (e.g. bf16 weights in mixed precision): through an f32 host copy.
+        // Other devices and dtypes: through an f32 host copy (host kernels only).
         let mut f = f;
         let mut host = host_data(var)?;
         f(&mut host);
@@ -134,70 +242,144 @@ pub fn update_param(var: &Var, f: impl FnMut(&mut [f32]) + Send) -> Result<()> {
 
 /// A parameter's data on the host.
 pub fn host_data(var: &Var) -> Result<Vec<f32>> {
-    Ok(var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+    crate::base::host::read_f32(var.as_tensor())
+}
+
+/// Rescales each row of a (rows, d) parameter to unit L2 norm (rows of zeros stay zero).
+pub fn normalize_rows(var: &Var, d: usize, kernels: Kernels) -> Result<()> {
+    if kernels.is_host() {
+        return update_param(var, |w| crate::base::cpu::normalize_rows(w, d));
+    }
+    let w = var.as_tensor().detach();
+    let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let positive = norm.gt(&norm.zeros_like()?)?;
+    let safe = positive.where_cond(&norm, &norm.ones_like()?)?;
+    var.set(&w.broadcast_div(&safe)?)?;
+    Ok(())
 }
 
 fn check_sizes(params: &[&Var], grads: &Gradients, state: usize) -> Result<()> {
     ensure!(
-        params.len() == state && grads.0.len() == state,
+        params.len() == state && grads.len() == state,
         "optimizer state does not match the parameters"
     );
-    for (p, g) in params.iter().zip(&grads.0) {
-        ensure!(p.elem_count() == g.len(), "gradient size does not match its parameter");
+    if let Gradients::Host(grads) = grads {
+        for (p, g) in params.iter().zip(grads) {
+            ensure!(p.elem_count() == g.len(), "gradient size does not match its parameter");
+        }
     }
     Ok(())
 }
 
-/// A state tensor of `size` f32 values from a checkpoint.
-fn saved_vector(
-    tensors: &HashMap<String, Tensor>,
-    key: &str,
-    size: usize,
-    source: &str,
-) -> Result<Vec<f32>> {
-    let t = tensors.get(key).with_context(|| format!("{source}: missing `{key}`"))?;
-    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    ensure!(v.len() == size, "{source}: `{key}` has {} values, the parameter {size}", v.len());
-    Ok(v)
+/// Per-parameter state buffers: host vectors or device tensors (f32, shaped like the parameter).
+enum Buffers {
+    Host(Vec<Vec<f32>>),
+    Device(Vec<Tensor>),
 }
 
-fn saved_steps(tensors: &HashMap<String, Tensor>, source: &str) -> Result<u64> {
-    let t = tensors.get(STEPS_KEY).with_context(|| format!("{source}: missing `{STEPS_KEY}`"))?;
-    Ok(t.to_dtype(DType::I64)?.to_vec0::<i64>()?.max(0) as u64)
+impl Buffers {
+    fn zeros(params: &[&Var], kernels: Kernels) -> Result<Self> {
+        Ok(match kernels {
+            Kernels::Host => {
+                Buffers::Host(params.iter().map(|p| vec![0.0; p.elem_count()]).collect())
+            }
+            Kernels::Portable => Buffers::Device(
+                params
+                    .iter()
+                    .map(|p| p.as_tensor().zeros_like()?.to_dtype(DType::F32))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Buffers::Host(b) => b.len(),
+            Buffers::Device(b) => b.len(),
+        }
+    }
+
+    /// The buffers as CPU tensors under `<prefix>.<name>`.
+    fn save(&self, prefix: &str, names: &[&str], out: &mut HashMap<String, Tensor>) -> Result<()> {
+        for (i, name) in names.iter().enumerate() {
+            let t = match self {
+                Buffers::Host(b) => Tensor::from_slice(&b[i], b[i].len(), &Device::Cpu)?,
+                Buffers::Device(b) => b[i].flatten_all()?.to_device(&Device::Cpu)?,
+            };
+            out.insert(format!("{prefix}.{name}"), t);
+        }
+        Ok(())
+    }
+
+    fn load(
+        &mut self,
+        prefix: &str,
+        names: &[&str],
+        tensors: &HashMap<String, Tensor>,
+        source: &str,
+    ) -> Result<()> {
+        ensure!(names.len() == self.len(), "{source}: optimizer state of another model");
+        for (i, name) in names.iter().enumerate() {
+            let key = format!("{prefix}.{name}");
+            let t = tensors.get(&key).with_context(|| format!("{source}: missing `{key}`"))?;
+            let t = t.flatten_all()?.to_dtype(DType::F32)?;
+            match self {
+                Buffers::Host(b) => {
+                    ensure!(t.elem_count() == b[i].len(), "{source}: `{key}` has the wrong size");
+                    b[i] = t.to_vec1()?;
+                }
+                Buffers::Device(b) => {
+                    ensure!(
+                        t.elem_count() == b[i].elem_count(),
+                        "{source}: `{key}` has the wrong size"
+                    );
+                    b[i] = t.reshape(b[i].shape())?.to_device(b[i].device())?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 const STEPS_KEY: &str = "optimizer_steps";
 
-fn steps_tensor(steps: u64) -> Result<Tensor> {
-    Ok(Tensor::new(steps as i64, &Device::Cpu)?)
+fn save_steps(steps: u64, out: &mut HashMap<String, Tensor>) -> Result<()> {
+    out.insert(STEPS_KEY.to_string(), Tensor::new(steps as i64, &Device::Cpu)?);
+    Ok(())
+}
+
+fn load_steps(tensors: &HashMap<String, Tensor>, source: &str) -> Result<u64> {
+    let t = tensors.get(STEPS_KEY).with_context(|| format!("{source}: missing `{STEPS_KEY}`"))?;
+    Ok(t.to_dtype(DType::I64)?.to_vec0::<i64>()?.max(0) as u64)
 }
 
 /// Adam with PyTorch's update: p -= lr/(1−β₁ᵗ) · m / (√(v/(1−β₂ᵗ)) + eps).
-#[derive(Clone, Debug)]
 pub struct Adam {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub steps: u64,
-    /// First and second moments per parameter, in parameter order.
-    moments: Vec<(Vec<f32>, Vec<f32>)>,
+    /// First and second moments per parameter.
+    m: Buffers,
+    v: Buffers,
 }
 
 impl Adam {
-    pub fn new(sizes: &[usize], betas: [f64; 2], eps: f64) -> Self {
-        Self {
+    pub fn new(params: &[&Var], betas: [f64; 2], eps: f64, kernels: Kernels) -> Result<Self> {
+        Ok(Self {
             beta1: betas[0],
             beta2: betas[1],
             eps,
             steps: 0,
-            moments: sizes.iter().map(|&n| (vec![0.0; n], vec![0.0; n])).collect(),
-        }
+            m: Buffers::zeros(params, kernels)?,
+            v: Buffers::zeros(params, kernels)?,
+        })
     }
 }
 
 impl Optimizer for Adam {
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
-        check_sizes(params, grads, self.moments.len())?;
+        check_sizes(params, grads, self.m.len())?;
         self.steps += 1;
         let t = self.steps as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
@@ -205,27 +387,46 @@ impl Optimizer for Adam {
         let (b1, b2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
         let step_size = (lr / bc1) as f32;
         let inv_bc2_sqrt = (1.0 / bc2_sqrt) as f32;
-        for ((var, grad), (m, v)) in params.iter().zip(&grads.0).zip(self.moments.iter_mut()) {
-            m.par_iter_mut().zip(v.par_iter_mut()).zip(grad.par_iter()).for_each(|((m, v), &g)| {
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-            });
-            let (m, v) = (&*m, &*v);
-            update_param(var, |p| {
-                p.par_iter_mut().zip(m.par_iter()).zip(v.par_iter()).for_each(|((p, &m), &v)| {
-                    *p -= step_size * m / (v.sqrt() * inv_bc2_sqrt + eps);
-                });
-            })?;
+        match (grads, &mut self.m, &mut self.v) {
+            (Gradients::Host(grads), Buffers::Host(ms), Buffers::Host(vs)) => {
+                for ((var, grad), (m, v)) in params.iter().zip(grads).zip(ms.iter_mut().zip(vs)) {
+                    m.par_iter_mut().zip(v.par_iter_mut()).zip(grad.par_iter()).for_each(
+                        |((m, v), &g)| {
+                            *m = b1 * *m + (1.0 - b1) * g;
+                            *v = b2 * *v + (1.0 - b2) * g * g;
+                        },
+                    );
+                    let (m, v) = (&*m, &*v);
+                    update_param(var, |p| {
+                        p.par_iter_mut().zip(m.par_iter()).zip(v.par_iter()).for_each(
+                            |((p, &m), &v)| {
+                                *p -= step_size * m / (v.sqrt() * inv_bc2_sqrt + eps);
+                            },
+                        );
+                    })?;
+                }
+            }
+            (Gradients::Device(grads), Buffers::Device(ms), Buffers::Device(vs)) => {
+                for ((var, g), (m, v)) in params.iter().zip(grads).zip(ms.iter_mut().zip(vs)) {
+                    let g = g.reshape(m.shape())?;
+                    *m = (m.affine(b1 as f64, 0.0)? + g.affine((1.0 - b1) as f64, 0.0)?)?;
+                    *v = (v.affine(b2 as f64, 0.0)? + g.sqr()?.affine((1.0 - b2) as f64, 0.0)?)?;
+                    let denom = v.sqrt()?.affine(inv_bc2_sqrt as f64, eps as f64)?;
+                    let update = m.affine(step_size as f64, 0.0)?.div(&denom)?;
+                    let p = var.as_tensor();
+                    var.set(&(p - update.to_dtype(p.dtype())?)?)?;
+                }
+            }
+            _ => anyhow::bail!("optimizer state and gradients come from different kernels"),
         }
         Ok(())
     }
 
     fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::from([(STEPS_KEY.to_string(), steps_tensor(self.steps)?)]);
-        for (name, (m, v)) in names.iter().zip(&self.moments) {
-            out.insert(format!("adam_m.{name}"), Tensor::from_slice(m, m.len(), &Device::Cpu)?);
-            out.insert(format!("adam_v.{name}"), Tensor::from_slice(v, v.len(), &Device::Cpu)?);
-        }
+        let mut out = HashMap::new();
+        save_steps(self.steps, &mut out)?;
+        self.m.save("adam_m", names, &mut out)?;
+        self.v.save("adam_v", names, &mut out)?;
         Ok(out)
     }
 
@@ -235,27 +436,40 @@ impl Optimizer for Adam {
         tensors: &HashMap<String, Tensor>,
         source: &str,
     ) -> Result<()> {
-        ensure!(names.len() == self.moments.len(), "{source}: optimizer state of another model");
-        for (name, (m, v)) in names.iter().zip(self.moments.iter_mut()) {
-            *m = saved_vector(tensors, &format!("adam_m.{name}"), m.len(), source)?;
-            *v = saved_vector(tensors, &format!("adam_v.{name}"), v.len(), source)?;
-        }
-        self.steps = saved_steps(tensors, source)?;
+        self.m.load("adam_m", names, tensors, source)?;
+        self.v.load("adam_v", names, tensors, source)?;
+        self.steps = load_steps(tensors, source)?;
         Ok(())
     }
 }
 
+/// Multiplies a parameter by `factor` (decoupled weight decay).
+fn scale_param(var: &Var, factor: f64, kernels: Kernels) -> Result<()> {
+    if kernels.is_host() {
+        let factor = factor as f32;
+        update_param(var, |p| p.par_iter_mut().for_each(|x| *x *= factor))
+    } else {
+        Ok(var.set(&var.as_tensor().affine(factor, 0.0)?)?)
+    }
+}
+
 /// AdamW: Adam's update plus decoupled weight decay p -= lr · wd · p, per parameter.
-#[derive(Clone, Debug)]
 pub struct AdamW {
     adam: Adam,
     decay: Vec<f64>,
+    kernels: Kernels,
 }
 
 impl AdamW {
     /// `decay[i]`: weight decay of parameter i.
-    pub fn new(sizes: &[usize], betas: [f64; 2], eps: f64, decay: Vec<f64>) -> Self {
-        Self { adam: Adam::new(sizes, betas, eps), decay }
+    pub fn new(
+        params: &[&Var],
+        betas: [f64; 2],
+        eps: f64,
+        decay: Vec<f64>,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        Ok(Self { adam: Adam::new(params, betas, eps, kernels)?, decay, kernels })
     }
 }
 
@@ -264,8 +478,7 @@ impl Optimizer for AdamW {
         check_sizes(params, grads, self.decay.len())?;
         for (var, &wd) in params.iter().zip(&self.decay) {
             if wd > 0.0 {
-                let factor = (1.0 - lr * wd) as f32;
-                update_param(var, |p| p.par_iter_mut().for_each(|x| *x *= factor))?;
+                scale_param(var, 1.0 - lr * wd, self.kernels)?;
             }
         }
         self.adam.step(params, grads, lr)
@@ -287,25 +500,24 @@ impl Optimizer for AdamW {
 
 /// SGD with momentum (PyTorch's rule: v = μ v + g, step = g + μ v with Nesterov, else v) and
 /// coupled weight decay (g += wd · p, per parameter), as torchvision's reference recipes use.
-#[derive(Clone, Debug)]
 pub struct Sgd {
     momentum: f64,
     nesterov: bool,
     decay: Vec<f64>,
-    buffers: Vec<Vec<f32>>,
+    buffers: Buffers,
     steps: u64,
 }
 
 impl Sgd {
     /// `decay[i]`: weight decay of parameter i.
-    pub fn new(sizes: &[usize], momentum: f64, nesterov: bool, decay: Vec<f64>) -> Self {
-        Self {
-            momentum,
-            nesterov,
-            decay,
-            buffers: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            steps: 0,
-        }
+    pub fn new(
+        params: &[&Var],
+        momentum: f64,
+        nesterov: bool,
+        decay: Vec<f64>,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        Ok(Self { momentum, nesterov, decay, buffers: Buffers::zeros(params, kernels)?, steps: 0 })
     }
 }
 
@@ -315,35 +527,56 @@ impl Optimizer for Sgd {
         let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
         self.steps += 1;
         let lr = lr as f32;
-        for (((var, grad), buf), &wd) in
-            params.iter().zip(&grads.0).zip(self.buffers.iter_mut()).zip(&self.decay)
-        {
-            let wd = wd as f32;
-            update_param(var, |p| {
-                p.par_iter_mut().zip(buf.par_iter_mut()).zip(grad.par_iter()).for_each(
-                    |((p, b), &g)| {
-                        let g = g + wd * *p;
-                        *b = if first { g } else { mu * *b + g };
-                        let step = if mu == 0.0 {
-                            g
-                        } else if nesterov {
-                            g + mu * *b
-                        } else {
-                            *b
-                        };
-                        *p -= lr * step;
-                    },
-                );
-            })?;
+        match (grads, &mut self.buffers) {
+            (Gradients::Host(grads), Buffers::Host(buffers)) => {
+                for (((var, grad), buf), &wd) in
+                    params.iter().zip(grads).zip(buffers.iter_mut()).zip(&self.decay)
+                {
+                    let wd = wd as f32;
+                    update_param(var, |p| {
+                        p.par_iter_mut().zip(buf.par_iter_mut()).zip(grad.par_iter()).for_each(
+                            |((p, b), &g)| {
+                                let g = g + wd * *p;
+                                *b = if first { g } else { mu * *b + g };
+                                let step = if mu == 0.0 {
+                                    g
+                                } else if nesterov {
+                                    g + mu * *b
+                                } else {
+                                    *b
+                                };
+                                *p -= lr * step;
+                            },
+                        );
+                    })?;
+                }
+            }
+            (Gradients::Device(grads), Buffers::Device(buffers)) => {
+                for (((var, g), buf), &wd) in
+                    params.iter().zip(grads).zip(buffers.iter_mut()).zip(&self.decay)
+                {
+                    let p = var.as_tensor();
+                    let g = (g.reshape(p.shape())? + p.to_dtype(DType::F32)?.affine(wd, 0.0)?)?;
+                    *buf = if first { g.clone() } else { (buf.affine(mu as f64, 0.0)? + &g)? };
+                    let step = if mu == 0.0 {
+                        g
+                    } else if nesterov {
+                        (&g + buf.affine(mu as f64, 0.0)?)?
+                    } else {
+                        buf.clone()
+                    };
+                    var.set(&(p - step.affine(lr as f64, 0.0)?.to_dtype(p.dtype())?)?)?;
+                }
+            }
+            _ => anyhow::bail!("optimizer state and gradients come from different kernels"),
         }
         Ok(())
     }
 
     fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>> {
-        let mut out = HashMap::from([(STEPS_KEY.to_string(), steps_tensor(self.steps)?)]);
-        for (name, b) in names.iter().zip(&self.buffers) {
-            out.insert(format!("momentum.{name}"), Tensor::from_slice(b, b.len(), &Device::Cpu)?);
-        }
+        let mut out = HashMap::new();
+        save_steps(self.steps, &mut out)?;
+        self.buffers.save("momentum", names, &mut out)?;
         Ok(out)
     }
 
@@ -353,11 +586,8 @@ impl Optimizer for Sgd {
         tensors: &HashMap<String, Tensor>,
         source: &str,
     ) -> Result<()> {
-        ensure!(names.len() == self.buffers.len(), "{source}: optimizer state of another model");
-        for (name, b) in names.iter().zip(self.buffers.iter_mut()) {
-            *b = saved_vector(tensors, &format!("momentum.{name}"), b.len(), source)?;
-        }
-        self.steps = saved_steps(tensors, source)?;
+        self.buffers.load("momentum", names, tensors, source)?;
+        self.steps = load_steps(tensors, source)?;
         Ok(())
     }
 }
@@ -370,69 +600,107 @@ mod tests {
         Var::from_tensor(&Tensor::new(values, &Device::Cpu).unwrap()).unwrap()
     }
 
-    #[test]
-    fn adam_matches_the_pytorch_rule() {
-        let var = var(&[1.0, -2.0]);
-        let mut adam = Adam::new(&[2], [0.9, 0.999], 1e-8);
-        adam.step(&[&var], &Gradients(vec![vec![0.5, -1.0]]), 0.1).unwrap();
-        // Step 1: m̂ = g, v̂ = g², update = lr · g/(|g| + eps) ≈ ±lr.
-        let p = var.as_tensor().to_vec1::<f32>().unwrap();
-        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] + 1.9).abs() < 1e-6, "{p:?}");
-        adam.step(&[&var], &Gradients(vec![vec![0.0, 0.0]]), 0.1).unwrap();
-        // Step 2 with g = 0: m = 0.9·0.05 → m̂ = 0.045/0.19; v̂ = 0.999·0.00025/0.001999.
-        let m_hat = 0.9 * 0.05 / (1.0 - 0.81);
-        let v_hat = 0.999 * 0.001 * 0.25 / (1.0 - 0.999f64.powi(2));
-        let expect = 0.9 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
-        let p = var.as_tensor().to_vec1::<f32>().unwrap();
-        assert!((p[0] as f64 - expect).abs() < 1e-5, "{} vs {expect}", p[0]);
+    fn values(v: &Var) -> Vec<f32> {
+        v.as_tensor().to_vec1::<f32>().unwrap()
+    }
+
+    fn grads(kernels: Kernels, g: &[&[f32]]) -> Gradients {
+        match kernels {
+            Kernels::Host => Gradients::Host(g.iter().map(|g| g.to_vec()).collect()),
+            Kernels::Portable => Gradients::Device(
+                g.iter().map(|g| Tensor::new(*g, &Device::Cpu).unwrap()).collect(),
+            ),
+        }
     }
 
     #[test]
-    fn state_round_trips_under_parameter_names() {
+    fn adam_matches_the_pytorch_rule_with_both_kernels() {
+        for kernels in [Kernels::Host, Kernels::Portable] {
+            let p = var(&[1.0, -2.0]);
+            let mut adam = Adam::new(&[&p], [0.9, 0.999], 1e-8, kernels).unwrap();
+            adam.step(&[&p], &grads(kernels, &[&[0.5, -1.0]]), 0.1).unwrap();
+            // Step 1: m̂ = g, v̂ = g², update = lr · g/(|g| + eps) ≈ ±lr.
+            let v = values(&p);
+            assert!((v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6, "{v:?}");
+            adam.step(&[&p], &grads(kernels, &[&[0.0, 0.0]]), 0.1).unwrap();
+            // Step 2 with g = 0: m = 0.9·0.05 → m̂ = 0.045/0.19; v̂ = 0.999·0.00025/0.001999.
+            let m_hat = 0.9 * 0.05 / (1.0 - 0.81);
+            let v_hat = 0.999 * 0.001 * 0.25 / (1.0 - 0.999f64.powi(2));
+            let expect = 0.9 - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
+            assert!((values(&p)[0] as f64 - expect).abs() < 1e-5, "{kernels:?}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips_under_parameter_names_across_kernels() {
         let (a, b) = (var(&[1.0, 2.0]), var(&[3.0]));
-        let mut adam = Adam::new(&[2, 1], [0.9, 0.999], 1e-8);
-        adam.step(&[&a, &b], &Gradients(vec![vec![0.1, 0.2], vec![0.3]]), 0.01).unwrap();
+        let mut adam = Adam::new(&[&a, &b], [0.9, 0.999], 1e-8, Kernels::Host).unwrap();
+        adam.step(&[&a, &b], &grads(Kernels::Host, &[&[0.1, 0.2], &[0.3]]), 0.01).unwrap();
         let saved = adam.state(&["a", "b"]).unwrap();
         assert!(saved.contains_key("adam_m.a") && saved.contains_key("adam_v.b"));
-        let mut restored = Adam::new(&[2, 1], [0.9, 0.999], 1e-8);
-        restored.load_state(&["a", "b"], &saved, "test").unwrap();
-        assert_eq!(restored.steps, 1);
-        assert_eq!(restored.moments, adam.moments);
-        let mut wrong = Adam::new(&[3, 1], [0.9, 0.999], 1e-8);
+        // A portable optimiser continues from a host one's checkpoint, and back.
+        let mut portable = Adam::new(&[&a, &b], [0.9, 0.999], 1e-8, Kernels::Portable).unwrap();
+        portable.load_state(&["a", "b"], &saved, "test").unwrap();
+        assert_eq!(portable.steps, 1);
+        let again = portable.state(&["a", "b"]).unwrap();
+        for key in ["adam_m.a", "adam_v.a", "adam_m.b", "adam_v.b"] {
+            assert_eq!(
+                saved[key].to_vec1::<f32>().unwrap(),
+                again[key].to_vec1::<f32>().unwrap(),
+                "{key}"
+            );
+        }
+        let c = var(&[1.0, 2.0, 3.0]);
+        let mut wrong = Adam::new(&[&c, &b], [0.9, 0.999], 1e-8, Kernels::Host).unwrap();
         let e = wrong.load_state(&["a", "b"], &saved, "test").unwrap_err().to_string();
         assert!(e.contains("adam_m.a"), "{e}");
-
-        let mut sgd = Sgd::new(&[2], 0.9, true, vec![0.0]);
-        sgd.step(&[&a], &Gradients(vec![vec![1.0, 1.0]]), 0.1).unwrap();
-        let saved = sgd.state(&["a"]).unwrap();
-        let mut restored = Sgd::new(&[2], 0.9, true, vec![0.0]);
-        restored.load_state(&["a"], &saved, "test").unwrap();
-        assert_eq!((restored.steps, &restored.buffers), (1, &sgd.buffers));
     }
 
     #[test]
-    fn sgd_momentum_nesterov_and_coupled_decay() {
-        let p = var(&[1.0]);
-        let mut sgd = Sgd::new(&[1], 0.5, false, vec![0.1]);
-        sgd.step(&[&p], &Gradients(vec![vec![1.0]]), 0.1).unwrap();
-        // g = 1 + 0.1·1 = 1.1; b = g; p = 1 − 0.11.
-        assert!((p.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.89).abs() < 1e-6);
-        sgd.step(&[&p], &Gradients(vec![vec![0.0]]), 0.1).unwrap();
-        // g = 0.089; b = 0.5·1.1 + 0.089 = 0.639; p = 0.89 − 0.0639.
-        assert!((p.as_tensor().to_vec1::<f32>().unwrap()[0] - 0.8261).abs() < 1e-6);
+    fn sgd_momentum_nesterov_and_coupled_decay_with_both_kernels() {
+        for kernels in [Kernels::Host, Kernels::Portable] {
+            let p = var(&[1.0]);
+            let mut sgd = Sgd::new(&[&p], 0.5, false, vec![0.1], kernels).unwrap();
+            sgd.step(&[&p], &grads(kernels, &[&[1.0]]), 0.1).unwrap();
+            // g = 1 + 0.1·1 = 1.1; b = g; p = 1 − 0.11.
+            assert!((values(&p)[0] - 0.89).abs() < 1e-6);
+            sgd.step(&[&p], &grads(kernels, &[&[0.0]]), 0.1).unwrap();
+            // g = 0.089; b = 0.5·1.1 + 0.089 = 0.639; p = 0.89 − 0.0639.
+            assert!((values(&p)[0] - 0.8261).abs() < 1e-6, "{kernels:?}");
+            let q = var(&[1.0]);
+            let mut nesterov = Sgd::new(&[&q], 0.5, true, vec![0.0], kernels).unwrap();
+            nesterov.step(&[&q], &grads(kernels, &[&[1.0]]), 0.1).unwrap();
+            // b = 1; step = g + μ b = 1.5.
+            assert!((values(&q)[0] - 0.85).abs() < 1e-6);
+        }
     }
 
     #[test]
-    fn clipping_and_projection() {
-        let mut grads = Gradients(vec![vec![3.0, 0.0], vec![4.0]]);
-        let before = grads.clip_global_norm(1.0);
-        assert!((before - 5.0).abs() < 1e-9);
-        assert!((grads.global_norm() - 1.0).abs() < 1e-5);
-        let w = [0.6f32, 0.8, 1.0, 0.0];
-        let mut g = Gradients(vec![vec![1.0, 1.0, 2.0, 3.0]]);
-        g.project_out_parallel(0, &w, 2);
-        let g = &g.0[0];
-        assert!((g[0] * 0.6 + g[1] * 0.8).abs() < 1e-6 && g[2].abs() < 1e-6);
-        assert!((g[3] - 3.0).abs() < 1e-6);
+    fn clipping_and_projection_with_both_kernels() {
+        for kernels in [Kernels::Host, Kernels::Portable] {
+            let mut g = grads(kernels, &[&[3.0, 0.0], &[4.0]]);
+            let before = g.clip_global_norm(1.0).unwrap().to_dtype(DType::F64).unwrap();
+            assert!((before.to_scalar::<f64>().unwrap() - 5.0).abs() < 1e-6);
+            let after = g.global_norm().unwrap().to_dtype(DType::F64).unwrap();
+            assert!((after.to_scalar::<f64>().unwrap() - 1.0).abs() < 1e-5);
+            let w =
+                Var::from_tensor(&Tensor::new(&[[0.6f32, 0.8], [1.0, 0.0]], &Device::Cpu).unwrap())
+                    .unwrap();
+            let mut g = match kernels {
+                Kernels::Host => Gradients::Host(vec![vec![1.0, 1.0, 2.0, 3.0]]),
+                Kernels::Portable => {
+                    Gradients::Device(vec![
+                        Tensor::new(&[[1.0f32, 1.0], [2.0, 3.0]], &Device::Cpu).unwrap()
+                    ])
+                }
+            };
+            g.project_out_parallel(0, &w, 2).unwrap();
+            let g = match g {
+                Gradients::Host(g) => g[0].clone(),
+                Gradients::Device(g) => g[0].flatten_all().unwrap().to_vec1().unwrap(),
+            };
+            assert!((g[0] * 0.6 + g[1] * 0.8).abs() < 1e-6 && g[2].abs() < 1e-6, "{kernels:?}");
+            assert!((g[3] - 3.0).abs() < 1e-6);
+        }
     }
 }

@@ -10,19 +10,20 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::full_mono::{self, FullMonoGradient};
-use super::optim::{update_param, Adam, Gradients, Optimizer};
+use super::optim::{self, Adam, Gradients, Optimizer};
 use super::run_dir::{self, MetricsLog, RunDir};
 use super::schedule::Schedule;
 use crate::base::config::Config;
-use crate::base::cpu::normalize_rows;
+use crate::base::cpu::with_cpu_slice;
+use crate::base::host::{self, Kernels};
 use crate::data::store::FeatureStore;
 use crate::layout::FINAL_SAE_DIR;
-use crate::monoscore::MonoLossStats;
+use crate::monoscore::{batch_mono_loss, BatchMono};
 use crate::sae::{self, checkpoint, ops, ForwardPass, Sae, SaeSpec};
 
 /// The stores a training run reads.
@@ -65,7 +66,7 @@ impl StepSettings {
     }
 }
 
-/// What one step measured.
+/// What one step measured, read to the host (on logged steps).
 #[derive(Clone, Debug, Serialize)]
 pub struct StepOutcome {
     pub loss: f64,
@@ -81,6 +82,44 @@ pub struct StepOutcome {
     pub grad_norm: f64,
     /// Exact full-dataset MonoScore, on steps that took the full-dataset MonoLoss (period > 1).
     pub full_mono_score: Option<f64>,
+}
+
+/// What one step measured, as scalar tensors on the device: nothing is read to the host until
+/// `read` (logged steps), so a GPU step does not wait for the host.
+pub struct StepScalars {
+    loss: Tensor,
+    reconstruction: Tensor,
+    terms: Vec<(&'static str, Tensor)>,
+    mono: Option<BatchMono>,
+    /// Whether the MonoLoss was trained on (else only measured).
+    mono_trained: bool,
+    l0: Tensor,
+    dead: Tensor,
+    grad_norm: Tensor,
+    full_mono_score: Option<Tensor>,
+}
+
+impl StepScalars {
+    pub fn read(&self) -> Result<StepOutcome> {
+        let read = |t: &Tensor| host::read_scalar(t);
+        let mut terms = HashMap::new();
+        for (name, t) in &self.terms {
+            terms.insert(name.to_string(), read(t)?);
+        }
+        let mono = self.mono.as_ref();
+        Ok(StepOutcome {
+            loss: read(&self.loss)?,
+            reconstruction: read(&self.reconstruction)?,
+            terms,
+            mono_loss: mono.filter(|_| self.mono_trained).map(|m| read(&m.loss)).transpose()?,
+            mono_score: mono.map(|m| read(&m.mean_score)).transpose()?,
+            mono_active: mono.map(|m| read(&m.n_active).map(|n| n as usize)).transpose()?,
+            l0: read(&self.l0)?,
+            dead: read(&self.dead)? as usize,
+            grad_norm: read(&self.grad_norm)?,
+            full_mono_score: self.full_mono_score.as_ref().map(read).transpose()?,
+        })
+    }
 }
 
 /// A metrics.jsonl line.
@@ -110,34 +149,38 @@ const SINCE_FIRED: &str = "samples_since_fired";
 pub struct SaeTrainer {
     pub sae: Box<dyn Sae>,
     optimizer: Adam,
-    /// Training samples since each latent last fired.
-    since_fired: Vec<u64>,
+    /// (M,) training samples since each latent last fired, capped at `dead_after` (f32 on the
+    /// SAE's device: exact, since `sae.dead_after` ≤ 2^24).
+    since_fired: Tensor,
     /// Steps done.
     step: usize,
     settings: StepSettings,
+    kernels: Kernels,
 }
 
 /// The losses of one forward pass: the total (a graph), and the measurements.
 struct Losses {
     total: Tensor,
-    reconstruction: f64,
-    terms: HashMap<String, f64>,
-    mono_loss: Option<f64>,
-    mono: Option<MonoLossStats>,
+    reconstruction: Tensor,
+    terms: Vec<(&'static str, Tensor)>,
+    mono: Option<BatchMono>,
 }
 
 impl SaeTrainer {
     /// A fresh SAE of `spec` and its optimiser, as `config` says.
     pub fn new(config: &Config, spec: &SaeSpec, device: &Device) -> Result<Self> {
-        let sae = sae::build(spec, config.run.seed, device)?;
-        let sizes: Vec<usize> = sae.params().named().iter().map(|(_, v)| v.elem_count()).collect();
-        let optimizer = Adam::new(&sizes, config.train.adam_betas, config.train.adam_eps);
+        let kernels = Kernels::choose(config.run.ops, device);
+        let sae = sae::build(spec, config.run.seed, device, kernels)?;
+        let named = sae.params().named();
+        let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
+        let optimizer = Adam::new(&vars, config.train.adam_betas, config.train.adam_eps, kernels)?;
         Ok(Self {
-            sae,
             optimizer,
-            since_fired: vec![0; spec.n_latents],
+            since_fired: Tensor::zeros(spec.n_latents, DType::F32, device)?,
             step: 0,
             settings: StepSettings::from_config(config)?,
+            kernels,
+            sae,
         })
     }
 
@@ -146,9 +189,9 @@ impl SaeTrainer {
         self.step
     }
 
-    /// Which latents count as dead now.
-    fn dead_mask(&self) -> Vec<bool> {
-        self.since_fired.iter().map(|&s| s >= self.settings.dead_after).collect()
+    /// `since_fired` ≥ this counts as dead.
+    fn dead_after(&self) -> Result<Tensor> {
+        Ok(self.since_fired.ones_like()?.affine(0.0, self.settings.dead_after as f64)?)
     }
 
     /// Reconstruction + extra terms + λ·batch MonoLoss. With λ = 0 the batch MonoScore is
@@ -157,40 +200,37 @@ impl SaeTrainer {
         &self,
         pass: &ForwardPass,
         similarity: &Tensor,
-        dead: &[bool],
+        dead: &Tensor,
         measure_mono: bool,
     ) -> Result<Losses> {
         let reconstruction = self.sae.reconstruction_loss(pass)?;
         let mut total = reconstruction.clone();
-        let mut terms = HashMap::new();
-        for (name, term) in self.sae.extra_losses(pass, dead)? {
-            terms.insert(name.to_string(), term.to_scalar::<f32>()? as f64);
+        let terms = self.sae.extra_losses(pass, dead)?;
+        for (_, term) in &terms {
             total = (total + term)?;
         }
-        let (mono_loss, mono) = match &pass.mono {
-            Some((loss, stats)) => {
-                total = (total + (loss * self.settings.batch_lambda())?)?;
-                (Some(loss.to_scalar::<f32>()? as f64), Some(*stats))
+        let terms = terms.into_iter().map(|(n, t)| (n, t.detach())).collect();
+        let mono = match &pass.mono {
+            Some(mono) => {
+                total = (total + (&mono.loss * self.settings.batch_lambda())?)?;
+                Some(BatchMono {
+                    loss: mono.loss.detach(),
+                    mean_score: mono.mean_score.clone(),
+                    n_active: mono.n_active.clone(),
+                })
             }
             None if measure_mono => {
                 let latents = pass.latents().detach();
-                let (_, stats) = crate::monoscore::batch_mono_loss(
-                    &latents,
-                    similarity,
-                    self.settings.eps,
-                    None,
-                )?;
-                (None, Some(stats))
+                Some(batch_mono_loss(&latents, similarity, self.settings.eps, None, self.kernels)?)
             }
-            None => (None, None),
+            None => None,
         };
-        let reconstruction = reconstruction.to_scalar::<f32>()? as f64;
-        Ok(Losses { total, reconstruction, terms, mono_loss, mono })
+        Ok(Losses { total, reconstruction: reconstruction.detach(), terms, mono })
     }
 
     /// One optimisation step on a batch `input` (B, D) with its similarity embeddings (B, D');
     /// `full` adds λ times the full-dataset MonoLoss gradient; `measure_mono` asks for the
-    /// batch MonoScore even when it is not trained on (for logging).
+    /// batch MonoScore even when it is not trained on (for logging). Nothing is read to the host.
     pub fn step(
         &mut self,
         input: &Tensor,
@@ -198,9 +238,10 @@ impl SaeTrainer {
         lr: f64,
         full: Option<FullMonoGradient>,
         measure_mono: bool,
-    ) -> Result<StepOutcome> {
+    ) -> Result<StepScalars> {
         let (b, d) = input.dims2()?;
-        let dead = self.dead_mask();
+        let cap = self.dead_after()?;
+        let dead = self.since_fired.ge(&cap)?;
         let batch_lambda = self.settings.batch_lambda();
         let mono = (batch_lambda > 0.0).then_some(ops::MonoTerm {
             similarity,
@@ -209,40 +250,41 @@ impl SaeTrainer {
         });
         let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono)?;
         let losses = self.losses(&pass, similarity, &dead, measure_mono)?;
-        let loss = losses.total.to_scalar::<f32>()? as f64;
-        ensure!(loss.is_finite(), "training diverged: loss is {loss}");
 
         let named = self.sae.params().named();
-        let vars: Vec<&candle_core::Var> = named.iter().map(|(_, v)| *v).collect();
-        let mut grads = Gradients::from_store(&losses.total.backward()?, &vars)?;
-        let full_mono_score = full.map(|full| {
-            grads.add_scaled(&full.grads, self.settings.lambda as f32);
-            full.mean_score
-        });
+        let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
+        let mut grads = Gradients::from_store(&losses.total.backward()?, &vars, self.kernels)?;
+        let full_mono_score = match full {
+            Some(full) => {
+                grads.add_scaled(&full.grads, self.settings.lambda)?;
+                Some(full.mean_score)
+            }
+            None => None,
+        };
         let dec = named.iter().position(|(n, _)| *n == "W_dec").expect("every SAE has W_dec");
-        grads.project_out_parallel(dec, &super::optim::host_data(vars[dec])?, d);
+        grads.project_out_parallel(dec, vars[dec], d)?;
         let grad_norm = match self.settings.clip {
-            Some(max) => grads.clip_global_norm(max),
-            None => grads.global_norm(),
+            Some(max) => grads.clip_global_norm(max)?,
+            None => grads.global_norm()?,
         };
         self.optimizer.step(&vars, &grads, lr)?;
-        update_param(&self.sae.params().w_dec, |w| normalize_rows(w, d))?;
-        self.sae.observe_step(&pass);
+        optim::normalize_rows(&self.sae.params().w_dec, d, self.kernels)?;
+        self.sae.observe_step(&pass)?;
 
-        let (fired, nnz) = fired_columns(pass.latents())?;
-        for (s, f) in self.since_fired.iter_mut().zip(&fired) {
-            *s = if *f { 0 } else { s.saturating_add(b as u64) };
-        }
+        // Dead-latent counters: reset where a latent fired, else + B (capped).
+        let fired = column_counts(pass.latents(), self.kernels)?;
+        let grown = (&self.since_fired + b as f64)?.minimum(&cap)?;
+        self.since_fired =
+            fired.gt(&fired.zeros_like()?)?.where_cond(&fired.zeros_like()?, &grown)?;
         self.step += 1;
-        Ok(StepOutcome {
-            loss,
+        Ok(StepScalars {
+            loss: losses.total.detach(),
             reconstruction: losses.reconstruction,
             terms: losses.terms,
-            mono_loss: losses.mono_loss,
-            mono_score: losses.mono.map(|s| s.mean_score),
-            mono_active: losses.mono.map(|s| s.n_active),
-            l0: nnz as f64 / b as f64,
-            dead: dead.iter().filter(|d| **d).count(),
+            mono: losses.mono,
+            mono_trained: batch_lambda > 0.0,
+            l0: (fired.sum_all()? / b as f64)?,
+            dead: dead.to_dtype(DType::F32)?.sum_all()?,
             grad_norm,
             full_mono_score,
         })
@@ -252,17 +294,14 @@ impl SaeTrainer {
     fn save_state(&self, dir: &Path, config: &Config, source: &serde_json::Value) -> Result<()> {
         let names: Vec<&str> = self.sae.params().named().iter().map(|(n, _)| *n).collect();
         let mut tensors = self.optimizer.state(&names)?;
-        let fired: Vec<i64> = self.since_fired.iter().map(|&s| s as i64).collect();
-        tensors.insert(
-            SINCE_FIRED.into(),
-            Tensor::from_vec(fired, self.since_fired.len(), &Device::Cpu)?,
-        );
+        let fired = self.since_fired.to_dtype(DType::I64)?.to_device(&Device::Cpu)?;
+        tensors.insert(SINCE_FIRED.into(), fired);
         let state = TrainerState {
             step: self.step,
             lambda: self.settings.lambda,
             batch_size: config.train.batch_size,
             seed: config.run.seed,
-            extra_state: self.sae.extra_state(),
+            extra_state: self.sae.extra_state()?,
         };
         checkpoint::write_into(
             dir,
@@ -299,7 +338,7 @@ impl SaeTrainer {
             config.run.seed
         );
         let mut trainer = Self::new(config, spec, device)?;
-        trainer.sae = checkpoint::load(dir, device)?;
+        trainer.sae = checkpoint::load(dir, device, trainer.kernels)?;
         trainer.sae.restore_extra_state(&state.extra_state)?;
         let names: Vec<&str> = trainer.sae.params().named().iter().map(|(n, _)| *n).collect();
         let source = dir.join(crate::layout::STATE_TENSORS).display().to_string();
@@ -307,12 +346,12 @@ impl SaeTrainer {
         let fired = tensors
             .get(SINCE_FIRED)
             .with_context(|| format!("{source}: missing `{SINCE_FIRED}`"))?;
-        trainer.since_fired =
-            fired.to_vec1::<i64>()?.into_iter().map(|s| s.max(0) as u64).collect();
         ensure!(
-            trainer.since_fired.len() == spec.n_latents,
+            fired.dims() == [spec.n_latents],
             "{source}: dead-latent counters have the wrong size"
         );
+        let cap = trainer.dead_after()?;
+        trainer.since_fired = fired.to_dtype(DType::F32)?.to_device(device)?.minimum(&cap)?;
         trainer.step = state.step;
         Ok(trainer)
     }
@@ -374,16 +413,24 @@ impl SaeTrainer {
             let done = step + 1;
             let log_now = done.is_multiple_of(config.run.log_every) || done == total;
             let lr = schedule.lr(step);
-            let outcome = self
+            let scalars = self
                 .step(&input, &similarity, lr, full, log_now)
                 .with_context(|| format!("training step {done}"))?;
-            if let Some(score) = outcome.mono_score {
-                bar.set_prefix(format!(
-                    "loss {:.4} L0 {:.1} dead {} mono {score:.3}",
-                    outcome.loss, outcome.l0, outcome.dead
-                ));
-            }
+            // Scalars come to the host on logged steps only (the last step is always logged).
             if log_now {
+                let outcome = scalars.read()?;
+                ensure!(
+                    outcome.loss.is_finite(),
+                    "training diverged: the loss at step {done} is {}",
+                    outcome.loss
+                );
+                bar.set_prefix(format!(
+                    "loss {:.4} L0 {:.1} dead {} mono {}",
+                    outcome.loss,
+                    outcome.l0,
+                    outcome.dead,
+                    outcome.mono_score.map_or("-".into(), |s| format!("{s:.3}"))
+                ));
                 log.write(&StepMetrics { step: done, epoch, lr, outcome })?;
             }
             bar.inc(1);
@@ -426,22 +473,23 @@ pub fn total_steps(config: &Config, rows: usize) -> usize {
     config.train.max_steps.map_or(total, |cap| total.min(cap))
 }
 
-/// Which latents fired in this batch, and how many non-zeros the batch has.
-fn fired_columns(latents: &Tensor) -> Result<(Vec<bool>, usize)> {
+/// (M,) f32: how many rows of `latents` each latent fires on (non-zero entries per column).
+fn column_counts(latents: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    let latents = latents.detach();
+    if !kernels.for_tensor(&latents).is_host() {
+        return Ok(latents.ne(&latents.zeros_like()?)?.to_dtype(DType::F32)?.sum(0)?);
+    }
     let (_, m) = latents.dims2()?;
-    let host = latents.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
-    let host = host.to_vec1::<f32>()?;
-    let mut fired = vec![false; m];
-    let mut nnz = 0;
-    for row in host.chunks_exact(m) {
-        for (f, &v) in fired.iter_mut().zip(row) {
-            if v != 0.0 {
-                *f = true;
-                nnz += 1;
+    let counts = with_cpu_slice(&latents, |host| {
+        let mut counts = vec![0f32; m];
+        for row in host.chunks_exact(m) {
+            for (c, &v) in counts.iter_mut().zip(row) {
+                *c += (v != 0.0) as u8 as f32;
             }
         }
-    }
-    Ok((fired, nnz))
+        counts
+    })?;
+    Ok(Tensor::from_vec(counts, m, &Device::Cpu)?)
 }
 
 /// Checks the inputs against the config before anything is written.

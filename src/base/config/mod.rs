@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub threads: Option<usize>,
     /// Steps between metrics.jsonl lines (SAE training and finetuning).
     pub log_every: usize,
+    /// Kernels: "auto" (host kernels on the CPU) or "portable" (candle ops only, as on GPUs).
+    pub ops: crate::base::host::OpsMode,
 }
 
 impl Default for RunConfig {
@@ -57,6 +59,7 @@ impl Default for RunConfig {
             stages: vec![Stage::Extract, Stage::Train, Stage::Report],
             threads: None,
             log_every: 10,
+            ops: crate::base::host::OpsMode::Auto,
         }
     }
 }

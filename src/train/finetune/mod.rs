@@ -20,6 +20,7 @@ use super::optim::{AdamW, Gradients, Optimizer, Sgd};
 use super::run_dir::{self, MetricsLog, RunDir};
 use super::schedule::Schedule;
 use crate::base::config::{Config, FinetuneConfig, OptimizerKind};
+use crate::base::host::{self, Kernels};
 use crate::data::augment::Augment;
 use crate::data::batch::{load_pixels, shuffled_items};
 use crate::data::images::{class_labels, open_dataset, ImageDataset};
@@ -30,7 +31,7 @@ use crate::layout::{
 };
 use crate::models::params::{DecayGroup, Weights};
 use crate::models::Trainable;
-use crate::monoscore::{batch_mono_loss, MonoLossStats, MonoScoreAccumulator, ScorePath};
+use crate::monoscore::{batch_mono_loss, BatchMono, MonoScoreAccumulator, ScorePath};
 
 /// One prepared batch.
 pub struct Batch {
@@ -71,14 +72,15 @@ pub fn prepare(
     })
 }
 
-/// What one training step measured.
+/// What one training step measured, as scalar tensors on the device (read on logged steps).
 pub struct StepOutcome {
-    pub loss: f64,
-    pub ce: f64,
-    pub mono: MonoLossStats,
-    pub grad_norm: f64,
-    /// Top-1 accuracy of the batch (only when measured).
-    pub top1: f64,
+    pub loss: Tensor,
+    pub ce: Tensor,
+    /// The batch MonoLoss, when trained on or measured.
+    pub mono: Option<BatchMono>,
+    pub grad_norm: Tensor,
+    /// Top-1 accuracy of the batch (only when measured; reading the logits is a host transfer).
+    pub top1: Option<f64>,
 }
 
 /// A metrics.jsonl line of a logged step.
@@ -93,6 +95,24 @@ struct StepLine {
     mono_active: usize,
     batch_top1: f64,
     grad_norm: f64,
+}
+
+impl StepLine {
+    fn read(step: usize, epoch: usize, lr: f64, out: &StepOutcome) -> Result<Self> {
+        let read = host::read_scalar;
+        let mono = out.mono.as_ref().context("logged steps measure the MonoScore")?;
+        Ok(Self {
+            step,
+            epoch,
+            lr,
+            loss: read(&out.loss)?,
+            ce: read(&out.ce)?,
+            mono_score: read(&mono.mean_score)?,
+            mono_active: read(&mono.n_active)? as usize,
+            batch_top1: out.top1.unwrap_or(f64::NAN),
+            grad_norm: read(&out.grad_norm)?,
+        })
+    }
 }
 
 /// A metrics.jsonl line after each epoch.
@@ -140,25 +160,31 @@ pub struct Finetuner {
     history: Vec<EpochRecord>,
 }
 
-fn optimizer_for(f: &FinetuneConfig, sizes: &[usize], decay: Vec<f64>) -> Box<dyn Optimizer> {
-    match f.optimizer {
-        OptimizerKind::Sgd => Box::new(Sgd::new(sizes, f.momentum, f.nesterov, decay)),
-        OptimizerKind::Adamw => Box::new(AdamW::new(sizes, [0.9, 0.999], 1e-8, decay)),
-    }
+fn optimizer_for(
+    f: &FinetuneConfig,
+    params: &[&Var],
+    decay: Vec<f64>,
+    kernels: Kernels,
+) -> Result<Box<dyn Optimizer>> {
+    Ok(match f.optimizer {
+        OptimizerKind::Sgd => Box::new(Sgd::new(params, f.momentum, f.nesterov, decay, kernels)?),
+        OptimizerKind::Adamw => Box::new(AdamW::new(params, [0.9, 0.999], 1e-8, decay, kernels)?),
+    })
 }
 
 impl Finetuner {
     pub fn new(model: FinetuneModel, f: &FinetuneConfig, lambda: f64, eps: f64) -> Result<Self> {
         let half = model.params.dtype != DType::F32;
+        // f32 master weights beside half-precision ones, on the same device.
         let masters: Vec<Var> = model
             .params
             .trainable()
             .map(|p| match &p.var {
                 Some(v) if !half => Ok(v.clone()),
-                _ => Var::from_tensor(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?),
+                _ => Var::from_tensor(&p.get().to_dtype(DType::F32)?),
             })
             .collect::<candle_core::Result<_>>()?;
-        let sizes: Vec<usize> = masters.iter().map(|v| v.elem_count()).collect();
+        let master_refs: Vec<&Var> = masters.iter().collect();
         let decay = model
             .params
             .trainable()
@@ -172,7 +198,7 @@ impl Finetuner {
             values: model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect(),
         });
         Ok(Self {
-            optimizer: optimizer_for(f, &sizes, decay),
+            optimizer: optimizer_for(f, &master_refs, decay, model.kernels)?,
             model,
             masters,
             ema,
@@ -203,6 +229,7 @@ impl Finetuner {
         measure: bool,
     ) -> Result<StepOutcome> {
         let s = &self.settings;
+        let kernels = self.model.kernels;
         let out = self.model.forward(x, true)?;
         let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, s.smoothing)?;
         let similarity = match similarity {
@@ -211,26 +238,27 @@ impl Finetuner {
         };
         // Without λ the MonoScore is only measured for the log, without a graph.
         let trained = s.lambda > 0.0;
-        let (mono_loss, mono) = if trained || measure {
+        let mono = if trained || measure {
             let topk = out.topk.to_dtype(DType::F32)?;
             let topk = if trained { topk } else { topk.detach() };
-            batch_mono_loss(&topk, &similarity, s.eps, None)?
+            Some(batch_mono_loss(&topk, &similarity, s.eps, None, kernels)?)
         } else {
-            (Tensor::new(0f32, x.device())?, MonoLossStats::default())
+            None
         };
-        let loss = if trained { (&ce + (&mono_loss * s.lambda)?)? } else { ce.clone() };
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        ensure!(loss_value.is_finite(), "finetuning diverged: loss {loss_value}");
-        let mut grads = Gradients::from_store(&loss.backward()?, &self.trainable_vars())?;
+        let loss = match &mono {
+            Some(m) if trained => (&ce + (&m.loss * s.lambda)?)?,
+            _ => ce.clone(),
+        };
+        let mut grads = Gradients::from_store(&loss.backward()?, &self.trainable_vars(), kernels)?;
         let grad_norm = match s.clip {
-            Some(max) => grads.clip_global_norm(max),
-            None => grads.global_norm(),
+            Some(max) => grads.clip_global_norm(max)?,
+            None => grads.global_norm()?,
         };
         let masters: Vec<&Var> = self.masters.iter().collect();
         self.optimizer.step(&masters, &grads, lr)?;
         if self.model.params.dtype != DType::F32 {
             for (m, v) in self.masters.iter().zip(self.trainable_vars()) {
-                v.set(&m.as_tensor().to_device(x.device())?.to_dtype(self.model.params.dtype)?)?;
+                v.set(&m.as_tensor().to_dtype(self.model.params.dtype)?)?;
             }
         }
         if let Some(ema) = &mut self.ema {
@@ -241,18 +269,11 @@ impl Finetuner {
             }
         }
         self.step += 1;
-        let top1 = if measure {
-            topk_hits(&out.logits, labels)?.0 as f64 / labels.len() as f64
-        } else {
-            f64::NAN
-        };
-        Ok(StepOutcome {
-            loss: loss_value,
-            ce: ce.to_scalar::<f32>()? as f64,
-            mono,
-            grad_norm,
-            top1,
-        })
+        let top1 = measure
+            .then(|| topk_hits(&out.logits, labels))
+            .transpose()?
+            .map(|(hits, _)| hits as f64 / labels.len() as f64);
+        Ok(StepOutcome { loss: loss.detach(), ce: ce.detach(), mono, grad_norm, top1 })
     }
 
     /// Runs `f` with the EMA weights (when kept) in place of the trained ones.
@@ -442,18 +463,15 @@ impl Finetuner {
                     .with_context(|| format!("finetuning step {done}"))?;
                 bar.inc(1);
                 if log_now {
-                    log.write(&StepLine {
-                        step: done,
-                        epoch,
-                        lr,
-                        loss: out.loss,
-                        ce: out.ce,
-                        mono_score: out.mono.mean_score,
-                        mono_active: out.mono.n_active,
-                        batch_top1: out.top1,
-                        grad_norm: out.grad_norm,
-                    })?;
-                    bar.set_prefix(format!("loss {:.3} mono {:.3}", out.loss, out.mono.mean_score));
+                    // Scalars come to the host on logged steps only.
+                    let line = StepLine::read(done, epoch, lr, &out)?;
+                    ensure!(
+                        line.loss.is_finite(),
+                        "finetuning diverged: the loss at step {done} is {}",
+                        line.loss
+                    );
+                    bar.set_prefix(format!("loss {:.3} mono {:.3}", line.loss, line.mono_score));
+                    log.write(&line)?;
                 }
             }
             Ok(())
@@ -610,6 +628,7 @@ pub fn finetune(config: &Config, run_dir: &Path, resume: bool) -> Result<Finetun
         dtype,
         &device,
     )?;
+    let model = model.with_kernels(Kernels::choose(config.run.ops, &device));
     let run = RunDir::new(run_dir, "epoch-", 3);
     let resume_from = run.start("finetuning", &[RESULTS_FILE], resume)?;
     let mut finetuner = Finetuner::new(model, f, lambda, config.mono.eps)?;

@@ -7,6 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::base::config::EncoderKind;
+use crate::base::host::{Kernels, OpsMode};
 use crate::models::clip::{ClipShape, ClipTower};
 use crate::models::layers::Linear;
 use crate::models::params::{DecayGroup, ParamSet, Weights};
@@ -52,6 +53,8 @@ pub struct FinetuneModel {
     pub classifier: Linear,
     pub k: usize,
     pub params: ParamSet,
+    /// The kernels of the TopK selection (`with_kernels`; host ones on the CPU by default).
+    pub kernels: Kernels,
 }
 
 /// How the head is built.
@@ -109,6 +112,7 @@ impl FinetuneModel {
     ) -> Result<Self> {
         let HeadSpec { expansion, k, classes, .. } = *head;
         let mut params = ParamSet::new(dtype);
+        let kernels = Kernels::choose(OpsMode::Auto, device);
         let backbone = match kind {
             EncoderKind::Clip => Backbone::Clip(ClipTower::load(&ClipShape::from_config(config)?, weights, &mut params, trainable, seed)?),
             EncoderKind::Resnet50 => {
@@ -152,7 +156,7 @@ impl FinetuneModel {
             } else {
                 new_linear(&mut params, "head.classifier", classes, d, &mut rng, device)?
             };
-            return Ok(Self { backbone, hidden: None, classifier, k: d, params });
+            return Ok(Self { backbone, hidden: None, classifier, k: d, params, kernels });
         }
         let width = d * expansion;
         let k = k.unwrap_or(width);
@@ -160,7 +164,12 @@ impl FinetuneModel {
         let hidden = new_linear(&mut params, "head.topk_layer", width, d, &mut rng, device)?;
         let classifier =
             new_linear(&mut params, "head.classifier", classes, width, &mut rng, device)?;
-        Ok(Self { backbone, hidden: Some(hidden), classifier, k, params })
+        Ok(Self { backbone, hidden: Some(hidden), classifier, k, params, kernels })
+    }
+
+    /// The same model computing with `kernels`.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
     }
 
     /// Width of the layer MonoLoss acts on.
@@ -182,7 +191,7 @@ impl FinetuneModel {
         let topk = if self.k >= width {
             pre.relu()?
         } else {
-            topk::topk_latents(&pre, &topk::Selection::PerRow(self.k), None)?.0
+            topk::topk_latents(&pre, &topk::Selection::PerRow(self.k), None, self.kernels)?.0
         };
         let logits = self.classifier.forward(&topk)?;
         Ok(Outputs { features, topk, logits })
