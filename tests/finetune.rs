@@ -11,7 +11,7 @@ use mono::Config;
 const FM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");
 
 /// Fashion-MNIST t10k images as PNG class folders: `root/train` (first `n_train`) and `root/val`.
-fn fashion_folders(root: &Path, n_train: usize, n_val: usize) -> PathBuf {
+pub(crate) fn fashion_folders(root: &Path, n_train: usize, n_val: usize) -> PathBuf {
     let (images, labels) = read_idx_pair(
         &Path::new(FM).join("t10k-images-idx3-ubyte.gz"),
         &Path::new(FM).join("t10k-labels-idx1-ubyte.gz"),
@@ -33,7 +33,7 @@ fn fashion_folders(root: &Path, n_train: usize, n_val: usize) -> PathBuf {
 }
 
 /// A tiny torchvision ResNet that preprocesses to 32×32.
-fn tiny_resnet_dir(root: &Path) -> PathBuf {
+pub(crate) fn tiny_resnet_dir(root: &Path) -> PathBuf {
     let dir = root.join("tiny-resnet");
     common::tiny_resnet(&dir, 8, 11);
     std::fs::write(

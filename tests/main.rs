@@ -16,6 +16,7 @@ mod hub;
 mod idx;
 mod monoscore;
 mod pipeline;
+mod portable;
 mod preprocess;
 mod sae;
 mod store;

@@ -13,7 +13,7 @@ use mono::Config;
 const FM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");
 
 /// Fashion-MNIST t10k pixels (unit-norm rows) as a feature set: 8000 train, 2000 val rows.
-fn fashion_mnist_features(root: &Path, rows: usize) -> PathBuf {
+pub(crate) fn fashion_mnist_features(root: &Path, rows: usize) -> PathBuf {
     let (images, labels) = read_idx_pair(
         &Path::new(FM).join("t10k-images-idx3-ubyte.gz"),
         &Path::new(FM).join("t10k-labels-idx1-ubyte.gz"),
@@ -44,7 +44,7 @@ fn fashion_mnist_features(root: &Path, rows: usize) -> PathBuf {
     dir
 }
 
-fn config(root: &Path, features: &Path, name: &str, extra: &str) -> Config {
+pub(crate) fn config(root: &Path, features: &Path, name: &str, extra: &str) -> Config {
     let text = format!(
         "[run]\nname = \"{name}\"\noutput = \"{}\"\n[data]\nkind = \"fashion_mnist\"\n[features]\ndir = \"{}\"\n{extra}",
         root.join("runs").display(),
