@@ -7,7 +7,7 @@
 //! Input is not centred by b_dec (as in the reference code).
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::base::cpu::with_cpu_slice;
@@ -19,12 +19,16 @@ pub struct JumpReluSae {
     params: SaeParams,
 }
 
-/// One batch: which entries pass the threshold, which lie in the kernel's band.
+/// One batch: which entries pass the threshold (z > θ), which lie in the kernel's band
+/// (K((z − θ)/ε) = 1), and the entries of the band below the threshold (zero, but with a
+/// gradient). Host kernels compute it in one pass on the CPU; portable ones with tensor ops.
 struct Band {
-    /// (B, M) 0/1: z > θ.
-    pass: Tensor,
-    /// (B, M) K((z − θ)/ε), 0 or 1, as f32.
+    pass: Mask,
+    /// (B, M) K as f32.
     kernel: Tensor,
+    below: Mask,
+    /// Entries that pass, a scalar.
+    count: Tensor,
 }
 
 impl JumpReluSae {
@@ -54,21 +58,39 @@ impl JumpReluSae {
     }
 
     fn band(&self, z: &Tensor) -> Result<Band> {
+        if self.params.kernels.for_tensor(z).is_host() {
+            return self.host_band(z);
+        }
         let diff = z.detach().broadcast_sub(&self.theta()?)?;
         let pass = diff.gt(&diff.zeros_like()?)?;
         let u = diff.broadcast_div(&self.bandwidth(&diff)?)?.abs()?;
         let kernel = u.lt(&u.ones_like()?.affine(0.0, 0.5)?)?.to_dtype(z.dtype())?;
-        Ok(Band { pass, kernel })
+        let not_passed = pass.to_dtype(kernel.dtype())?.affine(-1.0, 1.0)?;
+        let below = kernel.mul(&not_passed)?.gt(&kernel.zeros_like()?)?;
+        let count = pass.to_dtype(z.dtype())?.sum_all()?;
+        Ok(Band { pass: Mask::Device(pass), kernel, below: Mask::Device(below), count })
     }
 
-    /// A 0/1 tensor as a mask for this SAE's kernels.
-    fn mask(&self, t: &Tensor) -> Result<Mask> {
-        Ok(if self.params.kernels.is_host() {
-            let t = t.to_dtype(DType::F32)?;
-            Mask::Host(with_cpu_slice(&t, |m| m.iter().map(|&v| v != 0.0).collect())?)
-        } else {
-            Mask::Device(t.clone())
-        })
+    /// The band in one pass over CPU memory (the same float operations as the portable one).
+    fn host_band(&self, z: &Tensor) -> Result<Band> {
+        let cols = z.dim(1)?;
+        let theta = self.log_threshold().detach().exp()?;
+        let theta = with_cpu_slice(&theta, <[f32]>::to_vec)?;
+        let eps = self.spec.jumprelu_bandwidth as f32;
+        let (pass, kernel) = with_cpu_slice(&z.detach(), |z| {
+            let mut pass = vec![false; z.len()];
+            let mut kernel = vec![0f32; z.len()];
+            for (i, &v) in z.iter().enumerate() {
+                let diff = v - theta[i % cols];
+                pass[i] = diff > 0.0;
+                kernel[i] = ((diff / eps).abs() < 0.5) as u8 as f32;
+            }
+            (pass, kernel)
+        })?;
+        let below = pass.iter().zip(&kernel).map(|(&p, &k)| k > 0.0 && !p).collect();
+        let count = Tensor::new(pass.iter().filter(|p| **p).count() as f32, z.device())?;
+        let kernel = Tensor::from_vec(kernel, z.shape(), z.device())?;
+        Ok(Band { pass: Mask::Host(pass), kernel, below: Mask::Host(below), count })
     }
 
     /// c·θ − detach(c·θ): zero-valued, with ∂/∂θ_k = Σ_i c_ik · upstream_ik.
@@ -95,7 +117,7 @@ impl Sae for JumpReluSae {
     fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation> {
         let z = pre.relu()?;
         let band = self.band(&z)?;
-        let passed = select::masked_relu(pre, self.mask(&band.pass)?)?;
+        let passed = select::masked_relu(pre, band.pass)?;
         if !training {
             return Ok(Activation {
                 latents: passed.detach(),
@@ -110,10 +132,7 @@ impl Sae for JumpReluSae {
             .neg()?
             .broadcast_div(&self.bandwidth(&band.kernel)?)?;
         let latents = (passed + self.pseudo_gradient(coefficient)?)?;
-        // In the band but below the threshold: 0, yet with a gradient.
-        let below = band.pass.to_dtype(band.kernel.dtype())?.affine(-1.0, 1.0)?;
-        let support = band.kernel.mul(&below)?.gt(&band.kernel.zeros_like()?)?;
-        Ok(Activation { latents, grad_support: Some(self.mask(&support)?), batch_threshold: None })
+        Ok(Activation { latents, grad_support: Some(band.below), batch_threshold: None })
     }
 
     fn extra_losses(
@@ -124,10 +143,9 @@ impl Sae for JumpReluSae {
         let z = pass.pre.relu()?;
         let band = self.band(&z)?;
         let rows = z.dim(0)? as f64;
-        let count = band.pass.to_dtype(z.dtype())?.sum_all()?;
         // ∂H/∂θ = −(1/ε)K.
         let coefficient = band.kernel.neg()?.broadcast_div(&self.bandwidth(&band.kernel)?)?;
-        let l0 = ((self.pseudo_gradient(coefficient)?.sum_all()? + count)? / rows)?;
+        let l0 = ((self.pseudo_gradient(coefficient)?.sum_all()? + band.count)? / rows)?;
         Ok(vec![("l0", (l0 * self.spec.l0_coef)?)])
     }
 
