@@ -1,7 +1,8 @@
-//! The portable kernels — the code path CUDA and Metal run, here on the CPU with
-//! `run.ops = "portable"` — against the host kernels: the same losses and gradients on fixed
-//! batches (1e-4 relative), the same held-out metrics after short runs, and steps that move
-//! nothing between host and device and run no host kernel.
+//! The portable kernels — the code path CUDA and Metal run; on the CPU with
+//! `run.ops = "portable"`, or on MONO_TEST_DEVICE (scripts/gpu_check.sh sets it to cuda) —
+//! against the host kernels on the CPU: the same losses and gradients on fixed batches (1e-4
+//! relative), the same held-out metrics after short runs, and steps that move nothing between
+//! host and device and run no host kernel.
 
 use std::path::Path;
 
@@ -17,6 +18,14 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 const KERNELS: [Kernels; 2] = [Kernels::Host, Kernels::Portable];
+
+/// Host kernels run on the CPU; the portable ones on the test device.
+fn device_of(kernels: Kernels) -> Device {
+    match kernels {
+        Kernels::Host => Device::Cpu,
+        Kernels::Portable => crate::common::test_device(),
+    }
+}
 
 fn unit_rows(rows: usize, d: usize, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -47,12 +56,14 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 /// The SAE objective of one batch with λ·MonoLoss and some dead latents (AuxK on): the loss and
 /// every parameter's gradient.
 fn sae_loss_and_grads(spec: &SaeSpec, kernels: Kernels, x: &Tensor) -> (f64, Vec<Vec<f32>>) {
-    let model = sae::build(spec, 7, &Device::Cpu, kernels).unwrap();
+    let device = device_of(kernels);
+    let x = &x.to_device(&device).unwrap();
+    let model = sae::build(spec, 7, &device, kernels).unwrap();
     let lambda = 0.5;
     let term = ops::MonoTerm { similarity: x, lambda, eps: 1e-8 };
     let pass = sae::forward_with_mono(model.as_ref(), x, true, Some(term)).unwrap();
     let dead: Vec<u8> = (0..spec.n_latents).map(|k| (k % 3 == 0) as u8).collect();
-    let dead = Tensor::from_vec(dead, spec.n_latents, &Device::Cpu).unwrap();
+    let dead = Tensor::from_vec(dead, spec.n_latents, &device).unwrap();
     let mut total = model.reconstruction_loss(&pass).unwrap();
     for (_, term) in model.extra_losses(&pass, &dead).unwrap() {
         total = (total + term).unwrap();
@@ -101,7 +112,12 @@ fn short_run(root: &Path, features: &Path, kind: &str, ops: &str, period: usize)
         "{sae}[train]\nepochs = 3\nbatch_size = 128\nlr = 0.001\n[mono]\nlambda = 0.01\nperiod = {period}\n"
     );
     let mut c = crate::train::config(root, features, &format!("{kind}-{ops}-{period}"), &text);
-    c.run.ops = if ops == "portable" { host::OpsMode::Portable } else { host::OpsMode::Auto };
+    if ops == "portable" {
+        c.run.ops = host::OpsMode::Portable;
+        c.run.device = crate::common::test_device_spec();
+    } else {
+        c.run.device = "cpu".into();
+    }
     let r = mono::pipeline::stages::train(&c, &c.run_dir(), false).unwrap().results.results;
     [r.r2_total, r.monoscore.mean.unwrap(), r.purity.unwrap().binary, r.l0]
 }
@@ -136,7 +152,8 @@ fn tiny_model(root: &Path, kind: &str, kernels: Kernels) -> FinetuneModel {
         ),
     };
     let files = mono::encoders::hub::resolve(dir.to_str().unwrap(), "main").unwrap();
-    let weights = Weights::load(&files.weights, &Device::Cpu).unwrap();
+    let device = device_of(kernels);
+    let weights = Weights::load(&files.weights, &device).unwrap();
     let head =
         HeadSpec { topk_layer: true, reuse_head: false, expansion: 2, k: Some(8), classes: 5 };
     FinetuneModel::new(
@@ -147,7 +164,7 @@ fn tiny_model(root: &Path, kind: &str, kernels: Kernels) -> FinetuneModel {
         &head,
         3,
         DType::F32,
-        &Device::Cpu,
+        &device,
     )
     .unwrap()
     .with_kernels(kernels)
@@ -163,6 +180,7 @@ fn finetuning_has_the_same_loss_and_gradients_with_both_kernels() {
         let mut results = Vec::new();
         for kernels in KERNELS {
             let model = tiny_model(tmp.path(), kind, kernels);
+            let x = x.to_device(&device_of(kernels)).unwrap();
             let out = model.forward(&x, true).unwrap();
             let ce = cross_entropy(&out.logits, &labels, 0.1).unwrap();
             let sim = out.features.detach();
@@ -202,6 +220,11 @@ fn a_short_finetuning_run_gives_the_same_results_with_both_kernels() {
         );
         let mut c = mono::Config::parse(&text).unwrap();
         c.run.ops = ops;
+        if ops == host::OpsMode::Portable {
+            c.run.device = crate::common::test_device_spec();
+        } else {
+            c.run.device = "cpu".into();
+        }
         mono::pipeline::stages::finetune(&c, &c.run_dir(), false).unwrap().final_eval
     };
     let (a, p) = (run(host::OpsMode::Auto, "auto"), run(host::OpsMode::Portable, "portable"));
@@ -213,6 +236,7 @@ fn a_short_finetuning_run_gives_the_same_results_with_both_kernels() {
 #[test]
 fn portable_steps_move_only_their_inputs_and_run_no_host_kernel() {
     let x = unit_rows(64, 24, 2);
+    let device = crate::common::test_device();
     for kind in [SaeKind::Topk, SaeKind::BatchTopk, SaeKind::Jumprelu, SaeKind::Relu] {
         let mut config = mono::Config::default();
         config.sae = mono::config::SaeConfig::of_kind(kind);
@@ -221,8 +245,9 @@ fn portable_steps_move_only_their_inputs_and_run_no_host_kernel() {
         (spec.n_latents, spec.k) = (128, 4);
         for (ops, kernels_expected) in [(host::OpsMode::Portable, 0), (host::OpsMode::Auto, 1)] {
             config.run.ops = ops;
-            let mut trainer =
-                mono::train::sae::SaeTrainer::new(&config, &spec, &Device::Cpu).unwrap();
+            let device = if ops == host::OpsMode::Portable { device.clone() } else { Device::Cpu };
+            let x = x.to_device(&device).unwrap();
+            let mut trainer = mono::train::sae::SaeTrainer::new(&config, &spec, &device).unwrap();
             let (transfers, kernels) = (host::transfers(), host::host_kernels());
             for _ in 0..3 {
                 trainer.step(&x, &x, 1e-3, None, false).unwrap();
@@ -252,7 +277,9 @@ fn portable_steps_move_only_their_inputs_and_run_no_host_kernel() {
 fn a_portable_finetuning_step_moves_only_its_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let labels: Vec<u32> = (0..8).map(|i| i % 5).collect();
-    let x = crate::common::seeded_randn(&[8, 3, 32, 32], 1.0, DType::F32, 5);
+    let x = crate::common::seeded_randn(&[8, 3, 32, 32], 1.0, DType::F32, 5)
+        .to_device(&crate::common::test_device())
+        .unwrap();
     let model = tiny_model(tmp.path(), "resnet50", Kernels::Portable);
     let f = mono::config::FinetuneConfig::default();
     let mut finetuner = mono::train::finetune::Finetuner::new(model, &f, 0.5, 1e-8).unwrap();

@@ -99,3 +99,18 @@ pub fn seeded_randn(shape: &[usize], std: f64, dtype: DType, seed: u64) -> Tenso
         (0..n).map(|_| StandardNormal.sample(&mut rng)).map(|x: f64| x * std).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
+
+/// The device of the portable-kernel side of the tests: MONO_TEST_DEVICE (e.g. "cuda"), else the
+/// CPU. scripts/gpu_check.sh sets it on a GPU machine.
+pub fn test_device() -> Device {
+    match std::env::var("MONO_TEST_DEVICE") {
+        Ok(spec) => mono::base::device::open_device(&spec)
+            .unwrap_or_else(|e| panic!("MONO_TEST_DEVICE = {spec:?}: {e:#}")),
+        Err(_) => Device::Cpu,
+    }
+}
+
+/// The device spec of `test_device` for configs.
+pub fn test_device_spec() -> String {
+    std::env::var("MONO_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
