@@ -4,7 +4,9 @@
 # from NVIDIA's Python wheels on PyPI, and the link step uses stub shared libraries that carry the
 # real sonames, so the binary loads the real driver and CUDA libraries on a GPU machine.
 #
-#   scripts/build_cuda.sh [features]      → target/cuda/release/mono
+#   scripts/build_cuda.sh [features] [bin|test]
+#     bin (default): target/cuda/release/mono
+#     test: the release integration-test binary (its path is printed), e.g. for scripts/gpu_check.sh
 #
 # Environment: CUDA_COMPUTE_CAP (default 80: PTX that every GPU from Ampere on JIT-compiles;
 # 90 targets H100/H200 only), MONO_CUDA_TOOLS (where the wheels and stubs go; default
@@ -13,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 features="${1:-cuda}"
+what="${2:-bin}"
 tools="${MONO_CUDA_TOOLS:-$PWD/target/cuda-tools}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
@@ -57,5 +60,9 @@ fi
 export LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 
 # 3. The build. nvcc compiles candle's kernels on one thread: most of the time goes there.
-cargo build --release --locked --features "$features"
-echo "built $CARGO_TARGET_DIR/release/mono with --features $features (compute capability $CUDA_COMPUTE_CAP)"
+if [ "$what" = test ]; then
+  cargo test --release --locked --features "$features" --no-run 2>&1 | grep -E "Executable tests/main.rs|error" || true
+else
+  cargo build --release --locked --features "$features"
+  echo "built $CARGO_TARGET_DIR/release/mono with --features $features (compute capability $CUDA_COMPUTE_CAP)"
+fi

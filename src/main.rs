@@ -408,6 +408,8 @@ fn extract(config_path: &std::path::Path, limit: Option<usize>, shard: Option<&s
 fn run_pipeline(config_path: &std::path::Path, dry_run: bool) -> Result<()> {
     let config = mono::Config::load(config_path)?;
     apply_thread_config(&config);
+    // A device that cannot be opened fails before the plan is printed.
+    mono::base::device::open_device(&config.run.device)?;
     let plans = mono::pipeline::plan(&config)?;
     for line in mono::pipeline::describe(&config, &plans) {
         println!("{line}");

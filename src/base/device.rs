@@ -66,3 +66,19 @@ impl DeviceSpec {
 pub fn open_device(text: &str) -> Result<Device> {
     DeviceSpec::parse(text).with_context(|| format!("run.device = {text:?}"))?.open()
 }
+
+/// Checks that `device` computes in `dtype` (a tiny matmul), so that a run asking for bf16 or f16
+/// where the device has no such matmul fails at once, naming `key`.
+pub fn check_dtype(device: &Device, dtype: candle_core::DType, key: &str) -> Result<()> {
+    use candle_core::DType;
+    if dtype == DType::F32 || dtype == DType::F64 {
+        return Ok(());
+    }
+    if device.is_cpu() && dtype == DType::BF16 {
+        bail!("{key}: bf16 is not supported on the CPU (candle has no bf16 matmul there); use f32 or f16");
+    }
+    let probe = candle_core::Tensor::ones((2, 2), dtype, device)
+        .and_then(|a| a.matmul(&a))
+        .and_then(|p| p.to_dtype(DType::F32));
+    probe.map(|_| ()).map_err(|e| anyhow::anyhow!("{key}: this device cannot compute in {dtype:?} ({e})"))
+}

@@ -25,6 +25,9 @@ pub struct ExtractBenchArgs {
     /// Timed batches (after one untimed warm-up batch).
     #[arg(long, default_value_t = 3)]
     pub batches: usize,
+    /// Device: cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -145,6 +148,7 @@ pub(crate) fn write_random_weights(
 }
 
 pub fn run(args: &ExtractBenchArgs) -> Result<Vec<ExtractTiming>> {
+    let device = crate::base::device::open_device(&args.device)?;
     println!(
         "Encoder forward pass, batch {}, {} timed batches, {} threads, f32, random weights",
         args.batch,
@@ -164,13 +168,16 @@ pub fn run(args: &ExtractBenchArgs) -> Result<Vec<ExtractTiming>> {
             preprocessor: None,
             source: name.clone(),
         };
-        let encoder = encoders::load_from_files(kind, output, &files, DType::F32, &Device::Cpu)?;
-        let pixels = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?;
+        let encoder = encoders::load_from_files(kind, output, &files, DType::F32, &device)?;
+        let pixels = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?
+            .to_device(&device)?;
         encoder.forward(&pixels)?;
+        device.synchronize()?;
         let start = Instant::now();
         for _ in 0..args.batches {
             encoder.forward(&pixels)?;
         }
+        device.synchronize()?;
         let per_batch = start.elapsed().as_secs_f64() / args.batches as f64;
         let t = ExtractTiming {
             encoder: name.clone(),

@@ -28,6 +28,12 @@ pub struct FinetuneBenchArgs {
     /// MonoLoss weight.
     #[arg(long, default_value_t = 0.1)]
     pub lambda: f64,
+    /// Device: cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// bf16 compute with f32 master weights (GPUs).
+    #[arg(long)]
+    pub mixed_precision: bool,
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
@@ -40,12 +46,17 @@ pub struct FinetuneTiming {
 }
 
 pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
+    let device = crate::base::device::open_device(&args.device)?;
+    let dtype = if args.mixed_precision { DType::BF16 } else { DType::F32 };
+    crate::base::device::check_dtype(&device, dtype, "--mixed-precision")?;
     println!(
-        "Finetuning step (forward + CE + {}·MonoLoss + backward + SGD), batch {}, {} timed steps, {} threads, f32, random weights",
+        "Finetuning step (forward + CE + {}·MonoLoss + backward + SGD), batch {}, {} timed steps, {} threads, {:?} on {}, random weights",
         args.lambda,
         args.batch,
         args.steps,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        dtype,
+        args.device
     );
     println!("{:<10} {:>10} {:>10}", "model", "s/step", "images/s");
     let mut timings = Vec::new();
@@ -53,7 +64,7 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
         let (kind, _, config, size) = architecture(name.trim())?;
         let dir = tempfile::tempdir()?;
         write_random_weights(kind, &config, dir.path())?;
-        let weights = Weights::load(&[dir.path().join("model.safetensors")], &Device::Cpu)?;
+        let weights = Weights::load(&[dir.path().join("model.safetensors")], &device)?;
         let head =
             HeadSpec { topk_layer: true, reuse_head: false, expansion: 1, k: None, classes: 1000 };
         let model = FinetuneModel::new(
@@ -63,18 +74,22 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
             &Trainable::All,
             &head,
             0,
-            DType::F32,
-            &Device::Cpu,
+            dtype,
+            &device,
         )?;
         let f = FinetuneConfig::default();
         let mut finetuner = Finetuner::new(model, &f, args.lambda, 1e-8)?;
-        let x = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?
+            .to_device(&device)?
+            .to_dtype(dtype)?;
         let labels: Vec<u32> = (0..args.batch as u32).map(|i| i * 37 % 1000).collect();
         finetuner.step(&x, &labels, None, 1e-3, false)?;
+        device.synchronize()?;
         let start = Instant::now();
         for _ in 0..args.steps {
             finetuner.step(&x, &labels, None, 1e-3, false)?;
         }
+        device.synchronize()?;
         let per = start.elapsed().as_secs_f64() / args.steps as f64;
         let t = FinetuneTiming {
             model: name.clone(),

@@ -34,6 +34,12 @@ pub struct TrainBenchArgs {
     pub kinds: Vec<String>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Device: cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Kernels: auto (host kernels on the CPU) or portable (the GPU path).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub ops: crate::base::host::OpsMode,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -66,7 +72,7 @@ fn batch(rows: usize, d: usize, rng: &mut StdRng) -> Tensor {
     Tensor::from_vec(data, (rows, d), &Device::Cpu).expect("shape matches")
 }
 
-fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<SaeTrainer> {
+fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64, device: &Device) -> Result<SaeTrainer> {
     let sae = match SaeConfig::of_kind(kind) {
         SaeConfig::Topk(c) => SaeConfig::Topk(TopkConfig { n_latents: args.m, k: args.k, ..c }),
         SaeConfig::BatchTopk(c) => {
@@ -78,8 +84,9 @@ fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<SaeTrain
     let mut config = Config { sae, ..Config::default() };
     config.train.batch_size = args.batch;
     config.mono.lambda = Some(lambda);
+    config.run.ops = args.ops;
     let spec = crate::sae::SaeSpec::from_config(&config.sae, args.d);
-    SaeTrainer::new(&config, &spec, &Device::Cpu)
+    SaeTrainer::new(&config, &spec, device)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -89,22 +96,32 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median seconds per step without and with MonoLoss: both trainers warm up, then their steps
 /// alternate on the same batches so that machine noise hits both alike.
-fn time_pair(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<(f64, f64)> {
+/// Each timed step ends when the device has finished it (steps are asynchronous on GPUs).
+fn time_pair(
+    args: &TrainBenchArgs,
+    kind: SaeKind,
+    lambda: f64,
+    device: &Device,
+) -> Result<(f64, f64)> {
     let lr = Config::default().train.lr;
-    let mut base = trainer(args, kind, 0.0)?;
-    let mut mono = trainer(args, kind, lambda)?;
+    let mut base = trainer(args, kind, 0.0, device)?;
+    let mut mono = trainer(args, kind, lambda, device)?;
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let batches: Vec<Tensor> =
-        (0..args.steps + 1).map(|_| batch(args.batch, args.d, &mut rng)).collect();
+    let batches: Vec<Tensor> = (0..args.steps + 1)
+        .map(|_| batch(args.batch, args.d, &mut rng).to_device(device))
+        .collect::<candle_core::Result<_>>()?;
     base.step(&batches[0], &batches[0], lr, None, false)?;
     mono.step(&batches[0], &batches[0], lr, None, false)?;
+    device.synchronize()?;
     let (mut tb, mut tm) = (Vec::new(), Vec::new());
     for x in &batches[1..] {
         let t = Instant::now();
         base.step(x, x, lr, None, false)?;
+        device.synchronize()?;
         tb.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         mono.step(x, x, lr, None, false)?;
+        device.synchronize()?;
         tm.push(t.elapsed().as_secs_f64());
     }
     Ok((median(tb), median(tm)))
@@ -112,21 +129,24 @@ fn time_pair(args: &TrainBenchArgs, kind: SaeKind, lambda: f64) -> Result<(f64, 
 
 pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
     let kinds: Vec<SaeKind> = args.kinds.iter().map(|k| parse_kind(k)).collect::<Result<_>>()?;
+    let device = crate::base::device::open_device(&args.device)?;
     println!(
-        "SAE training step: D = {}, M = {}, k = {}, batch {}, {} timed steps, {} threads",
+        "SAE training step: D = {}, M = {}, k = {}, batch {}, {} timed steps, {} threads, {} ({:?} kernels)",
         args.d,
         args.m,
         args.k,
         args.batch,
         args.steps,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        args.device,
+        crate::base::host::Kernels::choose(args.ops, &device)
     );
     println!("{:<12} {:>10} {:>12} {:>12} {:>10}", "sae", "λ", "s/step", "samples/s", "overhead");
     let mut timings = Vec::new();
     for kind in kinds {
         let lambda = paper_lambda(DatasetKind::Imagenet, EncoderKind::Clip, kind)
             .expect("paper λ for CLIP on ImageNet");
-        let (base, with_mono) = time_pair(args, kind, lambda)?;
+        let (base, with_mono) = time_pair(args, kind, lambda, &device)?;
         let name = serde_json::to_value(kind)?.as_str().unwrap_or("?").to_string();
         for (l, t) in [(0.0, base), (lambda, with_mono)] {
             let overhead = if l > 0.0 {

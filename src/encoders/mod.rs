@@ -38,9 +38,7 @@ pub fn load_from_files(
     dtype: DType,
     device: &Device,
 ) -> Result<Box<dyn ImageEncoder>> {
-    if device.is_cpu() && dtype == DType::BF16 {
-        anyhow::bail!("encoder.dtype = \"bf16\" is not supported on the CPU (candle has no bf16 matmul there); use f32 or f16");
-    }
+    crate::base::device::check_dtype(device, dtype, &format!("encoder.dtype = {dtype:?}"))?;
     let config = files.config_json()?;
     // SAFETY: the weight files are memory-mapped read-only.
     let vb: VarBuilder<'static> =

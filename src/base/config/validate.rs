@@ -91,6 +91,13 @@ impl Config {
             !matches!(t.schedule, super::ScheduleKind::Step),
             || "train.schedule = \"step\" is for finetuning (finetune.step_size epochs); use constant, linear or cosine".into(),
         );
+        let entries = t.batch_size as u64 * self.sae.n_latents() as u64;
+        v.check(entries < 1 << 32, || {
+            format!(
+                "train.batch_size × sae.n_latents = {entries} must be < 2^32 (the selection counts \
+                 entries of a batch in u32)"
+            )
+        });
         v.check(self.sae.dead_after() <= MAX_DEAD_AFTER, || {
             format!("sae.dead_after = {} must be ≤ {MAX_DEAD_AFTER}", self.sae.dead_after())
         });

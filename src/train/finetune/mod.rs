@@ -611,6 +611,7 @@ pub fn finetune(config: &Config, run_dir: &Path, resume: bool) -> Result<Finetun
     // Mixed precision: bf16 compute with f32 master weights on GPUs; the CPU has no bf16 matmul.
     let mixed = f.mixed_precision && !device.is_cpu();
     let dtype = if mixed { DType::BF16 } else { DType::F32 };
+    crate::base::device::check_dtype(&device, dtype, "finetune.mixed_precision = true")?;
     let head = HeadSpec {
         topk_layer: f.topk_layer,
         reuse_head: f.reuse_head,
