@@ -312,3 +312,36 @@ fn host_reads_in_the_step_code_go_through_the_counted_helpers() {
         }
     }
 }
+
+#[test]
+fn portable_selection_keeps_the_same_entries_as_host_selection() {
+    use mono::models::topk::{topk_latents, Selection};
+    let mut rng = StdRng::seed_from_u64(9);
+    // Values over many orders of magnitude (and half of them negative, never selected), at the
+    // widths users run: 65,536 latents per row, and a 2^20-value batch.
+    let mut values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let e: f32 = StandardNormal.sample(&mut rng);
+                let s: f32 = StandardNormal.sample(&mut rng);
+                s.signum() * (8.0 * e).exp()
+            })
+            .collect()
+    };
+    let device = crate::common::test_device();
+    for (rows, cols, how) in [
+        (4, 65_536, Selection::PerRow(64)),
+        (256, 4096, Selection::Batch(64 * 256)),
+        (64, 300, Selection::PerRow(290)), // k close to the number of positive entries
+        (8, 50, Selection::Batch(1000)),   // more asked for than there are positive entries
+    ] {
+        let pre = Tensor::from_vec(values(rows * cols), (rows, cols), &Device::Cpu).unwrap();
+        let (host_latents, host_min) = topk_latents(&pre, &how, None, Kernels::Host).unwrap();
+        let on_device = pre.to_device(&device).unwrap();
+        let (latents, min) = topk_latents(&on_device, &how, None, Kernels::Portable).unwrap();
+        assert_eq!(flat(&latents), flat(&host_latents), "{how:?} on {rows}×{cols}");
+        if let (Selection::Batch(_), Some(h)) = (&how, host_min) {
+            assert_eq!(scalar(&min.unwrap()), scalar(&h), "{how:?}: the batch threshold");
+        }
+    }
+}

@@ -80,5 +80,7 @@ pub fn check_dtype(device: &Device, dtype: candle_core::DType, key: &str) -> Res
     let probe = candle_core::Tensor::ones((2, 2), dtype, device)
         .and_then(|a| a.matmul(&a))
         .and_then(|p| p.to_dtype(DType::F32));
-    probe.map(|_| ()).map_err(|e| anyhow::anyhow!("{key}: this device cannot compute in {dtype:?} ({e})"))
+    probe
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{key}: this device cannot compute in {dtype:?} ({e})"))
 }

@@ -67,16 +67,8 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
         let weights = Weights::load(&[dir.path().join("model.safetensors")], &device)?;
         let head =
             HeadSpec { topk_layer: true, reuse_head: false, expansion: 1, k: None, classes: 1000 };
-        let model = FinetuneModel::new(
-            kind,
-            &config,
-            &weights,
-            &Trainable::All,
-            &head,
-            0,
-            dtype,
-            &device,
-        )?;
+        let model =
+            FinetuneModel::new(kind, &config, &weights, &Trainable::All, &head, 0, dtype, &device)?;
         let f = FinetuneConfig::default();
         let mut finetuner = Finetuner::new(model, &f, args.lambda, 1e-8)?;
         let x = Tensor::randn(0f32, 1.0, (args.batch, 3, size, size), &Device::Cpu)?

@@ -72,7 +72,12 @@ fn batch(rows: usize, d: usize, rng: &mut StdRng) -> Tensor {
     Tensor::from_vec(data, (rows, d), &Device::Cpu).expect("shape matches")
 }
 
-fn trainer(args: &TrainBenchArgs, kind: SaeKind, lambda: f64, device: &Device) -> Result<SaeTrainer> {
+fn trainer(
+    args: &TrainBenchArgs,
+    kind: SaeKind,
+    lambda: f64,
+    device: &Device,
+) -> Result<SaeTrainer> {
     let sae = match SaeConfig::of_kind(kind) {
         SaeConfig::Topk(c) => SaeConfig::Topk(TopkConfig { n_latents: args.m, k: args.k, ..c }),
         SaeConfig::BatchTopk(c) => {
