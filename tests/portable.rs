@@ -345,3 +345,70 @@ fn portable_selection_keeps_the_same_entries_as_host_selection() {
         }
     }
 }
+
+#[test]
+fn full_dataset_gradients_are_the_same_with_both_kernels() {
+    use mono::data::store::{BatchLabels, FeatureStore, StoreInfo, StoreWriter};
+    let tmp = tempfile::tempdir().unwrap();
+    let (n, d) = (300, 16);
+    let rows = flat(&unit_rows(n, d, 3));
+    let paths: Vec<String> = (0..n).map(|i| format!("row{i}")).collect();
+    let mut writer =
+        StoreWriter::create(&tmp.path().join("train"), StoreInfo::new(d, "train"), 128).unwrap();
+    writer.push(&rows, BatchLabels::None, &paths).unwrap();
+    writer.finish().unwrap();
+    let store = FeatureStore::open(&tmp.path().join("train")).unwrap();
+    for kind in [SaeKind::Topk, SaeKind::BatchTopk, SaeKind::Jumprelu, SaeKind::Relu] {
+        let mut spec = SaeSpec::from_config(&mono::config::SaeConfig::of_kind(kind), d);
+        (spec.n_latents, spec.k) = (64, 4);
+        spec.jumprelu_init_log_threshold = -2.0;
+        spec.jumprelu_bandwidth = 0.05;
+        let mut results = Vec::new();
+        for kernels in KERNELS {
+            let device = device_of(kernels);
+            let model = sae::build(&spec, 5, &device, kernels).unwrap();
+            let full = mono::train::full_mono::full_mono_gradient(
+                model.as_ref(),
+                &store,
+                None,
+                100,
+                &device,
+            )
+            .unwrap();
+            results.push((scalar(&full.mean_score), full.grads.to_host().unwrap()));
+        }
+        let ((mh, gh), (mp, gp)) = (&results[0], &results[1]);
+        assert!((mh - mp).abs() < 1e-6, "{kind:?}: MonoScore {mh} vs {mp}");
+        for (i, (h, p)) in gh.iter().zip(gp).enumerate() {
+            assert_close(p, h, 1e-4, &format!("{kind:?} full-dataset gradient {i}"));
+        }
+    }
+}
+
+#[test]
+fn extraction_gives_the_same_features_with_both_kernels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut stores = Vec::new();
+    for (name, ops) in [("auto", host::OpsMode::Auto), ("portable", host::OpsMode::Portable)] {
+        let text = format!(
+            "[run]\nname = \"{name}\"\noutput = \"{}\"\n[encoder]\nkind = \"clip\"\n\
+             model = \"{root}/tests/fixtures/encoders/clip_vision_proj\"\nbatch_size = 8\n\
+             [data]\nkind = \"fashion_mnist\"\nroot = \"{root}/data/fashion-mnist\"\n\
+             train_split = \"test\"\neval_split = \"test\"\nlimit = 24\n",
+            tmp.path().display()
+        );
+        let mut c = mono::Config::parse(&text).unwrap();
+        c.run.ops = ops;
+        if ops == host::OpsMode::Portable {
+            c.run.device = crate::common::test_device_spec();
+        }
+        mono::extract::extract(&c, &mono::extract::ExtractOptions::default()).unwrap();
+        let store =
+            mono::data::store::FeatureStore::open(&c.run_dir().join("features/test")).unwrap();
+        let mut x = Vec::new();
+        store.read_range(0, store.len(), &mut x).unwrap();
+        stores.push(x);
+    }
+    assert_close(&stores[1], &stores[0], 1e-5, "features");
+}
