@@ -123,7 +123,7 @@ fn imports_npy_features_with_class_labels_names_and_paths() {
     assert_eq!(got, x);
     for i in 0..n {
         assert_eq!(store.row_labels(i), &[(i % 4) as u32]);
-        assert_eq!(store.path(i), format!("images/{i}.jpg"));
+        assert_eq!(store.path(i).unwrap(), format!("images/{i}.jpg"));
     }
 }
 
@@ -181,7 +181,7 @@ fn imports_a_safetensors_tensor_into_train_val_test_with_multi_labels() {
         store.read_range(0, store.len(), &mut got).unwrap();
         let mut last = None;
         for r in 0..store.len() {
-            let i: usize = store.path(r).strip_prefix("row-").unwrap().parse().unwrap();
+            let i: usize = store.path(r).unwrap().strip_prefix("row-").unwrap().parse().unwrap();
             assert!(last < Some(i), "rows keep their input order within a split");
             last = Some(i);
             seen[i] += 1;
@@ -200,7 +200,7 @@ fn imports_a_safetensors_tensor_into_train_val_test_with_multi_labels() {
     assert!(mono(&args2).ok);
     let a = FeatureStore::open(&out.join("train")).unwrap();
     let b = FeatureStore::open(&out2.join("train")).unwrap();
-    assert!((0..a.len()).all(|r| a.path(r) == b.path(r)));
+    assert!((0..a.len()).all(|r| a.path(r).unwrap() == b.path(r).unwrap()));
 }
 
 #[test]

@@ -38,7 +38,7 @@ fn contents(dir: &Path) -> (Vec<f32>, Vec<String>, Vec<Vec<u32>>, Vec<String>) {
     let store = FeatureStore::open(dir).unwrap();
     let mut x = Vec::new();
     store.read_range(0, store.len(), &mut x).unwrap();
-    let paths = (0..store.len()).map(|r| store.path(r).to_string()).collect();
+    let paths = (0..store.len()).map(|r| store.path(r).unwrap()).collect();
     let labels = (0..store.len()).map(|r| store.row_labels(r).to_vec()).collect();
     let skipped = store.manifest().skipped.iter().map(|s| s.path.clone()).collect();
     (x, paths, labels, skipped)

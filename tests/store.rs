@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use mono::config::FloatType;
 use mono::data::store::{
-    epoch_order, open_split, BatchLabels, FeatureStore, LabelKind, Labels, StoreInfo, StoreWriter,
+    epoch_order, open_split, BatchLabels, FeatureStore, LabelKind, StoreInfo, StoreWriter,
     MANIFEST_FILE,
 };
 
@@ -76,9 +76,10 @@ fn round_trip_f32_with_class_labels_over_several_shards() {
 
     for i in 0..25 {
         assert_eq!(store.row_labels(i), &[(i % 3) as u32]);
-        assert_eq!(store.path(i), format!("img/{i:03}.png"));
+        assert_eq!(store.path(i).unwrap(), format!("img/{i:03}.png"));
     }
-    assert!(matches!(store.labels(), Labels::Class(v) if v.len() == 25));
+    assert_eq!(store.paths(3, 20).unwrap().len(), 17, "paths across shard boundaries");
+    assert_eq!(store.paths(3, 20).unwrap()[0], "img/003.png");
 }
 
 #[test]
@@ -324,7 +325,7 @@ fn resume_keeps_complete_shards_and_drops_temp_files() {
     let mut out = Vec::new();
     store.read_range(0, 25, &mut out).unwrap();
     assert_eq!(out, rows(0..25, 4));
-    assert_eq!(store.path(24), "img/024.png");
+    assert_eq!(store.path(24).unwrap(), "img/024.png");
 }
 
 #[test]

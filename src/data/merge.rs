@@ -42,7 +42,7 @@ fn copy_rows(store: &FeatureStore, writer: &mut StoreWriter) -> Result<()> {
     while start < store.len() {
         let end = (start + CHUNK).min(store.len());
         store.read_range(start, end, &mut features)?;
-        let paths: Vec<String> = (start..end).map(|r| store.path(r).to_string()).collect();
+        let paths = store.paths(start, end)?;
         match store.manifest().info.labels {
             LabelKind::None => writer.push(&features, BatchLabels::None, &paths)?,
             LabelKind::Class => {

@@ -22,7 +22,7 @@ pub fn train(config: &Config, run_dir: &Path, resume: bool) -> Result<TrainOutco
     let sets = open_feature_sets(config)?;
     let device = crate::base::device::open_device(&config.run.device)?;
     if let (Some(judge), eval) = (&sets.eval_similarity, &sets.eval) {
-        crate::train::sae::check_same_rows(eval, judge)?;
+        eval.check_same_rows(judge)?;
     }
     let inputs =
         SaeTrainInputs { train: &sets.train, train_similarity: sets.train_similarity.as_ref() };

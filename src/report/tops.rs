@@ -111,7 +111,8 @@ pub fn section(config: &Config, features: Option<&Path>, train_dir: &Path) -> Re
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", ");
-            let path = store.path(row);
+            let path = store.path(row)?;
+            let path = path.as_str();
             let img = match (dataset.as_ref(), index.get(path)) {
                 (Some(ds), Some(&i)) => ds.load(i).ok().map(thumbnail).transpose()?,
                 _ => None,

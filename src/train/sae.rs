@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -503,29 +503,7 @@ fn check_inputs(config: &Config, inputs: &SaeTrainInputs) -> Result<()> {
         train.dir().display()
     );
     if let Some(judge) = inputs.train_similarity {
-        check_same_rows(train, judge)?;
-    }
-    Ok(())
-}
-
-/// A similarity store must embed the same images as `store`, in the same order.
-pub fn check_same_rows(store: &FeatureStore, judge: &FeatureStore) -> Result<()> {
-    ensure!(
-        judge.len() == store.len(),
-        "similarity store {} has {} rows but {} has {}: it must embed the same images in the same order",
-        judge.dir().display(),
-        judge.len(),
-        store.dir().display(),
-        store.len()
-    );
-    if let Some(row) = (0..store.len()).find(|&r| judge.path(r) != store.path(r)) {
-        bail!(
-            "similarity store {} row {row} is {:?} but {} row {row} is {:?}: not the same images",
-            judge.dir().display(),
-            judge.path(row),
-            store.dir().display(),
-            store.path(row)
-        );
+        train.check_same_rows(judge)?;
     }
     Ok(())
 }

@@ -18,8 +18,13 @@ pub struct SimilarityLookup {
 impl SimilarityLookup {
     /// Maps every item of `dataset` to its row in `store`; every image must be there.
     pub fn new(store: FeatureStore, dataset: &dyn ImageDataset) -> Result<Self> {
-        let by_path: HashMap<&str, u32> =
-            (0..store.len()).map(|r| (store.path(r), r as u32)).collect();
+        let mut by_path: HashMap<String, u32> = HashMap::with_capacity(store.len());
+        for range in store.shard_ranges() {
+            let first = range.start;
+            for (i, path) in store.paths(range.start, range.end)?.into_iter().enumerate() {
+                by_path.insert(path, (first + i) as u32);
+            }
+        }
         let mut rows = Vec::with_capacity(dataset.len());
         let mut missing = Vec::new();
         for i in 0..dataset.len() {

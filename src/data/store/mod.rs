@@ -22,16 +22,15 @@ pub use writer::{BatchLabels, StoreWriter};
 
 use shard::Shard;
 
-/// A finished store, opened for reading: every shard mapped and its header checked against the
-/// manifest up front; labels and paths held in memory.
+/// A finished store, opened for reading: every shard mapped and checked against the manifest up
+/// front (tensors, labels, paths). Features, labels and paths stay in the mapped files and are
+/// read when asked for, so an open store takes O(shards) memory, not O(rows).
 pub struct FeatureStore {
     dir: PathBuf,
     manifest: Manifest,
     shards: Vec<Shard>,
     /// Store row of each shard's first row, then the row count.
     starts: Vec<usize>,
-    labels: Labels,
-    paths: Vec<String>,
 }
 
 impl std::fmt::Debug for FeatureStore {
@@ -53,20 +52,15 @@ impl FeatureStore {
         ensure!(manifest.count > 0, "{}: the feature store holds no rows", dir.display());
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
-        let mut labels = Labels::empty(manifest.info.labels);
-        let mut paths = Vec::with_capacity(manifest.count);
         let mut row = 0;
         for entry in &manifest.shards {
-            let (shard, extras) =
-                Shard::open(&dir.join(&entry.file), &manifest.info, Some(entry.rows))?;
+            let shard = Shard::open(&dir.join(&entry.file), &manifest.info, Some(entry.rows))?;
             starts.push(row);
             row += shard.rows();
-            labels.extend(extras.labels)?;
-            paths.extend(extras.paths);
             shards.push(shard);
         }
         starts.push(row);
-        Ok(Self { dir: dir.to_path_buf(), manifest, shards, starts, labels, paths })
+        Ok(Self { dir: dir.to_path_buf(), manifest, shards, starts })
     }
 
     /// Rows in the store.
@@ -140,13 +134,10 @@ impl FeatureStore {
         Ok(())
     }
 
-    pub fn labels(&self) -> &Labels {
-        &self.labels
-    }
-
     /// The labels of one row (`row < len()`): empty without labels, one id for class labels.
-    pub fn row_labels(&self, row: usize) -> &[u32] {
-        self.labels.row(row)
+    pub fn row_labels(&self, row: usize) -> Vec<u32> {
+        let s = self.shard_of(row);
+        self.shards[s].row_labels(row - self.starts[s])
     }
 
     /// Number of label names (0 without labels).
@@ -158,9 +149,56 @@ impl FeatureStore {
         &self.manifest.info.label_names
     }
 
-    /// The image path of a row (`row < len()`, like slice indexing).
-    pub fn path(&self, row: usize) -> &str {
-        &self.paths[row]
+    /// The image paths of rows `start..end`, read from the shards' headers.
+    pub fn paths(&self, start: usize, end: usize) -> Result<Vec<String>> {
+        ensure!(start <= end && end <= self.len(), "rows {start}..{end} out of range");
+        let mut out = Vec::with_capacity(end - start);
+        let mut row = start;
+        while row < end {
+            let s = self.shard_of(row);
+            let (first, last) = (self.starts[s], self.starts[s + 1].min(end));
+            let paths = self.shards[s].paths()?;
+            out.extend(paths[row - first..last - first].iter().cloned());
+            row = last;
+        }
+        Ok(out)
+    }
+
+    /// The image path of one row (`row < len()`).
+    pub fn path(&self, row: usize) -> Result<String> {
+        Ok(self.paths(row, row + 1)?.remove(0))
+    }
+
+    /// Checks that `judge` (a similarity store) embeds the same images, in the same order.
+    pub fn check_same_rows(&self, judge: &FeatureStore) -> Result<()> {
+        ensure!(
+            judge.len() == self.len(),
+            "similarity store {} has {} rows but {} has {}: it must embed the same images in the same order",
+            judge.dir().display(),
+            judge.len(),
+            self.dir().display(),
+            self.len()
+        );
+        for range in self.shard_ranges() {
+            let (mine, theirs) =
+                (self.paths(range.start, range.end)?, judge.paths(range.start, range.end)?);
+            if let Some(i) = (0..mine.len()).find(|&i| mine[i] != theirs[i]) {
+                let row = range.start + i;
+                bail!(
+                    "similarity store {} row {row} is {:?} but {} row {row} is {:?}: not the same images",
+                    judge.dir().display(),
+                    theirs[i],
+                    self.dir().display(),
+                    mine[i]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows of each shard, in order: the units in which `paths` reads cheaply.
+    pub fn shard_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.starts.windows(2).map(|w| w[0]..w[1]).collect()
     }
 
     fn shard_of(&self, row: usize) -> usize {

@@ -117,7 +117,8 @@ pub fn encode_shard(
     Ok(safetensors::serialize(tensors, Some(metadata))?)
 }
 
-/// A mapped shard whose header agrees with the store's manifest.
+/// A mapped shard whose header agrees with the store's manifest. Only offsets are kept: features,
+/// labels and paths are read from the map when asked for, so an open store holds O(shards) memory.
 pub struct Shard {
     path: PathBuf,
     mmap: Mmap,
@@ -126,24 +127,29 @@ pub struct Shard {
     rows: usize,
     dim: usize,
     dtype: ElementType,
+    /// Byte offsets of the label tensors in the file (by label kind).
+    labels: LabelOffsets,
 }
 
-/// What a shard holds besides features: loaded once, at open.
+/// Where a shard's I64 label tensors start in its file.
+enum LabelOffsets {
+    None,
+    Class { labels: usize },
+    Multi { offsets: usize, values: usize, nnz: usize },
+}
+
+/// What a shard's header holds besides tensors (read on demand, e.g. by a resuming writer).
 pub struct ShardExtras {
-    pub labels: Labels,
     pub paths: Vec<String>,
     /// Inputs left out while this shard was filled.
     pub skipped: Vec<Skipped>,
 }
 
 impl Shard {
-    /// Maps and checks `path` against `info` (and `rows`, when the manifest gives it).
-    /// Every error names the file.
-    pub fn open(
-        path: &Path,
-        info: &StoreInfo,
-        rows: Option<usize>,
-    ) -> Result<(Shard, ShardExtras)> {
+    /// Maps and checks `path` against `info` (and `rows`, when the manifest gives it): every
+    /// tensor's dtype and shape, every label's range, the number of paths. Every error names the
+    /// file.
+    pub fn open(path: &Path, info: &StoreInfo, rows: Option<usize>) -> Result<Shard> {
         let file =
             File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
         // SAFETY: read-only map of a finished shard, which the store never rewrites.
@@ -152,12 +158,7 @@ impl Shard {
         Self::check(path, mmap, info, rows).with_context(|| path.display().to_string())
     }
 
-    fn check(
-        path: &Path,
-        mmap: Mmap,
-        info: &StoreInfo,
-        rows: Option<usize>,
-    ) -> Result<(Shard, ShardExtras)> {
+    fn check(path: &Path, mmap: Mmap, info: &StoreInfo, rows: Option<usize>) -> Result<Shard> {
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| anyhow::anyhow!("corrupt safetensors header: {e}"))?;
         let data_start = 8 + header_len;
@@ -202,78 +203,30 @@ impl Shard {
         }
         ensure!(n > 0, "holds no rows");
 
-        let i64s = |name: &str, len: usize| -> Result<Vec<i64>> {
+        let i64_tensor = |name: &str, len: usize| -> Result<usize> {
             let t = tensors[name];
             ensure!(t.dtype == Dtype::I64, "`{name}` has dtype {:?}; expected I64", t.dtype);
             ensure!(t.shape == [len], "`{name}` has shape {:?}; expected ({len},)", t.shape);
-            let bytes = &mmap[data_start + t.data_offsets.0..data_start + t.data_offsets.1];
-            Ok(bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect())
-        };
-        let n_classes = info.label_names.len();
-        let class_id = |v: i64, row: usize| -> Result<u32> {
-            ensure!(
-                v >= 0 && (v as u64) < n_classes as u64,
-                "label {v} at row {row} is outside 0..{n_classes} (the manifest has {n_classes} label_names)"
-            );
-            Ok(v as u32)
+            Ok(data_start + t.data_offsets.0)
         };
         let labels = match info.labels {
-            LabelKind::None => Labels::None,
-            LabelKind::Class => {
-                let v = i64s(LABELS, n)?;
-                Labels::Class(
-                    v.iter().enumerate().map(|(r, &x)| class_id(x, r)).collect::<Result<_>>()?,
-                )
-            }
+            LabelKind::None => LabelOffsets::None,
+            LabelKind::Class => LabelOffsets::Class { labels: i64_tensor(LABELS, n)? },
             LabelKind::Multi => {
-                let offsets = i64s(LABEL_OFFSETS, n + 1)?;
                 let nnz = tensors[LABEL_VALUES].shape.first().copied().unwrap_or(0);
-                let values = i64s(LABEL_VALUES, nnz)?;
-                ensure!(offsets[0] == 0, "`label_offsets` must start at 0, found {}", offsets[0]);
-                ensure!(
-                    offsets.windows(2).all(|w| w[0] <= w[1]),
-                    "`label_offsets` is not non-decreasing"
-                );
-                ensure!(
-                    offsets[n] as usize == nnz,
-                    "`label_offsets` ends at {} but `label_values` holds {nnz}",
-                    offsets[n]
-                );
-                let mut out = Vec::with_capacity(nnz);
-                for r in 0..n {
-                    for &v in &values[offsets[r] as usize..offsets[r + 1] as usize] {
-                        out.push(class_id(v, r)?);
-                    }
-                }
-                Labels::Multi {
-                    offsets: offsets.iter().map(|&o| o as usize).collect(),
-                    values: out,
+                LabelOffsets::Multi {
+                    offsets: i64_tensor(LABEL_OFFSETS, n + 1)?,
+                    values: i64_tensor(LABEL_VALUES, nnz)?,
+                    nnz,
                 }
             }
         };
-
-        let paths_text =
-            metadata.metadata().as_ref().and_then(|m| m.get(PATHS_KEY)).with_context(|| {
-                format!("lacks the metadata key `{PATHS_KEY}` (the image path of each row)")
-            })?;
-        let paths: Vec<String> = serde_json::from_str(paths_text)
-            .with_context(|| format!("metadata `{PATHS_KEY}` is not a JSON array of strings"))?;
+        let paths = paths_of(&metadata)?;
         ensure!(
             paths.len() == n,
             "metadata `{PATHS_KEY}` lists {} paths for {n} rows",
             paths.len()
         );
-        let skipped: Vec<Skipped> =
-            match metadata.metadata().as_ref().and_then(|m| m.get(SKIPPED_KEY)) {
-                Some(text) => serde_json::from_str(text).with_context(|| {
-                    format!("metadata `{SKIPPED_KEY}` is not a list of skipped inputs")
-                })?,
-                None => Vec::new(),
-            };
-
         let shard = Shard {
             path: path.to_path_buf(),
             features_offset: data_start + features.data_offsets.0,
@@ -281,8 +234,92 @@ impl Shard {
             rows: n,
             dim: cols,
             dtype: element_type(info.dtype),
+            labels,
         };
-        Ok((shard, ShardExtras { labels, paths, skipped }))
+        // Every label once, streaming: in range, offsets consistent.
+        shard.labels(info.label_names.len())?;
+        Ok(shard)
+    }
+
+    fn i64_at(&self, offset: usize, index: usize) -> i64 {
+        let at = offset + 8 * index;
+        i64::from_le_bytes(self.mmap[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    /// The labels of local row `row` (unchecked: `open` checked them all).
+    pub fn row_labels(&self, row: usize) -> Vec<u32> {
+        match self.labels {
+            LabelOffsets::None => Vec::new(),
+            LabelOffsets::Class { labels } => vec![self.i64_at(labels, row) as u32],
+            LabelOffsets::Multi { offsets, values, .. } => {
+                let (a, b) = (self.i64_at(offsets, row), self.i64_at(offsets, row + 1));
+                (a..b).map(|i| self.i64_at(values, i as usize) as u32).collect()
+            }
+        }
+    }
+
+    /// Every row's labels, checked against `n_classes` and the CSR offsets.
+    fn labels(&self, n_classes: usize) -> Result<Labels> {
+        let n = self.rows;
+        let class_id = |v: i64, row: usize| -> Result<u32> {
+            ensure!(
+                v >= 0 && (v as u64) < n_classes as u64,
+                "label {v} at row {row} is outside 0..{n_classes} (the manifest has {n_classes} label_names)"
+            );
+            Ok(v as u32)
+        };
+        Ok(match self.labels {
+            LabelOffsets::None => Labels::None,
+            LabelOffsets::Class { labels } => Labels::Class(
+                (0..n).map(|r| class_id(self.i64_at(labels, r), r)).collect::<Result<_>>()?,
+            ),
+            LabelOffsets::Multi { offsets, values, nnz } => {
+                let o: Vec<i64> = (0..=n).map(|r| self.i64_at(offsets, r)).collect();
+                ensure!(o[0] == 0, "`label_offsets` must start at 0, found {}", o[0]);
+                ensure!(
+                    o.windows(2).all(|w| w[0] <= w[1]),
+                    "`label_offsets` is not non-decreasing"
+                );
+                ensure!(
+                    o[n] as usize == nnz,
+                    "`label_offsets` ends at {} but `label_values` holds {nnz}",
+                    o[n]
+                );
+                let mut out = Vec::with_capacity(o[n] as usize);
+                for r in 0..n {
+                    for i in o[r]..o[r + 1] {
+                        out.push(class_id(self.i64_at(values, i as usize), r)?);
+                    }
+                }
+                Labels::Multi { offsets: o.iter().map(|&x| x as usize).collect(), values: out }
+            }
+        })
+    }
+
+    /// The image path of every row.
+    pub fn paths(&self) -> Result<Vec<String>> {
+        let (_, metadata) = SafeTensors::read_metadata(&self.mmap).map_err(|e| {
+            anyhow::anyhow!("{}: corrupt safetensors header: {e}", self.path.display())
+        })?;
+        paths_of(&metadata).with_context(|| self.path.display().to_string())
+    }
+
+    /// Paths and skipped inputs of the whole shard.
+    pub fn extras(&self) -> Result<ShardExtras> {
+        let (_, metadata) = SafeTensors::read_metadata(&self.mmap).map_err(|e| {
+            anyhow::anyhow!("{}: corrupt safetensors header: {e}", self.path.display())
+        })?;
+        let skipped: Vec<Skipped> =
+            match metadata.metadata().as_ref().and_then(|m| m.get(SKIPPED_KEY)) {
+                Some(text) => serde_json::from_str(text).with_context(|| {
+                    format!(
+                        "{}: metadata `{SKIPPED_KEY}` is not a list of skipped inputs",
+                        self.path.display()
+                    )
+                })?,
+                None => Vec::new(),
+            };
+        Ok(ShardExtras { paths: self.paths()?, skipped })
     }
 
     pub fn rows(&self) -> usize {
@@ -319,4 +356,13 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// The `paths` metadata of a shard header.
+fn paths_of(metadata: &safetensors::tensor::Metadata) -> Result<Vec<String>> {
+    let text = metadata.metadata().as_ref().and_then(|m| m.get(PATHS_KEY)).with_context(|| {
+        format!("lacks the metadata key `{PATHS_KEY}` (the image path of each row)")
+    })?;
+    serde_json::from_str(text)
+        .with_context(|| format!("metadata `{PATHS_KEY}` is not a JSON array of strings"))
 }

@@ -68,7 +68,8 @@ impl StoreWriter {
                 dir.display(),
                 shard_file_name(i)
             );
-            let (shard, extras) = Shard::open(&dir.join(name), &writer.info, None)?;
+            let shard = Shard::open(&dir.join(name), &writer.info, None)?;
+            let extras = shard.extras()?;
             writer.shards.push(ShardEntry { file: name.clone(), rows: shard.rows() });
             writer.written += shard.rows();
             writer.skipped.extend(extras.skipped);
