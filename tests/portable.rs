@@ -371,6 +371,7 @@ fn full_dataset_gradients_are_the_same_with_both_kernels() {
                 model.as_ref(),
                 &store,
                 None,
+                &store.epoch_order(3, 0),
                 100,
                 &device,
             )

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 
 use mono::config::FloatType;
 use mono::data::store::{
-    epoch_order, open_split, BatchLabels, FeatureStore, LabelKind, StoreInfo, StoreWriter,
-    MANIFEST_FILE,
+    open_split, BatchLabels, FeatureStore, LabelKind, StoreInfo, StoreWriter, MANIFEST_FILE,
 };
 
 fn paths(range: std::ops::Range<usize>) -> Vec<String> {
@@ -57,7 +56,7 @@ fn round_trip_f32_with_class_labels_over_several_shards() {
     write_class_store(&dir, FloatType::F32);
     let store = FeatureStore::open(&dir).unwrap();
     assert_eq!((store.len(), store.dim(), store.n_classes()), (25, 4, 3));
-    assert_eq!(store.shard_rows(), vec![10, 10, 5]);
+    assert_eq!(store.shard_ranges(), vec![0..10, 10..20, 20..25]);
     assert_eq!(store.manifest().skipped[0].path, "img/broken.png");
 
     let mut out = Vec::new();
@@ -112,9 +111,9 @@ fn multi_labels_and_no_labels_round_trip() {
     w.push(&rows(0..7, 2), BatchLabels::Multi(&lists), &paths(0..7)).unwrap();
     w.finish().unwrap();
     let store = FeatureStore::open(tmp.path()).unwrap();
-    assert_eq!(store.shard_rows(), vec![3, 3, 1]);
+    assert_eq!(store.shard_ranges(), vec![0..3, 3..6, 6..7]);
     for (i, l) in lists.iter().enumerate() {
-        assert_eq!(store.row_labels(i), &l[..], "row {i}");
+        assert_eq!(store.row_labels(i), *l, "row {i}");
     }
     assert_eq!(store.manifest().info.encoder.as_ref().unwrap()["output"], "pooler");
     assert_eq!(store.manifest().info.dataset.as_deref(), Some("toy"));
@@ -157,12 +156,14 @@ fn epoch_order_over_a_store() {
     let tmp = tempfile::tempdir().unwrap();
     write_class_store(tmp.path(), FloatType::F32);
     let store = FeatureStore::open(tmp.path()).unwrap();
-    let a = store.epoch_order(42, 0, 8);
+    let order = store.epoch_order(42, 0);
+    let a = order.rows(0..25);
     let mut sorted = a.clone();
     sorted.sort();
     assert_eq!(sorted, (0..25).collect::<Vec<u32>>());
-    assert_eq!(a, epoch_order(&[10, 10, 5], 42, 0, 8));
-    assert_ne!(a, store.epoch_order(42, 1, 8));
+    // The order is a function of (rows, seed, epoch) alone.
+    assert_eq!(a, mono::data::store::EpochOrder::new(25, 42, 0).rows(0..25));
+    assert_ne!(a, store.epoch_order(42, 1).rows(0..25));
     // Reading in that order gives the rows in that order.
     let mut out = Vec::new();
     store.read_rows(&a[..4], &mut out).unwrap();

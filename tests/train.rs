@@ -209,6 +209,7 @@ fn full_dataset_monoloss_gradient_matches_finite_differences() {
             sae.as_ref(),
             &store,
             None,
+            &store.epoch_order(3, 0),
             64,
             &Device::Cpu,
         )

@@ -58,6 +58,6 @@ pub fn train_key(c: &Config, features: &serde_json::Value) -> Result<String> {
     Ok(stable_key(&json!({
         "sae": section(&c.sae), "train": section(&c.train), "mono": mono, "seed": c.run.seed,
         "log_every": c.run.log_every,
-        "shuffle_buffer": c.features.shuffle_buffer, "features": features, "splits": [c.data.train_split, c.data.eval_split],
+        "features": features, "splits": [c.data.train_split, c.data.eval_split],
     })))
 }

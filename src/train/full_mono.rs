@@ -8,7 +8,9 @@
 //! rows, each given to one entry: the first row attaining it (PyTorch's `min(dim)` rule; an
 //! entry outside the latents' support passes it on to nothing). Pass 2 recomputes each batch
 //! with a graph and backpropagates Σ c_ik·l_ik with c = ∂L/∂l (a constant): the sum over
-//! batches of those gradients is the exact full-dataset gradient.
+//! batches of those gradients is the exact full-dataset gradient. Both passes visit the store in
+//! the training epoch's order, in training-size batches: BatchTopK selects over the same mixed
+//! batches as in training, not over runs of stored (e.g. class-sorted) rows.
 //!
 //! Host kernels: pass 1 is the one-pass accumulator (f64, sparse), pass 2 builds c on the host.
 //! Portable kernels: both passes are tensor ops on the device, statistics in f64 where the device
@@ -20,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use super::optim::Gradients;
 use crate::base::host::{self, stat_dtype};
 use crate::base::sparse::SparseBatch;
-use crate::data::store::FeatureStore;
+use crate::data::store::{EpochOrder, FeatureStore};
 use crate::models::topk::Mask;
 use crate::monoscore::MonoScoreAccumulator;
 use crate::sae::{forward, Sae};
@@ -34,18 +36,20 @@ pub struct FullMonoGradient {
     pub live: Tensor,
 }
 
-/// Rows `start..end` of the store and of its similarity embeddings (the store itself when none).
+/// The rows at positions `start..end` of `order`, from the store and from its similarity
+/// embeddings (the store itself when none).
 fn read_batch(
     store: &FeatureStore,
     similarity: Option<&FeatureStore>,
-    start: usize,
-    end: usize,
+    order: &EpochOrder,
+    (start, end): (usize, usize),
     x: &mut Vec<f32>,
     sim: &mut Vec<f32>,
 ) -> Result<()> {
-    store.read_range(start, end, x)?;
+    let rows = order.rows(start..end);
+    store.read_rows(&rows, x)?;
     match similarity {
-        Some(s) => s.read_range(start, end, sim),
+        Some(s) => s.read_rows(&rows, sim),
         None => {
             sim.clear();
             sim.extend_from_slice(x);
@@ -54,18 +58,41 @@ fn read_batch(
     }
 }
 
-/// The gradient of the full-dataset MonoLoss of `sae`'s latents over `store`.
+/// The gradient of the full-dataset MonoLoss of `sae`'s latents over `store`, visited in
+/// `order` in batches of `batch_rows`.
 pub fn full_mono_gradient(
     sae: &dyn Sae,
     store: &FeatureStore,
     similarity: Option<&FeatureStore>,
+    order: &EpochOrder,
     batch_rows: usize,
     device: &Device,
 ) -> Result<FullMonoGradient> {
+    let visit = Visit { store, similarity, order, batch_rows: batch_rows.max(2) };
     if sae.params().kernels.is_host() {
-        host_gradient(sae, store, similarity, batch_rows.max(2), device)
+        host_gradient(sae, &visit, device)
     } else {
-        portable_gradient(sae, store, similarity, batch_rows.max(2), device)
+        portable_gradient(sae, &visit, device)
+    }
+}
+
+/// How a pass visits the store.
+struct Visit<'a> {
+    store: &'a FeatureStore,
+    similarity: Option<&'a FeatureStore>,
+    order: &'a EpochOrder,
+    batch_rows: usize,
+}
+
+impl Visit<'_> {
+    /// (start, end) positions of each batch.
+    fn batches(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let n = self.store.len();
+        (0..n).step_by(self.batch_rows).map(move |s| (s, (s + self.batch_rows).min(n)))
+    }
+
+    fn read(&self, batch: (usize, usize), x: &mut Vec<f32>, sim: &mut Vec<f32>) -> Result<()> {
+        read_batch(self.store, self.similarity, self.order, batch, x, sim)
     }
 }
 
@@ -82,15 +109,10 @@ struct Coefficients {
     dmax: f64,
 }
 
-fn host_gradient(
-    sae: &dyn Sae,
-    store: &FeatureStore,
-    similarity: Option<&FeatureStore>,
-    batch_rows: usize,
-    device: &Device,
-) -> Result<FullMonoGradient> {
+fn host_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<FullMonoGradient> {
+    let store = visit.store;
     let (n, d, m) = (store.len(), store.dim(), sae.spec().n_latents);
-    let sim_dim = similarity.map_or(d, |s| s.dim());
+    let sim_dim = visit.similarity.map_or(d, |s| s.dim());
     let (mut x, mut sim) = (Vec::new(), Vec::new());
     let named = sae.params().named();
     let vars: Vec<&candle_core::Var> = named.iter().map(|(_, v)| *v).collect();
@@ -99,9 +121,8 @@ fn host_gradient(
 
     // Pass 1: exact statistics, no graph.
     let mut acc = MonoScoreAccumulator::new(sim_dim, m);
-    for start in (0..n).step_by(batch_rows) {
-        let end = (start + batch_rows).min(n);
-        read_batch(store, similarity, start, end, &mut x, &mut sim)?;
+    for (start, end) in visit.batches() {
+        visit.read((start, end), &mut x, &mut sim)?;
         let pass = forward(sae, &Tensor::from_slice(&x, (end - start, d), device)?, true)?;
         acc.add_sparse(
             &sim,
@@ -150,9 +171,8 @@ fn host_gradient(
     let mut min_given = vec![false; m];
     let mut max_given = vec![false; m];
     let mut grads = Gradients::zeros(&vars, kernels)?;
-    for start in (0..n).step_by(batch_rows) {
-        let end = (start + batch_rows).min(n);
-        read_batch(store, similarity, start, end, &mut x, &mut sim)?;
+    for (start, end) in visit.batches() {
+        visit.read((start, end), &mut x, &mut sim)?;
         let rows = end - start;
         let pass = forward(sae, &Tensor::from_slice(&x, (rows, d), device)?, true)?;
         let latents = host::read_f32(pass.latents())?;
@@ -317,15 +337,10 @@ fn device_coefficients(s: DeviceMoments, n: usize) -> Result<DeviceCoefficients>
     })
 }
 
-fn portable_gradient(
-    sae: &dyn Sae,
-    store: &FeatureStore,
-    similarity: Option<&FeatureStore>,
-    batch_rows: usize,
-    device: &Device,
-) -> Result<FullMonoGradient> {
+fn portable_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<FullMonoGradient> {
+    let store = visit.store;
     let (n, d, m) = (store.len(), store.dim(), sae.spec().n_latents);
-    let sim_dim = similarity.map_or(d, |s| s.dim());
+    let sim_dim = visit.similarity.map_or(d, |s| s.dim());
     let dtype = stat_dtype(device);
     let (mut x, mut sim) = (Vec::new(), Vec::new());
     let named = sae.params().named();
@@ -345,9 +360,8 @@ fn portable_gradient(
         first_min: zeros(&[m])?,
         first_max: zeros(&[m])?,
     };
-    for start in (0..n).step_by(batch_rows) {
-        let end = (start + batch_rows).min(n);
-        read_batch(store, similarity, start, end, &mut x, &mut sim)?;
+    for (start, end) in visit.batches() {
+        visit.read((start, end), &mut x, &mut sim)?;
         let pass = forward(sae, &host::upload_f32(&x, (end - start, d), device)?, true)?;
         let p = unit_rows(&host::upload_f32(&sim, (end - start, sim_dim), device)?, dtype)?;
         moments.add(&pass.latents().detach().to_dtype(dtype)?, &p, start)?;
@@ -356,10 +370,9 @@ fn portable_gradient(
 
     // Pass 2: backpropagate Σ c·l batch by batch.
     let mut grads = Gradients::zeros(&vars, kernels)?;
-    for start in (0..n).step_by(batch_rows) {
-        let end = (start + batch_rows).min(n);
+    for (start, end) in visit.batches() {
         let rows = end - start;
-        read_batch(store, similarity, start, end, &mut x, &mut sim)?;
+        visit.read((start, end), &mut x, &mut sim)?;
         let pass = forward(sae, &host::upload_f32(&x, (rows, d), device)?, true)?;
         let l = pass.latents().detach().to_dtype(dtype)?;
         let p = unit_rows(&host::upload_f32(&sim, (rows, sim_dim), device)?, dtype)?;

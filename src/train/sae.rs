@@ -376,18 +376,10 @@ impl SaeTrainer {
         let bar = crate::base::progress::bar(total as u64, "training");
         bar.set_position(self.step as u64);
         let (mut x, mut sim) = (Vec::new(), Vec::new());
-        let mut order: Option<(usize, Vec<u32>)> = None;
         while self.step < total {
             let (epoch, at) = (self.step / steps_per_epoch, self.step % steps_per_epoch);
-            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                let rows = train.epoch_order(
-                    config.run.seed,
-                    epoch as u64,
-                    config.features.shuffle_buffer,
-                );
-                order = Some((epoch, rows));
-            }
-            let rows = &order.as_ref().expect("set above").1[at * b..(at + 1) * b];
+            let order = train.epoch_order(config.run.seed, epoch as u64);
+            let rows = &order.rows(at * b..(at + 1) * b);
             train.read_rows(rows, &mut x)?;
             let input = Tensor::from_slice(&x, (b, d), device)?;
             let similarity = match inputs.train_similarity {
@@ -405,6 +397,7 @@ impl SaeTrainer {
                         self.sae.as_ref(),
                         train,
                         inputs.train_similarity,
+                        &order,
                         b,
                         device,
                     )

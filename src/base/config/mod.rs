@@ -190,13 +190,11 @@ pub struct FeaturesConfig {
     /// Rows per safetensors shard.
     pub shard_size: usize,
     pub dtype: FloatType,
-    /// Rows held by the shuffle buffer when streaming the store for training.
-    pub shuffle_buffer: usize,
 }
 
 impl Default for FeaturesConfig {
     fn default() -> Self {
-        Self { dir: None, shard_size: 16384, dtype: FloatType::F32, shuffle_buffer: 65536 }
+        Self { dir: None, shard_size: 16384, dtype: FloatType::F32 }
     }
 }
 

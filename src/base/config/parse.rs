@@ -10,7 +10,11 @@ use super::Config;
 const PATH_MARK: char = '\u{1f}';
 
 /// Keys that were renamed: the old dotted key and what to write instead.
-const RENAMED: [(&str, &str); 2] = [
+const RENAMED: [(&str, &str); 3] = [
+    (
+        "features.shuffle_buffer",
+        "nothing (removed: every epoch visits the rows in a full random order)",
+    ),
     ("train.lr_decay", "train.schedule (constant | linear | cosine)"),
     ("train.log_every", "run.log_every"),
 ];

@@ -58,7 +58,6 @@ impl Config {
         v.positive_opt("data.limit", self.data.limit);
         v.positive_opt("data.workers", self.data.workers);
         v.positive("features.shard_size", self.features.shard_size);
-        v.positive("features.shuffle_buffer", self.features.shuffle_buffer);
     }
 
     fn validate_train_and_mono(&self, v: &mut Validator) {

@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 pub use labels::Labels;
 pub use lookup::SimilarityLookup;
 pub use manifest::{LabelKind, Manifest, ShardEntry, Skipped, StoreInfo, FORMAT, MANIFEST_FILE};
-pub use order::epoch_order;
+pub use order::EpochOrder;
 pub use shard::{shard_file_name, FEATURES, LABELS, LABEL_OFFSETS, LABEL_VALUES, PATHS_KEY};
 pub use writer::{BatchLabels, StoreWriter};
 
@@ -85,14 +85,9 @@ impl FeatureStore {
         &self.dir
     }
 
-    /// Rows of each shard, in shard order (the input of `epoch_order`).
-    pub fn shard_rows(&self) -> Vec<usize> {
-        self.shards.iter().map(Shard::rows).collect()
-    }
-
-    /// `epoch_order` over this store's shards.
-    pub fn epoch_order(&self, seed: u64, epoch: u64, shuffle_buffer: usize) -> Vec<u32> {
-        epoch_order(&self.shard_rows(), seed, epoch, shuffle_buffer)
+    /// The row order of training epoch `epoch`: a seeded permutation of every row.
+    pub fn epoch_order(&self, seed: u64, epoch: u64) -> EpochOrder {
+        EpochOrder::new(self.len(), seed, epoch)
     }
 
     /// Rows `start..end` as f32, (end - start) × dim, into `out` (cleared first).
