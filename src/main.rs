@@ -184,6 +184,8 @@ enum BenchCommand {
     Extract(mono::bench::extract::ExtractBenchArgs),
     /// Images/s of a finetuning step for ResNet-50 and CLIP-ViT-B/32.
     Finetune(mono::bench::finetune::FinetuneBenchArgs),
+    /// An ImageNet-size rehearsal on synthetic features: import, reader, training, evaluation.
+    Scale(mono::bench::scale::ScaleBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -264,6 +266,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Extract(args)) => mono::bench::extract::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Scale(args)) => mono::bench::scale::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Finetune(args)) => {
             mono::bench::finetune::run(&args).map(|_| ())
         }

@@ -19,5 +19,6 @@ mod pipeline;
 mod portable;
 mod preprocess;
 mod sae;
+mod scale;
 mod store;
 mod train;

@@ -1,5 +1,5 @@
 //! What every layer uses: the validated config, devices, file formats and atomic writes, the
-//! sparse CPU kernels, progress bars and the allocator.
+//! sparse CPU kernels, progress bars, the allocator and memory measurement.
 
 pub mod alloc;
 pub mod config;
@@ -7,5 +7,6 @@ pub mod cpu;
 pub mod device;
 pub mod host;
 pub mod io;
+pub mod memory;
 pub mod progress;
 pub mod sparse;

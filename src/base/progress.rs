@@ -30,3 +30,10 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// A one-line message on stderr, hidden when quiet.
+pub fn note(message: &str) {
+    if !is_quiet() {
+        eprintln!("{message}");
+    }
+}

@@ -3,4 +3,6 @@
 pub mod extract;
 pub mod finetune;
 pub mod monoscore;
+pub mod scale;
+pub mod synthetic;
 pub mod train;

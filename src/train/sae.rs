@@ -376,11 +376,21 @@ impl SaeTrainer {
         let bar = crate::base::progress::bar(total as u64, "training");
         bar.set_position(self.step as u64);
         let (mut x, mut sim) = (Vec::new(), Vec::new());
+        let prefetch = larger_than_memory(train, inputs.train_similarity);
+        let batch_rows = |step: usize| {
+            let (epoch, at) = (step / steps_per_epoch, step % steps_per_epoch);
+            (epoch, train.epoch_order(config.run.seed, epoch as u64).rows(at * b..(at + 1) * b))
+        };
         while self.step < total {
-            let (epoch, at) = (self.step / steps_per_epoch, self.step % steps_per_epoch);
-            let order = train.epoch_order(config.run.seed, epoch as u64);
-            let rows = &order.rows(at * b..(at + 1) * b);
+            let (epoch, rows) = batch_rows(self.step);
+            let rows = &rows;
             train.read_rows(rows, &mut x)?;
+            if prefetch && self.step + 1 < total {
+                // The next batch's rows come from the disk while this step computes.
+                let (_, next) = batch_rows(self.step + 1);
+                train.prefetch_rows(&next);
+                inputs.train_similarity.inspect(|judge| judge.prefetch_rows(&next));
+            }
             let input = Tensor::from_slice(&x, (b, d), device)?;
             let similarity = match inputs.train_similarity {
                 Some(judge) => {
@@ -397,7 +407,7 @@ impl SaeTrainer {
                         self.sae.as_ref(),
                         train,
                         inputs.train_similarity,
-                        &order,
+                        &train.epoch_order(config.run.seed, epoch as u64),
                         b,
                         device,
                     )
@@ -455,6 +465,25 @@ impl SaeTrainer {
         }
         Ok(())
     }
+}
+
+/// Whether the training stores exceed the memory available (then every batch is prefetched
+/// from the disk one step ahead), said once on stderr.
+fn larger_than_memory(train: &FeatureStore, similarity: Option<&FeatureStore>) -> bool {
+    let stores = std::iter::once(train).chain(similarity);
+    let bytes: u64 = stores.clone().map(|s| s.feature_bytes()).sum();
+    let larger = crate::base::memory::available_bytes().is_some_and(|free| bytes > free);
+    if larger {
+        crate::base::progress::note(&format!(
+            "{}: {:.1} GiB of features exceed the {:.1} GiB of available memory; rows are read \
+             from the disk at random (each batch requested one step ahead), so the disk's \
+             random-read rate bounds training speed",
+            train.dir().display(),
+            bytes as f64 / (1u64 << 30) as f64,
+            crate::base::memory::available_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64,
+        ));
+    }
+    larger
 }
 
 /// The factor of lr at the first warm-up step.

@@ -95,3 +95,23 @@ pub fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> 
     }
     Ok(())
 }
+
+/// Asks the kernel to drop `path`'s pages from the page cache (those no process maps), so that
+/// the next reads come from the disk: how a benchmark reads a store as if it were larger than
+/// memory. False where the platform has no such request (only Linux is asked).
+pub fn evict_from_page_cache(path: &Path) -> Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: a valid open descriptor; the call only advises the kernel.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        Ok(rc == 0)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        Ok(false)
+    }
+}

@@ -326,32 +326,41 @@ impl Shard {
         self.rows
     }
 
-    /// Appends local rows `start..end` as f32; NaN/Inf is an error naming this file and the row
-    /// (`first_global` is the store row of local row 0, for the message).
+    /// Asks the kernel to start reading local row `row` from the disk, without waiting.
+    pub fn prefetch(&self, row: usize) {
+        let row_bytes = self.dim * self.dtype.size();
+        let _ = self.mmap.advise_range(
+            memmap2::Advice::WillNeed,
+            self.features_offset + row * row_bytes,
+            row_bytes,
+        );
+    }
+
+    /// Local rows `start..end` as f32 into `out` ((end - start) × dim); NaN/Inf is an error
+    /// naming this file and the row (`first_global` is the store row of local row 0).
     pub fn read_into(
         &self,
         start: usize,
         end: usize,
         first_global: usize,
-        out: &mut Vec<f32>,
+        out: &mut [f32],
     ) -> Result<()> {
         debug_assert!(start <= end && end <= self.rows);
         let row_bytes = self.dim * self.dtype.size();
         let begin = self.features_offset + start * row_bytes;
-        let old = out.len();
-        crate::base::io::matrix::decode_le_into(
+        crate::base::io::matrix::decode_le(
             self.dtype,
             &self.mmap[begin..begin + (end - start) * row_bytes],
             out,
         );
-        if let Some(pos) = out[old..].iter().position(|v| !v.is_finite()) {
+        if let Some(pos) = out.iter().position(|v| !v.is_finite()) {
             let local = start + pos / self.dim;
             bail!(
                 "{}: row {local} (store row {}), column {} is {} (NaN/Inf are not allowed)",
                 self.path.display(),
                 first_global + local,
                 pos % self.dim,
-                out[old + pos]
+                out[pos]
             );
         }
         Ok(())
