@@ -273,7 +273,7 @@ mod tests {
         let bits: Vec<u16> = (0..=u16::MAX).collect();
         let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
         let mut buffer = vec![0u8; bytes.len() + 1];
-        let odd = (buffer.as_ptr() as usize % 2 == 0) as usize;
+        let odd = (buffer.as_ptr() as usize).is_multiple_of(2) as usize;
         buffer[odd..odd + bytes.len()].copy_from_slice(&bytes);
         let aligned = &bits_as_bytes(&bits);
         let unaligned = &buffer[odd..odd + bytes.len()];
