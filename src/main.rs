@@ -186,6 +186,9 @@ enum BenchCommand {
     Finetune(mono::bench::finetune::FinetuneBenchArgs),
     /// An ImageNet-size rehearsal on synthetic features: import, reader, training, evaluation.
     Scale(mono::bench::scale::ScaleBenchArgs),
+    /// How training and evaluation time and memory grow with N, M, k and D, and what the
+    /// paper's SAE runs would take.
+    Growth(mono::bench::growth::GrowthBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -267,6 +270,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Extract(args)) => mono::bench::extract::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Scale(args)) => mono::bench::scale::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Growth(args)) => mono::bench::growth::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Finetune(args)) => {
             mono::bench::finetune::run(&args).map(|_| ())
         }

@@ -203,6 +203,22 @@ fn open_refuses_corrupt_and_truncated_shards() {
     assert!(e.contains("shard-00001.safetensors"), "{e}");
 }
 
+/// A file that opens but cannot be memory-mapped (as on a file system without mmap support;
+/// here a directory in the shard's place): one line naming the file and the cause.
+#[cfg(target_os = "linux")]
+#[test]
+fn open_names_a_shard_that_cannot_be_mapped() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_class_store(tmp.path(), FloatType::F32);
+    let shard = tmp.path().join("shard-00001.safetensors");
+    std::fs::remove_file(&shard).unwrap();
+    std::fs::create_dir(&shard).unwrap();
+    let e = err_of(FeatureStore::open(tmp.path()));
+    assert!(e.contains("cannot map") && e.contains("shard-00001.safetensors"), "{e}");
+    assert!(e.contains("memory maps"), "{e}");
+    assert!(!e.contains('\n'), "{e}");
+}
+
 #[test]
 fn open_refuses_a_shard_of_another_dim_or_row_count() {
     let tmp = tempfile::tempdir().unwrap();

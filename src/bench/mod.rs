@@ -2,6 +2,7 @@
 
 pub mod extract;
 pub mod finetune;
+pub mod growth;
 pub mod monoscore;
 pub mod scale;
 pub mod synthetic;

@@ -92,24 +92,39 @@ impl SyntheticSpec {
         means
     }
 
-    /// Rows start..end into `out` ((end - start) × dim), each from its own seeded generator so
-    /// that a row does not depend on how the rows are chunked.
+    /// Rows start..end into `out` ((end - start) × dim).
     fn fill(&self, directions: &[f32], start: usize, out: &mut [f32]) {
-        let (d, stream) = (self.dim, self.stream as u64 + 1);
-        out.par_chunks_mut(d).enumerate().for_each(|(i, x)| {
-            let row = (start + i) as u64;
-            let mut rng = SmallRng::seed_from_u64(
-                self.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (row << 20),
-            );
-            let c = self.class_of(start + i) as usize;
-            let mean = &directions[c * d..(c + 1) * d];
-            let scale = 1.0 / (d as f32).sqrt();
-            for (v, &m) in x.iter_mut().zip(mean) {
-                let g: f32 = StandardNormal.sample(&mut rng);
-                *v = 2.0 * m + scale * g;
-            }
-        });
-        crate::base::cpu::normalize_rows(out, d);
+        out.par_chunks_mut(self.dim)
+            .enumerate()
+            .for_each(|(i, x)| self.row(directions, start + i, x));
+    }
+
+    /// The given rows (e.g. a training batch) without a store: rows.len() × dim.
+    pub fn sample_rows(&self, rows: &[u32]) -> Vec<f32> {
+        let directions = self.class_directions();
+        let mut out = vec![0f32; rows.len() * self.dim];
+        out.par_chunks_mut(self.dim)
+            .zip(rows)
+            .for_each(|(x, &row)| self.row(&directions, row as usize, x));
+        out
+    }
+
+    /// One unit-norm row from its own seeded generator, so that a row does not depend on how
+    /// the rows are chunked.
+    fn row(&self, directions: &[f32], row: usize, x: &mut [f32]) {
+        let d = self.dim;
+        let stream = self.stream as u64 + 1;
+        let mut rng = SmallRng::seed_from_u64(
+            self.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((row as u64) << 20),
+        );
+        let c = self.class_of(row) as usize;
+        let mean = &directions[c * d..(c + 1) * d];
+        let scale = 1.0 / (d as f32).sqrt();
+        for (v, &m) in x.iter_mut().zip(mean) {
+            let g: f32 = StandardNormal.sample(&mut rng);
+            *v = 2.0 * m + scale * g;
+        }
+        crate::base::cpu::normalize_rows(x, d);
     }
 }
 
@@ -235,6 +250,13 @@ mod tests {
             assert!((norm - 1.0).abs() < 2e-3, "norm {norm}");
         }
         // Rows of a class lean the same way; rows of different classes do not.
+        // Rows sampled without a store are the stored rows.
+        let sampled = spec.sample_rows(&[0, 999]);
+        for (r, row) in [0usize, 999].into_iter().zip(sampled.chunks(16)) {
+            for (s, v) in row.iter().zip(&x[r * 16..r * 16 + 16]) {
+                assert!((s - v).abs() < 1e-3, "row {r}: {s} vs stored {v}");
+            }
+        }
         let dot = |a: usize, b: usize| -> f32 {
             x[a * 16..a * 16 + 16].iter().zip(&x[b * 16..b * 16 + 16]).map(|(p, q)| p * q).sum()
         };

@@ -153,8 +153,13 @@ impl Shard {
         let file =
             File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
         // SAFETY: read-only map of a finished shard, which the store never rewrites.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| {
+            format!(
+                "cannot map {} (feature stores are read through memory maps: keep them on a \
+                     file system that supports them, e.g. a local disk)",
+                path.display()
+            )
+        })?;
         Self::check(path, mmap, info, rows).with_context(|| path.display().to_string())
     }
 
