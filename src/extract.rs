@@ -64,11 +64,12 @@ pub struct SplitReport {
 struct Batch {
     /// (rows, 3·H·W) pixel values of the images that decoded.
     pixels: Vec<f32>,
+    /// The item index, path and labels of each row.
+    items: Vec<usize>,
     paths: Vec<String>,
     labels: Vec<Vec<u32>>,
-    skipped: Vec<(String, String)>,
-    /// Items consumed (decoded or skipped).
-    items: usize,
+    /// Items that did not decode: index, path, reason.
+    skipped: Vec<(usize, String, String)>,
 }
 
 fn prepare(dataset: &dyn ImageDataset, preprocessor: &Preprocessor, items: Range<usize>) -> Batch {
@@ -78,19 +79,20 @@ fn prepare(dataset: &dyn ImageDataset, preprocessor: &Preprocessor, items: Range
     });
     let mut batch = Batch {
         pixels: Vec::new(),
+        items: Vec::new(),
         paths: Vec::new(),
         labels: Vec::new(),
         skipped: Vec::new(),
-        items: items.len(),
     };
     for (&i, result) in items.iter().zip(results) {
         match result {
             Ok(pixels) => {
                 batch.pixels.extend(pixels);
+                batch.items.push(i);
                 batch.paths.push(dataset.path(i));
                 batch.labels.push(dataset.labels(i));
             }
-            Err(e) => batch.skipped.push((dataset.path(i), format!("{e:#}"))),
+            Err(e) => batch.skipped.push((i, dataset.path(i), format!("{e:#}"))),
         }
     }
     batch
@@ -197,10 +199,15 @@ fn extract_split(
     bar.set_position((start - range.start) as u64);
     let started = Instant::now();
     let dataset: &dyn ImageDataset = dataset.as_ref();
+    // Batches keep the grid of an uninterrupted run (range.start + i · batch_size) wherever a
+    // previous run stopped, so every row is encoded in the same batch as it would have been
+    // (batched kernels round differently for other batch compositions): the batch holding
+    // `start` is encoded whole and its rows stored before are dropped.
+    let first = range.start + (start - range.start) / batch_size * batch_size;
     let (tx, rx) = sync_channel::<Batch>(2);
     std::thread::scope(|scope| -> Result<()> {
         let producer = scope.spawn(move || {
-            let mut at = start;
+            let mut at = first;
             while at < range.end {
                 let end = (at + batch_size).min(range.end);
                 if tx.send(prepare(dataset, ctx.preprocessor, at..end)).is_err() {
@@ -210,29 +217,38 @@ fn extract_split(
             }
         });
         for batch in rx {
-            for (path, reason) in &batch.skipped {
+            for (_, path, reason) in batch.skipped.iter().filter(|s| s.0 >= start) {
                 bar.suspend(|| eprintln!("skipped {path}: {reason}"));
                 writer.skip(path.clone(), reason.clone());
             }
+            let new_items = batch.items.iter().chain(batch.skipped.iter().map(|s| &s.0));
+            let new_items = new_items.filter(|&&i| i >= start).count();
             if !batch.paths.is_empty() {
                 let mut features =
                     encode(ctx.encoder, &batch.pixels, batch.paths.len(), size, dtype, ctx.device)?;
                 if config.encoder.normalize {
                     normalize_rows(&mut features, ctx.encoder.dim());
                 }
+                // Rows already stored (the start of a batch continued after a restart).
+                let stored = batch.items.iter().take_while(|&&i| i < start).count();
+                let dim = ctx.encoder.dim();
+                let (features, paths) = (&features[stored * dim..], &batch.paths[stored..]);
+                let batch_labels = &batch.labels[stored..];
                 let class_ids: Vec<u32>;
                 let labels = match writer.info().labels {
                     LabelKind::None => BatchLabels::None,
                     LabelKind::Class => {
                         class_ids =
-                            batch.labels.iter().map(|l| l.first().copied().unwrap_or(0)).collect();
+                            batch_labels.iter().map(|l| l.first().copied().unwrap_or(0)).collect();
                         BatchLabels::Class(&class_ids)
                     }
-                    LabelKind::Multi => BatchLabels::Multi(&batch.labels),
+                    LabelKind::Multi => BatchLabels::Multi(batch_labels),
                 };
-                writer.push(&features, labels, &batch.paths)?;
+                if !paths.is_empty() {
+                    writer.push(features, labels, paths)?;
+                }
             }
-            bar.inc(batch.items as u64);
+            bar.inc(new_items as u64);
         }
         producer.join().map_err(|_| anyhow::anyhow!("the image decoding thread panicked"))?;
         Ok(())
@@ -249,6 +265,70 @@ fn extract_split(
         already_done: false,
         seconds,
     })
+}
+
+/// What an extraction depends on (docs/reliability.md): the encoder settings and files (or the
+/// key of the finetuning run that makes them), the data set's splits, the store format and
+/// which part of the data. Recorded in the feature set and checked whenever it is continued or
+/// reused, so no run continues or reuses features of other inputs.
+pub fn inputs_identity(
+    config: &Config,
+    opts: &ExtractOptions,
+    finetuned: Option<&str>,
+) -> Result<serde_json::Value> {
+    let mut encoder = serde_json::to_value(&config.encoder)?;
+    encoder["batch_size"] = json!(null); // does not change the features
+    encoder["model"] = json!(canonical_model(&config.encoder.model));
+    encoder["output"] = json!(config.encoder.output()); // the default, resolved
+    let model_files = match finetuned {
+        Some(key) => json!({ "finetuned": key }),
+        None => {
+            let files = encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
+            json!(encoders::fingerprint(&files)?)
+        }
+    };
+    let mut data = serde_json::to_value(&config.data)?;
+    data["root"] = json!(null); // in data_files, resolved
+    let root = config.data.root.as_ref().context("data.root is not set: where are the images?")?;
+    let splits = [config.data.train_split.as_str(), config.data.eval_split.as_str()];
+    Ok(json!({
+        "stage": "extract",
+        "encoder": encoder,
+        "model_files": model_files,
+        "data": data,
+        "data_files": crate::data::images::data_identity(config.data.kind, root, &splits)?,
+        "features": { "dtype": config.features.dtype, "shard_size": config.features.shard_size },
+        "limit": opts.limit,
+        "part": opts.part,
+    }))
+}
+
+/// `encoder.model` as a key part: a local directory by its canonical path, a hub id as is.
+pub fn canonical_model(model: &str) -> String {
+    let path = Path::new(model);
+    match path.is_dir().then(|| path.canonicalize()) {
+        Some(Ok(canonical)) => canonical.display().to_string(),
+        _ => model.to_string(),
+    }
+}
+
+/// Refuses a feature set made from other inputs; records the identity in a new one.
+fn check_feature_set(out_root: &Path, identity: &serde_json::Value) -> Result<()> {
+    match crate::base::io::recorded_input_differences(out_root, identity)? {
+        Some(differences) if !differences.is_empty() => anyhow::bail!(
+            "{} holds features of other inputs ({}); remove it or set features.dir elsewhere",
+            out_root.display(),
+            differences.join("; ")
+        ),
+        Some(_) => Ok(()),
+        // A directory from before inputs were recorded keeps the manifest checks alone.
+        None if out_root.read_dir().is_ok_and(|mut d| d.next().is_some()) => Ok(()),
+        None => {
+            std::fs::create_dir_all(out_root)
+                .with_context(|| format!("cannot create {}", out_root.display()))?;
+            crate::base::io::record_inputs(out_root, identity)
+        }
+    }
 }
 
 /// Extracts the config's train and eval splits.
@@ -282,6 +362,7 @@ pub fn extract(config: &Config, opts: &ExtractOptions) -> Result<Vec<SplitReport
             .unwrap_or_else(|| "features".into());
         out_root.set_file_name(format!("{name}-part-{i}-of-{n}"));
     }
+    check_feature_set(&out_root, &inputs_identity(config, opts, None)?)?;
     let ctx = Extraction {
         config,
         encoder: encoder.as_ref(),

@@ -96,7 +96,12 @@ fn features_equal_direct_encoding_with_labels_and_provenance() {
     let mut other = c.clone();
     other.encoder.output = Some(mono::config::EncoderOutput::Pooler);
     let err = format!("{:#}", extract(&other, &ExtractOptions::default()).unwrap_err());
-    assert!(err.contains("holds features of another encoder"), "{err}");
+    assert!(
+        err.contains(
+            "holds features of other inputs (encoder.output: \"image_embeds\" → \"pooler\")"
+        ),
+        "{err}"
+    );
 }
 
 /// A class-folder data set with real PNGs and one corrupt file.

@@ -312,7 +312,7 @@ fn bad_input_fails_clearly_and_leaves_runs_intact() {
     write_config(&wide_path, &wide);
     expect_failure(
         &["train", wide_path.to_str().unwrap(), "--resume"],
-        "does not match the config",
+        "was started with other settings or inputs (sae.n_latents: 64 → 128)",
     );
     // Features of another width than the checkpoint.
     let other = tmp.path().join("other");
@@ -329,7 +329,7 @@ fn bad_input_fails_clearly_and_leaves_runs_intact() {
     narrow.features.dir = Some(other.clone());
     let narrow_path = tmp.path().join("narrow.toml");
     write_config(&narrow_path, &narrow);
-    expect_failure(&["train", narrow_path.to_str().unwrap(), "--resume"], "d_in = 784");
+    expect_failure(&["train", narrow_path.to_str().unwrap(), "--resume"], "(features.train: ");
     // A corrupt shard.
     let corrupt = tmp.path().join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();

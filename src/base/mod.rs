@@ -5,6 +5,7 @@ pub mod alloc;
 pub mod config;
 pub mod cpu;
 pub mod device;
+pub mod fingerprint;
 pub mod host;
 pub mod io;
 pub mod memory;

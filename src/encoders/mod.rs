@@ -72,6 +72,19 @@ pub fn load(
     Ok((encoder, files))
 }
 
+/// A fingerprint of the encoder's files (docs/reliability.md): their canonical paths (a hub
+/// cache path names the commit) and the signature (size, modification time, first and last MiB) of config.json,
+/// preprocessor_config.json and every weights file.
+pub fn fingerprint(files: &hub::ModelFiles) -> Result<String> {
+    let mut fp = crate::base::fingerprint::Fingerprint::new();
+    fp.str(&files.source);
+    for path in files.config.iter().chain(&files.preprocessor).chain(&files.weights) {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.clone());
+        fp.str(&canonical.display().to_string()).file_signed(path)?;
+    }
+    Ok(fp.finish())
+}
+
 /// The preprocessing of the encoder's family, from its preprocessor_config.json when present.
 pub fn preprocessor_for(kind: EncoderKind, files: &hub::ModelFiles) -> Result<Preprocessor> {
     match (&files.preprocessor, kind) {

@@ -1,13 +1,14 @@
 //! The keys that name `mono run`'s stage directories: a hash of exactly the settings and inputs a
-//! stage depends on, so a rerun reuses a finished stage only when nothing it read has changed.
+//! stage depends on (each stage defines its inputs' identity beside its code; docs/reliability.md
+//! lists them), so a rerun reuses a finished stage only when nothing it read has changed.
 
 use std::path::Path;
 
-use anyhow::Result;
-use serde_json::json;
+use anyhow::{Context, Result};
 
 use crate::base::config::Config;
-use crate::data::store::open_split;
+use crate::data::store::feature_set_identity;
+use crate::extract::ExtractOptions;
 
 /// FNV-1a 64 of the canonical JSON of `value` (keys sorted), as 12 hex digits.
 pub fn stable_key(value: &serde_json::Value) -> String {
@@ -20,44 +21,26 @@ pub fn stable_key(value: &serde_json::Value) -> String {
     format!("{:012x}", h >> 16)
 }
 
-fn section<T: serde::Serialize>(t: &T) -> serde_json::Value {
-    serde_json::to_value(t).expect("config sections serialise")
+/// The finetuning stage's key: its inputs' identity (`train::finetune::inputs_identity`).
+pub fn finetune_key(c: &Config) -> Result<String> {
+    Ok(stable_key(&crate::train::finetune::inputs_identity(c)?))
 }
 
-pub fn finetune_key(c: &Config) -> String {
-    stable_key(&json!({
-        "encoder": section(&c.encoder), "data": section(&c.data), "finetune": section(&c.finetune),
-        "lambda": c.finetune_lambda().ok(), "eps": c.mono.eps, "seed": c.run.seed,
-        "log_every": c.run.log_every,
-    }))
+/// The extraction stage's key: its inputs' identity, with the finetuning run's key standing
+/// for the model when the features come from a finetuned backbone (not there yet when planning).
+pub fn extract_key(c: &Config, finetune: Option<&str>) -> Result<String> {
+    let identity = crate::extract::inputs_identity(c, &ExtractOptions::default(), finetune)?;
+    Ok(stable_key(&identity))
 }
 
-pub fn extract_key(c: &Config, finetune: Option<&str>) -> String {
-    let mut encoder = section(&c.encoder);
-    encoder["batch_size"] = json!(null); // does not change the features
-    stable_key(&json!({
-        "encoder": encoder, "finetuned": finetune, "data": section(&c.data),
-        "dtype": section(&c.features.dtype), "shard_size": c.features.shard_size,
-    }))
+/// A user-provided feature set as a training input: its stores' fingerprints.
+pub fn feature_set(dir: &Path, c: &Config) -> Result<serde_json::Value> {
+    let splits = [c.data.train_split.as_str(), c.data.eval_split.as_str()];
+    feature_set_identity(dir, &splits).context("features.dir")
 }
 
-/// Manifests of a user-provided feature set: its identity for the training key.
-pub fn manifests(dir: &Path, c: &Config) -> serde_json::Value {
-    let read = |split: &str| {
-        open_split(dir, split).ok().map(|s| section(&s.manifest().info)).unwrap_or(json!(null))
-    };
-    json!({"train": read(&c.data.train_split), "eval": read(&c.data.eval_split)})
-}
-
-pub fn train_key(c: &Config, features: &serde_json::Value) -> Result<String> {
-    let mut mono = section(&c.mono);
-    mono["lambda"] = json!(c.lambda()?);
-    if let Some(judge) = &c.mono.similarity_store {
-        mono["similarity_store"] = manifests(judge, c);
-    }
-    Ok(stable_key(&json!({
-        "sae": section(&c.sae), "train": section(&c.train), "mono": mono, "seed": c.run.seed,
-        "log_every": c.run.log_every,
-        "features": features, "splits": [c.data.train_split, c.data.eval_split],
-    })))
+/// The training stage's key: its settings with `features`, the identity of the features it
+/// reads (a feature set's fingerprints, or the key of the extraction that makes them).
+pub fn train_key(c: &Config, features: serde_json::Value) -> Result<String> {
+    Ok(stable_key(&crate::train::sae::inputs_identity(c, features)?))
 }

@@ -20,7 +20,7 @@ use crate::layout::{
     read_json, write_json, ChildResults, ChildSummary, RunSummary, CHECKPOINTS_DIR, CONFIG_FILE,
     REPORT_FILE, RESULTS_FILE,
 };
-use keys::{extract_key, finetune_key, manifests, train_key};
+use keys::{extract_key, feature_set, finetune_key, train_key};
 
 /// One run of a sweep (or the only run).
 #[derive(Clone, Debug)]
@@ -78,19 +78,23 @@ pub fn plan(config: &Config) -> Result<Vec<ChildPlan>> {
         .into_iter()
         .map(|child| {
             let c = &child.config;
-            let finetune = stages.contains(&Stage::Finetune).then(|| finetune_key(c));
+            let finetune = stages.contains(&Stage::Finetune).then(|| finetune_key(c)).transpose()?;
             let finetune_dir = finetune.as_ref().map(|k| run_dir.join(format!("finetune-{k}")));
-            let (features_dir, features_identity) = match (&c.features.dir, stages.contains(&Stage::Extract)) {
-                (Some(dir), false) => (Some(dir.clone()), manifests(dir, c)),
-                (Some(dir), true) => (Some(dir.clone()), json!(extract_key(c, finetune.as_deref()))),
+            let extracts = stages.contains(&Stage::Extract);
+            let (features_dir, features_identity) = match (&c.features.dir, extracts) {
+                (Some(dir), false) => (Some(dir.clone()), feature_set(dir, c)?),
+                (Some(dir), true) => (Some(dir.clone()), json!(extract_key(c, finetune.as_deref())?)),
                 (None, true) => {
-                    let k = extract_key(c, finetune.as_deref());
+                    let k = extract_key(c, finetune.as_deref())?;
                     (Some(run_dir.join(format!("features-{k}"))), json!(k))
                 }
                 (None, false) if stages.contains(&Stage::Train) => bail!("run.stages has \"train\" without \"extract\": set features.dir to an existing feature set"),
                 (None, false) => (None, json!(null)),
             };
-            let train_dir = if stages.contains(&Stage::Train) { Some(run_dir.join(format!("train-{}", train_key(c, &features_identity)?))) } else { None };
+            let train_dir = match stages.contains(&Stage::Train) {
+                true => Some(run_dir.join(format!("train-{}", train_key(c, features_identity)?))),
+                false => None,
+            };
             Ok(ChildPlan { child, finetune_dir, features_dir, train_dir })
         })
         .collect()

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::base::config::Config;
-use crate::base::io::{write_atomic, write_dir_atomic};
+use crate::base::io::{record_inputs, recorded_input_differences, write_atomic, write_dir_atomic};
 use crate::layout::{CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, STATE_JSON, STATE_TENSORS};
 
 /// Checkpoints kept on disk (the newest ones).
@@ -59,31 +59,83 @@ impl RunDir {
     }
 
     /// Checks the directory against `resume` before anything is written: a fresh start needs a
-    /// directory without a run (no checkpoint, none of `finished`), a resume needs a checkpoint.
-    /// Returns the checkpoint to resume from. `what` names the run in errors ("training").
-    pub fn start(&self, what: &str, finished: &[&str], resume: bool) -> Result<Option<PathBuf>> {
-        let latest = self.checkpoints()?.pop().map(|(_, p)| p);
+    /// directory without a run (no checkpoint, none of `finished`), a resume needs a checkpoint
+    /// and the same inputs (`inputs`, as recorded when the run started: every difference is
+    /// named). Returns whether the run resumes. `what` names the run in errors ("training").
+    pub fn start(
+        &self,
+        what: &str,
+        finished: &[&str],
+        resume: bool,
+        inputs: &serde_json::Value,
+    ) -> Result<bool> {
+        let has_checkpoint = !self.checkpoints()?.is_empty();
         let done = finished.iter().any(|f| self.path.join(f).exists());
-        if !resume && (latest.is_some() || done) {
+        if !resume && (has_checkpoint || done) {
             bail!(
                 "{} already holds a {what} run; pass --resume to continue it, or choose another run.name",
                 self.path.display()
             );
         }
-        if resume && latest.is_none() {
+        if resume && !has_checkpoint {
             bail!("--resume: {} has no checkpoint to resume from", self.path.display());
         }
-        Ok(latest.filter(|_| resume))
+        if resume {
+            let differences = recorded_input_differences(&self.path, inputs)?.unwrap_or_default();
+            if !differences.is_empty() {
+                bail!(
+                    "--resume: the {what} run in {} was started with other settings or inputs \
+                     ({}); resuming would mix two runs. Start a new run instead: choose another \
+                     run.name, or remove {}",
+                    self.path.display(),
+                    differences.join("; "),
+                    self.path.display()
+                );
+            }
+        }
+        Ok(resume)
     }
 
-    /// Creates the directory, writes config.toml when the run starts at step 0, keeps the metrics
-    /// lines up to `step` (a resumed run rewrites what followed its checkpoint) and opens the
-    /// metrics log for appending.
-    pub fn begin(&self, config: &Config, step: usize) -> Result<MetricsLog> {
+    /// Loads the newest checkpoint that `load` accepts, saying which newer ones it skipped and
+    /// why (a checkpoint damaged after it was written, e.g. by a full disk or a bad copy).
+    pub fn load_newest<T>(&self, mut load: impl FnMut(&Path) -> Result<T>) -> Result<T> {
+        let mut failures = Vec::new();
+        for (_, dir) in self.checkpoints()?.into_iter().rev() {
+            match load(&dir) {
+                Ok(state) => {
+                    for (skipped, why) in &failures {
+                        crate::base::progress::note(&format!(
+                            "skipped checkpoint {skipped}: {why}; resuming from {}",
+                            dir.display()
+                        ));
+                    }
+                    return Ok(state);
+                }
+                Err(e) => failures.push((dir.display().to_string(), format!("{e:#}"))),
+            }
+        }
+        let reasons: Vec<String> = failures.iter().map(|(d, why)| format!("{d}: {why}")).collect();
+        bail!(
+            "--resume: no checkpoint of {} can be read ({})",
+            self.path.display(),
+            reasons.join("; ")
+        )
+    }
+
+    /// Creates the directory, writes config.toml and the inputs' identity when the run starts
+    /// at step 0, keeps the metrics lines up to `step` (a resumed run rewrites what followed its
+    /// checkpoint) and opens the metrics log for appending.
+    pub fn begin(
+        &self,
+        config: &Config,
+        inputs: &serde_json::Value,
+        step: usize,
+    ) -> Result<MetricsLog> {
         std::fs::create_dir_all(&self.path)
             .with_context(|| format!("cannot create {}", self.path.display()))?;
         if step == 0 {
             write_atomic(&self.path.join(CONFIG_FILE), toml::to_string_pretty(config)?.as_bytes())?;
+            record_inputs(&self.path, inputs)?;
         }
         let path = self.path.join(METRICS_FILE);
         truncate_metrics(&path, step)?;

@@ -371,8 +371,18 @@ impl SaeTrainer {
         let steps_per_epoch = train.len() / b;
         let total = total_steps(config, train.len());
         let t = &config.train;
-        let schedule =
-            Schedule::new(t.lr, t.schedule, t.warmup_steps, WARMUP_START, total, usize::MAX, 1.0);
+        // The schedule spans the epochs; max_steps only stops early (a stopped run can be
+        // continued to the end with --resume).
+        let scheduled = steps_per_epoch * t.epochs;
+        let schedule = Schedule::new(
+            t.lr,
+            t.schedule,
+            t.warmup_steps,
+            WARMUP_START,
+            scheduled,
+            usize::MAX,
+            1.0,
+        );
         let bar = crate::base::progress::bar(total as u64, "training");
         bar.set_position(self.step as u64);
         let (mut x, mut sim) = (Vec::new(), Vec::new());
@@ -530,6 +540,34 @@ fn check_inputs(config: &Config, inputs: &SaeTrainInputs) -> Result<()> {
     Ok(())
 }
 
+/// What an SAE training run depends on (docs/reliability.md): the SAE, training and MonoLoss
+/// settings (λ resolved, a similarity store by its fingerprint), the seed, the log cadence and
+/// `features`, the identity of the features it reads. Recorded when the run starts; a resume
+/// with other values is refused.
+pub fn inputs_identity(config: &Config, features: serde_json::Value) -> Result<serde_json::Value> {
+    let mut train = serde_json::to_value(&config.train)?;
+    // When state is saved and where the run stops, not what each step computes.
+    train["checkpoint_every"] = json!(null);
+    train["max_steps"] = json!(null);
+    let mut mono = serde_json::to_value(&config.mono)?;
+    mono["lambda"] = json!(config.lambda()?);
+    if let Some(judge) = &config.mono.similarity_store {
+        let splits = [config.data.train_split.as_str(), config.data.eval_split.as_str()];
+        mono["similarity_store"] = crate::data::store::feature_set_identity(judge, &splits)
+            .context("mono.similarity_store")?;
+    }
+    Ok(json!({
+        "stage": "train",
+        "sae": config.sae,
+        "train": train,
+        "mono": mono,
+        "seed": config.run.seed,
+        "log_every": config.run.log_every,
+        "features": features,
+        "splits": [config.data.train_split, config.data.eval_split],
+    }))
+}
+
 /// A finished training run.
 pub struct Trained {
     pub sae: Box<dyn Sae>,
@@ -549,12 +587,18 @@ pub fn train_sae(
     check_inputs(config, inputs)?;
     let spec = SaeSpec::from_config(&config.sae, inputs.train.dim());
     let run = RunDir::new(run_dir, "step-", 8);
-    let mut trainer =
-        match run.start("training", &[crate::layout::RESULTS_FILE, FINAL_SAE_DIR], resume)? {
-            Some(checkpoint) => SaeTrainer::load_state(&checkpoint, config, &spec, device)?,
-            None => SaeTrainer::new(config, &spec, device)?,
-        };
-    let mut log = run.begin(config, trainer.step)?;
+    let mut features = json!({ "train": crate::data::store::fingerprint(inputs.train.dir())? });
+    if let Some(judge) = inputs.train_similarity {
+        features["train_similarity"] = crate::data::store::fingerprint(judge.dir())?.into();
+    }
+    let identity = inputs_identity(config, features)?;
+    let finished = [crate::layout::RESULTS_FILE, FINAL_SAE_DIR];
+    let mut trainer = if run.start("training", &finished, resume, &identity)? {
+        run.load_newest(|checkpoint| SaeTrainer::load_state(checkpoint, config, &spec, device))?
+    } else {
+        SaeTrainer::new(config, &spec, device)?
+    };
+    let mut log = run.begin(config, &identity, trainer.step)?;
     let manifest = &inputs.train.manifest().info;
     let encoder = |key: &str| manifest.encoder.as_ref().and_then(|e| e.get(key)).cloned();
     let source = json!({

@@ -4,6 +4,7 @@ pub mod labels;
 pub mod matrix;
 pub mod npy;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -114,4 +115,60 @@ pub fn evict_from_page_cache(path: &Path) -> Result<bool> {
         let _ = path;
         Ok(false)
     }
+}
+
+/// The keys (dotted paths) whose values differ between two JSON documents, each as
+/// "key: old → new" ("absent" where a side lacks it); arrays compare as whole values.
+pub fn json_differences(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", old, &mut a);
+    flatten("", new, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "absent".into());
+            format!("{k}: {} → {}", show(a.get(k)), show(b.get(k)))
+        })
+        .collect()
+}
+
+/// The file in a stage's directory that records what the stage depends on (its inputs'
+/// identity, docs/reliability.md), written when the stage starts.
+pub const INPUTS_FILE: &str = "inputs.json";
+
+/// How `identity` compares with the one recorded in `dir`: None when nothing is recorded,
+/// else the differences (empty when the same).
+pub fn recorded_input_differences(
+    dir: &Path,
+    identity: &serde_json::Value,
+) -> Result<Option<Vec<String>>> {
+    let path = dir.join(INPUTS_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let recorded: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!("{}: not valid JSON (delete the directory to start over)", path.display())
+    })?;
+    Ok(Some(json_differences(&recorded, identity)))
+}
+
+/// Records `identity` in `dir` (atomically).
+pub fn record_inputs(dir: &Path, identity: &serde_json::Value) -> Result<()> {
+    write_json_atomic(&dir.join(INPUTS_FILE), identity)
 }

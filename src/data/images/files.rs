@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use image::RgbImage;
 
 use super::decode::load_image_file;
@@ -114,5 +114,16 @@ impl ImageDataset for FileDataset {
 
     fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    fn fingerprint(&self) -> Result<String> {
+        let root = self
+            .root
+            .canonicalize()
+            .with_context(|| format!("cannot resolve the data set root {}", self.root.display()))?;
+        let mut fp = super::fingerprint_items(self, |i, fp| {
+            fp.file_stat(&root.join(&self.files[i]));
+        });
+        Ok(fp.str(&root.display().to_string()).u64(self.missing as u64).finish())
     }
 }

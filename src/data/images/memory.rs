@@ -123,6 +123,14 @@ impl ImageDataset for MemoryDataset {
         };
         Ok(RgbImage::from_raw(self.width, self.height, rgb).expect("3 bytes for each pixel"))
     }
+
+    fn fingerprint(&self) -> Result<String> {
+        let size = self.item_bytes();
+        let mut fp = super::fingerprint_items(self, |i, fp| {
+            fp.bytes(&self.pixels[i * size..(i + 1) * size]);
+        });
+        Ok(fp.str(&format!("{:?} {}×{}", self.layout, self.width, self.height)).finish())
+    }
 }
 
 #[cfg(test)]

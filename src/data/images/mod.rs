@@ -18,7 +18,7 @@ mod walk;
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 pub use decode::{composite_over_white, load_image_file, to_rgb8};
 pub use files::FileDataset;
@@ -26,6 +26,7 @@ pub use memory::{MemoryDataset, PixelLayout};
 pub use walk::{is_image_file, IMAGE_EXTENSIONS};
 
 use crate::base::config::DatasetKind;
+use crate::base::fingerprint::Fingerprint;
 use crate::data::store::LabelKind;
 
 pub trait ImageDataset: Send + Sync {
@@ -63,6 +64,59 @@ pub trait ImageDataset: Send + Sync {
     fn notes(&self) -> &[String] {
         &[]
     }
+
+    /// A fingerprint of what the items come from (docs/reliability.md): every item's identity
+    /// and labels and the class names (all that the data set's index or metadata files gave),
+    /// plus, for image files, the canonical root and each file's size and modification time,
+    /// and for sets held in memory, their pixels.
+    fn fingerprint(&self) -> Result<String>;
+}
+
+/// The identity of the data a stage reads (docs/reliability.md): the data set kind, its
+/// canonical root, and each split's fingerprint.
+pub fn data_identity(kind: DatasetKind, root: &Path, splits: &[&str]) -> Result<serde_json::Value> {
+    let canonical = root.canonicalize().with_context(|| {
+        format!("data.root = {:?}: cannot resolve it", root.display().to_string())
+    })?;
+    let mut identity = serde_json::json!({"kind": kind, "root": canonical.display().to_string()});
+    for &split in splits {
+        let dataset = open_dataset(kind, root, split).with_context(|| {
+            format!("data.root = {:?}, split {split:?}", root.display().to_string())
+        })?;
+        identity["splits"][split] = dataset.fingerprint()?.into();
+    }
+    Ok(identity)
+}
+
+/// `dataset`'s items (identity, labels, and whatever `per_item` adds) and class names, hashed in
+/// parallel blocks of items.
+pub fn fingerprint_items(
+    dataset: &dyn ImageDataset,
+    per_item: impl Fn(usize, &mut Fingerprint) + Sync,
+) -> Fingerprint {
+    use rayon::prelude::*;
+    const BLOCK: usize = 4096;
+    let n = dataset.len();
+    let blocks: Vec<String> = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let mut fp = Fingerprint::new();
+            for i in b * BLOCK..((b + 1) * BLOCK).min(n) {
+                fp.str(&dataset.path(i)).u32s(&dataset.labels(i));
+                per_item(i, &mut fp);
+            }
+            fp.finish()
+        })
+        .collect();
+    let mut fp = Fingerprint::new();
+    fp.u64(n as u64).str(&format!("{:?}", dataset.label_kind()));
+    for name in dataset.class_names() {
+        fp.str(name);
+    }
+    for block in &blocks {
+        fp.str(block);
+    }
+    fp
 }
 
 /// Opens split `split` of the data set of `kind` under `root`.

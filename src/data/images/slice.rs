@@ -73,4 +73,13 @@ impl ImageDataset for Slice {
     fn load(&self, i: usize) -> Result<image::RgbImage> {
         self.inner.load(self.start + i)
     }
+
+    fn fingerprint(&self) -> Result<String> {
+        let whole = self.inner.fingerprint()?;
+        Ok(crate::base::fingerprint::Fingerprint::new()
+            .str(&whole)
+            .u64(self.start as u64)
+            .u64(self.len as u64)
+            .finish())
+    }
 }

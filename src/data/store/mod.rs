@@ -237,6 +237,29 @@ pub fn split_dir(split: &str) -> String {
     split.replace('[', "_").replace(':', "-").replace(']', "")
 }
 
+/// A fingerprint of the finished store in `dir` (docs/reliability.md): its manifest's content,
+/// canonical location, and each shard's size and modification time.
+pub fn fingerprint(dir: &Path) -> Result<String> {
+    let manifest = Manifest::load(dir)?;
+    let canonical =
+        dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let mut fp = crate::base::fingerprint::Fingerprint::new();
+    fp.str(&canonical.display().to_string()).file_signed(&dir.join(MANIFEST_FILE))?;
+    for shard in &manifest.shards {
+        fp.file_stat(&dir.join(&shard.file));
+    }
+    Ok(fp.finish())
+}
+
+/// The identity of a feature set's splits as a stage reads them: each store's fingerprint.
+pub fn feature_set_identity(root: &Path, splits: &[&str]) -> Result<serde_json::Value> {
+    let mut identity = serde_json::json!({});
+    for &split in splits {
+        identity[split] = fingerprint(&root.join(split_dir(split)))?.into();
+    }
+    Ok(identity)
+}
+
 /// Opens `root/split` of a feature set; when it is missing, the error lists the splits present.
 pub fn open_split(root: &Path, split: &str) -> Result<FeatureStore> {
     let dir = root.join(split_dir(split));

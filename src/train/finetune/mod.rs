@@ -492,6 +492,38 @@ impl Finetuner {
 /// The factor of lr at the first warm-up step (torchvision's recipes: 0.01).
 const WARMUP_START: f64 = 0.01;
 
+/// What a finetuning run depends on (docs/reliability.md): the encoder settings and files, the
+/// data set's splits, the finetuning settings (a similarity store by its fingerprint), λ, eps
+/// and the seed. Recorded when the run starts; a resume with other values is refused.
+pub fn inputs_identity(config: &Config) -> Result<serde_json::Value> {
+    let mut encoder = serde_json::to_value(&config.encoder)?;
+    encoder["batch_size"] = serde_json::json!(null); // the extraction batch size
+    encoder["model"] = crate::extract::canonical_model(&config.encoder.model).into();
+    encoder["output"] = serde_json::json!(config.encoder.output()); // the default, resolved
+    let files = crate::encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
+    let mut data = serde_json::to_value(&config.data)?;
+    data["root"] = serde_json::json!(null); // in data_files, resolved
+    let root = config.data.root.as_ref().context("data.root is not set: where are the images?")?;
+    let splits = [config.data.train_split.as_str(), config.data.eval_split.as_str()];
+    let mut finetune = serde_json::to_value(&config.finetune)?;
+    if let Some(dir) = &config.finetune.similarity_store {
+        finetune["similarity_store"] = crate::data::store::feature_set_identity(dir, &splits)
+            .context("finetune.similarity_store")?;
+    }
+    Ok(serde_json::json!({
+        "stage": "finetune",
+        "encoder": encoder,
+        "model_files": crate::encoders::fingerprint(&files)?,
+        "data": data,
+        "data_files": crate::data::images::data_identity(config.data.kind, root, &splits)?,
+        "finetune": finetune,
+        "lambda": config.finetune_lambda()?,
+        "eps": config.mono.eps,
+        "seed": config.run.seed,
+        "log_every": config.run.log_every,
+    }))
+}
+
 /// Everything the run reads, opened and checked before anything is written.
 struct Inputs {
     train: Box<dyn ImageDataset>,
@@ -631,12 +663,14 @@ pub fn finetune(config: &Config, run_dir: &Path, resume: bool) -> Result<Finetun
     )?;
     let model = model.with_kernels(Kernels::choose(config.run.ops, &device));
     let run = RunDir::new(run_dir, "epoch-", 3);
-    let resume_from = run.start("finetuning", &[RESULTS_FILE], resume)?;
+    let identity = inputs_identity(config)?;
+    let resuming = run.start("finetuning", &[RESULTS_FILE], resume, &identity)?;
     let mut finetuner = Finetuner::new(model, f, lambda, config.mono.eps)?;
-    if let Some(dir) = &resume_from {
-        finetuner.load_state(dir)?;
+    if resuming {
+        // A load that fails part-way is overwritten whole by the next (older) one.
+        run.load_newest(|dir| finetuner.load_state(dir))?;
     }
-    let mut log = run.begin(config, finetuner.step)?;
+    let mut log = run.begin(config, &identity, finetuner.step)?;
     finetuner.fit(config, &inputs, &run, &mut log, &device)?;
 
     crate::base::io::write_safetensors_atomic(&run.join(MODEL_FILE), &finetuner.final_tensors()?)?;
