@@ -362,6 +362,7 @@ pub fn extract(config: &Config, opts: &ExtractOptions) -> Result<Vec<SplitReport
             .unwrap_or_else(|| "features".into());
         out_root.set_file_name(format!("{name}-part-{i}-of-{n}"));
     }
+    let _lock = crate::base::lock::lock_dir(&out_root)?;
     check_feature_set(&out_root, &inputs_identity(config, opts, None)?)?;
     let ctx = Extraction {
         config,

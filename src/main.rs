@@ -24,6 +24,10 @@ struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// When another mono process holds a directory this command writes, wait for it instead of
+    /// failing.
+    #[arg(long, global = true)]
+    wait: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,7 +63,7 @@ enum Command {
         /// The TOML config.
         config: PathBuf,
         /// At most this many images per split (a quick look).
-        #[arg(long)]
+        #[arg(long, value_parser = positive)]
         limit: Option<usize>,
         /// Do part i of n (0-based), e.g. 0/4; join the parts with `mono features merge`.
         #[arg(long)]
@@ -107,7 +111,7 @@ enum FeaturesCommand {
         #[arg(long)]
         out: PathBuf,
         /// Rows per shard of the merged stores.
-        #[arg(long, default_value_t = 16384)]
+        #[arg(long, default_value_t = 16384, value_parser = positive)]
         shard_size: usize,
     },
 }
@@ -142,13 +146,13 @@ struct ImportArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Rows per shard.
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = 16384, value_parser = positive)]
     shard_size: usize,
     /// Stored dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = |s: &str| mono::data::import::parse_dtype(s).map_err(|e| e.to_string()))]
     dtype: FloatType,
     /// Rows read at a time.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
     batch_rows: usize,
 }
 
@@ -167,7 +171,7 @@ struct ScoreArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Rows per batch.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
     batch_rows: usize,
     /// Accumulation path: auto picks sparse for mostly-zero activations.
     #[arg(long, value_enum, default_value_t = ScorePath::Auto)]
@@ -195,6 +199,7 @@ fn main() -> ExitCode {
     mono::base::alloc::keep_freed_pages();
     let cli = Cli::parse();
     mono::base::progress::set_quiet(cli.quiet);
+    mono::base::lock::set_wait(cli.wait);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -204,9 +209,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// One line: the outer context first, then each cause.
+/// One line: the outer context first, then each cause not already said (some errors repeat
+/// their source's text in their own).
 fn format_error(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !parts.iter().any(|p| p.contains(&cause)) {
+            parts.push(cause);
+        }
+    }
+    parts.join(": ")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -435,4 +447,13 @@ fn run_pipeline(config_path: &std::path::Path, dry_run: bool) -> Result<()> {
         println!("\nreport: {}", run_dir.join(mono::layout::REPORT_FILE).display());
     }
     Ok(())
+}
+
+/// A count that must be at least 1 (rows per batch or shard, images).
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }

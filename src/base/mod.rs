@@ -8,6 +8,7 @@ pub mod device;
 pub mod fingerprint;
 pub mod host;
 pub mod io;
+pub mod lock;
 pub mod memory;
 pub mod progress;
 pub mod sparse;

@@ -127,21 +127,44 @@ pub fn import_features(opts: &ImportOptions) -> Result<ImportSummary> {
         None => (0..n).map(|i| format!("row-{i}")).collect(),
     };
     let (names, split_of) = assign_splits(&opts.plan, n)?;
+    let _lock = crate::base::lock::lock_dir(&opts.out)?;
     for name in &names {
         let target = opts.out.join(name);
         ensure!(!target.exists(), "{}: already exists; not overwriting it", target.display());
     }
-
-    let created_out = !opts.out.exists();
-    std::fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    let result =
-        build_and_move(opts, &matrix, labels.as_ref(), &label_names, &paths, &names, &split_of);
-    if result.is_err() && created_out {
-        // Leave nothing behind: the directory was ours and holds nothing else.
-        let _ = std::fs::remove_dir(&opts.out);
+    let built = |staging: &Path| {
+        build(opts, &matrix, labels.as_ref(), &label_names, &paths, &names, &split_of, staging)
+    };
+    if !opts.out.exists() {
+        // A new feature set is built whole beside its place and renamed there once, so an
+        // interruption leaves nothing (its staging is removed by the next command that locks it).
+        let parent = parent_of(&opts.out);
+        let name = opts.out.file_name().context("--out needs a directory name")?;
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{}.tmp-import", name.to_string_lossy()))
+            .tempdir_in(parent)
+            .with_context(|| {
+                format!("cannot create a temporary directory in {}", parent.display())
+            })?;
+        let summary = built(staging.path())?;
+        std::fs::rename(staging.keep(), &opts.out).with_context(|| {
+            format!("cannot move the new feature set to {}", opts.out.display())
+        })?;
+        return Ok(summary);
     }
-    result
+    // Into an existing feature set: each split renamed into place (all or nothing on errors).
+    let staging =
+        tempfile::Builder::new().prefix(".mono-import-").tempdir_in(&opts.out).with_context(
+            || format!("cannot create a temporary directory in {}", opts.out.display()),
+        )?;
+    let summary = built(staging.path())?;
+    move_into_place(staging.path(), &opts.out, &names)?;
+    Ok(summary)
+}
+
+/// The directory `path` is in ("." for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 fn load_labels(opts: &ImportOptions, matrix: &MatrixFile) -> Result<Option<LabelFile>> {
@@ -194,8 +217,8 @@ fn assign_splits(plan: &SplitPlan, n: usize) -> Result<(Vec<String>, Vec<u8>)> {
     match plan {
         SplitPlan::Single(name) => {
             ensure!(
-                !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\']),
-                "split name {name:?} must be a plain directory name"
+                crate::base::config::is_plain_name(name) && !name.contains(['[', ':', ']']),
+                "--split {name:?} must be a plain directory name (a split is read back by that name)"
             );
             Ok((vec![name.clone()], vec![0; n]))
         }
@@ -238,8 +261,9 @@ fn assign_splits(plan: &SplitPlan, n: usize) -> Result<(Vec<String>, Vec<u8>)> {
     }
 }
 
-/// Writes every split into a temporary directory inside `opts.out`, then renames each into place.
-fn build_and_move(
+/// Writes every split into `staging/<split>`; `summary` names their final places in `opts.out`.
+#[allow(clippy::too_many_arguments)]
+fn build(
     opts: &ImportOptions,
     matrix: &MatrixFile,
     labels: Option<&LabelFile>,
@@ -247,11 +271,8 @@ fn build_and_move(
     paths: &[String],
     names: &[String],
     split_of: &[u8],
+    staging: &Path,
 ) -> Result<ImportSummary> {
-    let staging =
-        tempfile::Builder::new().prefix(".mono-import-").tempdir_in(&opts.out).with_context(
-            || format!("cannot create a temporary directory in {}", opts.out.display()),
-        )?;
     let kind = match labels {
         None => LabelKind::None,
         Some(LabelFile::Class(_)) => LabelKind::Class,
@@ -264,7 +285,7 @@ fn build_and_move(
             info.dtype = opts.dtype;
             info.labels = kind;
             info.label_names = label_names.to_vec();
-            StoreWriter::create(&staging.path().join(name), info, opts.shard_size)
+            StoreWriter::create(&staging.join(name), info, opts.shard_size)
         })
         .collect::<Result<Vec<_>>>()?;
 
@@ -318,7 +339,6 @@ fn build_and_move(
             shards: manifest.shards.len(),
         });
     }
-    move_into_place(staging.path(), &opts.out, names)?;
     Ok(ImportSummary { splits: summaries })
 }
 

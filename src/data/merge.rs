@@ -63,7 +63,9 @@ fn copy_rows(store: &FeatureStore, writer: &mut StoreWriter) -> Result<()> {
     Ok(())
 }
 
-/// Merges every split of `parts` into `out/<split>`; an existing `out/<split>` is an error.
+/// Merges every split of `parts` into the new feature set `out`, built whole in a staging
+/// directory beside it and renamed into place once: an interrupted or failed merge leaves no
+/// half-merged output (its staging is removed by the next command that locks `out`).
 pub fn merge_feature_sets(
     parts: &[PathBuf],
     out: &Path,
@@ -72,11 +74,18 @@ pub fn merge_feature_sets(
     ensure!(!parts.is_empty(), "give the part directories to merge");
     let splits = list_splits(&parts[0])?;
     ensure!(!splits.is_empty(), "{}: no finished split to merge", parts[0].display());
-    for split in &splits {
-        if out.join(split).exists() {
-            bail!("{}: already exists; merge into a new directory", out.join(split).display());
-        }
+    let _lock = crate::base::lock::lock_dir(out)?;
+    if out.exists() {
+        bail!("{}: already exists; merge into a new directory", out.display());
     }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out.file_name().context("--out needs a directory name")?.to_string_lossy();
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{name}.merge"))
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a temporary directory in {}", parent.display()))?;
     let mut merged = Vec::new();
     for split in &splits {
         let stores: Vec<FeatureStore> =
@@ -84,26 +93,24 @@ pub fn merge_feature_sets(
         for other in &stores[1..] {
             check_compatible(&stores[0], other)?;
         }
-        // Built beside the destination and renamed into place: no half-merged split is left behind.
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        let staging =
-            tempfile::Builder::new().prefix(&format!(".{split}.merge")).tempdir_in(out)?;
-        let mut writer =
-            StoreWriter::create(staging.path(), stores[0].manifest().info.clone(), shard_size)?;
+        let mut writer = StoreWriter::create(
+            &staging.path().join(split),
+            stores[0].manifest().info.clone(),
+            shard_size,
+        )?;
         for store in &stores {
             copy_rows(store, &mut writer)
                 .with_context(|| format!("copying {}", store.dir().display()))?;
         }
         let manifest = writer.finish()?;
-        let dest = out.join(split);
-        std::fs::rename(staging.keep(), &dest)
-            .with_context(|| format!("cannot move the merged store to {}", dest.display()))?;
         merged.push(MergedSplit {
             split: split.clone(),
-            dir: dest,
+            dir: out.join(split),
             rows: manifest.count,
             skipped: manifest.skipped.len(),
         });
     }
+    std::fs::rename(staging.keep(), out)
+        .with_context(|| format!("cannot move the merged feature set to {}", out.display()))?;
     Ok(merged)
 }

@@ -193,6 +193,7 @@ fn run_child(plan: &ChildPlan) -> Result<ChildResults> {
 /// Runs the plan; returns the summary written to `<run dir>/results.json`.
 pub fn run(config: &Config, plans: &[ChildPlan]) -> Result<RunSummary> {
     let run_dir = config.run_dir();
+    let _lock = crate::base::lock::lock_dir(&run_dir)?;
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     let mut runs = Vec::new();

@@ -19,6 +19,7 @@ pub struct TrainOutcome {
 /// Trains an SAE on the config's feature stores into `run_dir`, then evaluates it on the
 /// evaluation split (results.json, latent_stats.safetensors).
 pub fn train(config: &Config, run_dir: &Path, resume: bool) -> Result<TrainOutcome> {
+    let _lock = crate::base::lock::lock_dir(run_dir)?;
     let sets = open_feature_sets(config)?;
     let device = crate::base::device::open_device(&config.run.device)?;
     if let (Some(judge), eval) = (&sets.eval_similarity, &sets.eval) {
@@ -44,6 +45,7 @@ pub fn train(config: &Config, run_dir: &Path, resume: bool) -> Result<TrainOutco
 
 /// Finetunes the config's backbone into `run_dir`.
 pub fn finetune(config: &Config, run_dir: &Path, resume: bool) -> Result<FinetuneResults> {
+    let _lock = crate::base::lock::lock_dir(run_dir)?;
     crate::train::finetune::finetune(config, run_dir, resume)
 }
 

@@ -75,8 +75,12 @@ pub fn write_into(
     tensors: &HashMap<String, Tensor>,
     cfg: &serde_json::Value,
 ) -> Result<()> {
-    candle_core::safetensors::save(tensors, dir.join(WEIGHTS_FILE))?;
-    std::fs::write(dir.join(CFG_FILE), serde_json::to_string_pretty(cfg)? + "\n")?;
+    let path = dir.join(WEIGHTS_FILE);
+    candle_core::safetensors::save(tensors, &path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let path = dir.join(CFG_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(cfg)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

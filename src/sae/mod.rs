@@ -217,6 +217,7 @@ pub trait Sae: Send {
 
 /// Builds a freshly initialised SAE.
 pub fn build(spec: &SaeSpec, seed: u64, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae>> {
+    check_size(spec, device)?;
     let spec = spec.clone();
     Ok(match spec.kind {
         SaeKind::Topk => Box::new(topk::TopKSae::new(spec, seed, device, kernels)?),
@@ -224,6 +225,33 @@ pub fn build(spec: &SaeSpec, seed: u64, device: &Device, kernels: Kernels) -> Re
         SaeKind::Jumprelu => Box::new(jumprelu::JumpReluSae::new(spec, seed, device, kernels)?),
         SaeKind::Relu => Box::new(relu::ReluSae::new(spec, seed, device, kernels)?),
     })
+}
+
+/// Refuses an SAE too large to allocate, before allocating: one line instead of an abort.
+fn check_size(spec: &SaeSpec, device: &Device) -> Result<()> {
+    let weights = spec.n_latents as u128 * spec.d_in as u128;
+    // f32 W_enc and W_dec, each with a gradient and two Adam moments.
+    let training_bytes = weights * 2 * 4 * 4;
+    let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+    anyhow::ensure!(
+        weights <= 1 << 33,
+        "sae.n_latents = {} with d_in = {}: {weights} weights per matrix is beyond any device \
+         (at most 2^33)",
+        spec.n_latents,
+        spec.d_in
+    );
+    if let (true, Some(available)) = (device.is_cpu(), crate::base::memory::available_bytes()) {
+        anyhow::ensure!(
+            training_bytes <= available as u128,
+            "sae.n_latents = {} with d_in = {}: training needs {:.1} GiB for the weights, their \
+             gradients and Adam state, but {:.1} GiB of memory are available",
+            spec.n_latents,
+            spec.d_in,
+            gib(training_bytes),
+            gib(available as u128)
+        );
+    }
+    Ok(())
 }
 
 /// Per-row standardisation (x − mean) / (std + 1e-5), std unbiased as in the reference code.

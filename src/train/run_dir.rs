@@ -202,8 +202,12 @@ pub fn write_state<T: Serialize>(
     scalars: &T,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    candle_core::safetensors::save(tensors, dir.join(STATE_TENSORS))?;
-    std::fs::write(dir.join(STATE_JSON), serde_json::to_string_pretty(scalars)? + "\n")?;
+    let path = dir.join(STATE_TENSORS);
+    candle_core::safetensors::save(tensors, &path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let path = dir.join(STATE_JSON);
+    std::fs::write(&path, serde_json::to_string_pretty(scalars)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

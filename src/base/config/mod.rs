@@ -6,6 +6,8 @@ mod parse;
 mod sae;
 mod validate;
 
+pub use validate::is_plain_name;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

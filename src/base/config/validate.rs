@@ -19,9 +19,11 @@ impl Config {
     }
 
     fn validate_run(&self, v: &mut Validator) {
-        v.check(!self.run.name.trim().is_empty(), || "run.name must not be empty".into());
-        v.check(!self.run.name.contains(['/', '\\']), || {
-            format!("run.name = {:?} must not contain a path separator", self.run.name)
+        v.check(is_plain_name(&self.run.name), || {
+            format!(
+                "run.name = {:?} must be a plain directory name (no path separators, not \".\" or \"..\", not starting with \".\")",
+                self.run.name
+            )
         });
         if let Err(e) = crate::base::device::DeviceSpec::parse(&self.run.device) {
             v.fail(format!("run.device = {:?}: {e}", self.run.device));
@@ -55,6 +57,16 @@ impl Config {
             )
         });
 
+        for (key, split) in [
+            ("data.train_split", &self.data.train_split),
+            ("data.eval_split", &self.data.eval_split),
+        ] {
+            // "." is a folder data set's root itself; a slice like "train[0:1000]" is allowed.
+            let base = split.split('[').next().unwrap_or_default();
+            v.check(split == "." || is_plain_name(base), || {
+                format!("{key} = {split:?} must be a plain split name (e.g. \"train\", \"val[0:1000]\")")
+            });
+        }
         v.positive_opt("data.limit", self.data.limit);
         v.positive_opt("data.workers", self.data.workers);
         v.positive("features.shard_size", self.features.shard_size);
@@ -227,4 +239,10 @@ impl Validator {
             None => Ok(()),
         }
     }
+}
+
+/// A name that stays one directory inside its parent: non-empty, no path separators, not "."
+/// or "..", not hidden (names starting with "." are mono's own lock and staging files).
+pub fn is_plain_name(name: &str) -> bool {
+    !name.trim().is_empty() && !name.contains(['/', '\\', '\0']) && !name.starts_with('.')
 }

@@ -59,8 +59,12 @@ impl FeatureStore {
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut starts = Vec::with_capacity(manifest.shards.len() + 1);
         let mut row = 0;
+        let canonical_dir =
+            dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
         for entry in &manifest.shards {
-            let shard = Shard::open(&dir.join(&entry.file), &manifest.info, Some(entry.rows))?;
+            let path = dir.join(&entry.file);
+            inside_store(&path, &canonical_dir)?;
+            let shard = Shard::open(&path, &manifest.info, Some(entry.rows))?;
             starts.push(row);
             row += shard.rows();
             shards.push(shard);
@@ -234,7 +238,25 @@ impl FeatureStore {
 
 /// The directory name of a split: slices such as `test[0:8000]` become `test_0-8000`.
 pub fn split_dir(split: &str) -> String {
+    if split == "." {
+        // A folder data set's root itself: its store must not be the feature set's root.
+        return "root".into();
+    }
     split.replace('[', "_").replace(':', "-").replace(']', "")
+}
+
+/// Refuses a shard that resolves outside the store (a symbolic link elsewhere, or a manifest
+/// entry with a path): a store is its directory, so that its fingerprint, locks and deletion
+/// cover everything it reads.
+fn inside_store(path: &Path, canonical_dir: &Path) -> Result<()> {
+    let Ok(target) = path.canonicalize() else { return Ok(()) }; // Shard::open names it
+    ensure!(
+        target.parent() == Some(canonical_dir),
+        "{}: resolves to {}, outside the store; a store's shards must be files in its directory",
+        path.display(),
+        target.display()
+    );
+    Ok(())
 }
 
 /// A fingerprint of the finished store in `dir` (docs/reliability.md): its manifest's content,
