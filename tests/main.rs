@@ -18,6 +18,7 @@ mod monoscore;
 mod pipeline;
 mod portable;
 mod preprocess;
+mod reliability;
 mod sae;
 mod scale;
 mod store;

@@ -31,9 +31,8 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// A one-line message on stderr, hidden when quiet.
+/// A one-line notice on stderr of something the user should know (a skipped checkpoint, a
+/// removed leftover); shown even when quiet, which only hides progress.
 pub fn note(message: &str) {
-    if !is_quiet() {
-        eprintln!("{message}");
-    }
+    eprintln!("note: {message}");
 }
