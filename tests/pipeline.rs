@@ -215,3 +215,125 @@ fn every_shipped_config_parses_and_validates() {
     }
     assert!(count >= 30, "found {count} configs");
 }
+
+/// Small class folders of generated PNGs under `root/images/{train,val}/{a,b}`.
+fn image_folders(root: &Path, shade: u8) {
+    for split in ["train", "val"] {
+        for (c, class) in ["a", "b"].iter().enumerate() {
+            let dir = root.join("images").join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..12u32 {
+                let img = image::RgbImage::from_fn(20, 20, |x, y| {
+                    image::Rgb([(x * 9 + i) as u8, (y * 5) as u8 ^ shade, (c as u8) * 120])
+                });
+                img.save(dir.join(format!("{i:02}.png"))).unwrap();
+            }
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+/// The status `mono run --dry-run` gives each stage line, run from `cwd`.
+fn statuses(cwd: &Path, config: &Path) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_mono"))
+        .args(["run", config.to_str().unwrap(), "--dry-run", "--quiet"])
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+        .lines()
+        .filter_map(|l| l.trim().split_once(':').map(|(stage, rest)| (stage, rest)))
+        .filter_map(|(stage, rest)| rest.rsplit_once("— ").map(|(_, s)| format!("{stage} {s}")))
+        .collect()
+}
+
+#[test]
+fn stage_keys_follow_the_inputs_not_the_config_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (here, elsewhere) = (tmp.path().join("here"), tmp.path().join("elsewhere"));
+    for (dir, shade) in [(&here, 0u8), (&elsewhere, 77u8)] {
+        image_folders(dir, shade);
+        copy_dir(
+            &Path::new(ROOT).join("tests/fixtures/encoders/clip_vision_proj"),
+            &dir.join("model"),
+        );
+    }
+    // Relative data and model, an absolute run directory: the case a cwd-blind key gets wrong.
+    let config = tmp.path().join("relative.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[run]\nname = \"rel\"\noutput = \"{}\"\nstages = [\"extract\", \"train\"]\n\
+             [encoder]\nkind = \"clip\"\nmodel = \"model\"\nbatch_size = 16\n\
+             [data]\nkind = \"folder\"\nroot = \"images\"\ntrain_split = \"train\"\neval_split = \"val\"\n\
+             [sae]\nn_latents = 32\nk = 4\n[train]\nepochs = 2\nbatch_size = 8\n[mono]\nlambda = 0.001\n",
+            tmp.path().join("runs").display()
+        ),
+    )
+    .unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_mono"))
+        .args(["run", config.to_str().unwrap(), "--quiet"])
+        .current_dir(&here)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let done = vec!["extract cached".to_string(), "train cached".to_string()];
+    let redo = vec!["extract run".to_string(), "train run".to_string()];
+    assert_eq!(statuses(&here, &config), done);
+
+    // The same config from another directory reads other images and another model.
+    assert_eq!(statuses(&elsewhere, &config), redo);
+    // An added image; removing it again restores the key.
+    let added = here.join("images/train/a/99.png");
+    std::fs::copy(here.join("images/train/a/00.png"), &added).unwrap();
+    assert_eq!(statuses(&here, &config), redo);
+    std::fs::remove_file(&added).unwrap();
+    assert_eq!(statuses(&here, &config), done);
+    // Changed weights: one byte of the last MiB (the same size).
+    let weights = here.join("model/model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let mut changed = original.clone();
+    let last = changed.len() - 3;
+    changed[last] ^= 1;
+    std::fs::write(&weights, &changed).unwrap();
+    assert_eq!(statuses(&here, &config), redo);
+    std::fs::write(&weights, &original).unwrap();
+
+    // A user's feature set: training is keyed by the stores, so a changed store retrains.
+    let features = std::fs::read_dir(tmp.path().join("runs/rel"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("features-"))
+        .unwrap();
+    let feats = tmp.path().join("feats");
+    for split in ["train", "val"] {
+        copy_dir(&features.join(split), &feats.join(split));
+    }
+    let trained = tmp.path().join("trained.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("name = \"rel\"", "name = \"given\"")
+        .replace("stages = [\"extract\", \"train\"]", "stages = [\"train\"]")
+        .replace("[sae]", &format!("[features]\ndir = \"{}\"\n[sae]", feats.display()));
+    std::fs::write(&trained, text).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_mono"))
+        .args(["run", trained.to_str().unwrap(), "--quiet"])
+        .current_dir(&here)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(statuses(&here, &trained), ["train cached"]);
+    // The val store replaced by the train store's rows: another store, same config text.
+    std::fs::remove_dir_all(feats.join("val")).unwrap();
+    copy_dir(&feats.join("train"), &feats.join("val"));
+    assert_eq!(statuses(&here, &trained), ["train run"]);
+}
