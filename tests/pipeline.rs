@@ -251,7 +251,7 @@ fn statuses(cwd: &Path, config: &Path) -> Vec<String> {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     stdout
         .lines()
-        .filter_map(|l| l.trim().split_once(':').map(|(stage, rest)| (stage, rest)))
+        .filter_map(|l| l.trim().split_once(':'))
         .filter_map(|(stage, rest)| rest.rsplit_once("— ").map(|(_, s)| format!("{stage} {s}")))
         .collect()
 }
