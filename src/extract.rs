@@ -238,8 +238,18 @@ fn extract_split(
                 let labels = match writer.info().labels {
                     LabelKind::None => BatchLabels::None,
                     LabelKind::Class => {
-                        class_ids =
-                            batch_labels.iter().map(|l| l.first().copied().unwrap_or(0)).collect();
+                        // Exactly one class per item; never a default class for a missing one.
+                        class_ids = batch_labels
+                            .iter()
+                            .zip(paths)
+                            .map(|(l, path)| match l.as_slice() {
+                                [c] => Ok(*c),
+                                other => Err(anyhow::anyhow!(
+                                    "{path}: a single-label data set gave {} labels",
+                                    other.len()
+                                )),
+                            })
+                            .collect::<Result<_>>()?;
                         BatchLabels::Class(&class_ids)
                     }
                     LabelKind::Multi => BatchLabels::Multi(batch_labels),
