@@ -160,6 +160,30 @@ fn corrupt_images_are_skipped_counted_and_resumed_runs_equal_single_runs() {
     assert_eq!(contents(&merged.join("all")), expected, "merged parts differ from the single run");
 }
 
+/// A flat class folder (`root/<class>/<image>`, no split subdirectories) with `train_split = "."`:
+/// its store is `<features.dir>/root`, never the feature set's own directory.
+#[test]
+fn a_flat_class_folder_extracts_into_its_own_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = folder_dataset(tmp.path()).join("all");
+    let c = config(
+        tmp.path(),
+        "flat",
+        &format!(
+            "[data]\nkind = \"folder\"\nroot = \"{}\"\ntrain_split = \".\"\neval_split = \".\"\n",
+            data.display()
+        ),
+    );
+    let report = &extract(&c, &ExtractOptions::default()).unwrap()[0];
+    assert_eq!((report.rows, report.skipped), (27, 1));
+    let features = c.run_dir().join("features");
+    assert!(features.join("root/manifest.json").is_file());
+    assert!(!features.join("manifest.json").exists());
+    let store = mono::data::store::open_split(&features, ".").unwrap();
+    assert_eq!(store.len(), 27);
+    assert_eq!(store.label_names(), ["cats", "dogs"]);
+}
+
 fn single_named(tmp: &Path, data: &Path) -> Config {
     let mut c = folder_config(tmp, data, "parts");
     c.features.dir = Some(tmp.join("parts/features"));

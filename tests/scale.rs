@@ -151,3 +151,47 @@ fn the_full_dataset_monoloss_selects_over_the_shuffled_training_batches() {
     assert!((full_score - shuffled).abs() < 1e-8, "full pass {full_score} vs shuffled {shuffled}");
     assert!((shuffled - stored).abs() > 2e-5, "the two batchings must differ: {shuffled} {stored}");
 }
+
+/// Purity and MonoScore average over the same latents: one that fires on a single image has
+/// neither (its purity of 1 would inflate the mean), one that never fires neither.
+#[test]
+fn purity_and_monoscore_count_the_same_live_latents() {
+    use candle_core::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let (rows, d) = (40usize, 2usize);
+    let mut info = mono::data::store::StoreInfo::new(d, "val");
+    info.labels = mono::data::store::LabelKind::Class;
+    info.label_names = vec!["a".into(), "b".into()];
+    let mut writer = StoreWriter::create(tmp.path(), info, 64).unwrap();
+    // x0 = i / 40 (one row above 0.97), x1 = ±1 alternating.
+    let x: Vec<f32> = (0..rows)
+        .flat_map(|i| [i as f32 / rows as f32, if i % 2 == 0 { 1.0 } else { -1.0 }])
+        .collect();
+    let labels: Vec<u32> = (0..rows as u32).map(|i| i % 2).collect();
+    let paths: Vec<String> = (0..rows).map(|i| format!("r{i}")).collect();
+    writer.push(&x, BatchLabels::Class(&labels), &paths).unwrap();
+    writer.finish().unwrap();
+    let store = FeatureStore::open(tmp.path()).unwrap();
+
+    let mut spec =
+        mono::sae::SaeSpec::from_config(&SaeConfig::of_kind(mono::config::SaeKind::Relu), d);
+    spec.n_latents = 3;
+    let sae = mono::sae::build(&spec, 1, &Device::Cpu, mono::base::host::Kernels::Host).unwrap();
+    let p = sae.params();
+    // Latent 0 fires on the last row only, latent 1 on the even rows, latent 2 never.
+    let set = |v: &candle_core::Var, data: Vec<f32>, shape: &[usize]| {
+        v.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+    };
+    set(&p.w_enc, vec![1.0, 0.0, 0.0, 1.0, -1.0, -1.0], &[3, 2]);
+    set(&p.b_enc, vec![-0.97, 0.0, -5.0], &[3]);
+    set(&p.b_dec, vec![0.0, 0.0], &[2]);
+    let (results, stats) =
+        mono::eval::evaluate(sae.as_ref(), &store, None, 16, &Device::Cpu).unwrap();
+    assert_eq!(stats.fire_count, [1, 20, 0]);
+    assert_eq!(results.dead_latents, 1);
+    assert!(stats.monoscores.scores[0].is_none() && stats.purity_binary[0].is_none());
+    assert!(stats.monoscores.scores[1].is_some() && stats.purity_binary[1] == Some(1.0));
+    let purity = results.purity.unwrap();
+    assert_eq!(purity.latents, results.monoscore.live);
+    assert_eq!(purity.latents, 1);
+}

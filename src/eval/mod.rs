@@ -208,8 +208,15 @@ pub fn evaluate(
     let (r2, r2_total, mse) = recon_stats.finish();
     let monoscores = scores.finish();
     let dead_latents = fire_count.par_iter().filter(|c| **c == 0).count();
-    let (purity_binary, purity_weighted) =
+    let (mut purity_binary, mut purity_weighted) =
         purity.as_ref().map(|p| p.per_latent()).unwrap_or_else(|| (vec![None; m], vec![None; m]));
+    // One set of live latents for every per-latent metric: MonoScore's (a latent firing on fewer
+    // than two images has no score, and its purity of 1 would inflate the mean).
+    for (k, score) in monoscores.scores.iter().enumerate() {
+        if score.is_none() {
+            (purity_binary[k], purity_weighted[k]) = (None, None);
+        }
+    }
     let purity_summary = purity.as_ref().map(|_| {
         let (binary, latents) = mean(&purity_binary);
         let (weighted, _) = mean(&purity_weighted);
