@@ -18,6 +18,9 @@ use crate::base::host::Kernels;
 
 pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 pub const CFG_FILE: &str = "cfg.json";
+/// The SAELens cfg.json layout written (6.x: loaded through its current path, not the pre-6.0
+/// one).
+const SAELENS_LAYOUT_VERSION: &str = "6.0.0";
 
 /// SAELens architecture names: BatchTopK is a JumpReLU with one threshold at inference.
 fn saelens_architecture(kind: SaeKind) -> &'static str {
@@ -43,9 +46,17 @@ pub fn weight_tensors(sae: &dyn Sae) -> Result<HashMap<String, Tensor>> {
     Ok(tensors)
 }
 
-/// cfg.json: SAELens' keys plus ours under `mono`.
+/// cfg.json: SAELens' keys plus ours under `mono`. `model_name` and `hook_name` are always
+/// strings (SAELens 6 rejects null ones: features imported without an encoder say "features"),
+/// and `metadata` carries them the way SAELens 6 writes its own cfg.json.
 pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value {
     let spec = sae.spec();
+    let text = |key: &str| match source.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) if !v.is_null() => v.to_string().trim_matches('"').to_string(),
+        _ => "features".to_string(),
+    };
+    let (model_name, hook_name) = (text("model"), text("output"));
     json!({
         "architecture": saelens_architecture(spec.kind),
         "d_in": spec.d_in,
@@ -56,8 +67,13 @@ pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value 
         "normalize_activations": if spec.normalize_input { "layer_norm" } else { "none" },
         "activation_fn_kwargs": if spec.kind == SaeKind::Topk { json!({"k": spec.k}) } else { json!({}) },
         "k": spec.k,
-        "model_name": source.get("model").cloned().unwrap_or(json!("features")),
-        "hook_name": source.get("output").cloned().unwrap_or(json!("features")),
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "metadata": {
+            "sae_lens_version": SAELENS_LAYOUT_VERSION,
+            "model_name": model_name,
+            "hook_name": hook_name,
+        },
         "mono": {"spec": spec, "source": source},
     })
 }
@@ -151,4 +167,32 @@ pub fn load(dir: &Path, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae
             Box::new(BatchTopKSae::from_params(spec, params, threshold)?)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SAELens 6 needs string names: features imported without an encoder have none.
+    #[test]
+    fn cfg_names_are_strings_with_saelens_6_metadata() {
+        let mut spec =
+            SaeSpec::from_config(&crate::base::config::SaeConfig::of_kind(SaeKind::Topk), 4);
+        spec.n_latents = 8;
+        let sae = super::super::build(&spec, 1, &Device::Cpu, Kernels::Host).unwrap();
+        let imported = cfg_json(sae.as_ref(), &json!({"model": null, "output": null}));
+        assert_eq!(
+            (&imported["model_name"], &imported["hook_name"]),
+            (&json!("features"), &json!("features"))
+        );
+        assert_eq!(imported["metadata"]["hook_name"], "features");
+        assert_eq!(imported["metadata"]["sae_lens_version"], SAELENS_LAYOUT_VERSION);
+        let extracted =
+            cfg_json(sae.as_ref(), &json!({"model": "openai/clip", "output": "pooler"}));
+        assert_eq!(
+            (&extracted["model_name"], &extracted["hook_name"]),
+            (&json!("openai/clip"), &json!("pooler"))
+        );
+        assert_eq!(extracted["metadata"]["model_name"], "openai/clip");
+    }
 }
