@@ -186,6 +186,8 @@ enum BenchCommand {
     Train(mono::bench::train::TrainBenchArgs),
     /// Images/s of each encoder's forward pass (real architectures, random weights).
     Extract(mono::bench::extract::ExtractBenchArgs),
+    /// Images/s of JPEG decoding (and preprocessing): mono's decoder beside the image crate's.
+    Decode(mono::bench::decode::DecodeBenchArgs),
     /// Images/s of a finetuning step for ResNet-50 and CLIP-ViT-B/32.
     Finetune(mono::bench::finetune::FinetuneBenchArgs),
     /// An ImageNet-size rehearsal on synthetic features: import, reader, training, evaluation.
@@ -281,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Extract(args)) => mono::bench::extract::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Decode(args)) => mono::bench::decode::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Scale(args)) => mono::bench::scale::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Growth(args)) => mono::bench::growth::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Finetune(args)) => {

@@ -14,6 +14,7 @@ mod finetune;
 mod finetune_towers;
 mod hub;
 mod idx;
+mod jpeg;
 mod monoscore;
 mod pipeline;
 mod portable;

@@ -1,5 +1,6 @@
 //! `mono bench ...`: benchmarks that print timings and ratios (never asserted in tests).
 
+pub mod decode;
 pub mod extract;
 pub mod finetune;
 pub mod growth;

@@ -10,36 +10,42 @@
 //! - 16 bits per sample → `round(v / 257)`, done by the image crate's u16 → u8 conversion. (PIL
 //!   differs here: it truncates 48-bit RGB PNGs to the high byte and clips 16-bit grey at 255.)
 //! - float samples (some TIFFs) → clamped to [0, 1], × 255, rounded;
-//! - CMYK JPEGs (Adobe APP14 marker) → RGB by zune-jpeg inside the image crate, as
-//!   `R = (255 − C)(255 − K)/255`, the formula of PIL's CMYK → RGB (neither applies ICC profiles);
-//!   `tests/datasets.rs` checks a Pillow-written CMYK JPEG against Pillow's decoding (within 1
-//!   level). zune-jpeg converts YCCK JPEGs too; that path has no fixture here and is unchecked.
-//!   A JPEG it cannot decode is an error naming the file, like any other broken image.
+//! - JPEGs are decoded by libjpeg-turbo exactly as PIL decodes them, CMYK included (see
+//!   `jpeg.rs`); a JPEG it cannot decode is an error naming the file, like any other broken image.
 //!
 //! The file's format is taken from its first bytes, not its extension (ImageNet has PNG and CMYK
 //! files named `.JPEG`). EXIF orientation is not applied, like PIL's `Image.open` and so like the
 //! reference preprocessing. Animated GIFs give their first frame.
 
-use std::io::BufReader;
+use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use image::{DynamicImage, ImageReader, RgbImage, RgbaImage};
 
+use super::jpeg::{decode_jpeg, is_jpeg};
+
 /// Reads and decodes one image file as 8-bit RGB. Every error names the file.
 pub fn load_image_file(path: &Path) -> Result<RgbImage> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?;
-    let reader = ImageReader::new(BufReader::new(file))
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    let image = decode_image_bytes(&bytes)
+        .with_context(|| format!("{}: cannot decode image", path.display()))?;
+    Ok(to_rgb8(image))
+}
+
+/// Decodes the bytes of an image file of any supported format (taken from the bytes).
+pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage> {
+    if is_jpeg(bytes) {
+        return decode_jpeg(bytes);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
     // The caller skips broken files and goes on; a decoder bug on a hostile file must not take
     // the whole extraction down with it.
-    let decoded = catch_unwind(AssertUnwindSafe(|| reader.decode()))
-        .map_err(|_| anyhow!("{}: the image decoder crashed on this file", path.display()))?
-        .with_context(|| format!("{}: cannot decode image", path.display()))?;
-    Ok(to_rgb8(decoded))
+    catch_unwind(AssertUnwindSafe(|| reader.decode()))
+        .map_err(|_| anyhow!("the image decoder crashed on this file"))?
+        .map_err(Into::into)
 }
 
 /// Any decoded image as 8-bit RGB, by the rules in the module documentation.

@@ -9,6 +9,7 @@ mod decode;
 mod files;
 mod folder;
 mod imagenet;
+mod jpeg;
 mod memory;
 mod mnist;
 mod openimages;
@@ -20,8 +21,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-pub use decode::{composite_over_white, load_image_file, to_rgb8};
+pub use decode::{composite_over_white, decode_image_bytes, load_image_file, to_rgb8};
 pub use files::FileDataset;
+pub use jpeg::is_jpeg;
 pub use memory::{MemoryDataset, PixelLayout};
 pub use walk::{is_image_file, IMAGE_EXTENSIONS};
 
