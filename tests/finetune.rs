@@ -187,3 +187,88 @@ fn resume_equals_uninterrupted_and_bad_input_fails_clearly() {
     let err = format!("{:#}", finetune_from_config(&full, false).err().unwrap());
     assert!(err.contains("already holds a finetuning run"), "{err}");
 }
+
+/// The EMA against torch's own `AveragedModel` run with torchvision's rule
+/// (tests/fixtures/ema/ema.json, scripts/make_ema_fixture.py): adjusted decay, updates every
+/// `ema_steps` batches of an epoch, first update a copy, resets during warm-up, buffers averaged.
+#[test]
+fn ema_follows_torchvisions_rule() {
+    use candle_core::{Device, Tensor};
+    use mono::train::finetune::ema::Ema;
+    use std::collections::HashMap;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ema/ema.json");
+    let fx: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let int = |k: &str| fx[k].as_u64().unwrap() as usize;
+    let names: Vec<String> =
+        fx["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let values = |f: &dyn Fn(usize, usize) -> f32| -> HashMap<String, Tensor> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(t, n)| {
+                let len: usize = fx["shapes"][n]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .product();
+                (
+                    n.clone(),
+                    Tensor::new((0..len).map(|j| f(t, j)).collect::<Vec<f32>>(), &Device::Cpu)
+                        .unwrap(),
+                )
+            })
+            .collect()
+    };
+    let initial = values(&|t, j| fx["initial"][&names[t]][j].as_f64().unwrap() as f32);
+    let mut ema = Ema::new(
+        fx["ema_decay"].as_f64().unwrap(),
+        int("ema_steps"),
+        int("batch_size"),
+        int("epochs"),
+        int("warmup_epochs"),
+        initial,
+    );
+    let mut step = 0usize;
+    for epoch in 0..int("epochs") {
+        for index in 0..int("steps_per_epoch") {
+            let s = step as f64;
+            let current = values(&|t, j| (0.37 * s + 1.3 * j as f64 + 0.5 * t as f64).sin() as f32);
+            step += 1;
+            if ema.due(index) {
+                ema.update(epoch, current).unwrap();
+            }
+        }
+        for n in &names {
+            let ours: Vec<f32> = ema.get(n).unwrap().to_vec1().unwrap();
+            let theirs = fx["after_epoch"][epoch][n].as_array().unwrap();
+            for (o, t) in ours.iter().zip(theirs) {
+                let t = t.as_f64().unwrap() as f32;
+                assert!((o - t).abs() < 1e-6, "epoch {epoch} {n}: ours {o}, torch {t}");
+            }
+        }
+    }
+}
+
+/// torchvision's recipe sizes: a ResNet trains on smaller crops than it is evaluated at
+/// (`train_size`); a ViT tower refuses another size, and `eval_resize` needs a shortest-edge +
+/// crop preprocessing.
+#[test]
+fn train_size_and_eval_resize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion_folders(tmp.path(), 200, 50);
+    let resnet = tiny_resnet_dir(tmp.path());
+    let mut c = config(tmp.path(), "small-crops", "resnet50", &resnet, &data, "train_size = 24\nlambda = 0.1\n");
+    c.finetune.epochs = 1;
+    let results = finetune_from_config(&c, false).unwrap();
+    assert_eq!(results.history.len(), 1);
+
+    let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders/clip_vision");
+    let c = config(tmp.path(), "clip-crops", "clip", &clip, &data, "train_size = 24\nlambda = 0.1\n");
+    let err = format!("{:#}", finetune_from_config(&c, false).unwrap_err());
+    assert!(err.contains("finetune.train_size = 24") && err.contains("32×32"), "{err}");
+
+    let c = config(tmp.path(), "resize", "resnet50", &resnet, &data, "eval_resize = 36\nlambda = 0.1\n");
+    let err = format!("{:#}", finetune_from_config(&c, false).unwrap_err());
+    assert!(err.contains("finetune.eval_resize"), "{err}");
+}

@@ -1,13 +1,14 @@
 //! Training-time augmentation as torchvision's reference recipes do it: RandomResizedCrop
-//! (scale 0.08–1, ratio 3/4–4/3), bilinear resize to the model size, random horizontal flip, then
-//! the encoder's own rescale and normalisation.
+//! (scale 0.08–1, ratio 3/4–4/3), resize to the training size with the evaluation's filter (the
+//! recipes pass one `--interpolation` to both), random horizontal flip, then the encoder's own
+//! rescale and normalisation.
 
 use anyhow::Result;
 use image::{DynamicImage, RgbImage};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use crate::data::preprocess::{Preprocessor, Resample, ResizeTo};
+use crate::data::preprocess::{Preprocessor, ResizeTo};
 
 /// torchvision's RandomResizedCrop box (scale 0.08–1, ratio 3/4–4/3; ten tries, then a centre
 /// crop of clamped ratio): (left, top, width, height).
@@ -34,8 +35,8 @@ pub fn random_resized_crop_box(width: u32, height: u32, rng: &mut StdRng) -> (u3
     ((width - w) / 2, (height - h) / 2, w, h)
 }
 
-/// Training-time transform: random crop box, bilinear resize to the model size, random flip,
-/// then the encoder's rescale and normalisation.
+/// Training-time transform: random crop box, resize to the training size with the evaluation's
+/// filter, random flip, then the encoder's rescale and normalisation.
 pub struct Augment {
     resize: Preprocessor,
 }
@@ -44,7 +45,6 @@ impl Augment {
     pub fn new(eval: &Preprocessor, size: (u32, u32)) -> Self {
         let mut resize = eval.clone();
         resize.resize = Some(ResizeTo::Exact { height: size.0, width: size.1 });
-        resize.resample = Resample::Bilinear;
         resize.crop = None;
         Self { resize }
     }

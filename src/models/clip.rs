@@ -157,7 +157,9 @@ impl ClipTower {
             let base = format!("encoder.layers.{i}");
             let attn = |l: &mut Loader, name: &str| -> Result<Linear> {
                 let mut linear = l.linear(&format!("{base}.self_attn.{name}"), d, d, train)?;
-                if let Trainable::Lora { rank, alpha } = trainable {
+                // PEFT's LoRA on q_proj and v_proj, as the paper's CLIP finetuning configures it.
+                let adapted = matches!(name, "q_proj" | "v_proj");
+                if let (Trainable::Lora { rank, alpha }, true) = (trainable, adapted) {
                     let full = format!("{prefix}{base}.self_attn.{name}");
                     linear.lora = Some(new_lora(
                         l.params,

@@ -10,7 +10,8 @@ pub enum Decay {
     Linear,
     /// Half a cosine, to 0 at the last step.
     Cosine,
-    /// × `gamma` every `every` steps, counted from step 0 (torchvision's StepLR per epoch).
+    /// × `gamma` every `every` steps, counted from the end of the warm-up (torchvision's StepLR
+    /// after SequentialLR's milestone).
     Step {
         every: usize,
         gamma: f64,
@@ -62,7 +63,9 @@ impl Schedule {
             Decay::Constant => self.base,
             Decay::Linear => self.base * (1.0 - progress),
             Decay::Cosine => self.base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
-            Decay::Step { every, gamma } => self.base * gamma.powi((step / every) as i32),
+            Decay::Step { every, gamma } => {
+                self.base * gamma.powi(((step - self.warmup) / every) as i32)
+            }
         }
     }
 }
@@ -97,5 +100,9 @@ mod tests {
         assert_eq!(s.lr(29), 1.0);
         assert!((s.lr(30) - 0.1).abs() < 1e-12);
         assert!((s.lr(95) - 1e-3).abs() < 1e-15);
+        // After a warm-up, StepLR starts counting at the milestone.
+        let s = schedule(ScheduleKind::Step, 5, 100);
+        assert_eq!(s.lr(34), 1.0);
+        assert!((s.lr(35) - 0.1).abs() < 1e-12);
     }
 }

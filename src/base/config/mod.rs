@@ -322,11 +322,20 @@ pub struct FinetuneConfig {
     /// LoRA rank on attention projections (ViT only); absent = no LoRA.
     pub lora_rank: Option<usize>,
     pub lora_alpha: f64,
-    /// Exponential moving average of the weights, evaluated instead of the raw weights.
+    /// Exponential moving average of the weights (and BatchNorm statistics), evaluated instead
+    /// of the raw weights: torchvision's per-step decay, adjusted to updates every `ema_steps`
+    /// steps (see `train::finetune::ema`); absent = no EMA.
     pub ema_decay: Option<f64>,
+    pub ema_steps: usize,
     pub mixed_precision: bool,
     /// Random-resized-crop and horizontal flip on training images.
     pub augment: bool,
+    /// Side of the training crop (torchvision's `train_crop_size`, 176 in the ResNet recipes);
+    /// absent = the model's input size. Only for ResNets: ViTs take one image size.
+    pub train_size: Option<u32>,
+    /// Shortest edge of the evaluation resize before the centre crop (torchvision's
+    /// `val_resize_size`, 232 in the ResNet recipes); absent = the model's preprocessing.
+    pub eval_resize: Option<u32>,
     /// Feature store with the similarity embeddings of every training image; absent = the
     /// backbone's own detached features.
     pub similarity_store: Option<PathBuf>,
@@ -359,8 +368,11 @@ impl Default for FinetuneConfig {
             lora_rank: None,
             lora_alpha: 16.0,
             ema_decay: None,
+            ema_steps: 32,
             mixed_precision: false,
             augment: true,
+            train_size: None,
+            eval_resize: None,
             similarity_store: None,
         }
     }

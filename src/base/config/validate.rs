@@ -150,6 +150,9 @@ impl Config {
         }
         v.positive_opt("finetune.lora_rank", f.lora_rank);
         v.positive_f("finetune.lora_alpha", f.lora_alpha);
+        v.positive("finetune.ema_steps", f.ema_steps);
+        v.positive_opt("finetune.train_size", f.train_size.map(|s| s as usize));
+        v.positive_opt("finetune.eval_resize", f.eval_resize.map(|s| s as usize));
         if let Some(d) = f.ema_decay {
             v.check(d > 0.0 && d < 1.0, || format!("finetune.ema_decay = {d} must be in (0, 1)"));
         }

@@ -2,6 +2,7 @@
 //! groups, warm-up + cosine/step schedules, clipping, EMA, per-epoch evaluation (top-1, top-5, the
 //! TopK layer's MonoScore), a checkpoint after every epoch and `--resume`.
 
+pub mod ema;
 pub mod model;
 
 use std::collections::HashMap;
@@ -14,17 +15,18 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use ema::Ema;
 use model::{cross_entropy, topk_hits, Backbone, FinetuneModel, HeadSpec};
 
 use super::optim::{AdamW, Gradients, Optimizer, Sgd};
 use super::run_dir::{self, MetricsLog, RunDir};
 use super::schedule::Schedule;
-use crate::base::config::{Config, FinetuneConfig, OptimizerKind};
+use crate::base::config::{Config, EncoderKind, FinetuneConfig, OptimizerKind};
 use crate::base::host::{self, Kernels};
 use crate::data::augment::Augment;
 use crate::data::batch::{load_pixels, shuffled_items};
 use crate::data::images::{class_labels, open_dataset, ImageDataset};
-use crate::data::preprocess::Preprocessor;
+use crate::data::preprocess::{Preprocessor, ResizeTo};
 use crate::data::store::{open_split, SimilarityLookup};
 use crate::layout::{
     EncoderIdentity, EpochEval, EpochRecord, FinetuneResults, TopkLayer, MODEL_FILE, RESULTS_FILE,
@@ -129,6 +131,8 @@ struct TrainerState {
     epoch: usize,
     step: usize,
     history: Vec<EpochRecord>,
+    /// Updates of the EMA since its last copy (torch's `n_averaged`).
+    ema_updates: u64,
 }
 
 /// What a step does, from the config.
@@ -137,12 +141,6 @@ struct StepSettings {
     eps: f64,
     smoothing: f64,
     clip: Option<f64>,
-}
-
-/// Exponential moving average of the trainable parameters.
-struct Ema {
-    decay: f64,
-    values: HashMap<String, Tensor>,
 }
 
 /// The model and everything its training changes.
@@ -193,10 +191,17 @@ impl Finetuner {
                 DecayGroup::NormAndBias => f.norm_weight_decay,
             })
             .collect();
-        let ema = f.ema_decay.map(|decay| Ema {
-            decay,
-            values: model.params.trainable().map(|p| (p.name.clone(), p.get().detach())).collect(),
-        });
+        let ema = match f.ema_decay {
+            Some(decay) => Some(Ema::new(
+                decay,
+                f.ema_steps,
+                f.batch_size,
+                f.epochs,
+                f.warmup_epochs,
+                averaged_values(&model, &masters)?,
+            )),
+            None => None,
+        };
         Ok(Self {
             optimizer: optimizer_for(f, &master_refs, decay, model.kernels)?,
             model,
@@ -261,13 +266,6 @@ impl Finetuner {
                 v.set(&m.as_tensor().to_dtype(self.model.params.dtype)?)?;
             }
         }
-        if let Some(ema) = &mut self.ema {
-            for p in self.model.params.trainable() {
-                if let Some(e) = ema.values.get_mut(&p.name) {
-                    *e = ((&*e * ema.decay)? + (p.get().detach() * (1.0 - ema.decay))?)?;
-                }
-            }
-        }
         self.step += 1;
         let top1 = measure
             .then(|| topk_hits(&out.logits, labels))
@@ -276,20 +274,53 @@ impl Finetuner {
         Ok(StepOutcome { loss: loss.detach(), ce: ce.detach(), mono, grad_norm, top1 })
     }
 
-    /// Runs `f` with the EMA weights (when kept) in place of the trained ones.
+    /// Updates the EMA (when kept and due) after the step with batch index `index` of the epoch.
+    pub fn update_ema(&mut self, index: usize) -> Result<()> {
+        let Some(ema) = &mut self.ema else { return Ok(()) };
+        if ema.due(index) {
+            ema.update(self.epoch, averaged_values(&self.model, &self.masters)?)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the EMA weights and BatchNorm statistics (when kept) in place of the
+    /// trained ones.
     fn with_ema<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
         let Some(ema) = &self.ema else { return f() };
         let vars = self.trainable_vars();
         let saved: Vec<Tensor> =
             vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+        let norms = self.batch_norms();
+        let saved_stats: Vec<(Tensor, Tensor)> = norms
+            .iter()
+            .map(|bn| {
+                (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone())
+            })
+            .collect();
         for (p, v) in self.model.params.trainable().zip(&vars) {
-            v.set(&ema.values[&p.name])?;
+            v.set(&ema.get(&p.name)?.to_dtype(v.dtype())?)?;
+        }
+        for bn in &norms {
+            *bn.running_mean.lock().unwrap() =
+                ema.get(&format!("{}.running_mean", bn.name))?.clone();
+            *bn.running_var.lock().unwrap() = ema.get(&format!("{}.running_var", bn.name))?.clone();
         }
         let result = f();
         for (v, value) in vars.iter().zip(saved) {
             v.set(&value)?;
         }
+        for (bn, (mean, var)) in norms.iter().zip(saved_stats) {
+            *bn.running_mean.lock().unwrap() = mean;
+            *bn.running_var.lock().unwrap() = var;
+        }
         result
+    }
+
+    fn batch_norms(&self) -> Vec<&crate::models::layers::BatchNorm> {
+        match &self.model.backbone {
+            Backbone::Resnet(r) => r.batch_norms(),
+            _ => Vec::new(),
+        }
     }
 
     /// Top-1, top-5 and the TopK layer's MonoScore on the eval split (EMA weights when kept).
@@ -317,8 +348,12 @@ impl Finetuner {
     }
 
     fn save_state(&self, dir: &Path) -> Result<()> {
-        let state =
-            TrainerState { epoch: self.epoch, step: self.step, history: self.history.clone() };
+        let state = TrainerState {
+            epoch: self.epoch,
+            step: self.step,
+            history: self.history.clone(),
+            ema_updates: self.ema.as_ref().map_or(0, |e| e.updates),
+        };
         run_dir::write_state(dir, &state, &self.state_tensors()?)
     }
 
@@ -358,11 +393,12 @@ impl Finetuner {
             for (name, v) in ema.values.iter_mut() {
                 *v = get(&format!("ema.{name}"))?.to_device(&device)?;
             }
+            ema.updates = state.ema_updates;
         }
         // Half-precision models: the masters start from the restored values.
         if self.model.params.dtype != DType::F32 {
             for (m, p) in self.masters.iter().zip(self.model.params.trainable()) {
-                m.set(&p.get().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+                m.set(&p.get().to_dtype(DType::F32)?)?;
             }
         }
         (self.epoch, self.step, self.history) = (state.epoch, state.step, state.history);
@@ -381,13 +417,15 @@ impl Finetuner {
         let f = &config.finetune;
         let steps_per_epoch = inputs.train.len() / f.batch_size;
         let total = f.epochs * steps_per_epoch;
+        // torchvision's recipe steps its schedulers once per epoch: the rate is constant
+        // within an epoch, so the schedule counts epochs.
         let schedule = Schedule::new(
             f.lr,
             f.schedule,
-            f.warmup_epochs * steps_per_epoch,
+            f.warmup_epochs,
             WARMUP_START,
-            total,
-            f.step_size * steps_per_epoch,
+            f.epochs,
+            f.step_size,
             f.gamma,
         );
         let bar = crate::base::progress::bar(total as u64, "finetuning");
@@ -429,11 +467,13 @@ impl Finetuner {
     ) -> Result<()> {
         let (f, epoch) = (&config.finetune, self.epoch);
         let order = shuffled_items(inputs.train.len(), config.run.seed, epoch);
-        let augment = Augment::new(&inputs.eval_pre, inputs.size);
+        let augment = Augment::new(&inputs.eval_pre, inputs.train_size);
         let aug = f.augment.then_some((&augment, config.run.seed, epoch));
         let train: &dyn ImageDataset = inputs.train.as_ref();
         let (labels, pre, bs) = (&inputs.train_labels, &inputs.eval_pre, f.batch_size);
-        let (h, w) = (inputs.size.0 as usize, inputs.size.1 as usize);
+        // Without augmentation the training images take the evaluation transform.
+        let size = if f.augment { inputs.train_size } else { inputs.size };
+        let (h, w) = (size.0 as usize, size.1 as usize);
         let (tx, rx) = sync_channel::<Result<Batch>>(2);
         std::thread::scope(|scope| -> Result<()> {
             scope.spawn(move || {
@@ -444,7 +484,7 @@ impl Finetuner {
                 }
             });
             let mut sim = Vec::new();
-            for batch in rx {
+            for (index, batch) in rx.into_iter().enumerate() {
                 let batch = batch?;
                 let x = Tensor::from_vec(batch.pixels, (bs, 3, h, w), device)?
                     .to_dtype(self.model.params.dtype)?;
@@ -457,10 +497,11 @@ impl Finetuner {
                 };
                 let done = self.step + 1;
                 let log_now = done.is_multiple_of(config.run.log_every);
-                let lr = schedule.lr(self.step);
+                let lr = schedule.lr(epoch);
                 let out = self
                     .step(&x, &batch.labels, similarity.as_ref(), lr, log_now)
                     .with_context(|| format!("finetuning step {done}"))?;
+                self.update_ema(index)?;
                 bar.inc(1);
                 if log_now {
                     // Scalars come to the host on logged steps only.
@@ -487,6 +528,21 @@ impl Finetuner {
         }
         values.into_iter().map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?))).collect()
     }
+}
+
+/// What the EMA averages: the f32 master weights under the parameters' names and, for ResNets,
+/// the BatchNorm running statistics under their torchvision names.
+fn averaged_values(model: &FinetuneModel, masters: &[Var]) -> Result<HashMap<String, Tensor>> {
+    let mut values: HashMap<String, Tensor> = model
+        .params
+        .trainable()
+        .zip(masters)
+        .map(|(p, m)| (p.name.clone(), m.as_tensor().detach()))
+        .collect();
+    if let Backbone::Resnet(r) = &model.backbone {
+        values.extend(r.named_running_stats());
+    }
+    Ok(values)
 }
 
 /// The factor of lr at the first warm-up step (torchvision's recipes: 0.01).
@@ -534,7 +590,9 @@ struct Inputs {
     train_judge: Option<SimilarityLookup>,
     eval_judge: Option<SimilarityLookup>,
     eval_pre: Preprocessor,
+    /// (height, width) of evaluation and of training images.
     size: (u32, u32),
+    train_size: (u32, u32),
     weights: Weights,
     model_config: serde_json::Value,
 }
@@ -551,9 +609,27 @@ fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
     );
     let (train_labels, eval_labels) = (class_labels(train.as_ref())?, class_labels(eval.as_ref())?);
     let files = crate::encoders::hub::resolve(&config.encoder.model, &config.encoder.revision)?;
-    let eval_pre = crate::encoders::preprocessor_for(config.encoder.kind, &files)?;
+    let mut eval_pre = crate::encoders::preprocessor_for(config.encoder.kind, &files)?;
+    if let Some(edge) = config.finetune.eval_resize {
+        ensure!(
+            matches!(eval_pre.resize, Some(ResizeTo::ShortestEdge(_))) && eval_pre.crop.is_some(),
+            "finetune.eval_resize: the model's preprocessing ({}) does not resize the shortest \
+             edge and centre-crop",
+            files.source
+        );
+        eval_pre.resize = Some(ResizeTo::ShortestEdge(edge));
+    }
     let size =
         eval_pre.output_size().context("the encoder's preprocessing must give one image size")?;
+    let train_size = config.finetune.train_size.map_or(size, |s| (s, s));
+    ensure!(
+        train_size == size || config.encoder.kind == EncoderKind::Resnet50,
+        "finetune.train_size = {}: a {:?} tower takes {}×{} images (only ResNets take other sizes)",
+        train_size.0,
+        config.encoder.kind,
+        size.0,
+        size.1
+    );
     let weights = Weights::load(&files.weights, device)?;
     let model_config = files.config_json()?;
     let judge = |split: &str, dataset: &dyn ImageDataset| -> Result<Option<SimilarityLookup>> {
@@ -572,6 +648,7 @@ fn open_inputs(config: &Config, device: &Device) -> Result<Inputs> {
         eval_judge,
         eval_pre,
         size,
+        train_size,
         weights,
         model_config,
     })
