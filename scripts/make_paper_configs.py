@@ -8,7 +8,9 @@ import pathlib
 OUT = pathlib.Path(__file__).resolve().parent.parent / "configs" / "paper"
 
 ENCODERS = {
-    "clip": ("clip", "openai/clip-vit-large-patch14", "image_embeds", "CLIP ViT-L/14, projected image embedding (768-d)"),
+    # The authors extract with open_clip's hf-hub:laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K (encode_image).
+    "clip": ("clip", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "image_embeds",
+             "CLIP ViT-L/14 (DataComp-1B, the authors' model), projected image embedding (768-d)"),
     "siglip2": ("siglip2", "google/siglip2-so400m-patch14-384", "pooled", "SigLIP2 so400m-patch14-384, pooled output (1152-d)"),
     "vit": ("vit", "google/vit-large-patch16-224", "cls", "supervised ViT-L/16-224, CLS after the final LayerNorm (1024-d)"),
 }
@@ -42,14 +44,20 @@ def sae_config(dataset, encoder, kind):
     lam = LAMBDA[(dataset, kind)][encoder]
     numbers = NUMBERS.get((dataset, kind, encoder), "see the paper's tables for this setup")
     extra = ""
+    model_note = ""
+    if encoder == "clip":
+        model_note = ("\n# mono reads the model in transformers' CLIPModel layout (config.json + model.safetensors); where a\n"
+                      "# repository holds only open_clip weights, convert them or point encoder.model at a converted copy.")
     if kind == "jumprelu":
         extra = "normalize_input = true            # the authors' JumpReLU runs standardise inputs\n"
     return f"""# Paper experiment: {SAE_NAMES[kind]} SAE on {ddesc} features of {edesc},
 # without and with MonoLoss (λ = {lam:g}, the paper's best for this setup).
 # Paper: {numbers}.
-# 8192 latents, k = 64, batch 2048, 50 epochs, Adam lr 1e-4 (eps 6.25e-10), seed 42 — the defaults.
+# 8192 latents, k = 64, batch 2048, 50 epochs, Adam lr 1e-4 (eps 6.25e-10), seed 42 — the defaults,
+# as are the rest of the authors' sae/scripts/train_{dataset}.sh settings for this kind (docs/method.md
+# lists where mono's SAE step still differs from theirs). Features are L2-normalised, as theirs.
 # Needs the images under data.root and the model from the Hugging Face hub (or its cache); a GPU
-# build (--features cuda) is the practical way: `mono run configs/paper/{dataset}_{encoder}_{kind}.toml`.
+# build (--features cuda) is the practical way: `mono run configs/paper/{dataset}_{encoder}_{kind}.toml`.{model_note}
 
 [run]
 name = "{dataset}_{encoder}_{kind}"

@@ -258,17 +258,32 @@ fn train_size_and_eval_resize() {
     let tmp = tempfile::tempdir().unwrap();
     let data = fashion_folders(tmp.path(), 200, 50);
     let resnet = tiny_resnet_dir(tmp.path());
-    let mut c = config(tmp.path(), "small-crops", "resnet50", &resnet, &data, "train_size = 24\nlambda = 0.1\n");
+    let mut c = config(
+        tmp.path(),
+        "small-crops",
+        "resnet50",
+        &resnet,
+        &data,
+        "train_size = 24\nlambda = 0.1\n",
+    );
     c.finetune.epochs = 1;
     let results = finetune_from_config(&c, false).unwrap();
     assert_eq!(results.history.len(), 1);
 
     let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders/clip_vision");
-    let c = config(tmp.path(), "clip-crops", "clip", &clip, &data, "train_size = 24\nlambda = 0.1\n");
+    let c =
+        config(tmp.path(), "clip-crops", "clip", &clip, &data, "train_size = 24\nlambda = 0.1\n");
     let err = format!("{:#}", finetune_from_config(&c, false).unwrap_err());
     assert!(err.contains("finetune.train_size = 24") && err.contains("32×32"), "{err}");
 
-    let c = config(tmp.path(), "resize", "resnet50", &resnet, &data, "eval_resize = 36\nlambda = 0.1\n");
+    let c = config(
+        tmp.path(),
+        "resize",
+        "resnet50",
+        &resnet,
+        &data,
+        "eval_resize = 36\nlambda = 0.1\n",
+    );
     let err = format!("{:#}", finetune_from_config(&c, false).unwrap_err());
     assert!(err.contains("finetune.eval_resize"), "{err}");
 }

@@ -394,3 +394,138 @@ fn bad_input_fails_clearly_and_leaves_runs_intact() {
 
     assert_eq!(before, snapshot(&good.run_dir()), "the finished run must be left untouched");
 }
+
+/// One training step of TopK (tied decoder, standardised input) and BatchTopK (no encoder bias)
+/// with λ·MonoLoss against the reference formulas run by PyTorch on the same weights and batch
+/// (tests/fixtures/sae_step, scripts/make_sae_step_fixture.py), with host and portable kernels.
+/// Adam's eps = lr = 1e4 makes each update ≈ the processed gradient, so the weights after the
+/// step compare the gradients, the clipping and the decoder constraint.
+#[test]
+fn one_step_equals_the_reference_topk_and_batchtopk() {
+    use mono::sae::SaeSpec;
+    use mono::train::sae::SaeTrainer;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sae_step");
+    let to_rows = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+    let unit_rows = |rows: Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+        rows.into_iter()
+            .map(|r| {
+                let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+                r.into_iter().map(|v| v / n).collect()
+            })
+            .collect()
+    };
+    let close = |what: &str, ours: &[Vec<f32>], theirs: &[Vec<f32>]| {
+        let worst = ours
+            .iter()
+            .flatten()
+            .zip(theirs.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-5, "{what}: max |ours − reference| = {worst}");
+    };
+    for (name, ops) in
+        [("topk", "auto"), ("topk", "portable"), ("batch_topk", "auto"), ("batch_topk", "portable")]
+    {
+        let t = read_tensors(&dir.join(format!("{name}.safetensors")));
+        let x = t["x"].clone();
+        let (b, d) = x.dims2().unwrap();
+        let sae_keys = if name == "topk" {
+            "kind = \"topk\"\nn_latents = 32\nk = 4\naux_coef = 0.0\nk_aux = 4\nnormalize_input = true\n"
+        } else {
+            "kind = \"batch_topk\"\nn_latents = 32\nk = 4\naux_coef = 0.0\nk_aux = 4\n"
+        };
+        let config = Config::parse(&format!(
+            "[run]\nops = \"{ops}\"\n[sae]\n{sae_keys}[train]\nbatch_size = {b}\nlr = 10000.0\nadam_eps = 10000.0\n\
+             [mono]\nlambda = 0.1\neps = 1e-8\n"
+        ))
+        .unwrap();
+        let spec = SaeSpec::from_config(&config.sae, d);
+        let mut trainer = SaeTrainer::new(&config, &spec, &Device::Cpu).unwrap();
+        let p = trainer.sae.params();
+        if name == "topk" {
+            p.w_enc.set(&t["init.W"]).unwrap();
+            p.w_dec.set(&t["init.W"]).unwrap();
+            p.b_enc.set(&t["init.latent_bias"]).unwrap();
+            p.b_dec.set(&t["init.pre_bias"]).unwrap();
+        } else {
+            p.w_enc.set(&t["init.W_enc"].t().unwrap().contiguous().unwrap()).unwrap();
+            p.w_dec.set(&t["init.W_dec"]).unwrap();
+            p.b_dec.set(&t["init.b_dec"]).unwrap();
+        }
+        trainer.step(&x, &x, 10000.0, None, false).unwrap();
+        let p = trainer.sae.params();
+        let what = |s: &str| format!("{name} ({ops}) {s}");
+        let b_enc: Vec<f32> = p.b_enc.as_tensor().to_vec1().unwrap();
+        if name == "topk" {
+            close(&what("W"), &to_rows(p.w_enc.as_tensor()), &to_rows(&t["after.W"]));
+            assert_eq!(to_rows(p.w_enc.as_tensor()), to_rows(p.w_dec.as_tensor()), "tied");
+            let theirs: Vec<f32> = t["after.latent_bias"].to_vec1().unwrap();
+            close(&what("latent_bias"), &[b_enc], &[theirs]);
+            let ours: Vec<f32> = p.b_dec.as_tensor().to_vec1().unwrap();
+            close(&what("pre_bias"), &[ours], &[t["after.pre_bias"].to_vec1().unwrap()]);
+        } else {
+            let theirs = to_rows(&t["after.W_enc"].t().unwrap());
+            close(&what("W_enc"), &to_rows(p.w_enc.as_tensor()), &theirs);
+            // The reference renormalises the decoder before its next step, mono right after
+            // this one: the same rows up to their norm.
+            let theirs = unit_rows(to_rows(&t["after.W_dec"]));
+            close(&what("W_dec"), &to_rows(p.w_dec.as_tensor()), &theirs);
+            assert!(b_enc.iter().all(|&v| v == 0.0), "no encoder bias: b_enc stays 0");
+            let ours: Vec<f32> = p.b_dec.as_tensor().to_vec1().unwrap();
+            close(&what("b_dec"), &[ours], &[t["after.b_dec"].to_vec1().unwrap()]);
+        }
+    }
+}
+
+/// The reference TopK's dead-latent restart: at every `reinit_dead_every`-th step the latents
+/// that have not fired for `dead_after` samples restart as 0.1 × a unit-norm row of the
+/// restart batch (distinct rows), with a zero encoder bias; the decoder follows (tied).
+#[test]
+fn dead_topk_latents_restart_from_training_rows() {
+    use mono::sae::SaeSpec;
+    use mono::train::sae::SaeTrainer;
+    let (b, d) = (4, 6);
+    let config = Config::parse(&format!(
+        "[sae]\nkind = \"topk\"\nn_latents = 24\nk = 1\nk_aux = 4\ndead_after = {b}\n\
+         reinit_dead_every = 2\n[train]\nbatch_size = {b}\n"
+    ))
+    .unwrap();
+    let spec = SaeSpec::from_config(&config.sae, d);
+    let mut trainer = SaeTrainer::new(&config, &spec, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (b, d), &Device::Cpu).unwrap();
+    let restart = Tensor::randn(0f32, 1.0, (b * 4, d), &Device::Cpu).unwrap();
+    trainer.restart_rows = Some(restart.clone());
+    let unit: Vec<Vec<f32>> = restart
+        .to_vec2::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let n = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+            r.into_iter().map(|v| 0.1 * v / n).collect()
+        })
+        .collect();
+    let restarted = |t: &SaeTrainer| -> Vec<usize> {
+        let w = t.sae.params().w_enc.as_tensor().to_vec2::<f32>().unwrap();
+        (0..w.len())
+            .filter(|&j| {
+                unit.iter().any(|u| u.iter().zip(&w[j]).all(|(a, b)| (a - b).abs() < 1e-7))
+            })
+            .collect()
+    };
+    for step in 0..2 {
+        trainer.step(&x, &x, 1e-3, None, false).unwrap();
+        assert!(restarted(&trainer).is_empty(), "no restart before step 2 (after step {step})");
+    }
+    trainer.step(&x, &x, 1e-3, None, false).unwrap();
+    let rows = restarted(&trainer);
+    // k = 1 on 4 rows: at most 4 of 24 latents fire per step, so many are dead.
+    assert!(rows.len() >= 12, "{} latents restarted", rows.len());
+    let p = trainer.sae.params();
+    let b_enc: Vec<f32> = p.b_enc.as_tensor().to_vec1().unwrap();
+    assert!(rows.iter().all(|&j| b_enc[j] == 0.0));
+    assert_eq!(
+        p.w_enc.as_tensor().to_vec2::<f32>().unwrap(),
+        p.w_dec.as_tensor().to_vec2::<f32>().unwrap(),
+        "the tied decoder follows"
+    );
+}

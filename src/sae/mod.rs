@@ -37,6 +37,18 @@ pub struct SaeSpec {
     pub jumprelu_init_log_threshold: f64,
     pub l0_coef: f64,
     pub l1_coef: f64,
+    /// TopK: W_dec is W_enc at every step (one shared matrix, trained with the sum of both
+    /// gradients). Absent in older cfg.json files: untied.
+    #[serde(default)]
+    pub tied_decoder: bool,
+    /// Whether the encoder has a (trained) bias; false keeps b_enc at zero. Absent in older
+    /// cfg.json files: true.
+    #[serde(default = "yes")]
+    pub encoder_bias: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl SaeSpec {
@@ -56,7 +68,14 @@ impl SaeSpec {
             SaeConfig::Relu(r) => r.l1_coef,
             _ => ReluConfig::default().l1_coef,
         };
+        let (tied_decoder, encoder_bias) = match c {
+            SaeConfig::Topk(t) => (t.tied_decoder, true),
+            SaeConfig::BatchTopk(b) => (false, b.encoder_bias),
+            _ => (false, true),
+        };
         Self {
+            tied_decoder,
+            encoder_bias,
             kind: c.kind(),
             d_in,
             n_latents,
@@ -254,14 +273,16 @@ fn check_size(spec: &SaeSpec, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Per-row standardisation (x − mean) / (std + 1e-5), std unbiased as in the reference code.
+/// Per-row standardisation (x − mean) / (std + 1e-5), std unbiased, as the reference (OpenAI's
+/// `LN`) and SAELens do; returns (standardised, mean, std). Reconstructions are restored with
+/// the std alone (× std + mean), as both of them do.
 fn standardize(x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let d = x.dim(D::Minus1)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / (d.max(2) - 1) as f64)?;
-    let std = (var.sqrt()? + 1e-5)?;
-    Ok((centered.broadcast_div(&std)?, mean, std))
+    let std = var.sqrt()?;
+    Ok((centered.broadcast_div(&(&std + 1e-5)?)?, mean, std))
 }
 
 /// The forward pass shared by every architecture.

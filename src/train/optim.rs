@@ -84,6 +84,34 @@ impl Gradients {
         Ok(())
     }
 
+    /// Gradient `from` added into gradient `into` (same shape), `from` zeroed: one shared
+    /// parameter stored twice (a tied decoder) gets the sum of both uses.
+    pub fn fold_into(&mut self, from: usize, into: usize) -> Result<()> {
+        anyhow::ensure!(from != into, "a gradient cannot fold into itself");
+        match self {
+            Gradients::Host(g) => {
+                let zeros = vec![0.0; g[from].len()];
+                let moved = std::mem::replace(&mut g[from], zeros);
+                g[into].par_iter_mut().zip(moved.par_iter()).for_each(|(a, b)| *a += b);
+            }
+            Gradients::Device(g) => {
+                g[into] = (&g[into] + &g[from])?;
+                g[from] = g[from].zeros_like()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes gradient `index`: the parameter stays where it is (Adam's update of a zero
+    /// gradient with zero moments is zero).
+    pub fn zero(&mut self, index: usize) -> Result<()> {
+        match self {
+            Gradients::Host(g) => g[index].iter_mut().for_each(|v| *v = 0.0),
+            Gradients::Device(g) => g[index] = g[index].zeros_like()?,
+        }
+        Ok(())
+    }
+
     /// √(Σ g²) over every gradient, as a scalar tensor. Host: in f64 over fixed chunks added in
     /// order, so the result does not depend on how rayon splits the work (resumed runs stay
     /// bit-identical). Portable: on the device, without a host round trip.

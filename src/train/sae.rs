@@ -43,6 +43,9 @@ pub struct StepSettings {
     pub eps: f64,
     pub clip: Option<f64>,
     pub dead_after: u64,
+    /// Steps between dead-latent restarts (0 = never).
+    pub reinit_dead_every: usize,
+    pub seed: u64,
 }
 
 impl StepSettings {
@@ -53,6 +56,8 @@ impl StepSettings {
             eps: config.mono.eps,
             clip: config.train.grad_clip(config.sae.kind()),
             dead_after: config.sae.dead_after(),
+            reinit_dead_every: config.sae.reinit_dead_every(),
+            seed: config.run.seed,
         })
     }
 
@@ -156,6 +161,8 @@ pub struct SaeTrainer {
     step: usize,
     settings: StepSettings,
     kernels: Kernels,
+    /// Training rows (B, D) that dead latents restart from (drawn once per run), when they do.
+    pub restart_rows: Option<Tensor>,
 }
 
 /// The losses of one forward pass: the total (a graph), and the measurements.
@@ -180,6 +187,7 @@ impl SaeTrainer {
             step: 0,
             settings: StepSettings::from_config(config)?,
             kernels,
+            restart_rows: None,
             sae,
         })
     }
@@ -261,14 +269,32 @@ impl SaeTrainer {
             }
             None => None,
         };
-        let dec = named.iter().position(|(n, _)| *n == "W_dec").expect("every SAE has W_dec");
-        grads.project_out_parallel(dec, vars[dec], d)?;
+        let index = |name: &str| named.iter().position(|(n, _)| *n == name).expect("SAE tensor");
+        let (enc, dec) = (index("W_enc"), index("W_dec"));
+        let (tied, encoder_bias) = (self.sae.spec().tied_decoder, self.sae.spec().encoder_bias);
+        if !encoder_bias {
+            grads.zero(index("b_enc"))?;
+        }
+        if tied {
+            grads.fold_into(dec, enc)?;
+        }
+        // As the reference trainers: clip the raw gradients, then constrain the decoder.
         let grad_norm = match self.settings.clip {
             Some(max) => grads.clip_global_norm(max)?,
             None => grads.global_norm()?,
         };
-        self.optimizer.step(&vars, &grads, lr)?;
-        optim::normalize_rows(&self.sae.params().w_dec, d, self.kernels)?;
+        let p = self.sae.params();
+        if tied {
+            // The reference TopK: rows renormalised after the backward, before the step, and
+            // no gradient projection.
+            optim::normalize_rows(&p.w_enc, d, self.kernels)?;
+            self.optimizer.step(&vars, &grads, lr)?;
+            p.w_dec.set(p.w_enc.as_tensor())?;
+        } else {
+            grads.project_out_parallel(dec, vars[dec], d)?;
+            self.optimizer.step(&vars, &grads, lr)?;
+            optim::normalize_rows(&p.w_dec, d, self.kernels)?;
+        }
         self.sae.observe_step(&pass)?;
 
         // Dead-latent counters: reset where a latent fired, else + B (capped).
@@ -276,6 +302,10 @@ impl SaeTrainer {
         let grown = (&self.since_fired + b as f64)?.minimum(&cap)?;
         self.since_fired =
             fired.gt(&fired.zeros_like()?)?.where_cond(&fired.zeros_like()?, &grown)?;
+        let every = self.settings.reinit_dead_every;
+        if every > 0 && self.step > 0 && self.step.is_multiple_of(every) {
+            self.restart_dead()?;
+        }
         self.step += 1;
         Ok(StepScalars {
             loss: losses.total.detach(),
@@ -288,6 +318,53 @@ impl SaeTrainer {
             grad_norm,
             full_mono_score,
         })
+    }
+
+    /// The reference TopK's dead-latent restart: each dead latent's encoder (and decoder) row
+    /// becomes 0.1 × a unit-norm training row of `restart_rows` (distinct rows while there are
+    /// enough), its encoder bias 0 and its counter 0; the optimiser state is kept. Row choice
+    /// is seeded by (seed, step), so a resumed run restarts the same way.
+    fn restart_dead(&mut self) -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let Some(rows) = &self.restart_rows else { return Ok(()) };
+        let dead = self.since_fired.ge(&self.dead_after()?)?;
+        let latents: Vec<usize> = host::read_f32(&dead.to_dtype(DType::F32)?)?
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &v)| (v != 0.0).then_some(i))
+            .collect();
+        if latents.is_empty() {
+            return Ok(());
+        }
+        let samples = host::read_f32(rows)?;
+        let (b, d) = rows.dims2()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            self.settings.seed ^ (self.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDEAD,
+        );
+        let picks: Vec<usize> = if latents.len() <= b {
+            rand::seq::index::sample(&mut rng, b, latents.len()).into_vec()
+        } else {
+            (0..latents.len()).map(|_| rng.random_range(0..b)).collect()
+        };
+        let p = self.sae.params();
+        let (mut w_enc, mut w_dec, mut b_enc) =
+            (optim::host_data(&p.w_enc)?, optim::host_data(&p.w_dec)?, optim::host_data(&p.b_enc)?);
+        for (&latent, &row) in latents.iter().zip(&picks) {
+            let sample = &samples[row * d..(row + 1) * d];
+            let norm = sample.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            for t in 0..d {
+                w_enc[latent * d + t] = 0.1 * sample[t] / norm;
+                w_dec[latent * d + t] = 0.1 * sample[t] / norm;
+            }
+            b_enc[latent] = 0.0;
+        }
+        let device = p.w_enc.device().clone();
+        let m = b_enc.len();
+        p.w_enc.set(&Tensor::from_vec(w_enc, (m, d), &device)?)?;
+        p.w_dec.set(&Tensor::from_vec(w_dec, (m, d), &device)?)?;
+        p.b_enc.set(&Tensor::from_vec(b_enc, m, &device)?)?;
+        self.since_fired = dead.where_cond(&self.since_fired.zeros_like()?, &self.since_fired)?;
+        Ok(())
     }
 
     /// Writes the SAE (SAELens files), optimiser, counters and scalars into checkpoint `dir`.
@@ -386,6 +463,12 @@ impl SaeTrainer {
         let bar = crate::base::progress::bar(total as u64, "training");
         bar.set_position(self.step as u64);
         let (mut x, mut sim) = (Vec::new(), Vec::new());
+        if self.settings.reinit_dead_every > 0 {
+            // One batch of training rows drawn once, as the reference keeps one.
+            let rows = train.epoch_order(config.run.seed ^ 0x5EED_0F_DEAD, 0).rows(0..b);
+            train.read_rows(&rows, &mut x)?;
+            self.restart_rows = Some(Tensor::from_slice(&x, (b, d), device)?);
+        }
         let prefetch = larger_than_memory(train, inputs.train_similarity);
         let batch_rows = |step: usize| {
             let (epoch, at) = (step / steps_per_epoch, step % steps_per_epoch);

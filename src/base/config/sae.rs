@@ -30,6 +30,12 @@ pub struct TopkConfig {
     pub dead_after: u64,
     /// Per-sample input standardisation (OpenAI style).
     pub normalize_input: bool,
+    /// One weight matrix for encoder and decoder (the reference TopK: the decoder is the
+    /// encoder's transpose at every step); false = tied at initialisation only.
+    pub tied_decoder: bool,
+    /// Every this many steps, dead latents restart from a training sample (the reference TopK
+    /// scripts: 10,000); 0 = never.
+    pub reinit_dead_every: usize,
 }
 
 impl Default for TopkConfig {
@@ -41,6 +47,8 @@ impl Default for TopkConfig {
             k_aux: 64,
             dead_after: 10_000_000,
             normalize_input: true,
+            tied_decoder: true,
+            reinit_dead_every: 10_000,
         }
     }
 }
@@ -57,6 +65,9 @@ pub struct BatchTopkConfig {
     pub k_aux: usize,
     pub dead_after: u64,
     pub normalize_input: bool,
+    /// An encoder bias; the reference BatchTopK has none (its pre-activations are
+    /// (x − b_dec)·W_enc).
+    pub encoder_bias: bool,
 }
 
 impl Default for BatchTopkConfig {
@@ -68,6 +79,7 @@ impl Default for BatchTopkConfig {
             k_aux: 512,
             dead_after: 10_000_000,
             normalize_input: false,
+            encoder_bias: false,
         }
     }
 }
@@ -177,6 +189,14 @@ impl SaeConfig {
             SaeConfig::BatchTopk(c) => c.normalize_input,
             SaeConfig::Jumprelu(c) => c.normalize_input,
             SaeConfig::Relu(c) => c.normalize_input,
+        }
+    }
+
+    /// Steps between dead-latent restarts (TopK; 0 = never, and always 0 for other kinds).
+    pub fn reinit_dead_every(&self) -> usize {
+        match self {
+            SaeConfig::Topk(c) => c.reinit_dead_every,
+            _ => 0,
         }
     }
 
