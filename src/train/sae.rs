@@ -465,7 +465,7 @@ impl SaeTrainer {
         let (mut x, mut sim) = (Vec::new(), Vec::new());
         if self.settings.reinit_dead_every > 0 {
             // One batch of training rows drawn once, as the reference keeps one.
-            let rows = train.epoch_order(config.run.seed ^ 0x5EED_0F_DEAD, 0).rows(0..b);
+            let rows = train.epoch_order(config.run.seed ^ 0x005E_ED0F_DEAD, 0).rows(0..b);
             train.read_rows(&rows, &mut x)?;
             self.restart_rows = Some(Tensor::from_slice(&x, (b, d), device)?);
         }
