@@ -85,13 +85,32 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
-    /// Evaluate a trained SAE: R², MSE, L0, dead latents, MonoScore, class purity.
+    /// Evaluate an SAE: R², MSE, L0, dead latents, MonoScore, class purity. Either a run
+    /// (`mono eval RUN_DIR|CONFIG`) or any SAE in the SAELens layout on a feature store
+    /// (`mono eval --sae DIR --features STORE`).
     Eval {
         /// A run directory (holding config.toml) or a config file.
-        target: PathBuf,
-        /// Split of the feature set (default: data.eval_split).
+        #[arg(required_unless_present = "sae", conflicts_with = "sae")]
+        target: Option<PathBuf>,
+        /// Split of the feature set (default for a run: data.eval_split).
         #[arg(long)]
         split: Option<String>,
+        /// An SAE directory in the SAELens layout (cfg.json + sae_weights.safetensors), written
+        /// by mono or by SAELens.
+        #[arg(long, requires = "features")]
+        sae: Option<PathBuf>,
+        /// With --sae: a feature store, or a feature set with --split.
+        #[arg(long, requires = "sae")]
+        features: Option<PathBuf>,
+        /// With --sae: similarity embeddings of the same rows (default: the features).
+        #[arg(long, requires = "sae")]
+        similarity: Option<PathBuf>,
+        /// With --sae: also write the results as JSON here.
+        #[arg(long, requires = "sae")]
+        out: Option<PathBuf>,
+        /// With --sae: cpu, cuda, cuda:N, metal or auto.
+        #[arg(long, default_value = "auto", requires = "sae")]
+        device: String,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -272,10 +291,30 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Eval { target, split } => {
+        Command::Eval { target: Some(target), split, .. } => {
             let (path, results) = mono::eval::eval_run(&target, split.as_deref())?;
             print_results(&results);
             println!("wrote {}", path.display());
+            Ok(())
+        }
+        Command::Eval { target: None, split, sae, features, similarity, out, device } => {
+            let (sae, features) = (sae.expect("clap: --sae"), features.expect("clap: --features"));
+            let device = mono::base::device::open_device(&device)?;
+            let kernels =
+                mono::base::host::Kernels::choose(mono::base::host::OpsMode::Auto, &device);
+            let doc = mono::eval::eval_external(
+                &sae,
+                &features,
+                split.as_deref(),
+                similarity.as_deref(),
+                &device,
+                kernels,
+            )?;
+            print_results(&doc.results);
+            if let Some(out) = out {
+                mono::base::io::write_json_atomic(&out, &serde_json::to_value(&doc)?)?;
+                println!("wrote {}", out.display());
+            }
             Ok(())
         }
         Command::Bench(BenchCommand::Monoscore(args)) => {

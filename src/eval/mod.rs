@@ -353,3 +353,61 @@ pub fn eval_run(target: &Path, split: Option<&str>) -> Result<(PathBuf, EvalResu
     )?;
     Ok((run_dir.join(name), doc.results))
 }
+
+/// Opens `path` as one store, or as a feature set's split `split`.
+fn open_store_or_split(path: &Path, split: Option<&str>, what: &str) -> Result<FeatureStore> {
+    let is_store = path.join(crate::data::store::MANIFEST_FILE).is_file();
+    match (is_store, split) {
+        (true, None) => FeatureStore::open(path),
+        (true, Some(s)) => anyhow::bail!(
+            "{what} {} is one split's store already: --split {s} does not apply",
+            path.display()
+        ),
+        (false, Some(s)) => crate::data::store::open_split(path, s),
+        (false, None) => {
+            let splits = crate::data::store::list_splits(path)?;
+            anyhow::bail!(
+                "{what} {} is not a feature store; for a feature set name its split with --split \
+                 (it holds {})",
+                path.display(),
+                if splits.is_empty() { "none".to_string() } else { splits.join(", ") }
+            )
+        }
+    }
+}
+
+/// What `mono eval --sae` scored and how it did (written by `--out`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExternalEval {
+    pub results: EvalResults,
+    /// The SAE as mono reads it.
+    pub sae: crate::sae::SaeSpec,
+    pub sae_dir: String,
+    pub features: String,
+}
+
+/// `mono eval --sae DIR --features STORE [--split S]`: scores any SAE in the SAELens layout
+/// (written by mono or not) on a feature store, without a run directory. `similarity` judges
+/// MonoScore (same rows; default: the features themselves).
+pub fn eval_external(
+    sae_dir: &Path,
+    features: &Path,
+    split: Option<&str>,
+    similarity: Option<&Path>,
+    device: &Device,
+    kernels: crate::base::host::Kernels,
+) -> Result<ExternalEval> {
+    let sae = crate::sae::checkpoint::load(sae_dir, device, kernels)?;
+    let store = open_store_or_split(features, split, "--features")?;
+    let judge = similarity.map(|j| open_store_or_split(j, split, "--similarity")).transpose()?;
+    if let Some(j) = &judge {
+        store.check_same_rows(j)?;
+    }
+    let (results, _) = evaluate(sae.as_ref(), &store, judge.as_ref(), 4096, device)?;
+    Ok(ExternalEval {
+        results,
+        sae: sae.spec().clone(),
+        sae_dir: sae_dir.display().to_string(),
+        features: store.dir().display().to_string(),
+    })
+}

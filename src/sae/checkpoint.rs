@@ -63,7 +63,7 @@ pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value 
         "d_sae": spec.n_latents,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": spec.kind != SaeKind::Jumprelu,
+        "apply_b_dec_to_input": sae.centers_input(),
         "normalize_activations": if spec.normalize_input { "layer_norm" } else { "none" },
         "activation_fn_kwargs": if spec.kind == SaeKind::Topk { json!({"k": spec.k}) } else { json!({}) },
         "k": spec.k,
@@ -100,18 +100,82 @@ pub fn write_into(
     Ok(())
 }
 
-/// Reads the spec from a checkpoint's cfg.json.
+/// Reads the spec from a checkpoint's cfg.json: mono's own (`mono.spec`) when mono wrote it,
+/// else derived from the SAELens keys (see [`spec_from_saelens`]).
 pub fn read_spec(dir: &Path) -> Result<SaeSpec> {
     let path = dir.join(CFG_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     let cfg: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))?;
-    let spec = cfg
-        .pointer("/mono/spec")
-        .with_context(|| format!("{}: no `mono.spec` (not written by mono)", path.display()))?;
-    serde_json::from_value(spec.clone())
-        .with_context(|| format!("{}: bad `mono.spec`", path.display()))
+    match cfg.pointer("/mono/spec") {
+        Some(spec) => serde_json::from_value(spec.clone())
+            .with_context(|| format!("{}: bad `mono.spec`", path.display())),
+        None => spec_from_saelens(&cfg).with_context(|| format!("{}", path.display())),
+    }
+}
+
+/// The spec of an SAE SAELens wrote (6.x layout, or the older one with `activation_fn`):
+/// `standard` → ReLU, `topk` → TopK (k from `k` or `activation_fn_kwargs.k`), `jumprelu` →
+/// JumpReLU (per-latent thresholds); `apply_b_dec_to_input` and `normalize_activations`
+/// ("none" or "layer_norm") as given. Training-only settings take mono's defaults.
+pub fn spec_from_saelens(cfg: &serde_json::Value) -> Result<SaeSpec> {
+    let str_key = |key: &str| cfg.get(key).and_then(|v| v.as_str());
+    let usize_key = |key: &str| -> Result<usize> {
+        cfg.get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .with_context(|| format!("cfg.json: `{key}` must be a positive integer"))
+    };
+    let topk_k =
+        cfg.get("k").or_else(|| cfg.pointer("/activation_fn_kwargs/k")).and_then(|v| v.as_u64());
+    let architecture = match str_key("architecture") {
+        Some(a) => a.to_string(),
+        // Before SAELens 6: a TopK activation function marks a TopK SAE.
+        None if str_key("activation_fn").or(str_key("activation_fn_str")) == Some("topk") => {
+            "topk".into()
+        }
+        None => "standard".into(),
+    };
+    let kind = match architecture.as_str() {
+        "standard" => SaeKind::Relu,
+        "topk" => SaeKind::Topk,
+        "jumprelu" => SaeKind::Jumprelu,
+        other => bail!(
+            "cfg.json: SAELens architecture `{other}` is not one mono reads (standard, topk, jumprelu)"
+        ),
+    };
+    let normalize_input = match cfg.get("normalize_activations") {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+        Some(v) if v.as_str() == Some("none") => false,
+        Some(v) if v.as_str() == Some("layer_norm") => true,
+        Some(v) => bail!(
+            "cfg.json: normalize_activations = {v} is not supported (mono applies \"none\" and \"layer_norm\")"
+        ),
+    };
+    for (key, unsupported) in [
+        (
+            "rescale_acts_by_decoder_norm",
+            cfg.get("rescale_acts_by_decoder_norm") == Some(&json!(true)),
+        ),
+        ("reshape_activations", str_key("reshape_activations").is_some_and(|r| r != "none")),
+        ("finetuning_scaling_factor", cfg.get("finetuning_scaling_factor") == Some(&json!(true))),
+    ] {
+        ensure!(!unsupported, "cfg.json: `{key}` = {} is not supported", cfg[key]);
+    }
+    let config = crate::base::config::SaeConfig::of_kind(kind);
+    let mut spec = SaeSpec::from_config(&config, usize_key("d_in")?);
+    spec.n_latents = usize_key("d_sae")?;
+    spec.normalize_input = normalize_input;
+    spec.tied_decoder = false;
+    spec.apply_b_dec_to_input =
+        Some(cfg.get("apply_b_dec_to_input").and_then(|v| v.as_bool()).unwrap_or(true));
+    if kind == SaeKind::Topk {
+        spec.k = topk_k.context("cfg.json: a TopK SAE needs `k`")? as usize;
+        ensure!(spec.k >= 1 && spec.k <= spec.n_latents, "cfg.json: k = {} out of range", spec.k);
+    }
+    spec.k_aux = spec.k_aux.min(spec.n_latents);
+    Ok(spec)
 }
 
 /// Loads an SAE checkpoint onto `device`; every shape is checked against cfg.json.
@@ -135,7 +199,10 @@ pub fn load(dir: &Path, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae
     };
     let w_enc = get("W_enc", &[d, m])?.t()?.contiguous()?;
     let log_threshold = match spec.kind {
-        SaeKind::Jumprelu => Some(Var::from_tensor(&get("threshold", &[m])?.log()?)?),
+        // A threshold ≤ 0 acts as 0 (SAELens keeps ReLU(pre) where pre > threshold).
+        SaeKind::Jumprelu => {
+            Some(Var::from_tensor(&get("threshold", &[m])?.clamp(1e-30f32, f32::MAX)?.log()?)?)
+        }
         _ => None,
     };
     let params = SaeParams {

@@ -110,10 +110,6 @@ impl Sae for JumpReluSae {
         &self.params
     }
 
-    fn centers_input(&self) -> bool {
-        false
-    }
-
     fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation> {
         let z = pre.relu()?;
         let band = self.band(&z)?;

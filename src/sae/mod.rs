@@ -45,6 +45,10 @@ pub struct SaeSpec {
     /// cfg.json files: true.
     #[serde(default = "yes")]
     pub encoder_bias: bool,
+    /// Whether the encoder sees x − b_dec (SAELens' `apply_b_dec_to_input`); None = the kind's
+    /// own choice (all but JumpReLU). Set for SAEs written elsewhere.
+    #[serde(default)]
+    pub apply_b_dec_to_input: Option<bool>,
 }
 
 fn yes() -> bool {
@@ -76,6 +80,7 @@ impl SaeSpec {
         Self {
             tied_decoder,
             encoder_bias,
+            apply_b_dec_to_input: None,
             kind: c.kind(),
             d_in,
             n_latents,
@@ -209,9 +214,10 @@ pub trait Sae: Send {
         Ok((&pass.recon - &pass.input)?.sqr()?.mean_all()?)
     }
 
-    /// Whether the encoder sees x − b_dec (all but JumpReLU).
+    /// Whether the encoder sees x − b_dec (all kinds but JumpReLU, unless the spec says).
     fn centers_input(&self) -> bool {
-        true
+        let spec = self.spec();
+        spec.apply_b_dec_to_input.unwrap_or(spec.kind != SaeKind::Jumprelu)
     }
 
     /// Called after each optimizer step with that step's forward pass.
