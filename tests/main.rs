@@ -21,6 +21,7 @@ mod portable;
 mod preprocess;
 mod reliability;
 mod sae;
+mod saelens;
 mod scale;
 mod store;
 mod train;

@@ -181,7 +181,7 @@ impl SaeTrainer {
         let named = sae.params().named();
         let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
         let optimizer = Adam::new(&vars, config.train.adam_betas, config.train.adam_eps, kernels)?;
-        Ok(Self {
+        let mut trainer = Self {
             optimizer,
             since_fired: Tensor::zeros(spec.n_latents, DType::F32, device)?,
             step: 0,
@@ -189,7 +189,73 @@ impl SaeTrainer {
             kernels,
             restart_rows: None,
             sae,
-        })
+        };
+        if let Some(dir) = config.sae.init() {
+            trainer
+                .start_from(dir, device)
+                .with_context(|| format!("sae.init = {}", dir.display()))?;
+        }
+        Ok(trainer)
+    }
+
+    /// Replaces the fresh weights with those of the SAE in `dir` (SAELens layout), which must
+    /// be the same architecture on the same inputs: kind, d_in, n_latents, input normalisation
+    /// and centring equal, a tied decoder equal to its encoder, no encoder bias where the
+    /// config has none. Training settings (k, losses) stay the config's.
+    fn start_from(&mut self, dir: &Path, device: &Device) -> Result<()> {
+        let init = checkpoint::load(dir, device, self.kernels)?;
+        let (want, have) = (self.sae.spec(), init.spec());
+        ensure!(
+            have.kind == want.kind,
+            "it holds a {:?} SAE; the config trains sae.kind = {:?}",
+            have.kind,
+            want.kind
+        );
+        ensure!(
+            (have.d_in, have.n_latents) == (want.d_in, want.n_latents),
+            "it has d_in = {} and {} latents; the features have {} columns and sae.n_latents = {}",
+            have.d_in,
+            have.n_latents,
+            want.d_in,
+            want.n_latents
+        );
+        ensure!(
+            have.normalize_input == want.normalize_input,
+            "its inputs are {}standardised; set sae.normalize_input = {}",
+            if have.normalize_input { "" } else { "not " },
+            have.normalize_input
+        );
+        ensure!(
+            init.centers_input() == self.sae.centers_input(),
+            "it {} b_dec from its input (apply_b_dec_to_input), which sae.kind = {:?} does not",
+            if init.centers_input() { "subtracts" } else { "does not subtract" },
+            want.kind
+        );
+        let (from, to) = (init.params(), self.sae.params());
+        let max_abs = |t: &Tensor| -> Result<f64> { host::read_scalar(&t.abs()?.max_all()?) };
+        if want.tied_decoder {
+            let gap = max_abs(&(from.w_dec.as_tensor() - from.w_enc.as_tensor())?)?;
+            ensure!(
+                gap <= 1e-6,
+                "its decoder is not its encoder (they differ by up to {gap:.2e}); set sae.tied_decoder = false"
+            );
+        }
+        if !want.encoder_bias {
+            ensure!(
+                max_abs(from.b_enc.as_tensor())? == 0.0,
+                "it has an encoder bias; set sae.encoder_bias = true"
+            );
+        }
+        to.w_enc.set(from.w_enc.as_tensor())?;
+        to.w_dec.set(from.w_dec.as_tensor())?;
+        to.b_enc.set(from.b_enc.as_tensor())?;
+        to.b_dec.set(from.b_dec.as_tensor())?;
+        if let (Some(a), Some(b)) = (&from.log_threshold, &to.log_threshold) {
+            b.set(a.as_tensor())?;
+        }
+        // BatchTopK: its inference threshold carries over as the running average's start.
+        self.sae.restore_extra_state(&init.extra_state()?)?;
+        Ok(())
     }
 
     /// Steps done so far.
@@ -639,9 +705,20 @@ pub fn inputs_identity(config: &Config, features: serde_json::Value) -> Result<s
         mono["similarity_store"] = crate::data::store::feature_set_identity(judge, &splits)
             .context("mono.similarity_store")?;
     }
+    let init = match config.sae.init() {
+        Some(dir) => {
+            let mut fp = crate::base::fingerprint::Fingerprint::new();
+            for file in [checkpoint::CFG_FILE, checkpoint::WEIGHTS_FILE] {
+                fp.file_signed(&dir.join(file)).context("sae.init")?;
+            }
+            json!(fp.finish())
+        }
+        None => json!(null),
+    };
     Ok(json!({
         "stage": "train",
         "sae": config.sae,
+        "init": init,
         "train": train,
         "mono": mono,
         "seed": config.run.seed,

@@ -36,6 +36,9 @@ pub struct TopkConfig {
     /// Every this many steps, dead latents restart from a training sample (the reference TopK
     /// scripts: 10,000); 0 = never.
     pub reinit_dead_every: usize,
+    /// Start training from this SAE directory (SAELens layout, mono's or not) instead of a
+    /// fresh initialisation.
+    pub init: Option<std::path::PathBuf>,
 }
 
 impl Default for TopkConfig {
@@ -49,6 +52,7 @@ impl Default for TopkConfig {
             normalize_input: true,
             tied_decoder: true,
             reinit_dead_every: 10_000,
+            init: None,
         }
     }
 }
@@ -68,6 +72,9 @@ pub struct BatchTopkConfig {
     /// An encoder bias; the reference BatchTopK has none (its pre-activations are
     /// (x − b_dec)·W_enc).
     pub encoder_bias: bool,
+    /// Start training from this SAE directory (SAELens layout, mono's or not) instead of a
+    /// fresh initialisation.
+    pub init: Option<std::path::PathBuf>,
 }
 
 impl Default for BatchTopkConfig {
@@ -80,6 +87,7 @@ impl Default for BatchTopkConfig {
             dead_after: 10_000_000,
             normalize_input: false,
             encoder_bias: false,
+            init: None,
         }
     }
 }
@@ -97,6 +105,9 @@ pub struct JumpReluConfig {
     pub l0_coef: f64,
     pub dead_after: u64,
     pub normalize_input: bool,
+    /// Start training from this SAE directory (SAELens layout, mono's or not) instead of a
+    /// fresh initialisation.
+    pub init: Option<std::path::PathBuf>,
 }
 
 impl Default for JumpReluConfig {
@@ -108,6 +119,7 @@ impl Default for JumpReluConfig {
             l0_coef: 1e-3,
             dead_after: 10_000_000,
             normalize_input: false,
+            init: None,
         }
     }
 }
@@ -121,11 +133,20 @@ pub struct ReluConfig {
     pub l1_coef: f64,
     pub dead_after: u64,
     pub normalize_input: bool,
+    /// Start training from this SAE directory (SAELens layout, mono's or not) instead of a
+    /// fresh initialisation.
+    pub init: Option<std::path::PathBuf>,
 }
 
 impl Default for ReluConfig {
     fn default() -> Self {
-        Self { n_latents: 8192, l1_coef: 1e-4, dead_after: 10_000_000, normalize_input: false }
+        Self {
+            n_latents: 8192,
+            l1_coef: 1e-4,
+            dead_after: 10_000_000,
+            normalize_input: false,
+            init: None,
+        }
     }
 }
 
@@ -189,6 +210,16 @@ impl SaeConfig {
             SaeConfig::BatchTopk(c) => c.normalize_input,
             SaeConfig::Jumprelu(c) => c.normalize_input,
             SaeConfig::Relu(c) => c.normalize_input,
+        }
+    }
+
+    /// The SAE training starts from (`sae.init`), if any.
+    pub fn init(&self) -> Option<&std::path::Path> {
+        match self {
+            SaeConfig::Topk(c) => c.init.as_deref(),
+            SaeConfig::BatchTopk(c) => c.init.as_deref(),
+            SaeConfig::Jumprelu(c) => c.init.as_deref(),
+            SaeConfig::Relu(c) => c.init.as_deref(),
         }
     }
 
