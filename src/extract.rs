@@ -307,6 +307,8 @@ pub fn inputs_identity(
         "model_files": model_files,
         "data": data,
         "data_files": crate::data::images::data_identity(config.data.kind, root, &splits)?,
+        // How files become pixels: features extracted under other rules are not reused.
+        "decoding": crate::data::images::DECODING,
         "features": { "dtype": config.features.dtype, "shard_size": config.features.shard_size },
         "limit": opts.limit,
         "part": opts.part,

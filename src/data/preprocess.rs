@@ -11,7 +11,10 @@
 //! `do_convert_rgb` (CLIP, SigLIP) composite onto white; ViT/ConvNext processors have no RGB
 //! conversion, so images reach them through PIL `convert("RGB")` (transformers `load_image`,
 //! pipelines, torchvision's `pil_loader`), which drops alpha. [`Preprocessor::from_hf_json`] and
-//! [`Preprocessor::torchvision_imagenet`] pick the convention of the pipeline they reproduce.
+//! [`Preprocessor::torchvision_imagenet`] pick the convention of the processor they reproduce,
+//! for images handed to them directly. Images read from files are already RGB: decoding converts
+//! them as PIL's `convert("RGB")`, which the reference pipelines (the MonoLoss authors' included)
+//! apply before any processor (`data::images`).
 
 mod coeffs;
 mod filter;

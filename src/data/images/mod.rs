@@ -21,7 +21,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-pub use decode::{composite_over_white, decode_image_bytes, load_image_file, to_rgb8};
+pub use decode::{decode_image_bytes, load_image_file, to_rgb8, DECODING};
 pub use files::FileDataset;
 pub use jpeg::is_jpeg;
 pub use memory::{MemoryDataset, PixelLayout};

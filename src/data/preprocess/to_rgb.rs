@@ -110,6 +110,22 @@ mod tests {
     }
 
     #[test]
+    fn matches_pil_alpha_composite_for_every_pair() {
+        // PIL's AlphaComposite.c over an opaque white destination, restated.
+        let pil = |c: u32, a: u32| {
+            let coef1 = a * 255 * 255 * 128 / (255 * 255);
+            let coef2 = 255 * 128 - coef1;
+            let x = c * coef1 + 255 * coef2 + (0x80 << 7);
+            ((((x >> 8) + x) >> 8) >> 7) as u8
+        };
+        for a in 0..=255u32 {
+            for c in 0..=255u32 {
+                assert_eq!(over_white(c as u8, a as u8), pil(c, a), "c = {c}, a = {a}");
+            }
+        }
+    }
+
+    #[test]
     fn rgb8_is_borrowed() {
         let img = DynamicImage::ImageRgb8(RgbImage::new(2, 2));
         assert!(matches!(to_rgb8(&img, Alpha::Drop), Cow::Borrowed(_)));
