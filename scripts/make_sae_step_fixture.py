@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build tests/fixtures/sae_step/{topk,batch_topk}.safetensors: one training step of the
-reference TopK and BatchTopK SAEs (the MonoLoss authors' code, restated from its formulas),
+"""Build tests/fixtures/sae_step/{topk,batch_topk,jumprelu}.safetensors: one training step of the
+reference TopK, BatchTopK and JumpReLU SAEs (the MonoLoss authors' code, restated from its formulas),
 from given weights on a given batch, with the batch MonoLoss.
 
     /tmp/refenv/bin/python scripts/make_sae_step_fixture.py
@@ -12,7 +12,8 @@ no gradient clipping; after the backward the rows of W are renormalised, then Ad
 BatchTopK: no encoder bias, acts = ReLU((x − b_dec)·W_enc), the k·B largest of the batch,
 plain MSE, clip the gradient norm to 1, project the decoder gradient off its rows, set the rows
 to unit norm, then Adam steps.
-Both add λ·(1 − mean score of the active latents) of the batch MonoLoss (min-max per latent
+JumpReLU: see `jumprelu_step`.
+All add λ·(1 − mean score of the active latents) of the batch MonoLoss (min-max per latent
 with eps 1e-8, cosine similarity of the raw inputs, score num/(den + 1e-8) where den > 1e-8).
 
 AuxK is off (aux_coef 0): no latent is dead in one step, and the reference TopK's AuxK then
@@ -22,6 +23,7 @@ Adam runs with eps = lr = 1e4, so that each update is ≈ the processed gradient
 first step is otherwise lr·sign(g), which no comparison of gradients survives).
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from safetensors.torch import save_file
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "sae_step"
 B, D, M, K, LAMBDA, EPS, LR, ADAM_EPS = 16, 8, 32, 4, 0.1, 1e-8, 1e4, 1e4
+JUMP_BANDWIDTH = 0.2
 
 
 def mono_loss(z, x):
@@ -104,6 +107,62 @@ def batch_topk_step(x):
     return init, after, float(loss)
 
 
+class JumpReLUFn(torch.autograd.Function):
+    """The reference JumpReLU: z = pre·H(pre − θ); rectangle-kernel pseudo-gradient for θ."""
+
+    @staticmethod
+    def forward(ctx, pre, log_threshold, bandwidth):
+        theta = log_threshold.exp()
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        rect = ((pre - theta) / eps).abs() < 0.5
+        grad_pre = (pre > theta) * g
+        grad_log_theta = (-(theta / eps) * rect * g).sum(0)
+        return grad_pre, grad_log_theta, None
+
+
+def jumprelu_step(x):
+    """The reference JumpReLU (standardised input, no b_dec on the input, L0 off here: mono's L0
+    band differs on purpose), with a wide bandwidth and thresholds among the pre-activations so
+    that many zeros lie in the pseudo-gradient's band and tie for each latent's batch minimum:
+    MonoLoss's min gradient must reach one of them only (PyTorch's rule), not all."""
+    g = torch.Generator().manual_seed(4)
+    bound = (6.0 / M) ** 0.5
+    w_enc = (torch.rand(D, M, generator=g, dtype=torch.float64) * 2 - 1) * bound
+    w_dec = w_enc.T.clone()
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    b_enc = torch.randn(M, generator=g, dtype=torch.float64) * 0.05
+    b_dec = torch.randn(D, generator=g, dtype=torch.float64) * 0.05
+    log_threshold = torch.full((M,), math.log(0.3), dtype=torch.float64)
+    init = {"W_enc": w_enc.clone(), "W_dec": w_dec.clone(), "b_enc": b_enc.clone(), "b_dec": b_dec.clone(),
+            "log_threshold": log_threshold.clone()}
+    params = [t.clone().requires_grad_() for t in (w_enc, w_dec, b_enc, b_dec, log_threshold)]
+    w_enc, w_dec, b_enc, b_dec, log_threshold = params
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    std = xc.std(-1, keepdim=True)
+    xh = xc / (std + 1e-5)
+    pre = F.relu(xh @ w_enc + b_enc)
+    z = JumpReLUFn.apply(pre, log_threshold, JUMP_BANDWIDTH)
+    recon = (z @ w_dec + b_dec) * std + mu
+    loss = ((recon - x) ** 2).mean() + LAMBDA * mono_loss(z, x)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    with torch.no_grad():
+        unit = w_dec / w_dec.norm(dim=-1, keepdim=True)
+        w_dec.grad -= (w_dec.grad * unit).sum(-1, keepdim=True) * unit
+        w_dec.data = unit
+    adam_step(params)
+    names = ["W_enc", "W_dec", "b_enc", "b_dec", "log_threshold"]
+    return init, {n: p.detach() for n, p in zip(names, params)}, float(loss)
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -111,11 +170,15 @@ def main():
     x = x / x.norm(dim=1, keepdim=True)  # the reference loads unit-norm features
     settings = {"batch": B, "d_in": D, "n_latents": M, "k": K, "lambda": LAMBDA, "eps": EPS,
                 "lr": LR, "adam_eps": ADAM_EPS, "torch": torch.__version__}
-    for name, step in [("topk", topk_step), ("batch_topk", batch_topk_step)]:
+    for name, step in [("topk", topk_step), ("batch_topk", batch_topk_step), ("jumprelu", jumprelu_step)]:
         init, after, loss = step(x)
+        if name == "jumprelu":
+            settings_j = {"jumprelu_bandwidth": JUMP_BANDWIDTH}
+        else:
+            settings_j = {}
         tensors = {"x": x} | {f"init.{k}": v for k, v in init.items()} | {f"after.{k}": v for k, v in after.items()}
         tensors = {k: v.float().contiguous() for k, v in tensors.items()}
-        meta = settings | {"kind": name, "loss": loss}
+        meta = settings | settings_j | {"kind": name, "loss": loss}
         save_file(tensors, str(OUT / f"{name}.safetensors"),
                   metadata={"fixture": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 

@@ -318,7 +318,8 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
         let got =
             flat(grads.get(model.params().log_threshold.as_ref().unwrap().as_tensor()).unwrap());
 
-        // Expected: θ_k · Σ_i [ −(θ_k/ε) K_ik · ∂L/∂out_ik − l0_coef/(B ε) K_ik ], with
+        // Expected, as the reference applies the pseudo-derivatives to log θ directly (no chain
+        // factor θ): Σ_i [ −(θ_k/ε) K_ik · ∂L/∂out_ik − l0_coef/(B ε) K_ik ], with
         // ∂L/∂out_ik = (2/(B·D)) (recon − x)_i · W_dec[k] — also for outputs that are 0.
         let z: Vec<f32> = flat(&pass.pre.relu().unwrap());
         let resid: Vec<f32> = flat(&(&pass.recon - &pass.input).unwrap());
@@ -341,7 +342,7 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
                     g += -(theta[kk] / eps) * dout - s.l0_coef as f32 / (b as f32 * eps);
                 }
             }
-            let expect = theta[kk] * g;
+            let expect = g;
             assert!(
                 (got[kk] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
                 "latent {kk}: {} vs {expect}",

@@ -395,13 +395,14 @@ fn bad_input_fails_clearly_and_leaves_runs_intact() {
     assert_eq!(before, snapshot(&good.run_dir()), "the finished run must be left untouched");
 }
 
-/// One training step of TopK (tied decoder, standardised input) and BatchTopK (no encoder bias)
-/// with λ·MonoLoss against the reference formulas run by PyTorch on the same weights and batch
+/// One training step of TopK (tied decoder, standardised input), BatchTopK (no encoder bias) and
+/// JumpReLU (θ's pseudo-gradient through MonoLoss, ties at the batch minimum) with λ·MonoLoss
+/// against the reference formulas run by PyTorch on the same weights and batch
 /// (tests/fixtures/sae_step, scripts/make_sae_step_fixture.py), with host and portable kernels.
 /// Adam's eps = lr = 1e4 makes each update ≈ the processed gradient, so the weights after the
 /// step compare the gradients, the clipping and the decoder constraint.
 #[test]
-fn one_step_equals_the_reference_topk_and_batchtopk() {
+fn one_step_equals_the_reference_saes() {
     use mono::sae::SaeSpec;
     use mono::train::sae::SaeTrainer;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sae_step");
@@ -423,16 +424,17 @@ fn one_step_equals_the_reference_topk_and_batchtopk() {
             .fold(0f32, f32::max);
         assert!(worst < 2e-5, "{what}: max |ours − reference| = {worst}");
     };
-    for (name, ops) in
-        [("topk", "auto"), ("topk", "portable"), ("batch_topk", "auto"), ("batch_topk", "portable")]
-    {
+    let cases = ["topk", "batch_topk", "jumprelu"]
+        .into_iter()
+        .flat_map(|name| [(name, "auto"), (name, "portable")]);
+    for (name, ops) in cases {
         let t = read_tensors(&dir.join(format!("{name}.safetensors")));
         let x = t["x"].clone();
         let (b, d) = x.dims2().unwrap();
-        let sae_keys = if name == "topk" {
-            "kind = \"topk\"\nn_latents = 32\nk = 4\naux_coef = 0.0\nk_aux = 4\nnormalize_input = true\n"
-        } else {
-            "kind = \"batch_topk\"\nn_latents = 32\nk = 4\naux_coef = 0.0\nk_aux = 4\n"
+        let sae_keys = match name {
+            "topk" => "kind = \"topk\"\nn_latents = 32\nk = 4\naux_coef = 0.0\nk_aux = 4\nnormalize_input = true\n",
+            "batch_topk" => "kind = \"batch_topk\"\nn_latents = 32\nk = 4\naux_coef = 0.0\nk_aux = 4\n",
+            _ => "kind = \"jumprelu\"\nn_latents = 32\nl0_coef = 0.0\njumprelu_bandwidth = 0.2\nnormalize_input = true\n",
         };
         let config = Config::parse(&format!(
             "[run]\nops = \"{ops}\"\n[sae]\n{sae_keys}[train]\nbatch_size = {b}\nlr = 10000.0\nadam_eps = 10000.0\n\
@@ -451,6 +453,10 @@ fn one_step_equals_the_reference_topk_and_batchtopk() {
             p.w_enc.set(&t["init.W_enc"].t().unwrap().contiguous().unwrap()).unwrap();
             p.w_dec.set(&t["init.W_dec"]).unwrap();
             p.b_dec.set(&t["init.b_dec"]).unwrap();
+            if name == "jumprelu" {
+                p.b_enc.set(&t["init.b_enc"]).unwrap();
+                p.log_threshold.as_ref().unwrap().set(&t["init.log_threshold"]).unwrap();
+            }
         }
         trainer.step(&x, &x, 10000.0, None, false).unwrap();
         let p = trainer.sae.params();
@@ -470,7 +476,17 @@ fn one_step_equals_the_reference_topk_and_batchtopk() {
             // this one: the same rows up to their norm.
             let theirs = unit_rows(to_rows(&t["after.W_dec"]));
             close(&what("W_dec"), &to_rows(p.w_dec.as_tensor()), &theirs);
-            assert!(b_enc.iter().all(|&v| v == 0.0), "no encoder bias: b_enc stays 0");
+            if name == "batch_topk" {
+                assert!(b_enc.iter().all(|&v| v == 0.0), "no encoder bias: b_enc stays 0");
+            } else {
+                // JumpReLU + MonoLoss: the θ pseudo-gradient with PyTorch's tie rule for the
+                // batch minimum (many zeros in the band tie for it).
+                close(&what("b_enc"), &[b_enc], &[t["after.b_enc"].to_vec1().unwrap()]);
+                let ours: Vec<f32> =
+                    p.log_threshold.as_ref().unwrap().as_tensor().to_vec1().unwrap();
+                let theirs = t["after.log_threshold"].to_vec1().unwrap();
+                close(&what("log_threshold"), &[ours], &[theirs]);
+            }
             let ours: Vec<f32> = p.b_dec.as_tensor().to_vec1().unwrap();
             close(&what("b_dec"), &[ours], &[t["after.b_dec"].to_vec1().unwrap()]);
         }

@@ -1,9 +1,11 @@
 //! JumpReLU SAE (Rajamanoharan et al., 2024): z = ReLU(pre), latents = z · H(z − θ) with a
 //! learned per-latent threshold θ = exp(log θ), and an L0 penalty. H has no useful derivative, so
-//! θ gets the rectangle-kernel pseudo-derivatives (bandwidth ε, K(u) = 1 for |u| < ½):
-//!   ∂latent/∂θ = −(θ/ε)·K((z − θ)/ε),   ∂H/∂θ = −(1/ε)·K((z − θ)/ε),
-//! and z gets H(z − θ). Implemented as value + (c·θ − detach(c·θ)): exact values, those
-//! gradients, on every device; the band is computed with tensor ops for both kinds of kernels.
+//! the thresholds get the rectangle-kernel pseudo-derivatives (bandwidth ε, K(u) = 1 for |u| < ½)
+//!   −(θ/ε)·K((z − θ)/ε) for a latent,   −(1/ε)·K((z − θ)/ε) for H,
+//! applied to the trained parameter log θ directly, as the reference code does (its autograd
+//! function returns them as log θ's gradient, without the chain factor θ; at the paper's initial
+//! θ = 1 the two readings agree). z gets H(z − θ). Implemented as value + (c·log θ −
+//! detach(c·log θ)): exact values, those gradients, on every device.
 //! Input is not centred by b_dec (as in the reference code).
 
 use anyhow::Result;
@@ -93,10 +95,10 @@ impl JumpReluSae {
         Ok(Band { pass: Mask::Host(pass), kernel, below: Mask::Host(below), count })
     }
 
-    /// c·θ − detach(c·θ): zero-valued, with ∂/∂θ_k = Σ_i c_ik · upstream_ik.
+    /// c·log θ − detach(c·log θ): zero-valued, with ∂/∂(log θ)_k = Σ_i c_ik · upstream_ik.
     fn pseudo_gradient(&self, coefficient: Tensor) -> Result<Tensor> {
-        let theta = self.log_threshold().exp()?.unsqueeze(0)?;
-        let term = coefficient.broadcast_mul(&theta)?;
+        let log_theta = self.log_threshold().unsqueeze(0)?;
+        let term = coefficient.broadcast_mul(&log_theta)?;
         Ok((&term - term.detach())?)
     }
 }
