@@ -251,3 +251,53 @@ fn config_subcommand_validates() {
     assert!(r.stderr.contains("sae.k = 9000 must be ≤ sae.n_latents = 8192"), "{}", r.stderr);
     assert!(r.stderr.contains("bad.toml"), "{}", r.stderr);
 }
+
+/// TopK-like activations (≤ 5 % non-zero) are read straight into sparse rows; a file whose
+/// batches are sparse in one part and dense in another scores exactly either way, and a NaN in
+/// a sparse batch is reported by row and column.
+#[test]
+fn sparse_and_dense_batches_of_one_file_score_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n, d, m) = (200, 6, 64);
+    let (e, _) = data(n, d, m, 5);
+    let mut rng = StdRng::seed_from_u64(6);
+    // Rows 0..100: 2 of 64 active (3 %); rows 100..200: 20 of 64 (31 %).
+    let a: Vec<f32> = (0..n * m)
+        .map(|i| {
+            let (r, c) = (i / m, i % m);
+            let active = if r < 100 { (c + r) % 32 == 0 } else { (c + r) % 3 == 0 };
+            if active {
+                rng.random_range(0.5..2.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let emb = dir.path().join("emb.npy");
+    tensor(&e, n, d).write_npy(&emb).unwrap();
+    let acts = dir.path().join("acts.npy");
+    tensor(&a, n, m).write_npy(&acts).unwrap();
+    for path in ["auto", "sparse", "dense"] {
+        let out = dir.path().join(format!("{path}.json"));
+        let r = mono(&[
+            "score",
+            "--embeddings",
+            path_str(&emb),
+            "--activations",
+            path_str(&acts),
+            "--batch-rows",
+            "50",
+            "--path",
+            path,
+            "--out",
+            path_str(&out),
+        ]);
+        assert!(r.ok, "{path}: {}", r.stderr);
+        assert_scores(&read_json(&out), &e, &a, n, d, m, 1e-9);
+    }
+    let mut nan = a.clone();
+    nan[30 * m + 5] = f32::NAN;
+    let bad = dir.path().join("nan.npy");
+    tensor(&nan, n, m).write_npy(&bad).unwrap();
+    assert_fails(path_str(&emb), path_str(&bad), &["nan.npy", "row 30", "column 5", "NaN"]);
+}

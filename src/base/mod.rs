@@ -11,4 +11,5 @@ pub mod io;
 pub mod lock;
 pub mod memory;
 pub mod progress;
+pub mod simd;
 pub mod sparse;

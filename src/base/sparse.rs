@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+use crate::base::simd::vectorized;
+
 /// Rows in compressed sparse row form; absent entries are zeros.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SparseBatch {
@@ -189,14 +191,14 @@ pub fn to_columns(a: SparseRows<'_>, n_cols: usize) -> SparseColumns {
     SparseColumns { col_offsets, rows, values, entries }
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
     for (a, &b) in acc.iter_mut().zip(x) {
         *a += alpha * b;
     }
 }
 
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums: vectorises and keeps rounding independent of the caller.
     let mut partial = [0f32; 8];
@@ -217,10 +219,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn csr_matmul(a: SparseRows<'_>, w: &[f32], d: usize) -> Vec<f32> {
     let mut out = vec![0f32; a.rows() * d];
     out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
-        for e in a.row_offsets[r]..a.row_offsets[r + 1] {
-            let c = a.columns[e] as usize;
-            axpy(row, a.values[e], &w[c * d..(c + 1) * d]);
-        }
+        vectorized(|| {
+            for e in a.row_offsets[r]..a.row_offsets[r + 1] {
+                let c = a.columns[e] as usize;
+                axpy(row, a.values[e], &w[c * d..(c + 1) * d]);
+            }
+        })
     });
     out
 }
@@ -230,10 +234,12 @@ pub fn csr_transpose_matmul(a: SparseRows<'_>, x: &[f32], d: usize, m: usize) ->
     let cols = to_columns(a, m);
     let mut out = vec![0f32; m * d];
     out.par_chunks_mut(d.max(1)).enumerate().with_min_len(8).for_each(|(k, row)| {
-        for e in cols.col_offsets[k]..cols.col_offsets[k + 1] {
-            let i = cols.rows[e] as usize;
-            axpy(row, cols.values[e], &x[i * d..(i + 1) * d]);
-        }
+        vectorized(|| {
+            for e in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+                let i = cols.rows[e] as usize;
+                axpy(row, cols.values[e], &x[i * d..(i + 1) * d]);
+            }
+        })
     });
     out
 }
@@ -262,7 +268,7 @@ pub fn csr_sampled_dot(a: SparseRows<'_>, x: &[f32], w: &[f32], d: usize) -> Vec
     let cols = to_columns(a, m);
     cols.map_to_rows(|k, j| {
         let i = cols.rows[j] as usize;
-        dot(&x[i * d..(i + 1) * d], &w[k * d..(k + 1) * d])
+        vectorized(|| dot(&x[i * d..(i + 1) * d], &w[k * d..(k + 1) * d]))
     })
 }
 
@@ -285,10 +291,12 @@ pub fn csc_dots(cols: &SparseColumns, x: &[f32], w: &[f32], d: usize) -> Vec<f32
     column_slices(cols, &mut out).into_par_iter().enumerate().with_min_len(16).for_each(
         |(k, slot)| {
             let wk = &w[k * d..(k + 1) * d];
-            for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
-                let i = cols.rows[j] as usize;
-                *o = dot(&x[i * d..(i + 1) * d], wk);
-            }
+            vectorized(|| {
+                for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
+                    let i = cols.rows[j] as usize;
+                    *o = dot(&x[i * d..(i + 1) * d], wk);
+                }
+            })
         },
     );
     out
@@ -321,12 +329,14 @@ pub fn decoder_backward(
         .with_min_len(16)
         .for_each(|(k, (dwk, slot))| {
             let wk = &w[k * d..(k + 1) * d];
-            for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
-                let i = cols.rows[j] as usize;
-                let gi = &g[i * d..(i + 1) * d];
-                axpy(dwk, cols.values[j], gi);
-                *o = dot(gi, wk);
-            }
+            vectorized(|| {
+                for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
+                    let i = cols.rows[j] as usize;
+                    let gi = &g[i * d..(i + 1) * d];
+                    axpy(dwk, cols.values[j], gi);
+                    *o = dot(gi, wk);
+                }
+            })
         });
     (dw, dots)
 }

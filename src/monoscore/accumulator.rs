@@ -302,18 +302,20 @@ impl MonoScoreAccumulator {
             .with_min_len(16)
             .for_each(|(c, (acc, moments))| {
                 let span = cols.col_offsets[c]..cols.col_offsets[c + 1];
-                for (&r, &v) in cols.rows[span.clone()].iter().zip(&cols.values[span]) {
-                    let r = r as usize;
-                    moments.sum += v as f64;
-                    moments.sum_sq += v as f64 * v as f64;
-                    moments.fold_extremes(v, 1);
-                    moments.explicit += 1;
-                    let coef = v as f64 * inv_norms[r];
-                    let e = &embeddings[r * dim..(r + 1) * dim];
-                    for (a, &x) in acc.iter_mut().zip(e) {
-                        *a += coef * x as f64;
+                crate::base::simd::vectorized(|| {
+                    for (&r, &v) in cols.rows[span.clone()].iter().zip(&cols.values[span]) {
+                        let r = r as usize;
+                        moments.sum += v as f64;
+                        moments.sum_sq += v as f64 * v as f64;
+                        moments.fold_extremes(v, 1);
+                        moments.explicit += 1;
+                        let coef = v as f64 * inv_norms[r];
+                        let e = &embeddings[r * dim..(r + 1) * dim];
+                        for (a, &x) in acc.iter_mut().zip(e) {
+                            *a += coef * x as f64;
+                        }
                     }
-                }
+                })
             });
 
         self.add_embedding_sum(embeddings, &inv_norms);

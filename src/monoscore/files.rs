@@ -34,13 +34,30 @@ pub fn score_files(
     let bar = crate::base::progress::bar(n as u64, "scoring");
     let (mut e, mut a) = (Vec::new(), Vec::new());
     let mut start = 0;
+    // Sparse-looking activations are read straight into CSR rows (one pass over the file);
+    // a batch denser than the sparse path's limit is read densely instead.
+    let max_density = match path {
+        ScorePath::Dense => -1.0,
+        ScorePath::Sparse => 1.0,
+        ScorePath::Auto => super::SPARSE_DENSITY_LIMIT,
+    };
     while start < n {
         let end = (start + batch_rows.max(1)).min(n);
         embeddings.read_rows(start, end, &mut e)?;
-        activations.read_rows(start, end, &mut a)?;
-        acc.add(&e, &a, path).with_context(|| {
-            format!("rows {start}..{end} of {} / {}", embeddings.label(), activations.label())
-        })?;
+        let context =
+            || format!("rows {start}..{end} of {} / {}", embeddings.label(), activations.label());
+        let sparse = if max_density >= 0.0 {
+            activations.read_rows_sparse(start, end, max_density)?
+        } else {
+            None
+        };
+        match sparse {
+            Some(batch) => acc.add_sparse(&e, batch.as_rows()).with_context(context)?,
+            None => {
+                activations.read_rows(start, end, &mut a)?;
+                acc.add(&e, &a, ScorePath::Dense).with_context(context)?;
+            }
+        }
         bar.inc((end - start) as u64);
         start = end;
     }

@@ -67,14 +67,14 @@ impl Sae for BatchTopKSae {
         let threshold = if training { None } else { self.inference_threshold()? };
         match threshold {
             Some(threshold) => {
-                let mask = pre.detach().broadcast_gt(&threshold.to_dtype(pre.dtype())?)?;
                 let mask = if self.params.kernels.for_tensor(pre).is_host() {
-                    let mask = mask.to_dtype(DType::F32)?;
-                    Mask::Host(crate::base::cpu::with_cpu_slice(&mask, |m| {
-                        m.iter().map(|&v| v != 0.0).collect()
+                    // One pass over the pre-activations.
+                    let t = host::read_scalar(&threshold)? as f32;
+                    Mask::Host(crate::base::cpu::with_cpu_slice(&pre.detach(), |v| {
+                        crate::base::simd::vectorized(|| v.iter().map(|&p| p > t).collect())
                     })?)
                 } else {
-                    Mask::Device(mask)
+                    Mask::Device(pre.detach().broadcast_gt(&threshold.to_dtype(pre.dtype())?)?)
                 };
                 let latents = select::masked_relu(pre, mask)?;
                 Ok(Activation { latents, grad_support: None, batch_threshold: None })

@@ -113,6 +113,79 @@ impl MatrixFile {
     }
 
     /// Rows `start..end` as f32 into `out`; NaN/Inf is an error naming the row and column.
+    /// Rows `start..end` as CSR, in one parallel pass over the file's bytes (each row decoded,
+    /// checked finite and its non-zeros kept), or None as soon as more than `max_density` of the
+    /// values are non-zero (the caller reads them densely instead).
+    pub fn read_rows_sparse(
+        &self,
+        start: usize,
+        end: usize,
+        max_density: f64,
+    ) -> Result<Option<crate::base::sparse::SparseBatch>> {
+        use rayon::prelude::*;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        ensure!(
+            start <= end && end <= self.rows,
+            "{}: rows {start}..{end} out of range",
+            self.label
+        );
+        let (size, cols) = (self.dtype.size(), self.cols);
+        let begin = self.data_offset + start * cols * size;
+        let bytes = &self.mmap[begin..begin + (end - start) * cols * size];
+        let budget = (max_density * ((end - start) * cols) as f64) as usize;
+        let kept = AtomicUsize::new(0);
+        /// One row's non-zeros (columns, values); None once the batch turned out dense.
+        type Row = Option<Result<(Vec<u32>, Vec<f32>)>>;
+        let rows: Vec<Row> = bytes
+            .par_chunks(cols * size)
+            .enumerate()
+            .map_init(
+                || vec![0f32; cols],
+                |row, (i, raw)| {
+                    if kept.load(Ordering::Relaxed) > budget {
+                        return None; // dense after all: stop early
+                    }
+                    decode_le(self.dtype, raw, row);
+                    Some(crate::base::simd::vectorized(|| {
+                        if let Some(c) = row.iter().position(|v| !v.is_finite()) {
+                            bail!(
+                                "{}: value at row {}, column {c} is {} (NaN/Inf are not allowed)",
+                                self.label,
+                                start + i,
+                                row[c]
+                            );
+                        }
+                        let (mut columns, mut values) = (Vec::new(), Vec::new());
+                        for (c, &v) in row.iter().enumerate() {
+                            if v != 0.0 {
+                                columns.push(c as u32);
+                                values.push(v);
+                            }
+                        }
+                        kept.fetch_add(values.len(), Ordering::Relaxed);
+                        Ok((columns, values))
+                    }))
+                },
+            )
+            .collect();
+        if kept.into_inner() > budget || rows.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let mut batch = crate::base::sparse::SparseBatch {
+            row_offsets: Vec::with_capacity(rows.len() + 1),
+            columns: Vec::new(),
+            values: Vec::new(),
+        };
+        batch.row_offsets.push(0);
+        for row in rows {
+            let (columns, values) = row.expect("checked")?;
+            batch.columns.extend_from_slice(&columns);
+            batch.values.extend_from_slice(&values);
+            batch.row_offsets.push(batch.columns.len());
+        }
+        Ok(Some(batch))
+    }
+
     pub fn read_rows(&self, start: usize, end: usize, out: &mut Vec<f32>) -> Result<()> {
         ensure!(
             start <= end && end <= self.rows,

@@ -1,0 +1,123 @@
+//! Hand-written kernels compiled for the CPU they run on.
+//!
+//! The crate is built for the baseline x86-64 target (SSE2), so a plain loop uses 128-bit vectors.
+//! [`vectorized`] runs a closure through a copy compiled with AVX2 + FMA or AVX-512 enabled,
+//! chosen once from what the CPU reports; the closure's loops (and the `#[inline]` helpers they
+//! call) are inlined into that copy and vectorised wider. Results are bit-identical on every
+//! path: Rust never fuses a separate multiply and add into an FMA, and vectorising a loop whose
+//! lanes are independent (or whose partial sums are spelled out) does not reorder any sum.
+//!
+//! Wrap the body of each parallel task (inside rayon's closure), not the whole parallel call:
+//! code behind a non-inlined call runs at the baseline.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Baseline = 1,
+    Avx2 = 2,
+    Avx512 = 3,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+/// The widest vector instruction set available (detected on first use; `MONO_SIMD=baseline`
+/// or `avx2` caps it, e.g. to compare).
+pub fn level() -> Level {
+    match LEVEL.load(Ordering::Relaxed) {
+        1 => Level::Baseline,
+        2 => Level::Avx2,
+        3 => Level::Avx512,
+        _ => {
+            let detected = detect();
+            LEVEL.store(detected as u8, Ordering::Relaxed);
+            detected
+        }
+    }
+}
+
+fn detect() -> Level {
+    let cap = match std::env::var("MONO_SIMD").as_deref() {
+        Ok("baseline") => Level::Baseline,
+        Ok("avx2") => Level::Avx2,
+        _ => Level::Avx512,
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if avx512 && cap == Level::Avx512 {
+            return Level::Avx512;
+        }
+        if avx2 && cap != Level::Baseline {
+            return Level::Avx2;
+        }
+    }
+    let _ = cap;
+    Level::Baseline
+}
+
+/// Runs `f` compiled for the widest vector instructions of this CPU (see the module docs).
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match level() {
+            // SAFETY: the features were detected on this CPU.
+            Level::Avx512 => return unsafe { with_avx512(f) },
+            Level::Avx2 => return unsafe { with_avx2(f) },
+            Level::Baseline => {}
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512dq,avx512bw")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path gives the same bits as the baseline loop.
+    #[test]
+    fn paths_agree_bit_for_bit() {
+        let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let run = || {
+            let mut acc = vec![0f64; 1000];
+            for r in 0..17 {
+                let coef = 1.0 / (r as f64 + 3.0);
+                for (a, &v) in acc.iter_mut().zip(&x) {
+                    *a += coef * v as f64;
+                }
+            }
+            let mut partial = [0f32; 8];
+            for c in x.chunks_exact(8) {
+                for j in 0..8 {
+                    partial[j] += c[j] * c[(j + 3) % 8];
+                }
+            }
+            (acc, partial)
+        };
+        let baseline = run();
+        assert_eq!(vectorized(run), baseline);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            assert_eq!(unsafe { with_avx2(run) }, baseline);
+        }
+    }
+}
