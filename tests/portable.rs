@@ -206,13 +206,13 @@ fn finetuning_has_the_same_loss_and_gradients_with_both_kernels() {
 #[test]
 fn a_short_finetuning_run_gives_the_same_results_with_both_kernels() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = crate::finetune::fashion_folders(tmp.path(), 200, 60);
+    let data = crate::finetune::fashion_folders(tmp.path(), 400, 100);
     let resnet = crate::finetune::tiny_resnet_dir(tmp.path());
     let run = |ops: host::OpsMode, name: &str| {
         let text = format!(
             "[run]\nname = \"{name}\"\noutput = \"{}\"\n[encoder]\nkind = \"resnet50\"\nmodel = \"{}\"\n\
              [data]\nkind = \"folder\"\nroot = \"{}\"\ntrain_split = \"train\"\neval_split = \"val\"\n\
-             [finetune]\nepochs = 2\nbatch_size = 40\noptimizer = \"sgd\"\nlr = 0.01\nwarmup_epochs = 0\n\
+             [finetune]\nepochs = 4\nbatch_size = 40\noptimizer = \"adamw\"\nlr = 0.003\nweight_decay = 0.0\nwarmup_epochs = 0\n\
              k = 16\naugment = false\nlambda = 0.5\n",
             tmp.path().join("runs").display(),
             resnet.display(),
@@ -228,7 +228,11 @@ fn a_short_finetuning_run_gives_the_same_results_with_both_kernels() {
         mono::pipeline::stages::finetune(&c, &c.run_dir(), false).unwrap().final_eval
     };
     let (a, p) = (run(host::OpsMode::Auto, "auto"), run(host::OpsMode::Portable, "portable"));
-    assert!((a.top1 - p.top1).abs() <= 2.0 / 60.0, "top-1 {} vs {}", a.top1, p.top1);
+    eprintln!(
+        "top-1 {} vs {}, MonoScore {:?} vs {:?}",
+        a.top1, p.top1, a.monoscore.mean, p.monoscore.mean
+    );
+    assert!((a.top1 - p.top1).abs() <= 3.0 / 100.0, "top-1 {} vs {}", a.top1, p.top1);
     let (ma, mp) = (a.monoscore.mean.unwrap(), p.monoscore.mean.unwrap());
     assert!((ma - mp).abs() <= RUN_TOLERANCE, "TopK MonoScore {ma} vs {mp}");
 }

@@ -5,9 +5,11 @@
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-use super::layers::{max_pool_3x3_s2, BatchNorm};
+use crate::base::host::Kernels;
+
+use super::layers::{conv2d_gemm, max_pool_3x3_s2, BatchNorm};
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
 
@@ -18,7 +20,12 @@ struct Conv {
 }
 
 impl Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `gemm`: im2col + GEMM (host kernels in training, where its backward is much faster than
+    /// candle's); otherwise candle's convolution (GPUs, portable kernels, inference).
+    fn forward(&self, x: &Tensor, gemm: bool) -> Result<Tensor> {
+        if gemm {
+            return conv2d_gemm(x, &self.weight, self.padding, self.stride);
+        }
         Ok(x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?)
     }
 }
@@ -144,14 +151,21 @@ impl ResNet {
 
     /// (B, 3, H, W) → (B, C) globally average-pooled features.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        self.forward_with(x, train, Kernels::Portable)
+    }
+
+    /// `forward` with the convolutions as im2col + GEMM where `kernels` are host ones and the
+    /// pass trains (f32 on the CPU): the backward then runs through GEMMs.
+    pub fn forward_with(&self, x: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
+        let gemm = train && kernels.is_host() && x.device().is_cpu() && x.dtype() == DType::F32;
+        let x = self.bn1.forward(&self.conv1.forward(x, gemm)?, train)?.relu()?;
         let mut x = max_pool_3x3_s2(&x)?;
         for b in &self.blocks {
-            let h = b.bn1.forward(&b.conv1.forward(&x)?, train)?.relu()?;
-            let h = b.bn2.forward(&b.conv2.forward(&h)?, train)?.relu()?;
-            let h = b.bn3.forward(&b.conv3.forward(&h)?, train)?;
+            let h = b.bn1.forward(&b.conv1.forward(&x, gemm)?, train)?.relu()?;
+            let h = b.bn2.forward(&b.conv2.forward(&h, gemm)?, train)?.relu()?;
+            let h = b.bn3.forward(&b.conv3.forward(&h, gemm)?, train)?;
             let identity = match &b.downsample {
-                Some((conv, bn)) => bn.forward(&conv.forward(&x)?, train)?,
+                Some((conv, bn)) => bn.forward(&conv.forward(&x, gemm)?, train)?,
                 None => x.clone(),
             };
             x = (h + identity)?.relu()?;

@@ -28,10 +28,10 @@ impl Backbone {
         }
     }
 
-    pub fn forward(&self, pixels: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, pixels: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
         match self {
             Backbone::Clip(t) => t.forward(pixels),
-            Backbone::Resnet(r) => r.forward(pixels, train),
+            Backbone::Resnet(r) => r.forward_with(pixels, train, kernels),
         }
     }
 }
@@ -181,7 +181,7 @@ impl FinetuneModel {
     }
 
     pub fn forward(&self, pixels: &Tensor, train: bool) -> Result<Outputs> {
-        let features = self.backbone.forward(pixels, train)?;
+        let features = self.backbone.forward(pixels, train, self.kernels)?;
         let Some(hidden) = &self.hidden else {
             let logits = self.classifier.forward(&features)?;
             return Ok(Outputs { topk: features.clone(), features, logits });
