@@ -247,6 +247,168 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// `forward`, with training-mode normalisation as one fused CPU op when `host` (f32 on the
+    /// CPU with host kernels): two passes over x forward and two backward, per channel in
+    /// parallel, where the candle graph makes a dozen. Statistics in f64; equal to `forward` to
+    /// float rounding (tested in value, gradients and running statistics).
+    pub fn forward_with(&self, x: &Tensor, train: bool, host: bool) -> Result<Tensor> {
+        if !(host && train && self.trainable) {
+            return self.forward(x, train);
+        }
+        let op = BatchNormTrain { eps: self.eps, stats: Default::default() };
+        let stats = op.stats_handle();
+        let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+        let (b, c, h, w) = x.dims4()?;
+        let n = (b * h * w) as f64;
+        let stats = stats.lock().unwrap().clone();
+        anyhow::ensure!(stats.len() == c, "batch-norm statistics missing");
+        let mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
+        let var: Vec<f32> = stats.iter().map(|s| s.1 as f32).collect();
+        let device = x.device();
+        let (mean, var) = (Tensor::from_vec(mean, c, device)?, Tensor::from_vec(var, c, device)?);
+        let mut rm = self.running_mean.lock().unwrap();
+        let mut rv = self.running_var.lock().unwrap();
+        *rm = ((&*rm * (1.0 - self.momentum))? + (mean * self.momentum)?)?;
+        *rv =
+            ((&*rv * (1.0 - self.momentum))? + (var * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
+        Ok(y)
+    }
+}
+
+/// Per-channel (mean, biased variance) of one batch, shared between a forward and its backward.
+type ChannelStats = std::sync::Arc<Mutex<Vec<(f64, f64)>>>;
+
+/// Training-mode BatchNorm of (B, C, H, W) with weight and bias (C,) on the CPU.
+struct BatchNormTrain {
+    eps: f64,
+    stats: ChannelStats,
+}
+
+impl BatchNormTrain {
+    fn stats_handle(&self) -> ChannelStats {
+        self.stats.clone()
+    }
+
+    /// (1/√(var + eps)) per channel.
+    fn inverse_std(&self, stats: &[(f64, f64)]) -> Vec<f64> {
+        stats.iter().map(|&(_, var)| 1.0 / (var + self.eps).sqrt()).collect()
+    }
+}
+
+/// The H·W values of channel `ch` in image `bi`.
+fn plane(x: &[f32], bi: usize, ch: usize, c: usize, hw: usize) -> &[f32] {
+    &x[(bi * c + ch) * hw..][..hw]
+}
+
+impl candle_core::CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let x = crate::base::cpu::contiguous("batch-norm", s1, l1)?;
+        let gamma = crate::base::cpu::contiguous("batch-norm", s2, l2)?;
+        let beta = crate::base::cpu::contiguous("batch-norm", s3, l3)?;
+        let (hw, n) = (h * w, (b * h * w) as f64);
+        let stats: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let sum: f64 =
+                    (0..b).flat_map(|bi| plane(x, bi, ch, c, hw)).map(|&v| v as f64).sum();
+                let mean = sum / n;
+                let sq: f64 = (0..b)
+                    .flat_map(|bi| plane(x, bi, ch, c, hw))
+                    .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+                    .sum();
+                (mean, sq / n)
+            })
+            .collect();
+        let inv = self.inverse_std(&stats);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
+            let ch = p % c;
+            let scale = gamma[ch] as f64 * inv[ch];
+            let (scale, shift) = (scale as f32, (beta[ch] as f64 - stats[ch].0 * scale) as f32);
+            crate::base::simd::vectorized(|| {
+                for (d, &v) in dst.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                    *d = v * scale + shift;
+                }
+            })
+        });
+        *self.stats.lock().unwrap() = stats;
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::base::cpu::with_cpu_slice;
+        use rayon::prelude::*;
+        let (b, c, h, w) = x.dims4()?;
+        let (hw, n) = (h * w, (b * h * w) as f64);
+        let stats = self.stats.lock().unwrap().clone();
+        let inv = self.inverse_std(&stats);
+        let gamma = with_cpu_slice(gamma, <[f32]>::to_vec)?;
+        let grad = grad.contiguous()?;
+        let (dx, dgamma, dbeta) = with_cpu_slice(x, |x| {
+            with_cpu_slice(&grad, |g| {
+                // Per channel: Σ g and Σ g·x̂.
+                let sums: Vec<(f64, f64)> = (0..c)
+                    .into_par_iter()
+                    .map(|ch| {
+                        let (mean, mut sg, mut sgx) = (stats[ch].0, 0f64, 0f64);
+                        for bi in 0..b {
+                            let (xp, gp) = (plane(x, bi, ch, c, hw), plane(g, bi, ch, c, hw));
+                            for (&v, &gv) in xp.iter().zip(gp) {
+                                sg += gv as f64;
+                                sgx += gv as f64 * (v as f64 - mean) * inv[ch];
+                            }
+                        }
+                        (sg, sgx)
+                    })
+                    .collect();
+                // dx = γ/σ · (g − Σg/N − x̂·Σ(g·x̂)/N)
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
+                    let ch = p % c;
+                    let (mean, k) = (stats[ch].0, gamma[ch] as f64 * inv[ch]);
+                    let (mg, mgx) = (sums[ch].0 / n, sums[ch].1 / n);
+                    let (xp, gp) = (&x[p * hw..(p + 1) * hw], &g[p * hw..(p + 1) * hw]);
+                    for ((d, &v), &gv) in dst.iter_mut().zip(xp).zip(gp) {
+                        let xhat = (v as f64 - mean) * inv[ch];
+                        *d = (k * (gv as f64 - mg - xhat * mgx)) as f32;
+                    }
+                });
+                let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+                let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+                (dx, dgamma, dbeta)
+            })
+        })??;
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (b, c, h, w), device)?),
+            Some(Tensor::from_vec(dgamma, c, device)?),
+            Some(Tensor::from_vec(dbeta, c, device)?),
+        ))
+    }
+}
+
 /// 3×3 max-pool, stride 2, padding 1, on non-negative input (after ReLU), built from narrow,
 /// reshape and elementwise maximum so that its backward works (candle's max_pool2d backward
 /// needs kernel == stride). Zero padding equals PyTorch's −∞ padding on non-negative input.
@@ -312,6 +474,59 @@ mod conv_tests {
                 let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
                 assert!(gap(a, b) < 1e-4, "k {k} s {s}: gradients differ by {}", gap(a, b));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod batch_norm_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    fn layer(c: usize, dev: &Device) -> (BatchNorm, Var, Var) {
+        let weight = Var::from_tensor(&Tensor::randn(1f32, 0.2, c, dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.2, c, dev).unwrap()).unwrap();
+        let bn = BatchNorm {
+            name: "bn".into(),
+            weight: weight.as_tensor().clone(),
+            bias: bias.as_tensor().clone(),
+            running_mean: Mutex::new(Tensor::randn(0f32, 0.2, c, dev).unwrap()),
+            running_var: Mutex::new(Tensor::ones(c, candle_core::DType::F32, dev).unwrap()),
+            eps: 1e-5,
+            momentum: 0.1,
+            trainable: true,
+        };
+        (bn, weight, bias)
+    }
+
+    /// The fused op against the candle graph: output, the three gradients, running statistics.
+    #[test]
+    fn fused_training_batch_norm_equals_the_graph() {
+        let dev = Device::Cpu;
+        let (bn, weight, bias) = layer(4, &dev);
+        let x =
+            Var::from_tensor(&(Tensor::randn(0.5f32, 2.0, (3, 4, 5, 6), &dev).unwrap())).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), &dev).unwrap();
+        let (rm0, rv0) =
+            (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
+        let graph = bn.forward(x.as_tensor(), true).unwrap();
+        let (rm1, rv1) =
+            (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
+        *bn.running_mean.lock().unwrap() = rm0;
+        *bn.running_var.lock().unwrap() = rv0;
+        let fused = bn.forward_with(x.as_tensor(), true, true).unwrap();
+        assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
+        assert!(gap(&rm1, &bn.running_mean.lock().unwrap()) < 1e-6);
+        assert!(gap(&rv1, &bn.running_var.lock().unwrap()) < 1e-5);
+        let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
+            let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(gap(a, b) < 1e-4, "{name}: gradients differ by {}", gap(a, b));
         }
     }
 }

@@ -154,18 +154,18 @@ impl ResNet {
         self.forward_with(x, train, Kernels::Portable)
     }
 
-    /// `forward` with the convolutions as im2col + GEMM where `kernels` are host ones and the
-    /// pass trains (f32 on the CPU): the backward then runs through GEMMs.
+    /// `forward` with the convolutions as im2col + GEMM and BatchNorm as one fused op where
+    /// `kernels` are host ones and the pass trains (f32 on the CPU).
     pub fn forward_with(&self, x: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
         let gemm = train && kernels.is_host() && x.device().is_cpu() && x.dtype() == DType::F32;
-        let x = self.bn1.forward(&self.conv1.forward(x, gemm)?, train)?.relu()?;
+        let x = self.bn1.forward_with(&self.conv1.forward(x, gemm)?, train, gemm)?.relu()?;
         let mut x = max_pool_3x3_s2(&x)?;
         for b in &self.blocks {
-            let h = b.bn1.forward(&b.conv1.forward(&x, gemm)?, train)?.relu()?;
-            let h = b.bn2.forward(&b.conv2.forward(&h, gemm)?, train)?.relu()?;
-            let h = b.bn3.forward(&b.conv3.forward(&h, gemm)?, train)?;
+            let h = b.bn1.forward_with(&b.conv1.forward(&x, gemm)?, train, gemm)?.relu()?;
+            let h = b.bn2.forward_with(&b.conv2.forward(&h, gemm)?, train, gemm)?.relu()?;
+            let h = b.bn3.forward_with(&b.conv3.forward(&h, gemm)?, train, gemm)?;
             let identity = match &b.downsample {
-                Some((conv, bn)) => bn.forward(&conv.forward(&x, gemm)?, train)?,
+                Some((conv, bn)) => bn.forward_with(&conv.forward(&x, gemm)?, train, gemm)?,
                 None => x.clone(),
             };
             x = (h + identity)?.relu()?;
