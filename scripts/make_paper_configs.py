@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes configs/paper/*.toml: one config per experiment of the MonoLoss paper (arXiv 2602.12403),
-each headed by what it reproduces and the paper's numbers where REFERENCE.md gives them.
+each headed by what it reproduces and the paper's numbers where docs/method.md (section 13) lists them.
 Plain Python 3, no dependencies: python3 scripts/make_paper_configs.py
 """
 import pathlib
@@ -18,7 +18,7 @@ DATASETS = {
     "imagenet": ("imagenet", "/data/imagenet", "train", "val", "ImageNet-1k"),
     "openimages": ("openimages", "/data/openimages", "train", "validation", "OpenImagesV7 (image-level labels)"),
 }
-# The paper's best λ (REFERENCE.md), by dataset, SAE and encoder.
+# The paper's best λ (docs/method.md, section 13), by dataset, SAE and encoder.
 LAMBDA = {
     ("imagenet", "batch_topk"): {"clip": 3e-4, "siglip2": 1e-4, "vit": 4e-4},
     ("imagenet", "topk"): {"clip": 0.09, "siglip2": 0.14, "vit": 0.09},
@@ -29,7 +29,7 @@ LAMBDA = {
     ("openimages", "jumprelu"): {"clip": 5e-4, "siglip2": 1e-4, "vit": 5e-4},
     ("openimages", "relu"): {"clip": 1e-4, "siglip2": 3e-5, "vit": 1e-4},
 }
-# Numbers REFERENCE.md quotes (MonoScore, R², binary class purity; without → with MonoLoss).
+# Numbers the paper reports (docs/method.md, section 13; MonoScore, R², binary class purity; without → with MonoLoss).
 NUMBERS = {
     ("imagenet", "batch_topk", "clip"): "MonoScore .437 → .602, R² .846 → .840, purity .144 → .462",
     ("imagenet", "batch_topk", "siglip2"): "MonoScore .466 → .583",
