@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from bench_score_torch import authors_monoscore  # noqa: E402  (the same script directory)
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -36,26 +38,9 @@ def main():
         top = flat.topk(a.k * rows.shape[0])
         return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
 
-    n, m = x.shape[0], w_enc.shape[1]
-    with torch.no_grad():
-        lo = hi = None
-        for s in range(0, n, a.batch):
-            z = latents(x[s:s + a.batch])
-            lo = z.min(0).values if lo is None else torch.minimum(lo, z.min(0).values)
-            hi = z.max(0).values if hi is None else torch.maximum(hi, z.max(0).values)
-        u, v, wsum = torch.zeros(m), torch.zeros(m), torch.zeros(x.shape[1], m)
-        for s in range(0, n, a.batch):
-            rows = x[s:s + a.batch]
-            z = (latents(rows) - lo) / (hi - lo + 1e-8)
-            p = torch.nn.functional.normalize(rows, dim=1)
-            u += z.sum(0)
-            v += (z * z).sum(0)
-            wsum += p.T @ z
-        num = 0.5 * ((wsum * wsum).sum(0) - v)
-        den = 0.5 * (u * u - v)
-        score = torch.where(den > 1e-8, num / (den + 1e-12), torch.zeros_like(den))
+    score, _ = authors_monoscore(x.shape[0], a.batch, lambda s, e: (x[s:e], latents(x[s:e])))
     print(json.dumps({"implementation": "compute_monosemanticity_fast (restated), BatchTopK forward twice",
-                      "torch": torch.__version__, "threads": torch.get_num_threads(), "n": n, "m": m,
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), "n": x.shape[0], "m": w_enc.shape[1],
                       "seconds_with_imports": round(time.perf_counter() - t0, 2),
                       "mean_score_all_latents": float(score.mean())}))
 

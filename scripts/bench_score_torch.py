@@ -15,6 +15,30 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def authors_monoscore(n, batch, rows):
+    """The authors' two-pass MonoScore over `n` rows, `batch` at a time; `rows(start, end)` gives
+    (embeddings, activations) of those rows. Returns (score per neuron, den)."""
+    with torch.no_grad():
+        lo = hi = None
+        for s in range(0, n, batch):  # pass 1: min / max
+            z = rows(s, min(s + batch, n))[1]
+            lo = z.min(0).values if lo is None else torch.minimum(lo, z.min(0).values)
+            hi = z.max(0).values if hi is None else torch.maximum(hi, z.max(0).values)
+        u = v = w = None
+        for s in range(0, n, batch):  # pass 2: scaled sums
+            e, z = rows(s, min(s + batch, n))
+            z = (z - lo) / (hi - lo + 1e-8)
+            p = torch.nn.functional.normalize(e, dim=1)
+            if u is None:
+                u, v, w = torch.zeros(z.shape[1]), torch.zeros(z.shape[1]), torch.zeros(e.shape[1], z.shape[1])
+            u += z.sum(0)
+            v += (z * z).sum(0)
+            w += p.T @ z
+        num = 0.5 * ((w * w).sum(0) - v)
+        den = 0.5 * (u * u - v)
+        return torch.where(den > 1e-8, num / (den + 1e-12), torch.zeros_like(den)), den
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("embeddings")
@@ -27,27 +51,10 @@ def main():
     start = time.perf_counter()
     emb = torch.from_numpy(np.load(a.embeddings))
     acts = torch.from_numpy(np.load(a.activations))
-    n, m = acts.shape
-    with torch.no_grad():
-        lo = hi = None
-        for s in range(0, n, a.batch):  # pass 1: min / max
-            chunk = acts[s:s + a.batch]
-            bmin, bmax = chunk.min(0).values, chunk.max(0).values
-            lo = bmin if lo is None else torch.minimum(lo, bmin)
-            hi = bmax if hi is None else torch.maximum(hi, bmax)
-        sum_a, sum_a2, w = torch.zeros(m), torch.zeros(m), torch.zeros(emb.shape[1], m)
-        for s in range(0, n, a.batch):  # pass 2: scaled sums
-            scaled = (acts[s:s + a.batch] - lo) / (hi - lo + 1e-8)
-            p = torch.nn.functional.normalize(emb[s:s + a.batch], dim=1)
-            sum_a += scaled.sum(0)
-            sum_a2 += (scaled * scaled).sum(0)
-            w += p.T @ scaled
-        num = 0.5 * ((w * w).sum(0) - sum_a2)
-        den = 0.5 * (sum_a * sum_a - sum_a2)
-        score = torch.where(den > 1e-8, num / (den + 1e-12), torch.zeros_like(den))
+    score, den = authors_monoscore(emb.shape[0], a.batch, lambda s, e: (emb[s:e], acts[s:e]))
     now = time.perf_counter()
     print(json.dumps({"implementation": "pytorch two-pass dense fp32 (authors' form)", "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "n": n, "m": m, "seconds_compute": round(now - start, 3),
+                      "threads": torch.get_num_threads(), "n": emb.shape[0], "m": acts.shape[1], "seconds_compute": round(now - start, 3),
                       "seconds_with_imports": round(now - t0, 3), "mean_score": float(score[den > 1e-8].mean())}))
 
 

@@ -81,12 +81,28 @@ def topk_step(x):
     return init, after, float(loss)
 
 
-def batch_topk_step(x):
-    g = torch.Generator().manual_seed(2)
+def kaiming_pair(g):
+    """The reference BatchTopK/JumpReLU initialisation: Kaiming-uniform W_enc (D × M) and
+    W_dec = W_encᵀ with unit rows."""
     bound = (6.0 / M) ** 0.5
     w_enc = (torch.rand(D, M, generator=g, dtype=torch.float64) * 2 - 1) * bound
     w_dec = w_enc.T.clone()
-    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    return w_enc, w_dec / w_dec.norm(dim=1, keepdim=True)
+
+
+def clip_and_constrain_decoder(params, w_dec):
+    """The reference step's gradient handling: clip the norm to 1, project W_dec's gradient off
+    its rows, set the rows to unit norm (before Adam steps)."""
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    with torch.no_grad():
+        unit = w_dec / w_dec.norm(dim=-1, keepdim=True)
+        w_dec.grad -= (w_dec.grad * unit).sum(-1, keepdim=True) * unit
+        w_dec.data = unit
+
+
+def batch_topk_step(x):
+    g = torch.Generator().manual_seed(2)
+    w_enc, w_dec = kaiming_pair(g)
     b_dec = torch.randn(D, generator=g, dtype=torch.float64) * 0.05
     init = {"W_enc": w_enc.clone(), "W_dec": w_dec.clone(), "b_dec": b_dec.clone()}
     w_enc, w_dec, b_dec = (t.clone().requires_grad_() for t in (w_enc, w_dec, b_dec))
@@ -97,11 +113,7 @@ def batch_topk_step(x):
     recon = z @ w_dec + b_dec
     loss = ((recon - x) ** 2).mean() + LAMBDA * mono_loss(z, x)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([w_enc, w_dec, b_dec], 1.0)
-    with torch.no_grad():
-        unit = w_dec / w_dec.norm(dim=-1, keepdim=True)
-        w_dec.grad -= (w_dec.grad * unit).sum(-1, keepdim=True) * unit
-        w_dec.data = unit
+    clip_and_constrain_decoder([w_enc, w_dec, b_dec], w_dec)
     adam_step([w_enc, w_dec, b_dec])
     after = {"W_enc": w_enc.detach(), "W_dec": w_dec.detach(), "b_dec": b_dec.detach()}
     return init, after, float(loss)
@@ -133,10 +145,7 @@ def jumprelu_step(x):
     that many zeros lie in the pseudo-gradient's band and tie for each latent's batch minimum:
     MonoLoss's min gradient must reach one of them only (PyTorch's rule), not all."""
     g = torch.Generator().manual_seed(4)
-    bound = (6.0 / M) ** 0.5
-    w_enc = (torch.rand(D, M, generator=g, dtype=torch.float64) * 2 - 1) * bound
-    w_dec = w_enc.T.clone()
-    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    w_enc, w_dec = kaiming_pair(g)
     b_enc = torch.randn(M, generator=g, dtype=torch.float64) * 0.05
     b_dec = torch.randn(D, generator=g, dtype=torch.float64) * 0.05
     log_threshold = torch.full((M,), math.log(0.3), dtype=torch.float64)
@@ -153,11 +162,7 @@ def jumprelu_step(x):
     recon = (z @ w_dec + b_dec) * std + mu
     loss = ((recon - x) ** 2).mean() + LAMBDA * mono_loss(z, x)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    with torch.no_grad():
-        unit = w_dec / w_dec.norm(dim=-1, keepdim=True)
-        w_dec.grad -= (w_dec.grad * unit).sum(-1, keepdim=True) * unit
-        w_dec.data = unit
+    clip_and_constrain_decoder(params, w_dec)
     adam_step(params)
     names = ["W_enc", "W_dec", "b_enc", "b_dec", "log_threshold"]
     return init, {n: p.detach() for n, p in zip(names, params)}, float(loss)

@@ -181,7 +181,7 @@ fn reference_forward(s: &dyn Sae, x: &[f32], b: usize) -> (Vec<f32>, Vec<f32>) {
         for j in 0..m {
             let mut acc = be[j];
             for t in 0..d {
-                let xi = x[i * d + t] - if s.centers_input() { bd[t] } else { 0.0 };
+                let xi = x[i * d + t] - if s.spec().centers_input() { bd[t] } else { 0.0 };
                 acc += xi * we[j * d + t];
             }
             pre[i * m + j] = acc;

@@ -92,6 +92,26 @@ impl Im2Col {
     fn source(&self, o: usize, k: usize, n: usize) -> Option<usize> {
         (o * self.stride + k).checked_sub(self.padding).filter(|&i| i < n)
     }
+
+    /// Every (column entry, input position) pair of one (image, channel) plane of h × w, in a
+    /// fixed order: `f(index in the plane's KH·KW × OH·OW columns, index in the plane)`.
+    /// Padding positions have no pair.
+    fn for_each_pair(&self, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+        let (oh, ow) = self.output(h, w);
+        for ky in 0..self.kh {
+            for kx in 0..self.kw {
+                let row = (ky * self.kw + kx) * oh * ow;
+                for oy in 0..oh {
+                    let Some(iy) = self.source(oy, ky, h) else { continue };
+                    for ox in 0..ow {
+                        if let Some(ix) = self.source(ox, kx, w) {
+                            f(row + oy * ow + ox, iy * w + ix);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl candle_core::CustomOp1 for Im2Col {
@@ -112,20 +132,7 @@ impl candle_core::CustomOp1 for Im2Col {
         let mut out = vec![0f32; b * c * taps * n];
         out.par_chunks_mut(taps * n).enumerate().for_each(|(plane, cols)| {
             let src = &data[plane * h * w..(plane + 1) * h * w];
-            for ky in 0..self.kh {
-                for kx in 0..self.kw {
-                    let row = &mut cols[(ky * self.kw + kx) * n..][..n];
-                    for oy in 0..oh {
-                        let Some(iy) = self.source(oy, ky, h) else { continue };
-                        let (line, dst) = (&src[iy * w..(iy + 1) * w], &mut row[oy * ow..][..ow]);
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            if let Some(ix) = self.source(ox, kx, w) {
-                                *d = line[ix];
-                            }
-                        }
-                    }
-                }
-            }
+            self.for_each_pair(h, w, |col, input| cols[col] = src[input]);
         });
         Ok((candle_core::CpuStorage::F32(out), (b, c * taps, n).into()))
     }
@@ -174,20 +181,7 @@ impl candle_core::CustomOp1 for Col2Im {
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
             let src = &cols[plane * taps * n..(plane + 1) * taps * n];
-            for ky in 0..g.kh {
-                for kx in 0..g.kw {
-                    let row = &src[(ky * g.kw + kx) * n..][..n];
-                    for oy in 0..oh {
-                        let Some(iy) = g.source(oy, ky, h) else { continue };
-                        let line = &mut dst[iy * w..(iy + 1) * w];
-                        for (ox, &v) in row[oy * ow..][..ow].iter().enumerate() {
-                            if let Some(ix) = g.source(ox, kx, w) {
-                                line[ix] += v;
-                            }
-                        }
-                    }
-                }
-            }
+            g.for_each_pair(h, w, |col, input| dst[input] += src[col]);
         });
         Ok((candle_core::CpuStorage::F32(out), (b, c, h, w).into()))
     }
@@ -224,12 +218,7 @@ impl BatchNorm {
             let n = (b * h * w) as f64;
             let mean = rows.mean_keepdim(1)?;
             let var = rows.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-            let mut rm = self.running_mean.lock().unwrap();
-            let mut rv = self.running_var.lock().unwrap();
-            *rm = ((&*rm * (1.0 - self.momentum))?
-                + (mean.detach().flatten_all()? * self.momentum)?)?;
-            *rv = ((&*rv * (1.0 - self.momentum))?
-                + (var.detach().flatten_all()? * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
+            self.update_running(&mean.detach().flatten_all()?, &var.detach().flatten_all()?, n)?;
             (mean, var)
         } else {
             (
@@ -245,9 +234,18 @@ impl BatchNorm {
             .broadcast_add(&self.bias.reshape((c, 1))?)?;
         Ok(normed.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?)
     }
-}
 
-impl BatchNorm {
+    /// Folds a batch's per-channel mean and biased variance (over `n` values each) into the
+    /// running statistics, as PyTorch does (the variance made unbiased).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: f64) -> Result<()> {
+        let mut rm = self.running_mean.lock().unwrap();
+        let mut rv = self.running_var.lock().unwrap();
+        *rm = ((&*rm * (1.0 - self.momentum))? + (mean * self.momentum)?)?;
+        *rv =
+            ((&*rv * (1.0 - self.momentum))? + (var * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
+        Ok(())
+    }
+
     /// `forward`, with training-mode normalisation as one fused CPU op when `host` (f32 on the
     /// CPU with host kernels): two passes over x forward and two backward, per channel in
     /// parallel, where the candle graph makes a dozen. Statistics in f64; equal to `forward` to
@@ -257,7 +255,7 @@ impl BatchNorm {
             return self.forward(x, train);
         }
         let op = BatchNormTrain { eps: self.eps, stats: Default::default() };
-        let stats = op.stats_handle();
+        let stats = op.stats.clone();
         let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
         let (b, c, h, w) = x.dims4()?;
         let n = (b * h * w) as f64;
@@ -266,12 +264,11 @@ impl BatchNorm {
         let mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
         let var: Vec<f32> = stats.iter().map(|s| s.1 as f32).collect();
         let device = x.device();
-        let (mean, var) = (Tensor::from_vec(mean, c, device)?, Tensor::from_vec(var, c, device)?);
-        let mut rm = self.running_mean.lock().unwrap();
-        let mut rv = self.running_var.lock().unwrap();
-        *rm = ((&*rm * (1.0 - self.momentum))? + (mean * self.momentum)?)?;
-        *rv =
-            ((&*rv * (1.0 - self.momentum))? + (var * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
+        self.update_running(
+            &Tensor::from_vec(mean, c, device)?,
+            &Tensor::from_vec(var, c, device)?,
+            n,
+        )?;
         Ok(y)
     }
 }
@@ -286,10 +283,6 @@ struct BatchNormTrain {
 }
 
 impl BatchNormTrain {
-    fn stats_handle(&self) -> ChannelStats {
-        self.stats.clone()
-    }
-
     /// (1/√(var + eps)) per channel.
     fn inverse_std(&self, stats: &[(f64, f64)]) -> Vec<f64> {
         stats.iter().map(|&(_, var)| 1.0 / (var + self.eps).sqrt()).collect()

@@ -37,19 +37,18 @@ pub fn score_files(
     // Sparse-looking activations are read straight into CSR rows (one pass over the file);
     // a batch denser than the sparse path's limit is read densely instead.
     let max_density = match path {
-        ScorePath::Dense => -1.0,
-        ScorePath::Sparse => 1.0,
-        ScorePath::Auto => super::SPARSE_DENSITY_LIMIT,
+        ScorePath::Dense => None,
+        ScorePath::Sparse => Some(1.0),
+        ScorePath::Auto => Some(super::SPARSE_DENSITY_LIMIT),
     };
     while start < n {
         let end = (start + batch_rows.max(1)).min(n);
         embeddings.read_rows(start, end, &mut e)?;
         let context =
             || format!("rows {start}..{end} of {} / {}", embeddings.label(), activations.label());
-        let sparse = if max_density >= 0.0 {
-            activations.read_rows_sparse(start, end, max_density)?
-        } else {
-            None
+        let sparse = match max_density {
+            Some(limit) => activations.read_rows_sparse(start, end, limit)?,
+            None => None,
         };
         match sparse {
             Some(batch) => acc.add_sparse(&e, batch.as_rows()).with_context(context)?,

@@ -63,7 +63,7 @@ pub fn cfg_json(sae: &dyn Sae, source: &serde_json::Value) -> serde_json::Value 
         "d_sae": spec.n_latents,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": sae.centers_input(),
+        "apply_b_dec_to_input": spec.centers_input(),
         "normalize_activations": if spec.normalize_input { "layer_norm" } else { "none" },
         "activation_fn_kwargs": if spec.kind == SaeKind::Topk { json!({"k": spec.k}) } else { json!({}) },
         "k": spec.k,

@@ -56,6 +56,11 @@ fn yes() -> bool {
 }
 
 impl SaeSpec {
+    /// Whether the encoder sees x − b_dec (all kinds but JumpReLU, unless the spec says).
+    pub fn centers_input(&self) -> bool {
+        self.apply_b_dec_to_input.unwrap_or(self.kind != SaeKind::Jumprelu)
+    }
+
     /// The spec of `[sae]` on `d_in`-dimensional inputs. Keys of other kinds, which the
     /// architecture never reads, keep their defaults (cfg.json has one flat shape).
     pub fn from_config(c: &SaeConfig, d_in: usize) -> Self {
@@ -214,12 +219,6 @@ pub trait Sae: Send {
         Ok((&pass.recon - &pass.input)?.sqr()?.mean_all()?)
     }
 
-    /// Whether the encoder sees x − b_dec (all kinds but JumpReLU, unless the spec says).
-    fn centers_input(&self) -> bool {
-        let spec = self.spec();
-        spec.apply_b_dec_to_input.unwrap_or(spec.kind != SaeKind::Jumprelu)
-    }
-
     /// Called after each optimizer step with that step's forward pass.
     fn observe_step(&mut self, _pass: &ForwardPass) -> Result<()> {
         Ok(())
@@ -311,7 +310,7 @@ pub fn forward_with_mono(
     } else {
         (x.clone(), None)
     };
-    let encoder_input = if sae.centers_input() {
+    let encoder_input = if sae.spec().centers_input() {
         working_input.broadcast_sub(p.b_dec.as_tensor())?
     } else {
         working_input.clone()

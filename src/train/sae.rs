@@ -226,9 +226,9 @@ impl SaeTrainer {
             have.normalize_input
         );
         ensure!(
-            init.centers_input() == self.sae.centers_input(),
+            have.centers_input() == want.centers_input(),
             "it {} b_dec from its input (apply_b_dec_to_input), which sae.kind = {:?} does not",
-            if init.centers_input() { "subtracts" } else { "does not subtract" },
+            if have.centers_input() { "subtracts" } else { "does not subtract" },
             want.kind
         );
         let (from, to) = (init.params(), self.sae.params());

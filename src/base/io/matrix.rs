@@ -112,7 +112,26 @@ impl MatrixFile {
         self.dtype
     }
 
-    /// Rows `start..end` as f32 into `out`; NaN/Inf is an error naming the row and column.
+    /// The bytes of rows `start..end`.
+    fn row_bytes(&self, start: usize, end: usize) -> Result<&[u8]> {
+        ensure!(
+            start <= end && end <= self.rows,
+            "{}: rows {start}..{end} out of range",
+            self.label
+        );
+        let row = self.cols * self.dtype.size();
+        let begin = self.data_offset + start * row;
+        Ok(&self.mmap[begin..begin + (end - start) * row])
+    }
+
+    /// The error for a NaN/Inf at (row, column).
+    fn non_finite(&self, row: usize, column: usize, value: f32) -> anyhow::Error {
+        anyhow::anyhow!(
+            "{}: value at row {row}, column {column} is {value} (NaN/Inf are not allowed)",
+            self.label
+        )
+    }
+
     /// Rows `start..end` as CSR, in one parallel pass over the file's bytes (each row decoded,
     /// checked finite and its non-zeros kept), or None as soon as more than `max_density` of the
     /// values are non-zero (the caller reads them densely instead).
@@ -124,14 +143,8 @@ impl MatrixFile {
     ) -> Result<Option<crate::base::sparse::SparseBatch>> {
         use rayon::prelude::*;
         use std::sync::atomic::{AtomicUsize, Ordering};
-        ensure!(
-            start <= end && end <= self.rows,
-            "{}: rows {start}..{end} out of range",
-            self.label
-        );
         let (size, cols) = (self.dtype.size(), self.cols);
-        let begin = self.data_offset + start * cols * size;
-        let bytes = &self.mmap[begin..begin + (end - start) * cols * size];
+        let bytes = self.row_bytes(start, end)?;
         let budget = (max_density * ((end - start) * cols) as f64) as usize;
         let kept = AtomicUsize::new(0);
         /// One row's non-zeros (columns, values); None once the batch turned out dense.
@@ -148,12 +161,7 @@ impl MatrixFile {
                     decode_le(self.dtype, raw, row);
                     Some(crate::base::simd::vectorized(|| {
                         if let Some(c) = row.iter().position(|v| !v.is_finite()) {
-                            bail!(
-                                "{}: value at row {}, column {c} is {} (NaN/Inf are not allowed)",
-                                self.label,
-                                start + i,
-                                row[c]
-                            );
+                            return Err(self.non_finite(start + i, c, row[c]));
                         }
                         let (mut columns, mut values) = (Vec::new(), Vec::new());
                         for (c, &v) in row.iter().enumerate() {
@@ -186,25 +194,13 @@ impl MatrixFile {
         Ok(Some(batch))
     }
 
+    /// Rows `start..end` as f32 into `out`; NaN/Inf is an error naming the row and column.
     pub fn read_rows(&self, start: usize, end: usize, out: &mut Vec<f32>) -> Result<()> {
-        ensure!(
-            start <= end && end <= self.rows,
-            "{}: rows {start}..{end} out of range",
-            self.label
-        );
-        let size = self.dtype.size();
-        let begin = self.data_offset + start * self.cols * size;
-        let bytes = &self.mmap[begin..begin + (end - start) * self.cols * size];
+        let bytes = self.row_bytes(start, end)?;
         out.clear();
         decode_le_into(self.dtype, bytes, out);
         if let Some(pos) = out.iter().position(|v| !v.is_finite()) {
-            bail!(
-                "{}: value at row {}, column {} is {} (NaN/Inf are not allowed)",
-                self.label,
-                start + pos / self.cols,
-                pos % self.cols,
-                out[pos]
-            );
+            return Err(self.non_finite(start + pos / self.cols, pos % self.cols, out[pos]));
         }
         Ok(())
     }

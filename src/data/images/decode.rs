@@ -53,10 +53,7 @@ pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage> {
 
 /// Any decoded image as 8-bit RGB, by the rules in the module documentation.
 pub fn to_rgb8(image: DynamicImage) -> RgbImage {
-    match image {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    }
+    image.into_rgb8()
 }
 
 #[cfg(test)]

@@ -290,7 +290,7 @@ impl Finetuner {
         let vars = self.trainable_vars();
         let saved: Vec<Tensor> =
             vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
-        let norms = self.batch_norms();
+        let norms = self.model.backbone.batch_norms();
         let saved_stats: Vec<(Tensor, Tensor)> = norms
             .iter()
             .map(|bn| {
@@ -314,13 +314,6 @@ impl Finetuner {
             *bn.running_var.lock().unwrap() = var;
         }
         result
-    }
-
-    fn batch_norms(&self) -> Vec<&crate::models::layers::BatchNorm> {
-        match &self.model.backbone {
-            Backbone::Resnet(r) => r.batch_norms(),
-            _ => Vec::new(),
-        }
     }
 
     /// Top-1, top-5 and the TopK layer's MonoScore on the eval split (EMA weights when kept).
@@ -378,13 +371,11 @@ impl Finetuner {
                 .expect("trainable")
                 .set(&v.to_device(&device)?.to_dtype(p.get().dtype())?)?;
         }
-        if let Backbone::Resnet(r) = &self.model.backbone {
-            for bn in r.batch_norms() {
-                *bn.running_mean.lock().unwrap() =
-                    get(&format!("bn.{}.running_mean", bn.name))?.to_device(&device)?;
-                *bn.running_var.lock().unwrap() =
-                    get(&format!("bn.{}.running_var", bn.name))?.to_device(&device)?;
-            }
+        for bn in self.model.backbone.batch_norms() {
+            *bn.running_mean.lock().unwrap() =
+                get(&format!("bn.{}.running_mean", bn.name))?.to_device(&device)?;
+            *bn.running_var.lock().unwrap() =
+                get(&format!("bn.{}.running_var", bn.name))?.to_device(&device)?;
         }
         let names: Vec<String> = self.trainable_names().iter().map(|n| n.to_string()).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();

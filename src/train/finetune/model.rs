@@ -28,6 +28,14 @@ impl Backbone {
         }
     }
 
+    /// The BatchNorm layers (none for a ViT tower).
+    pub fn batch_norms(&self) -> Vec<&crate::models::layers::BatchNorm> {
+        match self {
+            Backbone::Resnet(r) => r.batch_norms(),
+            Backbone::Clip(_) => Vec::new(),
+        }
+    }
+
     pub fn forward(&self, pixels: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
         match self {
             Backbone::Clip(t) => t.forward(pixels),
