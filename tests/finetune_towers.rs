@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use mono::base::host::Kernels;
 use mono::config::EncoderKind;
 use mono::models::clip::{ClipShape, ClipTower};
 use mono::models::layers::max_pool_3x3_s2;
@@ -62,7 +63,6 @@ fn clip_tower_equals_candle_transformers_and_pytorch() {
         )
         .unwrap();
         let pixels = &reference["pixel_values"];
-        let ours = tower.forward(pixels).unwrap();
         // candle-transformers on the same file.
         let files = mono::encoders::hub::resolve(fixture(name).to_str().unwrap(), "main").unwrap();
         let theirs = mono::encoders::load_from_files(
@@ -75,12 +75,19 @@ fn clip_tower_equals_candle_transformers_and_pytorch() {
         .unwrap()
         .forward(pixels)
         .unwrap();
-        assert!(
-            max_rel(&ours, &theirs) <= 1e-5,
-            "{name}: vs candle-transformers {}",
-            max_rel(&ours, &theirs)
-        );
-        assert!(max_rel(&ours, &reference["pooler_output"]) <= 1e-4, "{name}: vs PyTorch");
+        // Both the fused CPU ops (LayerNorm, quick GELU) and the composed graph.
+        for kernels in [Kernels::Host, Kernels::Portable] {
+            let ours = tower.forward(pixels, kernels).unwrap();
+            assert!(
+                max_rel(&ours, &theirs) <= 1e-5,
+                "{name} {kernels:?}: vs candle-transformers {}",
+                max_rel(&ours, &theirs)
+            );
+            assert!(
+                max_rel(&ours, &reference["pooler_output"]) <= 1e-4,
+                "{name} {kernels:?}: vs PyTorch"
+            );
+        }
     }
 }
 

@@ -188,17 +188,27 @@ fn finetuning_has_the_same_loss_and_gradients_with_both_kernels() {
                 mono::monoscore::batch_mono_loss(&out.topk, &sim, 1e-8, None, kernels).unwrap();
             let loss = (ce + (mono.loss * 0.5).unwrap()).unwrap();
             let grads = loss.backward().unwrap();
-            let g: Vec<Vec<f32>> = model
+            let g: Vec<(String, Vec<f32>)> = model
                 .params
                 .trainable()
-                .map(|p| flat(grads.get(p.var.as_ref().unwrap().as_tensor()).unwrap()))
+                .map(|p| {
+                    (p.name.clone(), flat(grads.get(p.var.as_ref().unwrap().as_tensor()).unwrap()))
+                })
                 .collect();
             results.push((scalar(&loss), g));
         }
         let ((lh, gh), (lp, gp)) = (&results[0], &results[1]);
         assert!((lh - lp).abs() <= 1e-5 * lh.abs(), "{kind}: {lh} vs {lp}");
-        for (i, (h, p)) in gh.iter().zip(gp).enumerate() {
-            assert_close(p, h, 1e-4, &format!("{kind} parameter {i}"));
+        let largest = gh.iter().flat_map(|(_, g)| g).fold(0f32, |m, x| m.max(x.abs()));
+        for ((name, h), (_, p)) in gh.iter().zip(gp) {
+            if name.ends_with("k_proj.bias") {
+                // Exactly 0 in exact arithmetic (a key bias shifts a whole softmax row): both
+                // sides are rounding noise, which only has to be negligible.
+                let worst = h.iter().chain(p).fold(0f32, |m, x| m.max(x.abs()));
+                assert!(worst <= 1e-6 * largest, "{kind} {name}: {worst:e} is not ≈ 0");
+            } else {
+                assert_close(p, h, 1e-4, &format!("{kind} {name}"));
+            }
         }
     }
 }

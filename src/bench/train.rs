@@ -51,6 +51,8 @@ pub struct TrainTiming {
     pub lambda: f64,
     pub seconds_per_step: f64,
     pub samples_per_second: f64,
+    /// Encoder-GEMM floor time / step time.
+    pub fraction_of_floor: f64,
 }
 
 fn parse_kind(name: &str) -> Result<SaeKind> {
@@ -92,6 +94,25 @@ fn trainer(
     config.run.ops = args.ops;
     let spec = crate::sae::SaeSpec::from_config(&config.sae, args.d);
     SaeTrainer::new(&config, &spec, device)
+}
+
+/// Median seconds of the encoder's product alone, (B × D) · (D × M) through candle's matmul (the
+/// same `gemm` kernels the step uses on the CPU): no step of an SAE can beat it.
+fn encoder_gemm_floor(args: &TrainBenchArgs, device: &Device) -> Result<f64> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let x = batch(args.batch, args.d, &mut rng).to_device(device)?;
+    let w = batch(args.m, args.d, &mut rng).to_device(device)?;
+    let mut times = Vec::new();
+    for i in 0..args.steps + 1 {
+        let t = Instant::now();
+        let product = x.matmul(&w.t()?)?;
+        device.synchronize()?;
+        drop(product);
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -146,7 +167,16 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
         args.device,
         crate::base::host::Kernels::choose(args.ops, &device)
     );
-    println!("{:<12} {:>10} {:>12} {:>12} {:>10}", "sae", "λ", "s/step", "samples/s", "overhead");
+    let floor = encoder_gemm_floor(args, &device)?;
+    println!(
+        "encoder GEMM floor (B × D by D × M, the one dense product of a TopK step): {:.3} s = {:.0} samples/s",
+        floor,
+        args.batch as f64 / floor
+    );
+    println!(
+        "{:<12} {:>10} {:>12} {:>12} {:>10} {:>10}",
+        "sae", "λ", "s/step", "samples/s", "overhead", "of floor"
+    );
     let mut timings = Vec::new();
     for kind in kinds {
         let lambda = paper_lambda(DatasetKind::Imagenet, EncoderKind::Clip, kind)
@@ -160,25 +190,28 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
                 String::new()
             };
             println!(
-                "{:<12} {:>10} {:>12.3} {:>12.0} {:>10}",
+                "{:<12} {:>10} {:>12.3} {:>12.0} {:>10} {:>9.0} %",
                 name,
                 l,
                 t,
                 args.batch as f64 / t,
-                overhead
+                overhead,
+                100.0 * floor / t
             );
             timings.push(TrainTiming {
                 kind: name.clone(),
                 lambda: l,
                 seconds_per_step: t,
                 samples_per_second: args.batch as f64 / t,
+                fraction_of_floor: floor / t,
             });
         }
     }
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
             "benchmark": "train", "d": args.d, "m": args.m, "k": args.k, "batch": args.batch,
-            "threads": rayon::current_num_threads(), "timings": timings,
+            "threads": rayon::current_num_threads(), "encoder_gemm_floor_seconds": floor,
+            "timings": timings,
         });
         crate::base::io::write_json_atomic(path, &doc)?;
     }

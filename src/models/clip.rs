@@ -7,6 +7,7 @@ use candle_core::{IndexOp, Tensor, D};
 use super::layers::{quick_gelu, LayerNorm, Linear, Lora};
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
+use crate::base::host::Kernels;
 
 struct Block {
     ln1: LayerNorm,
@@ -198,7 +199,7 @@ impl ClipTower {
     }
 
     /// (B, 3, H, W) → (B, D) pooled output.
-    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, pixels: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let b = pixels.dim(0)?;
         let patches = pixels
             .conv2d(&self.patch_embedding, 0, self.patch, 1, 1)?
@@ -206,14 +207,14 @@ impl ClipTower {
             .transpose(1, 2)?;
         let cls = self.class_embedding.reshape((1, 1, self.dim))?.broadcast_as((b, 1, self.dim))?;
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
-        x = self.pre_ln.forward(&x)?;
+        x = self.pre_ln.forward(&x, kernels)?;
         for block in &self.blocks {
-            x = (&x + self.attention(block, &block.ln1.forward(&x)?)?)?;
-            let h =
-                block.fc2.forward(&quick_gelu(&block.fc1.forward(&block.ln2.forward(&x)?)?)?)?;
+            x = (&x + self.attention(block, &block.ln1.forward(&x, kernels)?)?)?;
+            let hidden = block.fc1.forward(&block.ln2.forward(&x, kernels)?)?;
+            let h = block.fc2.forward(&quick_gelu(&hidden, kernels)?)?;
             x = (x + h)?;
         }
-        self.post_ln.forward(&x.i((.., 0, ..))?)
+        self.post_ln.forward(&x.i((.., 0, ..))?, kernels)
     }
 
     fn attention(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
@@ -225,7 +226,8 @@ impl ClipTower {
         let q = split((block.q.forward(x)? * (dh as f64).powf(-0.5))?)?;
         let k = split(block.k.forward(x)?)?;
         let v = split(block.v.forward(x)?)?;
-        let weights = candle_nn::ops::softmax(&q.matmul(&k.t()?.contiguous()?)?, D::Minus1)?;
+        // kᵀ as a strided view: the matrix product reads it in place.
+        let weights = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
         let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         block.out.forward(&context)
     }

@@ -1,10 +1,12 @@
 //! Differentiable building blocks. candle's fused LayerNorm and softmax_last_dim have no
 //! backward (docs/candle.md), so these are compositions of ops that all have one.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use candle_core::{IndexOp, Tensor, D};
+
+use crate::base::host::Kernels;
 
 /// LayerNorm over the last dimension: (x − mean) / √(var + eps) · w + b.
 pub struct LayerNorm {
@@ -14,7 +16,12 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// One fused op with host kernels (`fused::LayerNormOp`), the composed graph otherwise.
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if kernels.for_tensor(x).is_host() {
+            let op = super::fused::LayerNormOp::new(self.eps);
+            return Ok(x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -51,38 +58,32 @@ impl Linear {
     }
 }
 
-/// A 2-D convolution (one group, no dilation) on the CPU as im2col + one matrix product per
-/// image, so that training's backward runs through GEMMs and a col2im instead of candle's
+/// A 2-D convolution (one group, no dilation) on the CPU as one matrix product over the whole
+/// batch, so that training's backward runs through GEMMs and a col2im instead of candle's
 /// convolution backward (its input gradient is a direct transposed convolution, many times
 /// slower on the CPU). Equal to `conv2d` up to the order of float sums (tested in value and
 /// gradients). x: (B, C, H, W) f32 on the CPU, w: (O, C, KH, KW) → (B, O, OH, OW).
 pub fn conv2d_gemm(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (b, c, h, width) = x.dims4()?;
-    let (o, ci, kh, kw) = w.dims4()?;
+    let c = x.dim(1)?;
+    let (_, ci, kh, kw) = w.dims4()?;
     anyhow::ensure!(ci == c, "convolution of {c} channels with a kernel for {ci}");
-    let geometry = Im2Col { kh, kw, stride, padding };
-    let (oh, ow) = geometry.output(h, width);
-    let columns = if (kh, kw, stride, padding) == (1, 1, 1, 0) {
-        x.reshape((b, c, h * width))?
-    } else {
-        x.contiguous()?.apply_op1(geometry)?
+    let op = ConvGemm {
+        geometry: ConvGeometry { kh, kw, stride, padding },
+        columns: Default::default(),
     };
-    let y = w.reshape((o, c * kh * kw))?.broadcast_matmul(&columns)?;
-    Ok(y.reshape((b, o, oh, ow))?)
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
 }
 
-/// (B, C, H, W) → (B, C·KH·KW, OH·OW): row c·KH·KW + ky·KW + kx holds what kernel tap (ky, kx)
-/// of channel c sees at every output position (zeros in the padding). Its backward is
-/// [`Col2Im`].
+/// Kernel size, stride and zero padding of a convolution.
 #[derive(Clone, Copy)]
-struct Im2Col {
+struct ConvGeometry {
     kh: usize,
     kw: usize,
     stride: usize,
     padding: usize,
 }
 
-impl Im2Col {
+impl ConvGeometry {
     fn output(&self, h: usize, w: usize) -> (usize, usize) {
         let out = |n: usize, k: usize| (n + 2 * self.padding - k) / self.stride + 1;
         (out(h, self.kh), out(w, self.kw))
@@ -93,102 +94,162 @@ impl Im2Col {
         (o * self.stride + k).checked_sub(self.padding).filter(|&i| i < n)
     }
 
-    /// Every (column entry, input position) pair of one (image, channel) plane of h × w, in a
-    /// fixed order: `f(index in the plane's KH·KW × OH·OW columns, index in the plane)`.
-    /// Padding positions have no pair.
-    fn for_each_pair(&self, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+    /// Every (tap, output position, input position) triple of one h × w plane, in a fixed
+    /// order; padding positions have none. Taps count ky·KW + kx, positions oy·OW + ox.
+    fn for_each_pair(&self, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize)) {
         let (oh, ow) = self.output(h, w);
         for ky in 0..self.kh {
             for kx in 0..self.kw {
-                let row = (ky * self.kw + kx) * oh * ow;
+                let tap = ky * self.kw + kx;
                 for oy in 0..oh {
                     let Some(iy) = self.source(oy, ky, h) else { continue };
                     for ox in 0..ow {
                         if let Some(ix) = self.source(ox, kx, w) {
-                            f(row + oy * ow + ox, iy * w + ix);
+                            f(tap, oy * ow + ox, iy * w + ix);
                         }
                     }
                 }
             }
         }
     }
+
+    /// im2col of the batch: (B, C, H, W) → (C·KH·KW) × (B·OH·OW), row c·KH·KW + tap holding
+    /// what that tap of channel c sees at every output position of every image (0 in padding).
+    fn columns(&self, x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (oh, ow) = self.output(h, w);
+        let (taps, l) = (self.kh * self.kw, oh * ow);
+        let n = b * l;
+        let mut cols = vec![0f32; c * taps * n];
+        cols.par_chunks_mut(taps * n).enumerate().for_each(|(ch, rows)| {
+            for bi in 0..b {
+                let src = &x[(bi * c + ch) * h * w..][..h * w];
+                self.for_each_pair(h, w, |tap, pos, input| {
+                    rows[tap * n + bi * l + pos] = src[input]
+                });
+            }
+        });
+        cols
+    }
+
+    /// The adjoint of [`ConvGeometry::columns`]: each column entry added back to the input
+    /// position it came from, one thread per (image, channel) plane in a fixed order.
+    fn col2im(&self, cols: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (oh, ow) = self.output(h, w);
+        let (taps, l) = (self.kh * self.kw, oh * ow);
+        let n = b * l;
+        let mut out = vec![0f32; b * c * h * w];
+        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
+            let (bi, ch) = (plane / c, plane % c);
+            let rows = &cols[ch * taps * n..(ch + 1) * taps * n];
+            self.for_each_pair(h, w, |tap, pos, input| dst[input] += rows[tap * n + bi * l + pos]);
+        });
+        out
+    }
 }
 
-impl candle_core::CustomOp1 for Im2Col {
+/// (O, B·L) ↔ (B, O, L): the batch-wide product's layout and the tensor's.
+fn batch_major(src: &[f32], o: usize, b: usize, l: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
+        let (bi, oi) = (p / o, p % o);
+        dst.copy_from_slice(&src[oi * b * l + bi * l..][..l]);
+    });
+    out
+}
+
+fn channel_major(src: &[f32], o: usize, b: usize, l: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
+        let (oi, bi) = (p / b, p % b);
+        dst.copy_from_slice(&src[(bi * o + oi) * l..][..l]);
+    });
+    out
+}
+
+/// The convolution as a custom op: y = W · im2col(x) for the whole batch at once, so each of
+/// the three products (forward, weight gradient, input gradient) is one large GEMM with the
+/// batch in its long dimension, and the kernel is never copied per image.
+struct ConvGemm {
+    geometry: ConvGeometry,
+    /// im2col of the forward input, kept for the weight gradient.
+    columns: Arc<Mutex<Option<Vec<f32>>>>,
+}
+
+impl candle_core::CustomOp2 for ConvGemm {
     fn name(&self) -> &'static str {
-        "im2col"
+        "conv2d-gemm"
     }
 
     fn cpu_fwd(
         &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (b, c, h, w) = layout.shape().dims4()?;
-        let data = crate::base::cpu::contiguous("im2col", storage, layout)?;
-        let (oh, ow) = self.output(h, w);
-        let (taps, n) = (self.kh * self.kw, oh * ow);
-        let mut out = vec![0f32; b * c * taps * n];
-        out.par_chunks_mut(taps * n).enumerate().for_each(|(plane, cols)| {
-            let src = &data[plane * h * w..(plane + 1) * h * w];
-            self.for_each_pair(h, w, |col, input| cols[col] = src[input]);
-        });
-        Ok((candle_core::CpuStorage::F32(out), (b, c * taps, n).into()))
+        let dims = l1.shape().dims4()?;
+        let (b, c, h, w) = dims;
+        let (o, ci, kh, kw) = l2.shape().dims4()?;
+        if ci != c || (kh, kw) != (self.geometry.kh, self.geometry.kw) {
+            candle_core::bail!(
+                "conv2d-gemm: input {:?} and kernel {:?} disagree",
+                dims,
+                (o, ci, kh, kw)
+            );
+        }
+        let x = crate::base::cpu::contiguous(self.name(), s1, l1)?;
+        let weight = crate::base::cpu::contiguous(self.name(), s2, l2)?;
+        let (oh, ow) = self.geometry.output(h, w);
+        let (k, n) = (c * kh * kw, b * oh * ow);
+        let cols = self.geometry.columns(x, dims);
+        let y = crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, &cols, n, 1);
+        *self.columns.lock().unwrap() = Some(cols);
+        let y = batch_major(&y, o, b, oh * ow);
+        Ok((candle_core::CpuStorage::F32(y), (b, o, oh, ow).into()))
     }
 
     fn bwd(
         &self,
-        arg: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (_, _, h, w) = arg.dims4()?;
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im { geometry: *self, h, w })?))
-    }
-}
-
-/// The adjoint of [`Im2Col`]: (B, C·KH·KW, OH·OW) → (B, C, H, W), each column entry added
-/// back to the input position it came from (one thread per (image, channel) plane, in a fixed
-/// order: deterministic).
-struct Col2Im {
-    geometry: Im2Col,
-    h: usize,
-    w: usize,
-}
-
-impl candle_core::CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let g = &self.geometry;
-        let (b, rows, n) = layout.shape().dims3()?;
-        let (h, w) = (self.h, self.w);
-        let (oh, ow) = g.output(h, w);
-        let taps = g.kh * g.kw;
-        let c = rows / taps;
-        if rows != c * taps || n != oh * ow {
-            candle_core::bail!("col2im: ({b}, {rows}, {n}) does not fit the geometry");
-        }
-        let cols = crate::base::cpu::contiguous("col2im", storage, layout)?;
-        let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
-            let src = &cols[plane * taps * n..(plane + 1) * taps * n];
-            g.for_each_pair(h, w, |col, input| dst[input] += src[col]);
-        });
-        Ok((candle_core::CpuStorage::F32(out), (b, c, h, w).into()))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        use crate::base::cpu::{cpu_tensor, with_cpu_slice};
+        use crate::base::sparse::gemm_f32;
+        let dims = x.dims4()?;
+        let (b, c, h, w) = dims;
+        let (o, _, kh, kw) = weight.dims4()?;
+        let (oh, ow) = self.geometry.output(h, w);
+        let (k, n) = (c * kh * kw, b * oh * ow);
+        let grad = grad.contiguous()?;
+        let g = with_cpu_slice(&grad, |g| channel_major(g, o, b, oh * ow))?;
+        let cols = match self.columns.lock().unwrap().take() {
+            Some(cols) => cols,
+            None => with_cpu_slice(x, |x| self.geometry.columns(x, dims))?,
+        };
+        // dW = G · colsᵀ; d(cols) = Wᵀ · G, folded back onto the input (only when it needs one).
+        let dw = gemm_f32(o, k, n, &g, n, 1, &cols, 1, n);
+        drop(cols);
+        let dx = if x.track_op() {
+            let dcols = with_cpu_slice(weight, |wt| gemm_f32(k, n, o, wt, 1, k, &g, n, 1))?;
+            Some(cpu_tensor(self.geometry.col2im(&dcols, dims), dims)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(cpu_tensor(dw, (o, c, kh, kw))?)))
     }
 }
 
 /// x · sigmoid(1.702 x), OpenAI CLIP's activation.
-pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+pub fn quick_gelu(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels.for_tensor(x).is_host() {
+        return Ok(x.contiguous()?.apply_op1(super::fused::QuickGelu)?);
+    }
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
@@ -249,12 +310,14 @@ impl BatchNorm {
     /// `forward`, with training-mode normalisation as one fused CPU op when `host` (f32 on the
     /// CPU with host kernels): two passes over x forward and two backward, per channel in
     /// parallel, where the candle graph makes a dozen. Statistics in f64; equal to `forward` to
-    /// float rounding (tested in value, gradients and running statistics).
-    pub fn forward_with(&self, x: &Tensor, train: bool, host: bool) -> Result<Tensor> {
+    /// float rounding (tested in value, gradients and running statistics). `relu` applies a
+    /// ReLU to the result (inside the fused op, which saves the ReLU's graph nodes).
+    pub fn forward_with(&self, x: &Tensor, train: bool, host: bool, relu: bool) -> Result<Tensor> {
         if !(host && train && self.trainable) {
-            return self.forward(x, train);
+            let y = self.forward(x, train)?;
+            return Ok(if relu { y.relu()? } else { y });
         }
-        let op = BatchNormTrain { eps: self.eps, stats: Default::default() };
+        let op = BatchNormTrain { eps: self.eps, relu, stats: Default::default() };
         let stats = op.stats.clone();
         let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
         let (b, c, h, w) = x.dims4()?;
@@ -279,6 +342,8 @@ type ChannelStats = std::sync::Arc<Mutex<Vec<(f64, f64)>>>;
 /// Training-mode BatchNorm of (B, C, H, W) with weight and bias (C,) on the CPU.
 struct BatchNormTrain {
     eps: f64,
+    /// max(0, ·) on the output; the backward then passes gradient only where the output is > 0.
+    relu: bool,
     stats: ChannelStats,
 }
 
@@ -337,6 +402,9 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                 for (d, &v) in dst.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
                     *d = v * scale + shift;
                 }
+                if self.relu {
+                    dst.iter_mut().for_each(|d| *d = d.max(0.0));
+                }
             })
         });
         *self.stats.lock().unwrap() = stats;
@@ -348,7 +416,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         use crate::base::cpu::with_cpu_slice;
@@ -359,6 +427,21 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let inv = self.inverse_std(&stats);
         let gamma = with_cpu_slice(gamma, <[f32]>::to_vec)?;
         let grad = grad.contiguous()?;
+        let grad = if self.relu {
+            // The ReLU's backward: no gradient where it clipped.
+            let masked = with_cpu_slice(&grad, |g| {
+                with_cpu_slice(res, |y| {
+                    let mut out = g.to_vec();
+                    out.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(o, y)| {
+                        o.iter_mut().zip(y).for_each(|(o, &y)| *o = if y > 0.0 { *o } else { 0.0 });
+                    });
+                    out
+                })
+            })??;
+            crate::base::cpu::cpu_tensor(masked, grad.shape())?
+        } else {
+            grad
+        };
         let (dx, dgamma, dbeta) = with_cpu_slice(x, |x| {
             with_cpu_slice(&grad, |g| {
                 // Per channel: Σ g and Σ g·x̂.
@@ -468,6 +551,16 @@ mod conv_tests {
                 assert!(gap(a, b) < 1e-4, "k {k} s {s}: gradients differ by {}", gap(a, b));
             }
         }
+        // An input that needs no gradient (the pixels): the kernel's gradient alone, the same.
+        let x = Tensor::randn(0f32, 1.0, (3, 3, 11, 11), &dev).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 3, 7, 7), &dev).unwrap()).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (3, 4, 3, 3), &dev).unwrap();
+        let ours = conv2d_gemm(&x, w.as_tensor(), 3, 4).unwrap();
+        let theirs = x.conv2d(w.as_tensor(), 3, 4, 1, 1).unwrap();
+        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g1.get(&x).is_none());
+        assert!(gap(g1.get(w.as_tensor()).unwrap(), g2.get(w.as_tensor()).unwrap()) < 1e-4);
     }
 }
 
@@ -496,30 +589,33 @@ mod batch_norm_tests {
         (bn, weight, bias)
     }
 
-    /// The fused op against the candle graph: output, the three gradients, running statistics.
+    /// The fused op against the candle graph: output, the three gradients, running statistics;
+    /// with and without the ReLU folded in.
     #[test]
     fn fused_training_batch_norm_equals_the_graph() {
         let dev = Device::Cpu;
-        let (bn, weight, bias) = layer(4, &dev);
-        let x =
-            Var::from_tensor(&(Tensor::randn(0.5f32, 2.0, (3, 4, 5, 6), &dev).unwrap())).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), &dev).unwrap();
-        let (rm0, rv0) =
-            (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
-        let graph = bn.forward(x.as_tensor(), true).unwrap();
-        let (rm1, rv1) =
-            (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
-        *bn.running_mean.lock().unwrap() = rm0;
-        *bn.running_var.lock().unwrap() = rv0;
-        let fused = bn.forward_with(x.as_tensor(), true, true).unwrap();
-        assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
-        assert!(gap(&rm1, &bn.running_mean.lock().unwrap()) < 1e-6);
-        assert!(gap(&rv1, &bn.running_var.lock().unwrap()) < 1e-5);
-        let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, v) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
-            let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-            assert!(gap(a, b) < 1e-4, "{name}: gradients differ by {}", gap(a, b));
+        for relu in [false, true] {
+            let (bn, weight, bias) = layer(4, &dev);
+            let x = Var::from_tensor(&(Tensor::randn(0.5f32, 2.0, (3, 4, 5, 6), &dev).unwrap()))
+                .unwrap();
+            let up = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), &dev).unwrap();
+            let (rm0, rv0) =
+                (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
+            let graph = bn.forward_with(x.as_tensor(), true, false, relu).unwrap();
+            let (rm1, rv1) =
+                (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
+            *bn.running_mean.lock().unwrap() = rm0;
+            *bn.running_var.lock().unwrap() = rv0;
+            let fused = bn.forward_with(x.as_tensor(), true, true, relu).unwrap();
+            assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
+            assert!(gap(&rm1, &bn.running_mean.lock().unwrap()) < 1e-6);
+            assert!(gap(&rv1, &bn.running_var.lock().unwrap()) < 1e-5);
+            let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
+                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(gap(a, b) < 1e-4, "relu {relu} {name}: gradients differ by {}", gap(a, b));
+            }
         }
     }
 }

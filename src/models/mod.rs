@@ -3,6 +3,7 @@
 //! parameter sets, LoRA, and the TopK activation (selection without sorting).
 
 pub mod clip;
+pub mod fused;
 pub mod layers;
 pub mod params;
 pub mod resnet;

@@ -158,14 +158,16 @@ impl ResNet {
     /// `kernels` are host ones and the pass trains (f32 on the CPU).
     pub fn forward_with(&self, x: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
         let gemm = train && kernels.is_host() && x.device().is_cpu() && x.dtype() == DType::F32;
-        let x = self.bn1.forward_with(&self.conv1.forward(x, gemm)?, train, gemm)?.relu()?;
+        let x = self.bn1.forward_with(&self.conv1.forward(x, gemm)?, train, gemm, true)?;
         let mut x = max_pool_3x3_s2(&x)?;
         for b in &self.blocks {
-            let h = b.bn1.forward_with(&b.conv1.forward(&x, gemm)?, train, gemm)?.relu()?;
-            let h = b.bn2.forward_with(&b.conv2.forward(&h, gemm)?, train, gemm)?.relu()?;
-            let h = b.bn3.forward_with(&b.conv3.forward(&h, gemm)?, train, gemm)?;
+            let h = b.bn1.forward_with(&b.conv1.forward(&x, gemm)?, train, gemm, true)?;
+            let h = b.bn2.forward_with(&b.conv2.forward(&h, gemm)?, train, gemm, true)?;
+            let h = b.bn3.forward_with(&b.conv3.forward(&h, gemm)?, train, gemm, false)?;
             let identity = match &b.downsample {
-                Some((conv, bn)) => bn.forward_with(&conv.forward(&x, gemm)?, train, gemm)?,
+                Some((conv, bn)) => {
+                    bn.forward_with(&conv.forward(&x, gemm)?, train, gemm, false)?
+                }
                 None => x.clone(),
             };
             x = (h + identity)?.relu()?;

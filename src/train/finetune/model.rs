@@ -38,7 +38,7 @@ impl Backbone {
 
     pub fn forward(&self, pixels: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
         match self {
-            Backbone::Clip(t) => t.forward(pixels),
+            Backbone::Clip(t) => t.forward(pixels, kernels),
             Backbone::Resnet(r) => r.forward_with(pixels, train, kernels),
         }
     }

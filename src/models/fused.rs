@@ -1,0 +1,241 @@
+//! LayerNorm and quick GELU as single CPU ops with closed-form backward passes, for the CLIP
+//! tower's training step. Built from candle ops, a LayerNorm is nine graph nodes and quick GELU
+//! three, each a pass over the activations forward and more backward (plus a zeroed gradient
+//! buffer per node); these are one pass forward and one or two backward. Host kernels only: the
+//! portable path (CUDA, Metal, `run.ops = "portable"`) keeps the composed ops of `layers`, and
+//! tests hold the two equal in value and every gradient.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
+use crate::base::simd::vectorized;
+
+/// Rows handled by one task when summing the weight and bias gradients: a fixed split, so the
+/// sums do not depend on the thread count (resumed runs stay bit-identical).
+const ROWS_PER_TASK: usize = 32;
+
+/// LayerNorm over the last dimension of a contiguous f32 tensor with weight and bias (D,).
+pub struct LayerNormOp {
+    pub eps: f64,
+    /// Per row (mean, 1/√(var + eps)), from the forward pass for the backward pass.
+    stats: Arc<Mutex<Vec<(f32, f32)>>>,
+}
+
+impl LayerNormOp {
+    pub fn new(eps: f64) -> Self {
+        Self { eps, stats: Default::default() }
+    }
+}
+
+/// Mean and 1/√(biased variance + eps) of one row, accumulated in f64.
+fn row_stats(row: &[f32], eps: f64) -> (f32, f32) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = row.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous(self.name(), s1, l1)?;
+        let (w, b) = (contiguous(self.name(), s2, l2)?, contiguous(self.name(), s3, l3)?);
+        let d = w.len();
+        if b.len() != d || l1.shape().dims().last() != Some(&d) {
+            candle_core::bail!(
+                "layer-norm of {:?} with weight {} and bias {}",
+                l1.shape(),
+                d,
+                b.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        let stats: Vec<(f32, f32)> = out
+            .par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .map(|(y, row)| {
+                let (mean, inv) = row_stats(row, self.eps);
+                vectorized(|| {
+                    for (((o, &v), &wj), &bj) in y.iter_mut().zip(row).zip(w).zip(b) {
+                        *o = (v - mean) * inv * wj + bj;
+                    }
+                });
+                (mean, inv)
+            })
+            .collect();
+        *self.stats.lock().unwrap() = stats;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self.stats.lock().unwrap().clone();
+        let d = w.elem_count();
+        let grad = grad.contiguous()?;
+        let (dx, dw, db) = with_cpu_slice(x, |x| {
+            with_cpu_slice(w, |w| with_cpu_slice(&grad, |g| layer_norm_backward(x, w, g, &stats)))
+        })????;
+        Ok((Some(cpu_tensor(dx, x.shape())?), Some(cpu_tensor(dw, d)?), Some(cpu_tensor(db, d)?)))
+    }
+}
+
+/// dx = inv · (g·w − mean(g·w) − x̂ · mean(g·w·x̂)) per row; dw = Σ g·x̂, db = Σ g over rows.
+fn layer_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    stats: &[(f32, f32)],
+) -> CResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let d = w.len();
+    if stats.len() * d != x.len() {
+        candle_core::bail!("layer-norm backward without its forward statistics");
+    }
+    let mut dx = vec![0f32; x.len()];
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(d * ROWS_PER_TASK)
+        .enumerate()
+        .map(|(t, dx_rows)| {
+            let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+            for (i, dxr) in dx_rows.chunks_mut(d).enumerate() {
+                let r = t * ROWS_PER_TASK + i;
+                let (mean, inv) = stats[r];
+                let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+                let (mut sum_gw, mut sum_gwx) = (0f64, 0f64);
+                for ((&v, &gv), &wj) in xr.iter().zip(gr).zip(w) {
+                    let xhat = (v - mean) * inv;
+                    sum_gw += (gv * wj) as f64;
+                    sum_gwx += (gv * wj * xhat) as f64;
+                }
+                let (mg, mgx) = ((sum_gw / d as f64) as f32, (sum_gwx / d as f64) as f32);
+                vectorized(|| {
+                    for (j, o) in dxr.iter_mut().enumerate() {
+                        let xhat = (xr[j] - mean) * inv;
+                        *o = inv * (gr[j] * w[j] - mg - xhat * mgx);
+                        dw[j] += gr[j] * xhat;
+                        db[j] += gr[j];
+                    }
+                });
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+    for (pw, pb) in &partials {
+        dw.iter_mut().zip(pw).for_each(|(s, v)| *s += v);
+        db.iter_mut().zip(pb).for_each(|(s, v)| *s += v);
+    }
+    Ok((dx, dw, db))
+}
+
+/// x · σ(1.702·x) (CLIP's activation) on a contiguous f32 tensor.
+pub struct QuickGelu;
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = contiguous(self.name(), s, l)?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, xs)| {
+            for (o, &v) in y.iter_mut().zip(xs) {
+                *o = v * sigmoid(1.702 * v);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    /// d/dx = σ + 1.702·x·σ·(1 − σ), σ = σ(1.702·x).
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let dx = with_cpu_slice(x, |x| {
+            with_cpu_slice(&grad, |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(4096).enumerate().for_each(|(c, out)| {
+                    let (xs, gs) = (&x[c * 4096..][..out.len()], &g[c * 4096..][..out.len()]);
+                    for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
+                        let s = sigmoid(1.702 * v);
+                        *o = gv * (s + 1.702 * v * s * (1.0 - s));
+                    }
+                });
+                dx
+            })
+        })??;
+        Ok(Some(cpu_tensor(dx, x.shape())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::layers::{quick_gelu, LayerNorm};
+    use crate::base::host::Kernels;
+    use candle_core::{Device, Tensor, Var};
+
+    fn gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The fused LayerNorm against the composed graph: value and the three gradients, over more
+    /// rows than one backward task holds (so the partial sums are combined).
+    #[test]
+    fn fused_layer_norm_equals_the_graph() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0.3f32, 2.0, (3, 25, 48), &dev).unwrap()).unwrap();
+        let weight = Var::from_tensor(&Tensor::randn(1f32, 0.3, 48, &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.3, 48, &dev).unwrap()).unwrap();
+        let ln = LayerNorm {
+            weight: weight.as_tensor().clone(),
+            bias: bias.as_tensor().clone(),
+            eps: 1e-5,
+        };
+        let graph = ln.forward(x.as_tensor(), Kernels::Portable).unwrap();
+        let fused = ln.forward(x.as_tensor(), Kernels::Host).unwrap();
+        assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
+        let up = Tensor::randn(0f32, 1.0, (3, 25, 48), &dev).unwrap();
+        let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
+            let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(gap(a, b) < 1e-4, "{name}: gradients differ by {}", gap(a, b));
+        }
+    }
+
+    #[test]
+    fn fused_quick_gelu_equals_the_graph() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (7, 5000), &dev).unwrap()).unwrap();
+        let graph = quick_gelu(x.as_tensor(), Kernels::Portable).unwrap();
+        let fused = quick_gelu(x.as_tensor(), Kernels::Host).unwrap();
+        assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
+        let up = Tensor::randn(0f32, 1.0, (7, 5000), &dev).unwrap();
+        let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+        assert!(gap(a, b) < 1e-5, "gradients differ by {}", gap(a, b));
+    }
+}
