@@ -209,27 +209,27 @@ impl ClipTower {
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         x = self.pre_ln.forward(&x, kernels)?;
         for block in &self.blocks {
-            x = (&x + self.attention(block, &block.ln1.forward(&x, kernels)?)?)?;
-            let hidden = block.fc1.forward(&block.ln2.forward(&x, kernels)?)?;
-            let h = block.fc2.forward(&quick_gelu(&hidden, kernels)?)?;
+            x = (&x + self.attention(block, &block.ln1.forward(&x, kernels)?, kernels)?)?;
+            let hidden = block.fc1.forward(&block.ln2.forward(&x, kernels)?, kernels)?;
+            let h = block.fc2.forward(&quick_gelu(&hidden, kernels)?, kernels)?;
             x = (x + h)?;
         }
         self.post_ln.forward(&x.i((.., 0, ..))?, kernels)
     }
 
-    fn attention(&self, block: &Block, x: &Tensor) -> Result<Tensor> {
+    fn attention(&self, block: &Block, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let dh = d / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n, self.heads, dh))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split((block.q.forward(x)? * (dh as f64).powf(-0.5))?)?;
-        let k = split(block.k.forward(x)?)?;
-        let v = split(block.v.forward(x)?)?;
+        let q = split((block.q.forward(x, kernels)? * (dh as f64).powf(-0.5))?)?;
+        let k = split(block.k.forward(x, kernels)?)?;
+        let v = split(block.v.forward(x, kernels)?)?;
         // kᵀ as a strided view: the matrix product reads it in place.
         let weights = candle_nn::ops::softmax(&q.matmul(&k.t()?)?, D::Minus1)?;
         let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        block.out.forward(&context)
+        block.out.forward(&context, kernels)
     }
 }
 

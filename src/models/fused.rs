@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
 use crate::base::simd::vectorized;
+use crate::base::sparse::gemm_f32;
 
 /// Rows handled by one task when summing the weight and bias gradients: a fixed split, so the
 /// sums do not depend on the thread count (resumed runs stay bit-identical).
@@ -190,6 +191,85 @@ impl CustomOp1 for QuickGelu {
     }
 }
 
+/// y = x·Wᵀ + b for x (rows, in), W (out, in), b (out): one op whose backward is two GEMMs and a
+/// column sum, in place of a product, a broadcast bias and the reductions of their backward
+/// (candle sums a broadcast bias's gradient with a strided loop). Gradients are skipped for
+/// inputs that need none (frozen weights, the first layer's input).
+pub struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (rows, inp) = l1.shape().dims2()?;
+        let (out, inp2) = l2.shape().dims2()?;
+        if inp != inp2 || l3.shape().elem_count() != out {
+            candle_core::bail!("linear: x {rows}×{inp}, W {out}×{inp2}, b {:?}", l3.shape());
+        }
+        let x = contiguous(self.name(), s1, l1)?;
+        let w = contiguous(self.name(), s2, l2)?;
+        let b = contiguous(self.name(), s3, l3)?;
+        let mut y = gemm_f32(rows, out, inp, x, inp, 1, w, 1, inp);
+        y.par_chunks_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &c)| *v += c));
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, inp) = x.dims2()?;
+        let out = w.dim(0)?;
+        let grad = grad.contiguous()?;
+        with_cpu_slice(&grad, |g| {
+            let dx = match x.track_op() {
+                true => {
+                    Some(with_cpu_slice(w, |w| gemm_f32(rows, inp, out, g, out, 1, w, inp, 1))?)
+                }
+                false => None,
+            };
+            let dw = match w.track_op() {
+                true => {
+                    Some(with_cpu_slice(x, |x| gemm_f32(out, inp, rows, g, 1, out, x, inp, 1))?)
+                }
+                false => None,
+            };
+            let db = b.track_op().then(|| column_sums(g, out));
+            Ok((
+                dx.map(|v| cpu_tensor(v, (rows, inp))).transpose()?,
+                dw.map(|v| cpu_tensor(v, (out, inp))).transpose()?,
+                db.map(|v| cpu_tensor(v, out)).transpose()?,
+            ))
+        })?
+    }
+}
+
+/// Σ over rows of a (rows, cols) matrix, each column summed in row order (deterministic).
+fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
+    let mut sums = vec![0f32; cols];
+    sums.par_chunks_mut(64).enumerate().for_each(|(c, part)| {
+        let start = c * 64;
+        for row in g.chunks_exact(cols) {
+            part.iter_mut().zip(&row[start..]).for_each(|(s, &v)| *s += v);
+        }
+    });
+    sums
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::layers::{quick_gelu, LayerNorm};
@@ -237,5 +317,33 @@ mod tests {
         let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
         assert!(gap(a, b) < 1e-5, "gradients differ by {}", gap(a, b));
+    }
+
+    /// The fused linear layer against matmul + broadcast bias: value and the three gradients,
+    /// and no gradient for an input that needs none.
+    #[test]
+    fn fused_linear_equals_the_graph() {
+        use super::super::layers::Linear;
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 70, 40), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (90, 40), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 90, &dev).unwrap()).unwrap();
+        let layer =
+            Linear { weight: w.as_tensor().clone(), bias: Some(b.as_tensor().clone()), lora: None };
+        let graph = layer.forward(x.as_tensor(), Kernels::Portable).unwrap();
+        let fused = layer.forward(x.as_tensor(), Kernels::Host).unwrap();
+        assert_eq!(graph.dims(), fused.dims());
+        assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
+        let up = Tensor::randn(0f32, 1.0, (3, 70, 90), &dev).unwrap();
+        let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+            assert!(gap(a, b) < 1e-4, "{name}: gradients differ by {}", gap(a, b));
+        }
+        let pixels = Tensor::randn(0f32, 1.0, (5, 40), &dev).unwrap();
+        let g =
+            layer.forward(&pixels, Kernels::Host).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&pixels).is_none() && g.get(w.as_tensor()).is_some());
     }
 }

@@ -45,11 +45,21 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+    /// With host kernels and a bias, one fused op (`fused::LinearOp`) on the rows of `x`.
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let mut y = match &self.bias {
+            Some(b) if kernels.for_tensor(x).is_host() => {
+                let (rows, inp) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
+                let mut dims = x.dims().to_vec();
+                *dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
+                x.contiguous()?
+                    .reshape((rows, inp))?
+                    .apply_op3(&self.weight.contiguous()?, b, super::fused::LinearOp)?
+                    .reshape(dims)?
+            }
+            Some(b) => x.broadcast_matmul(&self.weight.t()?)?.broadcast_add(b)?,
+            None => x.broadcast_matmul(&self.weight.t()?)?,
+        };
         if let Some(l) = &self.lora {
             let low = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
             y = (y + (low * l.scale)?)?;
@@ -95,19 +105,26 @@ impl ConvGeometry {
     }
 
     /// Every (tap, output position, input position) triple of one h × w plane, in a fixed
-    /// order; padding positions have none. Taps count ky·KW + kx, positions oy·OW + ox.
-    fn for_each_pair(&self, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize)) {
+    /// order (tap, output row, output column), padding positions left out, as runs along an
+    /// output row: `f(tap, first output position, first input position, count)` covers output
+    /// positions p + i and input positions q + i·stride for i < count. Taps count ky·KW + kx,
+    /// positions oy·OW + ox.
+    fn for_each_run(&self, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
         let (oh, ow) = self.output(h, w);
+        let s = self.stride;
         for ky in 0..self.kh {
             for kx in 0..self.kw {
                 let tap = ky * self.kw + kx;
+                // Output columns whose input column ox·s + kx − padding lies in 0..w.
+                let first = self.padding.saturating_sub(kx).div_ceil(s);
+                let end = ((w + self.padding).saturating_sub(kx)).div_ceil(s).min(ow);
+                if first >= end {
+                    continue;
+                }
                 for oy in 0..oh {
                     let Some(iy) = self.source(oy, ky, h) else { continue };
-                    for ox in 0..ow {
-                        if let Some(ix) = self.source(ox, kx, w) {
-                            f(tap, oy * ow + ox, iy * w + ix);
-                        }
-                    }
+                    let ix = first * s + kx - self.padding;
+                    f(tap, oy * ow + first, iy * w + ix, end - first);
                 }
             }
         }
@@ -118,14 +135,19 @@ impl ConvGeometry {
     fn columns(&self, x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
         use rayon::prelude::*;
         let (oh, ow) = self.output(h, w);
-        let (taps, l) = (self.kh * self.kw, oh * ow);
+        let (taps, l, s) = (self.kh * self.kw, oh * ow, self.stride);
         let n = b * l;
         let mut cols = vec![0f32; c * taps * n];
         cols.par_chunks_mut(taps * n).enumerate().for_each(|(ch, rows)| {
             for bi in 0..b {
                 let src = &x[(bi * c + ch) * h * w..][..h * w];
-                self.for_each_pair(h, w, |tap, pos, input| {
-                    rows[tap * n + bi * l + pos] = src[input]
+                self.for_each_run(h, w, |tap, pos, input, count| {
+                    let dst = &mut rows[tap * n + bi * l + pos..][..count];
+                    if s == 1 {
+                        dst.copy_from_slice(&src[input..input + count]);
+                    } else {
+                        dst.iter_mut().enumerate().for_each(|(i, d)| *d = src[input + i * s]);
+                    }
                 });
             }
         });
@@ -137,13 +159,20 @@ impl ConvGeometry {
     fn col2im(&self, cols: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
         use rayon::prelude::*;
         let (oh, ow) = self.output(h, w);
-        let (taps, l) = (self.kh * self.kw, oh * ow);
+        let (taps, l, s) = (self.kh * self.kw, oh * ow, self.stride);
         let n = b * l;
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
             let (bi, ch) = (plane / c, plane % c);
             let rows = &cols[ch * taps * n..(ch + 1) * taps * n];
-            self.for_each_pair(h, w, |tap, pos, input| dst[input] += rows[tap * n + bi * l + pos]);
+            self.for_each_run(h, w, |tap, pos, input, count| {
+                let src = &rows[tap * n + bi * l + pos..][..count];
+                if s == 1 {
+                    dst[input..input + count].iter_mut().zip(src).for_each(|(d, v)| *d += v);
+                } else {
+                    src.iter().enumerate().for_each(|(i, v)| dst[input + i * s] += v);
+                }
+            });
         });
         out
     }
@@ -354,6 +383,26 @@ impl BatchNormTrain {
     }
 }
 
+/// Σ f(v) in f64 over eight interleaved partial sums (vectorisable; a fixed order).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    lane_dot(xs, xs, |v, _| f(v))
+}
+
+/// Σ f(a_i, b_i) in f64 over eight interleaved partial sums.
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let whole = a.len() / 8 * 8;
+    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += f(ca[j], cb[j]);
+        }
+    }
+    let tail: f64 = a[whole..].iter().zip(&b[whole..]).map(|(&x, &y)| f(x, y)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// The H·W values of channel `ch` in image `bi`.
 fn plane(x: &[f32], bi: usize, ch: usize, c: usize, hw: usize) -> &[f32] {
     &x[(bi * c + ch) * hw..][..hw]
@@ -382,14 +431,14 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let stats: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sum: f64 =
-                    (0..b).flat_map(|bi| plane(x, bi, ch, c, hw)).map(|&v| v as f64).sum();
-                let mean = sum / n;
-                let sq: f64 = (0..b)
-                    .flat_map(|bi| plane(x, bi, ch, c, hw))
-                    .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                    .sum();
-                (mean, sq / n)
+                crate::base::simd::vectorized(|| {
+                    let planes = || (0..b).map(|bi| plane(x, bi, ch, c, hw));
+                    let mean = planes().map(|p| lane_sum(p, |v| v as f64)).sum::<f64>() / n;
+                    let sq: f64 = planes()
+                        .map(|p| lane_sum(p, |v| (v as f64 - mean) * (v as f64 - mean)))
+                        .sum();
+                    (mean, sq / n)
+                })
             })
             .collect();
         let inv = self.inverse_std(&stats);
@@ -449,27 +498,35 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                     .into_par_iter()
                     .map(|ch| {
                         let (mean, mut sg, mut sgx) = (stats[ch].0, 0f64, 0f64);
-                        for bi in 0..b {
-                            let (xp, gp) = (plane(x, bi, ch, c, hw), plane(g, bi, ch, c, hw));
-                            for (&v, &gv) in xp.iter().zip(gp) {
-                                sg += gv as f64;
-                                sgx += gv as f64 * (v as f64 - mean) * inv[ch];
+                        crate::base::simd::vectorized(|| {
+                            for bi in 0..b {
+                                let (xp, gp) = (plane(x, bi, ch, c, hw), plane(g, bi, ch, c, hw));
+                                sg += lane_sum(gp, |gv| gv as f64);
+                                sgx += lane_dot(gp, xp, |gv, v| gv as f64 * (v as f64 - mean));
                             }
-                        }
-                        (sg, sgx)
+                        });
+                        (sg, sgx * inv[ch])
                     })
                     .collect();
-                // dx = γ/σ · (g − Σg/N − x̂·Σ(g·x̂)/N)
+                // dx = γ/σ · (g − Σg/N − x̂·Σ(g·x̂)/N) = k·g − k·Σg/N − (k·σ⁻¹·Σ(g·x̂)/N)·(x − mean),
+                // per-channel constants in f64, the pass in f32.
                 let mut dx = vec![0f32; x.len()];
                 dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
                     let ch = p % c;
-                    let (mean, k) = (stats[ch].0, gamma[ch] as f64 * inv[ch]);
+                    let k = gamma[ch] as f64 * inv[ch];
                     let (mg, mgx) = (sums[ch].0 / n, sums[ch].1 / n);
+                    let (kf, shift, slope, mean) = (
+                        k as f32,
+                        (-k * mg) as f32,
+                        (-k * inv[ch] * mgx) as f32,
+                        stats[ch].0 as f32,
+                    );
                     let (xp, gp) = (&x[p * hw..(p + 1) * hw], &g[p * hw..(p + 1) * hw]);
-                    for ((d, &v), &gv) in dst.iter_mut().zip(xp).zip(gp) {
-                        let xhat = (v as f64 - mean) * inv[ch];
-                        *d = (k * (gv as f64 - mg - xhat * mgx)) as f32;
-                    }
+                    crate::base::simd::vectorized(|| {
+                        for ((d, &v), &gv) in dst.iter_mut().zip(xp).zip(gp) {
+                            *d = kf * gv + shift + slope * (v - mean);
+                        }
+                    })
                 });
                 let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
                 let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
@@ -533,6 +590,9 @@ mod conv_tests {
             (3, 6, 3, 1, 1, 8),
             (4, 3, 3, 2, 1, 9),
             (3, 2, 7, 2, 3, 13),
+            // Smaller than the kernel: some taps see only padding.
+            (2, 3, 7, 2, 3, 3),
+            (2, 3, 5, 1, 2, 2),
         ];
         for (ci, co, k, s, p, n) in shapes {
             let x =

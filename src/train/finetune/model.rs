@@ -191,17 +191,17 @@ impl FinetuneModel {
     pub fn forward(&self, pixels: &Tensor, train: bool) -> Result<Outputs> {
         let features = self.backbone.forward(pixels, train, self.kernels)?;
         let Some(hidden) = &self.hidden else {
-            let logits = self.classifier.forward(&features)?;
+            let logits = self.classifier.forward(&features, self.kernels)?;
             return Ok(Outputs { topk: features.clone(), features, logits });
         };
-        let pre = hidden.forward(&features)?;
+        let pre = hidden.forward(&features, self.kernels)?;
         let width = pre.dim(1)?;
         let topk = if self.k >= width {
             pre.relu()?
         } else {
             topk::topk_latents(&pre, &topk::Selection::PerRow(self.k), None, self.kernels)?.0
         };
-        let logits = self.classifier.forward(&topk)?;
+        let logits = self.classifier.forward(&topk, self.kernels)?;
         Ok(Outputs { features, topk, logits })
     }
 }
