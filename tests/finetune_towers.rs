@@ -134,32 +134,48 @@ fn resnet50_layout_equals_candle_transformers() {
 fn max_pool_matches_a_plain_loop_and_has_a_gradient() {
     let (b, c, h, w) = (2, 3, 7, 10);
     let x = common::seeded_randn(&[b, c, h, w], 1.0, DType::F32, 2).abs().unwrap();
-    let var = candle_core::Var::from_tensor(&x).unwrap();
-    let y = max_pool_3x3_s2(var.as_tensor()).unwrap();
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-    assert_eq!(y.dims(), &[b, c, ho, wo]);
     let xs = flat(&x);
-    let ys = flat(&y);
+    // The plain loop: each output's maximum and the first position holding it.
+    let mut expected = vec![0f32; b * c * ho * wo];
+    let mut expected_grad = vec![0f32; b * c * h * w];
     for n in 0..b * c {
         for i in 0..ho {
             for j in 0..wo {
-                let mut m = f32::NEG_INFINITY;
+                let (mut m, mut at) = (f32::NEG_INFINITY, 0);
                 for di in 0..3 {
                     for dj in 0..3 {
                         let (r, s) = ((2 * i + di) as isize - 1, (2 * j + dj) as isize - 1);
                         if r >= 0 && s >= 0 && (r as usize) < h && (s as usize) < w {
-                            m = m.max(xs[n * h * w + r as usize * w + s as usize]);
+                            let q = n * h * w + r as usize * w + s as usize;
+                            if xs[q] > m {
+                                (m, at) = (xs[q], q);
+                            }
                         }
                     }
                 }
-                assert_eq!(ys[n * ho * wo + i * wo + j], m);
+                expected[n * ho * wo + i * wo + j] = m;
+                expected_grad[at] += 1.0;
             }
         }
     }
+    for kernels in [Kernels::Host, Kernels::Portable] {
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let y = max_pool_3x3_s2(var.as_tensor(), kernels).unwrap();
+        assert_eq!(y.dims(), &[b, c, ho, wo]);
+        assert_eq!(flat(&y), expected, "{kernels:?}");
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        // Each output's gradient lands on its window's maximum (no ties in this input).
+        assert_eq!(flat(grads.get(var.as_tensor()).unwrap()), expected_grad, "{kernels:?}");
+    }
+    // Ties: the host op gives the whole gradient to the first maximum, as PyTorch does.
+    let tied = Tensor::new(&[[[[1f32, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]], &Device::Cpu)
+        .unwrap();
+    let var = candle_core::Var::from_tensor(&tied).unwrap();
+    let y = max_pool_3x3_s2(var.as_tensor(), Kernels::Host).unwrap();
     let grads = y.sum_all().unwrap().backward().unwrap();
     let g = flat(grads.get(var.as_tensor()).unwrap());
-    // Each output's gradient lands on its window's maximum.
-    assert!((g.iter().sum::<f32>() - (b * c * ho * wo) as f32).abs() < 1e-3);
+    assert_eq!(g, [1.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
 /// Every trainable parameter of the model gets a non-zero gradient, and a few entries match

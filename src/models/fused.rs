@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
@@ -270,6 +270,132 @@ fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
     sums
 }
 
+/// max(0, a + b) of two contiguous f32 tensors of one shape (a residual connection and its
+/// ReLU): one pass forward, one backward, where candle's graph makes an add, a ReLU and their
+/// backward passes. Both inputs receive the same gradient: g where the output is positive.
+pub struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("add-relu of {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let (a, b) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(
+            |(o, (a, b))| {
+                for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                    *o = (x + y).max(0.0);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let masked = with_cpu_slice(&grad, |g| {
+            with_cpu_slice(res, |y| {
+                let mut out = vec![0f32; g.len()];
+                out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(y.par_chunks(4096))).for_each(
+                    |(o, (g, y))| {
+                        for ((o, &gv), &yv) in o.iter_mut().zip(g).zip(y) {
+                            *o = if yv > 0.0 { gv } else { 0.0 };
+                        }
+                    },
+                );
+                out
+            })
+        })??;
+        let masked = cpu_tensor(masked, res.shape())?;
+        let da = a.track_op().then(|| masked.clone());
+        let db = b.track_op().then_some(masked);
+        Ok((da, db))
+    }
+}
+
+/// 3×3 max-pool, stride 2, padding 1 (ResNet's stem) over (B, C, H, W); padding never wins
+/// (PyTorch's −∞). The backward gives each output's gradient to the first maximum of its window
+/// in row-major order, as PyTorch does, found again from the input and the output.
+pub struct MaxPool3x3S2;
+
+/// Output size of the pool along an axis of n.
+fn pooled(n: usize) -> usize {
+    (n - 1) / 2 + 1
+}
+
+/// Row-major positions (in an h × w plane) of output (i, j)'s window, padding left out.
+fn window(i: usize, j: usize, h: usize, w: usize) -> impl Iterator<Item = usize> {
+    let rows = (2 * i).saturating_sub(1)..(2 * i + 2).min(h);
+    rows.flat_map(move |r| ((2 * j).saturating_sub(1)..(2 * j + 2).min(w)).map(move |c| r * w + c))
+}
+
+impl CustomOp1 for MaxPool3x3S2 {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let x = contiguous(self.name(), s, l)?;
+        let (ho, wo) = (pooled(h), pooled(w));
+        let mut out = vec![0f32; b * c * ho * wo];
+        out.par_chunks_mut(ho * wo).enumerate().for_each(|(p, dst)| {
+            let plane = &x[p * h * w..(p + 1) * h * w];
+            for i in 0..ho {
+                for j in 0..wo {
+                    let best =
+                        window(i, j, h, w).map(|q| plane[q]).fold(f32::NEG_INFINITY, f32::max);
+                    dst[i * wo + j] = best;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), (b, c, ho, wo).into()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let (b, c, h, w) = x.dims4()?;
+        let (ho, wo) = (pooled(h), pooled(w));
+        let grad = grad.contiguous()?;
+        let dx = with_cpu_slice(x, |x| {
+            with_cpu_slice(res, |y| {
+                with_cpu_slice(&grad, |g| {
+                    let mut dx = vec![0f32; b * c * h * w];
+                    dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
+                        let plane = &x[p * h * w..(p + 1) * h * w];
+                        for i in 0..ho {
+                            for j in 0..wo {
+                                let o = p * ho * wo + i * wo + j;
+                                if let Some(q) = window(i, j, h, w).find(|&q| plane[q] == y[o]) {
+                                    dst[q] += g[o];
+                                }
+                            }
+                        }
+                    });
+                    dx
+                })
+            })
+        })???;
+        Ok(Some(cpu_tensor(dx, (b, c, h, w))?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::layers::{quick_gelu, LayerNorm};
@@ -345,5 +471,21 @@ mod tests {
         let g =
             layer.forward(&pixels, Kernels::Host).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(g.get(&pixels).is_none() && g.get(w.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn fused_add_relu_equals_the_graph() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 50, 50), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4, 50, 50), &dev).unwrap()).unwrap();
+        let graph = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+        let fused = a.as_tensor().apply_op2(b.as_tensor(), super::AddRelu).unwrap();
+        assert_eq!(gap(&graph, &fused), 0.0);
+        let up = Tensor::randn(0f32, 1.0, (3, 4, 50, 50), &dev).unwrap();
+        let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&a, &b] {
+            assert_eq!(gap(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()), 0.0);
+        }
     }
 }

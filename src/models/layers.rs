@@ -545,7 +545,13 @@ impl candle_core::CustomOp3 for BatchNormTrain {
 /// 3×3 max-pool, stride 2, padding 1, on non-negative input (after ReLU), built from narrow,
 /// reshape and elementwise maximum so that its backward works (candle's max_pool2d backward
 /// needs kernel == stride). Zero padding equals PyTorch's −∞ padding on non-negative input.
-pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+///
+/// With host kernels, one op (`fused::MaxPool3x3S2`: PyTorch's −∞ padding and first-maximum
+/// gradient) instead.
+pub fn max_pool_3x3_s2(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels.for_tensor(x).is_host() {
+        return Ok(x.contiguous()?.apply_op1(super::fused::MaxPool3x3S2)?);
+    }
     let (b, c, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     let padded = x.pad_with_zeros(2, 1, 2 * ho + 1 - h)?.pad_with_zeros(3, 1, 2 * wo + 1 - w)?;

@@ -159,7 +159,7 @@ impl ResNet {
     pub fn forward_with(&self, x: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
         let gemm = train && kernels.is_host() && x.device().is_cpu() && x.dtype() == DType::F32;
         let x = self.bn1.forward_with(&self.conv1.forward(x, gemm)?, train, gemm, true)?;
-        let mut x = max_pool_3x3_s2(&x)?;
+        let mut x = max_pool_3x3_s2(&x, kernels)?;
         for b in &self.blocks {
             let h = b.bn1.forward_with(&b.conv1.forward(&x, gemm)?, train, gemm, true)?;
             let h = b.bn2.forward_with(&b.conv2.forward(&h, gemm)?, train, gemm, true)?;
@@ -170,7 +170,12 @@ impl ResNet {
                 }
                 None => x.clone(),
             };
-            x = (h + identity)?.relu()?;
+            x = match gemm {
+                true => {
+                    h.contiguous()?.apply_op2(&identity.contiguous()?, super::fused::AddRelu)?
+                }
+                false => (h + identity)?.relu()?,
+            };
         }
         Ok(x.mean(3)?.mean(2)?)
     }
