@@ -4,7 +4,7 @@
 use anyhow::{ensure, Result};
 use candle_core::{IndexOp, Tensor, D};
 
-use super::layers::{quick_gelu, LayerNorm, Linear, Lora};
+use super::layers::{conv2d_gemm, quick_gelu, LayerNorm, Linear, Lora};
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
 use crate::base::host::Kernels;
@@ -201,10 +201,12 @@ impl ClipTower {
     /// (B, 3, H, W) → (B, D) pooled output.
     pub fn forward(&self, pixels: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let b = pixels.dim(0)?;
-        let patches = pixels
-            .conv2d(&self.patch_embedding, 0, self.patch, 1, 1)?
-            .flatten_from(2)?
-            .transpose(1, 2)?;
+        // Host kernels: the GEMM convolution, whose backward is a GEMM (candle's is a direct loop).
+        let patches = match kernels.for_tensor(pixels).is_host() {
+            true => conv2d_gemm(pixels, &self.patch_embedding, 0, self.patch)?,
+            false => pixels.conv2d(&self.patch_embedding, 0, self.patch, 1, 1)?,
+        };
+        let patches = patches.flatten_from(2)?.transpose(1, 2)?;
         let cls = self.class_embedding.reshape((1, 1, self.dim))?.broadcast_as((b, 1, self.dim))?;
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         x = self.pre_ln.forward(&x, kernels)?;
