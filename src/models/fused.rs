@@ -211,17 +211,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (rows, inp) = l1.shape().dims2()?;
-        let (out, inp2) = l2.shape().dims2()?;
-        if inp != inp2 || l3.shape().elem_count() != out {
-            candle_core::bail!("linear: x {rows}×{inp}, W {out}×{inp2}, b {:?}", l3.shape());
-        }
-        let x = contiguous(self.name(), s1, l1)?;
-        let w = contiguous(self.name(), s2, l2)?;
-        let b = contiguous(self.name(), s3, l3)?;
-        let mut y = gemm_f32(rows, out, inp, x, inp, 1, w, 1, inp);
-        y.par_chunks_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &c)| *v += c));
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        linear_forward(self.name(), (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn bwd(
@@ -258,8 +248,26 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+/// The forward of a CPU linear op (this one, the SAE encoder): x (rows, in) · W (out, in)ᵀ + b.
+pub(crate) fn linear_forward(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> CResult<(CpuStorage, Shape)> {
+    let (rows, inp) = l1.shape().dims2()?;
+    let (out, inp2) = l2.shape().dims2()?;
+    if inp != inp2 || l3.shape().elem_count() != out {
+        candle_core::bail!("{op}: x {rows}×{inp}, W {out}×{inp2}, b {:?} disagree", l3.shape());
+    }
+    let (x, w, b) = (contiguous(op, s1, l1)?, contiguous(op, s2, l2)?, contiguous(op, s3, l3)?);
+    let mut y = gemm_f32(rows, out, inp, x, inp, 1, w, 1, inp);
+    y.par_chunks_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &c)| *v += c));
+    Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+}
+
 /// Σ over rows of a (rows, cols) matrix, each column summed in row order (deterministic).
-fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
+pub(crate) fn column_sums(g: &[f32], cols: usize) -> Vec<f32> {
     let mut sums = vec![0f32; cols];
     sums.par_chunks_mut(64).enumerate().for_each(|(c, part)| {
         let start = c * 64;

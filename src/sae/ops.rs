@@ -12,7 +12,6 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
 use crate::base::host::Kernels;
@@ -40,22 +39,7 @@ impl CustomOp3 for EncoderLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (b, d) = dims2(l1)?;
-        let (m, d2) = dims2(l2)?;
-        if d != d2 || l3.shape().elem_count() != m {
-            candle_core::bail!(
-                "encoder shapes disagree: x {b}×{d}, W {m}×{d2}, b {:?}",
-                l3.shape()
-            );
-        }
-        let (x, w, bias) = (
-            contiguous(self.name(), s1, l1)?,
-            contiguous(self.name(), s2, l2)?,
-            contiguous(self.name(), s3, l3)?,
-        );
-        let mut out = sparse::gemm_f32(b, m, d, x, d, 1, w, 1, d);
-        out.par_chunks_mut(m).for_each(|row| row.iter_mut().zip(bias).for_each(|(o, &c)| *o += c));
-        Ok((CpuStorage::F32(out), Shape::from((b, m))))
+        crate::models::fused::linear_forward(self.name(), (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn bwd(
@@ -81,11 +65,7 @@ impl CustomOp3 for EncoderLinear {
                     } else {
                         let dx = sparse::gemm_f32(b, d, m, g, m, 1, ws, d, 1);
                         let dw = sparse::gemm_f32(m, d, b, g, 1, m, xs, d, 1);
-                        let mut db = vec![0f32; m];
-                        for row in g.chunks_exact(m) {
-                            db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-                        }
-                        (dx, dw, db)
+                        (dx, dw, crate::models::fused::column_sums(g, m))
                     }
                 })
             })
