@@ -148,6 +148,26 @@ fn layer_norm_backward(
     Ok((dx, dw, db))
 }
 
+/// A ReLU's backward from its output y: the gradient where y > 0, 0 where it clipped (PyTorch's
+/// rule at 0).
+pub(crate) fn relu_backward(grad: &Tensor, y: &Tensor) -> CResult<Tensor> {
+    let grad = grad.contiguous()?;
+    let masked = with_cpu_slice(&grad, |g| {
+        with_cpu_slice(y, |y| {
+            let mut out = vec![0f32; g.len()];
+            out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(y.par_chunks(4096))).for_each(
+                |(o, (g, y))| {
+                    for ((o, &gv), &yv) in o.iter_mut().zip(g).zip(y) {
+                        *o = if yv > 0.0 { gv } else { 0.0 };
+                    }
+                },
+            );
+            out
+        })
+    })??;
+    cpu_tensor(masked, y.shape())
+}
+
 /// x · σ(1.702·x) (CLIP's activation) on a contiguous f32 tensor.
 pub struct QuickGelu;
 
@@ -318,20 +338,7 @@ impl CustomOp2 for AddRelu {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let masked = with_cpu_slice(&grad, |g| {
-            with_cpu_slice(res, |y| {
-                let mut out = vec![0f32; g.len()];
-                out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(y.par_chunks(4096))).for_each(
-                    |(o, (g, y))| {
-                        for ((o, &gv), &yv) in o.iter_mut().zip(g).zip(y) {
-                            *o = if yv > 0.0 { gv } else { 0.0 };
-                        }
-                    },
-                );
-                out
-            })
-        })??;
-        let masked = cpu_tensor(masked, res.shape())?;
+        let masked = relu_backward(&grad, res)?;
         let da = a.track_op().then(|| masked.clone());
         let db = b.track_op().then_some(masked);
         Ok((da, db))

@@ -1,5 +1,6 @@
 //! Differentiable building blocks. candle's fused LayerNorm and softmax_last_dim have no
-//! backward (docs/candle.md), so these are compositions of ops that all have one.
+//! backward (docs/candle.md), so these are compositions of ops that all have one; with host
+//! kernels several run as single CPU ops instead (`fused`, the convolution and BatchNorm here).
 
 use std::sync::{Arc, Mutex};
 
@@ -178,23 +179,14 @@ impl ConvGeometry {
     }
 }
 
-/// (O, B·L) ↔ (B, O, L): the batch-wide product's layout and the tensor's.
-fn batch_major(src: &[f32], o: usize, b: usize, l: usize) -> Vec<f32> {
+/// (R, C, L) → (C, R, L): between the batch-wide product's (O, B·L) layout and the tensor's
+/// (B, O, L), both ways.
+fn swap_outer(src: &[f32], r: usize, c: usize, l: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let mut out = vec![0f32; src.len()];
     out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
-        let (bi, oi) = (p / o, p % o);
-        dst.copy_from_slice(&src[oi * b * l + bi * l..][..l]);
-    });
-    out
-}
-
-fn channel_major(src: &[f32], o: usize, b: usize, l: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
-        let (oi, bi) = (p / b, p % b);
-        dst.copy_from_slice(&src[(bi * o + oi) * l..][..l]);
+        let (ci, ri) = (p / r, p % r);
+        dst.copy_from_slice(&src[(ri * c + ci) * l..][..l]);
     });
     out
 }
@@ -237,7 +229,7 @@ impl candle_core::CustomOp2 for ConvGemm {
         let cols = self.geometry.columns(x, dims);
         let y = crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, &cols, n, 1);
         *self.columns.lock().unwrap() = Some(cols);
-        let y = batch_major(&y, o, b, oh * ow);
+        let y = swap_outer(&y, o, b, oh * ow);
         Ok((candle_core::CpuStorage::F32(y), (b, o, oh, ow).into()))
     }
 
@@ -256,7 +248,7 @@ impl candle_core::CustomOp2 for ConvGemm {
         let (oh, ow) = self.geometry.output(h, w);
         let (k, n) = (c * kh * kw, b * oh * ow);
         let grad = grad.contiguous()?;
-        let g = with_cpu_slice(&grad, |g| channel_major(g, o, b, oh * ow))?;
+        let g = with_cpu_slice(&grad, |g| swap_outer(g, b, o, oh * ow))?;
         let cols = match self.columns.lock().unwrap().take() {
             Some(cols) => cols,
             None => with_cpu_slice(x, |x| self.geometry.columns(x, dims))?,
@@ -475,21 +467,9 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let stats = self.stats.lock().unwrap().clone();
         let inv = self.inverse_std(&stats);
         let gamma = with_cpu_slice(gamma, <[f32]>::to_vec)?;
-        let grad = grad.contiguous()?;
-        let grad = if self.relu {
-            // The ReLU's backward: no gradient where it clipped.
-            let masked = with_cpu_slice(&grad, |g| {
-                with_cpu_slice(res, |y| {
-                    let mut out = g.to_vec();
-                    out.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(o, y)| {
-                        o.iter_mut().zip(y).for_each(|(o, &y)| *o = if y > 0.0 { *o } else { 0.0 });
-                    });
-                    out
-                })
-            })??;
-            crate::base::cpu::cpu_tensor(masked, grad.shape())?
-        } else {
-            grad
+        let grad = match self.relu {
+            true => super::fused::relu_backward(grad, res)?,
+            false => grad.contiguous()?,
         };
         let (dx, dgamma, dbeta) = with_cpu_slice(x, |x| {
             with_cpu_slice(&grad, |g| {
