@@ -35,23 +35,28 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     }
 }
 
-/// The sparse custom ops (encoder, TopK, decoder, MonoLoss) give the dense graph's loss and
-/// parameter gradients.
+/// The sparse custom ops (encoder with its input centring, TopK, decoder, MonoLoss) give the
+/// dense graph's loss and parameter gradients, and the input's gradient when it needs one.
 #[test]
 fn sparse_ops_match_the_dense_graph() {
     let (b, d, m, k) = (24, 6, 40, 3);
     let mut rng = StdRng::seed_from_u64(7);
-    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    // A variable input: the encoder's input gradient is checked too (data inputs skip it).
+    let x_var = var(randn(b * d, &mut rng), (b, d));
+    let x = x_var.as_tensor().clone();
     let sim = Tensor::from_vec(randn(b * 5, &mut rng), (b, 5), &Device::Cpu).unwrap();
     let w_enc = var(randn(m * d, &mut rng), (m, d));
     let w_dec = var(randn(m * d, &mut rng), (m, d));
     let b_enc =
         Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+    let b_dec =
+        Var::from_tensor(&Tensor::from_vec(randn(d, &mut rng), d, &Device::Cpu).unwrap()).unwrap();
     let lambda = 0.7;
 
     for selection in [topk::Selection::PerRow(k), topk::Selection::Batch(k * b)] {
         // Sparse path.
-        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), HOST).unwrap();
+        let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
+        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
         let (lat, _) = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
         assert!(
             flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
@@ -67,6 +72,8 @@ fn sparse_ops_match_the_dense_graph() {
 
         // Dense reference: the same selection as a constant mask, plain candle ops.
         let pre_d = x
+            .broadcast_sub(bd)
+            .unwrap()
             .matmul(&w_enc.as_tensor().t().unwrap())
             .unwrap()
             .broadcast_add(b_enc.as_tensor())
@@ -91,14 +98,17 @@ fn sparse_ops_match_the_dense_graph() {
         assert!(
             (loss.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5
         );
-        for (name, v) in [("W_enc", &w_enc), ("W_dec", &w_dec), ("b_enc", &b_enc)] {
+        let checked = [("W_enc", &w_enc), ("W_dec", &w_dec), ("b_enc", &b_enc), ("b_dec", &b_dec)];
+        for (name, v) in checked.iter().copied().chain([("x", &x_var)]) {
             let g = flat(grads.get(v.as_tensor()).unwrap());
             let gd = flat(grads_d.get(v.as_tensor()).unwrap());
             assert_close(&g, &gd, 1e-4, name);
         }
 
-        // The fused decoder + MonoLoss (gradient added inside the decoder's backward).
-        let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), HOST).unwrap();
+        // The fused decoder + MonoLoss (gradient added inside the decoder's backward), on a
+        // data input (no input gradient).
+        let x = x.detach();
+        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
         let (lat, _) = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
         let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
         let decoded = ops::decode(&lat, w_dec.as_tensor(), None, Some(term), HOST).unwrap();
@@ -111,7 +121,7 @@ fn sparse_ops_match_the_dense_graph() {
             (loss_f.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5
         );
         let grads_f = loss_f.backward().unwrap();
-        for (name, v) in [("W_enc", &w_enc), ("W_dec", &w_dec), ("b_enc", &b_enc)] {
+        for (name, v) in checked {
             let g = flat(grads_f.get(v.as_tensor()).unwrap());
             let gd = flat(grads_d.get(v.as_tensor()).unwrap());
             assert_close(&g, &gd, 1e-4, &format!("fused {name}"));

@@ -77,17 +77,30 @@ impl SparseBatch {
 
     /// Keeps the non-zero entries, and also the zeros where `extra` (same layout) is true.
     pub fn from_dense_with(dense: &[f32], cols: usize, extra: Option<&[bool]>) -> Self {
+        let counts = kept_per_row(dense, cols, extra);
+        Self::fill(dense, cols, extra, &counts)
+    }
+
+    /// `from_dense_with` when at most `SPARSE_LIMIT` of the entries are kept, else None; one
+    /// counting pass decides, so callers need no separate `density` pass.
+    pub fn from_dense_if_sparse(
+        dense: &[f32],
+        cols: usize,
+        extra: Option<&[bool]>,
+    ) -> Option<Self> {
+        let counts = kept_per_row(dense, cols, extra);
+        let kept: usize = counts.iter().sum();
+        (dense.is_empty() || kept as f64 / dense.len() as f64 <= SPARSE_LIMIT)
+            .then(|| Self::fill(dense, cols, extra, &counts))
+    }
+
+    /// The CSR arrays, given each row's number of kept entries.
+    fn fill(dense: &[f32], cols: usize, extra: Option<&[bool]>, counts: &[usize]) -> Self {
         let cols = cols.max(1);
-        let rows = dense.len() / cols;
-        let keep = |i: usize, v: f32| v != 0.0 || extra.is_some_and(|x| x[i]);
-        let counts: Vec<usize> = dense
-            .par_chunks_exact(cols)
-            .enumerate()
-            .map(|(r, row)| row.iter().enumerate().filter(|(c, v)| keep(r * cols + c, **v)).count())
-            .collect();
+        let rows = counts.len();
         let mut row_offsets = Vec::with_capacity(rows + 1);
         row_offsets.push(0);
-        for c in &counts {
+        for c in counts {
             row_offsets.push(row_offsets.last().unwrap() + c);
         }
         let nnz = *row_offsets.last().unwrap();
@@ -96,7 +109,7 @@ impl SparseBatch {
         let mut col_parts: Vec<&mut [u32]> = Vec::with_capacity(rows);
         let mut val_parts: Vec<&mut [f32]> = Vec::with_capacity(rows);
         let (mut cs, mut vs) = (columns.as_mut_slice(), values.as_mut_slice());
-        for c in &counts {
+        for c in counts {
             let (a, rest) = cs.split_at_mut(*c);
             col_parts.push(a);
             cs = rest;
@@ -106,14 +119,26 @@ impl SparseBatch {
         }
         dense.par_chunks_exact(cols).zip(col_parts).zip(val_parts).enumerate().for_each(
             |(r, ((row, cols_out), vals_out))| {
-                let mut e = 0;
-                for (c, &v) in row.iter().enumerate() {
-                    if keep(r * cols + c, v) {
-                        cols_out[e] = c as u32;
-                        vals_out[e] = v;
-                        e += 1;
+                let extra_row = extra.map(|x| &x[r * cols..(r + 1) * cols]);
+                // Blocks of 16 with nothing kept (most of a TopK row) are skipped after one
+                // vectorised test.
+                vectorized(|| {
+                    let mut e = 0;
+                    for (b, block) in row.chunks(16).enumerate() {
+                        let start = b * 16;
+                        let extra_block = extra_row.map(|x| &x[start..start + block.len()]);
+                        if kept_in(block, extra_block) == 0 {
+                            continue;
+                        }
+                        for (j, &v) in block.iter().enumerate() {
+                            if v != 0.0 || extra_block.is_some_and(|x| x[j]) {
+                                cols_out[e] = (start + j) as u32;
+                                vals_out[e] = v;
+                                e += 1;
+                            }
+                        }
                     }
-                }
+                })
             },
         );
         SparseBatch { row_offsets, columns, values }
@@ -163,7 +188,31 @@ pub fn density(dense: &[f32]) -> f64 {
     if dense.is_empty() {
         return 0.0;
     }
-    dense.par_iter().filter(|v| **v != 0.0).count() as f64 / dense.len() as f64
+    let kept: usize =
+        dense.par_chunks(1 << 14).map(|chunk| vectorized(|| kept_in(chunk, None))).sum();
+    kept as f64 / dense.len() as f64
+}
+
+/// The number of non-zero entries of `values`, or entries where `extra` is set.
+#[inline(always)]
+fn kept_in(values: &[f32], extra: Option<&[bool]>) -> usize {
+    match extra {
+        None => values.iter().map(|&v| (v != 0.0) as usize).sum(),
+        Some(x) => values.iter().zip(x).map(|(&v, &e)| (v != 0.0 || e) as usize).sum(),
+    }
+}
+
+/// Each row's number of kept entries (see `kept_in`).
+fn kept_per_row(dense: &[f32], cols: usize, extra: Option<&[bool]>) -> Vec<usize> {
+    let cols = cols.max(1);
+    dense
+        .par_chunks_exact(cols)
+        .enumerate()
+        .map(|(r, row)| {
+            let extra_row = extra.map(|x| &x[r * cols..(r + 1) * cols]);
+            vectorized(|| kept_in(row, extra_row))
+        })
+        .collect()
 }
 
 /// CSR → CSC by a counting sort over columns (`n_cols` columns).
@@ -455,5 +504,42 @@ mod tests {
         let g = gemm_f32(rows, m, d, &x, d, 1, &w, 1, d);
         let wt: Vec<f32> = (0..d * m).map(|idx| w[(idx % m) * d + idx / m]).collect();
         close(&g, &dense_matmul(&x, &wt, rows, d, m));
+    }
+
+    /// The CSR builders against a plain scan: rows whose width is not a multiple of the 16-wide
+    /// blocks, kept zeros from `extra`, the sparsity decision at and past `SPARSE_LIMIT`.
+    #[test]
+    fn csr_building_matches_a_plain_scan() {
+        let (rows, cols) = (5, 37);
+        let dense: Vec<f32> = (0..rows * cols)
+            .map(|i| if i % 13 == 0 || i % 37 == 36 { i as f32 - 40.0 } else { 0.0 })
+            .collect();
+        let extra: Vec<bool> = (0..rows * cols).map(|i| i % 17 == 3).collect();
+        for extra in [None, Some(extra.as_slice())] {
+            let got = SparseBatch::from_dense_with(&dense, cols, extra);
+            let mut want = SparseBatch { row_offsets: vec![0], ..Default::default() };
+            for (r, row) in dense.chunks(cols).enumerate() {
+                for (c, &v) in row.iter().enumerate() {
+                    if v != 0.0 || extra.is_some_and(|x| x[r * cols + c]) {
+                        want.columns.push(c as u32);
+                        want.values.push(v);
+                    }
+                }
+                want.row_offsets.push(want.columns.len());
+            }
+            assert_eq!(got, want);
+            let share = want.nnz() as f64 / dense.len() as f64;
+            assert_eq!(
+                SparseBatch::from_dense_if_sparse(&dense, cols, extra).is_some(),
+                share <= SPARSE_LIMIT
+            );
+        }
+        assert!((density(&dense) - 20.0 / 185.0).abs() < 1e-12);
+        let full = vec![1f32; rows * cols];
+        assert!(SparseBatch::from_dense_if_sparse(&full, cols, None).is_none());
+        assert_eq!(
+            SparseBatch::from_dense_if_sparse(&[], cols, None),
+            Some(SparseBatch { row_offsets: vec![0], ..Default::default() })
+        );
     }
 }

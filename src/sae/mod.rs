@@ -310,13 +310,14 @@ pub fn forward_with_mono(
     } else {
         (x.clone(), None)
     };
-    let encoder_input = if sae.spec().centers_input() {
-        working_input.broadcast_sub(p.b_dec.as_tensor())?
-    } else {
-        working_input.clone()
-    };
-    let pre =
-        ops::encoder_linear(&encoder_input, p.w_enc.as_tensor(), p.b_enc.as_tensor(), p.kernels)?;
+    let centre = sae.spec().centers_input().then(|| p.b_dec.as_tensor());
+    let pre = ops::encoder_linear(
+        &working_input,
+        p.w_enc.as_tensor(),
+        p.b_enc.as_tensor(),
+        centre,
+        p.kernels,
+    )?;
     let activation = sae.activate(&pre, training)?;
     let decoded = ops::decode(
         &activation.latents,

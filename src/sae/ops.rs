@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
 use crate::base::host::Kernels;
@@ -21,9 +22,29 @@ use crate::monoscore::sparse_loss::{self, MonoLossSaved, MonoLossStats};
 use crate::monoscore::BatchMono;
 
 // ---------------------------------------------------------------------------------------------
-// Encoder: pre = xc · Wᵀ + b, with a backward that exploits a sparse upstream gradient.
+// Encoder: pre = (x − b_dec) · Wᵀ + b_enc (or x · Wᵀ + b_enc without centring), with a backward
+// that exploits a sparse upstream gradient.
 
-struct EncoderLinear;
+/// Inputs: x (B, D), W (M, D), and the biases [b_enc; b_dec] (M + D) when centring, b_enc (M)
+/// otherwise. Centring inside the op lets the backward give b_dec its gradient as −(Σ_b g)·W, a
+/// single (M)·(M, D) product, instead of the (B, D) input gradient that only feeds that sum.
+struct EncoderLinear {
+    centre: bool,
+}
+
+impl EncoderLinear {
+    /// x − b_dec row by row when centring (the same float operations as a broadcast subtract).
+    fn centred<'a>(&self, x: &'a [f32], biases: &[f32], m: usize) -> std::borrow::Cow<'a, [f32]> {
+        if !self.centre {
+            return x.into();
+        }
+        let b_dec = &biases[m..];
+        let mut xc = x.to_vec();
+        xc.par_chunks_mut(b_dec.len().max(1))
+            .for_each(|row| row.iter_mut().zip(b_dec).for_each(|(v, &c)| *v -= c));
+        xc.into()
+    }
+}
 
 impl CustomOp3 for EncoderLinear {
     fn name(&self) -> &'static str {
@@ -39,47 +60,96 @@ impl CustomOp3 for EncoderLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        crate::models::fused::linear_forward(self.name(), (s1, l1), (s2, l2), (s3, l3))
+        let (b, d) = dims2(l1)?;
+        let (m, d2) = dims2(l2)?;
+        let want = if self.centre { m + d } else { m };
+        if d != d2 || l3.shape().elem_count() != want {
+            candle_core::bail!(
+                "encoder shapes disagree: x {b}×{d}, W {m}×{d2}, biases {:?}",
+                l3.shape()
+            );
+        }
+        let (x, w, biases) = (
+            contiguous(self.name(), s1, l1)?,
+            contiguous(self.name(), s2, l2)?,
+            contiguous(self.name(), s3, l3)?,
+        );
+        let xc = self.centred(x, biases, m);
+        let mut y = sparse::gemm_f32(b, m, d, &xc, d, 1, w, 1, d);
+        let b_enc = &biases[..m];
+        y.par_chunks_mut(m.max(1))
+            .for_each(|row| row.iter_mut().zip(b_enc).for_each(|(v, &c)| *v += c));
+        Ok((CpuStorage::F32(y), Shape::from((b, m))))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        biases: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, d) = x.dims2()?;
         let m = w.dim(0)?;
         let grad = grad.contiguous()?;
-        let (dx, dw, db) = with_cpu_slice(&grad, |g| {
+        let (dx, dw, dbiases) = with_cpu_slice(&grad, |g| {
             with_cpu_slice(x, |xs| {
                 with_cpu_slice(w, |ws| {
-                    if sparse::density(g) <= SPARSE_LIMIT {
-                        let csr = SparseBatch::from_dense(g, m);
-                        let dx = sparse::csr_matmul(csr.as_rows(), ws, d);
-                        let dw = sparse::csr_transpose_matmul(csr.as_rows(), xs, d, m);
-                        let db = sparse::csr_column_sums(csr.as_rows(), m);
+                    with_cpu_slice(biases, |bs| {
+                        let xc = self.centred(xs, bs, m);
+                        let (dx, dw, mut db) = match SparseBatch::from_dense_if_sparse(g, m, None) {
+                            Some(csr) => (
+                                x.track_op().then(|| sparse::csr_matmul(csr.as_rows(), ws, d)),
+                                sparse::csr_transpose_matmul(csr.as_rows(), &xc, d, m),
+                                sparse::csr_column_sums(csr.as_rows(), m),
+                            ),
+                            None => (
+                                x.track_op().then(|| sparse::gemm_f32(b, d, m, g, m, 1, ws, d, 1)),
+                                sparse::gemm_f32(m, d, b, g, 1, m, &xc, d, 1),
+                                crate::models::fused::column_sums(g, m),
+                            ),
+                        };
+                        if self.centre {
+                            // ∂/∂b_dec of Σ g·((x − b_dec)·Wᵀ) = −(Σ_b g)·W.
+                            let d_dec = sparse::gemm_f32(1, d, m, &db, m, 1, ws, d, 1);
+                            db.extend(d_dec.into_iter().map(|v| -v));
+                        }
                         (dx, dw, db)
-                    } else {
-                        let dx = sparse::gemm_f32(b, d, m, g, m, 1, ws, d, 1);
-                        let dw = sparse::gemm_f32(m, d, b, g, 1, m, xs, d, 1);
-                        (dx, dw, crate::models::fused::column_sums(g, m))
-                    }
+                    })
                 })
             })
-        })???;
-        Ok((Some(cpu_tensor(dx, (b, d))?), Some(cpu_tensor(dw, (m, d))?), Some(cpu_tensor(db, m)?)))
+        })????;
+        let n_biases = dbiases.len();
+        Ok((
+            dx.map(|dx| cpu_tensor(dx, (b, d))).transpose()?,
+            Some(cpu_tensor(dw, (m, d))?),
+            Some(cpu_tensor(dbiases, n_biases)?),
+        ))
     }
 }
 
-/// (B, D) · (M, D)ᵀ + (M,) → (B, M).
-pub fn encoder_linear(x: &Tensor, w: &Tensor, b: &Tensor, kernels: Kernels) -> CResult<Tensor> {
+/// (B, D) · (M, D)ᵀ + (M,) → (B, M), the input first centred by `b_dec` when given.
+pub fn encoder_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b_enc: &Tensor,
+    b_dec: Option<&Tensor>,
+    kernels: Kernels,
+) -> CResult<Tensor> {
     if kernels.for_tensor(x).is_host() {
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, EncoderLinear)
+        let biases = match b_dec {
+            Some(b_dec) => Tensor::cat(&[b_enc, b_dec], 0)?,
+            None => b_enc.clone(),
+        };
+        let op = EncoderLinear { centre: b_dec.is_some() };
+        x.contiguous()?.apply_op3(&w.contiguous()?, &biases.contiguous()?, op)
     } else {
-        x.matmul(&w.t()?)?.broadcast_add(b)
+        let x = match b_dec {
+            Some(b_dec) => x.broadcast_sub(b_dec)?,
+            None => x.clone(),
+        };
+        x.matmul(&w.t()?)?.broadcast_add(b_enc)
     }
 }
 
@@ -124,12 +194,12 @@ impl CustomOp2 for SupportMatmul {
             candle_core::bail!("decoder shapes disagree: latents {b}×{m}, W {m2}×{d}");
         }
         let (lat, w) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
-        let out = if self.mono.is_some() || sparse::density(lat) <= SPARSE_LIMIT {
-            let csr = SparseBatch::from_dense_with(
-                lat,
-                m,
-                self.grad_support.as_deref().map(|v| v.as_slice()),
-            );
+        let support = self.grad_support.as_deref().map(|v| v.as_slice());
+        let csr = match self.mono {
+            Some(_) => Some(SparseBatch::from_dense_with(lat, m, support)),
+            None => SparseBatch::from_dense_if_sparse(lat, m, support),
+        };
+        let out = if let Some(csr) = csr {
             let out = sparse::csr_matmul(csr.as_rows(), w, d);
             if let Some(mono) = &self.mono {
                 let sim_dim = mono.similarity.len() / b;
