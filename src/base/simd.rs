@@ -1,7 +1,7 @@
 //! Hand-written kernels compiled for the CPU they run on.
 //!
 //! The crate is built for the baseline x86-64 target (SSE2), so a plain loop uses 128-bit vectors.
-//! [`vectorized`] runs a closure through a copy compiled with AVX2 + FMA or AVX-512 enabled,
+//! [`vectorized!`] runs a closure through a copy compiled with AVX2 + FMA or AVX-512 enabled,
 //! chosen once from what the CPU reports; the closure's loops (and the `#[inline]` helpers they
 //! call) are inlined into that copy and vectorised wider. Results are bit-identical on every
 //! path: Rust never fuses a separate multiply and add into an FMA, and vectorising a loop whose
@@ -61,9 +61,24 @@ fn detect() -> Level {
     Level::Baseline
 }
 
-/// Runs `f` compiled for the widest vector instructions of this CPU (see the module docs).
+/// `vectorized!(expr)` runs `expr` compiled for the widest vector instructions of this CPU:
+/// [`run_widest`] with the closure forced inline. Without the attribute LLVM may keep a large
+/// closure as a separate function, compiled at the baseline (SSE2) and merely *called* from the
+/// wide copy — the kernels then silently run 128 bits wide.
+macro_rules! vectorized {
+    ($body:expr) => {
+        $crate::base::simd::run_widest(
+            #[inline(always)]
+            || $body,
+        )
+    };
+}
+pub(crate) use vectorized;
+
+/// Runs `f` compiled for the widest vector instructions of this CPU (see the module docs); `f`
+/// must be inlined for that to hold, so call it through the [`vectorized!`] macro.
 #[inline(always)]
-pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+pub fn run_widest<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         match level() {
@@ -113,7 +128,8 @@ mod tests {
             (acc, partial)
         };
         let baseline = run();
-        assert_eq!(vectorized(run), baseline);
+        assert_eq!(run_widest(run), baseline);
+        assert_eq!(vectorized!(run()), baseline);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {

@@ -122,7 +122,7 @@ impl SparseBatch {
                 let extra_row = extra.map(|x| &x[r * cols..(r + 1) * cols]);
                 // Blocks of 16 with nothing kept (most of a TopK row) are skipped after one
                 // vectorised test.
-                vectorized(|| {
+                vectorized!({
                     let mut e = 0;
                     for (b, block) in row.chunks(16).enumerate() {
                         let start = b * 16;
@@ -189,7 +189,7 @@ pub fn density(dense: &[f32]) -> f64 {
         return 0.0;
     }
     let kept: usize =
-        dense.par_chunks(1 << 14).map(|chunk| vectorized(|| kept_in(chunk, None))).sum();
+        dense.par_chunks(1 << 14).map(|chunk| vectorized!(kept_in(chunk, None))).sum();
     kept as f64 / dense.len() as f64
 }
 
@@ -210,7 +210,7 @@ fn kept_per_row(dense: &[f32], cols: usize, extra: Option<&[bool]>) -> Vec<usize
         .enumerate()
         .map(|(r, row)| {
             let extra_row = extra.map(|x| &x[r * cols..(r + 1) * cols]);
-            vectorized(|| kept_in(row, extra_row))
+            vectorized!(kept_in(row, extra_row))
         })
         .collect()
 }
@@ -268,7 +268,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn csr_matmul(a: SparseRows<'_>, w: &[f32], d: usize) -> Vec<f32> {
     let mut out = vec![0f32; a.rows() * d];
     out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
-        vectorized(|| {
+        vectorized!({
             for e in a.row_offsets[r]..a.row_offsets[r + 1] {
                 let c = a.columns[e] as usize;
                 axpy(row, a.values[e], &w[c * d..(c + 1) * d]);
@@ -283,7 +283,7 @@ pub fn csr_transpose_matmul(a: SparseRows<'_>, x: &[f32], d: usize, m: usize) ->
     let cols = to_columns(a, m);
     let mut out = vec![0f32; m * d];
     out.par_chunks_mut(d.max(1)).enumerate().with_min_len(8).for_each(|(k, row)| {
-        vectorized(|| {
+        vectorized!({
             for e in cols.col_offsets[k]..cols.col_offsets[k + 1] {
                 let i = cols.rows[e] as usize;
                 axpy(row, cols.values[e], &x[i * d..(i + 1) * d]);
@@ -317,7 +317,7 @@ pub fn csr_sampled_dot(a: SparseRows<'_>, x: &[f32], w: &[f32], d: usize) -> Vec
     let cols = to_columns(a, m);
     cols.map_to_rows(|k, j| {
         let i = cols.rows[j] as usize;
-        vectorized(|| dot(&x[i * d..(i + 1) * d], &w[k * d..(k + 1) * d]))
+        vectorized!(dot(&x[i * d..(i + 1) * d], &w[k * d..(k + 1) * d]))
     })
 }
 
@@ -340,7 +340,7 @@ pub fn csc_dots(cols: &SparseColumns, x: &[f32], w: &[f32], d: usize) -> Vec<f32
     column_slices(cols, &mut out).into_par_iter().enumerate().with_min_len(16).for_each(
         |(k, slot)| {
             let wk = &w[k * d..(k + 1) * d];
-            vectorized(|| {
+            vectorized!({
                 for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
                     let i = cols.rows[j] as usize;
                     *o = dot(&x[i * d..(i + 1) * d], wk);
@@ -378,7 +378,7 @@ pub fn decoder_backward(
         .with_min_len(16)
         .for_each(|(k, (dwk, slot))| {
             let wk = &w[k * d..(k + 1) * d];
-            vectorized(|| {
+            vectorized!({
                 for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
                     let i = cols.rows[j] as usize;
                     let gi = &g[i * d..(i + 1) * d];

@@ -70,7 +70,7 @@ impl CustomOp3 for LayerNormOp {
             .zip(x.par_chunks(d))
             .map(|(y, row)| {
                 let (mean, inv) = row_stats(row, self.eps);
-                vectorized(|| {
+                vectorized!({
                     for (((o, &v), &wj), &bj) in y.iter_mut().zip(row).zip(w).zip(b) {
                         *o = (v - mean) * inv * wj + bj;
                     }
@@ -128,7 +128,7 @@ fn layer_norm_backward(
                     sum_gwx += (gv * wj * xhat) as f64;
                 }
                 let (mg, mgx) = ((sum_gw / d as f64) as f32, (sum_gwx / d as f64) as f32);
-                vectorized(|| {
+                vectorized!({
                     for (j, o) in dxr.iter_mut().enumerate() {
                         let xhat = (xr[j] - mean) * inv;
                         *o = inv * (gr[j] * w[j] - mg - xhat * mgx);

@@ -423,7 +423,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let stats: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                crate::base::simd::vectorized(|| {
+                crate::base::simd::vectorized!({
                     let planes = || (0..b).map(|bi| plane(x, bi, ch, c, hw));
                     let mean = planes().map(|p| lane_sum(p, |v| v as f64)).sum::<f64>() / n;
                     let sq: f64 = planes()
@@ -439,7 +439,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
             let ch = p % c;
             let scale = gamma[ch] as f64 * inv[ch];
             let (scale, shift) = (scale as f32, (beta[ch] as f64 - stats[ch].0 * scale) as f32);
-            crate::base::simd::vectorized(|| {
+            crate::base::simd::vectorized!({
                 for (d, &v) in dst.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
                     *d = v * scale + shift;
                 }
@@ -478,7 +478,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                     .into_par_iter()
                     .map(|ch| {
                         let (mean, mut sg, mut sgx) = (stats[ch].0, 0f64, 0f64);
-                        crate::base::simd::vectorized(|| {
+                        crate::base::simd::vectorized!({
                             for bi in 0..b {
                                 let (xp, gp) = (plane(x, bi, ch, c, hw), plane(g, bi, ch, c, hw));
                                 sg += lane_sum(gp, |gv| gv as f64);
@@ -502,7 +502,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                         stats[ch].0 as f32,
                     );
                     let (xp, gp) = (&x[p * hw..(p + 1) * hw], &g[p * hw..(p + 1) * hw]);
-                    crate::base::simd::vectorized(|| {
+                    crate::base::simd::vectorized!({
                         for ((d, &v), &gv) in dst.iter_mut().zip(xp).zip(gp) {
                             *d = kf * gv + shift + slope * (v - mean);
                         }

@@ -302,7 +302,7 @@ impl MonoScoreAccumulator {
             .with_min_len(16)
             .for_each(|(c, (acc, moments))| {
                 let span = cols.col_offsets[c]..cols.col_offsets[c + 1];
-                crate::base::simd::vectorized(|| {
+                crate::base::simd::vectorized!({
                     for (&r, &v) in cols.rows[span.clone()].iter().zip(&cols.values[span]) {
                         let r = r as usize;
                         moments.sum += v as f64;

@@ -71,7 +71,7 @@ impl Sae for BatchTopKSae {
                     // One pass over the pre-activations.
                     let t = host::read_scalar(&threshold)? as f32;
                     Mask::Host(crate::base::cpu::with_cpu_slice(&pre.detach(), |v| {
-                        crate::base::simd::vectorized(|| v.iter().map(|&p| p > t).collect())
+                        crate::base::simd::vectorized!(v.iter().map(|&p| p > t).collect())
                     })?)
                 } else {
                     Mask::Device(pre.detach().broadcast_gt(&threshold.to_dtype(pre.dtype())?)?)

@@ -159,7 +159,7 @@ impl MatrixFile {
                         return None; // dense after all: stop early
                     }
                     decode_le(self.dtype, raw, row);
-                    Some(crate::base::simd::vectorized(|| {
+                    Some(crate::base::simd::vectorized!({
                         if let Some(c) = row.iter().position(|v| !v.is_finite()) {
                             return Err(self.non_finite(start + i, c, row[c]));
                         }
