@@ -17,6 +17,10 @@ use rayon::prelude::*;
 
 use crate::base::cpu::with_cpu_slice;
 use crate::base::host::Kernels;
+use crate::base::simd::vectorized;
+
+/// Elements per parallel task of the element-wise parameter updates.
+const UPDATE_CHUNK: usize = 1 << 14;
 
 /// One gradient per parameter, in parameter order: host vectors or device tensors.
 pub enum Gradients {
@@ -418,19 +422,21 @@ impl Optimizer for Adam {
         match (grads, &mut self.m, &mut self.v) {
             (Gradients::Host(grads), Buffers::Host(ms), Buffers::Host(vs)) => {
                 for ((var, grad), (m, v)) in params.iter().zip(grads).zip(ms.iter_mut().zip(vs)) {
-                    m.par_iter_mut().zip(v.par_iter_mut()).zip(grad.par_iter()).for_each(
-                        |((m, v), &g)| {
-                            *m = b1 * *m + (1.0 - b1) * g;
-                            *v = b2 * *v + (1.0 - b2) * g * g;
-                        },
-                    );
-                    let (m, v) = (&*m, &*v);
+                    // One pass over (p, m, v, g), in vector registers.
                     update_param(var, |p| {
-                        p.par_iter_mut().zip(m.par_iter()).zip(v.par_iter()).for_each(
-                            |((p, &m), &v)| {
-                                *p -= step_size * m / (v.sqrt() * inv_bc2_sqrt + eps);
-                            },
-                        );
+                        p.par_chunks_mut(UPDATE_CHUNK)
+                            .zip(m.par_chunks_mut(UPDATE_CHUNK))
+                            .zip(v.par_chunks_mut(UPDATE_CHUNK))
+                            .zip(grad.par_chunks(UPDATE_CHUNK))
+                            .for_each(|(((p, m), v), g)| {
+                                let n = p.len();
+                                let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+                                vectorized!(for i in 0..n {
+                                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                                    p[i] -= step_size * m[i] / (v[i].sqrt() * inv_bc2_sqrt + eps);
+                                })
+                            });
                     })?;
                 }
             }
@@ -562,20 +568,25 @@ impl Optimizer for Sgd {
                 {
                     let wd = wd as f32;
                     update_param(var, |p| {
-                        p.par_iter_mut().zip(buf.par_iter_mut()).zip(grad.par_iter()).for_each(
-                            |((p, b), &g)| {
-                                let g = g + wd * *p;
-                                *b = if first { g } else { mu * *b + g };
-                                let step = if mu == 0.0 {
-                                    g
-                                } else if nesterov {
-                                    g + mu * *b
-                                } else {
-                                    *b
-                                };
-                                *p -= lr * step;
-                            },
-                        );
+                        p.par_chunks_mut(UPDATE_CHUNK)
+                            .zip(buf.par_chunks_mut(UPDATE_CHUNK))
+                            .zip(grad.par_chunks(UPDATE_CHUNK))
+                            .for_each(|((p, b), g)| {
+                                let n = p.len();
+                                let (b, g) = (&mut b[..n], &g[..n]);
+                                vectorized!(for i in 0..n {
+                                    let g = g[i] + wd * p[i];
+                                    b[i] = if first { g } else { mu * b[i] + g };
+                                    let step = if mu == 0.0 {
+                                        g
+                                    } else if nesterov {
+                                        g + mu * b[i]
+                                    } else {
+                                        b[i]
+                                    };
+                                    p[i] -= lr * step;
+                                })
+                            });
                     })?;
                 }
             }
