@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
 use crate::base::host::Kernels;
+use crate::base::simd::vectorized;
 
 /// Which entries a TopK selection keeps.
 #[derive(Clone, Debug)]
@@ -100,17 +101,28 @@ fn batch_candidates(
     eligible: &(dyn Fn(usize, f32) -> bool + Sync),
 ) -> Vec<(f32, u32)> {
     let total = values.len();
+    // Blocks of 16 with nothing ≥ t (nearly all of them) are skipped after one vector test.
     let collect_above = |t: f32| -> Vec<(f32, u32)> {
-        values
+        let per_row: Vec<Vec<(f32, u32)>> = values
             .par_chunks(cols)
             .enumerate()
-            .flat_map_iter(|(r, row)| {
-                row.iter()
-                    .enumerate()
-                    .filter(move |(c, v)| **v >= t && eligible(*c, **v))
-                    .map(move |(c, &v)| (v, (r * cols + c) as u32))
+            .map(|(r, row)| {
+                let mut found = Vec::new();
+                vectorized!(for (b, block) in row.chunks(16).enumerate() {
+                    if !block.iter().fold(false, |any, &v| any | (v >= t)) {
+                        continue;
+                    }
+                    for (j, &v) in block.iter().enumerate() {
+                        let c = b * 16 + j;
+                        if v >= t && eligible(c, v) {
+                            found.push((v, (r * cols + c) as u32));
+                        }
+                    }
+                });
+                found
             })
-            .collect()
+            .collect();
+        per_row.concat()
     };
     let stride = (total / 65536).max(1);
     let mut sample: Vec<f32> = (0..total)
@@ -142,25 +154,41 @@ impl CustomOp1 for MaskedRelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
-        let out: Vec<f32> = x
-            .par_iter()
-            .zip(self.mask.par_iter())
-            .map(|(&v, &keep)| if keep && v > 0.0 { v } else { 0.0 })
-            .collect();
+        if x.len() != self.mask.len() {
+            candle_core::bail!(
+                "{}: {} values, {} mask entries",
+                self.name(),
+                x.len(),
+                self.mask.len()
+            );
+        }
+        let out = elementwise(x, &self.mask, |v, keep| if keep && v > 0.0 { v } else { 0.0 });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let grad = grad.contiguous()?;
         let out = with_cpu_slice(res, |r| {
-            with_cpu_slice(grad, |g| {
-                r.par_iter()
-                    .zip(g.par_iter())
-                    .map(|(&y, &dg)| if y != 0.0 { dg } else { 0.0 })
-                    .collect::<Vec<f32>>()
-            })
+            with_cpu_slice(&grad, |g| elementwise(g, r, |dg, y| if y != 0.0 { dg } else { 0.0 }))
         })??;
         Ok(Some(cpu_tensor(out, res.shape().clone())?))
     }
+}
+
+/// `f(a[i], b[i])` for every i, in parallel chunks run in vector registers.
+fn elementwise<B: Copy + Sync>(a: &[f32], b: &[B], f: impl Fn(f32, B) -> f32 + Sync) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(
+        |((o, a), b)| {
+            let n = o.len();
+            let (a, b) = (&a[..n], &b[..n]);
+            vectorized!(for i in 0..n {
+                o[i] = f(a[i], b[i]);
+            })
+        },
+    );
+    out
 }
 
 /// A selection mask: host booleans for the host kernel, a 0/1 tensor like `pre` otherwise.

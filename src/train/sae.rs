@@ -663,11 +663,11 @@ fn column_counts(latents: &Tensor, kernels: Kernels) -> Result<Tensor> {
     let (_, m) = latents.dims2()?;
     let counts = with_cpu_slice(&latents, |host| {
         let mut counts = vec![0f32; m];
-        for row in host.chunks_exact(m) {
+        crate::base::simd::vectorized!(for row in host.chunks_exact(m) {
             for (c, &v) in counts.iter_mut().zip(row) {
                 *c += (v != 0.0) as u8 as f32;
             }
-        }
+        });
         counts
     })?;
     Ok(Tensor::from_vec(counts, m, &Device::Cpu)?)
