@@ -178,16 +178,22 @@ impl CustomOp1 for MaskedRelu {
 /// `f(a[i], b[i])` for every i, in parallel chunks run in vector registers.
 fn elementwise<B: Copy + Sync>(a: &[f32], b: &[B], f: impl Fn(f32, B) -> f32 + Sync) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(
-        |((o, a), b)| {
+    assert_eq!(a.len(), b.len(), "element-wise operands differ in length");
+    // Written once, without zero-filling first (the buffers are B × M).
+    let mut out: Vec<f32> = Vec::with_capacity(a.len());
+    out.spare_capacity_mut()[..a.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((o, a), b)| {
             let n = o.len();
             let (a, b) = (&a[..n], &b[..n]);
             vectorized!(for i in 0..n {
-                o[i] = f(a[i], b[i]);
+                o[i].write(f(a[i], b[i]));
             })
-        },
-    );
+        });
+    // SAFETY: the chunks above cover all a.len() slots and wrote every one.
+    unsafe { out.set_len(a.len()) };
     out
 }
 
