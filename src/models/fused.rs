@@ -157,9 +157,9 @@ pub(crate) fn relu_backward(grad: &Tensor, y: &Tensor) -> CResult<Tensor> {
             let mut out = vec![0f32; g.len()];
             out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(y.par_chunks(4096))).for_each(
                 |(o, (g, y))| {
-                    for ((o, &gv), &yv) in o.iter_mut().zip(g).zip(y) {
+                    vectorized!(for ((o, &gv), &yv) in o.iter_mut().zip(g).zip(y) {
                         *o = if yv > 0.0 { gv } else { 0.0 };
-                    }
+                    })
                 },
             );
             out
@@ -322,9 +322,9 @@ impl CustomOp2 for AddRelu {
         let mut out = vec![0f32; a.len()];
         out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(
             |(o, (a, b))| {
-                for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                vectorized!(for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
                     *o = (x + y).max(0.0);
-                }
+                })
             },
         );
         Ok((CpuStorage::F32(out), l1.shape().clone()))

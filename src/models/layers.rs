@@ -110,6 +110,7 @@ impl ConvGeometry {
     /// output row: `f(tap, first output position, first input position, count)` covers output
     /// positions p + i and input positions q + i·stride for i < count. Taps count ky·KW + kx,
     /// positions oy·OW + ox.
+    #[inline(always)]
     fn for_each_run(&self, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
         let (oh, ow) = self.output(h, w);
         let s = self.stride;
@@ -140,7 +141,7 @@ impl ConvGeometry {
         let n = b * l;
         let mut cols = vec![0f32; c * taps * n];
         cols.par_chunks_mut(taps * n).enumerate().for_each(|(ch, rows)| {
-            for bi in 0..b {
+            crate::base::simd::vectorized!(for bi in 0..b {
                 let src = &x[(bi * c + ch) * h * w..][..h * w];
                 self.for_each_run(h, w, |tap, pos, input, count| {
                     let dst = &mut rows[tap * n + bi * l + pos..][..count];
@@ -150,7 +151,7 @@ impl ConvGeometry {
                         dst.iter_mut().enumerate().for_each(|(i, d)| *d = src[input + i * s]);
                     }
                 });
-            }
+            })
         });
         cols
     }
@@ -166,14 +167,14 @@ impl ConvGeometry {
         out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
             let (bi, ch) = (plane / c, plane % c);
             let rows = &cols[ch * taps * n..(ch + 1) * taps * n];
-            self.for_each_run(h, w, |tap, pos, input, count| {
+            crate::base::simd::vectorized!(self.for_each_run(h, w, |tap, pos, input, count| {
                 let src = &rows[tap * n + bi * l + pos..][..count];
                 if s == 1 {
                     dst[input..input + count].iter_mut().zip(src).for_each(|(d, v)| *d += v);
                 } else {
                     src.iter().enumerate().for_each(|(i, v)| dst[input + i * s] += v);
                 }
-            });
+            }))
         });
         out
     }
