@@ -4,7 +4,7 @@
 use anyhow::{ensure, Result};
 use candle_core::{IndexOp, Tensor, D};
 
-use super::layers::{conv2d_gemm, quick_gelu, LayerNorm, Linear, Lora};
+use super::layers::{conv2d_gemm, quick_gelu, LayerNorm, Linear, Lora, Planes};
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
 use crate::base::host::Kernels;
@@ -203,7 +203,7 @@ impl ClipTower {
         let b = pixels.dim(0)?;
         // Host kernels: the GEMM convolution, whose backward is a GEMM (candle's is a direct loop).
         let patches = match kernels.for_tensor(pixels).is_host() {
-            true => conv2d_gemm(pixels, &self.patch_embedding, 0, self.patch)?,
+            true => conv2d_gemm(pixels, &self.patch_embedding, 0, self.patch, Planes::ImageMajor)?,
             false => pixels.conv2d(&self.patch_embedding, 0, self.patch, 1, 1)?,
         };
         let patches = patches.flatten_from(2)?.transpose(1, 2)?;

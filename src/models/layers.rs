@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::{DType, IndexOp, Tensor, D};
 
 use crate::base::host::Kernels;
 
@@ -69,17 +69,64 @@ impl Linear {
     }
 }
 
+/// How the planes of a 4-D activation are ordered in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Planes {
+    /// (B, C, H, W): candle's and PyTorch's layout.
+    ImageMajor,
+    /// (C, B, H, W): each channel's planes side by side. A convolution's batch-wide product
+    /// (O, B·OH·OW) is then the output itself, a 1×1 convolution multiplies the input as it
+    /// lies, and BatchNorm reduces contiguous rows — no layout copies. ResNet's CPU training
+    /// path keeps its activations this way.
+    ChannelMajor,
+}
+
+impl Planes {
+    /// (B, C) from the first two dimensions.
+    fn batch_channels(self, d0: usize, d1: usize) -> (usize, usize) {
+        match self {
+            Planes::ImageMajor => (d0, d1),
+            Planes::ChannelMajor => (d1, d0),
+        }
+    }
+
+    /// The position of plane (image `bi`, channel `ch`) among the b·c planes.
+    fn index(self, bi: usize, ch: usize, b: usize, c: usize) -> usize {
+        match self {
+            Planes::ImageMajor => bi * c + ch,
+            Planes::ChannelMajor => ch * b + bi,
+        }
+    }
+
+    /// (image, channel) of plane `p`.
+    fn plane(self, p: usize, b: usize, c: usize) -> (usize, usize) {
+        match self {
+            Planes::ImageMajor => (p / c, p % c),
+            Planes::ChannelMajor => (p % b, p / b),
+        }
+    }
+}
+
 /// A 2-D convolution (one group, no dilation) on the CPU as one matrix product over the whole
 /// batch, so that training's backward runs through GEMMs and a col2im instead of candle's
 /// convolution backward (its input gradient is a direct transposed convolution, many times
 /// slower on the CPU). Equal to `conv2d` up to the order of float sums (tested in value and
-/// gradients). x: (B, C, H, W) f32 on the CPU, w: (O, C, KH, KW) → (B, O, OH, OW).
-pub fn conv2d_gemm(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let c = x.dim(1)?;
+/// gradients). w: (O, C, KH, KW); x: (B, C, H, W) → (B, O, OH, OW), or with
+/// `Planes::ChannelMajor` (C, B, H, W) → (O, B, OH, OW); f32 on the CPU.
+pub fn conv2d_gemm(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    planes: Planes,
+) -> Result<Tensor> {
+    let (d0, d1, _, _) = x.dims4()?;
+    let (_, c) = planes.batch_channels(d0, d1);
     let (_, ci, kh, kw) = w.dims4()?;
     anyhow::ensure!(ci == c, "convolution of {c} channels with a kernel for {ci}");
     let op = ConvGemm {
         geometry: ConvGeometry { kh, kw, stride, padding },
+        planes,
         columns: Default::default(),
     };
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
@@ -134,7 +181,12 @@ impl ConvGeometry {
 
     /// im2col of the batch: (B, C, H, W) → (C·KH·KW) × (B·OH·OW), row c·KH·KW + tap holding
     /// what that tap of channel c sees at every output position of every image (0 in padding).
-    fn columns(&self, x: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
+    fn columns(
+        &self,
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        planes: Planes,
+    ) -> Vec<f32> {
         use rayon::prelude::*;
         let (oh, ow) = self.output(h, w);
         let (taps, l, s) = (self.kh * self.kw, oh * ow, self.stride);
@@ -142,7 +194,7 @@ impl ConvGeometry {
         let mut cols = vec![0f32; c * taps * n];
         cols.par_chunks_mut(taps * n).enumerate().for_each(|(ch, rows)| {
             crate::base::simd::vectorized!(for bi in 0..b {
-                let src = &x[(bi * c + ch) * h * w..][..h * w];
+                let src = &x[planes.index(bi, ch, b, c) * h * w..][..h * w];
                 self.for_each_run(h, w, |tap, pos, input, count| {
                     let dst = &mut rows[tap * n + bi * l + pos..][..count];
                     if s == 1 {
@@ -158,14 +210,19 @@ impl ConvGeometry {
 
     /// The adjoint of [`ConvGeometry::columns`]: each column entry added back to the input
     /// position it came from, one thread per (image, channel) plane in a fixed order.
-    fn col2im(&self, cols: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<f32> {
+    fn col2im(
+        &self,
+        cols: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        planes: Planes,
+    ) -> Vec<f32> {
         use rayon::prelude::*;
         let (oh, ow) = self.output(h, w);
         let (taps, l, s) = (self.kh * self.kw, oh * ow, self.stride);
         let n = b * l;
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
-            let (bi, ch) = (plane / c, plane % c);
+            let (bi, ch) = planes.plane(plane, b, c);
             let rows = &cols[ch * taps * n..(ch + 1) * taps * n];
             crate::base::simd::vectorized!(self.for_each_run(h, w, |tap, pos, input, count| {
                 let src = &rows[tap * n + bi * l + pos..][..count];
@@ -197,8 +254,29 @@ fn swap_outer(src: &[f32], r: usize, c: usize, l: usize) -> Vec<f32> {
 /// batch in its long dimension, and the kernel is never copied per image.
 struct ConvGemm {
     geometry: ConvGeometry,
-    /// im2col of the forward input, kept for the weight gradient.
+    planes: Planes,
+    /// im2col of the forward input, kept for the weight gradient (None when the input is its
+    /// own im2col: a channel-major 1×1 convolution).
     columns: Arc<Mutex<Option<Vec<f32>>>>,
+}
+
+impl ConvGemm {
+    /// Whether im2col is the identity: a 1×1, stride-1, unpadded convolution of channel-major
+    /// planes, whose (C, B·H·W) input already is the product's right-hand side.
+    fn columns_are_input(&self) -> bool {
+        let g = &self.geometry;
+        self.planes == Planes::ChannelMajor && (g.kh, g.kw, g.stride, g.padding) == (1, 1, 1, 0)
+    }
+
+    /// (B, C, H, W) and (OH, OW) from the input's shape.
+    fn sizes(
+        &self,
+        dims: (usize, usize, usize, usize),
+    ) -> ((usize, usize, usize, usize), (usize, usize)) {
+        let (d0, d1, h, w) = dims;
+        let (b, c) = self.planes.batch_channels(d0, d1);
+        ((b, c, h, w), self.geometry.output(h, w))
+    }
 }
 
 impl candle_core::CustomOp2 for ConvGemm {
@@ -213,25 +291,32 @@ impl candle_core::CustomOp2 for ConvGemm {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let dims = l1.shape().dims4()?;
-        let (b, c, h, w) = dims;
+        let ((b, c, h, w), (oh, ow)) = self.sizes(l1.shape().dims4()?);
         let (o, ci, kh, kw) = l2.shape().dims4()?;
         if ci != c || (kh, kw) != (self.geometry.kh, self.geometry.kw) {
             candle_core::bail!(
                 "conv2d-gemm: input {:?} and kernel {:?} disagree",
-                dims,
+                l1.shape(),
                 (o, ci, kh, kw)
             );
         }
         let x = crate::base::cpu::contiguous(self.name(), s1, l1)?;
         let weight = crate::base::cpu::contiguous(self.name(), s2, l2)?;
-        let (oh, ow) = self.geometry.output(h, w);
         let (k, n) = (c * kh * kw, b * oh * ow);
-        let cols = self.geometry.columns(x, dims);
-        let y = crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, &cols, n, 1);
-        *self.columns.lock().unwrap() = Some(cols);
-        let y = swap_outer(&y, o, b, oh * ow);
-        Ok((candle_core::CpuStorage::F32(y), (b, o, oh, ow).into()))
+        let y = if self.columns_are_input() {
+            crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, x, n, 1)
+        } else {
+            let cols = self.geometry.columns(x, (b, c, h, w), self.planes);
+            let y = crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, &cols, n, 1);
+            *self.columns.lock().unwrap() = Some(cols);
+            y
+        };
+        Ok(match self.planes {
+            Planes::ImageMajor => {
+                (candle_core::CpuStorage::F32(swap_outer(&y, o, b, oh * ow)), (b, o, oh, ow).into())
+            }
+            Planes::ChannelMajor => (candle_core::CpuStorage::F32(y), (o, b, oh, ow).into()),
+        })
     }
 
     fn bwd(
@@ -243,27 +328,54 @@ impl candle_core::CustomOp2 for ConvGemm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         use crate::base::cpu::{cpu_tensor, with_cpu_slice};
         use crate::base::sparse::gemm_f32;
-        let dims = x.dims4()?;
-        let (b, c, h, w) = dims;
+        let (dims, (oh, ow)) = self.sizes(x.dims4()?);
+        let (b, c, _, _) = dims;
         let (o, _, kh, kw) = weight.dims4()?;
-        let (oh, ow) = self.geometry.output(h, w);
         let (k, n) = (c * kh * kw, b * oh * ow);
         let grad = grad.contiguous()?;
-        let g = with_cpu_slice(&grad, |g| swap_outer(g, b, o, oh * ow))?;
-        let cols = match self.columns.lock().unwrap().take() {
-            Some(cols) => cols,
-            None => with_cpu_slice(x, |x| self.geometry.columns(x, dims))?,
-        };
-        // dW = G · colsᵀ; d(cols) = Wᵀ · G, folded back onto the input (only when it needs one).
-        let dw = gemm_f32(o, k, n, &g, n, 1, &cols, 1, n);
-        drop(cols);
-        let dx = if x.track_op() {
-            let dcols = with_cpu_slice(weight, |wt| gemm_f32(k, n, o, wt, 1, k, &g, n, 1))?;
-            Some(cpu_tensor(self.geometry.col2im(&dcols, dims), dims)?)
-        } else {
-            None
-        };
-        Ok((dx, Some(cpu_tensor(dw, (o, c, kh, kw))?)))
+        let kept = self.columns.lock().unwrap().take();
+        let (dw, dx) = with_cpu_slice(&grad, |g| {
+            with_cpu_slice(x, |xs| {
+                // G as the (O, B·OH·OW) product it is the gradient of.
+                let swapped;
+                let g = match self.planes {
+                    Planes::ImageMajor => {
+                        swapped = swap_outer(g, b, o, oh * ow);
+                        &swapped[..]
+                    }
+                    Planes::ChannelMajor => g,
+                };
+                let recomputed;
+                let cols = match (&kept, self.columns_are_input()) {
+                    (_, true) => xs,
+                    (Some(cols), false) => &cols[..],
+                    (None, false) => {
+                        recomputed = self.geometry.columns(xs, dims, self.planes);
+                        &recomputed[..]
+                    }
+                };
+                // dW = G · colsᵀ; d(cols) = Wᵀ · G, folded back onto the input (only when it
+                // needs one).
+                let dw = gemm_f32(o, k, n, g, n, 1, cols, 1, n);
+                let dx = x
+                    .track_op()
+                    .then(|| {
+                        with_cpu_slice(weight, |wt| gemm_f32(k, n, o, wt, 1, k, g, n, 1)).map(
+                            |dcols| match self.columns_are_input() {
+                                true => dcols,
+                                false => self.geometry.col2im(&dcols, dims, self.planes),
+                            },
+                        )
+                    })
+                    .transpose()?;
+                Ok::<_, candle_core::Error>((dw, dx))
+            })
+        })???;
+        drop(kept);
+        Ok((
+            dx.map(|dx| cpu_tensor(dx, x.shape())).transpose()?,
+            Some(cpu_tensor(dw, (o, c, kh, kw))?),
+        ))
     }
 }
 
@@ -297,11 +409,18 @@ impl BatchNorm {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let rows = x.transpose(0, 1)?.reshape((c, b * h * w))?;
+        let normed = self.normalize_rows(&rows, train)?;
+        Ok(normed.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?)
+    }
+
+    /// BatchNorm of (C, N) rows, one channel per row, with candle ops.
+    fn normalize_rows(&self, rows: &Tensor, train: bool) -> Result<Tensor> {
+        let (c, n) = rows.dims2()?;
         let (mean, var) = if train && self.trainable {
-            let n = (b * h * w) as f64;
             let mean = rows.mean_keepdim(1)?;
             let var = rows.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-            self.update_running(&mean.detach().flatten_all()?, &var.detach().flatten_all()?, n)?;
+            let flat = |t: &Tensor| t.detach().flatten_all();
+            self.update_running(&flat(&mean)?, &flat(&var)?, n as f64)?;
             (mean, var)
         } else {
             (
@@ -311,11 +430,10 @@ impl BatchNorm {
         };
         let scale =
             (var + self.eps)?.sqrt()?.recip()?.broadcast_mul(&self.weight.reshape((c, 1))?)?;
-        let normed = rows
+        Ok(rows
             .broadcast_sub(&mean)?
             .broadcast_mul(&scale)?
-            .broadcast_add(&self.bias.reshape((c, 1))?)?;
-        Ok(normed.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?)
+            .broadcast_add(&self.bias.reshape((c, 1))?)?)
     }
 
     /// Folds a batch's per-channel mean and biased variance (over `n` values each) into the
@@ -329,21 +447,22 @@ impl BatchNorm {
         Ok(())
     }
 
-    /// `forward`, with training-mode normalisation as one fused CPU op when `host` (f32 on the
-    /// CPU with host kernels): two passes over x forward and two backward, per channel in
-    /// parallel, where the candle graph makes a dozen. Statistics in f64; equal to `forward` to
-    /// float rounding (tested in value, gradients and running statistics). `relu` applies a
-    /// ReLU to the result (inside the fused op, which saves the ReLU's graph nodes).
-    pub fn forward_with(&self, x: &Tensor, train: bool, host: bool, relu: bool) -> Result<Tensor> {
-        if !(host && train && self.trainable) {
-            let y = self.forward(x, train)?;
+    /// `forward` (then a ReLU when `relu`) of channel-major (C, B, H, W) activations, ResNet's
+    /// CPU training layout (`Planes::ChannelMajor`). Training-mode normalisation of f32 on the
+    /// CPU is one fused op: two passes over x forward and two backward, per channel in
+    /// parallel, where the candle graph makes a dozen; statistics in f64; equal to `forward` to
+    /// float rounding (tested in value, gradients and running statistics). The ReLU runs inside
+    /// it, which saves the ReLU's graph nodes.
+    pub fn forward_channel_major(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let (c, b, h, w) = x.dims4()?;
+        let fused = train && self.trainable && x.device().is_cpu() && x.dtype() == DType::F32;
+        if !fused {
+            let y = self.normalize_rows(&x.reshape((c, b * h * w))?, train)?.reshape(x.shape())?;
             return Ok(if relu { y.relu()? } else { y });
         }
         let op = BatchNormTrain { eps: self.eps, relu, stats: Default::default() };
         let stats = op.stats.clone();
         let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
-        let (b, c, h, w) = x.dims4()?;
-        let n = (b * h * w) as f64;
         let stats = stats.lock().unwrap().clone();
         anyhow::ensure!(stats.len() == c, "batch-norm statistics missing");
         let mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
@@ -352,7 +471,7 @@ impl BatchNorm {
         self.update_running(
             &Tensor::from_vec(mean, c, device)?,
             &Tensor::from_vec(var, c, device)?,
-            n,
+            (b * h * w) as f64,
         )?;
         Ok(y)
     }
@@ -361,7 +480,8 @@ impl BatchNorm {
 /// Per-channel (mean, biased variance) of one batch, shared between a forward and its backward.
 type ChannelStats = std::sync::Arc<Mutex<Vec<(f64, f64)>>>;
 
-/// Training-mode BatchNorm of (B, C, H, W) with weight and bias (C,) on the CPU.
+/// Training-mode BatchNorm of channel-major (C, B, H, W) with weight and bias (C,) on the CPU:
+/// each channel is one contiguous row of B·H·W values.
 struct BatchNormTrain {
     eps: f64,
     /// max(0, ·) on the output; the backward then passes gradient only where the output is > 0.
@@ -396,11 +516,6 @@ fn lane_dot(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// The H·W values of channel `ch` in image `bi`.
-fn plane(x: &[f32], bi: usize, ch: usize, c: usize, hw: usize) -> &[f32] {
-    &x[(bi * c + ch) * hw..][..hw]
-}
-
 impl candle_core::CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
         "batch-norm-train"
@@ -416,20 +531,19 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (b, c, h, w) = l1.shape().dims4()?;
+        let (c, b, h, w) = l1.shape().dims4()?;
         let x = crate::base::cpu::contiguous("batch-norm", s1, l1)?;
         let gamma = crate::base::cpu::contiguous("batch-norm", s2, l2)?;
         let beta = crate::base::cpu::contiguous("batch-norm", s3, l3)?;
-        let (hw, n) = (h * w, (b * h * w) as f64);
+        let (hw, len) = (h * w, b * h * w);
+        let n = len as f64;
         let stats: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
+                let row = &x[ch * len..(ch + 1) * len];
                 crate::base::simd::vectorized!({
-                    let planes = || (0..b).map(|bi| plane(x, bi, ch, c, hw));
-                    let mean = planes().map(|p| lane_sum(p, |v| v as f64)).sum::<f64>() / n;
-                    let sq: f64 = planes()
-                        .map(|p| lane_sum(p, |v| (v as f64 - mean) * (v as f64 - mean)))
-                        .sum();
+                    let mean = lane_sum(row, |v| v as f64) / n;
+                    let sq = lane_sum(row, |v| (v as f64 - mean) * (v as f64 - mean));
                     (mean, sq / n)
                 })
             })
@@ -437,7 +551,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let inv = self.inverse_std(&stats);
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
-            let ch = p % c;
+            let ch = p / b.max(1);
             let scale = gamma[ch] as f64 * inv[ch];
             let (scale, shift) = (scale as f32, (beta[ch] as f64 - stats[ch].0 * scale) as f32);
             crate::base::simd::vectorized!({
@@ -463,8 +577,9 @@ impl candle_core::CustomOp3 for BatchNormTrain {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         use crate::base::cpu::with_cpu_slice;
         use rayon::prelude::*;
-        let (b, c, h, w) = x.dims4()?;
-        let (hw, n) = (h * w, (b * h * w) as f64);
+        let (c, b, h, w) = x.dims4()?;
+        let (hw, len) = (h * w, b * h * w);
+        let n = len as f64;
         let stats = self.stats.lock().unwrap().clone();
         let inv = self.inverse_std(&stats);
         let gamma = with_cpu_slice(gamma, <[f32]>::to_vec)?;
@@ -478,14 +593,12 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                 let sums: Vec<(f64, f64)> = (0..c)
                     .into_par_iter()
                     .map(|ch| {
-                        let (mean, mut sg, mut sgx) = (stats[ch].0, 0f64, 0f64);
-                        crate::base::simd::vectorized!({
-                            for bi in 0..b {
-                                let (xp, gp) = (plane(x, bi, ch, c, hw), plane(g, bi, ch, c, hw));
-                                sg += lane_sum(gp, |gv| gv as f64);
-                                sgx += lane_dot(gp, xp, |gv, v| gv as f64 * (v as f64 - mean));
-                            }
-                        });
+                        let mean = stats[ch].0;
+                        let (xr, gr) = (&x[ch * len..(ch + 1) * len], &g[ch * len..(ch + 1) * len]);
+                        let (sg, sgx) = crate::base::simd::vectorized!((
+                            lane_sum(gr, |gv| gv as f64),
+                            lane_dot(gr, xr, |gv, v| gv as f64 * (v as f64 - mean))
+                        ));
                         (sg, sgx * inv[ch])
                     })
                     .collect();
@@ -493,7 +606,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                 // per-channel constants in f64, the pass in f32.
                 let mut dx = vec![0f32; x.len()];
                 dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
-                    let ch = p % c;
+                    let ch = p / b.max(1);
                     let k = gamma[ch] as f64 * inv[ch];
                     let (mg, mgx) = (sums[ch].0 / n, sums[ch].1 / n);
                     let (kf, shift, slope, mean) = (
@@ -516,7 +629,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         })??;
         let device = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (b, c, h, w), device)?),
+            Some(Tensor::from_vec(dx, (c, b, h, w), device)?),
             Some(Tensor::from_vec(dgamma, c, device)?),
             Some(Tensor::from_vec(dbeta, c, device)?),
         ))
@@ -586,23 +699,36 @@ mod conv_tests {
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, ci, n, n), &dev).unwrap()).unwrap();
             let w =
                 Var::from_tensor(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev).unwrap()).unwrap();
-            let ours = conv2d_gemm(x.as_tensor(), w.as_tensor(), p, s).unwrap();
             let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).unwrap();
-            assert_eq!(ours.dims(), theirs.dims(), "k {k} s {s}");
-            assert!(gap(&ours, &theirs) < 1e-5, "k {k} s {s}: values differ");
             let up = Tensor::randn(0f32, 1.0, theirs.dims(), &dev).unwrap();
-            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &w] {
-                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
-                assert!(gap(a, b) < 1e-4, "k {k} s {s}: gradients differ by {}", gap(a, b));
+            let g2 = (&theirs * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for planes in [Planes::ImageMajor, Planes::ChannelMajor] {
+                // Channel-major in and out: transposed around the op, so the comparison (and
+                // the gradient reaching x) is in candle's layout.
+                let ours = match planes {
+                    Planes::ImageMajor => conv2d_gemm(x.as_tensor(), w.as_tensor(), p, s, planes),
+                    Planes::ChannelMajor => {
+                        let xc = x.as_tensor().transpose(0, 1).unwrap();
+                        conv2d_gemm(&xc, w.as_tensor(), p, s, planes)
+                            .map(|y| y.transpose(0, 1).unwrap())
+                    }
+                }
+                .unwrap();
+                let what = format!("{planes:?} k {k} s {s}");
+                assert_eq!(ours.dims(), theirs.dims(), "{what}");
+                assert!(gap(&ours, &theirs) < 1e-5, "{what}: values differ");
+                let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                for v in [&x, &w] {
+                    let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                    assert!(gap(a, b) < 1e-4, "{what}: gradients differ by {}", gap(a, b));
+                }
             }
         }
         // An input that needs no gradient (the pixels): the kernel's gradient alone, the same.
         let x = Tensor::randn(0f32, 1.0, (3, 3, 11, 11), &dev).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 3, 7, 7), &dev).unwrap()).unwrap();
         let up = Tensor::randn(0f32, 1.0, (3, 4, 3, 3), &dev).unwrap();
-        let ours = conv2d_gemm(&x, w.as_tensor(), 3, 4).unwrap();
+        let ours = conv2d_gemm(&x, w.as_tensor(), 3, 4, Planes::ImageMajor).unwrap();
         let theirs = x.conv2d(w.as_tensor(), 3, 4, 1, 1).unwrap();
         let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (theirs * &up).unwrap().sum_all().unwrap().backward().unwrap();
@@ -636,8 +762,8 @@ mod batch_norm_tests {
         (bn, weight, bias)
     }
 
-    /// The fused op against the candle graph: output, the three gradients, running statistics;
-    /// with and without the ReLU folded in.
+    /// The fused (channel-major) op against the candle graph: output, the three gradients,
+    /// running statistics; with and without the ReLU folded in.
     #[test]
     fn fused_training_batch_norm_equals_the_graph() {
         let dev = Device::Cpu;
@@ -648,12 +774,15 @@ mod batch_norm_tests {
             let up = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), &dev).unwrap();
             let (rm0, rv0) =
                 (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
-            let graph = bn.forward_with(x.as_tensor(), true, false, relu).unwrap();
+            let graph = bn.forward(x.as_tensor(), true).unwrap();
+            let graph = if relu { graph.relu().unwrap() } else { graph };
             let (rm1, rv1) =
                 (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
             *bn.running_mean.lock().unwrap() = rm0;
             *bn.running_var.lock().unwrap() = rv0;
-            let fused = bn.forward_with(x.as_tensor(), true, true, relu).unwrap();
+            let channel_major = x.as_tensor().transpose(0, 1).unwrap();
+            let fused = bn.forward_channel_major(&channel_major, true, relu).unwrap();
+            let fused = fused.transpose(0, 1).unwrap();
             assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
             assert!(gap(&rm1, &bn.running_mean.lock().unwrap()) < 1e-6);
             assert!(gap(&rv1, &bn.running_var.lock().unwrap()) < 1e-5);

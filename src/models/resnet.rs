@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 
 use crate::base::host::Kernels;
 
-use super::layers::{conv2d_gemm, max_pool_3x3_s2, BatchNorm};
+use super::layers::{conv2d_gemm, max_pool_3x3_s2, BatchNorm, Planes};
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
 
@@ -20,11 +20,12 @@ struct Conv {
 }
 
 impl Conv {
-    /// `gemm`: im2col + GEMM (host kernels in training, where its backward is much faster than
-    /// candle's); otherwise candle's convolution (GPUs, portable kernels, inference).
-    fn forward(&self, x: &Tensor, gemm: bool) -> Result<Tensor> {
-        if gemm {
-            return conv2d_gemm(x, &self.weight, self.padding, self.stride);
+    /// `host`: im2col + GEMM on channel-major activations (host kernels in training, where its
+    /// backward is much faster than candle's); otherwise candle's convolution (GPUs, portable
+    /// kernels, inference) on (B, C, H, W).
+    fn forward(&self, x: &Tensor, host: bool) -> Result<Tensor> {
+        if host {
+            return conv2d_gemm(x, &self.weight, self.padding, self.stride, Planes::ChannelMajor);
         }
         Ok(x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?)
     }
@@ -155,29 +156,39 @@ impl ResNet {
     }
 
     /// `forward` with the convolutions as im2col + GEMM and BatchNorm as one fused op where
-    /// `kernels` are host ones and the pass trains (f32 on the CPU).
+    /// `kernels` are host ones and the pass trains (f32 on the CPU). That path keeps the
+    /// activations channel-major, (C, B, H, W), from the stem to the pooling, so no layer
+    /// reorders memory (`Planes::ChannelMajor`).
     pub fn forward_with(&self, x: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
-        let gemm = train && kernels.is_host() && x.device().is_cpu() && x.dtype() == DType::F32;
-        let x = self.bn1.forward_with(&self.conv1.forward(x, gemm)?, train, gemm, true)?;
+        let host = train && kernels.is_host() && x.device().is_cpu() && x.dtype() == DType::F32;
+        let bn = |layer: &BatchNorm, x: &Tensor, relu: bool| -> Result<Tensor> {
+            if host {
+                return layer.forward_channel_major(x, train, relu);
+            }
+            let y = layer.forward(x, train)?;
+            Ok(if relu { y.relu()? } else { y })
+        };
+        let x = if host { x.transpose(0, 1)?.contiguous()? } else { x.clone() };
+        let x = bn(&self.bn1, &self.conv1.forward(&x, host)?, true)?;
         let mut x = max_pool_3x3_s2(&x, kernels)?;
         for b in &self.blocks {
-            let h = b.bn1.forward_with(&b.conv1.forward(&x, gemm)?, train, gemm, true)?;
-            let h = b.bn2.forward_with(&b.conv2.forward(&h, gemm)?, train, gemm, true)?;
-            let h = b.bn3.forward_with(&b.conv3.forward(&h, gemm)?, train, gemm, false)?;
+            let h = bn(&b.bn1, &b.conv1.forward(&x, host)?, true)?;
+            let h = bn(&b.bn2, &b.conv2.forward(&h, host)?, true)?;
+            let h = bn(&b.bn3, &b.conv3.forward(&h, host)?, false)?;
             let identity = match &b.downsample {
-                Some((conv, bn)) => {
-                    bn.forward_with(&conv.forward(&x, gemm)?, train, gemm, false)?
-                }
+                Some((conv, norm)) => bn(norm, &conv.forward(&x, host)?, false)?,
                 None => x.clone(),
             };
-            x = match gemm {
+            x = match host {
                 true => {
                     h.contiguous()?.apply_op2(&identity.contiguous()?, super::fused::AddRelu)?
                 }
                 false => (h + identity)?.relu()?,
             };
         }
-        Ok(x.mean(3)?.mean(2)?)
+        // Global average pooling; channel-major activations pool to (C, B).
+        let pooled = x.mean(3)?.mean(2)?;
+        Ok(if host { pooled.t()?.contiguous()? } else { pooled })
     }
 
     /// Every BatchNorm layer, stem first.
