@@ -4,7 +4,8 @@
 use anyhow::{ensure, Result};
 use candle_core::{IndexOp, Tensor, D};
 
-use super::layers::{conv2d_gemm, quick_gelu, LayerNorm, Linear, Lora, Planes};
+use super::conv::{conv2d_gemm, Planes};
+use super::layers::{quick_gelu, LayerNorm, Linear, Lora};
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
 use crate::base::host::Kernels;

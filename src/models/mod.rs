@@ -2,7 +2,9 @@
 //! torchvision-layout bottleneck ResNet and a CLIP vision tower, their differentiable layers, named
 //! parameter sets, LoRA, and the TopK activation (selection without sorting).
 
+pub mod batch_norm;
 pub mod clip;
+pub mod conv;
 pub mod fused;
 pub mod layers;
 pub mod params;

@@ -9,7 +9,9 @@ use candle_core::{DType, Tensor};
 
 use crate::base::host::Kernels;
 
-use super::layers::{conv2d_gemm, max_pool_3x3_s2, BatchNorm, Planes};
+use super::batch_norm::BatchNorm;
+use super::conv::{conv2d_gemm, Planes};
+use super::layers::max_pool_3x3_s2;
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
 

@@ -29,7 +29,7 @@ impl Backbone {
     }
 
     /// The BatchNorm layers (none for a ViT tower).
-    pub fn batch_norms(&self) -> Vec<&crate::models::layers::BatchNorm> {
+    pub fn batch_norms(&self) -> Vec<&crate::models::batch_norm::BatchNorm> {
         match self {
             Backbone::Resnet(r) => r.batch_norms(),
             Backbone::Clip(_) => Vec::new(),

@@ -1,0 +1,315 @@
+//! BatchNorm2d: the candle-graph layer (any device, image-major) and, for ResNet's CPU training
+//! on channel-major activations, one fused op with a closed-form backward.
+
+use std::sync::Mutex;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+/// BatchNorm2d over (B, C, H, W): batch statistics in training (running statistics updated with
+/// PyTorch's momentum and unbiased variance), running statistics in evaluation.
+pub struct BatchNorm {
+    /// Checkpoint prefix, e.g. `layer1.0.bn2`.
+    pub name: String,
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Mutex<Tensor>,
+    pub running_var: Mutex<Tensor>,
+    pub eps: f64,
+    pub momentum: f64,
+    /// False for frozen layers: always evaluation mode.
+    pub trainable: bool,
+}
+
+impl BatchNorm {
+    /// Works on a channel-major (C, B·H·W) copy: every reduction, and the backward of every
+    /// per-channel broadcast, then runs over contiguous rows (strided ones are several times
+    /// slower in candle).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let rows = x.transpose(0, 1)?.reshape((c, b * h * w))?;
+        let normed = self.normalize_rows(&rows, train)?;
+        Ok(normed.reshape((c, b, h, w))?.transpose(0, 1)?.contiguous()?)
+    }
+
+    /// BatchNorm of (C, N) rows, one channel per row, with candle ops.
+    fn normalize_rows(&self, rows: &Tensor, train: bool) -> Result<Tensor> {
+        let (c, n) = rows.dims2()?;
+        let (mean, var) = if train && self.trainable {
+            let mean = rows.mean_keepdim(1)?;
+            let var = rows.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            let flat = |t: &Tensor| t.detach().flatten_all();
+            self.update_running(&flat(&mean)?, &flat(&var)?, n as f64)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.lock().unwrap().reshape((c, 1))?,
+                self.running_var.lock().unwrap().reshape((c, 1))?,
+            )
+        };
+        let scale =
+            (var + self.eps)?.sqrt()?.recip()?.broadcast_mul(&self.weight.reshape((c, 1))?)?;
+        Ok(rows
+            .broadcast_sub(&mean)?
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias.reshape((c, 1))?)?)
+    }
+
+    /// Folds a batch's per-channel mean and biased variance (over `n` values each) into the
+    /// running statistics, as PyTorch does (the variance made unbiased).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, n: f64) -> Result<()> {
+        let mut rm = self.running_mean.lock().unwrap();
+        let mut rv = self.running_var.lock().unwrap();
+        *rm = ((&*rm * (1.0 - self.momentum))? + (mean * self.momentum)?)?;
+        *rv =
+            ((&*rv * (1.0 - self.momentum))? + (var * (self.momentum * n / (n - 1.0).max(1.0)))?)?;
+        Ok(())
+    }
+
+    /// `forward` (then a ReLU when `relu`) of channel-major (C, B, H, W) activations, ResNet's
+    /// CPU training layout (`Planes::ChannelMajor`). Training-mode normalisation of f32 on the
+    /// CPU is one fused op: two passes over x forward and two backward, per channel in
+    /// parallel, where the candle graph makes a dozen; statistics in f64; equal to `forward` to
+    /// float rounding (tested in value, gradients and running statistics). The ReLU runs inside
+    /// it, which saves the ReLU's graph nodes.
+    pub fn forward_channel_major(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let (c, b, h, w) = x.dims4()?;
+        let fused = train && self.trainable && x.device().is_cpu() && x.dtype() == DType::F32;
+        if !fused {
+            let y = self.normalize_rows(&x.reshape((c, b * h * w))?, train)?.reshape(x.shape())?;
+            return Ok(if relu { y.relu()? } else { y });
+        }
+        let op = BatchNormTrain { eps: self.eps, relu, stats: Default::default() };
+        let stats = op.stats.clone();
+        let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
+        let stats = stats.lock().unwrap().clone();
+        anyhow::ensure!(stats.len() == c, "batch-norm statistics missing");
+        let mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
+        let var: Vec<f32> = stats.iter().map(|s| s.1 as f32).collect();
+        let device = x.device();
+        self.update_running(
+            &Tensor::from_vec(mean, c, device)?,
+            &Tensor::from_vec(var, c, device)?,
+            (b * h * w) as f64,
+        )?;
+        Ok(y)
+    }
+}
+
+/// Per-channel (mean, biased variance) of one batch, shared between a forward and its backward.
+type ChannelStats = std::sync::Arc<Mutex<Vec<(f64, f64)>>>;
+
+/// Training-mode BatchNorm of channel-major (C, B, H, W) with weight and bias (C,) on the CPU:
+/// each channel is one contiguous row of B·H·W values.
+struct BatchNormTrain {
+    eps: f64,
+    /// max(0, ·) on the output; the backward then passes gradient only where the output is > 0.
+    relu: bool,
+    stats: ChannelStats,
+}
+
+impl BatchNormTrain {
+    /// (1/√(var + eps)) per channel.
+    fn inverse_std(&self, stats: &[(f64, f64)]) -> Vec<f64> {
+        stats.iter().map(|&(_, var)| 1.0 / (var + self.eps).sqrt()).collect()
+    }
+}
+
+/// Σ f(v) in f64 over eight interleaved partial sums (vectorisable; a fixed order).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    lane_dot(xs, xs, |v, _| f(v))
+}
+
+/// Σ f(a_i, b_i) in f64 over eight interleaved partial sums.
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let whole = a.len() / 8 * 8;
+    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += f(ca[j], cb[j]);
+        }
+    }
+    let tail: f64 = a[whole..].iter().zip(&b[whole..]).map(|(&x, &y)| f(x, y)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+impl candle_core::CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (c, b, h, w) = l1.shape().dims4()?;
+        let x = crate::base::cpu::contiguous("batch-norm", s1, l1)?;
+        let gamma = crate::base::cpu::contiguous("batch-norm", s2, l2)?;
+        let beta = crate::base::cpu::contiguous("batch-norm", s3, l3)?;
+        let (hw, len) = (h * w, b * h * w);
+        let n = len as f64;
+        let stats: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let row = &x[ch * len..(ch + 1) * len];
+                crate::base::simd::vectorized!({
+                    let mean = lane_sum(row, |v| v as f64) / n;
+                    let sq = lane_sum(row, |v| (v as f64 - mean) * (v as f64 - mean));
+                    (mean, sq / n)
+                })
+            })
+            .collect();
+        let inv = self.inverse_std(&stats);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
+            let ch = p / b.max(1);
+            let scale = gamma[ch] as f64 * inv[ch];
+            let (scale, shift) = (scale as f32, (beta[ch] as f64 - stats[ch].0 * scale) as f32);
+            crate::base::simd::vectorized!({
+                for (d, &v) in dst.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                    *d = v * scale + shift;
+                }
+                if self.relu {
+                    dst.iter_mut().for_each(|d| *d = d.max(0.0));
+                }
+            })
+        });
+        *self.stats.lock().unwrap() = stats;
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::base::cpu::with_cpu_slice;
+        use rayon::prelude::*;
+        let (c, b, h, w) = x.dims4()?;
+        let (hw, len) = (h * w, b * h * w);
+        let n = len as f64;
+        let stats = self.stats.lock().unwrap().clone();
+        let inv = self.inverse_std(&stats);
+        let gamma = with_cpu_slice(gamma, <[f32]>::to_vec)?;
+        let grad = match self.relu {
+            true => super::fused::relu_backward(grad, res)?,
+            false => grad.contiguous()?,
+        };
+        let (dx, dgamma, dbeta) = with_cpu_slice(x, |x| {
+            with_cpu_slice(&grad, |g| {
+                // Per channel: Σ g and Σ g·x̂.
+                let sums: Vec<(f64, f64)> = (0..c)
+                    .into_par_iter()
+                    .map(|ch| {
+                        let mean = stats[ch].0;
+                        let (xr, gr) = (&x[ch * len..(ch + 1) * len], &g[ch * len..(ch + 1) * len]);
+                        let (sg, sgx) = crate::base::simd::vectorized!((
+                            lane_sum(gr, |gv| gv as f64),
+                            lane_dot(gr, xr, |gv, v| gv as f64 * (v as f64 - mean))
+                        ));
+                        (sg, sgx * inv[ch])
+                    })
+                    .collect();
+                // dx = γ/σ · (g − Σg/N − x̂·Σ(g·x̂)/N) = k·g − k·Σg/N − (k·σ⁻¹·Σ(g·x̂)/N)·(x − mean),
+                // per-channel constants in f64, the pass in f32.
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
+                    let ch = p / b.max(1);
+                    let k = gamma[ch] as f64 * inv[ch];
+                    let (mg, mgx) = (sums[ch].0 / n, sums[ch].1 / n);
+                    let (kf, shift, slope, mean) = (
+                        k as f32,
+                        (-k * mg) as f32,
+                        (-k * inv[ch] * mgx) as f32,
+                        stats[ch].0 as f32,
+                    );
+                    let (xp, gp) = (&x[p * hw..(p + 1) * hw], &g[p * hw..(p + 1) * hw]);
+                    crate::base::simd::vectorized!({
+                        for ((d, &v), &gv) in dst.iter_mut().zip(xp).zip(gp) {
+                            *d = kf * gv + shift + slope * (v - mean);
+                        }
+                    })
+                });
+                let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+                let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+                (dx, dgamma, dbeta)
+            })
+        })??;
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (c, b, h, w), device)?),
+            Some(Tensor::from_vec(dgamma, c, device)?),
+            Some(Tensor::from_vec(dbeta, c, device)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod batch_norm_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    fn layer(c: usize, dev: &Device) -> (BatchNorm, Var, Var) {
+        let weight = Var::from_tensor(&Tensor::randn(1f32, 0.2, c, dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.2, c, dev).unwrap()).unwrap();
+        let bn = BatchNorm {
+            name: "bn".into(),
+            weight: weight.as_tensor().clone(),
+            bias: bias.as_tensor().clone(),
+            running_mean: Mutex::new(Tensor::randn(0f32, 0.2, c, dev).unwrap()),
+            running_var: Mutex::new(Tensor::ones(c, candle_core::DType::F32, dev).unwrap()),
+            eps: 1e-5,
+            momentum: 0.1,
+            trainable: true,
+        };
+        (bn, weight, bias)
+    }
+
+    /// The fused (channel-major) op against the candle graph: output, the three gradients,
+    /// running statistics; with and without the ReLU folded in.
+    #[test]
+    fn fused_training_batch_norm_equals_the_graph() {
+        let dev = Device::Cpu;
+        for relu in [false, true] {
+            let (bn, weight, bias) = layer(4, &dev);
+            let x = Var::from_tensor(&(Tensor::randn(0.5f32, 2.0, (3, 4, 5, 6), &dev).unwrap()))
+                .unwrap();
+            let up = Tensor::randn(0f32, 1.0, (3, 4, 5, 6), &dev).unwrap();
+            let (rm0, rv0) =
+                (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
+            let graph = bn.forward(x.as_tensor(), true).unwrap();
+            let graph = if relu { graph.relu().unwrap() } else { graph };
+            let (rm1, rv1) =
+                (bn.running_mean.lock().unwrap().clone(), bn.running_var.lock().unwrap().clone());
+            *bn.running_mean.lock().unwrap() = rm0;
+            *bn.running_var.lock().unwrap() = rv0;
+            let channel_major = x.as_tensor().transpose(0, 1).unwrap();
+            let fused = bn.forward_channel_major(&channel_major, true, relu).unwrap();
+            let fused = fused.transpose(0, 1).unwrap();
+            assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
+            assert!(gap(&rm1, &bn.running_mean.lock().unwrap()) < 1e-6);
+            assert!(gap(&rv1, &bn.running_var.lock().unwrap()) < 1e-5);
+            let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("weight", &weight), ("bias", &bias)] {
+                let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
+                assert!(gap(a, b) < 1e-4, "relu {relu} {name}: gradients differ by {}", gap(a, b));
+            }
+        }
+    }
+}
