@@ -62,11 +62,7 @@ pub fn conv2d_gemm(
     let (_, c) = planes.batch_channels(d0, d1);
     let (_, ci, kh, kw) = w.dims4()?;
     anyhow::ensure!(ci == c, "convolution of {c} channels with a kernel for {ci}");
-    let op = ConvGemm {
-        geometry: ConvGeometry { kh, kw, stride, padding },
-        planes,
-        columns: Default::default(),
-    };
+    let op = ConvGemm::new((kh, kw), padding, stride, planes);
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
 }
 
@@ -117,8 +113,9 @@ impl ConvGeometry {
         }
     }
 
-    /// im2col of the batch: (B, C, H, W) → (C·KH·KW) × (B·OH·OW), row c·KH·KW + tap holding
-    /// what that tap of channel c sees at every output position of every image (0 in padding).
+    /// im2col of the batch (its B·C planes ordered as `planes` says) → (C·KH·KW) × (B·OH·OW),
+    /// row c·KH·KW + tap holding what that tap of channel c sees at every output position of
+    /// every image (0 in padding).
     fn columns(
         &self,
         x: &[f32],
@@ -190,7 +187,7 @@ fn swap_outer(src: &[f32], r: usize, c: usize, l: usize) -> Vec<f32> {
 /// The convolution as a custom op: y = W · im2col(x) for the whole batch at once, so each of
 /// the three products (forward, weight gradient, input gradient) is one large GEMM with the
 /// batch in its long dimension, and the kernel is never copied per image.
-struct ConvGemm {
+pub(crate) struct ConvGemm {
     geometry: ConvGeometry,
     planes: Planes,
     /// im2col of the forward input, kept for the weight gradient (None when the input is its
@@ -199,6 +196,77 @@ struct ConvGemm {
 }
 
 impl ConvGemm {
+    /// The op for a kernel (O, C, KH, KW) at `padding` and `stride`.
+    pub(crate) fn new(
+        kernel: (usize, usize),
+        padding: usize,
+        stride: usize,
+        planes: Planes,
+    ) -> Self {
+        let (kh, kw) = kernel;
+        ConvGemm {
+            geometry: ConvGeometry { kh, kw, stride, padding },
+            planes,
+            columns: Default::default(),
+        }
+    }
+
+    /// The batch-wide product W · im2col(x), (O, B·OH·OW), and the columns to keep for the
+    /// backward pass (None when the input is its own im2col).
+    pub(crate) fn product(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        dims: (usize, usize, usize, usize),
+        o: usize,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (b, c, h, w) = dims;
+        let (oh, ow) = self.geometry.output(h, w);
+        let (k, n) = (c * self.geometry.kh * self.geometry.kw, b * oh * ow);
+        if self.columns_are_input() {
+            return (crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, x, n, 1), None);
+        }
+        let cols = self.geometry.columns(x, dims, self.planes);
+        (crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, &cols, n, 1), Some(cols))
+    }
+
+    /// (dW, dx) from `g`, the gradient of the product (O, B·OH·OW): dW = G · colsᵀ and, when
+    /// `need_dx`, d(cols) = Wᵀ · G folded back onto the input. `kept`: the forward's columns.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn product_backward(
+        &self,
+        g: &[f32],
+        x: &[f32],
+        weight: &[f32],
+        kept: Option<&[f32]>,
+        dims: (usize, usize, usize, usize),
+        o: usize,
+        need_dx: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        use crate::base::sparse::gemm_f32;
+        let (b, c, h, w) = dims;
+        let (oh, ow) = self.geometry.output(h, w);
+        let (k, n) = (c * self.geometry.kh * self.geometry.kw, b * oh * ow);
+        let recomputed;
+        let cols = match (kept, self.columns_are_input()) {
+            (_, true) => x,
+            (Some(cols), false) => cols,
+            (None, false) => {
+                recomputed = self.geometry.columns(x, dims, self.planes);
+                &recomputed[..]
+            }
+        };
+        let dw = gemm_f32(o, k, n, g, n, 1, cols, 1, n);
+        let dx = need_dx.then(|| {
+            let dcols = gemm_f32(k, n, o, weight, 1, k, g, n, 1);
+            match self.columns_are_input() {
+                true => dcols,
+                false => self.geometry.col2im(&dcols, dims, self.planes),
+            }
+        });
+        (dw, dx)
+    }
+
     /// Whether im2col is the identity: a 1×1, stride-1, unpadded convolution of channel-major
     /// planes, whose (C, B·H·W) input already is the product's right-hand side.
     fn columns_are_input(&self) -> bool {
@@ -207,7 +275,7 @@ impl ConvGemm {
     }
 
     /// (B, C, H, W) and (OH, OW) from the input's shape.
-    fn sizes(
+    pub(crate) fn sizes(
         &self,
         dims: (usize, usize, usize, usize),
     ) -> ((usize, usize, usize, usize), (usize, usize)) {
@@ -240,15 +308,8 @@ impl candle_core::CustomOp2 for ConvGemm {
         }
         let x = crate::base::cpu::contiguous(self.name(), s1, l1)?;
         let weight = crate::base::cpu::contiguous(self.name(), s2, l2)?;
-        let (k, n) = (c * kh * kw, b * oh * ow);
-        let y = if self.columns_are_input() {
-            crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, x, n, 1)
-        } else {
-            let cols = self.geometry.columns(x, (b, c, h, w), self.planes);
-            let y = crate::base::sparse::gemm_f32(o, n, k, weight, k, 1, &cols, n, 1);
-            *self.columns.lock().unwrap() = Some(cols);
-            y
-        };
+        let (y, cols) = self.product(x, weight, (b, c, h, w), o);
+        *self.columns.lock().unwrap() = cols;
         Ok(match self.planes {
             Planes::ImageMajor => {
                 (candle_core::CpuStorage::F32(swap_outer(&y, o, b, oh * ow)), (b, o, oh, ow).into())
@@ -265,51 +326,27 @@ impl candle_core::CustomOp2 for ConvGemm {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         use crate::base::cpu::{cpu_tensor, with_cpu_slice};
-        use crate::base::sparse::gemm_f32;
         let (dims, (oh, ow)) = self.sizes(x.dims4()?);
         let (b, c, _, _) = dims;
         let (o, _, kh, kw) = weight.dims4()?;
-        let (k, n) = (c * kh * kw, b * oh * ow);
         let grad = grad.contiguous()?;
         let kept = self.columns.lock().unwrap().take();
         let (dw, dx) = with_cpu_slice(&grad, |g| {
             with_cpu_slice(x, |xs| {
-                // G as the (O, B·OH·OW) product it is the gradient of.
-                let swapped;
-                let g = match self.planes {
-                    Planes::ImageMajor => {
-                        swapped = swap_outer(g, b, o, oh * ow);
-                        &swapped[..]
-                    }
-                    Planes::ChannelMajor => g,
-                };
-                let recomputed;
-                let cols = match (&kept, self.columns_are_input()) {
-                    (_, true) => xs,
-                    (Some(cols), false) => &cols[..],
-                    (None, false) => {
-                        recomputed = self.geometry.columns(xs, dims, self.planes);
-                        &recomputed[..]
-                    }
-                };
-                // dW = G · colsᵀ; d(cols) = Wᵀ · G, folded back onto the input (only when it
-                // needs one).
-                let dw = gemm_f32(o, k, n, g, n, 1, cols, 1, n);
-                let dx = x
-                    .track_op()
-                    .then(|| {
-                        with_cpu_slice(weight, |wt| gemm_f32(k, n, o, wt, 1, k, g, n, 1)).map(
-                            |dcols| match self.columns_are_input() {
-                                true => dcols,
-                                false => self.geometry.col2im(&dcols, dims, self.planes),
-                            },
-                        )
-                    })
-                    .transpose()?;
-                Ok::<_, candle_core::Error>((dw, dx))
+                with_cpu_slice(weight, |wt| {
+                    // G as the (O, B·OH·OW) product it is the gradient of.
+                    let swapped;
+                    let g = match self.planes {
+                        Planes::ImageMajor => {
+                            swapped = swap_outer(g, b, o, oh * ow);
+                            &swapped[..]
+                        }
+                        Planes::ChannelMajor => g,
+                    };
+                    self.product_backward(g, xs, wt, kept.as_deref(), dims, o, x.track_op())
+                })
             })
         })???;
-        drop(kept);
         Ok((
             dx.map(|dx| cpu_tensor(dx, x.shape())).transpose()?,
             Some(cpu_tensor(dw, (o, c, kh, kw))?),

@@ -10,7 +10,6 @@ use candle_core::{DType, Tensor};
 use crate::base::host::Kernels;
 
 use super::batch_norm::BatchNorm;
-use super::conv::{conv2d_gemm, Planes};
 use super::layers::max_pool_3x3_s2;
 use super::params::{DecayGroup, ParamSet, Weights};
 use super::Trainable;
@@ -22,14 +21,24 @@ struct Conv {
 }
 
 impl Conv {
-    /// `host`: im2col + GEMM on channel-major activations (host kernels in training, where its
-    /// backward is much faster than candle's); otherwise candle's convolution (GPUs, portable
-    /// kernels, inference) on (B, C, H, W).
-    fn forward(&self, x: &Tensor, host: bool) -> Result<Tensor> {
+    /// This convolution, then `bn` (and a ReLU). `host`: channel-major activations, the pair as
+    /// one CPU op in training (im2col + GEMM, whose backward is much faster than candle's, with
+    /// the fused BatchNorm); otherwise candle's convolution and BatchNorm on (B, C, H, W) (GPUs,
+    /// portable kernels, inference).
+    fn then_norm(
+        &self,
+        x: &Tensor,
+        bn: &BatchNorm,
+        relu: bool,
+        train: bool,
+        host: bool,
+    ) -> Result<Tensor> {
         if host {
-            return conv2d_gemm(x, &self.weight, self.padding, self.stride, Planes::ChannelMajor);
+            let geometry = (self.padding, self.stride);
+            return bn.conv_forward_channel_major(x, &self.weight, geometry, train, relu);
         }
-        Ok(x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?)
+        let y = bn.forward(&x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?, train)?;
+        Ok(if relu { y.relu()? } else { y })
     }
 }
 
@@ -163,22 +172,15 @@ impl ResNet {
     /// reorders memory (`Planes::ChannelMajor`).
     pub fn forward_with(&self, x: &Tensor, train: bool, kernels: Kernels) -> Result<Tensor> {
         let host = train && kernels.is_host() && x.device().is_cpu() && x.dtype() == DType::F32;
-        let bn = |layer: &BatchNorm, x: &Tensor, relu: bool| -> Result<Tensor> {
-            if host {
-                return layer.forward_channel_major(x, train, relu);
-            }
-            let y = layer.forward(x, train)?;
-            Ok(if relu { y.relu()? } else { y })
-        };
         let x = if host { x.transpose(0, 1)?.contiguous()? } else { x.clone() };
-        let x = bn(&self.bn1, &self.conv1.forward(&x, host)?, true)?;
+        let x = self.conv1.then_norm(&x, &self.bn1, true, train, host)?;
         let mut x = max_pool_3x3_s2(&x, kernels)?;
         for b in &self.blocks {
-            let h = bn(&b.bn1, &b.conv1.forward(&x, host)?, true)?;
-            let h = bn(&b.bn2, &b.conv2.forward(&h, host)?, true)?;
-            let h = bn(&b.bn3, &b.conv3.forward(&h, host)?, false)?;
+            let h = b.conv1.then_norm(&x, &b.bn1, true, train, host)?;
+            let h = b.conv2.then_norm(&h, &b.bn2, true, train, host)?;
+            let h = b.conv3.then_norm(&h, &b.bn3, false, train, host)?;
             let identity = match &b.downsample {
-                Some((conv, norm)) => bn(norm, &conv.forward(&x, host)?, false)?,
+                Some((conv, norm)) => conv.then_norm(&x, norm, false, train, host)?,
                 None => x.clone(),
             };
             x = match host {
