@@ -346,9 +346,12 @@ struct ConvBatchNorm {
     eps: f64,
     relu: bool,
     stats: ChannelStats,
-    /// The convolution's output and im2col, from the forward pass for the backward pass.
-    saved: Mutex<Option<(Vec<f32>, Option<Vec<f32>>)>>,
+    /// From the forward pass for the backward pass.
+    saved: Mutex<Option<ConvOutput>>,
 }
+
+/// A convolution's output (O, B·OH·OW) and its im2col (None when the input is its own).
+type ConvOutput = (Vec<f32>, Option<Vec<f32>>);
 
 impl candle_core::CustomOp3 for ConvBatchNorm {
     fn name(&self) -> &'static str {
