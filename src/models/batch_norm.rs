@@ -76,8 +76,7 @@ impl BatchNorm {
     /// it, which saves the ReLU's graph nodes.
     pub fn forward_channel_major(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (c, b, h, w) = x.dims4()?;
-        let fused = train && self.trainable && x.device().is_cpu() && x.dtype() == DType::F32;
-        if !fused {
+        if !self.fuses(x, train) {
             let y = self.normalize_rows(&x.reshape((c, b * h * w))?, train)?.reshape(x.shape())?;
             return Ok(if relu { y.relu()? } else { y });
         }
@@ -99,8 +98,7 @@ impl BatchNorm {
         train: bool,
         relu: bool,
     ) -> Result<Tensor> {
-        let fused = train && self.trainable && x.device().is_cpu() && x.dtype() == DType::F32;
-        if !fused {
+        if !self.fuses(x, train) {
             let y = super::conv::conv2d_gemm(x, kernel, padding, stride, Planes::ChannelMajor)?;
             return self.forward_channel_major(&y, train, relu);
         }
@@ -120,6 +118,11 @@ impl BatchNorm {
         let (_, _, oh, ow) = y.dims4()?;
         self.update_running_from(&stats, o, (b * oh * ow) as f64, x.device())?;
         Ok(y)
+    }
+
+    /// Whether training on `x` runs as one of the fused CPU ops (f32 on the CPU, a trained layer).
+    fn fuses(&self, x: &Tensor, train: bool) -> bool {
+        train && self.trainable && x.device().is_cpu() && x.dtype() == DType::F32
     }
 
     /// `update_running` from a fused op's per-channel (mean, biased variance).
@@ -274,6 +277,15 @@ fn lane_dot(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// The gradient reaching a fused op's normalisation: through the op's ReLU (from its output
+/// `res`) when it has one.
+fn through_relu(relu: bool, grad: &Tensor, res: &Tensor) -> candle_core::Result<Tensor> {
+    match relu {
+        true => super::fused::relu_backward(grad, res),
+        false => grad.contiguous(),
+    }
+}
+
 /// Training-mode BatchNorm of channel-major (C, B, H, W) with weight and bias (C,) on the CPU.
 struct BatchNormTrain {
     eps: f64,
@@ -318,10 +330,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let (c, b, h, w) = x.dims4()?;
         let rows = Rows { c, b, hw: h * w };
         let stats = self.stats.lock().unwrap().clone();
-        let grad = match self.relu {
-            true => super::fused::relu_backward(grad, res)?,
-            false => grad.contiguous()?,
-        };
+        let grad = through_relu(self.relu, grad, res)?;
         let (dx, dgamma, dbeta) = with_cpu_slice(x, |x| {
             with_cpu_slice(&grad, |g| {
                 with_cpu_slice(gamma, |gm| {
@@ -406,10 +415,7 @@ impl candle_core::CustomOp3 for ConvBatchNorm {
         let Some((y, cols)) = self.saved.lock().unwrap().take() else {
             candle_core::bail!("{}: backward without its forward pass", self.name())
         };
-        let grad = match self.relu {
-            true => super::fused::relu_backward(grad, res)?,
-            false => grad.contiguous()?,
-        };
+        let grad = through_relu(self.relu, grad, res)?;
         let (dx, dw, daffine) = with_cpu_slice(&grad, |g| {
             with_cpu_slice(affine, |af| {
                 with_cpu_slice(x, |xs| {

@@ -153,19 +153,35 @@ fn layer_norm_backward(
 pub(crate) fn relu_backward(grad: &Tensor, y: &Tensor) -> CResult<Tensor> {
     let grad = grad.contiguous()?;
     let masked = with_cpu_slice(&grad, |g| {
-        with_cpu_slice(y, |y| {
-            let mut out = vec![0f32; g.len()];
-            out.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(y.par_chunks(4096))).for_each(
-                |(o, (g, y))| {
-                    vectorized!(for ((o, &gv), &yv) in o.iter_mut().zip(g).zip(y) {
-                        *o = if yv > 0.0 { gv } else { 0.0 };
-                    })
-                },
-            );
-            out
-        })
+        with_cpu_slice(y, |y| map2(g, y, |gv, yv| if yv > 0.0 { gv } else { 0.0 }))
     })??;
     cpu_tensor(masked, y.shape())
+}
+
+/// `f(a[i], b[i])` for every i, in parallel chunks run in vector registers, written once (no
+/// zero fill first: these buffers are activation-sized).
+pub(crate) fn map2<B: Copy + Sync>(
+    a: &[f32],
+    b: &[B],
+    f: impl Fn(f32, B) -> f32 + Sync,
+) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    assert_eq!(a.len(), b.len(), "element-wise operands differ in length");
+    let mut out: Vec<f32> = Vec::with_capacity(a.len());
+    out.spare_capacity_mut()[..a.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((o, a), b)| {
+            let n = o.len();
+            let (a, b) = (&a[..n], &b[..n]);
+            vectorized!(for i in 0..n {
+                o[i].write(f(a[i], b[i]));
+            })
+        });
+    // SAFETY: the chunks above cover all a.len() slots and wrote every one.
+    unsafe { out.set_len(a.len()) };
+    out
 }
 
 /// x · σ(1.702·x) (CLIP's activation) on a contiguous f32 tensor.
@@ -281,9 +297,15 @@ pub(crate) fn linear_forward(
         candle_core::bail!("{op}: x {rows}×{inp}, W {out}×{inp2}, b {:?} disagree", l3.shape());
     }
     let (x, w, b) = (contiguous(op, s1, l1)?, contiguous(op, s2, l2)?, contiguous(op, s3, l3)?);
+    Ok((CpuStorage::F32(affine_rows(x, w, b, rows, inp)), Shape::from((rows, out))))
+}
+
+/// x (rows, inp) · W (out, inp)ᵀ + b (out) on slices.
+pub(crate) fn affine_rows(x: &[f32], w: &[f32], b: &[f32], rows: usize, inp: usize) -> Vec<f32> {
+    let out = b.len();
     let mut y = gemm_f32(rows, out, inp, x, inp, 1, w, 1, inp);
-    y.par_chunks_mut(out).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &c)| *v += c));
-    Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    y.par_chunks_mut(out.max(1)).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &c)| *v += c));
+    y
 }
 
 /// Σ over rows of a (rows, cols) matrix, each column summed in row order (deterministic).
@@ -319,14 +341,7 @@ impl CustomOp2 for AddRelu {
             candle_core::bail!("add-relu of {:?} and {:?}", l1.shape(), l2.shape());
         }
         let (a, b) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(4096).zip(a.par_chunks(4096).zip(b.par_chunks(4096))).for_each(
-            |(o, (a, b))| {
-                vectorized!(for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                    *o = (x + y).max(0.0);
-                })
-            },
-        );
+        let out = map2(a, b, |x, y| (x + y).max(0.0));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

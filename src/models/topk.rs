@@ -13,7 +13,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
+use super::fused::map2;
+use crate::base::cpu::{contiguous, with_cpu_slice, CResult};
 use crate::base::host::Kernels;
 use crate::base::simd::vectorized;
 
@@ -162,39 +163,14 @@ impl CustomOp1 for MaskedRelu {
                 self.mask.len()
             );
         }
-        let out = elementwise(x, &self.mask, |v, keep| if keep && v > 0.0 { v } else { 0.0 });
+        let out = map2(x, &self.mask, |v, keep| if keep && v > 0.0 { v } else { 0.0 });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
+    /// The gradient where the latent is kept (> 0; kept latents are positive).
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let out = with_cpu_slice(res, |r| {
-            with_cpu_slice(&grad, |g| elementwise(g, r, |dg, y| if y != 0.0 { dg } else { 0.0 }))
-        })??;
-        Ok(Some(cpu_tensor(out, res.shape().clone())?))
+        Ok(Some(super::fused::relu_backward(grad, res)?))
     }
-}
-
-/// `f(a[i], b[i])` for every i, in parallel chunks run in vector registers.
-fn elementwise<B: Copy + Sync>(a: &[f32], b: &[B], f: impl Fn(f32, B) -> f32 + Sync) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
-    assert_eq!(a.len(), b.len(), "element-wise operands differ in length");
-    // Written once, without zero-filling first (the buffers are B × M).
-    let mut out: Vec<f32> = Vec::with_capacity(a.len());
-    out.spare_capacity_mut()[..a.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|((o, a), b)| {
-            let n = o.len();
-            let (a, b) = (&a[..n], &b[..n]);
-            vectorized!(for i in 0..n {
-                o[i].write(f(a[i], b[i]));
-            })
-        });
-    // SAFETY: the chunks above cover all a.len() slots and wrote every one.
-    unsafe { out.set_len(a.len()) };
-    out
 }
 
 /// A selection mask: host booleans for the host kernel, a 0/1 tensor like `pre` otherwise.

@@ -75,10 +75,7 @@ impl CustomOp3 for EncoderLinear {
             contiguous(self.name(), s3, l3)?,
         );
         let xc = self.centred(x, biases, m);
-        let mut y = sparse::gemm_f32(b, m, d, &xc, d, 1, w, 1, d);
-        let b_enc = &biases[..m];
-        y.par_chunks_mut(m.max(1))
-            .for_each(|row| row.iter_mut().zip(b_enc).for_each(|(v, &c)| *v += c));
+        let y = crate::models::fused::affine_rows(&xc, w, &biases[..m], b, d);
         Ok((CpuStorage::F32(y), Shape::from((b, m))))
     }
 
