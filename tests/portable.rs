@@ -329,6 +329,7 @@ fn host_reads_in_the_step_code_go_through_the_counted_helpers() {
 
 #[test]
 fn portable_selection_keeps_the_same_entries_as_host_selection() {
+    use mono::base::sparse::SparseBatch;
     use mono::models::topk::{topk_latents, Selection};
     let mut rng = StdRng::seed_from_u64(9);
     // Values over many orders of magnitude (and half of them negative, never selected), at the
@@ -350,12 +351,18 @@ fn portable_selection_keeps_the_same_entries_as_host_selection() {
         (8, 50, Selection::Batch(1000)),   // more asked for than there are positive entries
     ] {
         let pre = Tensor::from_vec(values(rows * cols), (rows, cols), &Device::Cpu).unwrap();
-        let (host_latents, host_min) = topk_latents(&pre, &how, None, Kernels::Host).unwrap();
+        let host = topk_latents(&pre, &how, None, Kernels::Host).unwrap();
         let on_device = pre.to_device(&device).unwrap();
-        let (latents, min) = topk_latents(&on_device, &how, None, Kernels::Portable).unwrap();
-        assert_eq!(flat(&latents), flat(&host_latents), "{how:?} on {rows}×{cols}");
-        if let (Selection::Batch(_), Some(h)) = (&how, host_min) {
-            assert_eq!(scalar(&min.unwrap()), scalar(&h), "{how:?}: the batch threshold");
+        let portable = topk_latents(&on_device, &how, None, Kernels::Portable).unwrap();
+        assert_eq!(flat(&portable.latents), flat(&host.latents), "{how:?} on {rows}×{cols}");
+        assert_eq!(
+            host.csr,
+            Some(SparseBatch::from_dense(&flat(&host.latents), cols)),
+            "{how:?}: the host selection's CSR holds exactly its non-zeros"
+        );
+        assert!(portable.csr.is_none());
+        if let (Selection::Batch(_), Some(h)) = (&how, host.min) {
+            assert_eq!(scalar(&portable.min.unwrap()), scalar(&h), "{how:?}: the batch threshold");
         }
     }
 }

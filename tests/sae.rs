@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use mono::base::host::Kernels;
+use mono::base::sparse::SparseBatch;
 use mono::config::{SaeConfig, SaeKind};
 use mono::models::topk;
 use mono::sae::{self, ops, Sae, SaeSpec};
@@ -57,12 +58,13 @@ fn sparse_ops_match_the_dense_graph() {
         // Sparse path.
         let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
         let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
-        let (lat, _) = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
+        let lat = topk::topk_latents(&pre, &selection, None, HOST).unwrap().latents;
         assert!(
             flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
             "test must exercise the sparse path"
         );
-        let recon = ops::support_matmul(&lat, w_dec.as_tensor(), None, HOST).unwrap();
+        // Without the selection's CSR: the decoder counts the latents itself.
+        let recon = ops::support_matmul(&lat, None, w_dec.as_tensor(), None, HOST).unwrap();
         let mono = mono::monoscore::batch_mono_loss(&lat, &sim, 1e-8, None, HOST).unwrap();
         let n_active = scalar(&mono.n_active);
         let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
@@ -109,9 +111,15 @@ fn sparse_ops_match_the_dense_graph() {
         // data input (no input gradient).
         let x = x.detach();
         let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
-        let (lat, _) = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
+        // With the CSR the selection built on the way, as the SAEs run.
+        let selected = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
+        let csr = selected.csr.expect("host selection builds the CSR");
+        assert_eq!(csr, SparseBatch::from_dense(&flat(&selected.latents), m));
+        let lat = selected.latents;
         let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
-        let decoded = ops::decode(&lat, w_dec.as_tensor(), None, Some(term), HOST).unwrap();
+        let decoded =
+            ops::decode(&lat, Some(csr), w_dec.as_tensor(), None, Some(term), HOST).unwrap();
+        assert!(decoded.latents_csr.is_none(), "training latents keep their CSR for the backward");
         let mono_f = decoded.mono.unwrap();
         assert_eq!(scalar(&mono_f.n_active), n_active);
         let loss_f = ((decoded.output - &x).unwrap().sqr().unwrap().mean_all().unwrap()
@@ -360,6 +368,33 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
             );
         }
         assert!(band_below > 0, "the test needs entries just below the threshold");
+    }
+}
+
+/// An inference pass hands out the latents' CSR (what evaluation reads) exactly when the host
+/// kernels built one, holding exactly the non-zeros; a training pass keeps it for the backward.
+#[test]
+fn inference_passes_hand_out_the_latents_nonzeros() {
+    let (b, d, m, k) = (16, 6, 80, 3);
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    for kind in [SaeKind::Topk, SaeKind::BatchTopk, SaeKind::Jumprelu, SaeKind::Relu] {
+        for kernels in [HOST, Kernels::Portable] {
+            let mut model = sae::build(&spec(kind, d, m, k), 1, &Device::Cpu, kernels).unwrap();
+            let pass = sae::forward(model.as_ref(), &x, true).unwrap();
+            assert!(pass.latents_csr.is_none(), "{kind:?}: training keeps the CSR");
+            model.observe_step(&pass).unwrap();
+            let pass = sae::forward(model.as_ref(), &x, false).unwrap();
+            let dense = flat(pass.latents());
+            let sparse_kind = matches!(kind, SaeKind::Topk | SaeKind::BatchTopk);
+            match pass.latents_csr {
+                Some(csr) => assert_eq!(csr, SparseBatch::from_dense(&dense, m), "{kind:?}"),
+                None => assert!(
+                    !(kernels == HOST && sparse_kind),
+                    "{kind:?}: host TopK inference hands out its CSR"
+                ),
+            }
+        }
     }
 }
 

@@ -120,28 +120,61 @@ impl SparseBatch {
         dense.par_chunks_exact(cols).zip(col_parts).zip(val_parts).enumerate().for_each(
             |(r, ((row, cols_out), vals_out))| {
                 let extra_row = extra.map(|x| &x[r * cols..(r + 1) * cols]);
-                // Blocks of 16 with nothing kept (most of a TopK row) are skipped after one
-                // vectorised test.
-                vectorized!({
-                    let mut e = 0;
-                    for (b, block) in row.chunks(16).enumerate() {
-                        let start = b * 16;
-                        let extra_block = extra_row.map(|x| &x[start..start + block.len()]);
-                        if kept_in(block, extra_block) == 0 {
-                            continue;
-                        }
-                        for (j, &v) in block.iter().enumerate() {
-                            if v != 0.0 || extra_block.is_some_and(|x| x[j]) {
-                                cols_out[e] = (start + j) as u32;
-                                vals_out[e] = v;
-                                e += 1;
-                            }
-                        }
-                    }
-                })
+                let mut e = 0;
+                vectorized!(for_each_kept(row, extra_row, |j, v| {
+                    cols_out[e] = j as u32;
+                    vals_out[e] = v;
+                    e += 1;
+                }))
             },
         );
         SparseBatch { row_offsets, columns, values }
+    }
+
+    /// The dense row-major (rows × cols) matrix with entry i = `f(i)`, and its non-zeros: one
+    /// parallel pass, each row's entries collected while the row is still in cache (a separate
+    /// CSR build would read the whole matrix back from memory).
+    pub fn dense_and_csr(
+        rows: usize,
+        cols: usize,
+        f: impl Fn(usize) -> f32 + Sync,
+    ) -> (Vec<f32>, SparseBatch) {
+        let mut dense: Vec<f32> = Vec::with_capacity(rows * cols);
+        let per_row: Vec<(Vec<u32>, Vec<f32>)> = if cols == 0 {
+            vec![Default::default(); rows]
+        } else {
+            dense.spare_capacity_mut()[..rows * cols]
+                .par_chunks_mut(cols)
+                .enumerate()
+                .map(|(r, out)| {
+                    let base = r * cols;
+                    vectorized!(for (j, slot) in out.iter_mut().enumerate() {
+                        slot.write(f(base + j));
+                    });
+                    // SAFETY: every slot of the row was written just above.
+                    let row = unsafe { &*(out as *const [_] as *const [f32]) };
+                    let kept = vectorized!(kept_in(row, None));
+                    let (mut c, mut v) = (Vec::with_capacity(kept), Vec::with_capacity(kept));
+                    vectorized!(for_each_kept(row, None, |j, x| {
+                        c.push(j as u32);
+                        v.push(x);
+                    }));
+                    (c, v)
+                })
+                .collect()
+        };
+        // SAFETY: the rows above cover all rows·cols slots and wrote every one.
+        unsafe { dense.set_len(rows * cols) };
+        let mut row_offsets = Vec::with_capacity(rows + 1);
+        row_offsets.push(0);
+        let nnz = per_row.iter().map(|(c, _)| c.len()).sum();
+        let (mut columns, mut values) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+        for (c, v) in per_row {
+            columns.extend_from_slice(&c);
+            values.extend_from_slice(&v);
+            row_offsets.push(columns.len());
+        }
+        (dense, SparseBatch { row_offsets, columns, values })
     }
 
     /// Rows with exactly `k` entries each, e.g. the (indices, values) of a TopK layer.
@@ -199,6 +232,24 @@ fn kept_in(values: &[f32], extra: Option<&[bool]>) -> usize {
     match extra {
         None => values.iter().map(|&v| (v != 0.0) as usize).sum(),
         Some(x) => values.iter().zip(x).map(|(&v, &e)| (v != 0.0 || e) as usize).sum(),
+    }
+}
+
+/// `f(column, value)` for each kept entry of `row` (see `kept_in`), in column order. Blocks of
+/// 16 with nothing kept (most of a TopK row) are skipped after one vectorised test.
+#[inline(always)]
+fn for_each_kept(row: &[f32], extra: Option<&[bool]>, mut f: impl FnMut(usize, f32)) {
+    for (b, block) in row.chunks(16).enumerate() {
+        let start = b * 16;
+        let extra_block = extra.map(|x| &x[start..start + block.len()]);
+        if kept_in(block, extra_block) == 0 {
+            continue;
+        }
+        for (j, &v) in block.iter().enumerate() {
+            if v != 0.0 || extra_block.is_some_and(|x| x[j]) {
+                f(start + j, v);
+            }
+        }
     }
 }
 
@@ -528,6 +579,10 @@ mod tests {
                 want.row_offsets.push(want.columns.len());
             }
             assert_eq!(got, want);
+            if extra.is_none() {
+                let (written, csr) = SparseBatch::dense_and_csr(rows, cols, |i| dense[i]);
+                assert_eq!((written.as_slice(), &csr), (dense.as_slice(), &want));
+            }
             let share = want.nnz() as f64 / dense.len() as f64;
             assert_eq!(
                 SparseBatch::from_dense_if_sparse(&dense, cols, extra).is_some(),
@@ -541,5 +596,10 @@ mod tests {
             SparseBatch::from_dense_if_sparse(&[], cols, None),
             Some(SparseBatch { row_offsets: vec![0], ..Default::default() })
         );
+        // Degenerate shapes: no rows, rows without columns.
+        let empty =
+            |rows: usize| SparseBatch { row_offsets: vec![0; rows + 1], ..Default::default() };
+        assert_eq!(SparseBatch::dense_and_csr(0, cols, |_| 1.0), (vec![], empty(0)));
+        assert_eq!(SparseBatch::dense_and_csr(3, 0, |_| 1.0), (vec![], empty(3)));
     }
 }

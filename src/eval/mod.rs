@@ -180,11 +180,16 @@ pub fn evaluate(
         store.read_range(start, end, &mut x)?;
         let input = Tensor::from_slice(&x, (end - start, d), device)?;
         let pass = forward(sae, &input, false)?;
-        let latents = pass.latents().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let recon = pass.recon.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         crate::base::cpu::with_cpu_slice(&recon, |r| recon_stats.add(&x, r, d))?;
-        // Straight from the latents' memory: no dense host copy.
-        let sparse = crate::base::cpu::with_cpu_slice(&latents, |l| SparseBatch::from_dense(l, m))?;
+        // The decoder's CSR when it built one, else straight from the latents' memory.
+        let sparse = match pass.latents_csr {
+            Some(csr) => csr,
+            None => {
+                let latents = pass.latents().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                crate::base::cpu::with_cpu_slice(&latents, |l| SparseBatch::from_dense(l, m))?
+            }
+        };
         nnz_total += sparse.nnz();
         for &c in &sparse.columns {
             fire_count[c as usize] += 1;

@@ -8,15 +8,15 @@
 //! the entries ≥ that value: the same set, except that entries tied with the k-th value are all
 //! kept. No sort, no host round trip, any width (the counts are u32: up to 2^32 entries).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::map2;
 use crate::base::cpu::{contiguous, with_cpu_slice, CResult};
 use crate::base::host::Kernels;
 use crate::base::simd::vectorized;
+use crate::base::sparse::SparseBatch;
 
 /// Which entries a TopK selection keeps.
 #[derive(Clone, Debug)]
@@ -144,8 +144,16 @@ fn batch_candidates(
     collect_above(f32::NEG_INFINITY)
 }
 
+/// The entries a masked ReLU keeps (where they are also positive).
+enum Keep {
+    Mask(Vec<bool>),
+    Above(f32),
+}
+
 struct MaskedRelu {
-    mask: Arc<Vec<bool>>,
+    keep: Keep,
+    /// The output's non-zeros as CSR rows, built in the forward pass, for the caller.
+    csr: Arc<Mutex<Option<SparseBatch>>>,
 }
 
 impl CustomOp1 for MaskedRelu {
@@ -155,15 +163,35 @@ impl CustomOp1 for MaskedRelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
-        if x.len() != self.mask.len() {
-            candle_core::bail!(
-                "{}: {} values, {} mask entries",
-                self.name(),
-                x.len(),
-                self.mask.len()
-            );
-        }
-        let out = map2(x, &self.mask, |v, keep| if keep && v > 0.0 { v } else { 0.0 });
+        let cols = l.shape().dims().last().copied().unwrap_or(1);
+        let rows = x.len().checked_div(cols).unwrap_or(0);
+        let (out, csr) = match &self.keep {
+            Keep::Mask(mask) => {
+                if x.len() != mask.len() {
+                    candle_core::bail!(
+                        "{}: {} values, {} mask entries",
+                        self.name(),
+                        x.len(),
+                        mask.len()
+                    );
+                }
+                SparseBatch::dense_and_csr(rows, cols, |i| {
+                    if mask[i] && x[i] > 0.0 {
+                        x[i]
+                    } else {
+                        0.0
+                    }
+                })
+            }
+            &Keep::Above(t) => SparseBatch::dense_and_csr(rows, cols, |i| {
+                if x[i] > t && x[i] > 0.0 {
+                    x[i]
+                } else {
+                    0.0
+                }
+            }),
+        };
+        *self.csr.lock().unwrap() = Some(csr);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -179,25 +207,52 @@ pub enum Mask {
     Device(Tensor),
 }
 
+/// Latents of a selection.
+pub struct Selected {
+    /// (B, M): the kept positive entries, zeros elsewhere.
+    pub latents: Tensor,
+    /// Host kernels: the latents' non-zeros as CSR rows, built in the same pass (so the sparse
+    /// decoder need not read the latents back to find them).
+    pub csr: Option<SparseBatch>,
+    /// The smallest selected value as a scalar tensor (BatchTopK's threshold estimate; None
+    /// when nothing was selected — host kernels only; the portable value is then +∞). Only
+    /// `topk_latents` sets it.
+    pub min: Option<Tensor>,
+}
+
+fn host_masked_relu(pre: &Tensor, keep: Keep) -> CResult<Selected> {
+    let csr = Arc::new(Mutex::new(None));
+    let latents = pre.contiguous()?.apply_op1(MaskedRelu { keep, csr: csr.clone() })?;
+    let csr = csr.lock().unwrap().take();
+    Ok(Selected { latents, csr, min: None })
+}
+
 /// ReLU of the entries the mask keeps, zero elsewhere; gradient = the kept (positive) mask.
-pub fn masked_relu(pre: &Tensor, mask: Mask) -> CResult<Tensor> {
+pub fn masked_relu(pre: &Tensor, mask: Mask) -> CResult<Selected> {
     match mask {
-        Mask::Host(mask) => pre.contiguous()?.apply_op1(MaskedRelu { mask: Arc::new(mask) }),
-        Mask::Device(mask) => pre.relu()?.mul(&mask.to_dtype(pre.dtype())?),
+        Mask::Host(mask) => host_masked_relu(pre, Keep::Mask(mask)),
+        Mask::Device(mask) => {
+            let latents = pre.relu()?.mul(&mask.to_dtype(pre.dtype())?)?;
+            Ok(Selected { latents, csr: None, min: None })
+        }
     }
 }
 
-/// TopK / BatchTopK latents: the selected positive entries of `pre` (B, M), zeros elsewhere.
-/// `allowed`: an (M,) 0/1 tensor of the columns that may be selected (AuxK: dead latents).
-/// Returns the latents and the smallest selected value as a scalar tensor (BatchTopK's
-/// threshold estimate; None when nothing was selected — host kernels only; the portable value
-/// is then +∞).
+/// `masked_relu` of the entries above `threshold`, in one pass without a mask (host kernels;
+/// the portable kernels build the mask with `broadcast_gt`).
+pub fn relu_above(pre: &Tensor, threshold: f32) -> CResult<Selected> {
+    host_masked_relu(pre, Keep::Above(threshold))
+}
+
+/// TopK / BatchTopK latents: the selected positive entries of `pre` (B, M), zeros elsewhere,
+/// with the smallest selected value. `allowed`: an (M,) 0/1 tensor of the columns that may be
+/// selected (AuxK: dead latents).
 pub fn topk_latents(
     pre: &Tensor,
     how: &Selection,
     allowed: Option<&Tensor>,
     kernels: Kernels,
-) -> CResult<(Tensor, Option<Tensor>)> {
+) -> CResult<Selected> {
     if kernels.for_tensor(pre).is_host() {
         let (_, cols) = pre.dims2()?;
         let allowed: Option<Vec<bool>> = allowed
@@ -209,10 +264,10 @@ pub fn topk_latents(
         let (mask, min) =
             with_cpu_slice(pre, |v| select_mask(v, cols, how, allowed.as_deref(), true))?;
         let min = min.map(|m| Tensor::new(m, pre.device())).transpose()?;
-        return Ok((masked_relu(pre, Mask::Host(mask))?, min));
+        return Ok(Selected { min, ..masked_relu(pre, Mask::Host(mask))? });
     }
     let (mask, threshold) = portable_select(&pre.detach(), how, allowed)?;
-    Ok((masked_relu(pre, Mask::Device(mask))?, Some(threshold)))
+    Ok(Selected { min: Some(threshold), ..masked_relu(pre, Mask::Device(mask))? })
 }
 
 /// Bisection steps of the portable selection: enough to reach adjacent f32 values from any

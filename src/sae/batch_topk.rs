@@ -67,23 +67,28 @@ impl Sae for BatchTopKSae {
         let threshold = if training { None } else { self.inference_threshold()? };
         match threshold {
             Some(threshold) => {
-                let mask = if self.params.kernels.for_tensor(pre).is_host() {
-                    // One pass over the pre-activations.
-                    let t = host::read_scalar(&threshold)? as f32;
-                    Mask::Host(crate::base::cpu::with_cpu_slice(&pre.detach(), |v| {
-                        crate::base::simd::vectorized!(v.iter().map(|&p| p > t).collect())
-                    })?)
+                let selected = if self.params.kernels.for_tensor(pre).is_host() {
+                    select::relu_above(pre, host::read_scalar(&threshold)? as f32)?
                 } else {
-                    Mask::Device(pre.detach().broadcast_gt(&threshold.to_dtype(pre.dtype())?)?)
+                    let mask = pre.detach().broadcast_gt(&threshold.to_dtype(pre.dtype())?)?;
+                    select::masked_relu(pre, Mask::Device(mask))?
                 };
-                let latents = select::masked_relu(pre, mask)?;
-                Ok(Activation { latents, grad_support: None, batch_threshold: None })
+                Ok(Activation {
+                    latents: selected.latents,
+                    latents_csr: selected.csr,
+                    grad_support: None,
+                    batch_threshold: None,
+                })
             }
             None => {
                 let selection = select::Selection::Batch(self.spec.k * rows);
-                let (latents, min) =
-                    select::topk_latents(pre, &selection, None, self.params.kernels)?;
-                Ok(Activation { latents, grad_support: None, batch_threshold: min })
+                let selected = select::topk_latents(pre, &selection, None, self.params.kernels)?;
+                Ok(Activation {
+                    latents: selected.latents,
+                    latents_csr: selected.csr,
+                    grad_support: None,
+                    batch_threshold: selected.min,
+                })
             }
         }
     }

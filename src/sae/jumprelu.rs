@@ -118,11 +118,13 @@ impl Sae for JumpReluSae {
         let passed = select::masked_relu(pre, band.pass)?;
         if !training {
             return Ok(Activation {
-                latents: passed.detach(),
+                latents: passed.latents.detach(),
+                latents_csr: passed.csr,
                 grad_support: None,
                 batch_threshold: None,
             });
         }
+        let passed = passed.latents;
         // −K·θ/ε, a constant.
         let coefficient = band
             .kernel
@@ -130,7 +132,12 @@ impl Sae for JumpReluSae {
             .neg()?
             .broadcast_div(&self.bandwidth(&band.kernel)?)?;
         let latents = (passed + self.pseudo_gradient(coefficient)?)?;
-        Ok(Activation { latents, grad_support: Some(band.below), batch_threshold: None })
+        Ok(Activation {
+            latents,
+            latents_csr: None,
+            grad_support: Some(band.below),
+            batch_threshold: None,
+        })
     }
 
     fn extra_losses(

@@ -172,6 +172,9 @@ pub struct Activation {
     pub grad_support: Option<Mask>,
     /// BatchTopK: the smallest value kept in this batch (its threshold estimate), a scalar.
     pub batch_threshold: Option<Tensor>,
+    /// Host kernels: the latents' non-zeros as CSR rows when the activation built them on the
+    /// way (TopK kinds), handed to the decoder.
+    pub latents_csr: Option<crate::base::sparse::SparseBatch>,
 }
 
 /// One forward pass over a batch.
@@ -190,6 +193,9 @@ pub struct ForwardPass {
     pub recon: Tensor,
     /// The batch MonoLoss (and its statistics) when the pass was asked for one.
     pub mono: Option<BatchMono>,
+    /// Inference with host kernels: the latents' non-zeros as CSR rows, as the decoder built
+    /// them (see `ops::Decoded::latents_csr`).
+    pub latents_csr: Option<crate::base::sparse::SparseBatch>,
 }
 
 impl ForwardPass {
@@ -290,7 +296,9 @@ fn standardize(x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     Ok((centered.broadcast_div(&(&std + 1e-5)?)?, mean, std))
 }
 
-/// The forward pass shared by every architecture.
+/// The forward pass shared by every architecture. `training` selects batch-dependent behaviour
+/// and a gradient graph; an inference pass (false) reads the encoder and decoder weights
+/// detached, so nothing upstream of the latents records a graph for them.
 pub fn forward(sae: &dyn Sae, x: &Tensor, training: bool) -> Result<ForwardPass> {
     forward_with_mono(sae, x, training, None)
 }
@@ -310,23 +318,21 @@ pub fn forward_with_mono(
     } else {
         (x.clone(), None)
     };
-    let centre = sae.spec().centers_input().then(|| p.b_dec.as_tensor());
-    let pre = ops::encoder_linear(
-        &working_input,
-        p.w_enc.as_tensor(),
-        p.b_enc.as_tensor(),
-        centre,
-        p.kernels,
-    )?;
-    let activation = sae.activate(&pre, training)?;
+    let weight = |v: &Var| if training { v.as_tensor().clone() } else { v.as_tensor().detach() };
+    let (w_enc, w_dec, b_enc, b_dec) =
+        (weight(&p.w_enc), weight(&p.w_dec), weight(&p.b_enc), weight(&p.b_dec));
+    let centre = sae.spec().centers_input().then_some(&b_dec);
+    let pre = ops::encoder_linear(&working_input, &w_enc, &b_enc, centre, p.kernels)?;
+    let mut activation = sae.activate(&pre, training)?;
     let decoded = ops::decode(
         &activation.latents,
-        p.w_dec.as_tensor(),
+        activation.latents_csr.take(),
+        &w_dec,
         activation.grad_support.as_ref(),
         mono,
         p.kernels,
     )?;
-    let working_recon = decoded.output.broadcast_add(p.b_dec.as_tensor())?;
+    let working_recon = decoded.output.broadcast_add(&b_dec)?;
     let recon = match &scale {
         Some((mean, std)) => working_recon.broadcast_mul(std)?.broadcast_add(mean)?,
         None => working_recon.clone(),
@@ -340,6 +346,7 @@ pub fn forward_with_mono(
         working_recon,
         recon,
         mono: decoded.mono,
+        latents_csr: decoded.latents_csr,
     })
 }
 
@@ -381,8 +388,9 @@ pub fn auxk_loss(
         Some(dead.to_dtype(DType::F32)?.max_keepdim(0)?.reshape(())?)
     };
     let selection = select::Selection::PerRow(spec.k_aux);
-    let (aux_latents, _) = select::topk_latents(&pass.pre, &selection, Some(dead), p.kernels)?;
-    let aux_recon = ops::support_matmul(&aux_latents, p.w_dec.as_tensor(), None, p.kernels)?;
+    let aux = select::topk_latents(&pass.pre, &selection, Some(dead), p.kernels)?;
+    let aux_recon =
+        ops::support_matmul(&aux.latents, aux.csr, p.w_dec.as_tensor(), None, p.kernels)?;
     let residual = (&pass.working_input - &pass.working_recon)?.detach();
     let loss = if normalized {
         normalized_mse(&aux_recon, &residual)?

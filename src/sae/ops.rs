@@ -154,9 +154,8 @@ pub fn encoder_linear(
 // Decoder: (B, M) sparse latents · (M, D) dictionary.
 
 struct SupportMatmul {
-    /// Zero entries that still need their gradient (see `Activation::grad_support`).
-    grad_support: Option<Arc<Vec<bool>>>,
-    /// CSR of the latents, kept from the forward pass for the backward pass.
+    /// CSR of the latents when they are sparse (from `decode`), kept for the backward pass;
+    /// None runs the dense products.
     cached: Arc<Mutex<Option<SparseBatch>>>,
     /// λ·MonoLoss of the same latents, computed on the same CSR; its gradient is added to the
     /// latents' gradient in the backward pass (saving a dense gradient and its accumulation).
@@ -191,11 +190,13 @@ impl CustomOp2 for SupportMatmul {
             candle_core::bail!("decoder shapes disagree: latents {b}×{m}, W {m2}×{d}");
         }
         let (lat, w) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
-        let support = self.grad_support.as_deref().map(|v| v.as_slice());
-        let csr = match self.mono {
-            Some(_) => Some(SparseBatch::from_dense_with(lat, m, support)),
-            None => SparseBatch::from_dense_if_sparse(lat, m, support),
-        };
+        let csr = self.cached.lock().unwrap().take();
+        if self.mono.is_some() && csr.is_none() {
+            candle_core::bail!("{}: the fused MonoLoss needs the latents' CSR", self.name());
+        }
+        if let Some(rows) = csr.as_ref().map(SparseBatch::rows).filter(|&r| r != b) {
+            candle_core::bail!("{}: a CSR of {rows} rows for {b} latent rows", self.name());
+        }
         let out = if let Some(csr) = csr {
             let out = sparse::csr_matmul(csr.as_rows(), w, d);
             if let Some(mono) = &self.mono {
@@ -259,22 +260,56 @@ impl CustomOp2 for SupportMatmul {
 }
 
 /// (B, M) · (M, D) → (B, D); sparse on the CPU when the latents are. The latents' gradient is
-/// exact on their non-zeros and on `grad_support`, and 0 on the other zeros.
+/// exact on their non-zeros and on `grad_support`, and 0 on the other zeros. `latents_csr`: the
+/// latents' non-zeros when the caller has them (see `decode`).
 pub fn support_matmul(
     latents: &Tensor,
+    latents_csr: Option<SparseBatch>,
     w: &Tensor,
     grad_support: Option<&Mask>,
     kernels: Kernels,
 ) -> CResult<Tensor> {
-    if kernels.for_tensor(latents).is_host() {
-        let op = SupportMatmul {
-            grad_support: host_support(grad_support),
-            cached: Arc::new(Mutex::new(None)),
-            mono: None,
-        };
-        latents.contiguous()?.apply_op2(&w.contiguous()?, op)
+    Ok(decode(latents, latents_csr, w, grad_support, None, kernels)?.output)
+}
+
+/// The host op on `latents` (contiguous), sparse when `csr` is given.
+fn apply_support_matmul(
+    latents: &Tensor,
+    w: &Tensor,
+    grad_support: Option<&Mask>,
+    csr: Option<SparseBatch>,
+    mono: Option<MonoInjection>,
+) -> CResult<(Tensor, Option<SparseBatch>)> {
+    let cached = Arc::new(Mutex::new(csr));
+    let op = SupportMatmul { cached: cached.clone(), mono };
+    let output = latents.apply_op2(&w.contiguous()?, op)?;
+    // Without a gradient to propagate to the latents (inference) the backward pass never needs
+    // the CSR: hand it out, so callers need not rebuild it. It only holds the non-zeros when no
+    // gradient support was added.
+    let csr = if latents.track_op() || grad_support.is_some() {
+        None
     } else {
-        latents.matmul(w)
+        cached.lock().unwrap().take()
+    };
+    Ok((output, csr))
+}
+
+/// The CSR the host decoder runs on: None when the latents are too dense for the sparse
+/// kernels. A CSR from the caller is used when no gradient support has to be added to it;
+/// otherwise one counting pass builds it.
+fn decoder_csr(
+    latents: &Tensor,
+    given: Option<SparseBatch>,
+    grad_support: Option<&Mask>,
+) -> CResult<Option<SparseBatch>> {
+    let (b, m) = latents.dims2()?;
+    match (given, host_support(grad_support)) {
+        (Some(csr), None) => {
+            Ok((b * m == 0 || csr.nnz() as f64 / (b * m) as f64 <= SPARSE_LIMIT).then_some(csr))
+        }
+        (_, support) => {
+            with_cpu_slice(latents, |l| SparseBatch::from_dense_if_sparse(l, m, support))
+        }
     }
 }
 
@@ -291,62 +326,77 @@ pub struct MonoTerm<'a> {
 pub struct Decoded {
     /// (B, D) latents · W.
     pub output: Tensor,
+    /// The latents' non-zeros as CSR rows, when the host kernels built them and the latents need
+    /// no gradient (inference): what callers would otherwise rebuild from the dense latents. If
+    /// the output is differentiated anyway (for W), the backward pass falls back to the dense
+    /// products — the same gradients, computed slower.
+    pub latents_csr: Option<SparseBatch>,
     /// The MonoLoss and its statistics. Add λ·loss to the objective: with host kernels on
     /// sparse latents the loss is a constant and the decoder's backward already adds its
     /// gradient (times λ); otherwise it is an ordinary graph node.
     pub mono: Option<BatchMono>,
 }
 
-/// The host kernels' copy of a gradient support mask.
-fn host_support(grad_support: Option<&Mask>) -> Option<Arc<Vec<bool>>> {
+/// A gradient support mask as the host kernels read it.
+fn host_support(grad_support: Option<&Mask>) -> Option<&[bool]> {
     match grad_support {
-        Some(Mask::Host(s)) => Some(Arc::new(s.clone())),
+        Some(Mask::Host(s)) => Some(s),
         _ => None,
     }
 }
 
 /// `support_matmul` with an optional MonoLoss on the same latents, fused on the CPU.
+/// `latents_csr`: the latents' non-zeros as CSR rows when the caller has them (a host
+/// activation builds them in its own pass); without them the host decoder counts the latents.
 pub fn decode(
     latents: &Tensor,
+    latents_csr: Option<SparseBatch>,
     w: &Tensor,
     grad_support: Option<&Mask>,
     mono: Option<MonoTerm>,
     kernels: Kernels,
 ) -> CResult<Decoded> {
-    let Some(term) = mono else {
-        let output = support_matmul(latents, w, grad_support, kernels)?;
-        return Ok(Decoded { output, mono: None });
-    };
-    let fused = kernels.for_tensor(latents).is_host()
-        && with_cpu_slice(latents, |l| sparse::density(l) <= SPARSE_LIMIT)?;
-    if !fused {
-        let output = support_matmul(latents, w, grad_support, kernels)?;
-        let mono = crate::monoscore::batch_mono_loss(
-            latents,
-            term.similarity,
-            term.eps,
-            grad_support,
-            kernels,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        return Ok(Decoded { output, mono: Some(mono) });
+    if !kernels.for_tensor(latents).is_host() {
+        let output = latents.matmul(w)?;
+        let mono =
+            mono.map(|term| unfused_mono(latents, term, grad_support, kernels)).transpose()?;
+        return Ok(Decoded { output, latents_csr: None, mono });
     }
+    let latents = latents.contiguous()?;
+    let csr = decoder_csr(&latents, latents_csr, grad_support)?;
+    let (term, csr) = match (mono, csr) {
+        (Some(term), Some(csr)) => (term, csr),
+        (mono, csr) => {
+            // No MonoLoss, or latents too dense to fuse it: the MonoLoss is its own node.
+            let (output, latents_csr) = apply_support_matmul(&latents, w, grad_support, csr, None)?;
+            let mono = mono.map(|term| unfused_mono(&latents, term, grad_support, kernels));
+            return Ok(Decoded { output, latents_csr, mono: mono.transpose()? });
+        }
+    };
     let similarity =
         with_cpu_slice(&term.similarity.detach().to_dtype(DType::F32)?, <[f32]>::to_vec)?;
     let result = Arc::new(Mutex::new(None));
-    let op = SupportMatmul {
-        grad_support: host_support(grad_support),
-        cached: Arc::new(Mutex::new(None)),
-        mono: Some(MonoInjection {
-            similarity,
-            lambda: term.lambda as f32,
-            eps: term.eps as f32,
-            result: result.clone(),
-            saved: Mutex::new(None),
-        }),
+    let injection = MonoInjection {
+        similarity,
+        lambda: term.lambda as f32,
+        eps: term.eps as f32,
+        result: result.clone(),
+        saved: Mutex::new(None),
     };
-    let output = latents.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+    let (output, latents_csr) =
+        apply_support_matmul(&latents, w, grad_support, Some(csr), Some(injection))?;
     let (loss, stats): (f32, MonoLossStats) =
         result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
-    Ok(Decoded { output, mono: Some(stats.into_batch_mono(loss)?) })
+    Ok(Decoded { output, latents_csr, mono: Some(stats.into_batch_mono(loss)?) })
+}
+
+/// The batch MonoLoss as its own graph node (portable kernels, or latents too dense to fuse).
+fn unfused_mono(
+    latents: &Tensor,
+    term: MonoTerm,
+    grad_support: Option<&Mask>,
+    kernels: Kernels,
+) -> CResult<BatchMono> {
+    crate::monoscore::batch_mono_loss(latents, term.similarity, term.eps, grad_support, kernels)
+        .map_err(candle_core::Error::wrap)
 }

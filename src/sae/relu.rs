@@ -33,7 +33,12 @@ impl Sae for ReluSae {
     }
 
     fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
-        Ok(Activation { latents: pre.relu()?, grad_support: None, batch_threshold: None })
+        Ok(Activation {
+            latents: pre.relu()?,
+            latents_csr: None,
+            grad_support: None,
+            batch_threshold: None,
+        })
     }
 
     fn extra_losses(

@@ -39,8 +39,13 @@ impl Sae for TopKSae {
 
     fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
         let selection = select::Selection::PerRow(self.spec.k);
-        let (latents, _) = select::topk_latents(pre, &selection, None, self.params.kernels)?;
-        Ok(Activation { latents, grad_support: None, batch_threshold: None })
+        let selected = select::topk_latents(pre, &selection, None, self.params.kernels)?;
+        Ok(Activation {
+            latents: selected.latents,
+            latents_csr: selected.csr,
+            grad_support: None,
+            batch_threshold: None,
+        })
     }
 
     fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {

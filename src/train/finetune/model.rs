@@ -199,7 +199,7 @@ impl FinetuneModel {
         let topk = if self.k >= width {
             pre.relu()?
         } else {
-            topk::topk_latents(&pre, &topk::Selection::PerRow(self.k), None, self.kernels)?.0
+            topk::topk_latents(&pre, &topk::Selection::PerRow(self.k), None, self.kernels)?.latents
         };
         let logits = self.classifier.forward(&topk, self.kernels)?;
         Ok(Outputs { features, topk, logits })
