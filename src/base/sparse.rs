@@ -147,18 +147,28 @@ impl SparseBatch {
                 .par_chunks_mut(cols)
                 .enumerate()
                 .map(|(r, out)| {
-                    let base = r * cols;
-                    vectorized!(for (j, slot) in out.iter_mut().enumerate() {
-                        slot.write(f(base + j));
+                    let (mut c, mut v) = (Vec::new(), Vec::new());
+                    // Blocks of 16: written and tested in registers, scanned only when one of
+                    // them is non-zero (a few blocks of a TopK row).
+                    vectorized!(for (b, block) in out.chunks_mut(16).enumerate() {
+                        let start = r * cols + b * 16;
+                        let mut any = false;
+                        for (j, slot) in block.iter_mut().enumerate() {
+                            let x = f(start + j);
+                            any |= x != 0.0;
+                            slot.write(x);
+                        }
+                        if any {
+                            for (j, slot) in block.iter().enumerate() {
+                                // SAFETY: written just above.
+                                let x = unsafe { slot.assume_init() };
+                                if x != 0.0 {
+                                    c.push((b * 16 + j) as u32);
+                                    v.push(x);
+                                }
+                            }
+                        }
                     });
-                    // SAFETY: every slot of the row was written just above.
-                    let row = unsafe { &*(out as *const [_] as *const [f32]) };
-                    let kept = vectorized!(kept_in(row, None));
-                    let (mut c, mut v) = (Vec::with_capacity(kept), Vec::with_capacity(kept));
-                    vectorized!(for_each_kept(row, None, |j, x| {
-                        c.push(j as u32);
-                        v.push(x);
-                    }));
                     (c, v)
                 })
                 .collect()
