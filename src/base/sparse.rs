@@ -131,40 +131,44 @@ impl SparseBatch {
         SparseBatch { row_offsets, columns, values }
     }
 
-    /// The dense row-major (rows × cols) matrix with entry i = `f(i)`, and its non-zeros: one
-    /// parallel pass, each row's entries collected while the row is still in cache (a separate
-    /// CSR build would read the whole matrix back from memory).
-    pub fn dense_and_csr(
-        rows: usize,
+    /// `f(a[i], b[i])` for every i, as a dense row-major (rows × `cols`) matrix, and its
+    /// non-zeros: one parallel pass, each row's entries collected while the row is still in
+    /// cache (a separate CSR build would read the whole matrix back from memory).
+    pub fn map2_with_csr<B: Copy + Sync>(
+        a: &[f32],
+        b: &[B],
         cols: usize,
-        f: impl Fn(usize) -> f32 + Sync,
+        f: impl Fn(f32, B) -> f32 + Sync,
     ) -> (Vec<f32>, SparseBatch) {
+        assert_eq!(a.len(), b.len(), "element-wise operands differ in length");
+        let rows = a.len().checked_div(cols).unwrap_or(0);
         let mut dense: Vec<f32> = Vec::with_capacity(rows * cols);
         let per_row: Vec<(Vec<u32>, Vec<f32>)> = if cols == 0 {
             vec![Default::default(); rows]
         } else {
             dense.spare_capacity_mut()[..rows * cols]
                 .par_chunks_mut(cols)
-                .enumerate()
-                .map(|(r, out)| {
+                .zip(a.par_chunks(cols))
+                .zip(b.par_chunks(cols))
+                .map(|((out, a), b)| {
                     let (mut c, mut v) = (Vec::new(), Vec::new());
                     // Blocks of 16: written and tested in registers, scanned only when one of
                     // them is non-zero (a few blocks of a TopK row).
-                    vectorized!(for (b, block) in out.chunks_mut(16).enumerate() {
-                        let start = r * cols + b * 16;
+                    let blocks = out.chunks_mut(16).zip(a.chunks(16)).zip(b.chunks(16));
+                    vectorized!(for (i, ((block, a), b)) in blocks.enumerate() {
                         let mut any = false;
-                        for (j, slot) in block.iter_mut().enumerate() {
-                            let x = f(start + j);
-                            any |= x != 0.0;
-                            slot.write(x);
+                        for ((slot, &x), &y) in block.iter_mut().zip(a).zip(b) {
+                            let value = f(x, y);
+                            any |= value != 0.0;
+                            slot.write(value);
                         }
                         if any {
                             for (j, slot) in block.iter().enumerate() {
                                 // SAFETY: written just above.
-                                let x = unsafe { slot.assume_init() };
-                                if x != 0.0 {
-                                    c.push((b * 16 + j) as u32);
-                                    v.push(x);
+                                let value = unsafe { slot.assume_init() };
+                                if value != 0.0 {
+                                    c.push((i * 16 + j) as u32);
+                                    v.push(value);
                                 }
                             }
                         }
@@ -590,7 +594,7 @@ mod tests {
             }
             assert_eq!(got, want);
             if extra.is_none() {
-                let (written, csr) = SparseBatch::dense_and_csr(rows, cols, |i| dense[i]);
+                let (written, csr) = SparseBatch::map2_with_csr(&dense, &dense, cols, |v, _| v);
                 assert_eq!((written.as_slice(), &csr), (dense.as_slice(), &want));
             }
             let share = want.nnz() as f64 / dense.len() as f64;
@@ -606,10 +610,9 @@ mod tests {
             SparseBatch::from_dense_if_sparse(&[], cols, None),
             Some(SparseBatch { row_offsets: vec![0], ..Default::default() })
         );
-        // Degenerate shapes: no rows, rows without columns.
+        // No rows.
         let empty =
             |rows: usize| SparseBatch { row_offsets: vec![0; rows + 1], ..Default::default() };
-        assert_eq!(SparseBatch::dense_and_csr(0, cols, |_| 1.0), (vec![], empty(0)));
-        assert_eq!(SparseBatch::dense_and_csr(3, 0, |_| 1.0), (vec![], empty(3)));
+        assert_eq!(SparseBatch::map2_with_csr(&[], &[0; 0], cols, |_, _| 1.0), (vec![], empty(0)));
     }
 }

@@ -164,7 +164,6 @@ impl CustomOp1 for MaskedRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
         let cols = l.shape().dims().last().copied().unwrap_or(1);
-        let rows = x.len().checked_div(cols).unwrap_or(0);
         let (out, csr) = match &self.keep {
             Keep::Mask(mask) => {
                 if x.len() != mask.len() {
@@ -175,21 +174,34 @@ impl CustomOp1 for MaskedRelu {
                         mask.len()
                     );
                 }
-                SparseBatch::dense_and_csr(rows, cols, |i| {
-                    if mask[i] && x[i] > 0.0 {
-                        x[i]
-                    } else {
-                        0.0
-                    }
-                })
+                SparseBatch::map2_with_csr(
+                    x,
+                    mask,
+                    cols,
+                    |v, keep| {
+                        if keep && v > 0.0 {
+                            v
+                        } else {
+                            0.0
+                        }
+                    },
+                )
             }
-            &Keep::Above(t) => SparseBatch::dense_and_csr(rows, cols, |i| {
-                if x[i] > t && x[i] > 0.0 {
-                    x[i]
-                } else {
-                    0.0
-                }
-            }),
+            // The values stand in for the mask operand (same memory: no extra traffic).
+            &Keep::Above(t) => {
+                SparseBatch::map2_with_csr(
+                    x,
+                    x,
+                    cols,
+                    |v, _| {
+                        if v > t && v > 0.0 {
+                            v
+                        } else {
+                            0.0
+                        }
+                    },
+                )
+            }
         };
         *self.csr.lock().unwrap() = Some(csr);
         Ok((CpuStorage::F32(out), l.shape().clone()))
