@@ -164,6 +164,7 @@ impl CustomOp1 for MaskedRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
         let cols = l.shape().dims().last().copied().unwrap_or(1);
+        let relu_where = |v: f32, keep: bool| if keep && v > 0.0 { v } else { 0.0 };
         let (out, csr) = match &self.keep {
             Keep::Mask(mask) => {
                 if x.len() != mask.len() {
@@ -174,34 +175,10 @@ impl CustomOp1 for MaskedRelu {
                         mask.len()
                     );
                 }
-                SparseBatch::map2_with_csr(
-                    x,
-                    mask,
-                    cols,
-                    |v, keep| {
-                        if keep && v > 0.0 {
-                            v
-                        } else {
-                            0.0
-                        }
-                    },
-                )
+                SparseBatch::map2_with_csr(x, mask, cols, relu_where)
             }
             // The values stand in for the mask operand (same memory: no extra traffic).
-            &Keep::Above(t) => {
-                SparseBatch::map2_with_csr(
-                    x,
-                    x,
-                    cols,
-                    |v, _| {
-                        if v > t && v > 0.0 {
-                            v
-                        } else {
-                            0.0
-                        }
-                    },
-                )
-            }
+            &Keep::Above(t) => SparseBatch::map2_with_csr(x, x, cols, |v, _| relu_where(v, v > t)),
         };
         *self.csr.lock().unwrap() = Some(csr);
         Ok((CpuStorage::F32(out), l.shape().clone()))
