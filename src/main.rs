@@ -244,10 +244,7 @@ fn format_error(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     if let Some(threads) = cli.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .context("cannot set --threads")?;
+        limit_threads(threads).context("cannot set --threads")?;
     }
     match cli.command {
         Command::Score(args) => score(args),
@@ -435,8 +432,19 @@ fn print_results(r: &mono::layout::EvalResults) {
 fn apply_thread_config(config: &mono::Config) {
     if let Some(threads) = config.run.threads {
         // Ignored when --threads already built the pool: the command line wins.
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+        limit_threads(threads).ok();
     }
+}
+
+/// Runs mono's CPU work on `threads` threads: rayon's global pool (our kernels, the gemm crate)
+/// and candle's own pool for its element-wise ops, which otherwise sizes itself from the core
+/// count when first used. Fails when the pool was already built.
+fn limit_threads(threads: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    // Before any candle op: the pool reads it once, when it starts. No other thread reads the
+    // environment at this point of start-up.
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    Ok(())
 }
 
 fn extract(config_path: &std::path::Path, limit: Option<usize>, shard: Option<&str>) -> Result<()> {
