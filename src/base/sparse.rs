@@ -2,6 +2,8 @@
 //! with k of M latents active, decoding and every weight gradient cost O(nnz·D), not O(B·M·D).
 //! All kernels are parallel over disjoint outputs, so results do not depend on thread count.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::base::simd::vectorized;
@@ -152,27 +154,42 @@ impl SparseBatch {
                 .zip(b.par_chunks(cols))
                 .map(|((out, a), b)| {
                     let (mut c, mut v) = (Vec::new(), Vec::new());
-                    // Blocks of 16: written and tested in registers, scanned only when one of
-                    // them is non-zero (a few blocks of a TopK row).
-                    let blocks = out.chunks_mut(16).zip(a.chunks(16)).zip(b.chunks(16));
-                    vectorized!(for (i, ((block, a), b)) in blocks.enumerate() {
-                        let mut any = false;
-                        for ((slot, &x), &y) in block.iter_mut().zip(a).zip(b) {
-                            let value = f(x, y);
-                            any |= value != 0.0;
-                            slot.write(value);
-                        }
-                        if any {
-                            for (j, slot) in block.iter().enumerate() {
-                                // SAFETY: written just above.
-                                let value = unsafe { slot.assume_init() };
-                                if value != 0.0 {
-                                    c.push((i * 16 + j) as u32);
-                                    v.push(value);
-                                }
+                    let mut collect = |offset: usize, block: &[MaybeUninit<f32>]| {
+                        for (j, slot) in block.iter().enumerate() {
+                            // SAFETY: the caller wrote the block.
+                            let value = unsafe { slot.assume_init() };
+                            if value != 0.0 {
+                                c.push((offset + j) as u32);
+                                v.push(value);
                             }
                         }
+                    };
+                    // Blocks of 16 as arrays (a fixed length is what lets LLVM vectorise the
+                    // map and the test; a slice-chunk loop stayed scalar), written and tested in
+                    // registers, scanned only when one of them is non-zero (a few blocks of a
+                    // TopK row). The last cols % 16 elements go one by one.
+                    let full = cols / 16 * 16;
+                    let (out_blocks, out_tail) = out.split_at_mut(full);
+                    let blocks = out_blocks
+                        .chunks_exact_mut(16)
+                        .zip(a.chunks_exact(16))
+                        .zip(b.chunks_exact(16));
+                    vectorized!(for (i, ((block, a), b)) in blocks.enumerate() {
+                        let (a, b): (&[f32; 16], &[B; 16]) =
+                            (a.try_into().unwrap(), b.try_into().unwrap());
+                        let values: [f32; 16] = std::array::from_fn(|j| f(a[j], b[j]));
+                        let non_zero = values.iter().fold(0u32, |n, &x| n + (x != 0.0) as u32);
+                        for (slot, &x) in block.iter_mut().zip(&values) {
+                            slot.write(x);
+                        }
+                        if non_zero > 0 {
+                            collect(i * 16, block);
+                        }
                     });
+                    for ((slot, &x), &y) in out_tail.iter_mut().zip(&a[full..]).zip(&b[full..]) {
+                        slot.write(f(x, y));
+                    }
+                    collect(full, out_tail);
                     (c, v)
                 })
                 .collect()
@@ -610,6 +627,13 @@ mod tests {
             SparseBatch::from_dense_if_sparse(&[], cols, None),
             Some(SparseBatch { row_offsets: vec![0], ..Default::default() })
         );
+        // Rows shorter than a block, exactly one block, and blocks with no tail.
+        for cols in [7, 16, 48] {
+            let dense: Vec<f32> =
+                (0..3 * cols).map(|i| if i % 5 == 1 { i as f32 } else { 0.0 }).collect();
+            let (written, csr) = SparseBatch::map2_with_csr(&dense, &dense, cols, |v, _| v);
+            assert_eq!((written, csr), (dense.clone(), SparseBatch::from_dense(&dense, cols)));
+        }
         // No rows.
         let empty =
             |rows: usize| SparseBatch { row_offsets: vec![0; rows + 1], ..Default::default() };
