@@ -162,7 +162,12 @@ fn base_config(work: &Path, name: &str, stages: &str, extra: &str) -> PathBuf {
 }
 
 fn resume_if_checkpointed(run: &Path, mut command: Vec<String>) -> Vec<String> {
-    if run.join("checkpoints").read_dir().is_ok_and(|mut d| d.next().is_some()) {
+    // A run killed while writing its first checkpoint leaves only the hidden staging entry,
+    // which is no checkpoint (the rerun removes it).
+    let written = |d: std::fs::ReadDir| {
+        d.flatten().any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    };
+    if run.join("checkpoints").read_dir().is_ok_and(written) {
         command.push("--resume".into());
     }
     command
