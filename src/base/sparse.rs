@@ -481,57 +481,6 @@ pub fn csr_column_sums(a: SparseRows<'_>, m: usize) -> Vec<f32> {
     sums
 }
 
-/// Dense (m × k) · (k × n) in f32 with arbitrary strides, through the `gemm` crate (candle's own).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-) -> Vec<f32> {
-    let mut dst = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return dst;
-    }
-    if k > 0 {
-        assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too short");
-        assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too short");
-    }
-    let threads = rayon::current_num_threads();
-    let parallelism =
-        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above keep every strided read inside `a` and `b`; dst is m × n row-major.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    dst
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,10 +531,6 @@ mod tests {
             let expect: f32 = (0..rows).map(|r| dense[r * m + c]).sum();
             assert!((sums[c] - expect).abs() < 1e-6);
         }
-        // gemm with a transposed right operand: x (rows × d) · wᵀ (d × m).
-        let g = gemm_f32(rows, m, d, &x, d, 1, &w, 1, d);
-        let wt: Vec<f32> = (0..d * m).map(|idx| w[(idx % m) * d + idx / m]).collect();
-        close(&g, &dense_matmul(&x, &wt, rows, d, m));
     }
 
     /// The CSR builders against a plain scan: rows whose width is not a multiple of the 16-wide

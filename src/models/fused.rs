@@ -11,8 +11,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
+use crate::base::gemm::gemm_f32;
 use crate::base::simd::vectorized;
-use crate::base::sparse::gemm_f32;
 
 /// Rows handled by one task when summing the weight and bias gradients: a fixed split, so the
 /// sums do not depend on the thread count (resumed runs stay bit-identical).

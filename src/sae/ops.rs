@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
+use crate::base::gemm::gemm_f32;
 use crate::base::host::Kernels;
 use crate::base::sparse::{self, SparseBatch, SPARSE_LIMIT};
 use crate::models::topk::Mask;
@@ -102,14 +103,14 @@ impl CustomOp3 for EncoderLinear {
                                 sparse::csr_column_sums(csr.as_rows(), m),
                             ),
                             None => (
-                                x.track_op().then(|| sparse::gemm_f32(b, d, m, g, m, 1, ws, d, 1)),
-                                sparse::gemm_f32(m, d, b, g, 1, m, &xc, d, 1),
+                                x.track_op().then(|| gemm_f32(b, d, m, g, m, 1, ws, d, 1)),
+                                gemm_f32(m, d, b, g, 1, m, &xc, d, 1),
                                 crate::models::fused::column_sums(g, m),
                             ),
                         };
                         if self.centre {
                             // ∂/∂b_dec of Σ g·((x − b_dec)·Wᵀ) = −(Σ_b g)·W.
-                            let d_dec = sparse::gemm_f32(1, d, m, &db, m, 1, ws, d, 1);
+                            let d_dec = gemm_f32(1, d, m, &db, m, 1, ws, d, 1);
                             db.extend(d_dec.into_iter().map(|v| -v));
                         }
                         (dx, dw, db)
@@ -210,7 +211,7 @@ impl CustomOp2 for SupportMatmul {
             out
         } else {
             *self.cached.lock().unwrap() = None;
-            sparse::gemm_f32(b, d, m, lat, m, 1, w, d, 1)
+            gemm_f32(b, d, m, lat, m, 1, w, d, 1)
         };
         Ok((CpuStorage::F32(out), Shape::from((b, d))))
     }
@@ -249,8 +250,8 @@ impl CustomOp2 for SupportMatmul {
                     Ok::<_, candle_core::Error>((csr.with_values(vals).to_dense(m), dw))
                 }
                 None => with_cpu_slice(lat, |ls| {
-                    let dlat = sparse::gemm_f32(b, m, d, g, d, 1, ws, 1, d);
-                    let dw = sparse::gemm_f32(m, d, b, ls, 1, m, g, d, 1);
+                    let dlat = gemm_f32(b, m, d, g, d, 1, ws, 1, d);
+                    let dw = gemm_f32(m, d, b, ls, 1, m, g, d, 1);
                     (dlat, dw)
                 }),
             })

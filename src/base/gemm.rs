@@ -1,0 +1,213 @@
+//! Dense f32 products for the host kernels, through the `gemm` crate (the one candle's CPU
+//! matmul uses). One entry point, which also decides how the work is spread over threads.
+//!
+//! The crate parallelises over tiles of the output. A thin product with a long contraction —
+//! a convolution's weight gradient, (O × C·KH·KW) summed over every output pixel of the batch —
+//! has few tiles and re-packs its operands for every block of the contraction: measured at
+//! 20–60 GFLOP/s where square products reach 150–200 on the same two cores. Such products are
+//! split along the contraction instead: fixed chunks, one single-threaded product each, summed
+//! in chunk order (so the result does not depend on the thread count).
+
+use rayon::prelude::*;
+
+/// Contraction columns per partial product of a split product.
+const SPLIT_CHUNK: usize = 2048;
+/// Shorter contractions keep the crate's own parallel product (as fast there).
+const SPLIT_MIN_CONTRACTION: usize = 4 * SPLIT_CHUNK;
+/// Larger outputs have enough tiles for the crate's parallelism.
+const SPLIT_MAX_OUTPUT: usize = 1 << 20;
+/// Bound on the partial products held at once, in floats (64 MiB).
+const SPLIT_MAX_PARTIALS: usize = 16 << 20;
+
+/// A strided operand: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+/// Dense (m × k) · (k × n) → row-major (m × n), with arbitrary operand strides.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) -> Vec<f32> {
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    if k > 0 {
+        assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too short");
+        assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too short");
+    }
+    let (a, b) = (Operand { data: a, rs: a_rs, cs: a_cs }, Operand { data: b, rs: b_rs, cs: b_cs });
+    if splits_contraction(m, n, k) {
+        return split_contraction(m, n, k, a, b);
+    }
+    let mut dst = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let parallelism =
+        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    product(&mut dst, (n, 1), (m, n, k), a, b, parallelism);
+    dst
+}
+
+/// Whether `gemm_f32` splits this product along its contraction.
+fn splits_contraction(m: usize, n: usize, k: usize) -> bool {
+    let output = m * n;
+    k >= SPLIT_MIN_CONTRACTION
+        && output <= SPLIT_MAX_OUTPUT
+        && (k / SPLIT_CHUNK) * output <= SPLIT_MAX_PARTIALS
+}
+
+/// The product as fixed chunks of the contraction, each computed by one thread into its own
+/// buffer, then summed element by element in chunk order.
+fn split_contraction(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<f32> {
+    let chunks = k / SPLIT_CHUNK;
+    // Partials put the shorter output side along the crate's microkernel rows (column-major
+    // when m ≤ n): the faster layout for every thin convolution gradient measured.
+    let column_major = m <= n;
+    let strides = if column_major { (1, m) } else { (n, 1) };
+    let mut partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let (start, end) = (c * k / chunks, (c + 1) * k / chunks);
+            let a = Operand { data: &a.data[start * a.cs..], ..a };
+            let b = Operand { data: &b.data[start * b.rs..], ..b };
+            let mut part = vec![0f32; m * n];
+            product(&mut part, strides, (m, n, end - start), a, b, gemm::Parallelism::None);
+            part
+        })
+        .collect();
+    let rest = partials.split_off(1);
+    let mut sum = partials.pop().expect("at least one chunk");
+    const BLOCK: usize = 4096;
+    sum.par_chunks_mut(BLOCK).enumerate().for_each(|(i, block)| {
+        for part in &rest {
+            block.iter_mut().zip(&part[i * BLOCK..]).for_each(|(s, p)| *s += p);
+        }
+    });
+    if !column_major {
+        return sum;
+    }
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        row.iter_mut().enumerate().for_each(|(j, v)| *v = sum[i + j * m]);
+    });
+    out
+}
+
+/// dst (m × n, element (i, j) at `i * rs + j * cs`) = a · b.
+fn product(
+    dst: &mut [f32],
+    (rs, cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    parallelism: gemm::Parallelism,
+) {
+    debug_assert!(dst.len() > (m - 1) * rs + (n - 1) * cs);
+    // SAFETY: the callers' asserts keep every strided read inside `a` and `b` (a chunk's
+    // operands are suffixes that still hold its k columns), and dst holds the m × n layout.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            cs as isize,
+            rs as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f64 product of strided operands.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|t| {
+                        a.data[i * a.rs + t * a.cs] as f64 * b.data[t * b.rs + j * b.cs] as f64
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], k: usize) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            // f32 sums of k terms in [-1, 1]: error grows with √k at worst-case √k·ε·k.
+            assert!((*g as f64 - w).abs() <= 1e-6 * k as f64, "{g} vs {w}");
+        }
+    }
+
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len).map(|i| ((i as f32 + seed) * 0.713).sin()).collect()
+    }
+
+    /// Both paths against an f64 product, with the operand layouts the convolution uses: a
+    /// transposed right operand (the weight gradient G · colsᵀ) and a transposed left one.
+    #[test]
+    fn products_match_an_f64_reference_on_both_paths() {
+        // (m, n, k): a square-ish product (crate's path), thin ones with long contractions
+        // (split, both partial layouts), one whose contraction is not a multiple of the chunk.
+        for (m, n, k) in [(7, 11, 5), (3, 5, 9000), (6, 2, 8192), (5, 4, 2 * SPLIT_CHUNK * 3 + 77)]
+        {
+            let a = values(m * k, 0.5);
+            let b = values(k * n, 1.5);
+            // a row-major, b transposed (each b column contiguous).
+            let (ao, bo) = (Operand { data: &a, rs: k, cs: 1 }, Operand { data: &b, rs: 1, cs: k });
+            let got = gemm_f32(m, n, k, &a, k, 1, &b, 1, k);
+            assert_close(&got, &reference(m, n, k, ao, bo), k);
+            // a transposed, b row-major.
+            let (ao, bo) = (Operand { data: &a, rs: 1, cs: m }, Operand { data: &b, rs: n, cs: 1 });
+            let got = gemm_f32(m, n, k, &a, 1, m, &b, n, 1);
+            assert_close(&got, &reference(m, n, k, ao, bo), k);
+        }
+        assert!(!splits_contraction(7, 11, 5));
+        assert!(splits_contraction(3, 5, 9000) && splits_contraction(6, 2, 8192));
+        assert!(!splits_contraction(2048, 1024, 9000), "large outputs keep the crate's path");
+    }
+
+    /// A split product is the same, bit for bit, whatever the thread count.
+    #[test]
+    fn split_products_do_not_depend_on_the_thread_count() {
+        let (m, n, k) = (9, 4, 5 * SPLIT_CHUNK + 3);
+        let (a, b) = (values(m * k, 0.25), values(k * n, 2.0));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| gemm_f32(m, n, k, &a, k, 1, &b, 1, k))
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(3));
+    }
+}
