@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use super::conv::Planes;
+use crate::base::simd::{lane_dot, lane_sum};
 
 /// BatchNorm2d over (B, C, H, W): batch statistics in training (running statistics updated with
 /// PyTorch's momentum and unbiased variance), running statistics in evaluation.
@@ -255,26 +256,6 @@ fn normalize_channels_backward(
 /// (1/√(var + eps)) per channel.
 fn inverse_std(stats: &[(f64, f64)], eps: f64) -> Vec<f64> {
     stats.iter().map(|&(_, var)| 1.0 / (var + eps).sqrt()).collect()
-}
-
-/// Σ f(v) in f64 over eight interleaved partial sums (vectorisable; a fixed order).
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    lane_dot(xs, xs, |v, _| f(v))
-}
-
-/// Σ f(a_i, b_i) in f64 over eight interleaved partial sums.
-#[inline(always)]
-fn lane_dot(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let whole = a.len() / 8 * 8;
-    for (ca, cb) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
-        for j in 0..8 {
-            acc[j] += f(ca[j], cb[j]);
-        }
-    }
-    let tail: f64 = a[whole..].iter().zip(&b[whole..]).map(|(&x, &y)| f(x, y)).sum();
-    acc.iter().sum::<f64>() + tail
 }
 
 /// The gradient reaching a fused op's normalisation: through the op's ReLU (from its output

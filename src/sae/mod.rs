@@ -372,7 +372,7 @@ pub fn auxk_loss(
     normalized: bool,
 ) -> Result<Tensor> {
     let (spec, p) = (sae.spec(), sae.params());
-    let zero = pass.pre.zeros_like()?.sum_all()?;
+    let zero = Tensor::zeros((), pass.pre.dtype(), pass.pre.device())?;
     if spec.aux_coef == 0.0 {
         return Ok(zero);
     }

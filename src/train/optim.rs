@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::base::cpu::with_cpu_slice;
 use crate::base::host::Kernels;
-use crate::base::simd::vectorized;
+use crate::base::simd::{lane_sum, vectorized};
 
 /// Elements per parallel task of the element-wise parameter updates.
 const UPDATE_CHUNK: usize = 1 << 14;
@@ -215,7 +215,7 @@ fn host_norm(grads: &[Vec<f32>]) -> f64 {
         .iter()
         .flat_map(|g| {
             g.par_chunks(1 << 14)
-                .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+                .map(|c| vectorized!(lane_sum(c, |x| x as f64 * x as f64)))
                 .collect::<Vec<f64>>()
         })
         .collect();
