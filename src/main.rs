@@ -209,6 +209,8 @@ enum BenchCommand {
     Decode(mono::bench::decode::DecodeBenchArgs),
     /// Images/s of a finetuning step for ResNet-50 and CLIP-ViT-B/32.
     Finetune(mono::bench::finetune::FinetuneBenchArgs),
+    /// GFLOP/s of the convolution products ResNet-50 trains with, per layer shape.
+    Gemm(mono::bench::gemm::GemmBenchArgs),
     /// An ImageNet-size rehearsal on synthetic features: import, reader, training, evaluation.
     Scale(mono::bench::scale::ScaleBenchArgs),
     /// How training and evaluation time and memory grow with N, M, k and D, and what the
@@ -320,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Train(args)) => mono::bench::train::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Extract(args)) => mono::bench::extract::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Decode(args)) => mono::bench::decode::run(&args).map(|_| ()),
+        Command::Bench(BenchCommand::Gemm(args)) => mono::bench::gemm::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Scale(args)) => mono::bench::scale::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Growth(args)) => mono::bench::growth::run(&args).map(|_| ()),
         Command::Bench(BenchCommand::Finetune(args)) => {

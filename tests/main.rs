@@ -3,6 +3,7 @@
 mod common;
 
 mod architecture;
+mod bench;
 mod cli_features;
 mod cli_score;
 mod config;

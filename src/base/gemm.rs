@@ -40,18 +40,52 @@ pub fn gemm_f32(
     b_rs: usize,
     b_cs: usize,
 ) -> Vec<f32> {
-    if m == 0 || n == 0 {
-        return Vec::new();
+    let (a, b) = operands(m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs));
+    if splits_contraction(m, n, k) {
+        split_contraction(m, n, k, a, b)
+    } else {
+        tiled(m, n, k, a, b)
     }
-    if k > 0 {
+}
+
+/// `gemm_f32` always through the crate's own parallel product over output tiles (what every
+/// product used before the split; for `mono bench gemm`).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_tiled(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) -> Vec<f32> {
+    let (a, b) = operands(m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs));
+    tiled(m, n, k, a, b)
+}
+
+/// The operands, checked to hold every element the product reads.
+fn operands<'a>(
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, a_rs, a_cs): (&'a [f32], usize, usize),
+    (b, b_rs, b_cs): (&'a [f32], usize, usize),
+) -> (Operand<'a>, Operand<'a>) {
+    if m > 0 && n > 0 && k > 0 {
         assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too short");
         assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too short");
     }
-    let (a, b) = (Operand { data: a, rs: a_rs, cs: a_cs }, Operand { data: b, rs: b_rs, cs: b_cs });
-    if splits_contraction(m, n, k) {
-        return split_contraction(m, n, k, a, b);
-    }
+    (Operand { data: a, rs: a_rs, cs: a_cs }, Operand { data: b, rs: b_rs, cs: b_cs })
+}
+
+fn tiled(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<f32> {
     let mut dst = vec![0f32; m * n];
+    if dst.is_empty() {
+        return dst;
+    }
     let threads = rayon::current_num_threads();
     let parallelism =
         if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -60,9 +94,10 @@ pub fn gemm_f32(
 }
 
 /// Whether `gemm_f32` splits this product along its contraction.
-fn splits_contraction(m: usize, n: usize, k: usize) -> bool {
+pub fn splits_contraction(m: usize, n: usize, k: usize) -> bool {
     let output = m * n;
-    k >= SPLIT_MIN_CONTRACTION
+    output > 0
+        && k >= SPLIT_MIN_CONTRACTION
         && output <= SPLIT_MAX_OUTPUT
         && (k / SPLIT_CHUNK) * output <= SPLIT_MAX_PARTIALS
 }
@@ -114,7 +149,7 @@ fn product(
     parallelism: gemm::Parallelism,
 ) {
     debug_assert!(dst.len() > (m - 1) * rs + (n - 1) * cs);
-    // SAFETY: the callers' asserts keep every strided read inside `a` and `b` (a chunk's
+    // SAFETY: `operands` checked every strided read lies inside `a` and `b` (a chunk's
     // operands are suffixes that still hold its k columns), and dst holds the m × n layout.
     unsafe {
         gemm::gemm(

@@ -3,6 +3,7 @@
 pub mod decode;
 pub mod extract;
 pub mod finetune;
+pub mod gemm;
 pub mod growth;
 pub mod monoscore;
 pub mod scale;
