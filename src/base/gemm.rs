@@ -82,15 +82,10 @@ fn operands<'a>(
 }
 
 fn tiled(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<f32> {
-    let mut dst = vec![0f32; m * n];
-    if dst.is_empty() {
-        return dst;
-    }
     let threads = rayon::current_num_threads();
     let parallelism =
         if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    product(&mut dst, (n, 1), (m, n, k), a, b, parallelism);
-    dst
+    product((n, 1), (m, n, k), a, b, parallelism)
 }
 
 /// Whether `gemm_f32` splits this product along its contraction.
@@ -116,9 +111,7 @@ fn split_contraction(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Ve
             let (start, end) = (c * k / chunks, (c + 1) * k / chunks);
             let a = Operand { data: &a.data[start * a.cs..], ..a };
             let b = Operand { data: &b.data[start * b.rs..], ..b };
-            let mut part = vec![0f32; m * n];
-            product(&mut part, strides, (m, n, end - start), a, b, gemm::Parallelism::None);
-            part
+            product(strides, (m, n, end - start), a, b, gemm::Parallelism::None)
         })
         .collect();
     let rest = partials.split_off(1);
@@ -139,24 +132,30 @@ fn split_contraction(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Ve
     out
 }
 
-/// dst (m × n, element (i, j) at `i * rs + j * cs`) = a · b.
+/// a · b into a new m × n buffer, element (i, j) at `i * rs + j * cs` (a dense layout).
 fn product(
-    dst: &mut [f32],
     (rs, cs): (usize, usize),
     (m, n, k): (usize, usize, usize),
     a: Operand,
     b: Operand,
     parallelism: gemm::Parallelism,
-) {
-    debug_assert!(dst.len() > (m - 1) * rs + (n - 1) * cs);
+) -> Vec<f32> {
+    let len = m * n;
+    let mut dst = Vec::<f32>::with_capacity(len);
+    if len == 0 {
+        return dst;
+    }
+    debug_assert!((m - 1) * rs + (n - 1) * cs < len);
     // SAFETY: `operands` checked every strided read lies inside `a` and `b` (a chunk's
-    // operands are suffixes that still hold its k columns), and dst holds the m × n layout.
+    // operands are suffixes that still hold its k columns), and dst has room for the m × n
+    // layout. With read_dst = false the crate writes every element of dst without reading it
+    // (β·AB, or zeros when k = 0), so the buffer is initialised when it returns.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
             cs as isize,
             rs as isize,
             false,
@@ -173,7 +172,9 @@ fn product(
             false,
             parallelism,
         );
+        dst.set_len(len);
     }
+    dst
 }
 
 #[cfg(test)]
@@ -214,8 +215,12 @@ mod tests {
     fn products_match_an_f64_reference_on_both_paths() {
         // (m, n, k): a square-ish product (crate's path), thin ones with long contractions
         // (split, both partial layouts), one whose contraction is not a multiple of the chunk.
-        for (m, n, k) in [(7, 11, 5), (3, 5, 9000), (6, 2, 8192), (5, 4, 2 * SPLIT_CHUNK * 3 + 77)]
+        // The output buffer is never zeroed: memory that held NaNs must not show through, also
+        // for an empty contraction (k = 0: zeros).
+        for (m, n, k) in
+            [(7, 11, 5), (4, 3, 0), (3, 5, 9000), (6, 2, 8192), (5, 4, 2 * SPLIT_CHUNK * 3 + 77)]
         {
+            drop(std::hint::black_box(vec![f32::NAN; m * n]));
             let a = values(m * k, 0.5);
             let b = values(k * n, 1.5);
             // a row-major, b transposed (each b column contiguous).
