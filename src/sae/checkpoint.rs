@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
 use super::{
@@ -182,34 +182,40 @@ pub fn spec_from_saelens(cfg: &serde_json::Value) -> Result<SaeSpec> {
 pub fn load(dir: &Path, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae>> {
     let spec = read_spec(dir)?;
     let path = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&path, device)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let file = crate::base::io::tensors::SafetensorsFile::open(&path)?;
     let (d, m) = (spec.d_in, spec.n_latents);
-    let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let t = tensors
-            .get(name)
+    let check = |name: &str, shape: &[usize]| -> Result<()> {
+        let found = file
+            .shape(name)
             .with_context(|| format!("{}: missing tensor `{name}`", path.display()))?;
         ensure!(
-            t.dims() == shape,
-            "{}: `{name}` has shape {:?}, cfg.json implies {shape:?}",
-            path.display(),
-            t.dims()
+            found == shape,
+            "{}: `{name}` has shape {found:?}, cfg.json implies {shape:?}",
+            path.display()
         );
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(())
     };
-    let w_enc = get("W_enc", &[d, m])?.t()?.contiguous()?;
+    // Each weight is decoded once into the vector its Var keeps (no copy on the CPU).
+    let var = |name: &str, shape: &[usize]| -> Result<Var> {
+        check(name, shape)?;
+        Ok(Var::from_vec(file.read_f32(name)?, shape, device)?)
+    };
+    check("W_enc", &[d, m])?;
+    let w_enc = Var::from_vec(file.read_f32_transposed("W_enc")?, (m, d), device)?;
     let log_threshold = match spec.kind {
         // A threshold ≤ 0 acts as 0 (SAELens keeps ReLU(pre) where pre > threshold).
         SaeKind::Jumprelu => {
-            Some(Var::from_tensor(&get("threshold", &[m])?.clamp(1e-30f32, f32::MAX)?.log()?)?)
+            check("threshold", &[m])?;
+            let threshold = Tensor::from_vec(file.read_f32("threshold")?, m, device)?;
+            Some(Var::from_tensor(&threshold.clamp(1e-30f32, f32::MAX)?.log()?)?)
         }
         _ => None,
     };
     let params = SaeParams {
-        w_enc: Var::from_tensor(&w_enc)?,
-        w_dec: Var::from_tensor(&get("W_dec", &[m, d])?)?,
-        b_enc: Var::from_tensor(&get("b_enc", &[m])?)?,
-        b_dec: Var::from_tensor(&get("b_dec", &[d])?)?,
+        w_enc,
+        w_dec: var("W_dec", &[m, d])?,
+        b_enc: var("b_enc", &[m])?,
+        b_dec: var("b_dec", &[d])?,
         log_threshold,
         kernels,
     };
@@ -218,9 +224,9 @@ pub fn load(dir: &Path, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae
         SaeKind::Relu => Box::new(ReluSae::from_params(spec, params)),
         SaeKind::Jumprelu => Box::new(JumpReluSae::from_params(spec, params)),
         SaeKind::BatchTopk => {
-            let threshold = match tensors.get("threshold") {
-                Some(t) => {
-                    let values = crate::base::host::read_f32(t)?;
+            let threshold = match file.shape("threshold") {
+                Some(_) => {
+                    let values = file.read_f32("threshold")?;
                     if values.iter().any(|v| *v != values[0]) {
                         bail!(
                             "{}: a BatchTopK threshold must be one value for every latent",
@@ -239,6 +245,51 @@ pub fn load(dir: &Path, device: &Device, kernels: Kernels) -> Result<Box<dyn Sae
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kind loads back exactly what was saved (W_enc transposed back to M × D); a weights
+    /// file that does not match cfg.json is refused naming the file and the tensor.
+    #[test]
+    fn load_returns_what_save_wrote_and_names_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in [SaeKind::Topk, SaeKind::BatchTopk, SaeKind::Jumprelu, SaeKind::Relu] {
+            let mut spec = SaeSpec::from_config(&crate::base::config::SaeConfig::of_kind(kind), 6);
+            spec.n_latents = 10;
+            let sae = super::super::build(&spec, 3, &Device::Cpu, Kernels::Host).unwrap();
+            let at = dir.path().join(format!("{kind:?}"));
+            save(&at, sae.as_ref(), &json!({})).unwrap();
+            let loaded = load(&at, &Device::Cpu, Kernels::Host).unwrap();
+            for ((name, a), (_, b)) in sae.params().named().into_iter().zip(loaded.params().named())
+            {
+                let (a, b) = (a.as_tensor(), b.as_tensor());
+                assert_eq!(a.dims(), b.dims(), "{kind:?} {name}");
+                let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+                assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap(), "{name}");
+            }
+        }
+
+        let at = dir.path().join("Topk");
+        let weights = at.join(WEIGHTS_FILE);
+        let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+        let error = |tensors: &HashMap<String, Tensor>| {
+            candle_core::safetensors::save(tensors, &weights).unwrap();
+            format!("{:#}", load(&at, &Device::Cpu, Kernels::Host).err().unwrap())
+        };
+        let w_enc = tensors["W_enc"].clone();
+        tensors.insert("W_enc".into(), w_enc.t().unwrap().contiguous().unwrap());
+        let e = error(&tensors);
+        assert!(e.contains(WEIGHTS_FILE) && e.contains("`W_enc` has shape [10, 6]"), "{e}");
+        assert!(e.contains("cfg.json implies [6, 10]"), "{e}");
+        tensors.insert("W_enc".into(), w_enc.to_dtype(candle_core::DType::U32).unwrap());
+        let e = error(&tensors);
+        assert!(e.contains(WEIGHTS_FILE) && e.contains("`W_enc` has dtype U32"), "{e}");
+        tensors.insert("W_enc".into(), w_enc);
+        tensors.remove("b_dec");
+        let e = error(&tensors);
+        assert!(e.contains(WEIGHTS_FILE) && e.contains("missing tensor `b_dec`"), "{e}");
+        std::fs::write(&weights, b"{}").unwrap();
+        let e = format!("{:#}", load(&at, &Device::Cpu, Kernels::Host).err().unwrap());
+        assert!(e.contains(WEIGHTS_FILE) && e.contains("not a readable"), "{e}");
+    }
 
     /// SAELens 6 needs string names: features imported without an encoder have none.
     #[test]

@@ -20,6 +20,17 @@ pub enum ElementType {
 }
 
 impl ElementType {
+    /// The float types mono reads; None for the others (integers, bool, f8...).
+    pub fn of_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
+        match dtype {
+            safetensors::Dtype::F16 => Some(ElementType::F16),
+            safetensors::Dtype::BF16 => Some(ElementType::BF16),
+            safetensors::Dtype::F32 => Some(ElementType::F32),
+            safetensors::Dtype::F64 => Some(ElementType::F64),
+            _ => None,
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             ElementType::F16 | ElementType::BF16 => 2,
@@ -298,15 +309,9 @@ fn locate_safetensors(
         }
     };
     let info = &tensors[&tensor_name];
-    let dtype = match info.dtype {
-        safetensors::Dtype::F16 => ElementType::F16,
-        safetensors::Dtype::BF16 => ElementType::BF16,
-        safetensors::Dtype::F32 => ElementType::F32,
-        safetensors::Dtype::F64 => ElementType::F64,
-        other => {
-            bail!("tensor `{tensor_name}` has dtype {other:?}; expected f16, bf16, f32 or f64")
-        }
-    };
+    let dtype = ElementType::of_safetensors(info.dtype).with_context(|| {
+        format!("tensor `{tensor_name}` has dtype {:?}; expected f16, bf16, f32 or f64", info.dtype)
+    })?;
     let offset = 8 + header_len + info.data_offsets.0;
     Ok((offset, info.shape.clone(), dtype, tensor_name))
 }

@@ -3,6 +3,7 @@
 pub mod labels;
 pub mod matrix;
 pub mod npy;
+pub mod tensors;
 
 use std::collections::BTreeMap;
 use std::io::Write;
