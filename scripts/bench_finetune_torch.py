@@ -7,6 +7,7 @@ Usage: python3 scripts/bench_finetune_torch.py [--models resnet50,clip-b32 --bat
 """
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -52,7 +53,7 @@ def main():
         backbone.train()
         x = torch.randn(a.batch, 3, 224, 224)
         y = torch.arange(a.batch) * 37 % 1000
-        spent = 0.0
+        steps = []
         for i in range(a.steps + 1):
             t = time.perf_counter()
             feats = fwd(x)
@@ -63,11 +64,12 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if i > 0:
-                spent += time.perf_counter() - t
-        per = spent / a.steps
+            if i > 0:  # the first step warms up
+                steps.append(time.perf_counter() - t)
+        per = statistics.median_high(steps)  # as `mono bench finetune` reports
         print(json.dumps({"model": name, "implementation": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "seconds_per_step": round(per, 3), "images_per_second": round(a.batch / per, 2)}))
+                          "seconds_per_step": round(per, 3), "step_seconds": [round(t, 3) for t in steps],
+                          "images_per_second": round(a.batch / per, 2)}))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ enum Command {
         /// The TOML config.
         config: PathBuf,
         /// At most this many images per split (a quick look).
-        #[arg(long, value_parser = positive)]
+        #[arg(long, value_parser = mono::base::config::positive)]
         limit: Option<usize>,
         /// Do part i of n (0-based), e.g. 0/4; join the parts with `mono features merge`.
         #[arg(long)]
@@ -130,7 +130,7 @@ enum FeaturesCommand {
         #[arg(long)]
         out: PathBuf,
         /// Rows per shard of the merged stores.
-        #[arg(long, default_value_t = 16384, value_parser = positive)]
+        #[arg(long, default_value_t = 16384, value_parser = mono::base::config::positive)]
         shard_size: usize,
     },
 }
@@ -165,13 +165,13 @@ struct ImportArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Rows per shard.
-    #[arg(long, default_value_t = 16384, value_parser = positive)]
+    #[arg(long, default_value_t = 16384, value_parser = mono::base::config::positive)]
     shard_size: usize,
     /// Stored dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = |s: &str| mono::data::import::parse_dtype(s).map_err(|e| e.to_string()))]
     dtype: FloatType,
     /// Rows read at a time.
-    #[arg(long, default_value_t = 4096, value_parser = positive)]
+    #[arg(long, default_value_t = 4096, value_parser = mono::base::config::positive)]
     batch_rows: usize,
 }
 
@@ -190,7 +190,7 @@ struct ScoreArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Rows per batch.
-    #[arg(long, default_value_t = 4096, value_parser = positive)]
+    #[arg(long, default_value_t = 4096, value_parser = mono::base::config::positive)]
     batch_rows: usize,
     /// Accumulation path: auto picks sparse for mostly-zero activations.
     #[arg(long, value_enum, default_value_t = ScorePath::Auto)]
@@ -500,13 +500,4 @@ fn run_pipeline(config_path: &std::path::Path, dry_run: bool) -> Result<()> {
         println!("\nreport: {}", run_dir.join(mono::layout::REPORT_FILE).display());
     }
     Ok(())
-}
-
-/// A count that must be at least 1 (rows per batch or shard, images).
-fn positive(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
 }

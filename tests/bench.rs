@@ -1,4 +1,4 @@
-//! `mono bench gemm` runs and reports every ResNet-50 shape (timings are never asserted).
+//! `mono bench` arguments and the gemm benchmark's report (timings are never asserted).
 
 use mono::bench::gemm::{run, GemmBenchArgs};
 
@@ -24,4 +24,22 @@ fn gemm_bench_reports_every_shape_and_which_products_split() {
     assert_eq!((rows[9].n, rows[9].weight_gradient_split), (49, false));
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(doc["timings"].as_array().unwrap().len(), 10);
+}
+
+/// A benchmark's timed counts must be at least 1: refused by name before anything runs (a
+/// median or mean of no steps has no value).
+#[test]
+fn bench_counts_of_zero_are_refused_by_flag() {
+    for (command, flag) in [
+        (["bench", "train", "--steps", "0"], "--steps"),
+        (["bench", "finetune", "--steps", "0"], "--steps"),
+        (["bench", "gemm", "--reps", "0"], "--reps"),
+        (["bench", "extract", "--batches", "0"], "--batches"),
+    ] {
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_mono")).args(command).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains("must be at least 1"), "{stderr}");
+    }
 }

@@ -20,10 +20,10 @@ pub struct ExtractBenchArgs {
     /// Encoders, comma-separated: clip-b32, clip-l14, siglip2-b16, vit-b16, resnet50.
     #[arg(long, value_delimiter = ',', default_value = "clip-b32,siglip2-b16,vit-b16,resnet50")]
     pub encoders: Vec<String>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::base::config::positive)]
     pub batch: usize,
     /// Timed batches (after one untimed warm-up batch).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::base::config::positive)]
     pub batches: usize,
     /// Device: cpu, cuda, cuda:N, metal.
     #[arg(long, default_value = "cpu")]

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::extract::{architecture, write_random_weights};
+use super::median;
 use crate::base::config::FinetuneConfig;
 use crate::models::params::Weights;
 use crate::models::Trainable;
@@ -20,10 +21,10 @@ pub struct FinetuneBenchArgs {
     /// Models, comma-separated: resnet50, clip-b32.
     #[arg(long, value_delimiter = ',', default_value = "resnet50,clip-b32")]
     pub models: Vec<String>,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::base::config::positive)]
     pub batch: usize,
-    /// Timed steps (after one untimed warm-up step).
-    #[arg(long, default_value_t = 2)]
+    /// Timed steps (after one untimed warm-up step); the median step is reported.
+    #[arg(long, default_value_t = 2, value_parser = crate::base::config::positive)]
     pub steps: usize,
     /// MonoLoss weight.
     #[arg(long, default_value_t = 0.1)]
@@ -41,7 +42,9 @@ pub struct FinetuneBenchArgs {
 #[derive(Clone, Debug, Serialize)]
 pub struct FinetuneTiming {
     pub model: String,
+    /// The median of `step_seconds`.
     pub seconds_per_step: f64,
+    pub step_seconds: Vec<f64>,
     pub images_per_second: f64,
 }
 
@@ -77,15 +80,20 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
         let labels: Vec<u32> = (0..args.batch as u32).map(|i| i * 37 % 1000).collect();
         finetuner.step(&x, &labels, None, 1e-3, false)?;
         device.synchronize()?;
-        let start = Instant::now();
+        // Each step timed to the end of its device work. The median, not the mean: on a VM the
+        // first step after warm-up can still page-fault memory the allocator grows into.
+        let mut step_seconds = Vec::with_capacity(args.steps);
         for _ in 0..args.steps {
+            let start = Instant::now();
             finetuner.step(&x, &labels, None, 1e-3, false)?;
+            device.synchronize()?;
+            step_seconds.push(start.elapsed().as_secs_f64());
         }
-        device.synchronize()?;
-        let per = start.elapsed().as_secs_f64() / args.steps as f64;
+        let per = median(step_seconds.clone());
         let t = FinetuneTiming {
             model: name.clone(),
             seconds_per_step: per,
+            step_seconds,
             images_per_second: args.batch as f64 / per,
         };
         println!("{:<10} {:>10.3} {:>10.2}", t.model, t.seconds_per_step, t.images_per_second);

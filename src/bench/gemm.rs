@@ -15,10 +15,10 @@ use crate::base::gemm::{gemm_f32, gemm_f32_tiled, splits_contraction};
 #[derive(Clone, Debug, clap::Args)]
 pub struct GemmBenchArgs {
     /// Images per batch (B in B·OH·OW, the products' long side).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::base::config::positive)]
     pub batch: usize,
     /// Timed repetitions per product (after one untimed); the best is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::base::config::positive)]
     pub reps: usize,
     /// Also write the results as JSON here.
     #[arg(long)]

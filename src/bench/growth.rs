@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::median;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -45,7 +46,7 @@ pub struct GrowthBenchArgs {
     /// Held-out rows of the M and k evaluation sweeps.
     #[arg(long, default_value_t = 25_000)]
     pub eval_reference_rows: usize,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::base::config::positive)]
     pub batch: usize,
     #[arg(long, default_value_t = 1000)]
     pub classes: usize,
@@ -283,11 +284,6 @@ fn time_evaluation(
 
 fn synthetic(args: &GrowthBenchArgs, rows: usize, dim: usize, stream: Stream) -> SyntheticSpec {
     SyntheticSpec { rows, dim, classes: args.classes.min(rows), seed: args.seed, stream }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn sweep(name: &str, measures: &str, points: Vec<Point>) -> Sweep {

@@ -28,7 +28,7 @@ pub struct MonoScoreBenchArgs {
     #[arg(long, default_value_t = 64)]
     pub k: usize,
     /// Rows per batch fed to the accumulator.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::base::config::positive)]
     pub batch: usize,
     /// Rows timed on the dense path (extrapolated linearly to N when fewer).
     #[arg(long, default_value_t = 8192)]

@@ -36,16 +36,16 @@ pub struct ScaleBenchArgs {
     pub latents: usize,
     #[arg(long, default_value_t = 64)]
     pub k: usize,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::base::config::positive)]
     pub batch: usize,
     #[arg(long, default_value_t = 3e-4)]
     pub lambda: f64,
     /// Training steps (the paper's 50 epochs of ImageNet are 31,250).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::base::config::positive)]
     pub steps: usize,
     /// Batches the reader is timed on from a warm and a cold page cache (a tenth of them with
     /// the cache evicted before every batch).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::base::config::positive)]
     pub read_batches: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::median;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -24,10 +25,10 @@ pub struct TrainBenchArgs {
     pub m: usize,
     #[arg(long, default_value_t = 64)]
     pub k: usize,
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::base::config::positive)]
     pub batch: usize,
     /// Timed steps per configuration (after one untimed warm-up step); medians are reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::base::config::positive)]
     pub steps: usize,
     /// Architectures, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "batch_topk,topk,jumprelu,relu")]
@@ -113,11 +114,6 @@ fn encoder_gemm_floor(args: &TrainBenchArgs, device: &Device) -> Result<f64> {
         }
     }
     Ok(median(times))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Median seconds per step without and with MonoLoss: both trainers warm up, then their steps

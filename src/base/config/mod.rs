@@ -8,6 +8,16 @@ mod validate;
 
 pub use validate::is_plain_name;
 
+/// A command-line count that must be at least 1 (rows per batch or shard, images, timed steps),
+/// for clap's `value_parser`.
+pub fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
