@@ -21,10 +21,10 @@ const SPLIT_MAX_PARTIALS: usize = 16 << 20;
 
 /// A strided operand: element (i, j) at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
 }
 
 /// Dense (m × k) · (k × n) → row-major (m × n), with arbitrary operand strides.
@@ -40,7 +40,8 @@ pub fn gemm_f32(
     b_rs: usize,
     b_cs: usize,
 ) -> Vec<f32> {
-    let (a, b) = operands(m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs));
+    let (a, b) = (Strided { data: a, rs: a_rs, cs: a_cs }, Strided { data: b, rs: b_rs, cs: b_cs });
+    check_operands(m, n, k, a, b);
     if splits_contraction(m, n, k) {
         split_contraction(m, n, k, a, b)
     } else {
@@ -50,38 +51,20 @@ pub fn gemm_f32(
 
 /// `gemm_f32` always through the crate's own parallel product over output tiles (what every
 /// product used before the split; for `mono bench gemm`).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_f32_tiled(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-) -> Vec<f32> {
-    let (a, b) = operands(m, n, k, (a, a_rs, a_cs), (b, b_rs, b_cs));
+pub fn gemm_f32_tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
+    check_operands(m, n, k, a, b);
     tiled(m, n, k, a, b)
 }
 
-/// The operands, checked to hold every element the product reads.
-fn operands<'a>(
-    m: usize,
-    n: usize,
-    k: usize,
-    (a, a_rs, a_cs): (&'a [f32], usize, usize),
-    (b, b_rs, b_cs): (&'a [f32], usize, usize),
-) -> (Operand<'a>, Operand<'a>) {
+/// Panics unless the operands hold every element the product reads.
+fn check_operands(m: usize, n: usize, k: usize, a: Strided, b: Strided) {
     if m > 0 && n > 0 && k > 0 {
-        assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "gemm: lhs too short");
-        assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "gemm: rhs too short");
+        assert!(a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs, "gemm: lhs too short");
+        assert!(b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs, "gemm: rhs too short");
     }
-    (Operand { data: a, rs: a_rs, cs: a_cs }, Operand { data: b, rs: b_rs, cs: b_cs })
 }
 
-fn tiled(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<f32> {
+fn tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     let parallelism =
         if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -99,7 +82,7 @@ pub fn splits_contraction(m: usize, n: usize, k: usize) -> bool {
 
 /// The product as fixed chunks of the contraction, each computed by one thread into its own
 /// buffer, then summed element by element in chunk order.
-fn split_contraction(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<f32> {
+fn split_contraction(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
     let chunks = k / SPLIT_CHUNK;
     // Partials put the shorter output side along the crate's microkernel rows (column-major
     // when m ≤ n): the faster layout for every thin convolution gradient measured.
@@ -109,8 +92,8 @@ fn split_contraction(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Ve
         .into_par_iter()
         .map(|c| {
             let (start, end) = (c * k / chunks, (c + 1) * k / chunks);
-            let a = Operand { data: &a.data[start * a.cs..], ..a };
-            let b = Operand { data: &b.data[start * b.rs..], ..b };
+            let a = Strided { data: &a.data[start * a.cs..], ..a };
+            let b = Strided { data: &b.data[start * b.rs..], ..b };
             product(strides, (m, n, end - start), a, b, gemm::Parallelism::None)
         })
         .collect();
@@ -136,8 +119,8 @@ fn split_contraction(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Ve
 fn product(
     (rs, cs): (usize, usize),
     (m, n, k): (usize, usize, usize),
-    a: Operand,
-    b: Operand,
+    a: Strided,
+    b: Strided,
     parallelism: gemm::Parallelism,
 ) -> Vec<f32> {
     let len = m * n;
@@ -146,7 +129,7 @@ fn product(
         return dst;
     }
     debug_assert!((m - 1) * rs + (n - 1) * cs < len);
-    // SAFETY: `operands` checked every strided read lies inside `a` and `b` (a chunk's
+    // SAFETY: `check_operands` checked every strided read lies inside `a` and `b` (a chunk's
     // operands are suffixes that still hold its k columns), and dst has room for the m × n
     // layout. With read_dst = false the crate writes every element of dst without reading it
     // (β·AB, or zeros when k = 0), so the buffer is initialised when it returns.
@@ -183,7 +166,7 @@ mod tests {
 
     /// f64 product of strided operands.
     #[allow(clippy::too_many_arguments)]
-    fn reference(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<f64> {
+    fn reference(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f64> {
         let mut out = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -224,11 +207,11 @@ mod tests {
             let a = values(m * k, 0.5);
             let b = values(k * n, 1.5);
             // a row-major, b transposed (each b column contiguous).
-            let (ao, bo) = (Operand { data: &a, rs: k, cs: 1 }, Operand { data: &b, rs: 1, cs: k });
+            let (ao, bo) = (Strided { data: &a, rs: k, cs: 1 }, Strided { data: &b, rs: 1, cs: k });
             let got = gemm_f32(m, n, k, &a, k, 1, &b, 1, k);
             assert_close(&got, &reference(m, n, k, ao, bo), k);
             // a transposed, b row-major.
-            let (ao, bo) = (Operand { data: &a, rs: 1, cs: m }, Operand { data: &b, rs: n, cs: 1 });
+            let (ao, bo) = (Strided { data: &a, rs: 1, cs: m }, Strided { data: &b, rs: n, cs: 1 });
             let got = gemm_f32(m, n, k, &a, 1, m, &b, n, 1);
             assert_close(&got, &reference(m, n, k, ao, bo), k);
         }

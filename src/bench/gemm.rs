@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::base::gemm::{gemm_f32, gemm_f32_tiled, splits_contraction};
+use crate::base::gemm::{gemm_f32, gemm_f32_tiled, splits_contraction, Strided};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct GemmBenchArgs {
@@ -73,7 +73,8 @@ pub fn run(args: &GemmBenchArgs) -> Result<Vec<GemmTiming>> {
         let gflops = |seconds: f64| 2.0 * (o * k * n) as f64 / seconds / 1e9;
         let forward = best_of(args.reps, || gemm_f32(o, n, k, &weight, k, 1, &cols, n, 1));
         let dw = best_of(args.reps, || gemm_f32(o, k, n, &grad, n, 1, &cols, 1, n));
-        let dw_tiled = best_of(args.reps, || gemm_f32_tiled(o, k, n, &grad, n, 1, &cols, 1, n));
+        let (g, c) = (Strided { data: &grad, rs: n, cs: 1 }, Strided { data: &cols, rs: 1, cs: n });
+        let dw_tiled = best_of(args.reps, || gemm_f32_tiled(o, k, n, g, c));
         let dx = best_of(args.reps, || gemm_f32(k, n, o, &weight, 1, k, &grad, n, 1));
         let timing = GemmTiming {
             layer: layer.into(),
