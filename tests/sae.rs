@@ -64,7 +64,7 @@ fn sparse_ops_match_the_dense_graph() {
             "test must exercise the sparse path"
         );
         // Without the selection's CSR: the decoder counts the latents itself.
-        let recon = ops::support_matmul(&lat, None, w_dec.as_tensor(), None, HOST).unwrap();
+        let recon = ops::support_matmul(&lat, None, None, w_dec.as_tensor(), None, HOST).unwrap();
         let mono = mono::monoscore::batch_mono_loss(&lat, &sim, 1e-8, None, HOST).unwrap();
         let n_active = scalar(&mono.n_active);
         let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
@@ -108,33 +108,76 @@ fn sparse_ops_match_the_dense_graph() {
         }
 
         // The fused decoder + MonoLoss (gradient added inside the decoder's backward), on a
-        // data input (no input gradient).
+        // data input (no input gradient), differentiated through the latents or, as the SAEs
+        // run, straight into the pre-activations they were selected from.
         let x = x.detach();
-        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
-        // With the CSR the selection built on the way, as the SAEs run.
-        let selected = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
-        let csr = selected.csr.expect("host selection builds the CSR");
-        assert_eq!(csr, SparseBatch::from_dense(&flat(&selected.latents), m));
-        let lat = selected.latents;
-        let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
-        let decoded =
-            ops::decode(&lat, Some(csr), w_dec.as_tensor(), None, Some(term), HOST).unwrap();
-        assert!(decoded.latents_csr.is_none(), "training latents keep their CSR for the backward");
-        let mono_f = decoded.mono.unwrap();
-        assert_eq!(scalar(&mono_f.n_active), n_active);
-        let loss_f = ((decoded.output - &x).unwrap().sqr().unwrap().mean_all().unwrap()
-            + (mono_f.loss * lambda).unwrap())
-        .unwrap();
-        assert!(
-            (loss_f.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs() < 1e-5
-        );
-        let grads_f = loss_f.backward().unwrap();
-        for (name, v) in checked {
-            let g = flat(grads_f.get(v.as_tensor()).unwrap());
-            let gd = flat(grads_d.get(v.as_tensor()).unwrap());
-            assert_close(&g, &gd, 1e-4, &format!("fused {name}"));
+        for into_pre in [false, true] {
+            let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
+            // With the CSR the selection built on the way, as the SAEs run.
+            let selected = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
+            let csr = selected.csr.expect("host selection builds the CSR");
+            assert_eq!(csr, SparseBatch::from_dense(&flat(&selected.latents), m));
+            // Into pre: the latents are detached, so W_enc and the biases get their gradients
+            // only if the decoder really differentiates into `pre`.
+            let lat = if into_pre { selected.latents.detach() } else { selected.latents };
+            let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
+            let of_pre = into_pre.then_some(&pre);
+            let decoded =
+                ops::decode(&lat, Some(csr), of_pre, w_dec.as_tensor(), None, Some(term), HOST)
+                    .unwrap();
+            assert!(
+                decoded.latents_csr.is_none(),
+                "training latents keep their CSR for the backward"
+            );
+            let mono_f = decoded.mono.unwrap();
+            assert_eq!(scalar(&mono_f.n_active), n_active);
+            let loss_f = ((decoded.output - &x).unwrap().sqr().unwrap().mean_all().unwrap()
+                + (mono_f.loss * lambda).unwrap())
+            .unwrap();
+            assert!(
+                (loss_f.to_scalar::<f32>().unwrap() - loss_d.to_scalar::<f32>().unwrap()).abs()
+                    < 1e-5
+            );
+            let grads_f = loss_f.backward().unwrap();
+            for (name, v) in checked {
+                let g = flat(grads_f.get(v.as_tensor()).unwrap());
+                let gd = flat(grads_d.get(v.as_tensor()).unwrap());
+                assert_close(&g, &gd, 1e-4, &format!("fused {name}, into pre: {into_pre}"));
+            }
         }
     }
+}
+
+/// Parameter gradients of a reconstruction loss through a decoder of host-selected latents,
+/// the decoder given their `pre` (`into_pre`) or not; `detach`: the latents handed to the decoder
+/// carry no graph, so W_enc's gradient can only come through `pre`.
+fn decoder_route_grads(k: usize, into_pre: bool, detach: bool) -> Vec<Vec<f32>> {
+    let (b, d, m) = (16, 5, 40);
+    let mut rng = StdRng::seed_from_u64(11);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    let w_enc = var(randn(m * d, &mut rng), (m, d));
+    let w_dec = var(randn(m * d, &mut rng), (m, d));
+    let b_enc =
+        Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+    let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST).unwrap();
+    let selected = topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
+    let latents = if detach { selected.latents.detach() } else { selected.latents };
+    let of_pre = into_pre.then_some(&pre);
+    let recon =
+        ops::support_matmul(&latents, selected.csr, of_pre, w_dec.as_tensor(), None, HOST).unwrap();
+    let grads = (recon - &x).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    [&w_enc, &w_dec, &b_enc].iter().map(|v| flat(grads.get(v.as_tensor()).unwrap())).collect()
+}
+
+/// Differentiating straight into `pre` is the masked ReLU's chain rule exactly (the same float
+/// operations), on sparse latents; on latents too dense for the sparse decoder the decoder
+/// ignores `pre` and takes the dense route through the latents, with the same gradients.
+#[test]
+fn the_decoder_into_pre_gives_the_same_gradients_as_through_the_latents() {
+    let through_latents = decoder_route_grads(2, false, false);
+    assert_eq!(decoder_route_grads(2, true, true), through_latents, "sparse");
+    let through_latents = decoder_route_grads(20, false, false);
+    assert_eq!(decoder_route_grads(20, true, false), through_latents, "too dense");
 }
 
 #[test]

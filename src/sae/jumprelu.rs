@@ -120,6 +120,7 @@ impl Sae for JumpReluSae {
             return Ok(Activation {
                 latents: passed.latents.detach(),
                 latents_csr: passed.csr,
+                masked_relu_of_pre: false,
                 grad_support: None,
                 batch_threshold: None,
             });
@@ -135,6 +136,7 @@ impl Sae for JumpReluSae {
         Ok(Activation {
             latents,
             latents_csr: None,
+            masked_relu_of_pre: false,
             grad_support: Some(band.below),
             batch_threshold: None,
         })

@@ -158,6 +158,10 @@ struct SupportMatmul {
     /// CSR of the latents when they are sparse (from `decode`), kept for the backward pass;
     /// None runs the dense products.
     cached: Arc<Mutex<Option<SparseBatch>>>,
+    /// The op's first input is the `pre` the latents are a masked ReLU of, not the latents: its
+    /// values are never read (the CSR holds the latents), it only receives their gradient, which
+    /// is the same on the CSR's support. Requires the CSR.
+    input_is_pre: bool,
     /// λ·MonoLoss of the same latents, computed on the same CSR; its gradient is added to the
     /// latents' gradient in the backward pass (saving a dense gradient and its accumulation).
     mono: Option<MonoInjection>,
@@ -192,6 +196,9 @@ impl CustomOp2 for SupportMatmul {
         }
         let (lat, w) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
         let csr = self.cached.lock().unwrap().take();
+        if self.input_is_pre && csr.is_none() {
+            candle_core::bail!("{}: a decoder differentiated into pre needs the CSR", self.name());
+        }
         if self.mono.is_some() && csr.is_none() {
             candle_core::bail!("{}: the fused MonoLoss needs the latents' CSR", self.name());
         }
@@ -249,6 +256,9 @@ impl CustomOp2 for SupportMatmul {
                     let vals = sparse::to_row_order(cols, &dots);
                     Ok::<_, candle_core::Error>((csr.with_values(vals).to_dense(m), dw))
                 }
+                None if self.input_is_pre => {
+                    candle_core::bail!("{}: backward into pre without the CSR", self.name())
+                }
                 None => with_cpu_slice(lat, |ls| {
                     let dlat = gemm_f32(b, m, d, g, d, 1, ws, 1, d);
                     let dw = gemm_f32(m, d, b, ls, 1, m, g, d, 1);
@@ -266,28 +276,31 @@ impl CustomOp2 for SupportMatmul {
 pub fn support_matmul(
     latents: &Tensor,
     latents_csr: Option<SparseBatch>,
+    of_pre: Option<&Tensor>,
     w: &Tensor,
     grad_support: Option<&Mask>,
     kernels: Kernels,
 ) -> CResult<Tensor> {
-    Ok(decode(latents, latents_csr, w, grad_support, None, kernels)?.output)
+    Ok(decode(latents, latents_csr, of_pre, w, grad_support, None, kernels)?.output)
 }
 
-/// The host op on `latents` (contiguous), sparse when `csr` is given.
+/// The host op on `input` (contiguous: the latents, or the `pre` they are a masked ReLU of when
+/// `input_is_pre`), sparse when `csr` is given.
 fn apply_support_matmul(
-    latents: &Tensor,
+    input: &Tensor,
+    input_is_pre: bool,
     w: &Tensor,
     grad_support: Option<&Mask>,
     csr: Option<SparseBatch>,
     mono: Option<MonoInjection>,
 ) -> CResult<(Tensor, Option<SparseBatch>)> {
     let cached = Arc::new(Mutex::new(csr));
-    let op = SupportMatmul { cached: cached.clone(), mono };
-    let output = latents.apply_op2(&w.contiguous()?, op)?;
+    let op = SupportMatmul { cached: cached.clone(), input_is_pre, mono };
+    let output = input.apply_op2(&w.contiguous()?, op)?;
     // Without a gradient to propagate to the latents (inference) the backward pass never needs
     // the CSR: hand it out, so callers need not rebuild it. It only holds the non-zeros when no
     // gradient support was added.
-    let csr = if latents.track_op() || grad_support.is_some() {
+    let csr = if input.track_op() || grad_support.is_some() {
         None
     } else {
         cached.lock().unwrap().take()
@@ -349,9 +362,15 @@ fn host_support(grad_support: Option<&Mask>) -> Option<&[bool]> {
 /// `support_matmul` with an optional MonoLoss on the same latents, fused on the CPU.
 /// `latents_csr`: the latents' non-zeros as CSR rows when the caller has them (a host
 /// activation builds them in its own pass); without them the host decoder counts the latents.
+/// `of_pre`: the pre-activations when the latents are their masked ReLU and `latents_csr` holds
+/// exactly the latents' non-zeros (a host `Selected`). The sparse decoder then passes the
+/// latents' gradient straight into `pre` — the masked ReLU's backward is the identity on those
+/// entries — so the backward pass builds no (B × M) gradient for the latents themselves.
+#[allow(clippy::too_many_arguments)]
 pub fn decode(
     latents: &Tensor,
     latents_csr: Option<SparseBatch>,
+    of_pre: Option<&Tensor>,
     w: &Tensor,
     grad_support: Option<&Mask>,
     mono: Option<MonoTerm>,
@@ -364,12 +383,22 @@ pub fn decode(
         return Ok(Decoded { output, latents_csr: None, mono });
     }
     let latents = latents.contiguous()?;
+    let given_csr = latents_csr.is_some();
     let csr = decoder_csr(&latents, latents_csr, grad_support)?;
+    // Differentiate into `pre` when the sparse path runs on the selection's own CSR (decoder_csr
+    // hands back a given CSR unchanged, or None when it is too dense).
+    let pre =
+        of_pre.filter(|p| given_csr && csr.is_some() && grad_support.is_none() && p.track_op());
+    let input = match pre {
+        Some(pre) => pre.contiguous()?,
+        None => latents.clone(),
+    };
     let (term, csr) = match (mono, csr) {
         (Some(term), Some(csr)) => (term, csr),
         (mono, csr) => {
             // No MonoLoss, or latents too dense to fuse it: the MonoLoss is its own node.
-            let (output, latents_csr) = apply_support_matmul(&latents, w, grad_support, csr, None)?;
+            let (output, latents_csr) =
+                apply_support_matmul(&input, pre.is_some(), w, grad_support, csr, None)?;
             let mono = mono.map(|term| unfused_mono(&latents, term, grad_support, kernels));
             return Ok(Decoded { output, latents_csr, mono: mono.transpose()? });
         }
@@ -385,7 +414,7 @@ pub fn decode(
         saved: Mutex::new(None),
     };
     let (output, latents_csr) =
-        apply_support_matmul(&latents, w, grad_support, Some(csr), Some(injection))?;
+        apply_support_matmul(&input, pre.is_some(), w, grad_support, Some(csr), Some(injection))?;
     let (loss, stats): (f32, MonoLossStats) =
         result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
     Ok(Decoded { output, latents_csr, mono: Some(stats.into_batch_mono(loss)?) })
