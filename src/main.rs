@@ -248,6 +248,9 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(threads) = cli.threads {
         limit_threads(threads).context("cannot set --threads")?;
     }
+    if matches!(cli.command, Command::Bench(_)) {
+        println!("machine: {}", mono::bench::machine());
+    }
     match cli.command {
         Command::Score(args) => score(args),
         Command::Run { config, dry_run } => run_pipeline(&config, dry_run),

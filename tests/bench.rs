@@ -24,6 +24,10 @@ fn gemm_bench_reports_every_shape_and_which_products_split() {
     assert_eq!((rows[9].n, rows[9].weight_gradient_split), (49, false));
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(doc["timings"].as_array().unwrap().len(), 10);
+    // What it ran on: the CPU, its vector instructions and the thread count.
+    let machine = doc["machine"].as_str().unwrap();
+    assert!(machine.ends_with(&format!(", {} threads", rayon::current_num_threads())), "{machine}");
+    assert_eq!(machine, mono::bench::machine());
 }
 
 /// A benchmark's timed counts must be at least 1: refused by name before anything runs (a

@@ -85,7 +85,7 @@ pub fn run(args: &DecodeBenchArgs) -> Result<Vec<DecodeTiming>> {
         }
     }
     if let Some(path) = &args.json {
-        crate::base::io::write_json_atomic(path, &serde_json::to_value(&out)?)?;
+        super::write_json(path, serde_json::json!({"benchmark": "decode", "timings": &out}))?;
     }
     Ok(out)
 }

@@ -192,9 +192,9 @@ pub fn run(args: &ExtractBenchArgs) -> Result<Vec<ExtractTiming>> {
         timings.push(t);
     }
     if let Some(path) = &args.json {
-        crate::base::io::write_json_atomic(
+        super::write_json(
             path,
-            &json!({"benchmark": "extract", "batch": args.batch, "threads": rayon::current_num_threads(), "timings": timings}),
+            json!({"benchmark": "extract", "batch": args.batch, "threads": rayon::current_num_threads(), "timings": timings}),
         )?;
     }
     Ok(timings)

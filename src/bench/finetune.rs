@@ -100,9 +100,9 @@ pub fn run(args: &FinetuneBenchArgs) -> Result<Vec<FinetuneTiming>> {
         timings.push(t);
     }
     if let Some(path) = &args.json {
-        crate::base::io::write_json_atomic(
+        super::write_json(
             path,
-            &json!({"benchmark": "finetune", "batch": args.batch, "lambda": args.lambda, "timings": timings}),
+            json!({"benchmark": "finetune", "batch": args.batch, "lambda": args.lambda, "timings": timings}),
         )?;
     }
     Ok(timings)

@@ -103,7 +103,7 @@ pub fn run(args: &GemmBenchArgs) -> Result<Vec<GemmTiming>> {
     }
     if let Some(path) = &args.json {
         let doc = serde_json::json!({"benchmark": "gemm", "batch": args.batch, "timings": out});
-        crate::base::io::write_json_atomic(path, &doc)?;
+        super::write_json(path, doc)?;
         println!("wrote {}", path.display());
     }
     Ok(out)

@@ -180,7 +180,7 @@ pub fn run(args: &GrowthBenchArgs) -> Result<(Vec<Sweep>, Vec<Projection>)> {
             "sweeps": sweeps, "projections": projections,
             "kinds": kinds.iter().map(|(k, s)| (kind_name(*k), *s)).collect::<Vec<_>>(),
         });
-        crate::base::io::write_json_atomic(path, &doc)?;
+        super::write_json(path, doc)?;
     }
     Ok((sweeps, projections))
 }

@@ -183,7 +183,7 @@ pub fn run(args: &MonoScoreBenchArgs) -> Result<Vec<Timing>> {
             "max_relative_difference_vs_reference": diff,
             "timings": timings,
         });
-        crate::base::io::write_json_atomic(path, &doc)?;
+        super::write_json(path, doc)?;
     }
     Ok(timings)
 }

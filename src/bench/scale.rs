@@ -172,7 +172,7 @@ pub fn run(args: &ScaleBenchArgs) -> Result<ScaleReport> {
     };
     print_report(&report);
     if let Some(path) = &args.json {
-        crate::base::io::write_json_atomic(path, &serde_json::to_value(&report)?)?;
+        super::write_json(path, serde_json::to_value(&report)?)?;
     }
     Ok(report)
 }

@@ -209,7 +209,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
             "threads": rayon::current_num_threads(), "encoder_gemm_floor_seconds": floor,
             "timings": timings,
         });
-        crate::base::io::write_json_atomic(path, &doc)?;
+        super::write_json(path, doc)?;
     }
     Ok(timings)
 }
