@@ -75,6 +75,16 @@ def run(cmd, cwd=None):
     return wall, p.stdout
 
 
+MACHINE = {}
+
+
+def note_machine(doc):
+    """Keeps the machine mono's benchmark JSON names (printed above the table)."""
+    if "machine" in doc:
+        MACHINE["mono"] = doc["machine"]
+    return doc
+
+
 def json_lines(text):
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
@@ -93,7 +103,7 @@ def finetune_pair(model):
     def mono(a, work):
         out = work / "finetune.json"
         run([a.mono, "bench", "finetune", "--quiet", "--models", model, "--steps", str(a.steps), "--json", out])
-        return json.loads(out.read_text())["timings"][0]["images_per_second"]
+        return note_machine(json.loads(out.read_text()))["timings"][0]["images_per_second"]
 
     def torch(a, work):
         _, text = run([a.python, SCRIPTS / "bench_finetune_torch.py", "--models", model, "--steps", str(a.steps)])
@@ -109,7 +119,7 @@ def train_pair(lam_is_zero):
     def mono(a, work):
         out = work / "train.json"
         run([a.mono, "bench", "train", "--quiet", "--kinds", "batch_topk", "--steps", "9", "--json", out])
-        doc = json.loads(out.read_text())
+        doc = note_machine(json.loads(out.read_text()))
         t = pick(doc["timings"])
         return t["samples_per_second"]
 
@@ -191,6 +201,8 @@ def main():
                             "pytorch": [p[0] for p in pairs], "mono": [p[1] for p in pairs],
                             "ratio": [p[2] for p in pairs]})
     print()
+    if "mono" in MACHINE:
+        print(f"machine: {MACHINE['mono']}")
     print("| work | PyTorch | mono | mono vs PyTorch, per round (median) | target |")
     print("|---|---|---|---|---|")
     for r in results:
@@ -198,7 +210,7 @@ def main():
         ratios = f"{min(r['ratio']):.2f}–{max(r['ratio']):.2f}× ({statistics.median(r['ratio']):.2f}×)"
         print(f"| {r['label']} | {span(r['pytorch'])} | {span(r['mono'])} | {ratios} | {r['target']} |")
     if a.json:
-        a.json.write_text(json.dumps({"rounds": a.rounds, "rows": results}, indent=1))
+        a.json.write_text(json.dumps({"rounds": a.rounds, "machine": MACHINE.get("mono"), "rows": results}, indent=1))
 
 
 if __name__ == "__main__":
