@@ -75,7 +75,6 @@ impl Sae for BatchTopKSae {
                 };
                 Ok(Activation {
                     latents: selected.latents,
-                    masked_relu_of_pre: selected.csr.is_some(),
                     latents_csr: selected.csr,
                     grad_support: None,
                     batch_threshold: None,
@@ -86,7 +85,6 @@ impl Sae for BatchTopKSae {
                 let selected = select::topk_latents(pre, &selection, None, self.params.kernels)?;
                 Ok(Activation {
                     latents: selected.latents,
-                    masked_relu_of_pre: selected.csr.is_some(),
                     latents_csr: selected.csr,
                     grad_support: None,
                     batch_threshold: selected.min,

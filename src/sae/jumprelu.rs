@@ -120,7 +120,6 @@ impl Sae for JumpReluSae {
             return Ok(Activation {
                 latents: passed.latents.detach(),
                 latents_csr: passed.csr,
-                masked_relu_of_pre: false,
                 grad_support: None,
                 batch_threshold: None,
             });
@@ -136,7 +135,6 @@ impl Sae for JumpReluSae {
         Ok(Activation {
             latents,
             latents_csr: None,
-            masked_relu_of_pre: false,
             grad_support: Some(band.below),
             batch_threshold: None,
         })

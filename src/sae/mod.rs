@@ -173,12 +173,10 @@ pub struct Activation {
     /// BatchTopK: the smallest value kept in this batch (its threshold estimate), a scalar.
     pub batch_threshold: Option<Tensor>,
     /// Host kernels: the latents' non-zeros as CSR rows when the activation built them on the
-    /// way (TopK kinds), handed to the decoder.
+    /// way (TopK kinds), handed to the decoder. Only a host `Selected` of `pre` sets it: the
+    /// latents are then a masked ReLU of `pre`, and these entries are exactly where a gradient
+    /// passes from them to `pre` unchanged, so the decoder differentiates into `pre` directly.
     pub latents_csr: Option<crate::base::sparse::SparseBatch>,
-    /// The latents are a masked ReLU of `pre` and `latents_csr` holds exactly their non-zeros
-    /// (a host `Selected`): where a gradient passes from the latents to `pre` unchanged. The
-    /// decoder then differentiates into `pre` directly.
-    pub masked_relu_of_pre: bool,
 }
 
 /// One forward pass over a batch.
@@ -331,7 +329,7 @@ pub fn forward_with_mono(
     let decoded = ops::decode(
         &activation.latents,
         activation.latents_csr.take(),
-        activation.masked_relu_of_pre.then_some(&pre),
+        Some(&pre),
         &w_dec,
         activation.grad_support.as_ref(),
         mono,
@@ -395,9 +393,14 @@ pub fn auxk_loss(
     let selection = select::Selection::PerRow(spec.k_aux);
     let aux = select::topk_latents(&pass.pre, &selection, Some(dead), p.kernels)?;
     // A host selection is a masked ReLU of `pre` with its CSR: the gradient may skip the latents.
-    let of_pre = aux.csr.is_some().then_some(&pass.pre);
-    let aux_recon =
-        ops::support_matmul(&aux.latents, aux.csr, of_pre, p.w_dec.as_tensor(), None, p.kernels)?;
+    let aux_recon = ops::support_matmul(
+        &aux.latents,
+        aux.csr,
+        Some(&pass.pre),
+        p.w_dec.as_tensor(),
+        None,
+        p.kernels,
+    )?;
     let residual = (&pass.working_input - &pass.working_recon)?.detach();
     let loss = if normalized {
         normalized_mse(&aux_recon, &residual)?

@@ -362,10 +362,11 @@ fn host_support(grad_support: Option<&Mask>) -> Option<&[bool]> {
 /// `support_matmul` with an optional MonoLoss on the same latents, fused on the CPU.
 /// `latents_csr`: the latents' non-zeros as CSR rows when the caller has them (a host
 /// activation builds them in its own pass); without them the host decoder counts the latents.
-/// `of_pre`: the pre-activations when the latents are their masked ReLU and `latents_csr` holds
-/// exactly the latents' non-zeros (a host `Selected`). The sparse decoder then passes the
-/// latents' gradient straight into `pre` — the masked ReLU's backward is the identity on those
-/// entries — so the backward pass builds no (B × M) gradient for the latents themselves.
+/// `of_pre`: the pre-activations the latents were selected from, read only together with
+/// `latents_csr`, which a host `Selected` of `pre` built: the latents are then `pre`'s masked
+/// ReLU and the CSR holds exactly their non-zeros. The sparse decoder passes the latents'
+/// gradient straight into `pre` — the masked ReLU's backward is the identity on those entries —
+/// so the backward pass builds no (B × M) gradient for the latents themselves.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     latents: &Tensor,

@@ -36,7 +36,6 @@ impl Sae for ReluSae {
         Ok(Activation {
             latents: pre.relu()?,
             latents_csr: None,
-            masked_relu_of_pre: false,
             grad_support: None,
             batch_threshold: None,
         })

@@ -42,7 +42,6 @@ impl Sae for TopKSae {
         let selected = select::topk_latents(pre, &selection, None, self.params.kernels)?;
         Ok(Activation {
             latents: selected.latents,
-            masked_relu_of_pre: selected.csr.is_some(),
             latents_csr: selected.csr,
             grad_support: None,
             batch_threshold: None,
