@@ -6,7 +6,8 @@ use mono::bench::gemm::{run, GemmBenchArgs};
 fn gemm_bench_reports_every_shape_and_which_products_split() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("gemm.json");
-    let args = GemmBenchArgs { batch: 1, reps: 1, json: Some(json.clone()) };
+    let args =
+        GemmBenchArgs { model: "resnet50".into(), batch: 1, reps: 1, json: Some(json.clone()) };
     let rows = run(&args).unwrap();
     assert_eq!(rows.len(), 10);
     for r in &rows {
@@ -28,6 +29,16 @@ fn gemm_bench_reports_every_shape_and_which_products_split() {
     let machine = doc["machine"].as_str().unwrap();
     assert!(machine.ends_with(&format!(", {} threads", rayon::current_num_threads())), "{machine}");
     assert_eq!(machine, mono::bench::machine());
+}
+
+/// CLIP's linear layers: the three distinct (out, in) shapes on batch × 50 token rows.
+#[test]
+fn gemm_bench_times_the_clip_linear_layers() {
+    let args = GemmBenchArgs { model: "clip-b32".into(), batch: 1, reps: 1, json: None };
+    let rows = run(&args).unwrap();
+    let shapes: Vec<(usize, usize, usize)> = rows.iter().map(|r| (r.o, r.k, r.n)).collect();
+    assert_eq!(shapes, [(768, 768, 50), (3072, 768, 50), (768, 3072, 50)]);
+    assert!(rows.iter().all(|r| r.forward_gflops > 0.0 && r.input_gradient_gflops > 0.0));
 }
 
 /// A benchmark's timed counts must be at least 1: refused by name before anything runs (a

@@ -348,27 +348,68 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// (rows × M sparse) · (M × D dense) → rows × D: row i = Σ_e v_e · w[c_e].
 pub fn csr_matmul(a: SparseRows<'_>, w: &[f32], d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; a.rows() * d];
-    out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
-        vectorized!({
-            for e in a.row_offsets[r]..a.row_offsets[r + 1] {
-                let c = a.columns[e] as usize;
-                axpy(row, a.values[e], &w[c * d..(c + 1) * d]);
-            }
-        })
-    });
-    out
+    gather_rows(a.row_offsets, a.columns, a.values, w, d)
 }
 
 /// (rows × M sparse)ᵀ · (rows × D dense) → M × D: row k = Σ_i a_ik · x[i].
 pub fn csr_transpose_matmul(a: SparseRows<'_>, x: &[f32], d: usize, m: usize) -> Vec<f32> {
     let cols = to_columns(a, m);
-    let mut out = vec![0f32; m * d];
-    out.par_chunks_mut(d.max(1)).enumerate().with_min_len(8).for_each(|(k, row)| {
+    gather_rows(&cols.col_offsets, &cols.rows, &cols.values, x, d)
+}
+
+/// Output columns per register block of `gather_rows` (16 AVX2 or 8 AVX-512 registers).
+const GATHER_COLUMNS: usize = 128;
+/// Most output rows per task of `gather_rows`: a block's source segments (`GATHER_COLUMNS`
+/// floats of each source row it touches) are reused across the rows of a task.
+const GATHER_MAX_ROWS: usize = 1024;
+
+/// out[r] = Σ_e values[e] · src[index[e]] over the entries e of `offsets[r]..offsets[r + 1]`,
+/// for `d`-wide rows of `src`, each element summed in entry order from zero.
+///
+/// Each output row is built `GATHER_COLUMNS` columns at a time in registers, walking the row's
+/// entries once per block: an axpy over the whole row instead loads and stores the output for
+/// every entry, and was 1.6–2× slower on a 4,096 × 8,192 (k = 64) by 8,192 × 768 product. The
+/// per-element arithmetic is the same (one multiply and one add per entry, in entry order).
+fn gather_rows(
+    offsets: &[usize],
+    index: &[u32],
+    values: &[f32],
+    src: &[f32],
+    d: usize,
+) -> Vec<f32> {
+    let rows = offsets.len().saturating_sub(1);
+    let mut out = vec![0f32; rows * d];
+    if d == 0 {
+        return out;
+    }
+    let per_task = rows.div_ceil(rayon::current_num_threads()).clamp(16, GATHER_MAX_ROWS);
+    out.par_chunks_mut(per_task * d).enumerate().for_each(|(t, block)| {
+        let first = t * per_task;
         vectorized!({
-            for e in cols.col_offsets[k]..cols.col_offsets[k + 1] {
-                let i = cols.rows[e] as usize;
-                axpy(row, cols.values[e], &x[i * d..(i + 1) * d]);
+            for start in (0..d).step_by(GATHER_COLUMNS) {
+                let width = GATHER_COLUMNS.min(d - start);
+                for (r, row) in block.chunks_exact_mut(d).enumerate() {
+                    let entries = offsets[first + r]..offsets[first + r + 1];
+                    let out = &mut row[start..start + width];
+                    if width == GATHER_COLUMNS {
+                        let mut acc = [0f32; GATHER_COLUMNS];
+                        for e in entries {
+                            let at = index[e] as usize * d + start;
+                            let seg: &[f32; GATHER_COLUMNS] =
+                                src[at..at + GATHER_COLUMNS].try_into().expect("block width");
+                            let v = values[e];
+                            for (a, &s) in acc.iter_mut().zip(seg) {
+                                *a += v * s;
+                            }
+                        }
+                        out.copy_from_slice(&acc);
+                    } else {
+                        for e in entries {
+                            let at = index[e] as usize * d + start;
+                            axpy(out, values[e], &src[at..at + width]);
+                        }
+                    }
+                }
             }
         })
     });
@@ -500,6 +541,35 @@ mod tests {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
         }
+    }
+
+    /// The register-blocked gather equals a per-element sum in entry order bit for bit, across
+    /// full column blocks, a partial last block, empty rows and more rows than one task holds.
+    #[test]
+    fn gather_rows_sums_each_element_in_entry_order() {
+        let (m, d) = (40, 2 * GATHER_COLUMNS + 44);
+        let src: Vec<f32> = (0..m * d).map(|i| (i as f32 * 0.61).sin()).collect();
+        let mut offsets = vec![0usize];
+        let (mut index, mut values) = (Vec::new(), Vec::new());
+        for r in 0..70u32 {
+            for e in 0..(r * 7) % 13 {
+                index.push((r * 11 + e * 5) % m as u32);
+                values.push(((r + e) as f32 * 0.37).cos());
+            }
+            offsets.push(index.len());
+        }
+        let got = gather_rows(&offsets, &index, &values, &src, d);
+        for r in 0..70 {
+            for j in 0..d {
+                let mut want = 0f32;
+                for e in offsets[r]..offsets[r + 1] {
+                    want += values[e] * src[index[e] as usize * d + j];
+                }
+                assert_eq!(got[r * d + j].to_bits(), want.to_bits(), "({r}, {j})");
+            }
+        }
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        assert_eq!(one_thread.install(|| gather_rows(&offsets, &index, &values, &src, d)), got);
     }
 
     #[test]

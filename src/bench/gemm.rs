@@ -1,8 +1,10 @@
-//! `mono bench gemm`: GFLOP/s of the three products a convolution trains with — forward
-//! W · cols, weight gradient G · colsᵀ, input gradient Wᵀ · G — on the distinct ResNet-50 shapes
-//! at 224², through the host kernels' GEMM entry point (`base::gemm::gemm_f32`). The weight
-//! gradient is also timed through the gemm crate's own tiled parallel product, which it used
-//! before thin products with long contractions were split (see `base::gemm`).
+//! `mono bench gemm`: GFLOP/s of the three products a layer trains with, through the host
+//! kernels' GEMM entry point (`base::gemm::gemm_f32`). For ResNet-50 (the default) the distinct
+//! convolution shapes at 224² — forward W · cols, weight gradient G · colsᵀ, input gradient
+//! Wᵀ · G, channel-major; for CLIP-ViT-B/32 the linear layers of a block on its B·50 token rows —
+//! forward x · Wᵀ, weight gradient Gᵀ · x, input gradient G · W, row-major. The weight gradient is
+//! also timed through the gemm crate's own tiled parallel product, which it used before thin
+//! products with long contractions were split (see `base::gemm`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,7 +16,10 @@ use crate::base::gemm::{gemm_f32, gemm_f32_tiled, splits_contraction, Strided};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct GemmBenchArgs {
-    /// Images per batch (B in B·OH·OW, the products' long side).
+    /// Whose layer shapes: resnet50 (convolutions) or clip-b32 (linear layers).
+    #[arg(long, default_value = "resnet50", value_parser = ["resnet50", "clip-b32"])]
+    pub model: String,
+    /// Images per batch (B in B·OH·OW or B·50 tokens, the products' long side).
     #[arg(long, default_value_t = 16, value_parser = crate::base::config::positive)]
     pub batch: usize,
     /// Timed repetitions per product (after one untimed); the best is reported.
@@ -28,7 +33,7 @@ pub struct GemmBenchArgs {
 #[derive(Clone, Debug, Serialize)]
 pub struct GemmTiming {
     pub layer: String,
-    /// Output channels, C·KH·KW and B·OH·OW.
+    /// Output channels (features), C·KH·KW (input features) and B·OH·OW (token rows).
     pub o: usize,
     pub k: usize,
     pub n: usize,
@@ -53,9 +58,31 @@ const SHAPES: [(&str, usize, usize, usize, usize); 10] = [
     ("layer4 1×1 512→2048", 512, 2048, 1, 7),
 ];
 
+/// (layer, out features, in features) of a CLIP-ViT-B/32 block; q, k, v and out are alike.
+const CLIP_B32: [(&str, usize, usize); 3] =
+    [("attention q/k/v/out", 768, 768), ("mlp fc1", 3072, 768), ("mlp fc2", 768, 3072)];
+/// Tokens per CLIP-ViT-B/32 image at 224²: 7 × 7 patches and the class token.
+const CLIP_TOKENS: usize = 50;
+
 pub fn run(args: &GemmBenchArgs) -> Result<Vec<GemmTiming>> {
+    let (what, shapes): (&str, Vec<(&str, usize, usize, usize)>) = match args.model.as_str() {
+        "clip-b32" => (
+            "Linear-layer products of CLIP-ViT-B/32 training",
+            CLIP_B32.iter().map(|&(l, o, i)| (l, o, i, args.batch * CLIP_TOKENS)).collect(),
+        ),
+        _ => (
+            "Convolution products of ResNet-50 training",
+            SHAPES
+                .iter()
+                .map(|&(l, c, o, kernel, side)| {
+                    (l, o, c * kernel * kernel, args.batch * side * side)
+                })
+                .collect(),
+        ),
+    };
+    let row_major = args.model == "clip-b32";
     println!(
-        "Convolution products of ResNet-50 training, batch {}, {} threads, best of {}; GFLOP/s",
+        "{what}, batch {}, {} threads, best of {}; GFLOP/s",
         args.batch,
         rayon::current_num_threads(),
         args.reps.max(1)
@@ -65,17 +92,34 @@ pub fn run(args: &GemmBenchArgs) -> Result<Vec<GemmTiming>> {
         "layer", "O", "K", "N", "forward", "dW", "dW (tiled)", "dX"
     );
     let mut out = Vec::new();
-    for (layer, c, o, kernel, side) in SHAPES {
-        let (k, n) = (c * kernel * kernel, args.batch * side * side);
+    for (layer, o, k, n) in shapes {
+        // Channel-major (convolution): cols (k × n), grad (o × n). Row-major (linear): the input
+        // rows x (n × k), grad (n × o). The weight is (o × k) in both.
         let cols = values(k * n, 1.0);
         let grad = values(o * n, 2.0);
         let weight = values(o * k, 3.0);
         let gflops = |seconds: f64| 2.0 * (o * k * n) as f64 / seconds / 1e9;
-        let forward = best_of(args.reps, || gemm_f32(o, n, k, &weight, k, 1, &cols, n, 1));
-        let dw = best_of(args.reps, || gemm_f32(o, k, n, &grad, n, 1, &cols, 1, n));
-        let (g, c) = (Strided { data: &grad, rs: n, cs: 1 }, Strided { data: &cols, rs: 1, cs: n });
+        let (cols_s, grad_s) = match row_major {
+            true => ((1, k), (1, o)),
+            false => ((n, 1), (n, 1)),
+        };
+        let cols_t = Strided { data: &cols, rs: cols_s.0, cs: cols_s.1 };
+        let grad_t = Strided { data: &grad, rs: grad_s.0, cs: grad_s.1 };
+        // The products as the layer computes them: forward and input gradient in the layer's own
+        // output layout, the weight gradient as the (o × k) weight.
+        let forward = match row_major {
+            true => best_of(args.reps, || gemm_f32(n, o, k, &cols, k, 1, &weight, 1, k)),
+            false => best_of(args.reps, || gemm_f32(o, n, k, &weight, k, 1, &cols, n, 1)),
+        };
+        let dw = best_of(args.reps, || {
+            gemm_f32(o, k, n, &grad, grad_s.0, grad_s.1, &cols, cols_s.1, cols_s.0)
+        });
+        let (g, c) = (grad_t, Strided { data: &cols, rs: cols_t.cs, cs: cols_t.rs });
         let dw_tiled = best_of(args.reps, || gemm_f32_tiled(o, k, n, g, c));
-        let dx = best_of(args.reps, || gemm_f32(k, n, o, &weight, 1, k, &grad, n, 1));
+        let dx = match row_major {
+            true => best_of(args.reps, || gemm_f32(n, k, o, &grad, o, 1, &weight, k, 1)),
+            false => best_of(args.reps, || gemm_f32(k, n, o, &weight, 1, k, &grad, n, 1)),
+        };
         let timing = GemmTiming {
             layer: layer.into(),
             o,
@@ -102,7 +146,9 @@ pub fn run(args: &GemmBenchArgs) -> Result<Vec<GemmTiming>> {
         out.push(timing);
     }
     if let Some(path) = &args.json {
-        let doc = serde_json::json!({"benchmark": "gemm", "batch": args.batch, "timings": out});
+        let doc = serde_json::json!({
+            "benchmark": "gemm", "model": args.model, "batch": args.batch, "timings": out
+        });
         super::write_json(path, doc)?;
         println!("wrote {}", path.display());
     }
