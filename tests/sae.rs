@@ -57,7 +57,7 @@ fn sparse_ops_match_the_dense_graph() {
     for selection in [topk::Selection::PerRow(k), topk::Selection::Batch(k * b)] {
         // Sparse path.
         let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
-        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
+        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap().pre;
         let lat = topk::topk_latents(&pre, &selection, None, HOST).unwrap().latents;
         assert!(
             flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
@@ -112,7 +112,8 @@ fn sparse_ops_match_the_dense_graph() {
         // run, straight into the pre-activations they were selected from.
         let x = x.detach();
         for into_pre in [false, true] {
-            let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
+            let ops::Encoded { pre, port } =
+                ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
             // With the CSR the selection built on the way, as the SAEs run.
             let selected = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
             let csr = selected.csr.expect("host selection builds the CSR");
@@ -121,7 +122,7 @@ fn sparse_ops_match_the_dense_graph() {
             // only if the decoder really differentiates into `pre`.
             let lat = if into_pre { selected.latents.detach() } else { selected.latents };
             let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
-            let of_pre = into_pre.then_some(&pre);
+            let of_pre = into_pre.then(|| port.as_ref().expect("trainable encoder: a port"));
             let decoded =
                 ops::decode(&lat, Some(csr), of_pre, w_dec.as_tensor(), None, Some(term), HOST)
                     .unwrap();
@@ -159,10 +160,11 @@ fn decoder_route_grads(k: usize, into_pre: bool, detach: bool) -> Vec<Vec<f32>> 
     let w_dec = var(randn(m * d, &mut rng), (m, d));
     let b_enc =
         Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
-    let pre = ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST).unwrap();
+    let ops::Encoded { pre, port } =
+        ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST).unwrap();
     let selected = topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
     let latents = if detach { selected.latents.detach() } else { selected.latents };
-    let of_pre = into_pre.then_some(&pre);
+    let of_pre = into_pre.then(|| port.as_ref().unwrap());
     let recon =
         ops::support_matmul(&latents, selected.csr, of_pre, w_dec.as_tensor(), None, HOST).unwrap();
     let grads = (recon - &x).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -178,6 +180,60 @@ fn the_decoder_into_pre_gives_the_same_gradients_as_through_the_latents() {
     assert_eq!(decoder_route_grads(2, true, true), through_latents, "sparse");
     let through_latents = decoder_route_grads(20, false, false);
     assert_eq!(decoder_route_grads(20, true, false), through_latents, "too dense");
+}
+
+/// The port and `pre`'s own node together: a loss with a decoder through the port and a term
+/// through the latents (as the full-dataset MonoLoss's surrogate is) gets the gradients of the
+/// same loss taken entirely through the latents; two decoders on the same port (the SAE's and
+/// AuxK's) are summed. A second backward pass fails instead of returning the encoder's gradient
+/// without the port's part.
+#[test]
+fn the_pre_port_adds_up_with_gradients_through_the_latents() {
+    let (b, d, m, k) = (12, 6, 48, 3);
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    let w_enc = var(randn(m * d, &mut rng), (m, d));
+    let w_dec = var(randn(m * d, &mut rng), (m, d));
+    let b_enc =
+        Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+    let b_dec =
+        Var::from_tensor(&Tensor::from_vec(randn(d, &mut rng), d, &Device::Cpu).unwrap()).unwrap();
+    let weights = Tensor::from_vec(randn(b * m, &mut rng), (b, m), &Device::Cpu).unwrap();
+    let grads = |use_port: bool| {
+        let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
+        let ops::Encoded { pre, port } = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
+        let port = port.filter(|_| use_port);
+        let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+        for (k, shift) in [(k, 0.0), (2 * k, 0.5)] {
+            let selected =
+                topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
+            let latents = selected.latents;
+            let recon = ops::support_matmul(
+                &latents,
+                selected.csr,
+                port.as_ref(),
+                w_dec.as_tensor(),
+                None,
+                HOST,
+            )
+            .unwrap();
+            let term = (recon - (&x + shift).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap();
+            let through_latents = (&latents * &weights).unwrap().sum_all().unwrap();
+            loss = (loss + term + through_latents).unwrap();
+        }
+        let g = loss.backward().unwrap();
+        if use_port {
+            let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loss.backward()));
+            assert!(matches!(again, Ok(Err(_))), "a second backward pass must fail");
+        }
+        [&w_enc, &w_dec, &b_enc, &b_dec].map(|v| flat(g.get(v.as_tensor()).unwrap()))
+    };
+    let (through_port, through_latents) = (grads(true), grads(false));
+    for (name, (a, b)) in
+        ["W_enc", "W_dec", "b_enc", "b_dec"].iter().zip(through_port.iter().zip(&through_latents))
+    {
+        assert_close(a, b, 1e-5, name);
+    }
 }
 
 #[test]

@@ -244,6 +244,51 @@ impl SparseBatch {
     }
 }
 
+impl SparseBatch {
+    /// The entry-wise sum of batches of the same rows, each with its columns in increasing order
+    /// within a row: the union of their entries (columns increasing), a column present in more
+    /// than one batch summed in the order given.
+    pub fn sum(parts: &[SparseBatch]) -> SparseBatch {
+        let (first, rest) = parts.split_first().expect("at least one batch");
+        if rest.is_empty() {
+            return first.clone();
+        }
+        let rows = first.rows();
+        assert!(rest.iter().all(|p| p.rows() == rows), "sparse sum: row counts differ");
+        let mut out = SparseBatch {
+            row_offsets: Vec::with_capacity(rows + 1),
+            columns: Vec::with_capacity(parts.iter().map(SparseBatch::nnz).sum()),
+            values: Vec::with_capacity(parts.iter().map(SparseBatch::nnz).sum()),
+        };
+        out.row_offsets.push(0);
+        let mut cursors = vec![0usize; parts.len()];
+        for r in 0..rows {
+            parts.iter().zip(&mut cursors).for_each(|(p, c)| *c = p.row_offsets[r]);
+            loop {
+                // The smallest column left in this row of any part, summed over the parts.
+                let next = parts
+                    .iter()
+                    .zip(&cursors)
+                    .filter(|(p, &c)| c < p.row_offsets[r + 1])
+                    .map(|(p, &c)| p.columns[c])
+                    .min();
+                let Some(col) = next else { break };
+                let mut value: Option<f32> = None;
+                for (p, c) in parts.iter().zip(&mut cursors) {
+                    if *c < p.row_offsets[r + 1] && p.columns[*c] == col {
+                        value = Some(value.map_or(p.values[*c], |v| v + p.values[*c]));
+                        *c += 1;
+                    }
+                }
+                out.columns.push(col);
+                out.values.push(value.expect("some part holds the column"));
+            }
+            out.row_offsets.push(out.columns.len());
+        }
+        out
+    }
+}
+
 /// Above this share of non-zeros the dense GEMM is faster than the sparse training kernels.
 pub const SPARSE_LIMIT: f64 = 0.1;
 
@@ -541,6 +586,31 @@ mod tests {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
         }
+    }
+
+    /// A sparse sum equals the dense sum, entries of every part kept (explicit zeros too).
+    #[test]
+    fn sparse_sums_equal_dense_sums() {
+        let (rows, cols) = (6, 9);
+        let a: Vec<f32> =
+            (0..rows * cols).map(|i| if i % 3 == 0 { i as f32 } else { 0.0 }).collect();
+        let b: Vec<f32> = (0..rows * cols)
+            .map(|i| if i % 4 == 1 || i % 6 == 0 { 0.5 - i as f32 } else { 0.0 })
+            .collect();
+        let (sa, sb) = (SparseBatch::from_dense(&a, cols), SparseBatch::from_dense(&b, cols));
+        let sum = SparseBatch::sum(&[sa.clone(), sb.clone()]);
+        let dense: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(sum.to_dense(cols), dense);
+        let union = (0..rows * cols).filter(|&i| a[i] != 0.0 || b[i] != 0.0).count();
+        assert_eq!(sum.nnz(), union);
+        assert!(sum
+            .row_offsets
+            .windows(2)
+            .all(|w| { sum.columns[w[0]..w[1]].windows(2).all(|c| c[0] < c[1]) }));
+        assert_eq!(SparseBatch::sum(std::slice::from_ref(&sa)), sa);
+        // An explicit zero stays an entry.
+        let zero = sa.with_values(vec![0.0; sa.nnz()]);
+        assert_eq!(SparseBatch::sum(&[zero, sb.clone()]).nnz(), union);
     }
 
     /// The register-blocked gather equals a per-element sum in entry order bit for bit, across

@@ -189,6 +189,8 @@ pub struct ForwardPass {
     pub scale: Option<(Tensor, Tensor)>,
     /// (B, M) encoder outputs before the activation.
     pub pre: Tensor,
+    /// Host kernels in training: the port through which sparse ops pass `pre`'s gradient.
+    pub pre_port: Option<ops::PrePort>,
     pub activation: Activation,
     /// Reconstruction in the working space and in the input space, (B, D).
     pub working_recon: Tensor,
@@ -324,12 +326,13 @@ pub fn forward_with_mono(
     let (w_enc, w_dec, b_enc, b_dec) =
         (weight(&p.w_enc), weight(&p.w_dec), weight(&p.b_enc), weight(&p.b_dec));
     let centre = sae.spec().centers_input().then_some(&b_dec);
-    let pre = ops::encoder_linear(&working_input, &w_enc, &b_enc, centre, p.kernels)?;
+    let ops::Encoded { pre, port: pre_port } =
+        ops::encoder_linear(&working_input, &w_enc, &b_enc, centre, p.kernels)?;
     let mut activation = sae.activate(&pre, training)?;
     let decoded = ops::decode(
         &activation.latents,
         activation.latents_csr.take(),
-        Some(&pre),
+        pre_port.as_ref(),
         &w_dec,
         activation.grad_support.as_ref(),
         mono,
@@ -345,6 +348,7 @@ pub fn forward_with_mono(
         working_input,
         scale,
         pre,
+        pre_port,
         activation,
         working_recon,
         recon,
@@ -396,7 +400,7 @@ pub fn auxk_loss(
     let aux_recon = ops::support_matmul(
         &aux.latents,
         aux.csr,
-        Some(&pass.pre),
+        pass.pre_port.as_ref(),
         p.w_dec.as_tensor(),
         None,
         p.kernels,

@@ -88,36 +88,58 @@ impl CustomOp3 for EncoderLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, d) = x.dims2()?;
         let m = w.dim(0)?;
         let grad = grad.contiguous()?;
-        let (dx, dw, dbiases) = with_cpu_slice(&grad, |g| {
-            with_cpu_slice(x, |xs| {
-                with_cpu_slice(w, |ws| {
-                    with_cpu_slice(biases, |bs| {
-                        let xc = self.centred(xs, bs, m);
-                        let (dx, dw, mut db) = match SparseBatch::from_dense_if_sparse(g, m, None) {
-                            Some(csr) => (
-                                x.track_op().then(|| sparse::csr_matmul(csr.as_rows(), ws, d)),
-                                sparse::csr_transpose_matmul(csr.as_rows(), &xc, d, m),
-                                sparse::csr_column_sums(csr.as_rows(), m),
-                            ),
-                            None => (
-                                x.track_op().then(|| gemm_f32(b, d, m, g, m, 1, ws, d, 1)),
-                                gemm_f32(m, d, b, g, 1, m, &xc, d, 1),
-                                crate::models::fused::column_sums(g, m),
-                            ),
-                        };
-                        if self.centre {
-                            // ∂/∂b_dec of Σ g·((x − b_dec)·Wᵀ) = −(Σ_b g)·W.
-                            let d_dec = gemm_f32(1, d, m, &db, m, 1, ws, d, 1);
-                            db.extend(d_dec.into_iter().map(|v| -v));
-                        }
-                        (dx, dw, db)
-                    })
+        with_cpu_slice(&grad, |g| match SparseBatch::from_dense_if_sparse(g, m, None) {
+            Some(csr) => self.grads(Upstream::Sparse(&csr), x, w, biases),
+            None => self.grads(Upstream::Dense(g), x, w, biases),
+        })?
+    }
+}
+
+/// The gradient reaching the pre-activations.
+enum Upstream<'a> {
+    Sparse(&'a SparseBatch),
+    /// (B, M) row-major.
+    Dense(&'a [f32]),
+}
+
+impl EncoderLinear {
+    /// Gradients of Σ g ⊙ pre w.r.t. x (when it needs one), W and the biases.
+    fn grads(
+        &self,
+        g: Upstream,
+        x: &Tensor,
+        w: &Tensor,
+        biases: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, d) = x.dims2()?;
+        let m = w.dim(0)?;
+        let (dx, dw, dbiases) = with_cpu_slice(x, |xs| {
+            with_cpu_slice(w, |ws| {
+                with_cpu_slice(biases, |bs| {
+                    let xc = self.centred(xs, bs, m);
+                    let (dx, dw, mut db) = match g {
+                        Upstream::Sparse(csr) => (
+                            x.track_op().then(|| sparse::csr_matmul(csr.as_rows(), ws, d)),
+                            sparse::csr_transpose_matmul(csr.as_rows(), &xc, d, m),
+                            sparse::csr_column_sums(csr.as_rows(), m),
+                        ),
+                        Upstream::Dense(g) => (
+                            x.track_op().then(|| gemm_f32(b, d, m, g, m, 1, ws, d, 1)),
+                            gemm_f32(m, d, b, g, 1, m, &xc, d, 1),
+                            crate::models::fused::column_sums(g, m),
+                        ),
+                    };
+                    if self.centre {
+                        // ∂/∂b_dec of Σ g·((x − b_dec)·Wᵀ) = −(Σ_b g)·W.
+                        let d_dec = gemm_f32(1, d, m, &db, m, 1, ws, d, 1);
+                        db.extend(d_dec.into_iter().map(|v| -v));
+                    }
+                    (dx, dw, db)
                 })
             })
-        })????;
+        })???;
         let n_biases = dbiases.len();
         Ok((
             dx.map(|dx| cpu_tensor(dx, (b, d))).transpose()?,
@@ -127,6 +149,72 @@ impl CustomOp3 for EncoderLinear {
     }
 }
 
+/// Sparse gradients of the pre-activations, handed from the ops that use a `PrePort` to the
+/// port's backward pass.
+type GradStash = Arc<Mutex<Vec<SparseBatch>>>;
+
+/// The encoder's dependence on x, W and the biases, as a graph node of one element (0) whose
+/// backward pass takes the pre-activations' gradient as sparse rows from the ops downstream
+/// instead of as a dense (B × M) tensor: candle would zero-fill such a tensor, add every
+/// contribution into it and hand it to the encoder, which scans it for its few non-zeros.
+struct PortOp {
+    encoder: EncoderLinear,
+    stash: GradStash,
+}
+
+impl CustomOp3 for PortOp {
+    fn name(&self) -> &'static str {
+        "sae-pre-port"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(1)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        biases: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let parts = std::mem::take(&mut *self.stash.lock().unwrap());
+        if parts.is_empty() {
+            // Its users push their gradients in their own backward, which runs first.
+            candle_core::bail!("{}: no gradient reached the pre-activations", self.name());
+        }
+        self.encoder.grads(Upstream::Sparse(&SparseBatch::sum(&parts)), x, w, biases)
+    }
+}
+
+/// The port of the encoder's pre-activations for sparse gradients (host kernels, training):
+/// an op that computes its output from a selection's CSR of `pre` takes `handle` as its input
+/// instead of `pre`, and pushes the gradient of those entries to the port. The encoder's
+/// parameters then get their gradient from the port's backward pass; `pre` itself, unused by
+/// the graph, gets none to build. Anything that does differentiate through `pre` (or latents
+/// computed from it) still reaches the encoder through `pre`'s own node: both add up.
+pub struct PrePort {
+    handle: Tensor,
+    stash: GradStash,
+}
+
+/// The encoder's output.
+pub struct Encoded {
+    /// (B, M) pre-activations.
+    pub pre: Tensor,
+    /// With host kernels, when the encoder has a parameter to train.
+    pub port: Option<PrePort>,
+}
+
 /// (B, D) · (M, D)ᵀ + (M,) → (B, M), the input first centred by `b_dec` when given.
 pub fn encoder_linear(
     x: &Tensor,
@@ -134,20 +222,29 @@ pub fn encoder_linear(
     b_enc: &Tensor,
     b_dec: Option<&Tensor>,
     kernels: Kernels,
-) -> CResult<Tensor> {
+) -> CResult<Encoded> {
     if kernels.for_tensor(x).is_host() {
         let biases = match b_dec {
             Some(b_dec) => Tensor::cat(&[b_enc, b_dec], 0)?,
             None => b_enc.clone(),
         };
-        let op = EncoderLinear { centre: b_dec.is_some() };
-        x.contiguous()?.apply_op3(&w.contiguous()?, &biases.contiguous()?, op)
+        let (x, w, biases) = (x.contiguous()?, w.contiguous()?, biases.contiguous()?);
+        let centre = b_dec.is_some();
+        let pre = x.apply_op3(&w, &biases, EncoderLinear { centre })?;
+        let port = (x.track_op() || w.track_op() || biases.track_op())
+            .then(|| -> CResult<PrePort> {
+                let stash = GradStash::default();
+                let op = PortOp { encoder: EncoderLinear { centre }, stash: stash.clone() };
+                Ok(PrePort { handle: x.apply_op3(&w, &biases, op)?, stash })
+            })
+            .transpose()?;
+        Ok(Encoded { pre, port })
     } else {
         let x = match b_dec {
             Some(b_dec) => x.broadcast_sub(b_dec)?,
             None => x.clone(),
         };
-        x.matmul(&w.t()?)?.broadcast_add(b_enc)
+        Ok(Encoded { pre: x.matmul(&w.t()?)?.broadcast_add(b_enc)?, port: None })
     }
 }
 
@@ -158,10 +255,10 @@ struct SupportMatmul {
     /// CSR of the latents when they are sparse (from `decode`), kept for the backward pass;
     /// None runs the dense products.
     cached: Arc<Mutex<Option<SparseBatch>>>,
-    /// The op's first input is the `pre` the latents are a masked ReLU of, not the latents: its
-    /// values are never read (the CSR holds the latents), it only receives their gradient, which
-    /// is the same on the CSR's support. Requires the CSR.
-    input_is_pre: bool,
+    /// The op's first input is the handle of a `PrePort` of the `pre` the latents are a masked
+    /// ReLU of, not the latents: the CSR holds the latents, and their gradient on its support —
+    /// the same as `pre`'s there — goes to the port's stash. Requires the CSR.
+    port: Option<GradStash>,
     /// λ·MonoLoss of the same latents, computed on the same CSR; its gradient is added to the
     /// latents' gradient in the backward pass (saving a dense gradient and its accumulation).
     mono: Option<MonoInjection>,
@@ -189,16 +286,20 @@ impl CustomOp2 for SupportMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (b, m) = dims2(l1)?;
+        let csr = self.cached.lock().unwrap().take();
         let (m2, d) = dims2(l2)?;
+        let (b, m) = match (&self.port, &csr) {
+            (Some(_), Some(csr)) => (csr.rows(), m2),
+            (Some(_), None) => candle_core::bail!(
+                "{}: a decoder differentiated into pre needs the CSR",
+                self.name()
+            ),
+            (None, _) => dims2(l1)?,
+        };
         if m != m2 {
             candle_core::bail!("decoder shapes disagree: latents {b}×{m}, W {m2}×{d}");
         }
         let (lat, w) = (contiguous(self.name(), s1, l1)?, contiguous(self.name(), s2, l2)?);
-        let csr = self.cached.lock().unwrap().take();
-        if self.input_is_pre && csr.is_none() {
-            candle_core::bail!("{}: a decoder differentiated into pre needs the CSR", self.name());
-        }
         if self.mono.is_some() && csr.is_none() {
             candle_core::bail!("{}: the fused MonoLoss needs the latents' CSR", self.name());
         }
@@ -230,9 +331,15 @@ impl CustomOp2 for SupportMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let (b, m) = lat.dims2()?;
-        let d = w.dim(1)?;
+        let (m, d) = w.dims2()?;
         let cached = self.cached.lock().unwrap().take();
+        let b = match (&cached, &self.port) {
+            (Some(csr), _) => csr.rows(),
+            (None, Some(_)) => {
+                candle_core::bail!("{}: backward into pre without the CSR", self.name())
+            }
+            (None, None) => lat.dim(0)?,
+        };
         let (dlat, dw) = with_cpu_slice(grad, |g| {
             with_cpu_slice(w, |ws| match &cached {
                 Some(csr) => {
@@ -253,20 +360,25 @@ impl CustomOp2 for SupportMatmul {
                         let extra = sparse_loss::backward(saved, b, mono.lambda, mono.eps);
                         dots.iter_mut().zip(extra).for_each(|(v, e)| *v += e);
                     }
-                    let vals = sparse::to_row_order(cols, &dots);
-                    Ok::<_, candle_core::Error>((csr.with_values(vals).to_dense(m), dw))
-                }
-                None if self.input_is_pre => {
-                    candle_core::bail!("{}: backward into pre without the CSR", self.name())
+                    let grad = csr.with_values(sparse::to_row_order(cols, &dots));
+                    let dlat = match &self.port {
+                        Some(stash) => {
+                            stash.lock().unwrap().push(grad);
+                            // The handle's own gradient: its value never mattered.
+                            cpu_tensor(vec![0.0], 1)?
+                        }
+                        None => cpu_tensor(grad.to_dense(m), (b, m))?,
+                    };
+                    Ok::<_, candle_core::Error>((dlat, dw))
                 }
                 None => with_cpu_slice(lat, |ls| {
                     let dlat = gemm_f32(b, m, d, g, d, 1, ws, 1, d);
                     let dw = gemm_f32(m, d, b, ls, 1, m, g, d, 1);
-                    (dlat, dw)
-                }),
+                    Ok((cpu_tensor(dlat, (b, m))?, dw))
+                })?,
             })
         })???;
-        Ok((Some(cpu_tensor(dlat, (b, m))?), Some(cpu_tensor(dw, (m, d))?)))
+        Ok((Some(dlat), Some(cpu_tensor(dw, (m, d))?)))
     }
 }
 
@@ -276,7 +388,7 @@ impl CustomOp2 for SupportMatmul {
 pub fn support_matmul(
     latents: &Tensor,
     latents_csr: Option<SparseBatch>,
-    of_pre: Option<&Tensor>,
+    of_pre: Option<&PrePort>,
     w: &Tensor,
     grad_support: Option<&Mask>,
     kernels: Kernels,
@@ -284,18 +396,27 @@ pub fn support_matmul(
     Ok(decode(latents, latents_csr, of_pre, w, grad_support, None, kernels)?.output)
 }
 
-/// The host op on `input` (contiguous: the latents, or the `pre` they are a masked ReLU of when
-/// `input_is_pre`), sparse when `csr` is given.
+/// The differentiable input of the host decoder op.
+enum Input<'a> {
+    Latents(&'a Tensor),
+    Port(&'a PrePort),
+}
+
+/// The host op on the latents (contiguous), or on the port of the `pre` they are a masked ReLU
+/// of; sparse when `csr` is given.
 fn apply_support_matmul(
-    input: &Tensor,
-    input_is_pre: bool,
+    input: Input,
     w: &Tensor,
     grad_support: Option<&Mask>,
     csr: Option<SparseBatch>,
     mono: Option<MonoInjection>,
 ) -> CResult<(Tensor, Option<SparseBatch>)> {
     let cached = Arc::new(Mutex::new(csr));
-    let op = SupportMatmul { cached: cached.clone(), input_is_pre, mono };
+    let (input, port) = match input {
+        Input::Latents(latents) => (latents, None),
+        Input::Port(port) => (&port.handle, Some(port.stash.clone())),
+    };
+    let op = SupportMatmul { cached: cached.clone(), port, mono };
     let output = input.apply_op2(&w.contiguous()?, op)?;
     // Without a gradient to propagate to the latents (inference) the backward pass never needs
     // the CSR: hand it out, so callers need not rebuild it. It only holds the non-zeros when no
@@ -362,16 +483,17 @@ fn host_support(grad_support: Option<&Mask>) -> Option<&[bool]> {
 /// `support_matmul` with an optional MonoLoss on the same latents, fused on the CPU.
 /// `latents_csr`: the latents' non-zeros as CSR rows when the caller has them (a host
 /// activation builds them in its own pass); without them the host decoder counts the latents.
-/// `of_pre`: the pre-activations the latents were selected from, read only together with
-/// `latents_csr`, which a host `Selected` of `pre` built: the latents are then `pre`'s masked
-/// ReLU and the CSR holds exactly their non-zeros. The sparse decoder passes the latents'
-/// gradient straight into `pre` — the masked ReLU's backward is the identity on those entries —
-/// so the backward pass builds no (B × M) gradient for the latents themselves.
+/// `of_pre`: the port of the pre-activations the latents were selected from, used only together
+/// with `latents_csr`, which a host `Selected` of `pre` built: the latents are then `pre`'s
+/// masked ReLU and the CSR holds exactly their non-zeros. The sparse decoder passes the latents'
+/// gradient on those entries straight to the encoder through the port — the masked ReLU's
+/// backward is the identity there — so the backward pass builds no (B × M) gradient, neither
+/// for the latents nor for `pre`.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     latents: &Tensor,
     latents_csr: Option<SparseBatch>,
-    of_pre: Option<&Tensor>,
+    of_pre: Option<&PrePort>,
     w: &Tensor,
     grad_support: Option<&Mask>,
     mono: Option<MonoTerm>,
@@ -388,18 +510,15 @@ pub fn decode(
     let csr = decoder_csr(&latents, latents_csr, grad_support)?;
     // Differentiate into `pre` when the sparse path runs on the selection's own CSR (decoder_csr
     // hands back a given CSR unchanged, or None when it is too dense).
-    let pre =
-        of_pre.filter(|p| given_csr && csr.is_some() && grad_support.is_none() && p.track_op());
-    let input = match pre {
-        Some(pre) => pre.contiguous()?,
-        None => latents.clone(),
+    let input = match of_pre {
+        Some(port) if given_csr && csr.is_some() && grad_support.is_none() => Input::Port(port),
+        _ => Input::Latents(&latents),
     };
     let (term, csr) = match (mono, csr) {
         (Some(term), Some(csr)) => (term, csr),
         (mono, csr) => {
             // No MonoLoss, or latents too dense to fuse it: the MonoLoss is its own node.
-            let (output, latents_csr) =
-                apply_support_matmul(&input, pre.is_some(), w, grad_support, csr, None)?;
+            let (output, latents_csr) = apply_support_matmul(input, w, grad_support, csr, None)?;
             let mono = mono.map(|term| unfused_mono(&latents, term, grad_support, kernels));
             return Ok(Decoded { output, latents_csr, mono: mono.transpose()? });
         }
@@ -415,7 +534,7 @@ pub fn decode(
         saved: Mutex::new(None),
     };
     let (output, latents_csr) =
-        apply_support_matmul(&input, pre.is_some(), w, grad_support, Some(csr), Some(injection))?;
+        apply_support_matmul(input, w, grad_support, Some(csr), Some(injection))?;
     let (loss, stats): (f32, MonoLossStats) =
         result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
     Ok(Decoded { output, latents_csr, mono: Some(stats.into_batch_mono(loss)?) })
