@@ -71,6 +71,48 @@ fn tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
     product((n, 1), (m, n, k), a, b, parallelism)
 }
 
+/// `scale` · a · b written over `dst` (element (i, j) at `i * dst_rs + j`) on the calling
+/// thread: for many small products that the caller runs in parallel (attention heads).
+pub fn gemm_f32_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    scale: f32,
+) {
+    check_operands(m, n, k, a, b);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() > (m - 1) * dst_rs + (n - 1), "gemm: destination too short");
+    // SAFETY: the operands were checked to hold every strided read and dst every write; with
+    // read_dst = false the crate writes each destination element without reading it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// Whether `gemm_f32` splits this product along its contraction.
 pub fn splits_contraction(m: usize, n: usize, k: usize) -> bool {
     let output = m * n;
@@ -218,6 +260,28 @@ mod tests {
         assert!(!splits_contraction(7, 11, 5));
         assert!(splits_contraction(3, 5, 9000) && splits_contraction(6, 2, 8192));
         assert!(!splits_contraction(2048, 1024, 9000), "large outputs keep the crate's path");
+    }
+
+    /// Into a strided destination, scaled, with both operand layouts; the other elements of the
+    /// destination are left as they were.
+    #[test]
+    fn products_into_a_strided_destination() {
+        let (m, n, k, rs) = (5, 3, 7, 4);
+        let (a, b) = (values(m * k, 0.5), values(k * n, 1.5));
+        let mut dst = vec![f32::NAN; (m - 1) * rs + n + 1];
+        let (ao, bo) = (Strided { data: &a, rs: 1, cs: m }, Strided { data: &b, rs: n, cs: 1 });
+        gemm_f32_into(&mut dst, rs, (m, n, k), ao, bo, 0.5);
+        let want = reference(m, n, k, ao, bo);
+        for i in 0..m {
+            for j in 0..rs {
+                let got = dst[i * rs + j];
+                match j < n {
+                    true => assert!((got as f64 - 0.5 * want[i * n + j]).abs() < 1e-5),
+                    false => assert!(got.is_nan() || i * rs + j >= dst.len()),
+                }
+            }
+        }
+        assert!(dst.last().unwrap().is_nan());
     }
 
     /// A split product is the same, bit for bit, whatever the thread count.

@@ -4,6 +4,7 @@
 use anyhow::{ensure, Result};
 use candle_core::{IndexOp, Tensor, D};
 
+use super::attention::AttentionOp;
 use super::conv::{conv2d_gemm, Planes};
 use super::layers::{quick_gelu, LayerNorm, Linear, Lora};
 use super::params::{DecayGroup, ParamSet, Weights};
@@ -223,6 +224,16 @@ impl ClipTower {
     fn attention(&self, block: &Block, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let dh = d / self.heads;
+        if kernels.for_tensor(x).is_host() {
+            let (q, k, v) = (
+                block.q.forward(x, kernels)?,
+                block.k.forward(x, kernels)?,
+                block.v.forward(x, kernels)?,
+            );
+            let op = AttentionOp { heads: self.heads, scale: (dh as f64).powf(-0.5) as f32 };
+            let context = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+            return block.out.forward(&context, kernels);
+        }
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, n, self.heads, dh))?.transpose(1, 2)?.contiguous()?)
         };

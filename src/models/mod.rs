@@ -2,6 +2,7 @@
 //! torchvision-layout bottleneck ResNet and a CLIP vision tower, their differentiable layers, named
 //! parameter sets, LoRA, and the TopK activation (selection without sorting).
 
+pub mod attention;
 pub mod batch_norm;
 pub mod clip;
 pub mod conv;

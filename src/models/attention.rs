@@ -1,0 +1,265 @@
+//! Multi-head scaled dot-product attention as one CPU op with a closed-form backward pass, for
+//! the CLIP tower's training step. Composed from candle ops it is a dozen graph nodes per layer —
+//! the query scaling, three head-splitting copies, two batched products that candle runs one
+//! (image, head) at a time, five softmax passes and a merging copy — each with a zero-filled
+//! gradient buffer in the backward pass. Host kernels only: the portable path keeps the composed
+//! ops (`clip::ClipTower::attention`), and a test holds the two equal in value and gradients.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
+use crate::base::gemm::{gemm_f32_into, Strided};
+
+/// softmax(scale · q_h k_hᵀ) v_h for every image and head h, on (B, N, D) queries, keys and
+/// values whose heads lie side by side along D; the output has the same layout.
+///
+/// The backward pass recomputes the attention weights instead of keeping them: (B · H · N · N)
+/// floats per layer would outgrow the activations at ViT-L/14's 257 or 577 tokens.
+pub struct AttentionOp {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+/// Shape facts of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    tokens: usize,
+    dim: usize,
+    head_dim: usize,
+    heads: usize,
+}
+
+impl Dims {
+    /// Head h of image b of a (B, N, D) tensor: an (N × head_dim) strided matrix.
+    fn head<'a>(&self, data: &'a [f32], b: usize, h: usize) -> Strided<'a> {
+        Strided {
+            data: &data[b * self.tokens * self.dim + h * self.head_dim..],
+            rs: self.dim,
+            cs: 1,
+        }
+    }
+
+    /// The same matrix transposed (head_dim × N).
+    fn head_t<'a>(&self, data: &'a [f32], b: usize, h: usize) -> Strided<'a> {
+        let m = self.head(data, b, h);
+        Strided { rs: 1, cs: self.dim, ..m }
+    }
+
+    /// Copies per-(image, head) (N × head_dim) blocks, in (b, h) order, into (B, N, D).
+    fn merge(&self, blocks: &[Vec<f32>]) -> Vec<f32> {
+        let (n, d, dh) = (self.tokens, self.dim, self.head_dim);
+        let mut out = vec![0f32; self.batch * n * d];
+        out.par_chunks_mut(n * d).enumerate().for_each(|(b, image)| {
+            for (h, block) in blocks[b * self.heads..(b + 1) * self.heads].iter().enumerate() {
+                for (row, src) in image.chunks_exact_mut(d).zip(block.chunks_exact(dh)) {
+                    row[h * dh..(h + 1) * dh].copy_from_slice(src);
+                }
+            }
+        });
+        out
+    }
+}
+
+/// Each row of an (N × N) matrix replaced by its softmax (max subtracted, as candle's softmax).
+fn softmax_rows(s: &mut [f32], n: usize) {
+    for row in s.chunks_exact_mut(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+}
+
+impl AttentionOp {
+    fn dims(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> CResult<Dims> {
+        let (batch, tokens, dim) = l1.shape().dims3()?;
+        if l2.shape() != l1.shape() || l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?} and v {:?} differ",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        if self.heads == 0 || dim % self.heads != 0 {
+            candle_core::bail!("attention: width {dim} does not split into {} heads", self.heads);
+        }
+        Ok(Dims { batch, tokens, dim, head_dim: dim / self.heads, heads: self.heads })
+    }
+
+    /// The (N × N) attention weights of image b, head h.
+    fn weights(&self, dims: Dims, q: &[f32], k: &[f32], b: usize, h: usize) -> Vec<f32> {
+        let n = dims.tokens;
+        let mut p = vec![0f32; n * n];
+        let (qh, kt) = (dims.head(q, b, h), dims.head_t(k, b, h));
+        gemm_f32_into(&mut p, n, (n, n, dims.head_dim), qh, kt, self.scale);
+        softmax_rows(&mut p, n);
+        p
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let dims = self.dims(l1, l2, l3)?;
+        let (q, k, v) = (
+            contiguous(self.name(), s1, l1)?,
+            contiguous(self.name(), s2, l2)?,
+            contiguous(self.name(), s3, l3)?,
+        );
+        let (n, dh) = (dims.tokens, dims.head_dim);
+        let blocks: Vec<Vec<f32>> = (0..dims.batch * dims.heads)
+            .into_par_iter()
+            .map(|i| {
+                let (b, h) = (i / dims.heads, i % dims.heads);
+                let p = self.weights(dims, q, k, b, h);
+                let mut out = vec![0f32; n * dh];
+                let p_m = Strided { data: &p, rs: n, cs: 1 };
+                gemm_f32_into(&mut out, dh, (n, dh, n), p_m, dims.head(v, b, h), 1.0);
+                out
+            })
+            .collect();
+        Ok((CpuStorage::F32(dims.merge(&blocks)), l1.shape().clone()))
+    }
+
+    /// With P = softmax(S), S = scale · q kᵀ and output P v, for upstream gradient G:
+    /// dv = Pᵀ G, dP = G vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dq = scale · dS k,
+    /// dk = scale · dSᵀ q.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dims = self.dims(q.layout(), k.layout(), v.layout())?;
+        let (n, dh) = (dims.tokens, dims.head_dim);
+        let blocks: Vec<[Vec<f32>; 3]> = with_cpu_slice(q, |qs| {
+            with_cpu_slice(k, |ks| {
+                with_cpu_slice(v, |vs| {
+                    with_cpu_slice(&grad, |g| {
+                        (0..dims.batch * dims.heads)
+                            .into_par_iter()
+                            .map(|i| {
+                                let (b, h) = (i / dims.heads, i % dims.heads);
+                                let p = self.weights(dims, qs, ks, b, h);
+                                let gh = dims.head(g, b, h);
+                                let mut dv = vec![0f32; n * dh];
+                                let p_t = Strided { data: &p, rs: 1, cs: n };
+                                gemm_f32_into(&mut dv, dh, (n, dh, n), p_t, gh, 1.0);
+                                let mut ds = vec![0f32; n * n];
+                                let vt = dims.head_t(vs, b, h);
+                                gemm_f32_into(&mut ds, n, (n, n, dh), gh, vt, 1.0);
+                                for (dp, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                                    let dot: f32 = dp.iter().zip(pr).map(|(a, b)| a * b).sum();
+                                    dp.iter_mut().zip(pr).for_each(|(d, &pv)| *d = pv * (*d - dot));
+                                }
+                                let mut dq = vec![0f32; n * dh];
+                                let ds_m = Strided { data: &ds, rs: n, cs: 1 };
+                                let kh = dims.head(ks, b, h);
+                                gemm_f32_into(&mut dq, dh, (n, dh, n), ds_m, kh, self.scale);
+                                let mut dk = vec![0f32; n * dh];
+                                let ds_t = Strided { data: &ds, rs: 1, cs: n };
+                                let qh = dims.head(qs, b, h);
+                                gemm_f32_into(&mut dk, dh, (n, dh, n), ds_t, qh, self.scale);
+                                [dq, dk, dv]
+                            })
+                            .collect()
+                    })
+                })
+            })
+        })????;
+        let gradient = |which: usize, input: &Tensor| -> CResult<Option<Tensor>> {
+            if !input.track_op() {
+                return Ok(None);
+            }
+            let parts: Vec<Vec<f32>> = blocks.iter().map(|b| b[which].clone()).collect();
+            Ok(Some(cpu_tensor(dims.merge(&parts), input.shape())?))
+        };
+        Ok((gradient(0, q)?, gradient(1, k)?, gradient(2, v)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The composed graph the CLIP tower's portable path runs.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let (b, n, d) = q.dims3().unwrap();
+        let split = |t: Tensor| {
+            t.reshape((b, n, heads, d / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split((q * scale).unwrap()), split(k.clone()), split(v.clone()));
+        let w = candle_nn::ops::softmax(&q.matmul(&k.t().unwrap()).unwrap(), D::Minus1).unwrap();
+        w.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, n, d)).unwrap()
+    }
+
+    /// Value and the three gradients against the composed graph, on a shape whose head width
+    /// is not a power of two (the scale is inexact) and with more tokens than heads.
+    #[test]
+    fn attention_equals_the_composed_graph() {
+        let dev = Device::Cpu;
+        let (b, n, d, heads) = (3, 11, 24, 4);
+        let scale = (6f64).powf(-0.5);
+        let var = |s: f64| {
+            Var::from_tensor(&Tensor::randn(0f32, s as f32, (b, n, d), &dev).unwrap()).unwrap()
+        };
+        let (q, k, v) = (var(1.0), var(1.5), var(1.0));
+        let graph = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, scale);
+        let op = AttentionOp { heads, scale: scale as f32 };
+        let fused = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op).unwrap();
+        assert!(gap(&graph, &fused) < 1e-5, "values differ by {}", gap(&graph, &fused));
+        let up = Tensor::randn(0f32, 1.0, (b, n, d), &dev).unwrap();
+        let g1 = (graph * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+            assert!(gap(a, b) < 1e-5, "{name}: gradients differ by {}", gap(a, b));
+        }
+    }
+
+    /// Inputs that need no gradient get none; mismatched shapes are refused.
+    #[test]
+    fn attention_skips_untracked_inputs_and_refuses_bad_shapes() {
+        let dev = Device::Cpu;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 8), &dev).unwrap()).unwrap();
+        let kv = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev).unwrap();
+        let op = || AttentionOp { heads: 2, scale: 0.5 };
+        let out = q.as_tensor().apply_op3(&kv, &kv, op()).unwrap();
+        let g = out.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(q.as_tensor()).is_some() && g.get(&kv).is_none());
+        let short = Tensor::zeros((2, 4, 8), candle_core::DType::F32, &dev).unwrap();
+        assert!(q.as_tensor().apply_op3(&short, &kv, op()).is_err());
+        let odd = AttentionOp { heads: 3, scale: 0.5 };
+        assert!(q.as_tensor().apply_op3(&kv, &kv, odd).is_err());
+    }
+}
