@@ -8,6 +8,7 @@
 //! split along the contraction instead: fixed chunks, one single-threaded product each, summed
 //! in chunk order (so the result does not depend on the thread count).
 
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Contraction columns per partial product of a split product.
@@ -66,8 +67,7 @@ fn check_operands(m: usize, n: usize, k: usize, a: Strided, b: Strided) {
 
 fn tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
     let threads = rayon::current_num_threads();
-    let parallelism =
-        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     product((n, 1), (m, n, k), a, b, parallelism)
 }
 
@@ -86,16 +86,35 @@ pub fn gemm_f32_into(
         return;
     }
     assert!(dst.len() > (m - 1) * dst_rs + (n - 1), "gemm: destination too short");
-    // SAFETY: the operands were checked to hold every strided read and dst every write; with
-    // read_dst = false the crate writes each destination element without reading it.
+    // SAFETY: the operands were checked to hold every strided read and dst every write.
+    unsafe {
+        write_product(dst.as_mut_ptr(), (dst_rs, 1), (m, n, k), a, b, scale, Parallelism::None)
+    }
+}
+
+/// `scale` · a · b written to `dst` (element (i, j) at `i * rs + j * cs`) through the crate.
+///
+/// # Safety
+/// `a` and `b` hold every element the product reads and `dst` is valid for writes of every
+/// element of the layout. With read_dst = false the crate writes each of them without reading
+/// it (zeros when k = 0), so `dst` may be uninitialised.
+unsafe fn write_product(
+    dst: *mut f32,
+    (rs, cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    scale: f32,
+    parallelism: Parallelism,
+) {
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
+            dst,
+            cs as isize,
+            rs as isize,
             false,
             a.data.as_ptr(),
             a.cs as isize,
@@ -108,8 +127,8 @@ pub fn gemm_f32_into(
             false,
             false,
             false,
-            gemm::Parallelism::None,
-        );
+            parallelism,
+        )
     }
 }
 
@@ -136,7 +155,7 @@ fn split_contraction(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Ve
             let (start, end) = (c * k / chunks, (c + 1) * k / chunks);
             let a = Strided { data: &a.data[start * a.cs..], ..a };
             let b = Strided { data: &b.data[start * b.rs..], ..b };
-            product(strides, (m, n, end - start), a, b, gemm::Parallelism::None)
+            product(strides, (m, n, end - start), a, b, Parallelism::None)
         })
         .collect();
     let rest = partials.split_off(1);
@@ -163,7 +182,7 @@ fn product(
     (m, n, k): (usize, usize, usize),
     a: Strided,
     b: Strided,
-    parallelism: gemm::Parallelism,
+    parallelism: Parallelism,
 ) -> Vec<f32> {
     let len = m * n;
     let mut dst = Vec::<f32>::with_capacity(len);
@@ -173,30 +192,10 @@ fn product(
     debug_assert!((m - 1) * rs + (n - 1) * cs < len);
     // SAFETY: `check_operands` checked every strided read lies inside `a` and `b` (a chunk's
     // operands are suffixes that still hold its k columns), and dst has room for the m × n
-    // layout. With read_dst = false the crate writes every element of dst without reading it
-    // (β·AB, or zeros when k = 0), so the buffer is initialised when it returns.
+    // layout, every element of which the product writes, so it is initialised afterwards.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
-            cs as isize,
-            rs as isize,
-            false,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        let out = dst.spare_capacity_mut().as_mut_ptr().cast::<f32>();
+        write_product(out, (rs, cs), (m, n, k), a, b, 1.0, parallelism);
         dst.set_len(len);
     }
     dst

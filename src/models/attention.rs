@@ -47,12 +47,14 @@ impl Dims {
         Strided { rs: 1, cs: self.dim, ..m }
     }
 
-    /// Copies per-(image, head) (N × head_dim) blocks, in (b, h) order, into (B, N, D).
-    fn merge(&self, blocks: &[Vec<f32>]) -> Vec<f32> {
+    /// Copies the (N × head_dim) block of each (image, head) — `block(b * heads + h)` — into
+    /// (B, N, D).
+    fn merge<'a>(&self, block: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<f32> {
         let (n, d, dh) = (self.tokens, self.dim, self.head_dim);
         let mut out = vec![0f32; self.batch * n * d];
         out.par_chunks_mut(n * d).enumerate().for_each(|(b, image)| {
-            for (h, block) in blocks[b * self.heads..(b + 1) * self.heads].iter().enumerate() {
+            for h in 0..self.heads {
+                let block = block(b * self.heads + h);
                 for (row, src) in image.chunks_exact_mut(d).zip(block.chunks_exact(dh)) {
                     row[h * dh..(h + 1) * dh].copy_from_slice(src);
                 }
@@ -135,7 +137,7 @@ impl CustomOp3 for AttentionOp {
                 out
             })
             .collect();
-        Ok((CpuStorage::F32(dims.merge(&blocks)), l1.shape().clone()))
+        Ok((CpuStorage::F32(dims.merge(|i| &blocks[i])), l1.shape().clone()))
     }
 
     /// With P = softmax(S), S = scale · q kᵀ and output P v, for upstream gradient G:
@@ -191,8 +193,7 @@ impl CustomOp3 for AttentionOp {
             if !input.track_op() {
                 return Ok(None);
             }
-            let parts: Vec<Vec<f32>> = blocks.iter().map(|b| b[which].clone()).collect();
-            Ok(Some(cpu_tensor(dims.merge(&parts), input.shape())?))
+            Ok(Some(cpu_tensor(dims.merge(|i| &blocks[i][which]), input.shape())?))
         };
         Ok((gradient(0, q)?, gradient(1, k)?, gradient(2, v)?))
     }
