@@ -14,7 +14,7 @@ fn randn(n: usize, rng: &mut StdRng) -> Vec<f32> {
     (0..n).map(|_| StandardNormal.sample(rng)).collect()
 }
 
-fn var(data: Vec<f32>, shape: (usize, usize)) -> Var {
+fn var(data: Vec<f32>, shape: impl Into<candle_core::Shape>) -> Var {
     Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
 }
 
@@ -48,10 +48,8 @@ fn sparse_ops_match_the_dense_graph() {
     let sim = Tensor::from_vec(randn(b * 5, &mut rng), (b, 5), &Device::Cpu).unwrap();
     let w_enc = var(randn(m * d, &mut rng), (m, d));
     let w_dec = var(randn(m * d, &mut rng), (m, d));
-    let b_enc =
-        Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
-    let b_dec =
-        Var::from_tensor(&Tensor::from_vec(randn(d, &mut rng), d, &Device::Cpu).unwrap()).unwrap();
+    let b_enc = var(randn(m, &mut rng), m);
+    let b_dec = var(randn(d, &mut rng), d);
     let lambda = 0.7;
 
     for selection in [topk::Selection::PerRow(k), topk::Selection::Batch(k * b)] {
@@ -158,8 +156,7 @@ fn decoder_route_grads(k: usize, into_pre: bool, detach: bool) -> Vec<Vec<f32>> 
     let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
     let w_enc = var(randn(m * d, &mut rng), (m, d));
     let w_dec = var(randn(m * d, &mut rng), (m, d));
-    let b_enc =
-        Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+    let b_enc = var(randn(m, &mut rng), m);
     let ops::Encoded { pre, port } =
         ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST).unwrap();
     let selected = topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
@@ -194,10 +191,8 @@ fn the_pre_port_adds_up_with_gradients_through_the_latents() {
     let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
     let w_enc = var(randn(m * d, &mut rng), (m, d));
     let w_dec = var(randn(m * d, &mut rng), (m, d));
-    let b_enc =
-        Var::from_tensor(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
-    let b_dec =
-        Var::from_tensor(&Tensor::from_vec(randn(d, &mut rng), d, &Device::Cpu).unwrap()).unwrap();
+    let b_enc = var(randn(m, &mut rng), m);
+    let b_dec = var(randn(d, &mut rng), d);
     let weights = Tensor::from_vec(randn(b * m, &mut rng), (b, m), &Device::Cpu).unwrap();
     let grads = |use_port: bool| {
         let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());

@@ -65,13 +65,17 @@ const CLIP_B32: [(&str, usize, usize); 3] =
 const CLIP_TOKENS: usize = 50;
 
 pub fn run(args: &GemmBenchArgs) -> Result<Vec<GemmTiming>> {
-    let (what, shapes): (&str, Vec<(&str, usize, usize, usize)>) = match args.model.as_str() {
+    // Linear layers' operands are row-major, convolutions' channel-major.
+    type Shapes<'a> = Vec<(&'a str, usize, usize, usize)>;
+    let (what, row_major, shapes): (&str, bool, Shapes) = match args.model.as_str() {
         "clip-b32" => (
             "Linear-layer products of CLIP-ViT-B/32 training",
+            true,
             CLIP_B32.iter().map(|&(l, o, i)| (l, o, i, args.batch * CLIP_TOKENS)).collect(),
         ),
         _ => (
             "Convolution products of ResNet-50 training",
+            false,
             SHAPES
                 .iter()
                 .map(|&(l, c, o, kernel, side)| {
@@ -80,7 +84,6 @@ pub fn run(args: &GemmBenchArgs) -> Result<Vec<GemmTiming>> {
                 .collect(),
         ),
     };
-    let row_major = args.model == "clip-b32";
     println!(
         "{what}, batch {}, {} threads, best of {}; GFLOP/s",
         args.batch,

@@ -202,11 +202,8 @@ impl CustomOp3 for AttentionOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::test_util::gap;
     use candle_core::{Device, Var, D};
-
-    fn gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
 
     /// The composed graph the CLIP tower's portable path runs.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {

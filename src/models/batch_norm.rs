@@ -429,11 +429,8 @@ impl candle_core::CustomOp3 for ConvBatchNorm {
 #[cfg(test)]
 mod batch_norm_tests {
     use super::*;
+    use crate::models::test_util::gap;
     use candle_core::{Device, Var};
-
-    fn gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
 
     fn layer(c: usize, dev: &Device) -> (BatchNorm, Var, Var) {
         let weight = Var::from_tensor(&Tensor::randn(1f32, 0.2, c, dev).unwrap()).unwrap();

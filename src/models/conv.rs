@@ -357,11 +357,8 @@ impl candle_core::CustomOp2 for ConvGemm {
 #[cfg(test)]
 mod conv_tests {
     use super::*;
+    use crate::models::test_util::gap;
     use candle_core::{Device, Var};
-
-    fn gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
 
     /// Against candle's `conv2d` (value and both gradients) on every shape ResNet-50 uses: 1×1,
     /// strided 1×1, 3×3, strided 3×3 and the strided 7×7 stem, odd sizes.

@@ -430,11 +430,8 @@ impl CustomOp1 for MaxPool3x3S2 {
 mod tests {
     use super::super::layers::{quick_gelu, LayerNorm};
     use crate::base::host::Kernels;
+    use crate::models::test_util::gap;
     use candle_core::{Device, Tensor, Var};
-
-    fn gap(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
 
     /// The fused LayerNorm against the composed graph: value and the three gradients, over more
     /// rows than one backward task holds (so the partial sums are combined).

@@ -12,6 +12,17 @@ pub mod params;
 pub mod resnet;
 pub mod topk;
 
+/// Helpers of the layers' unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// The largest absolute difference between two tensors of the same shape.
+    pub fn gap(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+}
+
 /// Which backbone parameters train.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Trainable {
