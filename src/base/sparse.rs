@@ -237,14 +237,12 @@ impl SparseBatch {
         dense
     }
 
-    /// Same support, other values (one per entry).
-    pub fn with_values(&self, values: Vec<f32>) -> SparseBatch {
+    /// Same support, other values (one per entry); the support is moved, not copied.
+    pub fn with_values(self, values: Vec<f32>) -> SparseBatch {
         assert_eq!(values.len(), self.nnz());
-        SparseBatch { row_offsets: self.row_offsets.clone(), columns: self.columns.clone(), values }
+        SparseBatch { values, ..self }
     }
-}
 
-impl SparseBatch {
     /// The entry-wise sum of batches of the same rows, each with its columns in increasing order
     /// within a row: the union of their entries (columns increasing), a column present in more
     /// than one batch summed in the order given.
@@ -609,7 +607,8 @@ mod tests {
             .all(|w| { sum.columns[w[0]..w[1]].windows(2).all(|c| c[0] < c[1]) }));
         assert_eq!(SparseBatch::sum(std::slice::from_ref(&sa)), sa);
         // An explicit zero stays an entry.
-        let zero = sa.with_values(vec![0.0; sa.nnz()]);
+        let nnz = sa.nnz();
+        let zero = sa.with_values(vec![0.0; nnz]);
         assert_eq!(SparseBatch::sum(&[zero, sb.clone()]).nnz(), union);
     }
 

@@ -341,7 +341,7 @@ impl CustomOp2 for SupportMatmul {
             (None, None) => lat.dim(0)?,
         };
         let (dlat, dw) = with_cpu_slice(grad, |g| {
-            with_cpu_slice(w, |ws| match &cached {
+            with_cpu_slice(w, |ws| match cached {
                 Some(csr) => {
                     let saved = self
                         .mono
