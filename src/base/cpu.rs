@@ -36,8 +36,23 @@ pub fn dims2(l: &Layout) -> CResult<(usize, usize)> {
     l.shape().dims2()
 }
 
-/// Rescales each `d`-wide row of `data` to unit L2 norm (rows of zeros stay zero).
+/// Rescales each `d`-wide row of `data` to unit L2 norm (rows of zeros stay zero), the norm
+/// summed in f64 over vector lanes: the decoder constraint after every training step.
 pub fn normalize_rows(data: &mut [f32], d: usize) {
+    use rayon::prelude::*;
+    data.par_chunks_mut(d).for_each(|row| {
+        crate::base::simd::vectorized!({
+            let norm = crate::base::simd::lane_sum(row, |x| x as f64 * x as f64).sqrt() as f32;
+            if norm > 0.0 {
+                row.iter_mut().for_each(|x| *x /= norm);
+            }
+        })
+    });
+}
+
+/// [`normalize_rows`] with the norm in one running f32 sum (a scalar loop): the SAE
+/// initialisation keeps the bits it always had, so a seed still gives the same starting weights.
+pub fn normalize_rows_sequential(data: &mut [f32], d: usize) {
     use rayon::prelude::*;
     data.par_chunks_mut(d).for_each(|row| {
         let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();

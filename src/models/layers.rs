@@ -45,17 +45,11 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// With host kernels and a bias, one fused op (`fused::LinearOp`) on the rows of `x`.
+    /// With host kernels and a bias, one fused op (`fused::LinearOp`) on `x` as it is shaped.
     pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let mut y = match &self.bias {
             Some(b) if kernels.for_tensor(x).is_host() => {
-                let (rows, inp) = (x.elem_count() / x.dim(D::Minus1)?, x.dim(D::Minus1)?);
-                let mut dims = x.dims().to_vec();
-                *dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
-                x.contiguous()?
-                    .reshape((rows, inp))?
-                    .apply_op3(&self.weight.contiguous()?, b, super::fused::LinearOp)?
-                    .reshape(dims)?
+                x.contiguous()?.apply_op3(&self.weight.contiguous()?, b, super::fused::LinearOp)?
             }
             Some(b) => x.broadcast_matmul(&self.weight.t()?)?.broadcast_add(b)?,
             None => x.broadcast_matmul(&self.weight.t()?)?,

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::base::config::{BatchTopkConfig, JumpReluConfig, ReluConfig, SaeConfig, SaeKind};
-use crate::base::cpu::normalize_rows;
+use crate::base::cpu::normalize_rows_sequential;
 use crate::base::host::Kernels;
 use crate::models::topk::{self as select, Mask};
 use crate::monoscore::BatchMono;
@@ -144,9 +144,9 @@ impl SaeParams {
         let mut enc: Vec<f32> =
             (0..m * d).map(|_| rng.random_range(-enc_bound..enc_bound) as f32).collect();
         let mut dec = enc.clone();
-        normalize_rows(&mut dec, d);
+        normalize_rows_sequential(&mut dec, d);
         if unit_encoder {
-            normalize_rows(&mut enc, d);
+            normalize_rows_sequential(&mut enc, d);
         }
         let log_threshold = (spec.kind == SaeKind::Jumprelu)
             .then(|| {

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::base::cpu::with_cpu_slice;
 use crate::base::host::Kernels;
-use crate::base::simd::{lane_sum, vectorized};
+use crate::base::simd::{lane_dot, lane_sum, vectorized};
 
 /// Elements per parallel task of the element-wise parameter updates.
 const UPDATE_CHUNK: usize = 1 << 14;
@@ -170,14 +170,24 @@ impl Gradients {
     pub fn project_out_parallel(&mut self, index: usize, weights: &Var, d: usize) -> Result<()> {
         match self {
             Gradients::Host(grads) => {
-                let w = host_data(weights)?;
-                grads[index].par_chunks_mut(d).zip(w.par_chunks(d)).for_each(|(g, w)| {
-                    let norm_sq: f32 = w.iter().map(|x| x * x).sum();
-                    if norm_sq > 0.0 {
-                        let along = g.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() / norm_sq;
-                        g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
-                    }
-                });
+                let mut project = |w: &[f32]| {
+                    grads[index].par_chunks_mut(d).zip(w.par_chunks(d)).for_each(|(g, w)| {
+                        // In vector registers: a single running f32 sum would not vectorise.
+                        vectorized!({
+                            let norm_sq = lane_sum(w, |x| x as f64 * x as f64);
+                            if norm_sq > 0.0 {
+                                let along =
+                                    (lane_dot(g, w, |a, b| a as f64 * b as f64) / norm_sq) as f32;
+                                g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
+                            }
+                        })
+                    })
+                };
+                // CPU f32 parameters are read in place; others through a host copy.
+                match weights.device().is_cpu() && weights.dtype() == DType::F32 {
+                    true => with_cpu_slice(weights.as_tensor(), project)?,
+                    false => project(&host_data(weights)?),
+                }
             }
             Gradients::Device(grads) => {
                 let w = weights.as_tensor().detach();
