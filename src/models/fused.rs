@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
 use crate::base::gemm::gemm_f32;
-use crate::base::simd::vectorized;
+use crate::base::simd::{lane_sum, vectorized};
 
 /// Rows handled by one task when summing the weight and bias gradients: a fixed split, so the
 /// sums do not depend on the thread count (resumed runs stay bit-identical).
@@ -31,11 +31,12 @@ impl LayerNormOp {
     }
 }
 
-/// Mean and 1/√(biased variance + eps) of one row, accumulated in f64.
+/// Mean and 1/√(biased variance + eps) of one row, accumulated in f64 over vector lanes.
+#[inline(always)]
 fn row_stats(row: &[f32], eps: f64) -> (f32, f32) {
     let n = row.len() as f64;
-    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = row.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n;
+    let mean = lane_sum(row, |v| v as f64) / n;
+    let var = lane_sum(row, |v| (v as f64 - mean) * (v as f64 - mean)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
@@ -69,13 +70,13 @@ impl CustomOp3 for LayerNormOp {
             .par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .map(|(y, row)| {
-                let (mean, inv) = row_stats(row, self.eps);
                 vectorized!({
+                    let (mean, inv) = row_stats(row, self.eps);
                     for (((o, &v), &wj), &bj) in y.iter_mut().zip(row).zip(w).zip(b) {
                         *o = (v - mean) * inv * wj + bj;
                     }
-                });
-                (mean, inv)
+                    (mean, inv)
+                })
             })
             .collect();
         *self.stats.lock().unwrap() = stats;
