@@ -101,6 +101,29 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
+/// (Σ g·w, Σ g·w·x̂) over one row, x̂ = (x − mean)·inv, in f64 over eight lanes: a single
+/// running sum would keep the loop scalar.
+#[inline(always)]
+fn weighted_grad_sums(x: &[f32], g: &[f32], w: &[f32], mean: f32, inv: f32) -> (f64, f64) {
+    let (mut gw_lanes, mut gwx_lanes) = ([0f64; 8], [0f64; 8]);
+    let whole = x.len() / 8 * 8;
+    let chunks = x[..whole].chunks_exact(8).zip(g[..whole].chunks_exact(8));
+    for ((cx, cg), cw) in chunks.zip(w[..whole].chunks_exact(8)) {
+        for l in 0..8 {
+            let gw = cg[l] * cw[l];
+            gw_lanes[l] += gw as f64;
+            gwx_lanes[l] += (gw * ((cx[l] - mean) * inv)) as f64;
+        }
+    }
+    let (mut gw_sum, mut gwx_sum) = (gw_lanes.iter().sum::<f64>(), gwx_lanes.iter().sum::<f64>());
+    for j in whole..x.len() {
+        let gw = g[j] * w[j];
+        gw_sum += gw as f64;
+        gwx_sum += (gw * ((x[j] - mean) * inv)) as f64;
+    }
+    (gw_sum, gwx_sum)
+}
+
 /// dx = inv · (g·w − mean(g·w) − x̂ · mean(g·w·x̂)) per row; dw = Σ g·x̂, db = Σ g over rows.
 fn layer_norm_backward(
     x: &[f32],
@@ -122,14 +145,9 @@ fn layer_norm_backward(
                 let r = t * ROWS_PER_TASK + i;
                 let (mean, inv) = stats[r];
                 let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-                let (mut sum_gw, mut sum_gwx) = (0f64, 0f64);
-                for ((&v, &gv), &wj) in xr.iter().zip(gr).zip(w) {
-                    let xhat = (v - mean) * inv;
-                    sum_gw += (gv * wj) as f64;
-                    sum_gwx += (gv * wj * xhat) as f64;
-                }
-                let (mg, mgx) = ((sum_gw / d as f64) as f32, (sum_gwx / d as f64) as f32);
                 vectorized!({
+                    let (sum_gw, sum_gwx) = weighted_grad_sums(xr, gr, w, mean, inv);
+                    let (mg, mgx) = ((sum_gw / d as f64) as f32, (sum_gwx / d as f64) as f32);
                     for (j, o) in dxr.iter_mut().enumerate() {
                         let xhat = (xr[j] - mean) * inv;
                         *o = inv * (gr[j] * w[j] - mg - xhat * mgx);

@@ -15,6 +15,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::MonoScores;
+use crate::base::simd::{lane_sum, vectorized};
 use crate::base::sparse::{to_columns, SparseBatch, SparseRows};
 
 /// Per-neuron running statistics of the raw activations.
@@ -185,7 +186,7 @@ impl MonoScoreAccumulator {
             .par_chunks_exact(self.dim)
             .enumerate()
             .map(|(i, row)| {
-                let sq: f64 = row.iter().map(|&x| (x as f64) * (x as f64)).sum();
+                let sq = vectorized!(lane_sum(row, |x| x as f64 * x as f64));
                 if !sq.is_finite() {
                     bail!("similarity embedding of row {} contains NaN/Inf", first_row + i as u64);
                 }
@@ -201,11 +202,12 @@ impl MonoScoreAccumulator {
     }
 
     fn add_embedding_sum(&mut self, embeddings: &[f32], inv_norms: &[f64]) {
-        for (row, &s) in embeddings.chunks_exact(self.dim).zip(inv_norms) {
-            for (acc, &x) in self.embedding_sum.iter_mut().zip(row) {
+        let sum = &mut self.embedding_sum;
+        vectorized!(for (row, &s) in embeddings.chunks_exact(sum.len()).zip(inv_norms) {
+            for (acc, &x) in sum.iter_mut().zip(row) {
                 *acc += x as f64 * s;
             }
-        }
+        })
     }
 
     fn add_dense_unchecked(
@@ -302,7 +304,7 @@ impl MonoScoreAccumulator {
             .with_min_len(16)
             .for_each(|(c, (acc, moments))| {
                 let span = cols.col_offsets[c]..cols.col_offsets[c + 1];
-                crate::base::simd::vectorized!({
+                vectorized!({
                     for (&r, &v) in cols.rows[span.clone()].iter().zip(&cols.values[span]) {
                         let r = r as usize;
                         moments.sum += v as f64;

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::loss::BatchMono;
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, CResult};
+use crate::base::simd::{lane_sum, vectorized};
 use crate::base::sparse::{self, SparseBatch};
 
 /// What a forward pass of the sparse MonoLoss measured.
@@ -95,8 +96,10 @@ pub(crate) struct MonoLossSaved {
 fn unit_rows(sim: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
     let mut unit = sim.to_vec();
     unit.par_chunks_mut(d).for_each(|row| {
-        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        row.iter_mut().for_each(|x| *x /= norm);
+        vectorized!({
+            let norm = (lane_sum(row, |x| x as f64 * x as f64).sqrt() as f32).max(1e-12);
+            row.iter_mut().for_each(|x| *x /= norm);
+        })
     });
     let mut total = vec![0f32; d];
     for row in unit.chunks_exact(d) {
