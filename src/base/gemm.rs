@@ -69,26 +69,40 @@ fn check_operands(m: usize, n: usize, k: usize, a: Strided, b: Strided) {
 /// them, else through the crate's own parallel product (or on this thread alone).
 fn tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
     let threads = rayon::current_num_threads();
-    if threads > 1 && n.div_ceil(COLUMN_BLOCK) >= 2 * threads {
-        return column_blocks(m, n, k, a, b);
+    match column_block_width(m, n, k, threads) {
+        Some(width) if threads > 1 => column_blocks(m, n, k, a, b, width),
+        _ => {
+            let parallelism =
+                if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+            product((n, 1), (m, n, k), a, b, parallelism)
+        }
     }
-    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
-    product((n, 1), (m, n, k), a, b, parallelism)
 }
 
-/// Output columns per task of `column_blocks`: a multiple of the crate's microkernel heights
-/// (64 rows with AVX-512, 24 with AVX2; it runs the row-major product transposed, so our
-/// columns are its rows).
-const COLUMN_BLOCK: usize = 192;
+/// Column blocks are multiples of this: the crate's microkernel heights (64 rows with AVX-512,
+/// 24 with AVX2; it runs a row-major product transposed, so our columns are its rows).
+const COLUMN_UNIT: usize = 192;
+/// Multiply-adds a block needs to be worth its own packing and setup: with short contractions
+/// (a convolution's input gradient, k = 64) blocks of 192 columns were slower than the crate.
+const BLOCK_MIN_WORK: usize = 1 << 26;
 
-/// The row-major product as blocks of `COLUMN_BLOCK` output columns, one single-threaded
-/// product per block, spread over the rayon pool.
+/// The width of `column_blocks` for an (m × k) · (k × n) product: the narrowest multiple of
+/// `COLUMN_UNIT` that does `BLOCK_MIN_WORK`, narrowed to leave at least two blocks per thread;
+/// None when n has too few columns for that.
+fn column_block_width(m: usize, n: usize, k: usize, threads: usize) -> Option<usize> {
+    let widest = n / (2 * threads.max(1)) / COLUMN_UNIT * COLUMN_UNIT;
+    let units = BLOCK_MIN_WORK.div_ceil((m * k * COLUMN_UNIT).max(1));
+    (widest > 0).then(|| (units.max(1) * COLUMN_UNIT).min(widest))
+}
+
+/// The row-major product as blocks of `width` output columns, one single-threaded product
+/// per block, spread over the rayon pool.
 ///
-/// The crate's own parallel product was 10–25 % slower on CLIP's linear layers (800 × 768 ×
-/// 768 and the like) on two AVX-512 cores. Each output element is the same chain of
-/// operations either way (the crate's contraction blocking depends on k alone), so the bits do
-/// not change (tested).
-fn column_blocks(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
+/// The crate's own parallel product was 10–30 % slower on CLIP's linear layers (800 × 768 ×
+/// 768 and the like) and up to 2× slower on convolutions with 64 output channels, on two
+/// AVX-512 cores. Each output element is the same chain of operations either way (the crate's
+/// contraction blocking depends on k alone), so the bits do not change (tested).
+fn column_blocks(m: usize, n: usize, k: usize, a: Strided, b: Strided, width: usize) -> Vec<f32> {
     /// The output, written by disjoint column blocks from several threads.
     struct Out(*mut f32);
     // SAFETY: each task writes its own columns of every row; nothing reads them meanwhile.
@@ -105,9 +119,9 @@ fn column_blocks(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f3
         return dst;
     }
     let out = Out(dst.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    (0..n.div_ceil(COLUMN_BLOCK)).into_par_iter().for_each(|block| {
-        let first = block * COLUMN_BLOCK;
-        let width = COLUMN_BLOCK.min(n - first);
+    (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
+        let first = block * width;
+        let width = width.min(n - first);
         let b = Strided { data: &b.data[first * b.cs..], ..b };
         // SAFETY: the operands were checked by the caller (this block's rhs is a suffix that
         // still holds its columns); the block's destination columns first..first + width of
@@ -336,7 +350,9 @@ mod tests {
     /// count (which decides between the paths).
     #[test]
     fn column_blocks_equal_the_crate_products_bit_for_bit() {
-        for (m, n, k) in [(37, 700, 53), (5, 2 * COLUMN_BLOCK, 300), (70, 1000, 1100)] {
+        // Blocks of one unit (and a partial last one), a single block, wide blocks (small m·k).
+        for (m, n, k) in [(37, 700, 53), (5, 2 * COLUMN_UNIT, 300), (70, 1000, 1100), (3, 4000, 9)]
+        {
             let (a, b) = (values(m * k, 0.75), values(k * n, 1.25));
             let layouts = [
                 (Strided { data: &a, rs: k, cs: 1 }, Strided { data: &b, rs: 1, cs: k }),
@@ -344,7 +360,9 @@ mod tests {
             ];
             for (ao, bo) in layouts {
                 let single = product((n, 1), (m, n, k), ao, bo, Parallelism::None);
-                assert_eq!(column_blocks(m, n, k, ao, bo), single, "{m}×{n}×{k}");
+                for width in [COLUMN_UNIT, 2 * COLUMN_UNIT, n] {
+                    assert_eq!(column_blocks(m, n, k, ao, bo, width), single, "{m}×{n}×{k}");
+                }
                 assert_eq!(product((n, 1), (m, n, k), ao, bo, Parallelism::Rayon(3)), single);
                 for threads in [1, 2, 5] {
                     let pool =
@@ -353,6 +371,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn column_blocks_do_enough_work_and_leave_two_per_thread() {
+        // CLIP's linear layers: one unit; a short contraction: wider blocks.
+        assert_eq!(column_block_width(800, 768, 768, 2), Some(COLUMN_UNIT));
+        assert_eq!(column_block_width(576, 50176, 64, 2), Some(10 * COLUMN_UNIT));
+        assert_eq!(column_block_width(576, 50176, 64, 64), Some(2 * COLUMN_UNIT));
+        assert_eq!(column_block_width(800, 767, 768, 2), None);
+        assert_eq!(column_block_width(800, 3072, 768, 16), None);
+        assert_eq!(column_block_width(0, 4096, 0, 2), Some(5 * COLUMN_UNIT));
     }
 
     /// A split product is the same, bit for bit, whatever the thread count.
