@@ -15,6 +15,8 @@ use crate::base::config::{
     paper_lambda, BatchTopkConfig, Config, DatasetKind, EncoderKind, JumpReluConfig, ReluConfig,
     SaeConfig, SaeKind, TopkConfig,
 };
+use crate::base::gemm::gemm_f32;
+use crate::base::host::Kernels;
 use crate::train::sae::SaeTrainer;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -97,18 +99,29 @@ fn trainer(
     SaeTrainer::new(&config, &spec, device)
 }
 
-/// Median seconds of the encoder's product alone, (B × D) · (D × M) through candle's matmul (the
-/// same `gemm` kernels the step uses on the CPU): no step of an SAE can beat it.
-fn encoder_gemm_floor(args: &TrainBenchArgs, device: &Device) -> Result<f64> {
+/// Median seconds of the encoder's product alone, (B × D) · (D × M), through the product the
+/// step runs: the host kernels' GEMM on the CPU, candle's matmul otherwise. No step of an SAE
+/// can beat it.
+fn encoder_gemm_floor(args: &TrainBenchArgs, device: &Device, kernels: Kernels) -> Result<f64> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let x = batch(args.batch, args.d, &mut rng).to_device(device)?;
     let w = batch(args.m, args.d, &mut rng).to_device(device)?;
+    let host = kernels.for_tensor(&x).is_host();
+    let (xs, ws) = match host {
+        true => (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?),
+        false => (Vec::new(), Vec::new()),
+    };
+    let (b, d, m) = (args.batch, args.d, args.m);
     let mut times = Vec::new();
     for i in 0..args.steps + 1 {
         let t = Instant::now();
-        let product = x.matmul(&w.t()?)?;
-        device.synchronize()?;
-        drop(product);
+        if host {
+            drop(std::hint::black_box(gemm_f32(b, m, d, &xs, d, 1, &ws, 1, d)));
+        } else {
+            let product = x.matmul(&w.t()?)?;
+            device.synchronize()?;
+            drop(product);
+        }
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -152,6 +165,7 @@ fn time_pair(
 pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
     let kinds: Vec<SaeKind> = args.kinds.iter().map(|k| parse_kind(k)).collect::<Result<_>>()?;
     let device = crate::base::device::open_device(&args.device)?;
+    let kernels = Kernels::choose(args.ops, &device);
     println!(
         "SAE training step: D = {}, M = {}, k = {}, batch {}, {} timed steps, {} threads, {} ({:?} kernels)",
         args.d,
@@ -161,9 +175,9 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
         args.steps,
         rayon::current_num_threads(),
         args.device,
-        crate::base::host::Kernels::choose(args.ops, &device)
+        kernels
     );
-    let floor = encoder_gemm_floor(args, &device)?;
+    let floor = encoder_gemm_floor(args, &device, kernels)?;
     println!(
         "encoder GEMM floor (B × D by D × M, the one dense product of a TopK step): {:.3} s = {:.0} samples/s",
         floor,
