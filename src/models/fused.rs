@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
-use crate::base::gemm::gemm_f32;
+use crate::base::gemm::{gemm_f32, gemm_f32_plus_row, Strided};
 use crate::base::simd::{lane_sum, vectorized};
 
 /// Rows handled by one task when summing the weight and bias gradients: a fixed split, so the
@@ -351,10 +351,8 @@ pub(crate) fn linear_forward(
 
 /// x (rows, inp) · W (out, inp)ᵀ + b (out) on slices.
 pub(crate) fn affine_rows(x: &[f32], w: &[f32], b: &[f32], rows: usize, inp: usize) -> Vec<f32> {
-    let out = b.len();
-    let mut y = gemm_f32(rows, out, inp, x, inp, 1, w, 1, inp);
-    y.par_chunks_mut(out.max(1)).for_each(|row| row.iter_mut().zip(b).for_each(|(v, &c)| *v += c));
-    y
+    let (x, w) = (Strided { data: x, rs: inp, cs: 1 }, Strided { data: w, rs: 1, cs: inp });
+    gemm_f32_plus_row(rows, b.len(), inp, x, w, b)
 }
 
 /// Σ over rows of a (rows, cols) matrix, each column summed in row order (deterministic).
