@@ -7,12 +7,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use mono::base::grad_sink::GradSink;
 use mono::base::host::{self, Kernels};
 use mono::config::SaeKind;
 use mono::models::params::Weights;
 use mono::models::Trainable;
 use mono::sae::{self, ops, SaeSpec};
 use mono::train::finetune::model::{cross_entropy, FinetuneModel, HeadSpec};
+use mono::train::optim::Gradients;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -54,14 +56,20 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 }
 
 /// The SAE objective of one batch with λ·MonoLoss and some dead latents (AuxK on): the loss and
-/// every parameter's gradient.
-fn sae_loss_and_grads(spec: &SaeSpec, kernels: Kernels, x: &Tensor) -> (f64, Vec<Vec<f32>>) {
+/// every parameter's gradient. `sink`: the trainer's route, weight gradients past candle's store.
+fn sae_loss_and_grads(
+    spec: &SaeSpec,
+    kernels: Kernels,
+    x: &Tensor,
+    sink: bool,
+) -> (f64, Vec<Vec<f32>>) {
     let device = device_of(kernels);
     let x = &x.to_device(&device).unwrap();
     let model = sae::build(spec, 7, &device, kernels).unwrap();
     let lambda = 0.5;
     let term = ops::MonoTerm { similarity: x, lambda, eps: 1e-8 };
-    let pass = sae::forward_with_mono(model.as_ref(), x, true, Some(term)).unwrap();
+    let sink = sink.then(GradSink::default);
+    let pass = sae::forward_with_mono(model.as_ref(), x, true, Some(term), sink.as_ref()).unwrap();
     let dead: Vec<u8> = (0..spec.n_latents).map(|k| (k % 3 == 0) as u8).collect();
     let dead = Tensor::from_vec(dead, spec.n_latents, &device).unwrap();
     let mut total = model.reconstruction_loss(&pass).unwrap();
@@ -70,12 +78,18 @@ fn sae_loss_and_grads(spec: &SaeSpec, kernels: Kernels, x: &Tensor) -> (f64, Vec
     }
     total = (total + (&pass.mono.as_ref().unwrap().loss * lambda).unwrap()).unwrap();
     let grads = total.backward().unwrap();
-    let g = model
-        .params()
-        .named()
-        .iter()
-        .map(|(_, v)| grads.get(v.as_tensor()).map(flat).unwrap_or_default())
-        .collect();
+    let named = model.params().named();
+    let g = match &sink {
+        Some(sink) => {
+            let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
+            let g = Gradients::from_store(&grads, Some(sink), &vars, kernels).unwrap();
+            g.to_host().unwrap()
+        }
+        None => named
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).map(flat).unwrap_or_default())
+            .collect(),
+    };
     (scalar(&total), g)
 }
 
@@ -88,11 +102,20 @@ fn every_sae_kind_has_the_same_loss_and_gradients_with_both_kernels() {
         (spec.n_latents, spec.k, spec.k_aux) = (m, 6, 16);
         spec.jumprelu_init_log_threshold = -2.0;
         spec.jumprelu_bandwidth = 0.05;
-        let (loss_h, grads_h) = sae_loss_and_grads(&spec, Kernels::Host, &x);
-        let (loss_p, grads_p) = sae_loss_and_grads(&spec, Kernels::Portable, &x);
+        let (loss_h, grads_h) = sae_loss_and_grads(&spec, Kernels::Host, &x, false);
+        let (loss_p, grads_p) = sae_loss_and_grads(&spec, Kernels::Portable, &x, false);
         assert!((loss_h - loss_p).abs() <= 1e-5 * loss_h.abs(), "{kind:?}: {loss_h} vs {loss_p}");
         for (i, (gh, gp)) in grads_h.iter().zip(&grads_p).enumerate() {
             assert_close(gp, gh, 1e-4, &format!("{kind:?} parameter {i}"));
+        }
+        // The weight gradients through the sink (W_dec's AuxK use included) are the store's.
+        for kernels in [Kernels::Host, Kernels::Portable] {
+            let (_, through_sink) = sae_loss_and_grads(&spec, kernels, &x, true);
+            let plain = if kernels.is_host() { &grads_h } else { &grads_p };
+            for (i, (s, g)) in through_sink.iter().zip(plain).enumerate() {
+                let g = if g.is_empty() { vec![0.0; s.len()] } else { g.clone() };
+                assert_eq!(s, &g, "{kind:?} ({kernels:?}) parameter {i} through the sink");
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What every layer uses: the validated config, devices, file formats and atomic writes, the
-//! dense and sparse CPU kernels, progress bars, the allocator and memory measurement.
+//! dense and sparse CPU kernels (and the sink their parameter gradients bypass candle's store
+//! through), progress bars, the allocator and memory measurement.
 
 pub mod alloc;
 pub mod config;
@@ -7,6 +8,7 @@ pub mod cpu;
 pub mod device;
 pub mod fingerprint;
 pub mod gemm;
+pub mod grad_sink;
 pub mod host;
 pub mod io;
 pub mod lock;

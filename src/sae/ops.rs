@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
 use crate::base::gemm::gemm_f32;
+use crate::base::grad_sink::GradSink;
 use crate::base::host::Kernels;
 use crate::base::sparse::{self, SparseBatch, SPARSE_LIMIT};
 use crate::models::topk::Mask;
@@ -31,6 +32,8 @@ use crate::monoscore::BatchMono;
 /// single (M)·(M, D) product, instead of the (B, D) input gradient that only feeds that sum.
 struct EncoderLinear {
     centre: bool,
+    /// Where W's gradient goes instead of candle's store, when the trainer gave one.
+    sink: Option<GradSink>,
 }
 
 impl EncoderLinear {
@@ -141,9 +144,10 @@ impl EncoderLinear {
             })
         })???;
         let n_biases = dbiases.len();
+        let dw = GradSink::offer(self.sink.as_ref(), w, dw);
         Ok((
             dx.map(|dx| cpu_tensor(dx, (b, d))).transpose()?,
-            Some(cpu_tensor(dw, (m, d))?),
+            dw.map(|dw| cpu_tensor(dw, (m, d))).transpose()?,
             Some(cpu_tensor(dbiases, n_biases)?),
         ))
     }
@@ -205,6 +209,9 @@ impl CustomOp3 for PortOp {
 pub struct PrePort {
     handle: Tensor,
     stash: GradStash,
+    /// The sink of the encoder's and decoders' weight gradients, when the trainer gave one:
+    /// the ops of this training graph take it from here.
+    sink: Option<GradSink>,
 }
 
 /// The encoder's output.
@@ -215,13 +222,16 @@ pub struct Encoded {
     pub port: Option<PrePort>,
 }
 
-/// (B, D) · (M, D)ᵀ + (M,) → (B, M), the input first centred by `b_dec` when given.
+/// (B, D) · (M, D)ᵀ + (M,) → (B, M), the input first centred by `b_dec` when given. `sink`:
+/// where the host ops of this graph leave their weight gradients (see `GradSink`); it travels
+/// with the port to the decoders.
 pub fn encoder_linear(
     x: &Tensor,
     w: &Tensor,
     b_enc: &Tensor,
     b_dec: Option<&Tensor>,
     kernels: Kernels,
+    sink: Option<&GradSink>,
 ) -> CResult<Encoded> {
     if kernels.for_tensor(x).is_host() {
         let biases = match b_dec {
@@ -230,12 +240,14 @@ pub fn encoder_linear(
         };
         let (x, w, biases) = (x.contiguous()?, w.contiguous()?, biases.contiguous()?);
         let centre = b_dec.is_some();
-        let pre = x.apply_op3(&w, &biases, EncoderLinear { centre })?;
+        let sink = sink.cloned();
+        let pre = x.apply_op3(&w, &biases, EncoderLinear { centre, sink: sink.clone() })?;
         let port = (x.track_op() || w.track_op() || biases.track_op())
             .then(|| -> CResult<PrePort> {
                 let stash = GradStash::default();
-                let op = PortOp { encoder: EncoderLinear { centre }, stash: stash.clone() };
-                Ok(PrePort { handle: x.apply_op3(&w, &biases, op)?, stash })
+                let encoder = EncoderLinear { centre, sink: sink.clone() };
+                let op = PortOp { encoder, stash: stash.clone() };
+                Ok(PrePort { handle: x.apply_op3(&w, &biases, op)?, stash, sink })
             })
             .transpose()?;
         Ok(Encoded { pre, port })
@@ -262,6 +274,8 @@ struct SupportMatmul {
     /// λ·MonoLoss of the same latents, computed on the same CSR; its gradient is added to the
     /// latents' gradient in the backward pass (saving a dense gradient and its accumulation).
     mono: Option<MonoInjection>,
+    /// Where W's gradient goes instead of candle's store (from the port), when given.
+    sink: Option<GradSink>,
 }
 
 struct MonoInjection {
@@ -378,7 +392,8 @@ impl CustomOp2 for SupportMatmul {
                 })?,
             })
         })???;
-        Ok((Some(dlat), Some(cpu_tensor(dw, (m, d))?)))
+        let dw = GradSink::offer(self.sink.as_ref(), w, dw);
+        Ok((Some(dlat), dw.map(|dw| cpu_tensor(dw, (m, d))).transpose()?))
     }
 }
 
@@ -403,20 +418,21 @@ enum Input<'a> {
 }
 
 /// The host op on the latents (contiguous), or on the port of the `pre` they are a masked ReLU
-/// of; sparse when `csr` is given.
+/// of; sparse when `csr` is given. `sink`: where W's gradient goes, when given.
 fn apply_support_matmul(
     input: Input,
     w: &Tensor,
     grad_support: Option<&Mask>,
     csr: Option<SparseBatch>,
     mono: Option<MonoInjection>,
+    sink: Option<GradSink>,
 ) -> CResult<(Tensor, Option<SparseBatch>)> {
     let cached = Arc::new(Mutex::new(csr));
     let (input, port) = match input {
         Input::Latents(latents) => (latents, None),
         Input::Port(port) => (&port.handle, Some(port.stash.clone())),
     };
-    let op = SupportMatmul { cached: cached.clone(), port, mono };
+    let op = SupportMatmul { cached: cached.clone(), port, mono, sink };
     let output = input.apply_op2(&w.contiguous()?, op)?;
     // Without a gradient to propagate to the latents (inference) the backward pass never needs
     // the CSR: hand it out, so callers need not rebuild it. It only holds the non-zeros when no
@@ -489,6 +505,8 @@ fn host_support(grad_support: Option<&Mask>) -> Option<&[bool]> {
 /// gradient on those entries straight to the encoder through the port — the masked ReLU's
 /// backward is the identity there — so the backward pass builds no (B × M) gradient, neither
 /// for the latents nor for `pre`.
+/// Whichever input the op differentiates, W's gradient goes to the port's `GradSink` when the
+/// trainer gave the encoder one.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     latents: &Tensor,
@@ -514,11 +532,13 @@ pub fn decode(
         Some(port) if given_csr && csr.is_some() && grad_support.is_none() => Input::Port(port),
         _ => Input::Latents(&latents),
     };
+    let sink = of_pre.and_then(|port| port.sink.clone());
     let (term, csr) = match (mono, csr) {
         (Some(term), Some(csr)) => (term, csr),
         (mono, csr) => {
             // No MonoLoss, or latents too dense to fuse it: the MonoLoss is its own node.
-            let (output, latents_csr) = apply_support_matmul(input, w, grad_support, csr, None)?;
+            let (output, latents_csr) =
+                apply_support_matmul(input, w, grad_support, csr, None, sink)?;
             let mono = mono.map(|term| unfused_mono(&latents, term, grad_support, kernels));
             return Ok(Decoded { output, latents_csr, mono: mono.transpose()? });
         }
@@ -534,7 +554,7 @@ pub fn decode(
         saved: Mutex::new(None),
     };
     let (output, latents_csr) =
-        apply_support_matmul(input, w, grad_support, Some(csr), Some(injection))?;
+        apply_support_matmul(input, w, grad_support, Some(csr), Some(injection), sink)?;
     let (loss, stats): (f32, MonoLossStats) =
         result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
     Ok(Decoded { output, latents_csr, mono: Some(stats.into_batch_mono(loss)?) })

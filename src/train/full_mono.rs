@@ -213,7 +213,10 @@ fn host_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<FullMo
         }
         let c = Tensor::from_vec(c, (rows, m), device)?;
         let surrogate = (pass.latents() * c)?.sum_all()?;
-        grads.add_scaled(&Gradients::from_store(&surrogate.backward()?, &vars, kernels)?, 1.0)?;
+        grads.add_scaled(
+            &Gradients::from_store(&surrogate.backward()?, None, &vars, kernels)?,
+            1.0,
+        )?;
     }
     Ok(FullMonoGradient {
         grads,
@@ -399,7 +402,10 @@ fn portable_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<Fu
         let c = keep.gt(&keep.zeros_like()?)?.where_cond(&value, &value.zeros_like()?)?;
         let c = c.to_dtype(pass.latents().dtype())?;
         let surrogate = (pass.latents() * c)?.sum_all()?;
-        grads.add_scaled(&Gradients::from_store(&surrogate.backward()?, &vars, kernels)?, 1.0)?;
+        grads.add_scaled(
+            &Gradients::from_store(&surrogate.backward()?, None, &vars, kernels)?,
+            1.0,
+        )?;
     }
     Ok(FullMonoGradient { grads, mean_score: co.mean_score, live: co.n_live })
 }

@@ -16,6 +16,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use crate::base::cpu::with_cpu_slice;
+use crate::base::grad_sink::GradSink;
 use crate::base::host::Kernels;
 use crate::base::simd::{lane_dot, lane_sum, vectorized};
 
@@ -29,30 +30,55 @@ pub enum Gradients {
 }
 
 impl Gradients {
-    /// The gradients of `params` in a backward pass (zeros where the graph did not reach one).
-    pub fn from_store(grads: &GradStore, params: &[&Var], kernels: Kernels) -> Result<Self> {
-        let zeros = |var: &Var| var.as_tensor().zeros_like();
-        if kernels.is_host() {
+    /// The gradients of `params` in a backward pass (zeros where the graph did not reach one):
+    /// what candle's store holds plus what the host ops left in `sink`, which must then be
+    /// empty (see `GradSink`).
+    pub fn from_store(
+        grads: &GradStore,
+        sink: Option<&GradSink>,
+        params: &[&Var],
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let stored = |var: &Var| -> Result<Option<Tensor>> {
+            Ok(grads.get(var.as_tensor()).map(|g| g.to_dtype(DType::F32)).transpose()?)
+        };
+        let sunk = |var: &Var| sink.and_then(|sink| sink.take(var.as_tensor()));
+        let gradients = if kernels.is_host() {
             let host = params
                 .iter()
                 .map(|var| {
-                    let g = match grads.get(var.as_tensor()) {
-                        Some(g) => g.to_dtype(DType::F32)?,
-                        None => zeros(var)?.to_dtype(DType::F32)?,
-                    };
-                    Ok(with_cpu_slice(&g, <[f32]>::to_vec)?)
+                    Ok(match (sunk(var), stored(var)?) {
+                        (Some(mut g), Some(s)) => {
+                            with_cpu_slice(&s, |s| g.iter_mut().zip(s).for_each(|(a, b)| *a += b))?;
+                            g
+                        }
+                        (Some(g), None) => g,
+                        (None, Some(s)) => with_cpu_slice(&s, <[f32]>::to_vec)?,
+                        (None, None) => vec![0.0; var.elem_count()],
+                    })
                 })
                 .collect::<Result<_>>()?;
-            return Ok(Gradients::Host(host));
+            Gradients::Host(host)
+        } else {
+            let device = params
+                .iter()
+                .map(|var| {
+                    let sunk = sunk(var)
+                        .map(|g| Tensor::from_vec(g, var.shape(), var.device()))
+                        .transpose()?;
+                    Ok(match (sunk, stored(var)?) {
+                        (Some(g), Some(s)) => (g + s)?,
+                        (Some(g), None) | (None, Some(g)) => g,
+                        (None, None) => var.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            Gradients::Device(device)
+        };
+        if let Some(sink) = sink {
+            sink.finish()?;
         }
-        let device = params
-            .iter()
-            .map(|var| match grads.get(var.as_tensor()) {
-                Some(g) => Ok(g.to_dtype(DType::F32)?),
-                None => Ok(zeros(var)?.to_dtype(DType::F32)?),
-            })
-            .collect::<Result<_>>()?;
-        Ok(Gradients::Device(device))
+        Ok(gradients)
     }
 
     /// Zeros shaped like `params`.

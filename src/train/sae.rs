@@ -20,6 +20,7 @@ use super::run_dir::{self, MetricsLog, RunDir};
 use super::schedule::Schedule;
 use crate::base::config::Config;
 use crate::base::cpu::with_cpu_slice;
+use crate::base::grad_sink::GradSink;
 use crate::base::host::{self, Kernels};
 use crate::data::store::FeatureStore;
 use crate::layout::FINAL_SAE_DIR;
@@ -322,12 +323,15 @@ impl SaeTrainer {
             lambda: batch_lambda,
             eps: self.settings.eps,
         });
-        let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono)?;
+        // The weight gradients skip candle's store (a zero-filled buffer and an addition each).
+        let sink = GradSink::default();
+        let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono, Some(&sink))?;
         let losses = self.losses(&pass, similarity, &dead, measure_mono)?;
 
         let named = self.sae.params().named();
         let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
-        let mut grads = Gradients::from_store(&losses.total.backward()?, &vars, self.kernels)?;
+        let store = losses.total.backward()?;
+        let mut grads = Gradients::from_store(&store, Some(&sink), &vars, self.kernels)?;
         let full_mono_score = match full {
             Some(full) => {
                 grads.add_scaled(&full.grads, self.settings.lambda)?;

@@ -254,7 +254,8 @@ impl Finetuner {
             Some(m) if trained => (&ce + (&m.loss * s.lambda)?)?,
             _ => ce.clone(),
         };
-        let mut grads = Gradients::from_store(&loss.backward()?, &self.trainable_vars(), kernels)?;
+        let mut grads =
+            Gradients::from_store(&loss.backward()?, None, &self.trainable_vars(), kernels)?;
         let grad_norm = match s.clip {
             Some(max) => grads.clip_global_norm(max)?,
             None => grads.global_norm()?,

@@ -1,0 +1,82 @@
+//! Parameter gradients that host ops hand straight to the trainer, past candle's `GradStore`.
+//!
+//! candle's backward pass adds each input's gradient into a buffer it first zero-fills, and the
+//! trainer then copies the sum out of the store: for an SAE's two (M × D) matrices that is a
+//! 25 MiB zero-fill, an addition and a copy each, every step. A host op whose weight is a
+//! variable can instead leave its gradient here and report none to candle; the trainer adds
+//! what it finds here to what the store holds.
+//!
+//! Only a caller that reads the sink back after the backward pass may hand one to the ops —
+//! a gradient left here is lost to the parameter — so the trainer creates one per step and
+//! checks that it took everything (`GradSink::finish`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{ensure, Result};
+use candle_core::{Tensor, TensorId};
+use rayon::prelude::*;
+
+/// Gradients by parameter (f32, the parameter's element count), shared by the ops of one
+/// forward pass and the trainer that differentiates it.
+#[derive(Clone, Default)]
+pub struct GradSink(Arc<Mutex<HashMap<TensorId, Vec<f32>>>>);
+
+impl GradSink {
+    /// Takes `grad` for `param` when `sink` is given and `param` is a variable (a leaf of the
+    /// graph); otherwise hands it back, for candle to propagate. Gradients of one parameter
+    /// from several ops add up.
+    pub fn offer(sink: Option<&GradSink>, param: &Tensor, grad: Vec<f32>) -> Option<Vec<f32>> {
+        let Some(sink) = sink.filter(|_| param.is_variable()) else {
+            return Some(grad);
+        };
+        let mut held = sink.0.lock().expect("gradient sink poisoned");
+        match held.get_mut(&param.id()) {
+            Some(sum) => {
+                assert_eq!(sum.len(), grad.len(), "one parameter, two gradient sizes");
+                sum.par_iter_mut().zip(grad.par_iter()).for_each(|(s, g)| *s += g);
+            }
+            None => {
+                held.insert(param.id(), grad);
+            }
+        }
+        None
+    }
+
+    /// The gradient left for `param`, if any; removes it.
+    pub fn take(&self, param: &Tensor) -> Option<Vec<f32>> {
+        self.0.lock().expect("gradient sink poisoned").remove(&param.id())
+    }
+
+    /// Fails when a gradient was left for a parameter nobody took (it would be lost).
+    pub fn finish(&self) -> Result<()> {
+        let left = self.0.lock().expect("gradient sink poisoned").len();
+        ensure!(
+            left == 0,
+            "{left} parameter gradient(s) left in the sink: not a trained parameter"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn takes_variables_only_and_sums_repeated_offers() {
+        let sink = GradSink::default();
+        let var = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let plain = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        assert_eq!(GradSink::offer(None, var.as_tensor(), vec![1.0, 1.0]), Some(vec![1.0, 1.0]));
+        assert_eq!(GradSink::offer(Some(&sink), &plain, vec![3.0, 4.0]), Some(vec![3.0, 4.0]));
+        assert_eq!(GradSink::offer(Some(&sink), var.as_tensor(), vec![0.5, 1.5]), None);
+        // A clone of the variable's tensor is the same parameter.
+        assert_eq!(GradSink::offer(Some(&sink), &var.as_tensor().clone(), vec![0.25, 0.0]), None);
+        assert!(sink.finish().is_err(), "an untaken gradient is reported");
+        assert_eq!(sink.take(var.as_tensor()), Some(vec![0.75, 1.5]));
+        assert_eq!(sink.take(var.as_tensor()), None);
+        sink.finish().unwrap();
+    }
+}
