@@ -11,6 +11,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::base::simd::vectorized;
+
 /// Contraction columns per partial product of a split product.
 const SPLIT_CHUNK: usize = 2048;
 /// Shorter contractions keep the crate's own parallel product (as fast there).
@@ -81,9 +83,9 @@ fn product_plus_row(
     out
 }
 
-/// out += row, element by element.
+/// out += row, element by element (in vector registers).
 fn add_row(out: &mut [f32], row: &[f32]) {
-    out.iter_mut().zip(row).for_each(|(v, &c)| *v += c);
+    vectorized!(out.iter_mut().zip(row).for_each(|(v, &c)| *v += c))
 }
 
 /// `gemm_f32` always over output tiles, never split along the contraction (what every product
