@@ -36,6 +36,24 @@ pub fn dims2(l: &Layout) -> CResult<(usize, usize)> {
     l.shape().dims2()
 }
 
+/// A new vector of `len` floats written by `fill(index, chunk)` over its consecutive chunks of
+/// `chunk` elements, in parallel, with no zero-fill first (an activation-sized buffer would be
+/// written twice and its fresh pages cleared by the kernel on top). `fill` must write every
+/// element of its chunk before reading it.
+pub fn par_filled(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut().par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, part)| {
+        // SAFETY: f32 has no invalid bit patterns, and `fill` writes each element before
+        // anything reads it.
+        let part = unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        fill(i, part);
+    });
+    // SAFETY: the chunks cover all `len` slots and `fill` wrote every one.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// Rescales each `d`-wide row of `data` to unit L2 norm (rows of zeros stay zero), the norm
 /// summed in f64 over vector lanes: the decoder constraint after every training step.
 pub fn normalize_rows(data: &mut [f32], d: usize) {

@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use super::conv::Planes;
+use crate::base::cpu::par_filled;
 use crate::base::simd::{lane_dot, lane_sum};
 
 /// BatchNorm2d over (B, C, H, W): batch statistics in training (running statistics updated with
@@ -188,8 +189,7 @@ fn normalize_channels(
         })
         .collect();
     let inv = inverse_std(&stats, eps);
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
+    let out = par_filled(x.len(), hw, |p, dst| {
         let ch = p / b.max(1);
         let scale = gamma[ch] as f64 * inv[ch];
         let (scale, shift) = (scale as f32, (beta[ch] as f64 - stats[ch].0 * scale) as f32);
@@ -234,8 +234,7 @@ fn normalize_channels_backward(
         .collect();
     // dx = γ/σ · (g − Σg/N − x̂·Σ(g·x̂)/N) = k·g − k·Σg/N − (k·σ⁻¹·Σ(g·x̂)/N)·(x − mean),
     // per-channel constants in f64, the pass in f32.
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(hw.max(1)).enumerate().for_each(|(p, dst)| {
+    let dx = par_filled(x.len(), hw, |p, dst| {
         let ch = p / b.max(1);
         let k = gamma[ch] as f64 * inv[ch];
         let (mg, mgx) = (sums[ch].0 / n, sums[ch].1 / n);

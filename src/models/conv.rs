@@ -122,25 +122,29 @@ impl ConvGeometry {
         (b, c, h, w): (usize, usize, usize, usize),
         planes: Planes,
     ) -> Vec<f32> {
-        use rayon::prelude::*;
         let (oh, ow) = self.output(h, w);
         let (taps, l, s) = (self.kh * self.kw, oh * ow, self.stride);
         let n = b * l;
-        let mut cols = vec![0f32; c * taps * n];
-        cols.par_chunks_mut(taps * n).enumerate().for_each(|(ch, rows)| {
+        // Written once: the runs copy the input, and the padding between them (and after the
+        // last) is zeroed as the runs pass it, so the buffer needs no zero-fill first.
+        crate::base::cpu::par_filled(c * taps * n, taps * n, |ch, rows| {
             crate::base::simd::vectorized!(for bi in 0..b {
                 let src = &x[planes.index(bi, ch, b, c) * h * w..][..h * w];
+                // Next unwritten (tap, position) of this image's segments.
+                let mut at = (0, 0);
                 self.for_each_run(h, w, |tap, pos, input, count| {
+                    zero_gap(rows, (n, l, bi), &mut at, (tap, pos));
                     let dst = &mut rows[tap * n + bi * l + pos..][..count];
                     if s == 1 {
                         dst.copy_from_slice(&src[input..input + count]);
                     } else {
                         dst.iter_mut().enumerate().for_each(|(i, d)| *d = src[input + i * s]);
                     }
+                    at = (tap, pos + count);
                 });
+                zero_gap(rows, (n, l, bi), &mut at, (taps, 0));
             })
-        });
-        cols
+        })
     }
 
     /// The adjoint of [`ConvGeometry::columns`]: each column entry added back to the input
@@ -354,11 +358,59 @@ impl candle_core::CustomOp2 for ConvGemm {
     }
 }
 
+/// Zeroes image `bi`'s column entries from `at` up to `to` ((tap, position) pairs, in order)
+/// and moves `at` there: the padding `ConvGeometry::columns` does not copy. `rows` holds a
+/// channel's taps, each `n` = B·L wide, image `bi`'s L positions at `bi`·L.
+#[inline(always)]
+fn zero_gap(
+    rows: &mut [f32],
+    (n, l, bi): (usize, usize, usize),
+    at: &mut (usize, usize),
+    to: (usize, usize),
+) {
+    while *at < to {
+        let end = if at.0 == to.0 { to.1 } else { l };
+        rows[at.0 * n + bi * l + at.1..at.0 * n + bi * l + end].fill(0.0);
+        *at = if at.0 == to.0 { to } else { (at.0 + 1, 0) };
+    }
+}
+
 #[cfg(test)]
 mod conv_tests {
     use super::*;
     use crate::models::test_util::gap;
     use candle_core::{Device, Var};
+
+    /// im2col writes every entry — what the tap sees, 0 in padding — into a buffer it does not
+    /// zero first: against the entry-by-entry definition, the allocator holding NaNs before.
+    #[test]
+    fn columns_write_every_entry_and_zero_the_padding() {
+        let (b, c) = (2, 3);
+        for (k, stride, padding, side) in [(3, 1, 1, 5), (7, 2, 3, 9), (5, 1, 2, 2), (1, 2, 0, 5)] {
+            let g = ConvGeometry { kh: k, kw: k, stride, padding };
+            let x: Vec<f32> = (0..b * c * side * side).map(|i| i as f32 + 1.0).collect();
+            let (oh, ow) = g.output(side, side);
+            let (l, n) = (oh * ow, b * oh * ow);
+            for planes in [Planes::ImageMajor, Planes::ChannelMajor] {
+                drop(std::hint::black_box(vec![f32::NAN; c * k * k * n]));
+                let cols = g.columns(&x, (b, c, side, side), planes);
+                assert_eq!(cols.len(), c * k * k * n);
+                for (ch, tap, bi, o) in (0..c * k * k * b * l)
+                    .map(|i| (i / (k * k * b * l), i / (b * l) % (k * k), i / l % b, i % l))
+                {
+                    let at = |o: usize, t: usize| (o * stride + t).checked_sub(padding);
+                    let want = match (at(o / ow, tap / k), at(o % ow, tap % k)) {
+                        (Some(iy), Some(ix)) if iy < side && ix < side => {
+                            x[planes.index(bi, ch, b, c) * side * side + iy * side + ix]
+                        }
+                        _ => 0.0,
+                    };
+                    let got = cols[(ch * k * k + tap) * n + bi * l + o];
+                    assert_eq!(got, want, "k {k} s {stride} {planes:?}: ({ch}, {tap}, {bi}, {o})");
+                }
+            }
+        }
+    }
 
     /// Against candle's `conv2d` (value and both gradients) on every shape ResNet-50 uses: 1×1,
     /// strided 1×1, 3×3, strided 3×3 and the strided 7×7 stem, odd sizes.
