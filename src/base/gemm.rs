@@ -6,7 +6,9 @@
 //! has few tiles and re-packs its operands for every block of the contraction: measured at
 //! 20–60 GFLOP/s where square products reach 150–200 on the same two cores. Such products are
 //! split along the contraction instead: fixed chunks, one single-threaded product each, summed
-//! in chunk order (so the result does not depend on the thread count).
+//! in chunk order (so the result does not depend on the thread count). The others run as blocks
+//! of output columns, one single-threaded product each, on the rayon pool (`column_blocks`:
+//! faster than the crate's own parallelism, and the same bits), when there are enough columns.
 
 use gemm::Parallelism;
 use rayon::prelude::*;

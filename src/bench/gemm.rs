@@ -3,8 +3,8 @@
 //! convolution shapes at 224² — forward W · cols, weight gradient G · colsᵀ, input gradient
 //! Wᵀ · G, channel-major; for CLIP-ViT-B/32 the linear layers of a block on its B·50 token rows —
 //! forward x · Wᵀ, weight gradient Gᵀ · x, input gradient G · W, row-major. The weight gradient is
-//! also timed through the gemm crate's own tiled parallel product, which it used before thin
-//! products with long contractions were split (see `base::gemm`).
+//! also timed over output tiles only (`gemm_f32_tiled`), as it ran before thin products with long
+//! contractions were split (see `base::gemm`).
 
 use std::path::PathBuf;
 use std::time::Instant;
