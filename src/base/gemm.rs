@@ -73,12 +73,14 @@ fn product_plus_row(
     row: Option<&[f32]>,
 ) -> Vec<f32> {
     check_operands(m, n, k, a, b);
-    let threads = rayon::current_num_threads();
-    let mut out = match column_block_width(m, n, k, threads) {
-        _ if splits_contraction(m, n, k) => split_contraction(m, n, k, a, b),
-        Some(width) if threads > 1 => return column_blocks(m, n, k, a, b, width, row),
-        _ => crate_product(m, n, k, a, b, threads),
-    };
+    if splits_contraction(m, n, k) {
+        return plus_row(split_contraction(m, n, k, a, b), n, row);
+    }
+    tiled(m, n, k, a, b, row)
+}
+
+/// `out` with `row` added to each of its `n`-wide rows, when given.
+fn plus_row(mut out: Vec<f32>, n: usize, row: Option<&[f32]>) -> Vec<f32> {
     if let Some(row) = row {
         out.par_chunks_mut(n.max(1)).for_each(|r| add_row(r, row));
     }
@@ -94,7 +96,7 @@ fn add_row(out: &mut [f32], row: &[f32]) {
 /// used before the split; for `mono bench gemm`).
 pub fn gemm_f32_tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
     check_operands(m, n, k, a, b);
-    tiled(m, n, k, a, b)
+    tiled(m, n, k, a, b, None)
 }
 
 /// Panics unless the operands hold every element the product reads.
@@ -105,13 +107,14 @@ fn check_operands(m: usize, n: usize, k: usize, a: Strided, b: Strided) {
     }
 }
 
-/// The product over output tiles: as column blocks on the rayon pool when there are enough of
-/// them, else through the crate's own parallel product (or on this thread alone).
-fn tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided) -> Vec<f32> {
+/// The product over output tiles, plus `row` when given: as column blocks on the rayon pool
+/// when there are enough of them, else through the crate's own parallel product (or on this
+/// thread alone).
+fn tiled(m: usize, n: usize, k: usize, a: Strided, b: Strided, row: Option<&[f32]>) -> Vec<f32> {
     let threads = rayon::current_num_threads();
     match column_block_width(m, n, k, threads) {
-        Some(width) if threads > 1 => column_blocks(m, n, k, a, b, width, None),
-        _ => crate_product(m, n, k, a, b, threads),
+        Some(width) if threads > 1 => column_blocks(m, n, k, a, b, width, row),
+        _ => plus_row(crate_product(m, n, k, a, b, threads), n, row),
     }
 }
 

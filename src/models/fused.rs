@@ -186,21 +186,13 @@ pub(crate) fn map2<B: Copy + Sync>(
 ) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
     assert_eq!(a.len(), b.len(), "element-wise operands differ in length");
-    let mut out: Vec<f32> = Vec::with_capacity(a.len());
-    out.spare_capacity_mut()[..a.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|((o, a), b)| {
-            let n = o.len();
-            let (a, b) = (&a[..n], &b[..n]);
-            vectorized!(for i in 0..n {
-                o[i].write(f(a[i], b[i]));
-            })
-        });
-    // SAFETY: the chunks above cover all a.len() slots and wrote every one.
-    unsafe { out.set_len(a.len()) };
-    out
+    crate::base::cpu::par_filled(a.len(), CHUNK, |c, o| {
+        let n = o.len();
+        let (a, b) = (&a[c * CHUNK..][..n], &b[c * CHUNK..][..n]);
+        vectorized!(for i in 0..n {
+            o[i] = f(a[i], b[i]);
+        })
+    })
 }
 
 /// x · σ(1.702·x) (CLIP's activation) on a contiguous f32 tensor.

@@ -331,8 +331,9 @@ impl SaeTrainer {
 
         let named = self.sae.params().named();
         let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
-        let store = losses.total.backward()?;
-        let mut grads = Gradients::from_store(&store, Some(&sink), &vars, self.kernels)?;
+        // The store (and the graph it holds) is dropped before the optimiser runs.
+        let mut grads =
+            Gradients::from_store(&losses.total.backward()?, Some(&sink), &vars, self.kernels)?;
         let full_mono_score = match full {
             Some(full) => {
                 grads.add_scaled(&full.grads, self.settings.lambda)?;

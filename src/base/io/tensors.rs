@@ -69,18 +69,11 @@ impl SafetensorsFile {
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let (bytes, dtype) = self.raw(name)?;
         let n = bytes.len() / dtype.size();
-        let mut out = Vec::with_capacity(n);
         let size = dtype.size();
-        out.spare_capacity_mut().par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            let raw = &bytes[c * CHUNK * size..][..chunk.len() * size];
-            // SAFETY: f32 has no invalid bit patterns and `decode_le` writes every element
-            // before anything reads it; zero-filling first would touch the pages twice.
-            let chunk = unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            decode_le(dtype, raw, chunk);
-        });
-        // SAFETY: every element was written above.
-        unsafe { out.set_len(n) };
-        Ok(out)
+        // Written once: decode_le writes every element of its chunk.
+        Ok(crate::base::cpu::par_filled(n, CHUNK, |c, chunk| {
+            decode_le(dtype, &bytes[c * CHUNK * size..][..chunk.len() * size], chunk)
+        }))
     }
 
     /// The 2-D tensor `name` (R × C) transposed: C × R values as f32, row-major.
