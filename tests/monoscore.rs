@@ -66,9 +66,14 @@ fn assert_close(a: &MonoScores, b: &MonoScores, tol: f64) {
 
 #[test]
 fn one_pass_matches_pairwise_reference_on_several_shapes() {
-    for (n, d, m, seed) in
-        [(3, 2, 6, 1), (17, 5, 9, 2), (64, 16, 12, 3), (200, 33, 20, 4), (97, 1, 7, 5)]
-    {
+    for (n, d, m, seed) in [
+        (3, 2, 6, 1),
+        (17, 5, 9, 2),
+        (64, 16, 12, 3),
+        (200, 33, 20, 4),
+        (97, 1, 7, 5),
+        (40, 150, 9, 6),
+    ] {
         let (e, a) = awkward_case(n, d, m, seed);
         let reference = pairwise_monoscore(&e, &a, n, d, m).unwrap();
         for path in [ScorePath::Dense, ScorePath::Sparse, ScorePath::Auto] {
