@@ -391,3 +391,64 @@ fn resnet_head_reuse_starts_from_the_checkpoint_fc() {
     .unwrap();
     assert!(err.to_string().contains("fc head is [6, 128]"), "{err}");
 }
+
+/// The finetuning step's route to the weight gradients — the host layers leave them in a
+/// `GradSink` active during the forward pass, past candle's store — gives every trainable
+/// parameter the store's gradient, bit for bit, on both towers (f32, host kernels).
+#[test]
+fn weight_gradients_through_the_sink_equal_the_stores() {
+    use mono::base::grad_sink::GradSink;
+    use mono::train::optim::Gradients;
+    let clip_weights =
+        Weights::load(&[fixture("clip_vision").join("model.safetensors")], &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::tiny_resnet(dir.path(), 8, 5);
+    let resnet_weights =
+        Weights::load(&[dir.path().join("model.safetensors")], &Device::Cpu).unwrap();
+    let towers = [
+        (EncoderKind::Clip, config("clip_vision"), &clip_weights, 6),
+        (EncoderKind::Resnet50, serde_json::json!({}), &resnet_weights, 4),
+    ];
+    for (kind, config, weights, batch) in towers {
+        let model = FinetuneModel::new(
+            kind,
+            &config,
+            weights,
+            &Trainable::All,
+            &head(1, Some(16), 5),
+            1,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(model.kernels, Kernels::Host);
+        let pixels = common::seeded_randn(&[batch, 3, 32, 32], 1.0, DType::F32, 5);
+        let labels: Vec<u32> = (0..batch as u32).map(|i| i % 5).collect();
+        let vars: Vec<_> = model.params.trainable().map(|p| p.var.as_ref().unwrap()).collect();
+        let loss = |out: mono::train::finetune::model::Outputs| {
+            mono::train::finetune::model::cross_entropy(&out.logits, &labels, 0.1).unwrap()
+        };
+        let plain_store = loss(model.forward(&pixels, true).unwrap()).backward().unwrap();
+        let plain = Gradients::from_store(&plain_store, None, &vars, Kernels::Host).unwrap();
+        let sink = GradSink::default();
+        let out = sink.during(|| model.forward(&pixels, true)).unwrap();
+        let store = loss(out).backward().unwrap();
+        // The layers' weights (all but embeddings, the class token and the BatchNorms fused
+        // with a convolution) bypass the store.
+        let sizes = |stored: bool| -> usize {
+            let pick = vars.iter().filter(|v| store.get(v.as_tensor()).is_some() == stored);
+            pick.map(|v| v.elem_count()).sum()
+        };
+        let (sunk, stored) = (sizes(false), sizes(true));
+        assert!(sunk > 9 * stored, "{kind:?}: {sunk} values sunk, {stored} in the store");
+        let through_sink =
+            Gradients::from_store(&store, Some(&sink), &vars, Kernels::Host).unwrap();
+        let names: Vec<&str> = model.params.trainable().map(|p| p.name.as_str()).collect();
+        for ((name, a), b) in
+            names.iter().zip(plain.to_host().unwrap()).zip(through_sink.to_host().unwrap())
+        {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "{kind:?} {name}");
+        }
+    }
+}

@@ -8,8 +8,11 @@
 //!
 //! Only a caller that reads the sink back after the backward pass may hand one to the ops —
 //! a gradient left here is lost to the parameter — so the trainer creates one per step and
-//! checks that it took everything (`GradSink::finish`).
+//! checks that it took everything (`GradSink::finish`). The SAE's ops take the sink as an
+//! argument; the finetuning towers' layers, many calls deep, take the one made active for the
+//! forward pass on this thread (`GradSink::during`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +25,31 @@ use rayon::prelude::*;
 #[derive(Clone, Default)]
 pub struct GradSink(Arc<Mutex<HashMap<TensorId, Vec<f32>>>>);
 
+thread_local! {
+    /// The sink of the forward pass running on this thread (`GradSink::during`).
+    static ACTIVE: RefCell<Option<GradSink>> = const { RefCell::new(None) };
+}
+
 impl GradSink {
+    /// Runs `forward` with this sink active on this thread: the host ops built meanwhile keep
+    /// it (`GradSink::active`) and leave their weights' gradients here in the backward pass.
+    pub fn during<R>(&self, forward: impl FnOnce() -> R) -> R {
+        /// Restores the previous sink, also when `forward` panics.
+        struct Restore(Option<GradSink>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                ACTIVE.with(|a| *a.borrow_mut() = self.0.take());
+            }
+        }
+        let _restore = Restore(ACTIVE.with(|a| a.borrow_mut().replace(self.clone())));
+        forward()
+    }
+
+    /// The sink of the forward pass running on this thread, if any (for an op being built).
+    pub fn active() -> Option<GradSink> {
+        ACTIVE.with(|a| a.borrow().clone())
+    }
+
     /// Takes `grad` for `param` when `sink` is given and `param` is a variable (a leaf of the
     /// graph); otherwise hands it back, for candle to propagate. Gradients of one parameter
     /// from several ops add up.
@@ -78,5 +105,23 @@ mod tests {
         assert_eq!(sink.take(var.as_tensor()), Some(vec![0.75, 1.5]));
         assert_eq!(sink.take(var.as_tensor()), None);
         sink.finish().unwrap();
+    }
+
+    #[test]
+    fn a_sink_is_active_only_during_its_forward_pass() {
+        let (outer, inner) = (GradSink::default(), GradSink::default());
+        let same = |a: &GradSink, b: &GradSink| Arc::ptr_eq(&a.0, &b.0);
+        assert!(GradSink::active().is_none());
+        outer.during(|| {
+            assert!(same(&GradSink::active().unwrap(), &outer));
+            inner.during(|| assert!(same(&GradSink::active().unwrap(), &inner)));
+            assert!(same(&GradSink::active().unwrap(), &outer), "the outer sink is restored");
+            // Other threads (rayon's) see none.
+            std::thread::scope(|s| s.spawn(|| assert!(GradSink::active().is_none())));
+        });
+        assert!(GradSink::active().is_none());
+        let caught = std::panic::catch_unwind(|| outer.during(|| panic!("forward failed")));
+        assert!(caught.is_err());
+        assert!(GradSink::active().is_none(), "cleared after a panic too");
     }
 }

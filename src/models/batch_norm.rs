@@ -1,6 +1,7 @@
 //! BatchNorm2d: the candle-graph layer (any device, image-major) and, for ResNet's CPU training
 //! on channel-major activations, one fused op with a closed-form backward.
 
+use crate::base::grad_sink::GradSink;
 use std::sync::Mutex;
 
 use anyhow::Result;
@@ -82,7 +83,12 @@ impl BatchNorm {
             let y = self.normalize_rows(&x.reshape((c, b * h * w))?, train)?.reshape(x.shape())?;
             return Ok(if relu { y.relu()? } else { y });
         }
-        let op = BatchNormTrain { eps: self.eps, relu, stats: Default::default() };
+        let op = BatchNormTrain {
+            eps: self.eps,
+            relu,
+            stats: Default::default(),
+            sink: GradSink::active(),
+        };
         let stats = op.stats.clone();
         let y = x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?;
         self.update_running_from(&stats, c, (b * h * w) as f64, x.device())?;
@@ -272,6 +278,8 @@ struct BatchNormTrain {
     /// max(0, ·) on the output; the backward then passes gradient only where the output is > 0.
     relu: bool,
     stats: ChannelStats,
+    /// Where γ's and β's gradients go when they are variables (`GradSink::active`).
+    sink: Option<GradSink>,
 }
 
 impl candle_core::CustomOp3 for BatchNormTrain {
@@ -302,7 +310,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -318,10 +326,12 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                 })
             })
         })???;
+        let dgamma = GradSink::offer(self.sink.as_ref(), gamma, dgamma);
+        let dbeta = GradSink::offer(self.sink.as_ref(), beta, dbeta);
         Ok((
             Some(cpu_tensor(dx, x.shape())?),
-            Some(cpu_tensor(dgamma, c)?),
-            Some(cpu_tensor(dbeta, c)?),
+            dgamma.map(|v| cpu_tensor(v, c)).transpose()?,
+            dbeta.map(|v| cpu_tensor(v, c)).transpose()?,
         ))
     }
 }
@@ -419,7 +429,9 @@ impl candle_core::CustomOp3 for ConvBatchNorm {
         })????;
         Ok((
             dx.map(|dx| cpu_tensor(dx, x.shape())).transpose()?,
-            Some(cpu_tensor(dw, weight.shape())?),
+            GradSink::offer(self.conv.sink.as_ref(), weight, dw)
+                .map(|dw| cpu_tensor(dw, weight.shape()))
+                .transpose()?,
             Some(cpu_tensor(daffine, 2 * o)?),
         ))
     }

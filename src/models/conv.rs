@@ -2,6 +2,7 @@
 //! it works in. Training uses it for ResNet (channel-major activations, no layout copies) and
 //! CLIP's patch embedding; GPUs and inference keep candle's `conv2d`.
 
+use crate::base::grad_sink::GradSink;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
@@ -197,6 +198,8 @@ pub(crate) struct ConvGemm {
     /// im2col of the forward input, kept for the weight gradient (None when the input is its
     /// own im2col: a channel-major 1×1 convolution).
     columns: Arc<Mutex<Option<Vec<f32>>>>,
+    /// Where the kernel's gradient goes when it is a variable (`GradSink::active`).
+    pub(crate) sink: Option<GradSink>,
 }
 
 impl ConvGemm {
@@ -212,6 +215,7 @@ impl ConvGemm {
             geometry: ConvGeometry { kh, kw, stride, padding },
             planes,
             columns: Default::default(),
+            sink: GradSink::active(),
         }
     }
 
@@ -353,7 +357,9 @@ impl candle_core::CustomOp2 for ConvGemm {
         })???;
         Ok((
             dx.map(|dx| cpu_tensor(dx, x.shape())).transpose()?,
-            Some(cpu_tensor(dw, (o, c, kh, kw))?),
+            GradSink::offer(self.sink.as_ref(), weight, dw)
+                .map(|dw| cpu_tensor(dw, (o, c, kh, kw)))
+                .transpose()?,
         ))
     }
 }

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
 use crate::base::gemm::{gemm_f32, gemm_f32_plus_row, Strided};
+use crate::base::grad_sink::GradSink;
 use crate::base::simd::{lane_sum, vectorized};
 
 /// Rows handled by one task when summing the weight and bias gradients: a fixed split, so the
@@ -23,11 +24,13 @@ pub struct LayerNormOp {
     pub eps: f64,
     /// Per row (mean, 1/√(var + eps)), from the forward pass for the backward pass.
     stats: Arc<Mutex<Vec<(f32, f32)>>>,
+    /// Where the weight and bias gradients go when they are variables (`GradSink::active`).
+    sink: Option<GradSink>,
 }
 
 impl LayerNormOp {
     pub fn new(eps: f64) -> Self {
-        Self { eps, stats: Default::default() }
+        Self { eps, stats: Default::default(), sink: GradSink::active() }
     }
 }
 
@@ -87,7 +90,7 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -97,7 +100,13 @@ impl CustomOp3 for LayerNormOp {
         let (dx, dw, db) = with_cpu_slice(x, |x| {
             with_cpu_slice(w, |w| with_cpu_slice(&grad, |g| layer_norm_backward(x, w, g, &stats)))
         })????;
-        Ok((Some(cpu_tensor(dx, x.shape())?), Some(cpu_tensor(dw, d)?), Some(cpu_tensor(db, d)?)))
+        let dw = GradSink::offer(self.sink.as_ref(), w, dw);
+        let db = GradSink::offer(self.sink.as_ref(), b, db);
+        Ok((
+            Some(cpu_tensor(dx, x.shape())?),
+            dw.map(|v| cpu_tensor(v, d)).transpose()?,
+            db.map(|v| cpu_tensor(v, d)).transpose()?,
+        ))
     }
 }
 
@@ -267,8 +276,23 @@ impl CustomOp1 for QuickGelu {
 /// (candle sums a broadcast bias's gradient with a strided loop). Leading dimensions are rows
 /// as they lie, so no reshape nodes surround it (each would cost the backward pass a zeroed
 /// gradient buffer and an addition). Gradients are skipped for inputs that need none (frozen
-/// weights, the first layer's input).
-pub struct LinearOp;
+/// weights, the first layer's input). The weight and bias gradients go to the sink that was
+/// active when the op was built, if any (`GradSink`).
+pub struct LinearOp {
+    sink: Option<GradSink>,
+}
+
+impl LinearOp {
+    pub fn new() -> Self {
+        Self { sink: GradSink::active() }
+    }
+}
+
+impl Default for LinearOp {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
@@ -313,6 +337,8 @@ impl CustomOp3 for LinearOp {
                 false => None,
             };
             let db = b.track_op().then(|| column_sums(g, out));
+            let dw = dw.and_then(|v| GradSink::offer(self.sink.as_ref(), w, v));
+            let db = db.and_then(|v| GradSink::offer(self.sink.as_ref(), b, v));
             Ok((
                 dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
                 dw.map(|v| cpu_tensor(v, (out, inp))).transpose()?,

@@ -48,9 +48,11 @@ impl Linear {
     /// With host kernels and a bias, one fused op (`fused::LinearOp`) on `x` as it is shaped.
     pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let mut y = match &self.bias {
-            Some(b) if kernels.for_tensor(x).is_host() => {
-                x.contiguous()?.apply_op3(&self.weight.contiguous()?, b, super::fused::LinearOp)?
-            }
+            Some(b) if kernels.for_tensor(x).is_host() => x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                b,
+                super::fused::LinearOp::new(),
+            )?,
             Some(b) => x.broadcast_matmul(&self.weight.t()?)?.broadcast_add(b)?,
             None => x.broadcast_matmul(&self.weight.t()?)?,
         };

@@ -5,6 +5,7 @@
 pub mod ema;
 pub mod model;
 
+use crate::base::grad_sink::GradSink;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc::sync_channel;
@@ -235,7 +236,9 @@ impl Finetuner {
     ) -> Result<StepOutcome> {
         let s = &self.settings;
         let kernels = self.model.kernels;
-        let out = self.model.forward(x, true)?;
+        // The host layers leave their weights' gradients here, past candle's store.
+        let sink = GradSink::default();
+        let out = sink.during(|| self.model.forward(x, true))?;
         let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, s.smoothing)?;
         let similarity = match similarity {
             Some(t) => t.to_dtype(DType::F32)?,
@@ -255,7 +258,7 @@ impl Finetuner {
             _ => ce.clone(),
         };
         let mut grads =
-            Gradients::from_store(&loss.backward()?, None, &self.trainable_vars(), kernels)?;
+            Gradients::from_store(&loss.backward()?, Some(&sink), &self.trainable_vars(), kernels)?;
         let grad_norm = match s.clip {
             Some(max) => grads.clip_global_norm(max)?,
             None => grads.global_norm()?,
