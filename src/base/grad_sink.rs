@@ -117,7 +117,9 @@ mod tests {
             inner.during(|| assert!(same(&GradSink::active().unwrap(), &inner)));
             assert!(same(&GradSink::active().unwrap(), &outer), "the outer sink is restored");
             // Other threads (rayon's) see none.
-            std::thread::scope(|s| s.spawn(|| assert!(GradSink::active().is_none())));
+            std::thread::scope(|s| {
+                s.spawn(|| assert!(GradSink::active().is_none()));
+            });
         });
         assert!(GradSink::active().is_none());
         let caught = std::panic::catch_unwind(|| outer.during(|| panic!("forward failed")));
