@@ -69,13 +69,20 @@ fn sae_loss_and_grads(
     let lambda = 0.5;
     let term = ops::MonoTerm { similarity: x, lambda, eps: 1e-8 };
     let sink = sink.then(GradSink::default);
-    let pass = sae::forward_with_mono(model.as_ref(), x, true, Some(term), sink.as_ref()).unwrap();
     let dead: Vec<u8> = (0..spec.n_latents).map(|k| (k % 3 == 0) as u8).collect();
     let dead = Tensor::from_vec(dead, spec.n_latents, &device).unwrap();
-    let mut total = model.reconstruction_loss(&pass).unwrap();
-    for (_, term) in model.extra_losses(&pass, &dead).unwrap() {
-        total = (total + term).unwrap();
-    }
+    let forward = || {
+        let pass = sae::forward_with_mono(model.as_ref(), x, true, Some(term)).unwrap();
+        let mut total = model.reconstruction_loss(&pass).unwrap();
+        for (_, term) in model.extra_losses(&pass, &dead).unwrap() {
+            total = (total + term).unwrap();
+        }
+        (pass, total)
+    };
+    let (pass, mut total) = match &sink {
+        Some(sink) => sink.during(forward),
+        None => forward(),
+    };
     total = (total + (&pass.mono.as_ref().unwrap().loss * lambda).unwrap()).unwrap();
     let grads = total.backward().unwrap();
     let named = model.params().named();

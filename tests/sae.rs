@@ -55,7 +55,7 @@ fn sparse_ops_match_the_dense_graph() {
     for selection in [topk::Selection::PerRow(k), topk::Selection::Batch(k * b)] {
         // Sparse path.
         let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
-        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST, None).unwrap().pre;
+        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap().pre;
         let lat = topk::topk_latents(&pre, &selection, None, HOST).unwrap().latents;
         assert!(
             flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
@@ -111,7 +111,7 @@ fn sparse_ops_match_the_dense_graph() {
         let x = x.detach();
         for into_pre in [false, true] {
             let ops::Encoded { pre, port } =
-                ops::encoder_linear(&x, we, be, Some(bd), HOST, None).unwrap();
+                ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
             // With the CSR the selection built on the way, as the SAEs run.
             let selected = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
             let csr = selected.csr.expect("host selection builds the CSR");
@@ -158,7 +158,7 @@ fn decoder_route_grads(k: usize, into_pre: bool, detach: bool) -> Vec<Vec<f32>> 
     let w_dec = var(randn(m * d, &mut rng), (m, d));
     let b_enc = var(randn(m, &mut rng), m);
     let ops::Encoded { pre, port } =
-        ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST, None).unwrap();
+        ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST).unwrap();
     let selected = topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
     let latents = if detach { selected.latents.detach() } else { selected.latents };
     let of_pre = into_pre.then(|| port.as_ref().unwrap());
@@ -196,8 +196,7 @@ fn the_pre_port_adds_up_with_gradients_through_the_latents() {
     let weights = Tensor::from_vec(randn(b * m, &mut rng), (b, m), &Device::Cpu).unwrap();
     let grads = |use_port: bool| {
         let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
-        let ops::Encoded { pre, port } =
-            ops::encoder_linear(&x, we, be, Some(bd), HOST, None).unwrap();
+        let ops::Encoded { pre, port } = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
         let port = port.filter(|_| use_port);
         let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
         for (k, shift) in [(k, 0.0), (2 * k, 0.5)] {

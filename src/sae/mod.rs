@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::base::config::{BatchTopkConfig, JumpReluConfig, ReluConfig, SaeConfig, SaeKind};
 use crate::base::cpu::normalize_rows_sequential;
-use crate::base::grad_sink::GradSink;
 use crate::base::host::Kernels;
 use crate::models::topk::{self as select, Mask};
 use crate::monoscore::BatchMono;
@@ -305,19 +304,18 @@ fn standardize(x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
 /// and a gradient graph; an inference pass (false) reads the encoder and decoder weights
 /// detached, so nothing upstream of the latents records a graph for them.
 pub fn forward(sae: &dyn Sae, x: &Tensor, training: bool) -> Result<ForwardPass> {
-    forward_with_mono(sae, x, training, None, None)
+    forward_with_mono(sae, x, training, None)
 }
 
 /// The forward pass, with the batch MonoLoss of the latents computed alongside the decoder
-/// (fused with it on the CPU). Add λ·`pass.mono.0` to the objective. `sink`: where the host
-/// ops leave the gradients of W_enc and W_dec (their AuxK use included) instead of candle's
-/// store; the caller must read them back (`Gradients::from_store`).
+/// (fused with it on the CPU). Add λ·`pass.mono.0` to the objective. A `GradSink` active during
+/// the call (`GradSink::during`) receives the gradients of W_enc and W_dec from the host ops
+/// instead of candle's store; the caller must read them back (`Gradients::from_store`).
 pub fn forward_with_mono(
     sae: &dyn Sae,
     x: &Tensor,
     training: bool,
     mono: Option<ops::MonoTerm>,
-    sink: Option<&GradSink>,
 ) -> Result<ForwardPass> {
     let p = sae.params();
     let (working_input, scale) = if sae.spec().normalize_input {
@@ -331,7 +329,7 @@ pub fn forward_with_mono(
         (weight(&p.w_enc), weight(&p.w_dec), weight(&p.b_enc), weight(&p.b_dec));
     let centre = sae.spec().centers_input().then_some(&b_dec);
     let ops::Encoded { pre, port: pre_port } =
-        ops::encoder_linear(&working_input, &w_enc, &b_enc, centre, p.kernels, sink)?;
+        ops::encoder_linear(&working_input, &w_enc, &b_enc, centre, p.kernels)?;
     let mut activation = sae.activate(&pre, training)?;
     let decoded = ops::decode(
         &activation.latents,

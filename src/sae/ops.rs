@@ -209,9 +209,6 @@ impl CustomOp3 for PortOp {
 pub struct PrePort {
     handle: Tensor,
     stash: GradStash,
-    /// The sink of the encoder's and decoders' weight gradients, when the trainer gave one:
-    /// the ops of this training graph take it from here.
-    sink: Option<GradSink>,
 }
 
 /// The encoder's output.
@@ -222,16 +219,14 @@ pub struct Encoded {
     pub port: Option<PrePort>,
 }
 
-/// (B, D) · (M, D)ᵀ + (M,) → (B, M), the input first centred by `b_dec` when given. `sink`:
-/// where the host ops of this graph leave their weight gradients (see `GradSink`); it travels
-/// with the port to the decoders.
+/// (B, D) · (M, D)ᵀ + (M,) → (B, M), the input first centred by `b_dec` when given. W's
+/// gradient goes to the `GradSink` active during the call, if any.
 pub fn encoder_linear(
     x: &Tensor,
     w: &Tensor,
     b_enc: &Tensor,
     b_dec: Option<&Tensor>,
     kernels: Kernels,
-    sink: Option<&GradSink>,
 ) -> CResult<Encoded> {
     if kernels.for_tensor(x).is_host() {
         let biases = match b_dec {
@@ -240,14 +235,14 @@ pub fn encoder_linear(
         };
         let (x, w, biases) = (x.contiguous()?, w.contiguous()?, biases.contiguous()?);
         let centre = b_dec.is_some();
-        let sink = sink.cloned();
+        let sink = GradSink::active();
         let pre = x.apply_op3(&w, &biases, EncoderLinear { centre, sink: sink.clone() })?;
         let port = (x.track_op() || w.track_op() || biases.track_op())
             .then(|| -> CResult<PrePort> {
                 let stash = GradStash::default();
-                let encoder = EncoderLinear { centre, sink: sink.clone() };
+                let encoder = EncoderLinear { centre, sink };
                 let op = PortOp { encoder, stash: stash.clone() };
-                Ok(PrePort { handle: x.apply_op3(&w, &biases, op)?, stash, sink })
+                Ok(PrePort { handle: x.apply_op3(&w, &biases, op)?, stash })
             })
             .transpose()?;
         Ok(Encoded { pre, port })
@@ -274,7 +269,7 @@ struct SupportMatmul {
     /// λ·MonoLoss of the same latents, computed on the same CSR; its gradient is added to the
     /// latents' gradient in the backward pass (saving a dense gradient and its accumulation).
     mono: Option<MonoInjection>,
-    /// Where W's gradient goes instead of candle's store (from the port), when given.
+    /// Where W's gradient goes instead of candle's store (`GradSink::active`), when given.
     sink: Option<GradSink>,
 }
 
@@ -418,21 +413,20 @@ enum Input<'a> {
 }
 
 /// The host op on the latents (contiguous), or on the port of the `pre` they are a masked ReLU
-/// of; sparse when `csr` is given. `sink`: where W's gradient goes, when given.
+/// of; sparse when `csr` is given.
 fn apply_support_matmul(
     input: Input,
     w: &Tensor,
     grad_support: Option<&Mask>,
     csr: Option<SparseBatch>,
     mono: Option<MonoInjection>,
-    sink: Option<GradSink>,
 ) -> CResult<(Tensor, Option<SparseBatch>)> {
     let cached = Arc::new(Mutex::new(csr));
     let (input, port) = match input {
         Input::Latents(latents) => (latents, None),
         Input::Port(port) => (&port.handle, Some(port.stash.clone())),
     };
-    let op = SupportMatmul { cached: cached.clone(), port, mono, sink };
+    let op = SupportMatmul { cached: cached.clone(), port, mono, sink: GradSink::active() };
     let output = input.apply_op2(&w.contiguous()?, op)?;
     // Without a gradient to propagate to the latents (inference) the backward pass never needs
     // the CSR: hand it out, so callers need not rebuild it. It only holds the non-zeros when no
@@ -505,8 +499,8 @@ fn host_support(grad_support: Option<&Mask>) -> Option<&[bool]> {
 /// gradient on those entries straight to the encoder through the port — the masked ReLU's
 /// backward is the identity there — so the backward pass builds no (B × M) gradient, neither
 /// for the latents nor for `pre`.
-/// Whichever input the op differentiates, W's gradient goes to the port's `GradSink` when the
-/// trainer gave the encoder one.
+/// Whichever input the op differentiates, W's gradient goes to the `GradSink` active during the
+/// call, if any.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     latents: &Tensor,
@@ -532,13 +526,11 @@ pub fn decode(
         Some(port) if given_csr && csr.is_some() && grad_support.is_none() => Input::Port(port),
         _ => Input::Latents(&latents),
     };
-    let sink = of_pre.and_then(|port| port.sink.clone());
     let (term, csr) = match (mono, csr) {
         (Some(term), Some(csr)) => (term, csr),
         (mono, csr) => {
             // No MonoLoss, or latents too dense to fuse it: the MonoLoss is its own node.
-            let (output, latents_csr) =
-                apply_support_matmul(input, w, grad_support, csr, None, sink)?;
+            let (output, latents_csr) = apply_support_matmul(input, w, grad_support, csr, None)?;
             let mono = mono.map(|term| unfused_mono(&latents, term, grad_support, kernels));
             return Ok(Decoded { output, latents_csr, mono: mono.transpose()? });
         }
@@ -554,7 +546,7 @@ pub fn decode(
         saved: Mutex::new(None),
     };
     let (output, latents_csr) =
-        apply_support_matmul(input, w, grad_support, Some(csr), Some(injection), sink)?;
+        apply_support_matmul(input, w, grad_support, Some(csr), Some(injection))?;
     let (loss, stats): (f32, MonoLossStats) =
         result.lock().unwrap().take().expect("decoder forward computed the MonoLoss");
     Ok(Decoded { output, latents_csr, mono: Some(stats.into_batch_mono(loss)?) })

@@ -324,10 +324,14 @@ impl SaeTrainer {
             lambda: batch_lambda,
             eps: self.settings.eps,
         });
-        // The weight gradients skip candle's store (a zero-filled buffer and an addition each).
+        // The weight gradients skip candle's store (a zero-filled buffer and an addition each),
+        // AuxK's decoder included.
         let sink = GradSink::default();
-        let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono, Some(&sink))?;
-        let losses = self.losses(&pass, similarity, &dead, measure_mono)?;
+        let (pass, losses) = sink.during(|| -> Result<_> {
+            let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono)?;
+            let losses = self.losses(&pass, similarity, &dead, measure_mono)?;
+            Ok((pass, losses))
+        })?;
 
         let named = self.sae.params().named();
         let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
