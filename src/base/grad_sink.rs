@@ -23,7 +23,23 @@ use rayon::prelude::*;
 /// Gradients by parameter (f32, the parameter's element count), shared by the ops of one
 /// forward pass and the trainer that differentiates it.
 #[derive(Clone, Default)]
-pub struct GradSink(Arc<Mutex<HashMap<TensorId, Vec<f32>>>>);
+pub struct GradSink(Arc<Mutex<Held>>);
+
+/// The gradients a sink holds.
+#[derive(Default)]
+struct Held(HashMap<TensorId, Vec<f32>>);
+
+impl Drop for Held {
+    /// A gradient still here when the last handle goes was never applied: a graph built under a
+    /// sink differentiated by a caller that did not read it back. Loud in debug builds (tests).
+    fn drop(&mut self) {
+        debug_assert!(
+            self.0.is_empty() || std::thread::panicking(),
+            "{} parameter gradient(s) dropped with their sink, never read back",
+            self.0.len()
+        );
+    }
+}
 
 thread_local! {
     /// The sink of the forward pass running on this thread (`GradSink::during`).
@@ -58,13 +74,13 @@ impl GradSink {
             return Some(grad);
         };
         let mut held = sink.0.lock().expect("gradient sink poisoned");
-        match held.get_mut(&param.id()) {
+        match held.0.get_mut(&param.id()) {
             Some(sum) => {
                 assert_eq!(sum.len(), grad.len(), "one parameter, two gradient sizes");
                 sum.par_iter_mut().zip(grad.par_iter()).for_each(|(s, g)| *s += g);
             }
             None => {
-                held.insert(param.id(), grad);
+                held.0.insert(param.id(), grad);
             }
         }
         None
@@ -72,12 +88,15 @@ impl GradSink {
 
     /// The gradient left for `param`, if any; removes it.
     pub fn take(&self, param: &Tensor) -> Option<Vec<f32>> {
-        self.0.lock().expect("gradient sink poisoned").remove(&param.id())
+        self.0.lock().expect("gradient sink poisoned").0.remove(&param.id())
     }
 
-    /// Fails when a gradient was left for a parameter nobody took (it would be lost).
+    /// Fails when a gradient was left for a parameter nobody took (it would be lost); the
+    /// leftovers are discarded with the error.
     pub fn finish(&self) -> Result<()> {
-        let left = self.0.lock().expect("gradient sink poisoned").len();
+        let mut held = self.0.lock().expect("gradient sink poisoned");
+        let left = held.0.len();
+        held.0.clear();
         ensure!(
             left == 0,
             "{left} parameter gradient(s) left in the sink: not a trained parameter"
@@ -101,10 +120,20 @@ mod tests {
         assert_eq!(GradSink::offer(Some(&sink), var.as_tensor(), vec![0.5, 1.5]), None);
         // A clone of the variable's tensor is the same parameter.
         assert_eq!(GradSink::offer(Some(&sink), &var.as_tensor().clone(), vec![0.25, 0.0]), None);
-        assert!(sink.finish().is_err(), "an untaken gradient is reported");
         assert_eq!(sink.take(var.as_tensor()), Some(vec![0.75, 1.5]));
         assert_eq!(sink.take(var.as_tensor()), None);
         sink.finish().unwrap();
+        GradSink::offer(Some(&sink), var.as_tensor(), vec![1.0, 1.0]);
+        assert!(sink.finish().is_err(), "an untaken gradient is reported");
+        sink.finish().unwrap();
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "dropped with their sink")]
+    fn a_gradient_dropped_with_its_sink_is_loud() {
+        let var = Var::new(&[1f32], &Device::Cpu).unwrap();
+        GradSink::offer(Some(&GradSink::default()), var.as_tensor(), vec![1.0]);
     }
 
     #[test]
