@@ -421,12 +421,13 @@ fn gather_rows(
     d: usize,
 ) -> Vec<f32> {
     let rows = offsets.len().saturating_sub(1);
-    let mut out = vec![0f32; rows * d];
     if d == 0 {
-        return out;
+        return Vec::new();
     }
     let per_task = rows.div_ceil(rayon::current_num_threads()).clamp(16, GATHER_MAX_ROWS);
-    out.par_chunks_mut(per_task * d).enumerate().for_each(|(t, block)| {
+    // Written once, unzeroed: full blocks are stored from registers, a narrower last block is
+    // zeroed just before its entries are added into it.
+    crate::base::cpu::par_filled(rows * d, per_task * d, |t, block| {
         let first = t * per_task;
         vectorized!({
             for start in (0..d).step_by(GATHER_COLUMNS) {
@@ -447,6 +448,7 @@ fn gather_rows(
                         }
                         out.copy_from_slice(&acc);
                     } else {
+                        out.fill(0.0);
                         for e in entries {
                             let at = index[e] as usize * d + start;
                             axpy(out, values[e], &src[at..at + width]);
@@ -455,8 +457,7 @@ fn gather_rows(
                 }
             }
         })
-    });
-    out
+    })
 }
 
 /// `f(row, entry)` for every entry of `a`, in parallel over rows; one output per entry.
@@ -536,13 +537,17 @@ pub fn decoder_backward(
     d: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let m = cols.col_offsets.len() - 1;
-    let mut dw = vec![0f32; m * d];
+    // Unzeroed: each thread zeroes its rows of dw just before adding into them (a 25 MiB
+    // single-threaded memset up front at M = 8,192, D = 768 otherwise).
+    let mut dw: Vec<f32> = Vec::with_capacity(m * d);
     let mut dots = vec![0f32; cols.rows.len()];
-    dw.par_chunks_mut(d.max(1))
+    dw.spare_capacity_mut()
+        .par_chunks_mut(d.max(1))
         .zip(column_slices(cols, &mut dots))
         .enumerate()
         .with_min_len(16)
         .for_each(|(k, (dwk, slot))| {
+            let dwk = init_zero(dwk);
             let wk = &w[k * d..(k + 1) * d];
             vectorized!({
                 for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
@@ -553,7 +558,16 @@ pub fn decoder_backward(
                 }
             })
         });
+    // SAFETY: the chunks cover all m · d slots and each was zeroed above.
+    unsafe { dw.set_len(m * d) };
     (dw, dots)
+}
+
+/// Zeroes uninitialised floats and hands them out as initialised.
+fn init_zero(slots: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    slots.fill(MaybeUninit::new(0.0));
+    // SAFETY: every slot was just written.
+    unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Per-column sums of the entries.
@@ -614,6 +628,41 @@ mod tests {
 
     /// The register-blocked gather equals a per-element sum in entry order bit for bit, across
     /// full column blocks, a partial last block, empty rows and more rows than one task holds.
+    /// Both products of the decoder's backward against plain loops, bit for bit (each dw row
+    /// summed in entry order from zero, each dot as `dot` sums it), the allocator holding NaNs
+    /// before (dw is not zero-filled up front), latents without entries included.
+    #[test]
+    fn decoder_backward_equals_plain_loops_on_unzeroed_memory() {
+        let (rows, m, d) = (50, 23, 37);
+        let mut dense = vec![0f32; rows * m];
+        for (i, v) in dense.iter_mut().enumerate() {
+            if (i * 7) % 5 == 0 && (i % m) % 4 != 3 {
+                *v = (i as f32 * 0.31).sin();
+            }
+        }
+        let a = SparseBatch::from_dense(&dense, m);
+        let cols = to_columns(a.as_rows(), m);
+        let g: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.17).cos()).collect();
+        let w: Vec<f32> = (0..m * d).map(|i| (i as f32 * 0.23).sin()).collect();
+        drop(std::hint::black_box(vec![f32::NAN; m * d]));
+        let (dw, dots) = decoder_backward(&cols, &g, &w, d);
+        let mut want_dw = vec![0f32; m * d];
+        let mut want_dots = Vec::new();
+        for k in 0..m {
+            for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+                let i = cols.rows[j] as usize;
+                for t in 0..d {
+                    want_dw[k * d + t] += cols.values[j] * g[i * d + t];
+                }
+                want_dots.push(dot(&g[i * d..(i + 1) * d], &w[k * d..(k + 1) * d]));
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&dw), bits(&want_dw));
+        assert_eq!(bits(&dots), bits(&want_dots));
+        assert!((0..m).any(|k| cols.col_offsets[k] == cols.col_offsets[k + 1]));
+    }
+
     #[test]
     fn gather_rows_sums_each_element_in_entry_order() {
         let (m, d) = (40, 2 * GATHER_COLUMNS + 44);
@@ -627,6 +676,8 @@ mod tests {
             }
             offsets.push(index.len());
         }
+        // The output is not zero-filled up front: the allocator holds NaNs before.
+        drop(std::hint::black_box(vec![f32::NAN; 70 * d]));
         let got = gather_rows(&offsets, &index, &values, &src, d);
         for r in 0..70 {
             for j in 0..d {
