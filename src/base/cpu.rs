@@ -54,6 +54,14 @@ pub fn par_filled(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32]) + S
     out
 }
 
+/// Zeroes a slice of unwritten floats and hands it out as written: for a task that zeroes its
+/// own part of a fresh buffer just before adding into it, instead of one zero-fill up front.
+pub fn zeroed(slots: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    slots.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every slot was just written, and f32 has no invalid bit patterns.
+    unsafe { &mut *(slots as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// Rescales each `d`-wide row of `data` to unit L2 norm (rows of zeros stay zero), the norm
 /// summed in f64 over vector lanes: the decoder constraint after every training step.
 pub fn normalize_rows(data: &mut [f32], d: usize) {

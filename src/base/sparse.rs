@@ -547,7 +547,7 @@ pub fn decoder_backward(
         .enumerate()
         .with_min_len(16)
         .for_each(|(k, (dwk, slot))| {
-            let dwk = init_zero(dwk);
+            let dwk = crate::base::cpu::zeroed(dwk);
             let wk = &w[k * d..(k + 1) * d];
             vectorized!({
                 for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
@@ -561,13 +561,6 @@ pub fn decoder_backward(
     // SAFETY: the chunks cover all m · d slots and each was zeroed above.
     unsafe { dw.set_len(m * d) };
     (dw, dots)
-}
-
-/// Zeroes uninitialised floats and hands them out as initialised.
-fn init_zero(slots: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    slots.fill(MaybeUninit::new(0.0));
-    // SAFETY: every slot was just written.
-    unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Per-column sums of the entries.

@@ -120,11 +120,17 @@ pub(crate) fn forward(
 ) -> (MonoLossSaved, f32, MonoLossStats) {
     let (unit, unit_sum) = unit_rows(sim, d);
     let cols = sparse::to_columns(csr.as_rows(), m);
-    // Column order: each neuron's w_k (a D-row) stays in cache while its rows are gathered.
-    let mut w = vec![0f32; m * d];
+    // Column order: each neuron's w_k (a D-row) stays in cache while its rows are gathered;
+    // each task zeroes its own rows (no single-threaded (M × D) zero-fill up front).
+    let mut w: Vec<f32> = Vec::with_capacity(m * d);
     let mut neurons = vec![NeuronBatchStats::default(); m];
-    w.par_chunks_mut(d).zip(neurons.par_iter_mut()).enumerate().with_min_len(16).for_each(
-        |(k, (w, n))| {
+    w.spare_capacity_mut()[..m * d]
+        .par_chunks_mut(d)
+        .zip(neurons.par_iter_mut())
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(k, (w, n))| {
+            let w = crate::base::cpu::zeroed(w);
             let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
             let (rows, vals) = (&cols.rows[span.clone()], &cols.values[span]);
             let implicit = b - vals.len();
@@ -165,8 +171,9 @@ pub(crate) fn forward(
                 min_at: first_at(rows, vals, min, first, b),
                 max_at: first_at(rows, vals, max, first, b),
             };
-        },
-    );
+        });
+    // SAFETY: the rows cover all m · d slots, and each task zeroed its row first.
+    unsafe { w.set_len(m * d) };
     let n_active = neurons.iter().filter(|n| n.active).count();
     let total: f64 =
         neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
@@ -312,4 +319,30 @@ pub(crate) fn sparse_batch_mono_loss(
     out.mean_score = loss.detach().affine(-1.0, 1.0)?;
     out.loss = loss;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward pass writes every w_k before reading it: the allocator holding NaNs or zeros
+    /// beforehand gives the same loss and the same w, bit for bit.
+    #[test]
+    fn forward_does_not_depend_on_what_the_allocator_held() {
+        let (b, m, d) = (30, 17, 21);
+        let dense: Vec<f32> = (0..b * m)
+            .map(|i| if (i * 11) % 7 < 2 && i % m != 5 { (i as f32 * 0.37).sin() } else { 0.0 })
+            .collect();
+        let csr = SparseBatch::from_dense(&dense, m);
+        let sim: Vec<f32> = (0..b * d).map(|i| (i as f32 * 0.29).cos() + 0.1).collect();
+        let run = |poison: f32| {
+            // Many freed blocks of w's size, so that w is likely to be one of them.
+            drop(std::hint::black_box((0..64).map(|_| vec![poison; m * d]).collect::<Vec<_>>()));
+            let (saved, loss, _) = forward(&csr, b, m, &sim, d, 1e-8);
+            (loss.to_bits(), saved.w.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        let (clean, poisoned) = (run(0.0), run(f32::NAN));
+        assert!(f32::from_bits(clean.0).is_finite());
+        assert_eq!(clean, poisoned);
+    }
 }
