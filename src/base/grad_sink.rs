@@ -8,9 +8,9 @@
 //!
 //! Only a caller that reads the sink back after the backward pass may hand one to the ops —
 //! a gradient left here is lost to the parameter — so the trainer creates one per step and
-//! checks that it took everything (`GradSink::finish`). The SAE's ops take the sink as an
-//! argument; the finetuning towers' layers, many calls deep, take the one made active for the
-//! forward pass on this thread (`GradSink::during`).
+//! checks that it took everything (`GradSink::finish`). Ops take the sink made active for the
+//! forward pass on this thread (`GradSink::during`) when they are built, so no layer between
+//! the trainer and them passes it on.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{ensure, Result};
 use candle_core::{Tensor, TensorId};
 use rayon::prelude::*;
+
+use crate::base::cpu::cpu_tensor;
 
 /// Gradients by parameter (f32, the parameter's element count), shared by the ops of one
 /// forward pass and the trainer that differentiates it.
@@ -84,6 +86,16 @@ impl GradSink {
             }
         }
         None
+    }
+
+    /// What a host op reports to candle for `param`'s gradient `grad`: nothing when `sink`
+    /// takes it (`offer`), else `grad` as a tensor of `param`'s shape.
+    pub fn route(
+        sink: Option<&GradSink>,
+        param: &Tensor,
+        grad: Vec<f32>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Self::offer(sink, param, grad).map(|g| cpu_tensor(g, param.shape())).transpose()
     }
 
     /// The gradient left for `param`, if any; removes it.

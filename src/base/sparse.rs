@@ -541,7 +541,7 @@ pub fn decoder_backward(
     // single-threaded memset up front at M = 8,192, D = 768 otherwise).
     let mut dw: Vec<f32> = Vec::with_capacity(m * d);
     let mut dots = vec![0f32; cols.rows.len()];
-    dw.spare_capacity_mut()
+    dw.spare_capacity_mut()[..m * d]
         .par_chunks_mut(d.max(1))
         .zip(column_slices(cols, &mut dots))
         .enumerate()

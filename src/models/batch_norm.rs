@@ -326,12 +326,10 @@ impl candle_core::CustomOp3 for BatchNormTrain {
                 })
             })
         })???;
-        let dgamma = GradSink::offer(self.sink.as_ref(), gamma, dgamma);
-        let dbeta = GradSink::offer(self.sink.as_ref(), beta, dbeta);
         Ok((
             Some(cpu_tensor(dx, x.shape())?),
-            dgamma.map(|v| cpu_tensor(v, c)).transpose()?,
-            dbeta.map(|v| cpu_tensor(v, c)).transpose()?,
+            GradSink::route(self.sink.as_ref(), gamma, dgamma)?,
+            GradSink::route(self.sink.as_ref(), beta, dbeta)?,
         ))
     }
 }
@@ -429,9 +427,7 @@ impl candle_core::CustomOp3 for ConvBatchNorm {
         })????;
         Ok((
             dx.map(|dx| cpu_tensor(dx, x.shape())).transpose()?,
-            GradSink::offer(self.conv.sink.as_ref(), weight, dw)
-                .map(|dw| cpu_tensor(dw, weight.shape()))
-                .transpose()?,
+            GradSink::route(self.conv.sink.as_ref(), weight, dw)?,
             Some(cpu_tensor(daffine, 2 * o)?),
         ))
     }

@@ -335,8 +335,8 @@ impl candle_core::CustomOp2 for ConvGemm {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         use crate::base::cpu::{cpu_tensor, with_cpu_slice};
         let (dims, (oh, ow)) = self.sizes(x.dims4()?);
-        let (b, c, _, _) = dims;
-        let (o, _, kh, kw) = weight.dims4()?;
+        let b = dims.0;
+        let o = weight.dim(0)?;
         let grad = grad.contiguous()?;
         let kept = self.columns.lock().unwrap().take();
         let (dw, dx) = with_cpu_slice(&grad, |g| {
@@ -357,9 +357,7 @@ impl candle_core::CustomOp2 for ConvGemm {
         })???;
         Ok((
             dx.map(|dx| cpu_tensor(dx, x.shape())).transpose()?,
-            GradSink::offer(self.sink.as_ref(), weight, dw)
-                .map(|dw| cpu_tensor(dw, (o, c, kh, kw)))
-                .transpose()?,
+            GradSink::route(self.sink.as_ref(), weight, dw)?,
         ))
     }
 }

@@ -95,17 +95,14 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.stats.lock().unwrap().clone();
-        let d = w.elem_count();
         let grad = grad.contiguous()?;
         let (dx, dw, db) = with_cpu_slice(x, |x| {
             with_cpu_slice(w, |w| with_cpu_slice(&grad, |g| layer_norm_backward(x, w, g, &stats)))
         })????;
-        let dw = GradSink::offer(self.sink.as_ref(), w, dw);
-        let db = GradSink::offer(self.sink.as_ref(), b, db);
         Ok((
             Some(cpu_tensor(dx, x.shape())?),
-            dw.map(|v| cpu_tensor(v, d)).transpose()?,
-            db.map(|v| cpu_tensor(v, d)).transpose()?,
+            GradSink::route(self.sink.as_ref(), w, dw)?,
+            GradSink::route(self.sink.as_ref(), b, db)?,
         ))
     }
 }
@@ -337,12 +334,11 @@ impl CustomOp3 for LinearOp {
                 false => None,
             };
             let db = b.track_op().then(|| column_sums(g, out));
-            let dw = dw.and_then(|v| GradSink::offer(self.sink.as_ref(), w, v));
-            let db = db.and_then(|v| GradSink::offer(self.sink.as_ref(), b, v));
+            let sink = self.sink.as_ref();
             Ok((
                 dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
-                dw.map(|v| cpu_tensor(v, (out, inp))).transpose()?,
-                db.map(|v| cpu_tensor(v, out)).transpose()?,
+                dw.and_then(|v| GradSink::route(sink, w, v).transpose()).transpose()?,
+                db.and_then(|v| GradSink::route(sink, b, v).transpose()).transpose()?,
             ))
         })?
     }

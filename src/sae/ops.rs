@@ -144,10 +144,9 @@ impl EncoderLinear {
             })
         })???;
         let n_biases = dbiases.len();
-        let dw = GradSink::offer(self.sink.as_ref(), w, dw);
         Ok((
             dx.map(|dx| cpu_tensor(dx, (b, d))).transpose()?,
-            dw.map(|dw| cpu_tensor(dw, (m, d))).transpose()?,
+            GradSink::route(self.sink.as_ref(), w, dw)?,
             Some(cpu_tensor(dbiases, n_biases)?),
         ))
     }
@@ -387,8 +386,7 @@ impl CustomOp2 for SupportMatmul {
                 })?,
             })
         })???;
-        let dw = GradSink::offer(self.sink.as_ref(), w, dw);
-        Ok((Some(dlat), dw.map(|dw| cpu_tensor(dw, (m, d))).transpose()?))
+        Ok((Some(dlat), GradSink::route(self.sink.as_ref(), w, dw)?))
     }
 }
 
