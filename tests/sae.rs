@@ -516,3 +516,88 @@ fn batch_topk_inference_does_not_depend_on_the_batch() {
         }
     }
 }
+
+/// `sae::infer` — the path evaluation takes — gives the inference forward pass's latents and
+/// reconstruction bit for bit: thresholded kinds through the blocked encoder (several column
+/// blocks on two threads, one block on one), TopK through the forward pass itself; with and
+/// without standardised inputs, with non-zero biases (the input centred by b_dec).
+#[test]
+fn infer_gives_the_forward_pass_values_bit_for_bit() {
+    let (b, d, m, k) = (64, 48, 1536, 8);
+    let mut rng = StdRng::seed_from_u64(11);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    for kind in [SaeKind::BatchTopk, SaeKind::Jumprelu, SaeKind::Relu, SaeKind::Topk] {
+        for normalize_input in [false, true] {
+            let mut s = spec(kind, d, m, k);
+            s.normalize_input = normalize_input;
+            let mut model = sae::build(&s, 3, &Device::Cpu, HOST).unwrap();
+            let p = model.params();
+            p.b_enc.set(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+            p.b_dec.set(&Tensor::from_vec(randn(d, &mut rng), d, &Device::Cpu).unwrap()).unwrap();
+            if let Some(log_theta) = &p.log_threshold {
+                // Thresholds around the pre-activations' scale: some pass, most do not.
+                let t: Vec<f32> = randn(m, &mut rng).iter().map(|v| 0.3 * v + 0.5).collect();
+                log_theta.set(&Tensor::from_vec(t, m, &Device::Cpu).unwrap()).unwrap();
+            }
+            let pass = sae::forward(model.as_ref(), &x, true).unwrap();
+            model.observe_step(&pass).unwrap();
+            let reference = sae::forward(model.as_ref(), &x, false).unwrap();
+            let dense = flat(reference.latents());
+            let nnz = dense.iter().filter(|v| **v != 0.0).count();
+            assert!(nnz > 0 && nnz < b * m, "{kind:?}: a mix of kept and dropped latents");
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                // An SAE is Send, not Sync: it goes to the pool and back.
+                let input = x.clone();
+                let (back, got) = pool.install(move || {
+                    let got = sae::infer(model.as_ref(), &input);
+                    (model, got)
+                });
+                model = back;
+                let got = got.unwrap();
+                let what =
+                    format!("{kind:?}, normalize_input {normalize_input}, {threads} threads");
+                assert_eq!(got.latents, SparseBatch::from_dense(&dense, m), "{what}: latents");
+                let (want, got) = (flat(&reference.recon), flat(&got.recon));
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{what}: reconstruction");
+            }
+        }
+    }
+}
+
+/// The blocked thresholding keeps pre > t and pre > 0 — strictly, so an entry equal to its
+/// threshold is dropped, and never under a NaN threshold — as the masked ReLU of the encoder's
+/// output does.
+#[test]
+fn encode_above_keeps_the_entries_strictly_above_their_thresholds() {
+    let (b, d, m) = (32, 16, 1152);
+    let mut rng = StdRng::seed_from_u64(12);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(randn(m * d, &mut rng), (m, d), &Device::Cpu).unwrap();
+    let b_enc = Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap();
+    let pre = flat(&ops::encoder_linear(&x, &w, &b_enc, None, HOST).unwrap().pre);
+    // Per latent: its value in row 3 (an exact tie there), NaN, or a negative threshold.
+    let thresholds: Vec<f32> = (0..m)
+        .map(|j| match j % 3 {
+            0 => pre[3 * m + j],
+            1 if j % 7 == 0 => f32::NAN,
+            _ => -0.5,
+        })
+        .collect();
+    let want: Vec<f32> = pre
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| if v > thresholds[i % m] && v > 0.0 { v } else { 0.0 })
+        .collect();
+    let keep = ops::KeepAbove::PerLatent(thresholds.clone());
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let got = pool.install(|| ops::encode_above(&x, &w, &b_enc, None, &keep)).unwrap();
+        assert_eq!(got, SparseBatch::from_dense(&want, m), "{threads} threads");
+    }
+    let t = 0.25;
+    let want: Vec<f32> = pre.iter().map(|&v| if v > t { v } else { 0.0 }).collect();
+    let got = ops::encode_above(&x, &w, &b_enc, None, &ops::KeepAbove::All(t)).unwrap();
+    assert_eq!(got, SparseBatch::from_dense(&want, m), "one threshold for all");
+}

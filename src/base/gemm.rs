@@ -79,6 +79,55 @@ fn product_plus_row(
     tiled(m, n, k, a, b, row)
 }
 
+/// `gemm_f32_plus_row` handed to `consume` block by block instead of stored: each block of
+/// output columns, (m × width) row-major with its first column, goes to `consume` on the thread
+/// that computed it while it is still in cache. For products read once (an SAE's thresholded
+/// pre-activations at inference): no (m × n) buffer is written, faulted in or read back. The
+/// values are the bits `gemm_f32_plus_row` computes; a product it would not run as column
+/// blocks comes as one block of all n columns. Results in column order.
+pub fn gemm_f32_plus_row_blocks<T: Send>(
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    row: &[f32],
+    consume: impl Fn(usize, usize, &[f32]) -> T + Sync,
+) -> Vec<T> {
+    assert_eq!(row.len(), n, "gemm: the added row has the wrong length");
+    check_operands(m, n, k, a, b);
+    let threads = rayon::current_num_threads();
+    let width = match column_block_width(m, n, k, threads) {
+        Some(width) if threads > 1 && !splits_contraction(m, n, k) => width,
+        _ => return vec![consume(0, n, &product_plus_row(m, n, k, a, b, Some(row)))],
+    };
+    (0..n.div_ceil(width))
+        .into_par_iter()
+        .map(|block| {
+            let first = block * width;
+            let width = width.min(n - first);
+            let b = Strided { data: &b.data[first * b.cs..], ..b };
+            let mut out = Vec::<f32>::with_capacity(m * width);
+            // SAFETY: the operands were checked above (this block's rhs is a suffix that still
+            // holds its columns); `out` has room for the (m × width) block, which the crate
+            // writes whole without reading it.
+            unsafe {
+                write_product(
+                    out.as_mut_ptr(),
+                    (width, 1),
+                    (m, width, k),
+                    a,
+                    b,
+                    1.0,
+                    Parallelism::None,
+                );
+                out.set_len(m * width);
+            }
+            let row = &row[first..first + width];
+            out.chunks_exact_mut(width.max(1)).for_each(|r| add_row(r, row));
+            consume(first, width, &out)
+        })
+        .collect()
+}
+
 /// `out` with `row` added to each of its `n`-wide rows, when given.
 fn plus_row(mut out: Vec<f32>, n: usize, row: Option<&[f32]>) -> Vec<f32> {
     if let Some(row) = row {

@@ -16,7 +16,7 @@ use crate::layout::{
     LATENT_STATS_FILE, RESULTS_FILE,
 };
 use crate::monoscore::{MonoScoreAccumulator, MonoScores};
-use crate::sae::{forward, Sae};
+use crate::sae::{infer, Inference, Sae};
 
 /// Per-latent numbers behind the summary (for reports and histograms).
 pub struct LatentStats {
@@ -179,17 +179,9 @@ pub fn evaluate(
         let end = (start + batch_rows.max(1)).min(n);
         store.read_range(start, end, &mut x)?;
         let input = Tensor::from_slice(&x, (end - start, d), device)?;
-        let pass = forward(sae, &input, false)?;
-        let recon = pass.recon.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let Inference { latents: sparse, recon } = infer(sae, &input)?;
+        let recon = recon.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         crate::base::cpu::with_cpu_slice(&recon, |r| recon_stats.add(&x, r, d))?;
-        // The decoder's CSR when it built one, else straight from the latents' memory.
-        let sparse = match pass.latents_csr {
-            Some(csr) => csr,
-            None => {
-                let latents = pass.latents().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-                crate::base::cpu::with_cpu_slice(&latents, |l| SparseBatch::from_dense(l, m))?
-            }
-        };
         nnz_total += sparse.nnz();
         for &c in &sparse.columns {
             fire_count[c as usize] += 1;

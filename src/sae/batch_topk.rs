@@ -7,6 +7,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+use super::ops::KeepAbove;
 use super::{auxk_loss, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::base::host::{self, stat_dtype, Kernels};
 use crate::models::topk::{self as select, Mask};
@@ -91,6 +92,12 @@ impl Sae for BatchTopKSae {
                 })
             }
         }
+    }
+
+    /// The learned threshold, read as `activate` reads it.
+    fn inference_keep(&self) -> Result<Option<KeepAbove>> {
+        let threshold = self.inference_threshold()?;
+        Ok(threshold.map(|t| host::read_scalar(&t)).transpose()?.map(|t| KeepAbove::All(t as f32)))
     }
 
     fn extra_losses(

@@ -11,6 +11,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
+use super::ops::KeepAbove;
 use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::base::cpu::with_cpu_slice;
 use crate::base::host::Kernels;
@@ -138,6 +139,13 @@ impl Sae for JumpReluSae {
             grad_support: Some(band.below),
             batch_threshold: None,
         })
+    }
+
+    /// θ = exp(log θ), as the band computes it: relu(pre) − θ > 0 keeps the same entries as
+    /// pre > θ (a difference of floats is 0 only between equal ones).
+    fn inference_keep(&self) -> Result<Option<KeepAbove>> {
+        let theta = self.log_threshold().detach().exp()?;
+        Ok(Some(KeepAbove::PerLatent(with_cpu_slice(&theta, <[f32]>::to_vec)?)))
     }
 
     fn extra_losses(

@@ -229,6 +229,13 @@ pub trait Sae: Send {
         Ok((&pass.recon - &pass.input)?.sqr()?.mean_all()?)
     }
 
+    /// The inference latents as a threshold of the pre-activations, when they are one (then
+    /// `infer` need not store pre-activations or dense latents); None otherwise (TopK, or a
+    /// BatchTopK SAE before its first training step).
+    fn inference_keep(&self) -> Result<Option<ops::KeepAbove>> {
+        Ok(None)
+    }
+
     /// Called after each optimizer step with that step's forward pass.
     fn observe_step(&mut self, _pass: &ForwardPass) -> Result<()> {
         Ok(())
@@ -318,12 +325,7 @@ pub fn forward_with_mono(
     mono: Option<ops::MonoTerm>,
 ) -> Result<ForwardPass> {
     let p = sae.params();
-    let (working_input, scale) = if sae.spec().normalize_input {
-        let (xs, mean, std) = standardize(x)?;
-        (xs, Some((mean, std)))
-    } else {
-        (x.clone(), None)
-    };
+    let (working_input, scale) = working_space(sae, x)?;
     let weight = |v: &Var| if training { v.as_tensor().clone() } else { v.as_tensor().detach() };
     let (w_enc, w_dec, b_enc, b_dec) =
         (weight(&p.w_enc), weight(&p.w_dec), weight(&p.b_enc), weight(&p.b_dec));
@@ -340,11 +342,7 @@ pub fn forward_with_mono(
         mono,
         p.kernels,
     )?;
-    let working_recon = decoded.output.broadcast_add(&b_dec)?;
-    let recon = match &scale {
-        Some((mean, std)) => working_recon.broadcast_mul(std)?.broadcast_add(mean)?,
-        None => working_recon.clone(),
-    };
+    let (working_recon, recon) = reconstruct(decoded.output, &b_dec, scale.as_ref())?;
     Ok(ForwardPass {
         input: x.clone(),
         working_input,
@@ -357,6 +355,69 @@ pub fn forward_with_mono(
         mono: decoded.mono,
         latents_csr: decoded.latents_csr,
     })
+}
+
+/// The reconstruction in the working space (decoder output + b_dec) and in the input space.
+fn reconstruct(
+    output: Tensor,
+    b_dec: &Tensor,
+    scale: Option<&(Tensor, Tensor)>,
+) -> Result<(Tensor, Tensor)> {
+    let working_recon = output.broadcast_add(b_dec)?;
+    let recon = match scale {
+        Some((mean, std)) => working_recon.broadcast_mul(std)?.broadcast_add(mean)?,
+        None => working_recon.clone(),
+    };
+    Ok((working_recon, recon))
+}
+
+/// The input in the SAE's working space, and the (mean, std) it was standardised with.
+fn working_space(sae: &dyn Sae, x: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    Ok(if sae.spec().normalize_input {
+        let (xs, mean, std) = standardize(x)?;
+        (xs, Some((mean, std)))
+    } else {
+        (x.clone(), None)
+    })
+}
+
+/// An inference pass as evaluation reads it.
+pub struct Inference {
+    /// The latents' non-zeros, (B, M) as CSR rows.
+    pub latents: crate::base::sparse::SparseBatch,
+    /// (B, D) reconstruction in the input space.
+    pub recon: Tensor,
+}
+
+/// Sparse latents and the reconstruction of `x`: the values of `forward(sae, x, false)`. With
+/// host kernels and a thresholded activation (`Sae::inference_keep`) the encoder's output is
+/// thresholded block by block, so no (B × M) buffer is written; otherwise a forward pass.
+pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
+    let (p, x) = (sae.params(), x.detach());
+    if p.kernels.for_tensor(&x).is_host() {
+        if let Some(keep) = sae.inference_keep()? {
+            let (working_input, scale) = working_space(sae, &x)?;
+            let b_dec = p.b_dec.as_tensor().detach();
+            let centre = sae.spec().centers_input().then_some(&b_dec);
+            let (w_enc, b_enc) = (p.w_enc.as_tensor().detach(), p.b_enc.as_tensor().detach());
+            let latents = ops::encode_above(&working_input, &w_enc, &b_enc, centre, &keep)?;
+            let output = ops::decode_csr(&latents, &p.w_dec.as_tensor().detach())?;
+            let (_, recon) = reconstruct(output, &b_dec, scale.as_ref())?;
+            return Ok(Inference { latents, recon });
+        }
+    }
+    let pass = forward(sae, &x, false)?;
+    let latents = match pass.latents_csr {
+        Some(csr) => csr,
+        None => {
+            let m = sae.spec().n_latents;
+            let dense = pass.latents().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            crate::base::cpu::with_cpu_slice(&dense, |l| {
+                crate::base::sparse::SparseBatch::from_dense(l, m)
+            })?
+        }
+    };
+    Ok(Inference { latents, recon: pass.recon })
 }
 
 /// Latents for inference (no graph).

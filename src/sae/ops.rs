@@ -9,15 +9,17 @@
 //! Each public function dispatches on `Kernels`: the custom op with host kernels, plain candle
 //! ops otherwise (CUDA, Metal, or `run.ops = "portable"`), so models are written once.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
-use crate::base::gemm::gemm_f32;
+use crate::base::gemm::{gemm_f32, gemm_f32_plus_row_blocks, Strided};
 use crate::base::grad_sink::GradSink;
 use crate::base::host::Kernels;
+use crate::base::simd::vectorized;
 use crate::base::sparse::{self, SparseBatch, SPARSE_LIMIT};
 use crate::models::topk::Mask;
 use crate::monoscore::sparse_loss::{self, MonoLossSaved, MonoLossStats};
@@ -37,17 +39,20 @@ struct EncoderLinear {
 }
 
 impl EncoderLinear {
-    /// x − b_dec row by row when centring (the same float operations as a broadcast subtract).
-    fn centred<'a>(&self, x: &'a [f32], biases: &[f32], m: usize) -> std::borrow::Cow<'a, [f32]> {
-        if !self.centre {
-            return x.into();
-        }
-        let b_dec = &biases[m..];
-        let mut xc = x.to_vec();
-        xc.par_chunks_mut(b_dec.len().max(1))
-            .for_each(|row| row.iter_mut().zip(b_dec).for_each(|(v, &c)| *v -= c));
-        xc.into()
+    /// x − b_dec row by row when centring.
+    fn centred<'a>(&self, x: &'a [f32], biases: &[f32], m: usize) -> Cow<'a, [f32]> {
+        centre_rows(x, self.centre.then(|| &biases[m..]))
     }
+}
+
+/// x − b_dec row by row when `b_dec` is given (the same float operations as a broadcast
+/// subtract).
+fn centre_rows<'a>(x: &'a [f32], b_dec: Option<&[f32]>) -> Cow<'a, [f32]> {
+    let Some(b_dec) = b_dec else { return x.into() };
+    let mut xc = x.to_vec();
+    xc.par_chunks_mut(b_dec.len().max(1))
+        .for_each(|row| row.iter_mut().zip(b_dec).for_each(|(v, &c)| *v -= c));
+    xc.into()
 }
 
 impl CustomOp3 for EncoderLinear {
@@ -252,6 +257,151 @@ pub fn encoder_linear(
         };
         Ok(Encoded { pre: x.matmul(&w.t()?)?.broadcast_add(b_enc)?, port: None })
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inference of thresholded activations without (B × M) buffers.
+
+/// Inference latents that are a threshold of the pre-activations: latent j keeps pre_j where
+/// pre_j > t_j and pre_j > 0, and is 0 elsewhere (BatchTopK's learned threshold, JumpReLU's θ,
+/// ReLU's 0).
+pub enum KeepAbove {
+    All(f32),
+    /// One threshold per latent.
+    PerLatent(Vec<f32>),
+}
+
+/// The latents of `KeepAbove` straight from the encoder, on the host: the pre-activations are
+/// computed a block of latents at a time and thresholded while in cache, so neither they nor
+/// dense latents are ever stored. The entries are those of the masked ReLU of
+/// `encoder_linear`'s output, bit for bit (same products, same comparisons).
+pub fn encode_above(
+    x: &Tensor,
+    w: &Tensor,
+    b_enc: &Tensor,
+    b_dec: Option<&Tensor>,
+    keep: &KeepAbove,
+) -> CResult<SparseBatch> {
+    let (b, d) = x.dims2()?;
+    let m = w.dim(0)?;
+    if let KeepAbove::PerLatent(t) = keep {
+        if t.len() != m {
+            candle_core::bail!("{} thresholds for {m} latents", t.len());
+        }
+    }
+    let b_dec = b_dec.map(Tensor::contiguous).transpose()?;
+    let (x, w, b_enc) = (x.contiguous()?, w.contiguous()?, b_enc.contiguous()?);
+    let blocks = with_cpu_slice(&x, |xs| {
+        with_cpu_slice(&w, |ws| {
+            with_cpu_slice(&b_enc, |bias| {
+                let dec = b_dec.as_ref().map(|t| with_cpu_slice(t, <[f32]>::to_vec)).transpose()?;
+                let xc = centre_rows(xs, dec.as_deref());
+                let (a, wt) =
+                    (Strided { data: &xc, rs: d, cs: 1 }, Strided { data: ws, rs: 1, cs: d });
+                Ok::<_, candle_core::Error>(gemm_f32_plus_row_blocks(
+                    (b, m, d),
+                    a,
+                    wt,
+                    bias,
+                    |first, width, pre| {
+                        let thresholds: Cow<[f32]> = match keep {
+                            KeepAbove::All(t) => vec![*t; width].into(),
+                            KeepAbove::PerLatent(t) => t[first..first + width].into(),
+                        };
+                        KeptBlock::scan(pre, &thresholds, first)
+                    },
+                ))
+            })
+        })
+    })????;
+    Ok(KeptBlock::merge(&blocks, b))
+}
+
+/// The entries one block of latents keeps, row after row.
+struct KeptBlock {
+    /// Entries per row.
+    counts: Vec<usize>,
+    columns: Vec<u32>,
+    values: Vec<f32>,
+}
+
+impl KeptBlock {
+    /// Scans (rows × width) pre-activations of the latents first.. against their thresholds.
+    fn scan(pre: &[f32], thresholds: &[f32], first: usize) -> Self {
+        let width = thresholds.len();
+        let mut kept = KeptBlock { counts: Vec::new(), columns: Vec::new(), values: Vec::new() };
+        if width == 0 {
+            return kept;
+        }
+        let full = width / 16 * 16;
+        // v > t and v > 0 as one comparison: v > max(t, 0), and never for a NaN threshold.
+        let thresholds: Vec<f32> = thresholds
+            .iter()
+            .map(|&t| if t.is_nan() { f32::INFINITY } else { t.max(0.0) })
+            .collect();
+        let keeps = |v: f32, t: f32| v > t;
+        vectorized!(for row in pre.chunks_exact(width) {
+            let before = kept.columns.len();
+            // Blocks of 16 as arrays (a fixed length is what lets LLVM vectorise the test),
+            // compared in vector registers into a bit mask; a sparse row has a few bits set.
+            let blocks = row[..full].chunks_exact(16).zip(thresholds[..full].chunks_exact(16));
+            for (i, (v, t)) in blocks.enumerate() {
+                let (v, t): (&[f32; 16], &[f32; 16]) =
+                    (v.try_into().unwrap(), t.try_into().unwrap());
+                let mut bits = (0..16).fold(0u32, |bits, j| bits | (keeps(v[j], t[j]) as u32) << j);
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    kept.columns.push((first + i * 16 + j) as u32);
+                    kept.values.push(v[j]);
+                    bits &= bits - 1;
+                }
+            }
+            for (j, (&v, &t)) in row[full..].iter().zip(&thresholds[full..]).enumerate() {
+                if keeps(v, t) {
+                    kept.columns.push((first + full + j) as u32);
+                    kept.values.push(v);
+                }
+            }
+            kept.counts.push(kept.columns.len() - before);
+        });
+        kept
+    }
+
+    /// The blocks (in column order) as CSR rows: each row's entries block after block.
+    fn merge(blocks: &[KeptBlock], rows: usize) -> SparseBatch {
+        let nnz: usize = blocks.iter().map(|k| k.columns.len()).sum();
+        let (mut columns, mut values) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz));
+        let mut row_offsets = Vec::with_capacity(rows + 1);
+        row_offsets.push(0);
+        let mut cursors = vec![0usize; blocks.len()];
+        for r in 0..rows {
+            for (block, at) in blocks.iter().zip(&mut cursors) {
+                let n = block.counts.get(r).copied().unwrap_or(0);
+                columns.extend_from_slice(&block.columns[*at..*at + n]);
+                values.extend_from_slice(&block.values[*at..*at + n]);
+                *at += n;
+            }
+            row_offsets.push(columns.len());
+        }
+        SparseBatch { row_offsets, columns, values }
+    }
+}
+
+/// (B, M) latents as CSR rows · (M, D) → (B, D) on the host: the values `decode` computes for
+/// the same latents without a gradient (sparse products, or the dense one when they are too
+/// dense for them).
+pub fn decode_csr(latents: &SparseBatch, w: &Tensor) -> CResult<Tensor> {
+    let (m, d) = w.dims2()?;
+    let b = latents.rows();
+    let w = w.contiguous()?;
+    let out = with_cpu_slice(&w, |ws| {
+        if b * m == 0 || latents.nnz() as f64 / (b * m) as f64 <= SPARSE_LIMIT {
+            sparse::csr_matmul(latents.as_rows(), ws, d)
+        } else {
+            gemm_f32(b, d, m, &latents.to_dense(m), m, 1, ws, d, 1)
+        }
+    })?;
+    cpu_tensor(out, (b, d))
 }
 
 // ---------------------------------------------------------------------------------------------

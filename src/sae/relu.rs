@@ -3,6 +3,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
+use super::ops::KeepAbove;
 use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::base::host::Kernels;
 
@@ -39,6 +40,11 @@ impl Sae for ReluSae {
             grad_support: None,
             batch_threshold: None,
         })
+    }
+
+    /// ReLU keeps what is above 0.
+    fn inference_keep(&self) -> Result<Option<KeepAbove>> {
+        Ok(Some(KeepAbove::All(0.0)))
     }
 
     fn extra_losses(
