@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -41,23 +41,28 @@ fn top_rows(
     latents: &[usize],
 ) -> Result<Vec<Vec<(f32, usize)>>> {
     let mut tops: Vec<Vec<(f32, usize)>> = vec![Vec::new(); latents.len()];
+    // Each latent's place in `latents`, if chosen.
+    let mut slot = vec![None; sae.spec().n_latents];
+    for (j, &k) in latents.iter().enumerate() {
+        slot[k] = Some(j);
+    }
     let (n, d) = (store.len(), store.dim());
     let mut x = Vec::new();
     for start in (0..n).step_by(1024) {
         let end = (start + 1024).min(n);
         store.read_range(start, end, &mut x)?;
-        let lat =
-            crate::sae::encode(sae, &Tensor::from_slice(&x, (end - start, d), &Device::Cpu)?)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-        for (j, &k) in latents.iter().enumerate() {
-            for (r, row) in lat.iter().enumerate() {
-                if row[k] > 0.0 {
-                    tops[j].push((row[k], start + r));
+        let input = Tensor::from_slice(&x, (end - start, d), &Device::Cpu)?;
+        let lat = crate::sae::infer(sae, &input)?.latents;
+        for r in 0..lat.rows() {
+            for e in lat.row_offsets[r]..lat.row_offsets[r + 1] {
+                if let Some(j) = slot[lat.columns[e] as usize] {
+                    tops[j].push((lat.values[e], start + r));
                 }
             }
-            tops[j].sort_by(|a, b| b.0.total_cmp(&a.0));
-            tops[j].truncate(PER_LATENT);
+        }
+        for top in &mut tops {
+            top.sort_by(|a, b| b.0.total_cmp(&a.0));
+            top.truncate(PER_LATENT);
         }
     }
     Ok(tops)

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::base::config::{BatchTopkConfig, JumpReluConfig, ReluConfig, SaeConfig, SaeKind};
 use crate::base::cpu::normalize_rows_sequential;
-use crate::base::host::Kernels;
+use crate::base::host::{self, Kernels};
 use crate::models::topk::{self as select, Mask};
 use crate::monoscore::BatchMono;
 
@@ -409,13 +409,10 @@ pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
     let pass = forward(sae, &x, false)?;
     let latents = match pass.latents_csr {
         Some(csr) => csr,
-        None => {
-            let m = sae.spec().n_latents;
-            let dense = pass.latents().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            crate::base::cpu::with_cpu_slice(&dense, |l| {
-                crate::base::sparse::SparseBatch::from_dense(l, m)
-            })?
-        }
+        None => crate::base::sparse::SparseBatch::from_dense(
+            &host::read_f32(pass.latents())?,
+            sae.spec().n_latents,
+        ),
     };
     Ok(Inference { latents, recon: pass.recon })
 }
