@@ -38,24 +38,38 @@ pub fn select_mask(
     allowed: Option<&[bool]>,
     positive_only: bool,
 ) -> (Vec<bool>, Option<f32>) {
+    let (kept, min) = select_entries(values, cols, how, allowed, positive_only);
+    let mut mask = vec![false; values.len()];
+    kept.iter().for_each(|&i| mask[i as usize] = true);
+    (mask, min)
+}
+
+/// `select_mask`'s kept entries as flat indices in increasing order, and the smallest kept value.
+pub fn select_entries(
+    values: &[f32],
+    cols: usize,
+    how: &Selection,
+    allowed: Option<&[bool]>,
+    positive_only: bool,
+) -> (Vec<u32>, Option<f32>) {
     let eligible = |c: usize, v: f32| {
         allowed.is_none_or(|a| a[c]) && (!positive_only || v > 0.0) && !v.is_nan()
     };
-    let mut mask = vec![false; values.len()];
     // Order: larger value first, then lower flat index.
     let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let smallest = |kept: &[(f32, u32)]| kept.iter().map(|e| e.0).reduce(f32::min);
     match *how {
         Selection::PerRow(k) => {
-            let mins: Vec<Option<f32>> = mask
-                .par_chunks_mut(cols)
-                .zip(values.par_chunks(cols))
-                .map_init(Vec::new, |scratch: &mut Vec<(f32, u32)>, (mrow, vrow)| {
+            let rows: Vec<(Vec<u32>, Option<f32>)> = values
+                .par_chunks(cols.max(1))
+                .enumerate()
+                .map_init(Vec::new, |scratch: &mut Vec<(f32, u32)>, (r, vrow)| {
                     scratch.clear();
                     scratch.extend(
                         vrow.iter()
                             .enumerate()
                             .filter(|(c, v)| eligible(*c, **v))
-                            .map(|(c, &v)| (v, c as u32)),
+                            .map(|(c, &v)| (v, (r * cols + c) as u32)),
                     );
                     if scratch.len() > k && k > 0 {
                         scratch.select_nth_unstable_by(k - 1, better);
@@ -63,32 +77,25 @@ pub fn select_mask(
                     } else if k == 0 {
                         scratch.clear();
                     }
-                    let mut min: Option<f32> = None;
-                    for &(v, c) in scratch.iter() {
-                        mrow[c as usize] = true;
-                        min = Some(min.map_or(v, |m: f32| m.min(v)));
-                    }
-                    min
+                    let mut kept: Vec<u32> = scratch.iter().map(|e| e.1).collect();
+                    kept.sort_unstable();
+                    (kept, smallest(scratch))
                 })
                 .collect();
-            let min = mins.into_iter().flatten().reduce(f32::min);
-            (mask, min)
+            let min = rows.iter().filter_map(|r| r.1).reduce(f32::min);
+            (rows.into_iter().flat_map(|r| r.0).collect(), min)
         }
         Selection::Batch(n) => {
-            let candidates = batch_candidates(values, cols, n, &eligible);
-            let mut candidates = candidates;
+            let mut candidates = batch_candidates(values, cols, n, &eligible);
             if candidates.len() > n && n > 0 {
                 candidates.select_nth_unstable_by(n - 1, better);
                 candidates.truncate(n);
             } else if n == 0 {
                 candidates.clear();
             }
-            let mut min: Option<f32> = None;
-            for &(v, i) in &candidates {
-                mask[i as usize] = true;
-                min = Some(min.map_or(v, |m: f32| m.min(v)));
-            }
-            (mask, min)
+            let mut kept: Vec<u32> = candidates.iter().map(|e| e.1).collect();
+            kept.par_sort_unstable();
+            (kept, smallest(&candidates))
         }
     }
 }
@@ -148,6 +155,9 @@ fn batch_candidates(
 enum Keep {
     Mask(Vec<bool>),
     Above(f32),
+    /// Flat indices in increasing order (a selection's few entries): the output is written as
+    /// zeros and these, without reading the rest of the input.
+    Entries(Vec<u32>),
 }
 
 struct MaskedRelu {
@@ -179,6 +189,12 @@ impl CustomOp1 for MaskedRelu {
             }
             // The values stand in for the mask operand (same memory: no extra traffic).
             &Keep::Above(t) => SparseBatch::map2_with_csr(x, x, cols, |v, _| relu_where(v, v > t)),
+            Keep::Entries(kept) => {
+                if kept.last().is_some_and(|&i| i as usize >= x.len()) {
+                    candle_core::bail!("{}: an entry beyond {} values", self.name(), x.len());
+                }
+                scatter_with_csr(x, kept, cols, |v| relu_where(v, true))
+            }
         };
         *self.csr.lock().unwrap() = Some(csr);
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -188,6 +204,36 @@ impl CustomOp1 for MaskedRelu {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(super::fused::relu_backward(grad, res)?))
     }
+}
+
+/// f(x[i]) at the flat indices `kept` (increasing), zeros elsewhere, and the non-zeros as CSR
+/// rows: the output zeroed in parallel blocks, then the few entries written.
+fn scatter_with_csr(
+    x: &[f32],
+    kept: &[u32],
+    cols: usize,
+    f: impl Fn(f32) -> f32,
+) -> (Vec<f32>, SparseBatch) {
+    let rows = x.len().checked_div(cols).unwrap_or(0);
+    let mut dense = crate::base::cpu::par_filled(x.len(), 1 << 16, |_, part| part.fill(0.0));
+    let mut row_offsets = Vec::with_capacity(rows + 1);
+    let (mut columns, mut values) =
+        (Vec::with_capacity(kept.len()), Vec::with_capacity(kept.len()));
+    row_offsets.push(0);
+    for &i in kept {
+        let (i, value) = (i as usize, f(x[i as usize]));
+        if value == 0.0 {
+            continue;
+        }
+        dense[i] = value;
+        while row_offsets.len() <= i / cols {
+            row_offsets.push(columns.len());
+        }
+        columns.push((i % cols) as u32);
+        values.push(value);
+    }
+    row_offsets.resize(rows + 1, columns.len());
+    (dense, SparseBatch { row_offsets, columns, values })
 }
 
 /// A selection mask: host booleans for the host kernel, a 0/1 tensor like `pre` otherwise.
@@ -250,10 +296,10 @@ pub fn topk_latents(
                 with_cpu_slice(&a, |v| v.iter().map(|&x| x != 0.0).collect())
             })
             .transpose()?;
-        let (mask, min) =
-            with_cpu_slice(pre, |v| select_mask(v, cols, how, allowed.as_deref(), true))?;
+        let (kept, min) =
+            with_cpu_slice(pre, |v| select_entries(v, cols, how, allowed.as_deref(), true))?;
         let min = min.map(|m| Tensor::new(m, pre.device())).transpose()?;
-        return Ok(Selected { min, ..masked_relu(pre, Mask::Host(mask))? });
+        return Ok(Selected { min, ..host_masked_relu(pre, Keep::Entries(kept))? });
     }
     let (mask, threshold) = portable_select(&pre.detach(), how, allowed)?;
     Ok(Selected { min: Some(threshold), ..masked_relu(pre, Mask::Device(mask))? })
@@ -318,4 +364,27 @@ fn portable_select(
         Selection::PerRow(_) => threshold,
     };
     Ok((mask, threshold))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scattered output and its CSR equal the masked map over the whole input for the same
+    /// entries: empty first, middle and last rows, and a kept entry that is not positive
+    /// (dropped from both).
+    #[test]
+    fn scattering_the_kept_entries_equals_the_masked_map() {
+        let (rows, cols) = (6, 7);
+        let x: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let kept: Vec<u32> = vec![8, 9, 12, 22, 23, 24, 34];
+        assert!(x[kept[1] as usize] <= 0.0 || x[kept[3] as usize] <= 0.0, "a non-positive one");
+        let mut mask = vec![false; x.len()];
+        kept.iter().for_each(|&i| mask[i as usize] = true);
+        let relu_where = |v: f32, keep: bool| if keep && v > 0.0 { v } else { 0.0 };
+        let want = SparseBatch::map2_with_csr(&x, &mask, cols, relu_where);
+        let got = scatter_with_csr(&x, &kept, cols, |v| relu_where(v, true));
+        assert_eq!(got.0, want.0);
+        assert_eq!(got.1, want.1);
+    }
 }
