@@ -289,6 +289,12 @@ pub fn encode_above(
             candle_core::bail!("{} thresholds for {m} latents", t.len());
         }
     }
+    // pre > t and pre > 0 as one comparison: pre > max(t, 0); a NaN threshold keeps nothing.
+    let cut = |t: f32| if t.is_nan() { f32::INFINITY } else { t.max(0.0) };
+    let cuts: Vec<f32> = match keep {
+        KeepAbove::All(t) => vec![cut(*t); m],
+        KeepAbove::PerLatent(t) => t.iter().map(|&t| cut(t)).collect(),
+    };
     let b_dec = b_dec.map(Tensor::contiguous).transpose()?;
     let (x, w, b_enc) = (x.contiguous()?, w.contiguous()?, b_enc.contiguous()?);
     let blocks = with_cpu_slice(&x, |xs| {
@@ -303,13 +309,7 @@ pub fn encode_above(
                     a,
                     wt,
                     bias,
-                    |first, width, pre| {
-                        let thresholds: Cow<[f32]> = match keep {
-                            KeepAbove::All(t) => vec![*t; width].into(),
-                            KeepAbove::PerLatent(t) => t[first..first + width].into(),
-                        };
-                        KeptBlock::scan(pre, &thresholds, first)
-                    },
+                    |first, width, pre| KeptBlock::scan(pre, &cuts[first..first + width], first),
                 ))
             })
         })
@@ -326,25 +326,20 @@ struct KeptBlock {
 }
 
 impl KeptBlock {
-    /// Scans (rows × width) pre-activations of the latents first.. against their thresholds.
-    fn scan(pre: &[f32], thresholds: &[f32], first: usize) -> Self {
-        let width = thresholds.len();
+    /// Keeps the (rows × width) pre-activations of the latents first.. that exceed their cuts.
+    fn scan(pre: &[f32], cuts: &[f32], first: usize) -> Self {
+        let width = cuts.len();
         let mut kept = KeptBlock { counts: Vec::new(), columns: Vec::new(), values: Vec::new() };
         if width == 0 {
             return kept;
         }
         let full = width / 16 * 16;
-        // v > t and v > 0 as one comparison: v > max(t, 0), and never for a NaN threshold.
-        let thresholds: Vec<f32> = thresholds
-            .iter()
-            .map(|&t| if t.is_nan() { f32::INFINITY } else { t.max(0.0) })
-            .collect();
-        let keeps = |v: f32, t: f32| v > t;
+        let keeps = |v: f32, cut: f32| v > cut;
         vectorized!(for row in pre.chunks_exact(width) {
             let before = kept.columns.len();
             // Blocks of 16 as arrays (a fixed length is what lets LLVM vectorise the test),
             // compared in vector registers into a bit mask; a sparse row has a few bits set.
-            let blocks = row[..full].chunks_exact(16).zip(thresholds[..full].chunks_exact(16));
+            let blocks = row[..full].chunks_exact(16).zip(cuts[..full].chunks_exact(16));
             for (i, (v, t)) in blocks.enumerate() {
                 let (v, t): (&[f32; 16], &[f32; 16]) =
                     (v.try_into().unwrap(), t.try_into().unwrap());
@@ -356,7 +351,7 @@ impl KeptBlock {
                     bits &= bits - 1;
                 }
             }
-            for (j, (&v, &t)) in row[full..].iter().zip(&thresholds[full..]).enumerate() {
+            for (j, (&v, &t)) in row[full..].iter().zip(&cuts[full..]).enumerate() {
                 if keeps(v, t) {
                     kept.columns.push((first + full + j) as u32);
                     kept.values.push(v);
