@@ -104,25 +104,13 @@ pub fn gemm_f32_plus_row_blocks<T: Send>(
         .map(|block| {
             let first = block * width;
             let width = width.min(n - first);
-            let b = Strided { data: &b.data[first * b.cs..], ..b };
             let mut out = Vec::<f32>::with_capacity(m * width);
-            // SAFETY: the operands were checked above (this block's rhs is a suffix that still
-            // holds its columns); `out` has room for the (m × width) block, which the crate
-            // writes whole without reading it.
+            // SAFETY: the operands were checked above; `out` has room for the (m × width)
+            // block at row stride `width`, and the block writes all of it.
             unsafe {
-                write_product(
-                    out.as_mut_ptr(),
-                    (width, 1),
-                    (m, width, k),
-                    a,
-                    b,
-                    1.0,
-                    Parallelism::None,
-                );
+                column_block(out.as_mut_ptr(), width, (m, k), (first, width), a, b, Some(row));
                 out.set_len(m * width);
             }
-            let row = &row[first..first + width];
-            out.chunks_exact_mut(width.max(1)).for_each(|r| add_row(r, row));
             consume(first, width, &out)
         })
         .collect()
@@ -224,23 +212,43 @@ fn column_blocks(
     (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
         let first = block * width;
         let width = width.min(n - first);
-        let b = Strided { data: &b.data[first * b.cs..], ..b };
-        // SAFETY: the operands were checked by the caller (this block's rhs is a suffix that
-        // still holds its columns); the block's destination columns first..first + width of
-        // rows 0..m lie inside the m × n buffer and no other task writes them.
-        unsafe { write_product(out.at(first), (n, 1), (m, width, k), a, b, 1.0, Parallelism::None) }
-        if let Some(row) = row {
-            let row = &row[first..first + width];
-            for i in 0..m {
-                // SAFETY: this task's columns of row i, written above, read by no other task.
-                let out = unsafe { std::slice::from_raw_parts_mut(out.at(i * n + first), width) };
-                add_row(out, row);
-            }
-        }
+        // SAFETY: the operands were checked by the caller; the block's destination columns
+        // first..first + width of rows 0..m lie inside the m × n buffer and no other task
+        // writes or reads them.
+        unsafe { column_block(out.at(first), n, (m, k), (first, width), a, b, row) }
     });
     // SAFETY: the blocks together wrote every element.
     unsafe { dst.set_len(len) };
     dst
+}
+
+/// Columns first..first + width of a · b (+ `row`'s same columns on every row), written on
+/// this thread at `dst` with row stride `rs`: one block of `column_blocks` or of
+/// `gemm_f32_plus_row_blocks`.
+///
+/// # Safety
+/// `a` and `b` hold every element of the full product (checked by the caller), and `dst` is
+/// valid for writes of (m × width) elements at row stride `rs` that nothing else touches
+/// meanwhile.
+unsafe fn column_block(
+    dst: *mut f32,
+    rs: usize,
+    (m, k): (usize, usize),
+    (first, width): (usize, usize),
+    a: Strided,
+    b: Strided,
+    row: Option<&[f32]>,
+) {
+    // This block's rhs: a suffix that still holds its columns.
+    let b = Strided { data: &b.data[first * b.cs..], ..b };
+    unsafe { write_product(dst, (rs, 1), (m, width, k), a, b, 1.0, Parallelism::None) }
+    if let Some(row) = row {
+        let row = &row[first..first + width];
+        for i in 0..m {
+            // SAFETY: this block's columns of row i, just written, touched by nobody else.
+            add_row(unsafe { std::slice::from_raw_parts_mut(dst.add(i * rs), width) }, row);
+        }
+    }
 }
 
 /// `scale` · a · b written over `dst` (element (i, j) at `i * dst_rs + j`) on the calling

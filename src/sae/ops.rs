@@ -390,7 +390,7 @@ pub fn decode_csr(latents: &SparseBatch, w: &Tensor) -> CResult<Tensor> {
     let b = latents.rows();
     let w = w.contiguous()?;
     let out = with_cpu_slice(&w, |ws| {
-        if b * m == 0 || latents.nnz() as f64 / (b * m) as f64 <= SPARSE_LIMIT {
+        if sparse_enough(latents.nnz(), b, m) {
             sparse::csr_matmul(latents.as_rows(), ws, d)
         } else {
             gemm_f32(b, d, m, &latents.to_dense(m), m, 1, ws, d, 1)
@@ -582,6 +582,11 @@ fn apply_support_matmul(
     Ok((output, csr))
 }
 
+/// Whether (rows × m) latents with `nnz` non-zeros take the sparse decoder products.
+fn sparse_enough(nnz: usize, rows: usize, m: usize) -> bool {
+    rows * m == 0 || nnz as f64 / (rows * m) as f64 <= SPARSE_LIMIT
+}
+
 /// The CSR the host decoder runs on: None when the latents are too dense for the sparse
 /// kernels. A CSR from the caller is used when no gradient support has to be added to it;
 /// otherwise one counting pass builds it.
@@ -592,9 +597,7 @@ fn decoder_csr(
 ) -> CResult<Option<SparseBatch>> {
     let (b, m) = latents.dims2()?;
     match (given, host_support(grad_support)) {
-        (Some(csr), None) => {
-            Ok((b * m == 0 || csr.nnz() as f64 / (b * m) as f64 <= SPARSE_LIMIT).then_some(csr))
-        }
+        (Some(csr), None) => Ok(sparse_enough(csr.nnz(), b, m).then_some(csr)),
         (_, support) => {
             with_cpu_slice(latents, |l| SparseBatch::from_dense_if_sparse(l, m, support))
         }
