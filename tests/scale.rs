@@ -195,3 +195,42 @@ fn purity_and_monoscore_count_the_same_live_latents() {
     assert_eq!(purity.latents, results.monoscore.live);
     assert_eq!(purity.latents, 1);
 }
+
+/// A row the score cannot judge (zero norm) stops the evaluation with the rows of its batch,
+/// whichever thread adds the batch's statistics, and no later batch is reported instead.
+#[test]
+fn evaluation_names_the_batch_of_a_row_it_cannot_score() {
+    use candle_core::Tensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let (rows, d) = (80usize, 2usize);
+    let mut writer =
+        StoreWriter::create(tmp.path(), mono::data::store::StoreInfo::new(d, "val"), 64).unwrap();
+    // Rows of norm 1, but row 37 is zero, and rows from 60 on are zero too.
+    let x: Vec<f32> = (0..rows)
+        .flat_map(|i| {
+            let a = i as f32 * 0.3;
+            if i == 37 || i >= 60 {
+                [0.0, 0.0]
+            } else {
+                [a.cos(), a.sin()]
+            }
+        })
+        .collect();
+    let paths: Vec<String> = (0..rows).map(|i| format!("r{i}")).collect();
+    writer.push(&x, BatchLabels::None, &paths).unwrap();
+    writer.finish().unwrap();
+    let store = FeatureStore::open(tmp.path()).unwrap();
+    let mut spec =
+        mono::sae::SaeSpec::from_config(&SaeConfig::of_kind(mono::config::SaeKind::Relu), d);
+    spec.n_latents = 2;
+    let sae = mono::sae::build(&spec, 1, &Device::Cpu, mono::base::host::Kernels::Host).unwrap();
+    let p = sae.params();
+    p.w_enc
+        .set(&Tensor::from_vec(vec![1.0f32, 0.0, 0.0, 1.0], (2, 2), &Device::Cpu).unwrap())
+        .unwrap();
+    let err = match mono::eval::evaluate(sae.as_ref(), &store, None, 16, &Device::Cpu) {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("a zero-norm row was scored"),
+    };
+    assert!(err.contains("rows 32..48"), "{err}");
+}

@@ -391,13 +391,23 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// (rows × M sparse) · (M × D dense) → rows × D: row i = Σ_e v_e · w[c_e].
 pub fn csr_matmul(a: SparseRows<'_>, w: &[f32], d: usize) -> Vec<f32> {
-    gather_rows(a.row_offsets, a.columns, a.values, w, d)
+    gather_rows(a.row_offsets, a.columns, a.values, w, d, |_, _| {})
+}
+
+/// [`csr_matmul`], then `finish(i, row)` on each output row while its task's rows are in cache.
+pub fn csr_matmul_then(
+    a: SparseRows<'_>,
+    w: &[f32],
+    d: usize,
+    finish: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    gather_rows(a.row_offsets, a.columns, a.values, w, d, finish)
 }
 
 /// (rows × M sparse)ᵀ · (rows × D dense) → M × D: row k = Σ_i a_ik · x[i].
 pub fn csr_transpose_matmul(a: SparseRows<'_>, x: &[f32], d: usize, m: usize) -> Vec<f32> {
     let cols = to_columns(a, m);
-    gather_rows(&cols.col_offsets, &cols.rows, &cols.values, x, d)
+    gather_rows(&cols.col_offsets, &cols.rows, &cols.values, x, d, |_, _| {})
 }
 
 /// Output columns per register block of `gather_rows` (16 AVX2 or 8 AVX-512 registers).
@@ -407,7 +417,8 @@ const GATHER_COLUMNS: usize = 128;
 const GATHER_MAX_ROWS: usize = 1024;
 
 /// out[r] = Σ_e values[e] · src[index[e]] over the entries e of `offsets[r]..offsets[r + 1]`,
-/// for `d`-wide rows of `src`, each element summed in entry order from zero.
+/// for `d`-wide rows of `src`, each element summed in entry order from zero; then
+/// `finish(r, out[r])` for each row of a task once all its rows are complete.
 ///
 /// Each output row is built `GATHER_COLUMNS` columns at a time in registers, walking the row's
 /// entries once per block: an axpy over the whole row instead loads and stores the output for
@@ -419,6 +430,7 @@ fn gather_rows(
     values: &[f32],
     src: &[f32],
     d: usize,
+    finish: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let rows = offsets.len().saturating_sub(1);
     if d == 0 {
@@ -456,7 +468,10 @@ fn gather_rows(
                     }
                 }
             }
-        })
+        });
+        for (r, row) in block.chunks_exact_mut(d).enumerate() {
+            finish(first + r, row);
+        }
     })
 }
 
@@ -671,7 +686,7 @@ mod tests {
         }
         // The output is not zero-filled up front: the allocator holds NaNs before.
         drop(std::hint::black_box(vec![f32::NAN; 70 * d]));
-        let got = gather_rows(&offsets, &index, &values, &src, d);
+        let got = gather_rows(&offsets, &index, &values, &src, d, |_, _| {});
         for r in 0..70 {
             for j in 0..d {
                 let mut want = 0f32;
@@ -682,7 +697,16 @@ mod tests {
             }
         }
         let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        assert_eq!(one_thread.install(|| gather_rows(&offsets, &index, &values, &src, d)), got);
+        let on_one =
+            one_thread.install(|| gather_rows(&offsets, &index, &values, &src, d, |_, _| {}));
+        assert_eq!(on_one, got);
+        // `finish` sees each complete row once, with its index.
+        let finish =
+            |r: usize, row: &mut [f32]| row.iter_mut().for_each(|v| *v = *v * 0.5 + r as f32);
+        let finished = gather_rows(&offsets, &index, &values, &src, d, finish);
+        for (i, (f, g)) in finished.iter().zip(&got).enumerate() {
+            assert_eq!(f.to_bits(), (g * 0.5 + (i / d) as f32).to_bits(), "element {i}");
+        }
     }
 
     #[test]

@@ -134,6 +134,71 @@ fn mean(values: &[Option<f64>]) -> (f64, usize) {
     )
 }
 
+/// One inferred batch: store rows start.., their features and the SAE's output.
+struct Batch {
+    start: usize,
+    x: Vec<f32>,
+    latents: SparseBatch,
+    /// (rows, D) reconstruction on the CPU, f32.
+    recon: Tensor,
+}
+
+/// Reads rows start..end into `x` (a recycled buffer) and runs the SAE on them.
+fn infer_batch(
+    sae: &dyn Sae,
+    store: &FeatureStore,
+    start: usize,
+    end: usize,
+    mut x: Vec<f32>,
+    device: &Device,
+) -> Result<Batch> {
+    store.read_range(start, end, &mut x)?;
+    let input = Tensor::from_slice(&x, (end - start, store.dim()), device)?;
+    let Inference { latents, recon } = infer(sae, &input)?;
+    let recon = recon.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    Ok(Batch { start, x, latents, recon })
+}
+
+/// The streaming statistics of an evaluation, fed batch after batch in store order.
+struct Tally<'a> {
+    store: &'a FeatureStore,
+    similarity: Option<&'a FeatureStore>,
+    recon: ReconstructionStats,
+    scores: MonoScoreAccumulator,
+    purity: Option<PurityStats>,
+    fire_count: Vec<u64>,
+    nnz: usize,
+    /// The similarity store's rows of the batch (a recycled buffer).
+    sim: Vec<f32>,
+}
+
+impl Tally<'_> {
+    /// Adds a batch; gives back its row count and its feature buffer for reuse.
+    fn add(&mut self, batch: Batch) -> Result<(usize, Vec<f32>)> {
+        let Batch { start, x, latents, recon } = batch;
+        let (d, rows) = (self.store.dim(), latents.rows());
+        crate::base::cpu::with_cpu_slice(&recon, |r| self.recon.add(&x, r, d))?;
+        self.nnz += latents.nnz();
+        for &c in &latents.columns {
+            self.fire_count[c as usize] += 1;
+        }
+        let judge = match self.similarity {
+            Some(s) => {
+                s.read_range(start, start + rows, &mut self.sim)?;
+                &self.sim
+            }
+            None => &x,
+        };
+        self.scores.add_sparse(judge, latents.as_rows()).with_context(|| {
+            format!("rows {start}..{} of {}", start + rows, self.store.dir().display())
+        })?;
+        if let Some(p) = self.purity.as_mut() {
+            p.add(&latents, |r| self.store.row_labels(start + r).to_vec());
+        }
+        Ok((rows, x))
+    }
+}
+
 /// The largest evaluation batch on the CPU.
 const CPU_BATCH_ROWS: usize = 1024;
 
@@ -165,44 +230,55 @@ pub fn evaluate(
     // On the CPU, batches of at most 1024 rows keep each (rows × M) buffer near the size of the
     // last-level cache: 15–20 % faster than 4096 rows at M = 8192 (BENCHMARKS.md), same results.
     let batch_rows = if device.is_cpu() { batch_rows.min(CPU_BATCH_ROWS) } else { batch_rows };
-    let sim_dim = similarity.map_or(d, |s| s.dim());
-    let mut recon_stats = ReconstructionStats::new(d);
-    let mut scores = MonoScoreAccumulator::new(sim_dim, m);
     let classes = store.n_classes();
-    let mut purity = (classes > 0).then(|| PurityStats::new(m, classes));
-    let mut fire_count = vec![0u64; m];
-    let mut nnz_total = 0usize;
-    let (mut x, mut sim) = (Vec::new(), Vec::new());
+    let mut tally = Tally {
+        store,
+        similarity,
+        recon: ReconstructionStats::new(d),
+        scores: MonoScoreAccumulator::new(similarity.map_or(d, |s| s.dim()), m),
+        purity: (classes > 0).then(|| PurityStats::new(m, classes)),
+        fire_count: vec![0u64; m],
+        nnz: 0,
+        sim: Vec::new(),
+    };
     let bar = crate::base::progress::bar(n as u64, "evaluating");
-    let mut start = 0;
-    while start < n {
-        let end = (start + batch_rows.max(1)).min(n);
-        store.read_range(start, end, &mut x)?;
-        let input = Tensor::from_slice(&x, (end - start, d), device)?;
-        let Inference { latents: sparse, recon } = infer(sae, &input)?;
-        let recon = recon.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        crate::base::cpu::with_cpu_slice(&recon, |r| recon_stats.add(&x, r, d))?;
-        nnz_total += sparse.nnz();
-        for &c in &sparse.columns {
-            fire_count[c as usize] += 1;
-        }
-        let judge = match similarity {
-            Some(s) => {
-                s.read_range(start, end, &mut sim)?;
-                &sim
+    // Batch i's statistics are added on a second thread while this one infers batch i + 1:
+    // their serial parts (CSR merges, R² sums, each batch's CSC) overlap the other's parallel
+    // work instead of leaving a core idle. The statistics still see the batches in order, so
+    // the results do not depend on the overlap; inference stays on this thread (the device's).
+    // At most three batches are alive: one inferred, one queued, one being added.
+    std::thread::scope(|s| -> Result<()> {
+        let (batches, queued) = std::sync::mpsc::sync_channel::<Batch>(1);
+        let (buffers, recycled) = std::sync::mpsc::channel::<Vec<f32>>();
+        let (tally, bar) = (&mut tally, &bar);
+        let adder = s.spawn(move || -> Result<()> {
+            for batch in queued {
+                let (rows, x) = tally.add(batch)?;
+                bar.inc(rows as u64);
+                let _ = buffers.send(x);
             }
-            None => &x,
+            Ok(())
+        });
+        let step = batch_rows.max(1);
+        let infer_all = || -> Result<()> {
+            for start in (0..n).step_by(step) {
+                let x = recycled.try_recv().unwrap_or_default();
+                let batch = infer_batch(sae, store, start, (start + step).min(n), x, device)?;
+                // A closed channel: the adder stopped on an error, which its join returns.
+                if batches.send(batch).is_err() {
+                    break;
+                }
+            }
+            Ok(())
         };
-        scores
-            .add_sparse(judge, sparse.as_rows())
-            .with_context(|| format!("rows {start}..{end} of {}", store.dir().display()))?;
-        if let Some(p) = purity.as_mut() {
-            p.add(&sparse, |r| store.row_labels(start + r).to_vec());
-        }
-        bar.inc((end - start) as u64);
-        start = end;
-    }
+        let inferred = infer_all();
+        drop(batches);
+        // The adder's error concerns an earlier batch than this thread's.
+        adder.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        inferred
+    })?;
     bar.finish_and_clear();
+    let Tally { recon: recon_stats, scores, purity, fire_count, nnz: nnz_total, .. } = tally;
 
     let (r2, r2_total, mse) = recon_stats.finish();
     let monoscores = scores.finish();

@@ -401,8 +401,8 @@ pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
             let centre = sae.spec().centers_input().then_some(&b_dec);
             let (w_enc, b_enc) = (p.w_enc.as_tensor().detach(), p.b_enc.as_tensor().detach());
             let latents = ops::encode_above(&working_input, &w_enc, &b_enc, centre, &keep)?;
-            let output = ops::decode_csr(&latents, &p.w_dec.as_tensor().detach())?;
-            let (_, recon) = reconstruct(output, &b_dec, scale.as_ref())?;
+            let w_dec = p.w_dec.as_tensor().detach();
+            let recon = ops::reconstruct_csr(&latents, &w_dec, &b_dec, scale.as_ref())?;
             return Ok(Inference { latents, recon });
         }
     }

@@ -49,10 +49,17 @@ impl EncoderLinear {
 /// subtract).
 fn centre_rows<'a>(x: &'a [f32], b_dec: Option<&[f32]>) -> Cow<'a, [f32]> {
     let Some(b_dec) = b_dec else { return x.into() };
-    let mut xc = x.to_vec();
-    xc.par_chunks_mut(b_dec.len().max(1))
-        .for_each(|row| row.iter_mut().zip(b_dec).for_each(|(v, &c)| *v -= c));
-    xc.into()
+    let d = b_dec.len().max(1);
+    // One pass that writes each row once (a copy, then a subtract, wrote it twice).
+    crate::base::cpu::par_filled(x.len(), 64 * d, |t, part| {
+        let src = &x[t * 64 * d..][..part.len()];
+        for (out, row) in part.chunks_mut(d).zip(src.chunks(d)) {
+            for ((o, &v), &c) in out.iter_mut().zip(row).zip(b_dec) {
+                *o = v - c;
+            }
+        }
+    })
+    .into()
 }
 
 impl CustomOp3 for EncoderLinear {
@@ -362,38 +369,86 @@ impl KeptBlock {
         kept
     }
 
-    /// The blocks (in column order) as CSR rows: each row's entries block after block.
+    /// The blocks (in column order) as CSR rows: each row's entries block after block, copied
+    /// in parallel over rows.
     fn merge(blocks: &[KeptBlock], rows: usize) -> SparseBatch {
-        let nnz: usize = blocks.iter().map(|k| k.columns.len()).sum();
-        let (mut columns, mut values) = (Vec::with_capacity(nnz), Vec::with_capacity(nnz));
-        let mut row_offsets = Vec::with_capacity(rows + 1);
-        row_offsets.push(0);
-        let mut cursors = vec![0usize; blocks.len()];
-        for r in 0..rows {
-            for (block, at) in blocks.iter().zip(&mut cursors) {
-                let n = block.counts.get(r).copied().unwrap_or(0);
-                columns.extend_from_slice(&block.columns[*at..*at + n]);
-                values.extend_from_slice(&block.values[*at..*at + n]);
-                *at += n;
-            }
-            row_offsets.push(columns.len());
+        let count = |block: &KeptBlock, r: usize| block.counts.get(r).copied().unwrap_or(0);
+        let prefix = |counts: &mut dyn Iterator<Item = usize>| -> Vec<usize> {
+            std::iter::once(0)
+                .chain(counts.scan(0, |at, n| {
+                    *at += n;
+                    Some(*at)
+                }))
+                .collect()
+        };
+        // Where each block's entries of row r start in the block, and in the merged rows.
+        let starts: Vec<Vec<usize>> =
+            blocks.iter().map(|block| prefix(&mut (0..rows).map(|r| count(block, r)))).collect();
+        let row_offsets =
+            prefix(&mut (0..rows).map(|r| blocks.iter().map(|block| count(block, r)).sum()));
+        let nnz = row_offsets[rows];
+        let (mut columns, mut values) = (vec![0u32; nnz], vec![0f32; nnz]);
+        let per_task = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let mut tasks = Vec::new();
+        let (mut cols_left, mut vals_left) = (columns.as_mut_slice(), values.as_mut_slice());
+        for first in (0..rows).step_by(per_task) {
+            let end = (first + per_task).min(rows);
+            let len = row_offsets[end] - row_offsets[first];
+            let (c, rest_c) = std::mem::take(&mut cols_left).split_at_mut(len);
+            let (v, rest_v) = std::mem::take(&mut vals_left).split_at_mut(len);
+            (cols_left, vals_left) = (rest_c, rest_v);
+            tasks.push((first..end, c, v));
         }
+        tasks.into_par_iter().for_each(|(task_rows, cols, vals)| {
+            let mut at = 0;
+            for r in task_rows {
+                for (block, start) in blocks.iter().zip(&starts) {
+                    let (a, b) = (start[r], start[r + 1]);
+                    cols[at..at + b - a].copy_from_slice(&block.columns[a..b]);
+                    vals[at..at + b - a].copy_from_slice(&block.values[a..b]);
+                    at += b - a;
+                }
+            }
+        });
         SparseBatch { row_offsets, columns, values }
     }
 }
 
-/// (B, M) latents as CSR rows · (M, D) → (B, D) on the host: the values `decode` computes for
-/// the same latents without a gradient (sparse products, or the dense one when they are too
-/// dense for them).
-pub fn decode_csr(latents: &SparseBatch, w: &Tensor) -> CResult<Tensor> {
+/// The reconstruction of (B, M) latents given as CSR rows, on the host: latents · W + b_dec,
+/// then × std + mean per row when the input was standardised (`scale`, (B, 1) each). The values
+/// `decode` and the forward pass's broadcasts compute, with each row finished right after its
+/// product (sparse products, or the dense one when the latents are too dense for them).
+pub fn reconstruct_csr(
+    latents: &SparseBatch,
+    w: &Tensor,
+    b_dec: &Tensor,
+    scale: Option<&(Tensor, Tensor)>,
+) -> CResult<Tensor> {
     let (m, d) = w.dims2()?;
     let b = latents.rows();
+    let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let bias = host(b_dec)?;
+    let scale = scale.map(|(mean, std)| Ok::<_, candle_core::Error>((host(mean)?, host(std)?)));
+    let scale = scale.transpose()?;
+    if bias.len() != d || scale.as_ref().is_some_and(|(mu, sd)| mu.len() != b || sd.len() != b) {
+        candle_core::bail!("reconstruct_csr: b_dec or the row scales do not match ({b} × {d})");
+    }
+    // Separate roundings, in the forward pass's order: (s + b) · std + mean.
+    let finish = |r: usize, row: &mut [f32]| {
+        row.iter_mut().zip(&bias).for_each(|(v, &c)| *v += c);
+        if let Some((mean, std)) = &scale {
+            let (mu, sd) = (mean[r], std[r]);
+            row.iter_mut().for_each(|v| *v = *v * sd + mu);
+        }
+    };
     let w = w.contiguous()?;
     let out = with_cpu_slice(&w, |ws| {
         if sparse_enough(latents.nnz(), b, m) {
-            sparse::csr_matmul(latents.as_rows(), ws, d)
+            sparse::csr_matmul_then(latents.as_rows(), ws, d, finish)
         } else {
-            gemm_f32(b, d, m, &latents.to_dense(m), m, 1, ws, d, 1)
+            let mut out = gemm_f32(b, d, m, &latents.to_dense(m), m, 1, ws, d, 1);
+            out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| finish(r, row));
+            out
         }
     })?;
     cpu_tensor(out, (b, d))
