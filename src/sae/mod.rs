@@ -8,6 +8,7 @@ pub mod batch_topk;
 pub mod checkpoint;
 pub mod jumprelu;
 pub mod ops;
+pub mod reconstruction;
 pub mod relu;
 pub mod topk;
 
@@ -192,7 +193,11 @@ pub struct ForwardPass {
     /// Host kernels in training: the port through which sparse ops pass `pre`'s gradient.
     pub pre_port: Option<ops::PrePort>,
     pub activation: Activation,
-    /// Reconstruction in the working space and in the input space, (B, D).
+    /// The decoder's output (latents · W_dec), (B, D).
+    pub output: Tensor,
+    /// Reconstruction in the working space and in the input space, (B, D). With host kernels
+    /// these are values without a graph: the reconstruction loss differentiates through
+    /// `output` (`reconstruction_error`).
     pub working_recon: Tensor,
     pub recon: Tensor,
     /// The batch MonoLoss (and its statistics) when the pass was asked for one.
@@ -226,7 +231,7 @@ pub trait Sae: Send {
 
     /// Reconstruction loss; plain MSE unless an architecture says otherwise.
     fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {
-        Ok((&pass.recon - &pass.input)?.sqr()?.mean_all()?)
+        reconstruction_error(self.params(), pass, reconstruction::ErrorNorm::Elements)
     }
 
     /// The inference latents as a threshold of the pre-activations, when they are one (then
@@ -342,7 +347,11 @@ pub fn forward_with_mono(
         mono,
         p.kernels,
     )?;
-    let (working_recon, recon) = reconstruct(decoded.output, &b_dec, scale.as_ref())?;
+    let (working_recon, recon) = if p.kernels.for_tensor(&decoded.output).is_host() {
+        reconstruction::values(&decoded.output, &b_dec, scale.as_ref())?
+    } else {
+        reconstruct(&decoded.output, &b_dec, scale.as_ref())?
+    };
     Ok(ForwardPass {
         input: x.clone(),
         working_input,
@@ -350,6 +359,7 @@ pub fn forward_with_mono(
         pre,
         pre_port,
         activation,
+        output: decoded.output,
         working_recon,
         recon,
         mono: decoded.mono,
@@ -359,7 +369,7 @@ pub fn forward_with_mono(
 
 /// The reconstruction in the working space (decoder output + b_dec) and in the input space.
 fn reconstruct(
-    output: Tensor,
+    output: &Tensor,
     b_dec: &Tensor,
     scale: Option<&(Tensor, Tensor)>,
 ) -> Result<(Tensor, Tensor)> {
@@ -402,7 +412,7 @@ pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
             let (w_enc, b_enc) = (p.w_enc.as_tensor().detach(), p.b_enc.as_tensor().detach());
             let latents = ops::encode_above(&working_input, &w_enc, &b_enc, centre, &keep)?;
             let w_dec = p.w_dec.as_tensor().detach();
-            let recon = ops::reconstruct_csr(&latents, &w_dec, &b_dec, scale.as_ref())?;
+            let recon = reconstruction::from_csr(&latents, &w_dec, &b_dec, scale.as_ref())?;
             return Ok(Inference { latents, recon });
         }
     }
@@ -420,6 +430,31 @@ pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
 /// Latents for inference (no graph).
 pub fn encode(sae: &dyn Sae, x: &Tensor) -> Result<Tensor> {
     Ok(forward(sae, &x.detach(), false)?.activation.latents.detach())
+}
+
+/// The squared error of the pass's reconstruction against its input, averaged as `norm` says:
+/// one host op on the decoder's output with host kernels, candle ops on `recon` otherwise.
+pub fn reconstruction_error(
+    p: &SaeParams,
+    pass: &ForwardPass,
+    norm: reconstruction::ErrorNorm,
+) -> Result<Tensor> {
+    if p.kernels.for_tensor(&pass.output).is_host() {
+        let b_dec = p.b_dec.as_tensor();
+        return Ok(reconstruction::loss(
+            &pass.output,
+            b_dec,
+            &pass.input,
+            pass.scale.as_ref(),
+            norm,
+        )?);
+    }
+    match norm {
+        reconstruction::ErrorNorm::Elements => {
+            Ok((&pass.recon - &pass.input)?.sqr()?.mean_all()?)
+        }
+        reconstruction::ErrorNorm::RowNorms => normalized_mse(&pass.recon, &pass.input),
+    }
 }
 
 /// Normalised MSE: mean over rows of ‖x̂ − x‖² / ‖x‖² (OpenAI's TopK loss).

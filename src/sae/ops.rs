@@ -414,46 +414,6 @@ impl KeptBlock {
     }
 }
 
-/// The reconstruction of (B, M) latents given as CSR rows, on the host: latents · W + b_dec,
-/// then × std + mean per row when the input was standardised (`scale`, (B, 1) each). The values
-/// `decode` and the forward pass's broadcasts compute, with each row finished right after its
-/// product (sparse products, or the dense one when the latents are too dense for them).
-pub fn reconstruct_csr(
-    latents: &SparseBatch,
-    w: &Tensor,
-    b_dec: &Tensor,
-    scale: Option<&(Tensor, Tensor)>,
-) -> CResult<Tensor> {
-    let (m, d) = w.dims2()?;
-    let b = latents.rows();
-    let host = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let bias = host(b_dec)?;
-    let scale = scale.map(|(mean, std)| Ok::<_, candle_core::Error>((host(mean)?, host(std)?)));
-    let scale = scale.transpose()?;
-    if bias.len() != d || scale.as_ref().is_some_and(|(mu, sd)| mu.len() != b || sd.len() != b) {
-        candle_core::bail!("reconstruct_csr: b_dec or the row scales do not match ({b} × {d})");
-    }
-    // Separate roundings, in the forward pass's order: (s + b) · std + mean.
-    let finish = |r: usize, row: &mut [f32]| {
-        row.iter_mut().zip(&bias).for_each(|(v, &c)| *v += c);
-        if let Some((mean, std)) = &scale {
-            let (mu, sd) = (mean[r], std[r]);
-            row.iter_mut().for_each(|v| *v = *v * sd + mu);
-        }
-    };
-    let w = w.contiguous()?;
-    let out = with_cpu_slice(&w, |ws| {
-        if sparse_enough(latents.nnz(), b, m) {
-            sparse::csr_matmul_then(latents.as_rows(), ws, d, finish)
-        } else {
-            let mut out = gemm_f32(b, d, m, &latents.to_dense(m), m, 1, ws, d, 1);
-            out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| finish(r, row));
-            out
-        }
-    })?;
-    cpu_tensor(out, (b, d))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Decoder: (B, M) sparse latents · (M, D) dictionary.
 
@@ -638,7 +598,7 @@ fn apply_support_matmul(
 }
 
 /// Whether (rows × m) latents with `nnz` non-zeros take the sparse decoder products.
-fn sparse_enough(nnz: usize, rows: usize, m: usize) -> bool {
+pub(super) fn sparse_enough(nnz: usize, rows: usize, m: usize) -> bool {
     rows * m == 0 || nnz as f64 / (rows * m) as f64 <= SPARSE_LIMIT
 }
 

@@ -8,7 +8,10 @@ use candle_core::{Device, Tensor};
 
 use crate::base::host::Kernels;
 
-use super::{auxk_loss, normalized_mse, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
+use super::{
+    auxk_loss, reconstruction, reconstruction_error, Activation, ForwardPass, Sae, SaeParams,
+    SaeSpec,
+};
 use crate::models::topk as select;
 
 pub struct TopKSae {
@@ -49,7 +52,7 @@ impl Sae for TopKSae {
     }
 
     fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {
-        normalized_mse(&pass.recon, &pass.input)
+        reconstruction_error(&self.params, pass, reconstruction::ErrorNorm::RowNorms)
     }
 
     fn extra_losses(
