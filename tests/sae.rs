@@ -466,7 +466,8 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
 }
 
 /// An inference pass hands out the latents' CSR (what evaluation reads) exactly when the host
-/// kernels built one, holding exactly the non-zeros; a training pass keeps it for the backward.
+/// kernels built one, holding exactly the non-zeros; a training pass of a host selection holds
+/// a copy of its activation's (what the dead-latent counters read), also exactly the non-zeros.
 #[test]
 fn inference_passes_hand_out_the_latents_nonzeros() {
     let (b, d, m, k) = (16, 6, 80, 3);
@@ -476,7 +477,16 @@ fn inference_passes_hand_out_the_latents_nonzeros() {
         for kernels in [HOST, Kernels::Portable] {
             let mut model = sae::build(&spec(kind, d, m, k), 1, &Device::Cpu, kernels).unwrap();
             let pass = sae::forward(model.as_ref(), &x, true).unwrap();
-            assert!(pass.latents_csr.is_none(), "{kind:?}: training keeps the CSR");
+            let selection = matches!(kind, SaeKind::Topk | SaeKind::BatchTopk) && kernels == HOST;
+            match &pass.latents_csr {
+                Some(csr) => {
+                    assert!(selection, "{kind:?}: a training CSR without a host selection");
+                    assert_eq!(csr, &SparseBatch::from_dense(&flat(pass.latents()), m), "{kind:?}");
+                }
+                None => {
+                    assert!(!selection, "{kind:?}: a host selection's training pass has its CSR")
+                }
+            }
             model.observe_step(&pass).unwrap();
             let pass = sae::forward(model.as_ref(), &x, false).unwrap();
             let dense = flat(pass.latents());

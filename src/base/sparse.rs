@@ -72,6 +72,13 @@ impl SparseColumns {
 }
 
 impl SparseBatch {
+    /// Entries per column, for `n_cols` columns.
+    pub fn column_counts(&self, n_cols: usize) -> Vec<usize> {
+        let mut counts = vec![0usize; n_cols];
+        self.columns.iter().for_each(|&c| counts[c as usize] += 1);
+        counts
+    }
+
     /// Keeps the non-zero entries of a dense row-major (rows × cols) matrix.
     pub fn from_dense(dense: &[f32], cols: usize) -> Self {
         Self::from_dense_with(dense, cols, None)

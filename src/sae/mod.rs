@@ -202,8 +202,9 @@ pub struct ForwardPass {
     pub recon: Tensor,
     /// The batch MonoLoss (and its statistics) when the pass was asked for one.
     pub mono: Option<BatchMono>,
-    /// Inference with host kernels: the latents' non-zeros as CSR rows, as the decoder built
-    /// them (see `ops::Decoded::latents_csr`).
+    /// With host kernels, the latents' non-zeros as CSR rows: in inference as the decoder built
+    /// them (see `ops::Decoded::latents_csr`), in training a copy of the activation's own (the
+    /// decoder keeps its CSR for the backward pass). None when neither had one.
     pub latents_csr: Option<crate::base::sparse::SparseBatch>,
 }
 
@@ -338,9 +339,12 @@ pub fn forward_with_mono(
     let ops::Encoded { pre, port: pre_port } =
         ops::encoder_linear(&working_input, &w_enc, &b_enc, centre, p.kernels)?;
     let mut activation = sae.activate(&pre, training)?;
+    let activation_csr = activation.latents_csr.take();
+    // The trainer's dead-latent counters read it instead of scanning the (B × M) latents.
+    let training_csr = if training { activation_csr.clone() } else { None };
     let decoded = ops::decode(
         &activation.latents,
-        activation.latents_csr.take(),
+        activation_csr,
         pre_port.as_ref(),
         &w_dec,
         activation.grad_support.as_ref(),
@@ -363,7 +367,7 @@ pub fn forward_with_mono(
         working_recon,
         recon,
         mono: decoded.mono,
-        latents_csr: decoded.latents_csr,
+        latents_csr: decoded.latents_csr.or(training_csr),
     })
 }
 

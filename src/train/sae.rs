@@ -374,7 +374,14 @@ impl SaeTrainer {
         self.sae.observe_step(&pass)?;
 
         // Dead-latent counters: reset where a latent fired, else + B (capped).
-        let fired = column_counts(pass.latents(), self.kernels)?;
+        let fired = match &pass.latents_csr {
+            Some(csr) => {
+                let counts = csr.column_counts(self.sae.spec().n_latents);
+                let counts: Vec<f32> = counts.into_iter().map(|c| c as f32).collect();
+                Tensor::from_vec(counts, self.sae.spec().n_latents, pass.latents().device())?
+            }
+            None => column_counts(pass.latents(), self.kernels)?,
+        };
         let grown = (&self.since_fired + b as f64)?.minimum(&cap)?;
         self.since_fired =
             fired.gt(&fired.zeros_like()?)?.where_cond(&fired.zeros_like()?, &grown)?;
@@ -811,6 +818,27 @@ mod tests {
         for kernels in [Kernels::Host, Kernels::Portable] {
             let got: Vec<f32> = column_counts(&latents, kernels).unwrap().to_vec1().unwrap();
             assert_eq!(got, want, "{kernels:?}");
+        }
+    }
+
+    /// A training pass of a selection SAE carries its latents' CSR, and the counters read the
+    /// same counts from it as from the dense latents.
+    #[test]
+    fn a_training_pass_counts_from_its_csr_what_the_latents_hold() {
+        use crate::base::config::{SaeConfig, SaeKind};
+        for kind in [SaeKind::Topk, SaeKind::BatchTopk] {
+            let mut spec = crate::sae::SaeSpec::from_config(&SaeConfig::of_kind(kind), 12);
+            (spec.n_latents, spec.k) = (40, 3);
+            let sae = crate::sae::build(&spec, 7, &Device::Cpu, Kernels::Host).unwrap();
+            let x: Vec<f32> = (0..50 * 12).map(|i| (i as f32 * 0.37).sin()).collect();
+            let x = Tensor::from_vec(x, (50, 12), &Device::Cpu).unwrap();
+            let pass = crate::sae::forward(sae.as_ref(), &x, true).unwrap();
+            let csr = pass.latents_csr.as_ref().expect("a host selection's CSR");
+            let want: Vec<f32> =
+                column_counts(pass.latents(), Kernels::Host).unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = csr.column_counts(40).into_iter().map(|c| c as f32).collect();
+            assert_eq!(got, want, "{kind:?}");
+            assert!(want.iter().sum::<f32>() > 0.0);
         }
     }
 }
