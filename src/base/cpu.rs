@@ -41,17 +41,30 @@ pub fn dims2(l: &Layout) -> CResult<(usize, usize)> {
 /// written twice and its fresh pages cleared by the kernel on top). `fill` must write every
 /// element of its chunk before reading it.
 pub fn par_filled(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    par_filled_with(len, chunk, fill).0
+}
+
+/// [`par_filled`] whose `fill` also returns a value per chunk: the values, in chunk order.
+pub fn par_filled_with<T: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [f32]) -> T + Sync,
+) -> (Vec<f32>, Vec<T>) {
     use rayon::prelude::*;
     let mut out: Vec<f32> = Vec::with_capacity(len);
-    out.spare_capacity_mut().par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, part)| {
-        // SAFETY: f32 has no invalid bit patterns, and `fill` writes each element before
-        // anything reads it.
-        let part = unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-        fill(i, part);
-    });
+    let values = out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, part)| {
+            // SAFETY: f32 has no invalid bit patterns, and `fill` writes each element before
+            // anything reads it.
+            let part = unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            fill(i, part)
+        })
+        .collect();
     // SAFETY: the chunks cover all `len` slots and `fill` wrote every one.
     unsafe { out.set_len(len) };
-    out
+    (out, values)
 }
 
 /// Zeroes a slice of unwritten floats and hands it out as written: for a task that zeroes its
@@ -86,4 +99,23 @@ pub fn normalize_rows_sequential(data: &mut [f32], d: usize) {
             row.iter_mut().for_each(|x| *x /= norm);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every chunk is handed out once, in place, with its index; the values come back in chunk
+    /// order, and a short last chunk is its own (the allocator held NaNs before).
+    #[test]
+    fn par_filled_with_hands_out_each_chunk_once_in_order() {
+        drop(std::hint::black_box(vec![f32::NAN; 1003]));
+        let (out, values) = super::par_filled_with(1003, 100, |i, part| {
+            part.iter_mut().enumerate().for_each(|(j, v)| *v = (i * 100 + j) as f32);
+            (i, part.len())
+        });
+        assert_eq!(out, (0..1003).map(|v| v as f32).collect::<Vec<_>>());
+        let want: Vec<(usize, usize)> =
+            (0..11).map(|i| (i, if i < 10 { 100 } else { 3 })).collect();
+        assert_eq!(values, want);
+        assert_eq!(super::par_filled_with(0, 8, |i, _| i), (Vec::new(), Vec::new()));
+    }
 }

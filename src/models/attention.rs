@@ -51,16 +51,15 @@ impl Dims {
     /// (B, N, D).
     fn merge<'a>(&self, block: impl Fn(usize) -> &'a [f32] + Sync) -> Vec<f32> {
         let (n, d, dh) = (self.tokens, self.dim, self.head_dim);
-        let mut out = vec![0f32; self.batch * n * d];
-        out.par_chunks_mut(n * d).enumerate().for_each(|(b, image)| {
+        // Every element is written: the heads tile each row.
+        crate::base::cpu::par_filled(self.batch * n * d, n * d, |b, image| {
             for h in 0..self.heads {
                 let block = block(b * self.heads + h);
                 for (row, src) in image.chunks_exact_mut(d).zip(block.chunks_exact(dh)) {
                     row[h * dh..(h + 1) * dh].copy_from_slice(src);
                 }
             }
-        });
-        out
+        })
     }
 }
 

@@ -68,20 +68,16 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             );
         }
-        let mut out = vec![0f32; x.len()];
-        let stats: Vec<(f32, f32)> = out
-            .par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .map(|(y, row)| {
-                vectorized!({
-                    let (mean, inv) = row_stats(row, self.eps);
-                    for (((o, &v), &wj), &bj) in y.iter_mut().zip(row).zip(w).zip(b) {
-                        *o = (v - mean) * inv * wj + bj;
-                    }
-                    (mean, inv)
-                })
+        let (out, stats) = crate::base::cpu::par_filled_with(x.len(), d, |r, y| {
+            let row = &x[r * d..(r + 1) * d];
+            vectorized!({
+                let (mean, inv) = row_stats(row, self.eps);
+                for (((o, &v), &wj), &bj) in y.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = (v - mean) * inv * wj + bj;
+                }
+                (mean, inv)
             })
-            .collect();
+        });
         *self.stats.lock().unwrap() = stats;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -141,11 +137,8 @@ fn layer_norm_backward(
     if stats.len() * d != x.len() {
         candle_core::bail!("layer-norm backward without its forward statistics");
     }
-    let mut dx = vec![0f32; x.len()];
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(d * ROWS_PER_TASK)
-        .enumerate()
-        .map(|(t, dx_rows)| {
+    let (dx, partials) =
+        crate::base::cpu::par_filled_with(x.len(), d * ROWS_PER_TASK, |t, dx_rows| {
             let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
             for (i, dxr) in dx_rows.chunks_mut(d).enumerate() {
                 let r = t * ROWS_PER_TASK + i;
@@ -163,8 +156,7 @@ fn layer_norm_backward(
                 });
             }
             (dw, db)
-        })
-        .collect();
+        });
     let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
     for (pw, pb) in &partials {
         dw.iter_mut().zip(pw).for_each(|(s, v)| *s += v);
@@ -239,8 +231,8 @@ impl CustomOp1 for QuickGelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, xs)| {
+        let out = crate::base::cpu::par_filled(x.len(), 4096, |c, y| {
+            let xs = &x[c * 4096..][..y.len()];
             vectorized!(for (o, &v) in y.iter_mut().zip(xs) {
                 *o = v * sigmoid(1.702 * v);
             })
@@ -253,15 +245,13 @@ impl CustomOp1 for QuickGelu {
         let grad = grad.contiguous()?;
         let dx = with_cpu_slice(x, |x| {
             with_cpu_slice(&grad, |g| {
-                let mut dx = vec![0f32; x.len()];
-                dx.par_chunks_mut(4096).enumerate().for_each(|(c, out)| {
+                crate::base::cpu::par_filled(x.len(), 4096, |c, out| {
                     let (xs, gs) = (&x[c * 4096..][..out.len()], &g[c * 4096..][..out.len()]);
                     vectorized!(for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
                         let s = sigmoid(1.702 * v);
                         *o = gv * (s + 1.702 * v * s * (1.0 - s));
                     })
-                });
-                dx
+                })
             })
         })??;
         Ok(Some(cpu_tensor(dx, x.shape())?))

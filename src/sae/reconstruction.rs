@@ -9,7 +9,9 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::base::cpu::{contiguous, cpu_tensor, dims2, par_filled, with_cpu_slice, CResult};
+use crate::base::cpu::{
+    contiguous, cpu_tensor, dims2, par_filled, par_filled_with, with_cpu_slice, CResult,
+};
 use crate::base::gemm::gemm_f32;
 use crate::base::sparse::{self, SparseBatch};
 
@@ -239,11 +241,9 @@ impl CustomOp2 for ReconstructionLoss {
         let (grad_out, task_sums) = with_cpu_slice(output, |out| {
             with_cpu_slice(&self.input, |x| {
                 let divisors = self.row_divisors(x, rows, d);
-                let task_sums =
-                    std::sync::Mutex::new(vec![Vec::new(); rows.div_ceil(ROWS_PER_TASK)]);
                 // ∂/∂output of Σ_r ‖diff_r‖² / divisor_r, times the upstream gradient: 2 g
                 // diff_r std_r / divisor_r (the chain through the standardisation's × std).
-                let grad_out = par_filled(rows * d, ROWS_PER_TASK * d.max(1), |t, part| {
+                par_filled_with(rows * d, ROWS_PER_TASK * d.max(1), |t, part| {
                     let mut column_sums = vec![0f64; d];
                     for (i, row_grad) in part.chunks_mut(d.max(1)).enumerate() {
                         let r = t * ROWS_PER_TASK + i;
@@ -256,9 +256,8 @@ impl CustomOp2 for ReconstructionLoss {
                             *s += *v as f64;
                         }
                     }
-                    task_sums.lock().unwrap()[t] = column_sums;
-                });
-                (grad_out, task_sums.into_inner().unwrap())
+                    column_sums
+                })
             })
         })??;
         // b_dec's gradient: the column sums of the output's, task by task in row order.
