@@ -156,12 +156,12 @@ impl ConvGeometry {
         (b, c, h, w): (usize, usize, usize, usize),
         planes: Planes,
     ) -> Vec<f32> {
-        use rayon::prelude::*;
         let (oh, ow) = self.output(h, w);
         let (taps, l, s) = (self.kh * self.kw, oh * ow, self.stride);
         let n = b * l;
-        let mut out = vec![0f32; b * c * h * w];
-        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, dst)| {
+        // Each plane zeroed by its own task (a zero-filled buffer would be one serial memset).
+        crate::base::cpu::par_filled(b * c * h * w, h * w, |plane, dst| {
+            dst.fill(0.0);
             let (bi, ch) = planes.plane(plane, b, c);
             let rows = &cols[ch * taps * n..(ch + 1) * taps * n];
             crate::base::simd::vectorized!(self.for_each_run(h, w, |tap, pos, input, count| {
@@ -172,21 +172,17 @@ impl ConvGeometry {
                     src.iter().enumerate().for_each(|(i, v)| dst[input + i * s] += v);
                 }
             }))
-        });
-        out
+        })
     }
 }
 
 /// (R, C, L) → (C, R, L): between the batch-wide product's (O, B·L) layout and the tensor's
 /// (B, O, L), both ways.
 fn swap_outer(src: &[f32], r: usize, c: usize, l: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
+    crate::base::cpu::par_filled(src.len(), l, |p, dst| {
         let (ci, ri) = (p / r, p % r);
         dst.copy_from_slice(&src[(ri * c + ci) * l..][..l]);
-    });
-    out
+    })
 }
 
 /// The convolution as a custom op: y = W · im2col(x) for the whole batch at once, so each of

@@ -436,8 +436,7 @@ impl CustomOp1 for MaxPool3x3S2 {
         let (b, c, h, w) = l.shape().dims4()?;
         let x = contiguous(self.name(), s, l)?;
         let (ho, wo) = (pooled(h), pooled(w));
-        let mut out = vec![0f32; b * c * ho * wo];
-        out.par_chunks_mut(ho * wo).enumerate().for_each(|(p, dst)| {
+        let out = crate::base::cpu::par_filled(b * c * ho * wo, ho * wo, |p, dst| {
             let plane = &x[p * h * w..(p + 1) * h * w];
             for i in 0..ho {
                 for j in 0..wo {
@@ -457,8 +456,8 @@ impl CustomOp1 for MaxPool3x3S2 {
         let dx = with_cpu_slice(x, |x| {
             with_cpu_slice(res, |y| {
                 with_cpu_slice(&grad, |g| {
-                    let mut dx = vec![0f32; b * c * h * w];
-                    dx.par_chunks_mut(h * w).enumerate().for_each(|(p, dst)| {
+                    crate::base::cpu::par_filled(b * c * h * w, h * w, |p, dst| {
+                        dst.fill(0.0);
                         let plane = &x[p * h * w..(p + 1) * h * w];
                         for i in 0..ho {
                             for j in 0..wo {
@@ -468,8 +467,7 @@ impl CustomOp1 for MaxPool3x3S2 {
                                 }
                             }
                         }
-                    });
-                    dx
+                    })
                 })
             })
         })???;
