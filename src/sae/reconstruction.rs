@@ -47,13 +47,14 @@ impl RowScale {
     }
 }
 
-/// Turns row `r` of the decoder's output into the working-space reconstruction (+ b_dec), then,
-/// with `scale`, into the input space: separate roundings in the order of the broadcast ops,
-/// (s + b) · std + mean, so the values are theirs bit for bit.
+/// A row of the decoder's output → the working-space reconstruction (+ b_dec). This and
+/// `to_input` round separately, in the broadcast ops' order ((s + b) · std + mean), so the
+/// values are theirs bit for bit.
 fn to_working(row: &mut [f32], bias: &[f32]) {
     row.iter_mut().zip(bias).for_each(|(v, &c)| *v += c);
 }
 
+/// Working-space row `r` → the input space (× std + mean of that row).
 fn to_input(row: &mut [f32], r: usize, scale: &RowScale) {
     let (mu, sd) = (scale.mean[r], scale.std[r]);
     row.iter_mut().for_each(|v| *v = *v * sd + mu);
