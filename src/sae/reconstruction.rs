@@ -318,6 +318,10 @@ mod tests {
         }
     }
 
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         let (a, b) = (
             a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -375,15 +379,6 @@ mod tests {
             )
             .unwrap();
             let g = l.backward().unwrap();
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             (
                 bits(&l),
                 bits(g.get(output.as_tensor()).unwrap()),
@@ -398,15 +393,6 @@ mod tests {
     #[test]
     fn values_are_the_broadcast_ops_bit_for_bit() {
         let (output, b_dec, _, scale) = batch(150, 37);
-        let bits = |t: &Tensor| {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
         let working = output.as_tensor().broadcast_add(b_dec.as_tensor()).unwrap();
         let recon = working.broadcast_mul(&scale.1).unwrap().broadcast_add(&scale.0).unwrap();
         let (w, r) = values(output.as_tensor(), b_dec.as_tensor(), Some(&scale)).unwrap();
