@@ -398,7 +398,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// (rows × M sparse) · (M × D dense) → rows × D: row i = Σ_e v_e · w[c_e].
 pub fn csr_matmul(a: SparseRows<'_>, w: &[f32], d: usize) -> Vec<f32> {
-    gather_rows(a.row_offsets, a.columns, a.values, w, d, |_, _| {})
+    csr_matmul_then(a, w, d, |_, _| {})
 }
 
 /// [`csr_matmul`], then `finish(i, row)` on each output row while its task's rows are in cache.

@@ -326,8 +326,9 @@ pub fn encode_above(
 
 /// The entries one block of latents keeps, row after row.
 struct KeptBlock {
-    /// Entries per row.
-    counts: Vec<usize>,
+    /// Row r's entries are `columns[offsets[r]..offsets[r + 1]]` (and the same of `values`);
+    /// empty for a block of no latents.
+    offsets: Vec<usize>,
     columns: Vec<u32>,
     values: Vec<f32>,
 }
@@ -336,14 +337,14 @@ impl KeptBlock {
     /// Keeps the (rows × width) pre-activations of the latents first.. that exceed their cuts.
     fn scan(pre: &[f32], cuts: &[f32], first: usize) -> Self {
         let width = cuts.len();
-        let mut kept = KeptBlock { counts: Vec::new(), columns: Vec::new(), values: Vec::new() };
+        let mut kept = KeptBlock { offsets: Vec::new(), columns: Vec::new(), values: Vec::new() };
         if width == 0 {
             return kept;
         }
+        kept.offsets.push(0);
         let full = width / 16 * 16;
         let keeps = |v: f32, cut: f32| v > cut;
         vectorized!(for row in pre.chunks_exact(width) {
-            let before = kept.columns.len();
             // Blocks of 16 as arrays (a fixed length is what lets LLVM vectorise the test),
             // compared in vector registers into a bit mask; a sparse row has a few bits set.
             let blocks = row[..full].chunks_exact(16).zip(cuts[..full].chunks_exact(16));
@@ -364,7 +365,7 @@ impl KeptBlock {
                     kept.values.push(v);
                 }
             }
-            kept.counts.push(kept.columns.len() - before);
+            kept.offsets.push(kept.columns.len());
         });
         kept
     }
@@ -372,20 +373,17 @@ impl KeptBlock {
     /// The blocks (in column order) as CSR rows: each row's entries block after block, copied
     /// in parallel over rows.
     fn merge(blocks: &[KeptBlock], rows: usize) -> SparseBatch {
-        let count = |block: &KeptBlock, r: usize| block.counts.get(r).copied().unwrap_or(0);
-        let prefix = |counts: &mut dyn Iterator<Item = usize>| -> Vec<usize> {
-            std::iter::once(0)
-                .chain(counts.scan(0, |at, n| {
-                    *at += n;
-                    Some(*at)
-                }))
-                .collect()
+        // Row r's entries in a block: none in a block of no latents.
+        let span = |block: &KeptBlock, r: usize| match block.offsets.get(r..r + 2) {
+            Some(&[a, b]) => a..b,
+            _ => 0..0,
         };
-        // Where each block's entries of row r start in the block, and in the merged rows.
-        let starts: Vec<Vec<usize>> =
-            blocks.iter().map(|block| prefix(&mut (0..rows).map(|r| count(block, r)))).collect();
-        let row_offsets =
-            prefix(&mut (0..rows).map(|r| blocks.iter().map(|block| count(block, r)).sum()));
+        let row_offsets: Vec<usize> = std::iter::once(0)
+            .chain((0..rows).scan(0, |at, r| {
+                *at += blocks.iter().map(|block| span(block, r).len()).sum::<usize>();
+                Some(*at)
+            }))
+            .collect();
         let nnz = row_offsets[rows];
         let (mut columns, mut values) = (vec![0u32; nnz], vec![0f32; nnz]);
         let per_task = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
@@ -402,11 +400,12 @@ impl KeptBlock {
         tasks.into_par_iter().for_each(|(task_rows, cols, vals)| {
             let mut at = 0;
             for r in task_rows {
-                for (block, start) in blocks.iter().zip(&starts) {
-                    let (a, b) = (start[r], start[r + 1]);
-                    cols[at..at + b - a].copy_from_slice(&block.columns[a..b]);
-                    vals[at..at + b - a].copy_from_slice(&block.values[a..b]);
-                    at += b - a;
+                for block in blocks {
+                    let entries = span(block, r);
+                    let n = entries.len();
+                    cols[at..at + n].copy_from_slice(&block.columns[entries.clone()]);
+                    vals[at..at + n].copy_from_slice(&block.values[entries]);
+                    at += n;
                 }
             }
         });

@@ -374,14 +374,7 @@ impl SaeTrainer {
         self.sae.observe_step(&pass)?;
 
         // Dead-latent counters: reset where a latent fired, else + B (capped).
-        let fired = match &pass.latents_csr {
-            Some(csr) => {
-                let counts = csr.column_counts(self.sae.spec().n_latents);
-                let counts: Vec<f32> = counts.into_iter().map(|c| c as f32).collect();
-                Tensor::from_vec(counts, self.sae.spec().n_latents, pass.latents().device())?
-            }
-            None => column_counts(pass.latents(), self.kernels)?,
-        };
+        let fired = fired_counts(&pass, self.kernels)?;
         let grown = (&self.since_fired + b as f64)?.minimum(&cap)?;
         self.since_fired =
             fired.gt(&fired.zeros_like()?)?.where_cond(&fired.zeros_like()?, &grown)?;
@@ -671,6 +664,15 @@ pub fn total_steps(config: &Config, rows: usize) -> usize {
     config.train.max_steps.map_or(total, |cap| total.min(cap))
 }
 
+/// (M,) f32: how many rows of the pass each latent fires on: from the latents' CSR when the
+/// pass holds one (a host selection's), else by scanning the dense latents.
+fn fired_counts(pass: &ForwardPass, kernels: Kernels) -> Result<Tensor> {
+    let Some(csr) = &pass.latents_csr else { return column_counts(pass.latents(), kernels) };
+    let m = pass.latents().dim(1)?;
+    let counts: Vec<f32> = csr.column_counts(m).into_iter().map(|c| c as f32).collect();
+    Ok(Tensor::from_vec(counts, m, pass.latents().device())?)
+}
+
 /// (M,) f32: how many rows of `latents` each latent fires on (non-zero entries per column).
 fn column_counts(latents: &Tensor, kernels: Kernels) -> Result<Tensor> {
     let latents = latents.detach();
@@ -833,10 +835,10 @@ mod tests {
             let x: Vec<f32> = (0..50 * 12).map(|i| (i as f32 * 0.37).sin()).collect();
             let x = Tensor::from_vec(x, (50, 12), &Device::Cpu).unwrap();
             let pass = crate::sae::forward(sae.as_ref(), &x, true).unwrap();
-            let csr = pass.latents_csr.as_ref().expect("a host selection's CSR");
+            assert!(pass.latents_csr.is_some(), "a host selection's CSR");
             let want: Vec<f32> =
                 column_counts(pass.latents(), Kernels::Host).unwrap().to_vec1().unwrap();
-            let got: Vec<f32> = csr.column_counts(40).into_iter().map(|c| c as f32).collect();
+            let got: Vec<f32> = fired_counts(&pass, Kernels::Host).unwrap().to_vec1().unwrap();
             assert_eq!(got, want, "{kind:?}");
             assert!(want.iter().sum::<f32>() > 0.0);
         }
