@@ -8,11 +8,14 @@
 #
 #   scripts/gpu_check.sh [OUT]                  (default OUT: gpu-check)
 #
+# MONO_STEP_TIMEOUT=SECONDS bounds each step (a lent machine's time is short: a step that hangs
+# is stopped, recorded as failed with exit 124, and the next one runs).
+#
 # Binaries: by default built here (`cargo build --release --features cuda` and the release test
 # binary; needs the Rust toolchain and a CUDA toolkit). A machine without Rust can run
 # prebuilt ones: MONO_BIN=path/to/mono MONO_TEST_BIN=path/to/test-binary scripts/gpu_check.sh,
 # built on another machine with scripts/build_cuda.sh (CUDA_COMPUTE_CAP=90 for H100/H200) and
-# `scripts/build_cuda.sh cuda test`.
+# `scripts/build_cuda.sh cuda test`; scripts/gpu_bundle.sh packs and runs them so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-check}"
@@ -27,7 +30,11 @@ run_step() {
   shift
   local start status
   start=$(date +%s%N)
-  "$@" > "$out/$name.log" 2>&1
+  if [ -n "${MONO_STEP_TIMEOUT:-}" ]; then
+    timeout --kill-after=5 "$MONO_STEP_TIMEOUT" "$@" > "$out/$name.log" 2>&1
+  else
+    "$@" > "$out/$name.log" 2>&1
+  fi
   status=$?
   printf '%s\t%s\t%s\n' "$name" "$status" "$(( ($(date +%s%N) - start) / 1000000 ))" >> "$records"
   if [ "$status" -eq 0 ]; then echo "ok    $name"; else echo "FAIL  $name (see $out/$name.log)"; fi
@@ -54,19 +61,20 @@ fi
 run_step tests env MONO_TEST_DEVICE=cuda "$test_bin" --test-threads 4
 run_step tests-portable-detail env MONO_TEST_DEVICE=cuda "$test_bin" portable:: --nocapture
 
-# Benchmarks on the GPU (the paper's SAE sizes; real encoder architectures, random weights).
+# The quickstart on the GPU.
+sed -e 's/^\[run\]$/[run]\ndevice = "cuda"\noutput = "'"${out//\//\\/}"'\/runs"/' configs/quickstart.toml \
+  > "$out/quickstart-cuda.toml"
+
+# Benchmarks on the GPU (the paper's SAE sizes; real encoder architectures, random weights), the
+# quickstart between them, the CPU-only MonoScore benchmark last: most telling first.
 run_step bench-train "$bin" bench train --device cuda --ops portable --steps 10 --json "$out/bench-train.json"
+run_step quickstart "$bin" run "$out/quickstart-cuda.toml" --quiet
 run_step bench-extract "$bin" bench extract --device cuda --batch 64 --batches 5 \
   --encoders clip-b32,clip-l14,siglip2-b16,vit-b16,resnet50 --json "$out/bench-extract.json"
 run_step bench-finetune "$bin" bench finetune --device cuda --batch 64 --steps 5 --json "$out/bench-finetune.json"
 run_step bench-finetune-bf16 "$bin" bench finetune --device cuda --batch 64 --steps 5 --mixed-precision \
   --json "$out/bench-finetune-bf16.json"
 run_step bench-monoscore "$bin" bench monoscore --json "$out/bench-monoscore.json"
-
-# The quickstart on the GPU.
-sed -e 's/^\[run\]$/[run]\ndevice = "cuda"\noutput = "'"${out//\//\\/}"'\/runs"/' configs/quickstart.toml \
-  > "$out/quickstart-cuda.toml"
-run_step quickstart "$bin" run "$out/quickstart-cuda.toml" --quiet
 
 python3 - "$out" <<'PY'
 import json, os, sys
