@@ -197,7 +197,7 @@ pub struct ForwardPass {
     pub output: Tensor,
     /// Reconstruction in the working space and in the input space, (B, D). With host kernels
     /// these are values without a graph: the reconstruction loss differentiates through
-    /// `output` (`reconstruction_error`).
+    /// `output` (`reconstruction::error`).
     pub working_recon: Tensor,
     pub recon: Tensor,
     /// The batch MonoLoss (and its statistics) when the pass was asked for one.
@@ -232,7 +232,7 @@ pub trait Sae: Send {
 
     /// Reconstruction loss; plain MSE unless an architecture says otherwise.
     fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {
-        reconstruction_error(self.params(), pass, reconstruction::ErrorNorm::Elements)
+        Ok(reconstruction::error(self.params(), pass, reconstruction::ErrorNorm::Elements)?)
     }
 
     /// The inference latents as a threshold of the pre-activations, when they are one (then
@@ -351,11 +351,8 @@ pub fn forward_with_mono(
         mono,
         p.kernels,
     )?;
-    let (working_recon, recon) = if p.kernels.for_tensor(&decoded.output).is_host() {
-        reconstruction::values(&decoded.output, &b_dec, scale.as_ref())?
-    } else {
-        reconstruct(&decoded.output, &b_dec, scale.as_ref())?
-    };
+    let (working_recon, recon) =
+        reconstruction::reconstruct(&decoded.output, &b_dec, scale.as_ref(), p.kernels)?;
     Ok(ForwardPass {
         input: x.clone(),
         working_input,
@@ -369,20 +366,6 @@ pub fn forward_with_mono(
         mono: decoded.mono,
         latents_csr: decoded.latents_csr.or(training_csr),
     })
-}
-
-/// The reconstruction in the working space (decoder output + b_dec) and in the input space.
-fn reconstruct(
-    output: &Tensor,
-    b_dec: &Tensor,
-    scale: Option<&(Tensor, Tensor)>,
-) -> Result<(Tensor, Tensor)> {
-    let working_recon = output.broadcast_add(b_dec)?;
-    let recon = match scale {
-        Some((mean, std)) => working_recon.broadcast_mul(std)?.broadcast_add(mean)?,
-        None => working_recon.clone(),
-    };
-    Ok((working_recon, recon))
 }
 
 /// The input in the SAE's working space, and the (mean, std) it was standardised with.
@@ -436,39 +419,6 @@ pub fn encode(sae: &dyn Sae, x: &Tensor) -> Result<Tensor> {
     Ok(forward(sae, &x.detach(), false)?.activation.latents.detach())
 }
 
-/// The squared error of the pass's reconstruction against its input, averaged as `norm` says:
-/// one host op on the decoder's output with host kernels, candle ops on `recon` otherwise.
-pub fn reconstruction_error(
-    p: &SaeParams,
-    pass: &ForwardPass,
-    norm: reconstruction::ErrorNorm,
-) -> Result<Tensor> {
-    if p.kernels.for_tensor(&pass.output).is_host() {
-        let b_dec = p.b_dec.as_tensor();
-        return Ok(reconstruction::loss(
-            &pass.output,
-            b_dec,
-            &pass.input,
-            pass.scale.as_ref(),
-            norm,
-        )?);
-    }
-    match norm {
-        reconstruction::ErrorNorm::Elements => {
-            Ok((&pass.recon - &pass.input)?.sqr()?.mean_all()?)
-        }
-        reconstruction::ErrorNorm::RowNorms => normalized_mse(&pass.recon, &pass.input),
-    }
-}
-
-/// Normalised MSE: mean over rows of ‖x̂ − x‖² / ‖x‖² (OpenAI's TopK loss).
-pub fn normalized_mse(recon: &Tensor, target: &Tensor) -> Result<Tensor> {
-    let err = (recon - target)?.sqr()?.sum(D::Minus1)?;
-    let norms = target.sqr()?.sum(D::Minus1)?;
-    let scale = norms.maximum(&norms.ones_like()?.affine(0.0, 1e-12)?)?;
-    Ok((err / scale)?.mean_all()?)
-}
-
 /// AuxK: reconstruct the (detached) residual from the top `k_aux` dead latents of each row
 /// (all of them when fewer are dead); 0 when no latent is dead.
 pub fn auxk_loss(
@@ -506,7 +456,7 @@ pub fn auxk_loss(
     )?;
     let residual = (&pass.working_input - &pass.working_recon)?.detach();
     let loss = if normalized {
-        normalized_mse(&aux_recon, &residual)?
+        reconstruction::normalized_mse(&aux_recon, &residual)?
     } else {
         (aux_recon - residual)?.sqr()?.mean_all()?
     };

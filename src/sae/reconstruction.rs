@@ -1,19 +1,61 @@
-//! The reconstruction and its training loss with host kernels.
+//! The reconstruction and its training loss: the decoder's output plus b_dec (the working
+//! space), then × std + mean per row when the SAE standardised its input.
 //!
-//! The reconstruction is the decoder's output plus b_dec (the working space), then × std + mean
-//! per row when the SAE standardised its input. As candle ops its loss was a chain of (B × D)
-//! tensors (a broadcast add, a subtraction, a square, a mean), each with a zero-filled gradient
-//! buffer in the backward pass, and b_dec's gradient a single-threaded column sum. Here the
-//! values are one parallel pass and the loss is one op whose backward is one more.
+//! Portable kernels run these as candle ops. With host kernels that chain of (B × D) tensors (a
+//! broadcast add, a subtraction, a square, a mean, each with a zero-filled gradient buffer in
+//! the backward pass, and b_dec's gradient a single-threaded column sum) is replaced: the values
+//! are one parallel pass and the loss is one op whose backward is one more.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::base::cpu::{
     contiguous, cpu_tensor, dims2, par_filled, par_filled_with, with_cpu_slice, CResult,
 };
 use crate::base::gemm::gemm_f32;
+use crate::base::host::Kernels;
 use crate::base::sparse::{self, SparseBatch};
+
+/// The (working-space, input-space) reconstructions of a decoder output, with the graph the
+/// kernels need: host kernels differentiate through the output itself ([`error`]), portable
+/// ones through these tensors.
+pub fn reconstruct(
+    output: &Tensor,
+    b_dec: &Tensor,
+    scale: Option<&(Tensor, Tensor)>,
+    kernels: Kernels,
+) -> CResult<(Tensor, Tensor)> {
+    if kernels.for_tensor(output).is_host() {
+        return values(output, b_dec, scale);
+    }
+    let working = output.broadcast_add(b_dec)?;
+    let recon = match scale {
+        Some((mean, std)) => working.broadcast_mul(std)?.broadcast_add(mean)?,
+        None => working.clone(),
+    };
+    Ok((working, recon))
+}
+
+/// The squared error of the pass's reconstruction against its input, averaged as `norm` says:
+/// one host op on the decoder's output with host kernels, candle ops on `recon` otherwise.
+pub fn error(p: &super::SaeParams, pass: &super::ForwardPass, norm: ErrorNorm) -> CResult<Tensor> {
+    if p.kernels.for_tensor(&pass.output).is_host() {
+        let b_dec = p.b_dec.as_tensor();
+        return loss(&pass.output, b_dec, &pass.input, pass.scale.as_ref(), norm);
+    }
+    match norm {
+        ErrorNorm::Elements => (&pass.recon - &pass.input)?.sqr()?.mean_all(),
+        ErrorNorm::RowNorms => normalized_mse(&pass.recon, &pass.input),
+    }
+}
+
+/// Normalised MSE as candle ops: mean over rows of ‖x̂ − x‖² / ‖x‖² (OpenAI's TopK loss).
+pub fn normalized_mse(recon: &Tensor, target: &Tensor) -> CResult<Tensor> {
+    let err = (recon - target)?.sqr()?.sum(D::Minus1)?;
+    let norms = target.sqr()?.sum(D::Minus1)?;
+    let scale = norms.maximum(&norms.ones_like()?.affine(0.0, 1e-12)?)?;
+    (err / scale)?.mean_all()
+}
 
 /// How the squared error is averaged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,10 +8,7 @@ use candle_core::{Device, Tensor};
 
 use crate::base::host::Kernels;
 
-use super::{
-    auxk_loss, reconstruction, reconstruction_error, Activation, ForwardPass, Sae, SaeParams,
-    SaeSpec,
-};
+use super::{auxk_loss, reconstruction, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::models::topk as select;
 
 pub struct TopKSae {
@@ -52,7 +49,7 @@ impl Sae for TopKSae {
     }
 
     fn reconstruction_loss(&self, pass: &ForwardPass) -> Result<Tensor> {
-        reconstruction_error(&self.params, pass, reconstruction::ErrorNorm::RowNorms)
+        Ok(reconstruction::error(&self.params, pass, reconstruction::ErrorNorm::RowNorms)?)
     }
 
     fn extra_losses(
