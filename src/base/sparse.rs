@@ -73,10 +73,15 @@ impl SparseColumns {
 
 impl SparseBatch {
     /// Entries per column, for `n_cols` columns.
-    pub fn column_counts(&self, n_cols: usize) -> Vec<usize> {
-        let mut counts = vec![0usize; n_cols];
-        self.columns.iter().for_each(|&c| counts[c as usize] += 1);
+    pub fn column_counts(&self, n_cols: usize) -> Vec<u64> {
+        let mut counts = vec![0u64; n_cols];
+        self.add_column_counts(&mut counts);
         counts
+    }
+
+    /// Adds each column's number of entries to `counts` (one slot per column).
+    pub fn add_column_counts(&self, counts: &mut [u64]) {
+        self.columns.iter().for_each(|&c| counts[c as usize] += 1);
     }
 
     /// Keeps the non-zero entries of a dense row-major (rows × cols) matrix.

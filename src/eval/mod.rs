@@ -179,9 +179,7 @@ impl Tally<'_> {
         let (d, rows) = (self.store.dim(), latents.rows());
         crate::base::cpu::with_cpu_slice(&recon, |r| self.recon.add(&x, r, d))?;
         self.nnz += latents.nnz();
-        for &c in &latents.columns {
-            self.fire_count[c as usize] += 1;
-        }
+        latents.add_column_counts(&mut self.fire_count);
         let judge = match self.similarity {
             Some(s) => {
                 s.read_range(start, start + rows, &mut self.sim)?;
