@@ -43,6 +43,9 @@ run)
   checkout=$(cat "$dir/checkout")
   if [ ! -e "$checkout" ]; then
     mkdir -p "$(dirname "$checkout")" && ln -s "$PWD" "$checkout"
+  elif [ "$(realpath "$checkout")" != "$(realpath "$PWD")" ]; then
+    echo "gpu_bundle: $checkout is another directory; the tests would read its fixtures" >&2
+    exit 1
   fi
   bin_dir="$checkout/target/cuda/release"
   mkdir -p "$bin_dir"
