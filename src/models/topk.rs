@@ -86,16 +86,20 @@ pub fn select_entries(
             (rows.into_iter().flat_map(|r| r.0).collect(), min)
         }
         Selection::Batch(n) => {
-            let mut candidates = batch_candidates(values, cols, n, &eligible);
-            if candidates.len() > n && n > 0 {
-                candidates.select_nth_unstable_by(n - 1, better);
-                candidates.truncate(n);
+            // Candidates come in flat-index order: the n best are those no worse than the n-th,
+            // found by a selection on a copy, and a filter keeps them in that order.
+            let candidates = batch_candidates(values, cols, n, &eligible);
+            let kept: Vec<(f32, u32)> = if candidates.len() > n && n > 0 {
+                let mut order = candidates.clone();
+                let (_, nth, _) = order.select_nth_unstable_by(n - 1, better);
+                let nth = *nth;
+                candidates.into_iter().filter(|e| better(e, &nth).is_le()).collect()
             } else if n == 0 {
-                candidates.clear();
-            }
-            let mut kept: Vec<u32> = candidates.iter().map(|e| e.1).collect();
-            kept.par_sort_unstable();
-            (kept, smallest(&candidates))
+                Vec::new()
+            } else {
+                candidates
+            };
+            (kept.iter().map(|e| e.1).collect(), smallest(&kept))
         }
     }
 }
