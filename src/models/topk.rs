@@ -99,13 +99,15 @@ pub fn select_entries(
             } else {
                 candidates
             };
+            debug_assert!(kept.windows(2).all(|w| w[0].1 < w[1].1), "kept out of index order");
             (kept.iter().map(|e| e.1).collect(), smallest(&kept))
         }
     }
 }
 
-/// The eligible entries that can be among the batch's `n` largest: a sampled lower bound on the
-/// n-th largest value keeps the candidate set near 2n instead of the whole batch.
+/// The eligible entries that can be among the batch's `n` largest, in flat-index order (which
+/// `select_entries` keeps): a sampled lower bound on the n-th largest value keeps the candidate
+/// set near 2n instead of the whole batch.
 fn batch_candidates(
     values: &[f32],
     cols: usize,
