@@ -79,14 +79,16 @@ pub fn zeroed(slots: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
 /// summed in f64 over vector lanes: the decoder constraint after every training step.
 pub fn normalize_rows(data: &mut [f32], d: usize) {
     use rayon::prelude::*;
-    data.par_chunks_mut(d).for_each(|row| {
-        crate::base::simd::vectorized!({
-            let norm = crate::base::simd::lane_sum(row, |x| x as f64 * x as f64).sqrt() as f32;
-            if norm > 0.0 {
-                row.iter_mut().for_each(|x| *x /= norm);
-            }
-        })
-    });
+    data.par_chunks_mut(d).for_each(|row| crate::base::simd::vectorized!(normalize_row(row)));
+}
+
+/// One row of [`normalize_rows`] (in vector registers when called inside `vectorized!`).
+#[inline(always)]
+pub fn normalize_row(row: &mut [f32]) {
+    let norm = crate::base::simd::lane_sum(row, |x| x as f64 * x as f64).sqrt() as f32;
+    if norm > 0.0 {
+        row.iter_mut().for_each(|x| *x /= norm);
+    }
 }
 
 /// [`normalize_rows`] with the norm in one running f32 sum (a scalar loop): the SAE

@@ -170,9 +170,7 @@ impl Gradients {
         match self {
             Gradients::Host(grads) => {
                 // The norm just computed (one pass over the gradients, not a second).
-                let n = norm.to_scalar::<f64>()?;
-                if n > max_norm && n.is_finite() {
-                    let s = (max_norm / (n + 1e-6)) as f32;
+                if let Some(s) = clip_factor(norm.to_scalar::<f64>()?, max_norm) {
                     grads.iter_mut().for_each(|g| g.par_iter_mut().for_each(|x| *x *= s));
                 }
             }
@@ -198,17 +196,10 @@ impl Gradients {
         match self {
             Gradients::Host(grads) => {
                 let mut project = |w: &[f32]| {
-                    grads[index].par_chunks_mut(d).zip(w.par_chunks(d)).for_each(|(g, w)| {
-                        // In vector registers: a single running f32 sum would not vectorise.
-                        vectorized!({
-                            let norm_sq = lane_sum(w, |x| x as f64 * x as f64);
-                            if norm_sq > 0.0 {
-                                let along =
-                                    (lane_dot(g, w, |a, b| a as f64 * b as f64) / norm_sq) as f32;
-                                g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
-                            }
-                        })
-                    })
+                    grads[index]
+                        .par_chunks_mut(d)
+                        .zip(w.par_chunks(d))
+                        .for_each(|(g, w)| vectorized!(project_row(g, w)))
                 };
                 // CPU f32 parameters are read in place; others through a host copy.
                 match weights.device().is_cpu() && weights.dtype() == DType::F32 {
@@ -243,6 +234,23 @@ impl Gradients {
             Gradients::Host(g) => Ok(g.clone()),
             Gradients::Device(g) => g.iter().map(crate::base::host::read_f32).collect(),
         }
+    }
+}
+
+/// PyTorch's clip_grad_norm_ factor for a global norm `norm`: max/(norm + 1e-6) where the norm
+/// is above `max_norm` (and finite), else None (the gradients stay as they are).
+fn clip_factor(norm: f64, max_norm: f64) -> Option<f32> {
+    (norm > max_norm && norm.is_finite()).then(|| (max_norm / (norm + 1e-6)) as f32)
+}
+
+/// Removes from `g` its component along `w` (one row; in vector registers when called inside
+/// `vectorized!`: a single running f32 sum would not vectorise).
+#[inline(always)]
+fn project_row(g: &mut [f32], w: &[f32]) {
+    let norm_sq = lane_sum(w, |x| x as f64 * x as f64);
+    if norm_sq > 0.0 {
+        let along = (lane_dot(g, w, |a, b| a as f64 * b as f64) / norm_sq) as f32;
+        g.iter_mut().zip(w).for_each(|(a, b)| *a -= along * b);
     }
 }
 
@@ -433,6 +441,42 @@ pub struct Adam {
     v: Buffers,
 }
 
+/// A (rows, d) parameter held to unit-norm rows (the SAE decoder): its gradient rows are made
+/// tangent to the parameter's rows before the update, and the rows renormalised after it.
+#[derive(Clone, Copy, Debug)]
+pub struct UnitRows {
+    /// The parameter's position in the parameter list.
+    pub index: usize,
+    pub d: usize,
+}
+
+/// One Adam step's scalars.
+#[derive(Clone, Copy)]
+struct AdamStep {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    step_size: f32,
+    inv_bc2_sqrt: f32,
+}
+
+impl AdamStep {
+    /// The update of (p, m, v) from the gradient `g` times `scale`, element by element (in
+    /// vector registers when called inside `vectorized!`).
+    #[inline(always)]
+    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], scale: f32) {
+        let Self { b1, b2, eps, step_size, inv_bc2_sqrt } = *self;
+        let n = p.len();
+        let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+        for i in 0..n {
+            let g = g[i] * scale;
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            p[i] -= step_size * m[i] / (v[i].sqrt() * inv_bc2_sqrt + eps);
+        }
+    }
+}
+
 impl Adam {
     pub fn new(params: &[&Var], betas: [f64; 2], eps: f64, kernels: Kernels) -> Result<Self> {
         Ok(Self {
@@ -444,40 +488,138 @@ impl Adam {
             v: Buffers::zeros(params, kernels)?,
         })
     }
+
+    /// Advances the step count and returns this step's scalars.
+    fn next_step(&mut self, lr: f64) -> AdamStep {
+        self.steps += 1;
+        let t = self.steps as i32;
+        let bc1 = 1.0 - self.beta1.powi(t);
+        let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
+        AdamStep {
+            b1: self.beta1 as f32,
+            b2: self.beta2 as f32,
+            eps: self.eps as f32,
+            step_size: (lr / bc1) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+        }
+    }
+
+    /// Clipping to the global norm `clip` (PyTorch's rule), then `unit_rows`' constraint around
+    /// the update: the arithmetic of `clip_global_norm`, `project_out_parallel`, `step` and
+    /// `normalize_rows` in that order, bit for bit. With host kernels the clip factor is
+    /// applied as each gradient is read, and each constrained row is projected, updated and
+    /// renormalised while in cache: one pass over the parameters instead of four. Returns the
+    /// gradients' norm before clipping (a scalar tensor).
+    pub fn clipped_step(
+        &mut self,
+        params: &[&Var],
+        mut grads: Gradients,
+        lr: f64,
+        clip: Option<f64>,
+        unit_rows: Option<UnitRows>,
+    ) -> Result<Tensor> {
+        if let Gradients::Host(host) = &grads {
+            check_sizes(params, &grads, self.m.len())?;
+            if let Some(rows) = unit_rows {
+                ensure!(
+                    rows.index < params.len() && rows.d > 0 && host[rows.index].len() % rows.d == 0,
+                    "the constrained parameter is not made of rows of {}",
+                    rows.d
+                );
+            }
+            let norm = grads.global_norm()?;
+            let scale = match clip {
+                Some(max) => clip_factor(norm.to_scalar::<f64>()?, max).unwrap_or(1.0),
+                None => 1.0,
+            };
+            self.host_step(params, host, lr, scale, unit_rows)?;
+            return Ok(norm);
+        }
+        let norm = match clip {
+            Some(max) => grads.clip_global_norm(max)?,
+            None => grads.global_norm()?,
+        };
+        if let Some(rows) = unit_rows {
+            grads.project_out_parallel(rows.index, params[rows.index], rows.d)?;
+        }
+        self.step(params, &grads, lr)?;
+        if let Some(rows) = unit_rows {
+            normalize_rows(params[rows.index], rows.d, Kernels::Portable)?;
+        }
+        Ok(norm)
+    }
+
+    /// The host step with every gradient multiplied by `scale` as it is read (1 leaves it
+    /// exact); see `clipped_step` for `unit_rows`.
+    fn host_step(
+        &mut self,
+        params: &[&Var],
+        grads: &[Vec<f32>],
+        lr: f64,
+        scale: f32,
+        unit_rows: Option<UnitRows>,
+    ) -> Result<()> {
+        ensure!(
+            matches!((&self.m, &self.v), (Buffers::Host(_), Buffers::Host(_))),
+            "optimizer state and gradients come from different kernels"
+        );
+        let adam = self.next_step(lr);
+        let (Buffers::Host(ms), Buffers::Host(vs)) = (&mut self.m, &mut self.v) else {
+            unreachable!("checked above")
+        };
+        for (i, ((var, grad), (m, v))) in
+            params.iter().zip(grads).zip(ms.iter_mut().zip(vs)).enumerate()
+        {
+            match unit_rows.filter(|rows| rows.index == i) {
+                None => update_param(var, |p| {
+                    p.par_chunks_mut(UPDATE_CHUNK)
+                        .zip(m.par_chunks_mut(UPDATE_CHUNK))
+                        .zip(v.par_chunks_mut(UPDATE_CHUNK))
+                        .zip(grad.par_chunks(UPDATE_CHUNK))
+                        .for_each(|(((p, m), v), g)| vectorized!(adam.apply(p, m, v, g, scale)));
+                })?,
+                Some(UnitRows { d, .. }) => {
+                    // Whole rows per task, about UPDATE_CHUNK elements.
+                    let chunk = (UPDATE_CHUNK / d).max(1) * d;
+                    update_param(var, |p| {
+                        p.par_chunks_mut(chunk)
+                            .zip(m.par_chunks_mut(chunk))
+                            .zip(v.par_chunks_mut(chunk))
+                            .zip(grad.par_chunks(chunk))
+                            .for_each(|(((p, m), v), g)| {
+                                let mut tangent = vec![0.0f32; d];
+                                vectorized!(for (((p, m), v), g) in p
+                                    .chunks_mut(d)
+                                    .zip(m.chunks_mut(d))
+                                    .zip(v.chunks_mut(d))
+                                    .zip(g.chunks(d))
+                                {
+                                    tangent.iter_mut().zip(g).for_each(|(t, &g)| *t = g * scale);
+                                    project_row(&mut tangent, p);
+                                    adam.apply(p, m, v, &tangent, 1.0);
+                                    crate::base::cpu::normalize_row(p);
+                                })
+                            });
+                    })?
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Optimizer for Adam {
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
         check_sizes(params, grads, self.m.len())?;
-        self.steps += 1;
-        let t = self.steps as i32;
-        let bc1 = 1.0 - self.beta1.powi(t);
-        let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
-        let (b1, b2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
-        let step_size = (lr / bc1) as f32;
-        let inv_bc2_sqrt = (1.0 / bc2_sqrt) as f32;
         match (grads, &mut self.m, &mut self.v) {
-            (Gradients::Host(grads), Buffers::Host(ms), Buffers::Host(vs)) => {
-                for ((var, grad), (m, v)) in params.iter().zip(grads).zip(ms.iter_mut().zip(vs)) {
-                    // One pass over (p, m, v, g), in vector registers.
-                    update_param(var, |p| {
-                        p.par_chunks_mut(UPDATE_CHUNK)
-                            .zip(m.par_chunks_mut(UPDATE_CHUNK))
-                            .zip(v.par_chunks_mut(UPDATE_CHUNK))
-                            .zip(grad.par_chunks(UPDATE_CHUNK))
-                            .for_each(|(((p, m), v), g)| {
-                                let n = p.len();
-                                let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
-                                vectorized!(for i in 0..n {
-                                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                                    p[i] -= step_size * m[i] / (v[i].sqrt() * inv_bc2_sqrt + eps);
-                                })
-                            });
-                    })?;
-                }
+            (Gradients::Host(grads), Buffers::Host(_), Buffers::Host(_)) => {
+                self.host_step(params, grads, lr, 1.0, None)?;
             }
-            (Gradients::Device(grads), Buffers::Device(ms), Buffers::Device(vs)) => {
+            (Gradients::Device(grads), Buffers::Device(_), Buffers::Device(_)) => {
+                let AdamStep { b1, b2, eps, step_size, inv_bc2_sqrt } = self.next_step(lr);
+                let (Buffers::Device(ms), Buffers::Device(vs)) = (&mut self.m, &mut self.v) else {
+                    unreachable!("matched above")
+                };
                 for ((var, g), (m, v)) in params.iter().zip(grads).zip(ms.iter_mut().zip(vs)) {
                     let g = g.reshape(m.shape())?;
                     *m = (m.affine(b1 as f64, 0.0)? + g.affine((1.0 - b1) as f64, 0.0)?)?;
@@ -838,6 +980,82 @@ mod tests {
             };
             assert!((g[0] * 0.6 + g[1] * 0.8).abs() < 1e-6 && g[2].abs() < 1e-6, "{kernels:?}");
             assert!((g[3] - 3.0).abs() < 1e-6);
+        }
+    }
+
+    /// The fused host update gives the bits of clipping, projecting, stepping and renormalising
+    /// one after another, over several steps, with and without clipping, with a zero row and
+    /// rows whose width is no multiple of a vector, across several parallel tasks; the
+    /// portable kernels agree to rounding.
+    #[test]
+    fn the_fused_clipped_step_equals_the_steps_in_turn() {
+        let (rows, d) = (1000, 37);
+        let wave = |n: usize, k: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * k).sin() + 0.3 * (i as f32 * 0.013).cos()).collect()
+        };
+        let mut decoder = wave(rows * d, 0.37);
+        decoder[5 * d..6 * d].fill(0.0);
+        crate::base::cpu::normalize_rows(&mut decoder, d);
+        let start = [wave(rows * d, 0.11), decoder, wave(rows, 0.7)];
+        let shaped = |v: &[f32], i: usize| {
+            let t = Tensor::new(v, &Device::Cpu).unwrap();
+            let t = if i < 2 { t.reshape((rows, d)).unwrap() } else { t };
+            Var::from_tensor(&t).unwrap()
+        };
+        let unit_rows = UnitRows { index: 1, d };
+        for clip in [Some(0.5), Some(1e9), None] {
+            let run = |kernels: Kernels, fused: bool| -> (Vec<Vec<f32>>, Vec<f64>) {
+                let params: Vec<Var> =
+                    start.iter().enumerate().map(|(i, v)| shaped(v, i)).collect();
+                let refs: Vec<&Var> = params.iter().collect();
+                let mut adam = Adam::new(&refs, [0.9, 0.999], 1e-8, kernels).unwrap();
+                let mut norms = Vec::new();
+                for step in 0..3 {
+                    let g: Vec<Vec<f32>> = start
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| wave(v.len(), 0.05 * (i + 2 * step + 1) as f32))
+                        .collect();
+                    let g: Vec<&[f32]> = g.iter().map(Vec::as_slice).collect();
+                    let mut grads = grads(kernels, &g);
+                    if let Gradients::Device(t) = &mut grads {
+                        t[1] = t[1].reshape((rows, d)).unwrap();
+                    }
+                    let norm = if fused {
+                        adam.clipped_step(&refs, grads, 0.01, clip, Some(unit_rows)).unwrap()
+                    } else {
+                        let norm = match clip {
+                            Some(max) => grads.clip_global_norm(max).unwrap(),
+                            None => grads.global_norm().unwrap(),
+                        };
+                        grads.project_out_parallel(1, refs[1], d).unwrap();
+                        adam.step(&refs, &grads, 0.01).unwrap();
+                        normalize_rows(refs[1], d, kernels).unwrap();
+                        norm
+                    };
+                    norms.push(norm.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap());
+                }
+                let values = params
+                    .iter()
+                    .map(|p| p.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                    .collect();
+                (values, norms)
+            };
+            let (fused, norms) = run(Kernels::Host, true);
+            let (apart, apart_norms) = run(Kernels::Host, false);
+            assert_eq!(norms, apart_norms, "clip {clip:?}");
+            for (a, b) in fused.iter().zip(&apart) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(a), bits(b), "clip {clip:?}");
+            }
+            let row_norm = |r: &[f32]| r.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((row_norm(&fused[1][7 * d..8 * d]) - 1.0).abs() < 1e-5);
+            let (portable, _) = run(Kernels::Portable, true);
+            for (a, b) in fused.iter().zip(&portable) {
+                let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-5, "clip {clip:?}: host and portable differ by {worst}");
+            }
+            assert_ne!(fused[0], start[0]);
         }
     }
 }

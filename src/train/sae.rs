@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::full_mono::{self, FullMonoGradient};
-use super::optim::{self, Adam, Gradients, Optimizer};
+use super::optim::{self, Adam, Gradients, Optimizer, UnitRows};
 use super::run_dir::{self, MetricsLog, RunDir};
 use super::schedule::Schedule;
 use crate::base::config::Config;
@@ -355,21 +355,17 @@ impl SaeTrainer {
             grads.fold_into(dec, enc)?;
         }
         // As the reference trainers: clip the raw gradients, then constrain the decoder.
-        let grad_norm = match self.settings.clip {
-            Some(max) => grads.clip_global_norm(max)?,
-            None => grads.global_norm()?,
-        };
         let p = self.sae.params();
         if tied {
             // The reference TopK: rows renormalised after the backward, before the step, and
             // no gradient projection.
             optim::normalize_rows(&p.w_enc, d, self.kernels)?;
-            self.optimizer.step(&vars, &grads, lr)?;
+        }
+        let unit_rows = (!tied).then_some(UnitRows { index: dec, d });
+        let grad_norm =
+            self.optimizer.clipped_step(&vars, grads, lr, self.settings.clip, unit_rows)?;
+        if tied {
             p.w_dec.set(p.w_enc.as_tensor())?;
-        } else {
-            grads.project_out_parallel(dec, vars[dec], d)?;
-            self.optimizer.step(&vars, &grads, lr)?;
-            optim::normalize_rows(&p.w_dec, d, self.kernels)?;
         }
         self.sae.observe_step(&pass)?;
 
