@@ -384,10 +384,11 @@ fn portable_selection_keeps_the_same_entries_as_host_selection() {
         let host = topk_latents(&pre, &how, None, Kernels::Host).unwrap();
         let on_device = pre.to_device(&device).unwrap();
         let portable = topk_latents(&on_device, &how, None, Kernels::Portable).unwrap();
-        assert_eq!(flat(&portable.latents), flat(&host.latents), "{how:?} on {rows}×{cols}");
+        let dense = |s: &mono::models::topk::Selected| flat(s.latents.tensor().unwrap());
+        assert_eq!(dense(&portable), dense(&host), "{how:?} on {rows}×{cols}");
         assert_eq!(
             host.csr,
-            Some(SparseBatch::from_dense(&flat(&host.latents), cols)),
+            Some(SparseBatch::from_dense(&dense(&host), cols)),
             "{how:?}: the host selection's CSR holds exactly its non-zeros"
         );
         assert!(portable.csr.is_none());

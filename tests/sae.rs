@@ -56,13 +56,19 @@ fn sparse_ops_match_the_dense_graph() {
         // Sparse path.
         let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
         let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap().pre;
-        let lat = topk::topk_latents(&pre, &selection, None, HOST).unwrap().latents;
+        let lat = topk::topk_latents(&pre, &selection, None, HOST)
+            .unwrap()
+            .latents
+            .tensor()
+            .unwrap()
+            .clone();
         assert!(
             flat(&lat).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64 <= 0.1,
             "test must exercise the sparse path"
         );
         // Without the selection's CSR: the decoder counts the latents itself.
-        let recon = ops::support_matmul(&lat, None, None, w_dec.as_tensor(), None, HOST).unwrap();
+        let dense: topk::Latents = lat.clone().into();
+        let recon = ops::support_matmul(&dense, None, None, w_dec.as_tensor(), None, HOST).unwrap();
         let mono = mono::monoscore::batch_mono_loss(&lat, &sim, 1e-8, None, HOST).unwrap();
         let n_active = scalar(&mono.n_active);
         let loss = ((recon - &x).unwrap().sqr().unwrap().mean_all().unwrap()
@@ -115,10 +121,13 @@ fn sparse_ops_match_the_dense_graph() {
             // With the CSR the selection built on the way, as the SAEs run.
             let selected = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
             let csr = selected.csr.expect("host selection builds the CSR");
-            assert_eq!(csr, SparseBatch::from_dense(&flat(&selected.latents), m));
+            assert_eq!(csr, SparseBatch::from_dense(&flat(selected.latents.tensor().unwrap()), m));
             // Into pre: the latents are detached, so W_enc and the biases get their gradients
             // only if the decoder really differentiates into `pre`.
-            let lat = if into_pre { selected.latents.detach() } else { selected.latents };
+            let lat: topk::Latents = match into_pre {
+                true => selected.latents.tensor().unwrap().detach().into(),
+                false => selected.latents,
+            };
             let term = ops::MonoTerm { similarity: &sim, lambda, eps: 1e-8 };
             let of_pre = into_pre.then(|| port.as_ref().expect("trainable encoder: a port"));
             let decoded =
@@ -160,7 +169,10 @@ fn decoder_route_grads(k: usize, into_pre: bool, detach: bool) -> Vec<Vec<f32>> 
     let ops::Encoded { pre, port } =
         ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST).unwrap();
     let selected = topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
-    let latents = if detach { selected.latents.detach() } else { selected.latents };
+    let latents: topk::Latents = match detach {
+        true => selected.latents.tensor().unwrap().detach().into(),
+        false => selected.latents,
+    };
     let of_pre = into_pre.then(|| port.as_ref().unwrap());
     let recon =
         ops::support_matmul(&latents, selected.csr, of_pre, w_dec.as_tensor(), None, HOST).unwrap();
@@ -213,7 +225,8 @@ fn the_pre_port_adds_up_with_gradients_through_the_latents() {
             )
             .unwrap();
             let term = (recon - (&x + shift).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap();
-            let through_latents = (&latents * &weights).unwrap().sum_all().unwrap();
+            let through_latents =
+                (latents.tensor().unwrap() * &weights).unwrap().sum_all().unwrap();
             loss = (loss + term + through_latents).unwrap();
         }
         let g = loss.backward().unwrap();
@@ -351,7 +364,7 @@ fn every_architecture_matches_a_plain_forward_and_its_gradients_match_finite_dif
         let model = sae::build(&s, 5, &Device::Cpu, kernels).unwrap();
         let pass = sae::forward(model.as_ref(), &x, true).unwrap();
         let (lat, recon) = reference_forward(model.as_ref(), &x_data, b);
-        assert_close(&flat(pass.latents()), &lat, 1e-5, &format!("{kind:?} latents"));
+        assert_close(&flat(pass.latents().unwrap()), &lat, 1e-5, &format!("{kind:?} latents"));
         assert_close(&flat(&pass.recon), &recon, 1e-5, &format!("{kind:?} recon"));
 
         // Reconstruction-loss gradient w.r.t. W_dec and b_dec: finite differences of the plain
@@ -415,8 +428,8 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
     for kernels in [HOST, Kernels::Portable] {
         let model = sae::build(&s, 9, &Device::Cpu, kernels).unwrap();
         let pass = sae::forward(model.as_ref(), &x, true).unwrap();
-        let density =
-            flat(pass.latents()).iter().filter(|v| **v != 0.0).count() as f64 / (b * m) as f64;
+        let density = flat(pass.latents().unwrap()).iter().filter(|v| **v != 0.0).count() as f64
+            / (b * m) as f64;
         assert!(
             density > 0.0 && density <= 0.1,
             "density {density}: the test must take the sparse decoder path"
@@ -467,7 +480,8 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
 
 /// An inference pass hands out the latents' CSR (what evaluation reads) exactly when the host
 /// kernels built one, holding exactly the non-zeros; a training pass of a host selection holds
-/// a copy of its activation's (what the dead-latent counters read), also exactly the non-zeros.
+/// a copy of its activation's (what the dead-latent counters read), also exactly the non-zeros,
+/// and decodes without building the dense latents (built when asked for, they agree).
 #[test]
 fn inference_passes_hand_out_the_latents_nonzeros() {
     let (b, d, m, k) = (16, 6, 80, 3);
@@ -481,7 +495,12 @@ fn inference_passes_hand_out_the_latents_nonzeros() {
             match &pass.latents_csr {
                 Some(csr) => {
                     assert!(selection, "{kind:?}: a training CSR without a host selection");
-                    assert_eq!(csr, &SparseBatch::from_dense(&flat(pass.latents()), m), "{kind:?}");
+                    assert!(pass.activation.latents.built().is_none(), "{kind:?}: built");
+                    assert_eq!(
+                        csr,
+                        &SparseBatch::from_dense(&flat(pass.latents().unwrap()), m),
+                        "{kind:?}"
+                    );
                 }
                 None => {
                     assert!(!selection, "{kind:?}: a host selection's training pass has its CSR")
@@ -489,7 +508,7 @@ fn inference_passes_hand_out_the_latents_nonzeros() {
             }
             model.observe_step(&pass).unwrap();
             let pass = sae::forward(model.as_ref(), &x, false).unwrap();
-            let dense = flat(pass.latents());
+            let dense = flat(pass.latents().unwrap());
             let sparse_kind = matches!(kind, SaeKind::Topk | SaeKind::BatchTopk);
             match pass.latents_csr {
                 Some(csr) => assert_eq!(csr, SparseBatch::from_dense(&dense, m), "{kind:?}"),
@@ -512,7 +531,7 @@ fn batch_topk_inference_does_not_depend_on_the_batch() {
             sae::build(&spec(SaeKind::BatchTopk, d, m, k), 1, &Device::Cpu, kernels).unwrap();
         let pass = sae::forward(model.as_ref(), &x, true).unwrap();
         assert_eq!(
-            flat(pass.latents()).iter().filter(|v| **v != 0.0).count(),
+            flat(pass.latents().unwrap()).iter().filter(|v| **v != 0.0).count(),
             k * b,
             "training keeps k·B"
         );
@@ -552,7 +571,7 @@ fn infer_gives_the_forward_pass_values_bit_for_bit() {
             let pass = sae::forward(model.as_ref(), &x, true).unwrap();
             model.observe_step(&pass).unwrap();
             let reference = sae::forward(model.as_ref(), &x, false).unwrap();
-            let dense = flat(reference.latents());
+            let dense = flat(reference.latents().unwrap());
             let nnz = dense.iter().filter(|v| **v != 0.0).count();
             assert!(nnz > 0 && nnz < b * m, "{kind:?}: a mix of kept and dropped latents");
             for threads in [1, 2] {

@@ -135,7 +135,7 @@ fn the_full_dataset_monoloss_selects_over_the_shuffled_training_batches() {
             store.read_rows(&rows, &mut x).unwrap();
             let input = Tensor::from_slice(&x, (rows.len(), DIM), &Device::Cpu).unwrap();
             let pass = mono::sae::forward(sae.as_ref(), &input, true).unwrap();
-            let latents = pass.latents().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let latents = pass.latents().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             acc.add(&x, &latents, mono::monoscore::ScorePath::Dense).unwrap();
         }
         acc.finish().summary().mean.unwrap()

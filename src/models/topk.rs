@@ -8,7 +8,7 @@
 //! the entries ≥ that value: the same set, except that entries tied with the k-th value are all
 //! kept. No sort, no host round trip, any width (the counts are u32: up to 2^32 entries).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -196,7 +196,6 @@ impl CustomOp1 for MaskedRelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
         let cols = l.shape().dims().last().copied().unwrap_or(1);
-        let relu_where = |v: f32, keep: bool| if keep && v > 0.0 { v } else { 0.0 };
         let (out, csr) = match &self.keep {
             Keep::Mask(mask) => {
                 if x.len() != mask.len() {
@@ -236,8 +235,20 @@ fn scatter_with_csr(
     cols: usize,
     f: impl Fn(f32) -> f32,
 ) -> (Vec<f32>, SparseBatch) {
-    let rows = x.len().checked_div(cols).unwrap_or(0);
+    let csr = entries_csr(x, kept, cols, f);
     let mut dense = crate::base::cpu::par_filled(x.len(), 1 << 16, |_, part| part.fill(0.0));
+    for r in 0..csr.row_offsets.len() - 1 {
+        let entries = csr.row_offsets[r]..csr.row_offsets[r + 1];
+        for (&c, &v) in csr.columns[entries.clone()].iter().zip(&csr.values[entries]) {
+            dense[r * cols + c as usize] = v;
+        }
+    }
+    (dense, csr)
+}
+
+/// The non-zeros of f(x[i]) at the flat indices `kept` (increasing) as CSR rows of `cols`.
+fn entries_csr(x: &[f32], kept: &[u32], cols: usize, f: impl Fn(f32) -> f32) -> SparseBatch {
+    let rows = x.len().checked_div(cols).unwrap_or(0);
     let mut row_offsets = Vec::with_capacity(rows + 1);
     let (mut columns, mut values) =
         (Vec::with_capacity(kept.len()), Vec::with_capacity(kept.len()));
@@ -247,7 +258,6 @@ fn scatter_with_csr(
         if value == 0.0 {
             continue;
         }
-        dense[i] = value;
         while row_offsets.len() <= i / cols {
             row_offsets.push(columns.len());
         }
@@ -255,7 +265,16 @@ fn scatter_with_csr(
         values.push(value);
     }
     row_offsets.resize(rows + 1, columns.len());
-    (dense, SparseBatch { row_offsets, columns, values })
+    SparseBatch { row_offsets, columns, values }
+}
+
+/// The masked ReLU of one value: `v` where kept and positive, else 0.
+fn relu_where(v: f32, keep: bool) -> f32 {
+    if keep && v > 0.0 {
+        v
+    } else {
+        0.0
+    }
 }
 
 /// A selection mask: host booleans for the host kernel, a 0/1 tensor like `pre` otherwise.
@@ -264,10 +283,50 @@ pub enum Mask {
     Device(Tensor),
 }
 
+/// (B, M) latents, as a tensor built on first use. A host TopK / BatchTopK selection holds its
+/// kept entries and builds the tensor (the masked ReLU of `pre`, a node of its graph) only when
+/// something reads it: a training step that decodes through the selection's CSR and the port of
+/// `pre` never does, and so never zero-fills (B × M) floats.
+pub struct Latents {
+    dims: (usize, usize),
+    tensor: OnceLock<Tensor>,
+    /// `pre` and the flat indices kept of it (increasing), while the tensor is not built.
+    entries: Option<(Tensor, Vec<u32>)>,
+}
+
+impl Latents {
+    /// (B, M).
+    pub fn dims(&self) -> (usize, usize) {
+        self.dims
+    }
+
+    /// The tensor when it is built.
+    pub fn built(&self) -> Option<&Tensor> {
+        self.tensor.get()
+    }
+
+    /// The latents as a (B, M) tensor (built on the first call).
+    pub fn tensor(&self) -> CResult<&Tensor> {
+        if let Some(t) = self.tensor.get() {
+            return Ok(t);
+        }
+        let (pre, kept) = self.entries.as_ref().expect("latents without entries are built");
+        let (built, _) = apply_masked_relu(pre, Keep::Entries(kept.clone()))?;
+        Ok(self.tensor.get_or_init(|| built))
+    }
+}
+
+impl From<Tensor> for Latents {
+    fn from(t: Tensor) -> Self {
+        let dims = t.dims2().unwrap_or((t.elem_count(), 1));
+        Self { dims, tensor: OnceLock::from(t), entries: None }
+    }
+}
+
 /// Latents of a selection.
 pub struct Selected {
     /// (B, M): the kept positive entries, zeros elsewhere.
-    pub latents: Tensor,
+    pub latents: Latents,
     /// Host kernels: the latents' non-zeros as CSR rows, built in the same pass (so the sparse
     /// decoder need not read the latents back to find them).
     pub csr: Option<SparseBatch>,
@@ -278,10 +337,16 @@ pub struct Selected {
 }
 
 fn host_masked_relu(pre: &Tensor, keep: Keep) -> CResult<Selected> {
+    let (latents, csr) = apply_masked_relu(pre, keep)?;
+    Ok(Selected { latents: latents.into(), csr, min: None })
+}
+
+/// The host masked ReLU op on `pre`, and the CSR of its output.
+fn apply_masked_relu(pre: &Tensor, keep: Keep) -> CResult<(Tensor, Option<SparseBatch>)> {
     let csr = Arc::new(Mutex::new(None));
     let latents = pre.contiguous()?.apply_op1(MaskedRelu { keep, csr: csr.clone() })?;
     let csr = csr.lock().unwrap().take();
-    Ok(Selected { latents, csr, min: None })
+    Ok((latents, csr))
 }
 
 /// ReLU of the entries the mask keeps, zero elsewhere; gradient = the kept (positive) mask.
@@ -290,7 +355,7 @@ pub fn masked_relu(pre: &Tensor, mask: Mask) -> CResult<Selected> {
         Mask::Host(mask) => host_masked_relu(pre, Keep::Mask(mask)),
         Mask::Device(mask) => {
             let latents = pre.relu()?.mul(&mask.to_dtype(pre.dtype())?)?;
-            Ok(Selected { latents, csr: None, min: None })
+            Ok(Selected { latents: latents.into(), csr: None, min: None })
         }
     }
 }
@@ -318,10 +383,16 @@ pub fn topk_latents(
                 with_cpu_slice(&a, |v| v.iter().map(|&x| x != 0.0).collect())
             })
             .transpose()?;
-        let (kept, min) =
-            with_cpu_slice(pre, |v| select_entries(v, cols, how, allowed.as_deref(), true))?;
+        let pre = pre.contiguous()?;
+        let (csr, kept, min) = with_cpu_slice(&pre, |v| {
+            let (kept, min) = select_entries(v, cols, how, allowed.as_deref(), true);
+            // The masked ReLU's CSR, as its forward pass would build it.
+            (entries_csr(v, &kept, cols, |v| relu_where(v, true)), kept, min)
+        })?;
         let min = min.map(|m| Tensor::new(m, pre.device())).transpose()?;
-        return Ok(Selected { min, ..host_masked_relu(pre, Keep::Entries(kept))? });
+        let latents =
+            Latents { dims: pre.dims2()?, tensor: OnceLock::new(), entries: Some((pre, kept)) };
+        return Ok(Selected { latents, csr: Some(csr), min });
     }
     let (mask, threshold) = portable_select(&pre.detach(), how, allowed)?;
     Ok(Selected { min: Some(threshold), ..masked_relu(pre, Mask::Device(mask))? })
@@ -403,7 +474,6 @@ mod tests {
         assert!(x[kept[1] as usize] <= 0.0 || x[kept[3] as usize] <= 0.0, "a non-positive one");
         let mut mask = vec![false; x.len()];
         kept.iter().for_each(|&i| mask[i as usize] = true);
-        let relu_where = |v: f32, keep: bool| if keep && v > 0.0 { v } else { 0.0 };
         let want = SparseBatch::map2_with_csr(&x, &mask, cols, relu_where);
         let got = scatter_with_csr(&x, &kept, cols, |v| relu_where(v, true));
         assert_eq!(got.0, want.0);

@@ -119,13 +119,13 @@ impl Sae for JumpReluSae {
         let passed = select::masked_relu(pre, band.pass)?;
         if !training {
             return Ok(Activation {
-                latents: passed.latents.detach(),
+                latents: passed.latents.tensor()?.detach().into(),
                 latents_csr: passed.csr,
                 grad_support: None,
                 batch_threshold: None,
             });
         }
-        let passed = passed.latents;
+        let passed = passed.latents.tensor()?.clone();
         // −K·θ/ε, a constant.
         let coefficient = band
             .kernel
@@ -134,7 +134,7 @@ impl Sae for JumpReluSae {
             .broadcast_div(&self.bandwidth(&band.kernel)?)?;
         let latents = (passed + self.pseudo_gradient(coefficient)?)?;
         Ok(Activation {
-            latents,
+            latents: latents.into(),
             latents_csr: None,
             grad_support: Some(band.below),
             batch_threshold: None,

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::base::config::{BatchTopkConfig, JumpReluConfig, ReluConfig, SaeConfig, SaeKind};
 use crate::base::cpu::normalize_rows_sequential;
 use crate::base::host::{self, Kernels};
-use crate::models::topk::{self as select, Mask};
+use crate::models::topk::{self as select, Latents, Mask};
 use crate::monoscore::BatchMono;
 
 /// Everything that defines an SAE's shape and training losses (written to cfg.json).
@@ -168,7 +168,7 @@ impl SaeParams {
 /// Output of `activate`.
 pub struct Activation {
     /// (B, M) latents.
-    pub latents: Tensor,
+    pub latents: Latents,
     /// Entries whose gradient matters although the latent is 0 (JumpReLU's pseudo-gradient band).
     pub grad_support: Option<Mask>,
     /// BatchTopK: the smallest value kept in this batch (its threshold estimate), a scalar.
@@ -209,8 +209,9 @@ pub struct ForwardPass {
 }
 
 impl ForwardPass {
-    pub fn latents(&self) -> &Tensor {
-        &self.activation.latents
+    /// The (B, M) latents as a tensor (built on the first call; see `Latents`).
+    pub fn latents(&self) -> Result<&Tensor> {
+        Ok(self.activation.latents.tensor()?)
     }
 }
 
@@ -407,7 +408,7 @@ pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
     let latents = match pass.latents_csr {
         Some(csr) => csr,
         None => crate::base::sparse::SparseBatch::from_dense(
-            &host::read_f32(pass.latents())?,
+            &host::read_f32(pass.latents()?)?,
             sae.spec().n_latents,
         ),
     };
@@ -416,7 +417,7 @@ pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
 
 /// Latents for inference (no graph).
 pub fn encode(sae: &dyn Sae, x: &Tensor) -> Result<Tensor> {
-    Ok(forward(sae, &x.detach(), false)?.activation.latents.detach())
+    Ok(forward(sae, &x.detach(), false)?.latents()?.detach())
 }
 
 /// AuxK: reconstruct the (detached) residual from the top `k_aux` dead latents of each row

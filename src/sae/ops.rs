@@ -21,7 +21,7 @@ use crate::base::grad_sink::GradSink;
 use crate::base::host::Kernels;
 use crate::base::simd::vectorized;
 use crate::base::sparse::{self, SparseBatch, SPARSE_LIMIT};
-use crate::models::topk::Mask;
+use crate::models::topk::{Latents, Mask};
 use crate::monoscore::sparse_loss::{self, MonoLossSaved, MonoLossStats};
 use crate::monoscore::BatchMono;
 
@@ -553,7 +553,7 @@ impl CustomOp2 for SupportMatmul {
 /// exact on their non-zeros and on `grad_support`, and 0 on the other zeros. `latents_csr`: the
 /// latents' non-zeros when the caller has them (see `decode`).
 pub fn support_matmul(
-    latents: &Tensor,
+    latents: &Latents,
     latents_csr: Option<SparseBatch>,
     of_pre: Option<&PrePort>,
     w: &Tensor,
@@ -605,16 +605,16 @@ pub(super) fn sparse_enough(nnz: usize, rows: usize, m: usize) -> bool {
 /// kernels. A CSR from the caller is used when no gradient support has to be added to it;
 /// otherwise one counting pass builds it.
 fn decoder_csr(
-    latents: &Tensor,
+    latents: &Latents,
     given: Option<SparseBatch>,
     grad_support: Option<&Mask>,
 ) -> CResult<Option<SparseBatch>> {
-    let (b, m) = latents.dims2()?;
+    let (b, m) = latents.dims();
     match (given, host_support(grad_support)) {
         (Some(csr), None) => Ok(sparse_enough(csr.nnz(), b, m).then_some(csr)),
-        (_, support) => {
-            with_cpu_slice(latents, |l| SparseBatch::from_dense_if_sparse(l, m, support))
-        }
+        (_, support) => with_cpu_slice(&latents.tensor()?.contiguous()?, |l| {
+            SparseBatch::from_dense_if_sparse(l, m, support)
+        }),
     }
 }
 
@@ -663,7 +663,7 @@ fn host_support(grad_support: Option<&Mask>) -> Option<&[bool]> {
 /// call, if any.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
-    latents: &Tensor,
+    latents: &Latents,
     latents_csr: Option<SparseBatch>,
     of_pre: Option<&PrePort>,
     w: &Tensor,
@@ -671,27 +671,37 @@ pub fn decode(
     mono: Option<MonoTerm>,
     kernels: Kernels,
 ) -> CResult<Decoded> {
-    if !kernels.for_tensor(latents).is_host() {
+    let host = match latents.built() {
+        Some(t) => kernels.for_tensor(t).is_host(),
+        None => kernels.is_host(),
+    };
+    if !host {
+        let latents = latents.tensor()?;
         let output = latents.matmul(w)?;
         let mono =
             mono.map(|term| unfused_mono(latents, term, grad_support, kernels)).transpose()?;
         return Ok(Decoded { output, latents_csr: None, mono });
     }
-    let latents = latents.contiguous()?;
     let given_csr = latents_csr.is_some();
-    let csr = decoder_csr(&latents, latents_csr, grad_support)?;
+    let csr = decoder_csr(latents, latents_csr, grad_support)?;
     // Differentiate into `pre` when the sparse path runs on the selection's own CSR (decoder_csr
-    // hands back a given CSR unchanged, or None when it is too dense).
+    // hands back a given CSR unchanged, or None when it is too dense); the latents' tensor is
+    // then never built.
+    let dense;
     let input = match of_pre {
         Some(port) if given_csr && csr.is_some() && grad_support.is_none() => Input::Port(port),
-        _ => Input::Latents(&latents),
+        _ => {
+            dense = latents.tensor()?.contiguous()?;
+            Input::Latents(&dense)
+        }
     };
     let (term, csr) = match (mono, csr) {
         (Some(term), Some(csr)) => (term, csr),
         (mono, csr) => {
             // No MonoLoss, or latents too dense to fuse it: the MonoLoss is its own node.
             let (output, latents_csr) = apply_support_matmul(input, w, grad_support, csr, None)?;
-            let mono = mono.map(|term| unfused_mono(&latents, term, grad_support, kernels));
+            let mono =
+                mono.map(|term| unfused_mono(latents.tensor()?, term, grad_support, kernels));
             return Ok(Decoded { output, latents_csr, mono: mono.transpose()? });
         }
     };

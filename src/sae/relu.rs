@@ -35,7 +35,7 @@ impl Sae for ReluSae {
 
     fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
         Ok(Activation {
-            latents: pre.relu()?,
+            latents: pre.relu()?.into(),
             latents_csr: None,
             grad_support: None,
             batch_threshold: None,
@@ -52,8 +52,8 @@ impl Sae for ReluSae {
         pass: &ForwardPass,
         _dead: &Tensor,
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        let rows = pass.latents().dim(0)? as f64;
-        let l1 = (pass.latents().sum_all()? / rows)?;
+        let rows = pass.latents()?.dim(0)? as f64;
+        let l1 = (pass.latents()?.sum_all()? / rows)?;
         Ok(vec![("l1", (l1 * self.spec.l1_coef)?)])
     }
 }

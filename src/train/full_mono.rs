@@ -126,7 +126,7 @@ fn host_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<FullMo
         let pass = forward(sae, &Tensor::from_slice(&x, (end - start, d), device)?, true)?;
         acc.add_sparse(
             &sim,
-            SparseBatch::from_dense(&host::read_f32(pass.latents())?, m).as_rows(),
+            SparseBatch::from_dense(&host::read_f32(pass.latents()?)?, m).as_rows(),
         )?;
     }
     let stats = acc.neuron_stats(true);
@@ -175,7 +175,7 @@ fn host_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<FullMo
         visit.read((start, end), &mut x, &mut sim)?;
         let rows = end - start;
         let pass = forward(sae, &Tensor::from_slice(&x, (rows, d), device)?, true)?;
-        let latents = host::read_f32(pass.latents())?;
+        let latents = host::read_f32(pass.latents()?)?;
         ensure!(
             latents.iter().all(|v| v.is_finite()),
             "non-finite latents in the full-dataset MonoLoss pass"
@@ -212,7 +212,7 @@ fn host_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<FullMo
             }
         }
         let c = Tensor::from_vec(c, (rows, m), device)?;
-        let surrogate = (pass.latents() * c)?.sum_all()?;
+        let surrogate = (pass.latents()? * c)?.sum_all()?;
         grads.add_scaled(
             &Gradients::from_store(&surrogate.backward()?, None, &vars, kernels)?,
             1.0,
@@ -367,7 +367,7 @@ fn portable_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<Fu
         visit.read((start, end), &mut x, &mut sim)?;
         let pass = forward(sae, &host::upload_f32(&x, (end - start, d), device)?, true)?;
         let p = unit_rows(&host::upload_f32(&sim, (end - start, sim_dim), device)?, dtype)?;
-        moments.add(&pass.latents().detach().to_dtype(dtype)?, &p, start)?;
+        moments.add(&pass.latents()?.detach().to_dtype(dtype)?, &p, start)?;
     }
     let co = device_coefficients(moments, n)?;
 
@@ -377,7 +377,7 @@ fn portable_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<Fu
         let rows = end - start;
         visit.read((start, end), &mut x, &mut sim)?;
         let pass = forward(sae, &host::upload_f32(&x, (rows, d), device)?, true)?;
-        let l = pass.latents().detach().to_dtype(dtype)?;
+        let l = pass.latents()?.detach().to_dtype(dtype)?;
         let p = unit_rows(&host::upload_f32(&sim, (rows, sim_dim), device)?, dtype)?;
         let a = l.broadcast_sub(&co.min.unsqueeze(0)?)?.broadcast_div(&co.range.unsqueeze(0)?)?;
         let p_dot_w = p.matmul(&co.w.t()?)?; // (B, M)
@@ -400,8 +400,8 @@ fn portable_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<Fu
         let live = co.live.unsqueeze(0)?.broadcast_as(l.shape())?;
         let keep = live.to_dtype(DType::F32)?.mul(&support.to_dtype(DType::F32)?)?;
         let c = keep.gt(&keep.zeros_like()?)?.where_cond(&value, &value.zeros_like()?)?;
-        let c = c.to_dtype(pass.latents().dtype())?;
-        let surrogate = (pass.latents() * c)?.sum_all()?;
+        let c = c.to_dtype(pass.latents()?.dtype())?;
+        let surrogate = (pass.latents()? * c)?.sum_all()?;
         grads.add_scaled(
             &Gradients::from_store(&surrogate.backward()?, None, &vars, kernels)?,
             1.0,

@@ -296,7 +296,7 @@ impl SaeTrainer {
                 })
             }
             None if measure_mono => {
-                let latents = pass.latents().detach();
+                let latents = pass.latents()?.detach();
                 Some(batch_mono_loss(&latents, similarity, self.settings.eps, None, self.kernels)?)
             }
             None => None,
@@ -663,10 +663,11 @@ pub fn total_steps(config: &Config, rows: usize) -> usize {
 /// (M,) f32: how many rows of the pass each latent fires on: from the latents' CSR when the
 /// pass holds one (a host selection's), else by scanning the dense latents.
 fn fired_counts(pass: &ForwardPass, kernels: Kernels) -> Result<Tensor> {
-    let Some(csr) = &pass.latents_csr else { return column_counts(pass.latents(), kernels) };
-    let m = pass.latents().dim(1)?;
+    let Some(csr) = &pass.latents_csr else { return column_counts(pass.latents()?, kernels) };
+    // Not `pass.latents()`: that would build the dense latents a host selection skips.
+    let m = pass.activation.latents.dims().1;
     let counts: Vec<f32> = csr.column_counts(m).into_iter().map(|c| c as f32).collect();
-    Ok(Tensor::from_vec(counts, m, pass.latents().device())?)
+    Ok(Tensor::from_vec(counts, m, pass.pre.device())?)
 }
 
 /// (M,) f32: how many rows of `latents` each latent fires on (non-zero entries per column).
@@ -820,7 +821,7 @@ mod tests {
     }
 
     /// A training pass of a selection SAE carries its latents' CSR, and the counters read the
-    /// same counts from it as from the dense latents.
+    /// same counts from it as from the dense latents, without building those.
     #[test]
     fn a_training_pass_counts_from_its_csr_what_the_latents_hold() {
         use crate::base::config::{SaeConfig, SaeKind};
@@ -832,9 +833,10 @@ mod tests {
             let x = Tensor::from_vec(x, (50, 12), &Device::Cpu).unwrap();
             let pass = crate::sae::forward(sae.as_ref(), &x, true).unwrap();
             assert!(pass.latents_csr.is_some(), "a host selection's CSR");
-            let want: Vec<f32> =
-                column_counts(pass.latents(), Kernels::Host).unwrap().to_vec1().unwrap();
             let got: Vec<f32> = fired_counts(&pass, Kernels::Host).unwrap().to_vec1().unwrap();
+            assert!(pass.activation.latents.built().is_none(), "{kind:?}: dense latents built");
+            let want: Vec<f32> =
+                column_counts(pass.latents().unwrap(), Kernels::Host).unwrap().to_vec1().unwrap();
             assert_eq!(got, want, "{kind:?}");
             assert!(want.iter().sum::<f32>() > 0.0);
         }

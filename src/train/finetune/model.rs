@@ -199,7 +199,8 @@ impl FinetuneModel {
         let topk = if self.k >= width {
             pre.relu()?
         } else {
-            topk::topk_latents(&pre, &topk::Selection::PerRow(self.k), None, self.kernels)?.latents
+            let selection = topk::Selection::PerRow(self.k);
+            topk::topk_latents(&pre, &selection, None, self.kernels)?.latents.tensor()?.clone()
         };
         let logits = self.classifier.forward(&topk, self.kernels)?;
         Ok(Outputs { features, topk, logits })
