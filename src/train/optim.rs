@@ -518,21 +518,27 @@ impl Adam {
         clip: Option<f64>,
         unit_rows: Option<UnitRows>,
     ) -> Result<Tensor> {
+        check_sizes(params, &grads, self.m.len())?;
+        if let Some(rows) = unit_rows {
+            ensure!(
+                rows.index < params.len()
+                    && rows.d > 0
+                    && params[rows.index].elem_count().is_multiple_of(rows.d),
+                "the constrained parameter is not made of rows of {}",
+                rows.d
+            );
+        }
         if let Gradients::Host(host) = &grads {
-            check_sizes(params, &grads, self.m.len())?;
-            if let Some(rows) = unit_rows {
-                ensure!(
-                    rows.index < params.len() && rows.d > 0 && host[rows.index].len() % rows.d == 0,
-                    "the constrained parameter is not made of rows of {}",
-                    rows.d
-                );
-            }
             let norm = grads.global_norm()?;
             let scale = match clip {
                 Some(max) => clip_factor(norm.to_scalar::<f64>()?, max).unwrap_or(1.0),
                 None => 1.0,
             };
-            self.host_step(params, host, lr, scale, unit_rows)?;
+            let adam = self.next_step(lr);
+            let (Buffers::Host(ms), Buffers::Host(vs)) = (&mut self.m, &mut self.v) else {
+                anyhow::bail!("optimizer state and gradients come from different kernels")
+            };
+            host_update(params, host, (ms, vs), adam, scale, unit_rows)?;
             return Ok(norm);
         }
         let norm = match clip {
@@ -548,78 +554,68 @@ impl Adam {
         }
         Ok(norm)
     }
+}
 
-    /// The host step with every gradient multiplied by `scale` as it is read (1 leaves it
-    /// exact); see `clipped_step` for `unit_rows`.
-    fn host_step(
-        &mut self,
-        params: &[&Var],
-        grads: &[Vec<f32>],
-        lr: f64,
-        scale: f32,
-        unit_rows: Option<UnitRows>,
-    ) -> Result<()> {
-        ensure!(
-            matches!((&self.m, &self.v), (Buffers::Host(_), Buffers::Host(_))),
-            "optimizer state and gradients come from different kernels"
-        );
-        let adam = self.next_step(lr);
-        let (Buffers::Host(ms), Buffers::Host(vs)) = (&mut self.m, &mut self.v) else {
-            unreachable!("checked above")
-        };
-        for (i, ((var, grad), (m, v))) in
-            params.iter().zip(grads).zip(ms.iter_mut().zip(vs)).enumerate()
-        {
-            match unit_rows.filter(|rows| rows.index == i) {
-                None => update_param(var, |p| {
-                    p.par_chunks_mut(UPDATE_CHUNK)
-                        .zip(m.par_chunks_mut(UPDATE_CHUNK))
-                        .zip(v.par_chunks_mut(UPDATE_CHUNK))
-                        .zip(grad.par_chunks(UPDATE_CHUNK))
-                        .for_each(|(((p, m), v), g)| vectorized!(adam.apply(p, m, v, g, scale)));
-                })?,
-                Some(UnitRows { d, .. }) => {
-                    // Whole rows per task, about UPDATE_CHUNK elements.
-                    let chunk = (UPDATE_CHUNK / d).max(1) * d;
-                    update_param(var, |p| {
-                        p.par_chunks_mut(chunk)
-                            .zip(m.par_chunks_mut(chunk))
-                            .zip(v.par_chunks_mut(chunk))
-                            .zip(grad.par_chunks(chunk))
-                            .for_each(|(((p, m), v), g)| {
-                                let mut tangent = vec![0.0f32; d];
-                                vectorized!(for (((p, m), v), g) in p
-                                    .chunks_mut(d)
-                                    .zip(m.chunks_mut(d))
-                                    .zip(v.chunks_mut(d))
-                                    .zip(g.chunks(d))
-                                {
-                                    tangent.iter_mut().zip(g).for_each(|(t, &g)| *t = g * scale);
-                                    project_row(&mut tangent, p);
-                                    adam.apply(p, m, v, &tangent, 1.0);
-                                    crate::base::cpu::normalize_row(p);
-                                })
-                            });
-                    })?
-                }
+/// Adam's host update of `params` with moments (ms, vs), every gradient multiplied by `scale`
+/// as it is read (1 leaves it exact); see `Adam::clipped_step` for `unit_rows`.
+fn host_update(
+    params: &[&Var],
+    grads: &[Vec<f32>],
+    (ms, vs): (&mut [Vec<f32>], &mut [Vec<f32>]),
+    adam: AdamStep,
+    scale: f32,
+    unit_rows: Option<UnitRows>,
+) -> Result<()> {
+    for (i, ((var, grad), (m, v))) in
+        params.iter().zip(grads).zip(ms.iter_mut().zip(vs)).enumerate()
+    {
+        match unit_rows.filter(|rows| rows.index == i) {
+            None => update_param(var, |p| {
+                p.par_chunks_mut(UPDATE_CHUNK)
+                    .zip(m.par_chunks_mut(UPDATE_CHUNK))
+                    .zip(v.par_chunks_mut(UPDATE_CHUNK))
+                    .zip(grad.par_chunks(UPDATE_CHUNK))
+                    .for_each(|(((p, m), v), g)| vectorized!(adam.apply(p, m, v, g, scale)));
+            })?,
+            Some(UnitRows { d, .. }) => {
+                // Whole rows per task, about UPDATE_CHUNK elements.
+                let chunk = (UPDATE_CHUNK / d).max(1) * d;
+                update_param(var, |p| {
+                    p.par_chunks_mut(chunk)
+                        .zip(m.par_chunks_mut(chunk))
+                        .zip(v.par_chunks_mut(chunk))
+                        .zip(grad.par_chunks(chunk))
+                        .for_each(|(((p, m), v), g)| {
+                            let mut tangent = vec![0.0f32; d];
+                            vectorized!(for (((p, m), v), g) in p
+                                .chunks_mut(d)
+                                .zip(m.chunks_mut(d))
+                                .zip(v.chunks_mut(d))
+                                .zip(g.chunks(d))
+                            {
+                                tangent.iter_mut().zip(g).for_each(|(t, &g)| *t = g * scale);
+                                project_row(&mut tangent, p);
+                                adam.apply(p, m, v, &tangent, 1.0);
+                                crate::base::cpu::normalize_row(p);
+                            })
+                        });
+                })?
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl Optimizer for Adam {
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
         check_sizes(params, grads, self.m.len())?;
+        let adam = self.next_step(lr);
         match (grads, &mut self.m, &mut self.v) {
-            (Gradients::Host(grads), Buffers::Host(_), Buffers::Host(_)) => {
-                self.host_step(params, grads, lr, 1.0, None)?;
+            (Gradients::Host(grads), Buffers::Host(ms), Buffers::Host(vs)) => {
+                host_update(params, grads, (ms, vs), adam, 1.0, None)?;
             }
-            (Gradients::Device(grads), Buffers::Device(_), Buffers::Device(_)) => {
-                let AdamStep { b1, b2, eps, step_size, inv_bc2_sqrt } = self.next_step(lr);
-                let (Buffers::Device(ms), Buffers::Device(vs)) = (&mut self.m, &mut self.v) else {
-                    unreachable!("matched above")
-                };
+            (Gradients::Device(grads), Buffers::Device(ms), Buffers::Device(vs)) => {
+                let AdamStep { b1, b2, eps, step_size, inv_bc2_sqrt } = adam;
                 for ((var, g), (m, v)) in params.iter().zip(grads).zip(ms.iter_mut().zip(vs)) {
                     let g = g.reshape(m.shape())?;
                     *m = (m.affine(b1 as f64, 0.0)? + g.affine((1.0 - b1) as f64, 0.0)?)?;
