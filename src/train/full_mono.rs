@@ -124,10 +124,17 @@ fn host_gradient(sae: &dyn Sae, visit: &Visit, device: &Device) -> Result<FullMo
     for (start, end) in visit.batches() {
         visit.read((start, end), &mut x, &mut sim)?;
         let pass = forward(sae, &Tensor::from_slice(&x, (end - start, d), device)?, true)?;
-        acc.add_sparse(
-            &sim,
-            SparseBatch::from_dense(&host::read_f32(pass.latents()?)?, m).as_rows(),
-        )?;
+        // A host selection's pass holds its non-zeros already: no dense latents to build and
+        // scan back (the same entries, in the same order).
+        let scanned;
+        let latents = match &pass.latents_csr {
+            Some(csr) => csr.as_rows(),
+            None => {
+                scanned = SparseBatch::from_dense(&host::read_f32(pass.latents()?)?, m);
+                scanned.as_rows()
+            }
+        };
+        acc.add_sparse(&sim, latents)?;
     }
     let stats = acc.neuron_stats(true);
     let live = stats.iter().flatten().count();
