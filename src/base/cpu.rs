@@ -26,6 +26,26 @@ pub fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> 
     }
 }
 
+/// Runs `f` on the f32 data of several CPU tensors at once, without copying those already
+/// contiguous (a layer's weights, all read by one kernel).
+pub fn with_cpu_slices<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> CResult<R> {
+    crate::base::host::host_kernel_ran();
+    let owned = ts.iter().map(|t| t.contiguous()).collect::<CResult<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(cpu) => slices.push(contiguous("tensor", cpu, layout)?),
+            _ => candle_core::bail!("expected a CPU tensor"),
+        }
+    }
+    let slices: [&[f32]; N] = slices.try_into().expect("one slice per tensor");
+    Ok(f(slices))
+}
+
 /// A CPU tensor owning `data`.
 pub fn cpu_tensor(data: Vec<f32>, shape: impl Into<Shape>) -> CResult<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)

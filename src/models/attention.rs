@@ -23,7 +23,7 @@ pub struct AttentionOp {
 
 /// Shape facts of one call.
 #[derive(Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     batch: usize,
     tokens: usize,
     dim: usize,
@@ -87,10 +87,75 @@ impl AttentionOp {
                 l3.shape()
             );
         }
-        if self.heads == 0 || dim % self.heads != 0 {
+        self.shape(batch, tokens, dim)
+    }
+
+    /// The shape facts of (batch, tokens, dim) inputs split into this op's heads.
+    pub(crate) fn shape(&self, batch: usize, tokens: usize, dim: usize) -> CResult<Dims> {
+        if self.heads == 0 || !dim.is_multiple_of(self.heads) {
             candle_core::bail!("attention: width {dim} does not split into {} heads", self.heads);
         }
         Ok(Dims { batch, tokens, dim, head_dim: dim / self.heads, heads: self.heads })
+    }
+
+    /// The op's output on contiguous (B, N, D) queries, keys and values.
+    pub(crate) fn forward_rows(&self, dims: Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let (n, dh) = (dims.tokens, dims.head_dim);
+        let blocks: Vec<Vec<f32>> = (0..dims.batch * dims.heads)
+            .into_par_iter()
+            .map(|i| {
+                let (b, h) = (i / dims.heads, i % dims.heads);
+                let p = self.weights(dims, q, k, b, h);
+                let mut out = vec![0f32; n * dh];
+                let p_m = Strided { data: &p, rs: n, cs: 1 };
+                gemm_f32_into(&mut out, dh, (n, dh, n), p_m, dims.head(v, b, h), 1.0);
+                out
+            })
+            .collect();
+        dims.merge(|i| &blocks[i])
+    }
+
+    /// [dq, dk, dv] for upstream gradient `g`, each (B, N, D) where `need` asks for it.
+    ///
+    /// With P = softmax(S), S = scale · q kᵀ and output P v: dv = Pᵀ G, dP = G vᵀ,
+    /// dS = P ⊙ (dP − rowsum(P ⊙ dP)), dq = scale · dS k, dk = scale · dSᵀ q.
+    pub(crate) fn backward_rows(
+        &self,
+        dims: Dims,
+        [qs, ks, vs]: [&[f32]; 3],
+        g: &[f32],
+        need: [bool; 3],
+    ) -> [Option<Vec<f32>>; 3] {
+        let (n, dh) = (dims.tokens, dims.head_dim);
+        let blocks: Vec<[Vec<f32>; 3]> = (0..dims.batch * dims.heads)
+            .into_par_iter()
+            .map(|i| {
+                let (b, h) = (i / dims.heads, i % dims.heads);
+                let p = self.weights(dims, qs, ks, b, h);
+                let gh = dims.head(g, b, h);
+                let mut dv = vec![0f32; n * dh];
+                let p_t = Strided { data: &p, rs: 1, cs: n };
+                gemm_f32_into(&mut dv, dh, (n, dh, n), p_t, gh, 1.0);
+                let mut ds = vec![0f32; n * n];
+                let vt = dims.head_t(vs, b, h);
+                gemm_f32_into(&mut ds, n, (n, n, dh), gh, vt, 1.0);
+                for (dp, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                    let dot: f32 = dp.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    dp.iter_mut().zip(pr).for_each(|(d, &pv)| *d = pv * (*d - dot));
+                }
+                let mut dq = vec![0f32; n * dh];
+                let ds_m = Strided { data: &ds, rs: n, cs: 1 };
+                let kh = dims.head(ks, b, h);
+                gemm_f32_into(&mut dq, dh, (n, dh, n), ds_m, kh, self.scale);
+                let mut dk = vec![0f32; n * dh];
+                let ds_t = Strided { data: &ds, rs: 1, cs: n };
+                let qh = dims.head(qs, b, h);
+                gemm_f32_into(&mut dk, dh, (n, dh, n), ds_t, qh, self.scale);
+                [dq, dk, dv]
+            })
+            .collect();
+        let merged = |which: usize| need[which].then(|| dims.merge(|i| &blocks[i][which]));
+        [merged(0), merged(1), merged(2)]
     }
 
     /// The (N × N) attention weights of image b, head h.
@@ -124,24 +189,10 @@ impl CustomOp3 for AttentionOp {
             contiguous(self.name(), s2, l2)?,
             contiguous(self.name(), s3, l3)?,
         );
-        let (n, dh) = (dims.tokens, dims.head_dim);
-        let blocks: Vec<Vec<f32>> = (0..dims.batch * dims.heads)
-            .into_par_iter()
-            .map(|i| {
-                let (b, h) = (i / dims.heads, i % dims.heads);
-                let p = self.weights(dims, q, k, b, h);
-                let mut out = vec![0f32; n * dh];
-                let p_m = Strided { data: &p, rs: n, cs: 1 };
-                gemm_f32_into(&mut out, dh, (n, dh, n), p_m, dims.head(v, b, h), 1.0);
-                out
-            })
-            .collect();
-        Ok((CpuStorage::F32(dims.merge(|i| &blocks[i])), l1.shape().clone()))
+        Ok((CpuStorage::F32(self.forward_rows(dims, q, k, v)), l1.shape().clone()))
     }
 
-    /// With P = softmax(S), S = scale · q kᵀ and output P v, for upstream gradient G:
-    /// dv = Pᵀ G, dP = G vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dq = scale · dS k,
-    /// dk = scale · dSᵀ q.
+    /// See [`AttentionOp::backward_rows`].
     fn bwd(
         &self,
         q: &Tensor,
@@ -152,49 +203,18 @@ impl CustomOp3 for AttentionOp {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dims = self.dims(q.layout(), k.layout(), v.layout())?;
-        let (n, dh) = (dims.tokens, dims.head_dim);
-        let blocks: Vec<[Vec<f32>; 3]> = with_cpu_slice(q, |qs| {
+        let need = [q.track_op(), k.track_op(), v.track_op()];
+        let [dq, dk, dv] = with_cpu_slice(q, |qs| {
             with_cpu_slice(k, |ks| {
                 with_cpu_slice(v, |vs| {
-                    with_cpu_slice(&grad, |g| {
-                        (0..dims.batch * dims.heads)
-                            .into_par_iter()
-                            .map(|i| {
-                                let (b, h) = (i / dims.heads, i % dims.heads);
-                                let p = self.weights(dims, qs, ks, b, h);
-                                let gh = dims.head(g, b, h);
-                                let mut dv = vec![0f32; n * dh];
-                                let p_t = Strided { data: &p, rs: 1, cs: n };
-                                gemm_f32_into(&mut dv, dh, (n, dh, n), p_t, gh, 1.0);
-                                let mut ds = vec![0f32; n * n];
-                                let vt = dims.head_t(vs, b, h);
-                                gemm_f32_into(&mut ds, n, (n, n, dh), gh, vt, 1.0);
-                                for (dp, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-                                    let dot: f32 = dp.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                    dp.iter_mut().zip(pr).for_each(|(d, &pv)| *d = pv * (*d - dot));
-                                }
-                                let mut dq = vec![0f32; n * dh];
-                                let ds_m = Strided { data: &ds, rs: n, cs: 1 };
-                                let kh = dims.head(ks, b, h);
-                                gemm_f32_into(&mut dq, dh, (n, dh, n), ds_m, kh, self.scale);
-                                let mut dk = vec![0f32; n * dh];
-                                let ds_t = Strided { data: &ds, rs: 1, cs: n };
-                                let qh = dims.head(qs, b, h);
-                                gemm_f32_into(&mut dk, dh, (n, dh, n), ds_t, qh, self.scale);
-                                [dq, dk, dv]
-                            })
-                            .collect()
-                    })
+                    with_cpu_slice(&grad, |g| self.backward_rows(dims, [qs, ks, vs], g, need))
                 })
             })
         })????;
-        let gradient = |which: usize, input: &Tensor| -> CResult<Option<Tensor>> {
-            if !input.track_op() {
-                return Ok(None);
-            }
-            Ok(Some(cpu_tensor(dims.merge(|i| &blocks[i][which]), input.shape())?))
+        let tensor = |d: Option<Vec<f32>>, input: &Tensor| {
+            d.map(|d| cpu_tensor(d, input.shape())).transpose()
         };
-        Ok((gradient(0, q)?, gradient(1, k)?, gradient(2, v)?))
+        Ok((tensor(dq, q)?, tensor(dk, k)?, tensor(dv, v)?))
     }
 }
 

@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 use candle_core::{IndexOp, Tensor, D};
 
 use super::attention::AttentionOp;
+use super::clip_block::{self, BlockOp};
 use super::conv::{conv2d_gemm, Planes};
 use super::layers::{quick_gelu, LayerNorm, Linear, Lora};
 use super::params::{DecayGroup, ParamSet, Weights};
@@ -213,12 +214,44 @@ impl ClipTower {
         let mut x = Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         x = self.pre_ln.forward(&x, kernels)?;
         for block in &self.blocks {
+            if let Some(op) = self.block_op(block, &x, kernels) {
+                x = x.contiguous()?.apply_op1(op)?;
+                continue;
+            }
             x = (&x + self.attention(block, &block.ln1.forward(&x, kernels)?, kernels)?)?;
             let hidden = block.fc1.forward(&block.ln2.forward(&x, kernels)?, kernels)?;
             let h = block.fc2.forward(&quick_gelu(&hidden, kernels)?, kernels)?;
             x = (x + h)?;
         }
         self.post_ln.forward(&x.i((.., 0, ..))?, kernels)
+    }
+
+    /// The block as one host op (`clip_block`), when host kernels run it, its layers are plain
+    /// (no LoRA) and its weights' gradients, if any, can go to the active `GradSink`.
+    fn block_op(&self, block: &Block, x: &Tensor, kernels: Kernels) -> Option<BlockOp> {
+        if !kernels.for_tensor(x).is_host() {
+            return None;
+        }
+        let affine = |l: &Linear| match (&l.bias, &l.lora) {
+            (Some(b), None) => Some([l.weight.clone(), b.clone()]),
+            _ => None,
+        };
+        let norm = |n: &LayerNorm| [n.weight.clone(), n.bias.clone()];
+        let parts = [
+            norm(&block.ln1),
+            affine(&block.q)?,
+            affine(&block.k)?,
+            affine(&block.v)?,
+            affine(&block.out)?,
+            norm(&block.ln2),
+            affine(&block.fc1)?,
+            affine(&block.fc2)?,
+        ];
+        let params: [Tensor; clip_block::PARAMS] = parts.concat().try_into().ok()?;
+        if block.ln1.eps != block.ln2.eps {
+            return None;
+        }
+        BlockOp::new(params, self.heads, block.ln1.eps, x)
     }
 
     fn attention(&self, block: &Block, x: &Tensor, kernels: Kernels) -> Result<Tensor> {

@@ -68,16 +68,7 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             );
         }
-        let (out, stats) = crate::base::cpu::par_filled_with(x.len(), d, |r, y| {
-            let row = &x[r * d..(r + 1) * d];
-            vectorized!({
-                let (mean, inv) = row_stats(row, self.eps);
-                for (((o, &v), &wj), &bj) in y.iter_mut().zip(row).zip(w).zip(b) {
-                    *o = (v - mean) * inv * wj + bj;
-                }
-                (mean, inv)
-            })
-        });
+        let (out, stats) = layer_norm_rows(x, w, b, self.eps);
         *self.stats.lock().unwrap() = stats;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -101,6 +92,26 @@ impl CustomOp3 for LayerNormOp {
             GradSink::route(self.sink.as_ref(), b, db)?,
         ))
     }
+}
+
+/// LayerNorm of each `w.len()`-wide row of `x`, and each row's (mean, 1/√(var + eps)).
+pub(crate) fn layer_norm_rows(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f64,
+) -> (Vec<f32>, Vec<(f32, f32)>) {
+    let d = w.len();
+    crate::base::cpu::par_filled_with(x.len(), d, |r, y| {
+        let row = &x[r * d..(r + 1) * d];
+        vectorized!({
+            let (mean, inv) = row_stats(row, eps);
+            for (((o, &v), &wj), &bj) in y.iter_mut().zip(row).zip(w).zip(b) {
+                *o = (v - mean) * inv * wj + bj;
+            }
+            (mean, inv)
+        })
+    })
 }
 
 /// (Σ g·w, Σ g·w·x̂) over one row, x̂ = (x − mean)·inv, in f64 over eight lanes: a single
@@ -127,7 +138,7 @@ fn weighted_grad_sums(x: &[f32], g: &[f32], w: &[f32], mean: f32, inv: f32) -> (
 }
 
 /// dx = inv · (g·w − mean(g·w) − x̂ · mean(g·w·x̂)) per row; dw = Σ g·x̂, db = Σ g over rows.
-fn layer_norm_backward(
+pub(crate) fn layer_norm_backward(
     x: &[f32],
     w: &[f32],
     g: &[f32],
@@ -224,6 +235,28 @@ fn exp_in_range(t: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// x · σ(1.702·x) element by element.
+pub(crate) fn quick_gelu_rows(x: &[f32]) -> Vec<f32> {
+    crate::base::cpu::par_filled(x.len(), 4096, |c, y| {
+        let xs = &x[c * 4096..][..y.len()];
+        vectorized!(for (o, &v) in y.iter_mut().zip(xs) {
+            *o = v * sigmoid(1.702 * v);
+        })
+    })
+}
+
+/// The gradient through quick GELU at inputs `x` for upstream gradient `g`:
+/// g · (σ + 1.702·x·σ·(1 − σ)), σ = σ(1.702·x).
+pub(crate) fn quick_gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
+    crate::base::cpu::par_filled(x.len(), 4096, |c, out| {
+        let (xs, gs) = (&x[c * 4096..][..out.len()], &g[c * 4096..][..out.len()]);
+        vectorized!(for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
+            let s = sigmoid(1.702 * v);
+            *o = gv * (s + 1.702 * v * s * (1.0 - s));
+        })
+    })
+}
+
 impl CustomOp1 for QuickGelu {
     fn name(&self) -> &'static str {
         "quick-gelu"
@@ -231,29 +264,14 @@ impl CustomOp1 for QuickGelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = contiguous(self.name(), s, l)?;
-        let out = crate::base::cpu::par_filled(x.len(), 4096, |c, y| {
-            let xs = &x[c * 4096..][..y.len()];
-            vectorized!(for (o, &v) in y.iter_mut().zip(xs) {
-                *o = v * sigmoid(1.702 * v);
-            })
-        });
+        let out = quick_gelu_rows(x);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     /// d/dx = σ + 1.702·x·σ·(1 − σ), σ = σ(1.702·x).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        let dx = with_cpu_slice(x, |x| {
-            with_cpu_slice(&grad, |g| {
-                crate::base::cpu::par_filled(x.len(), 4096, |c, out| {
-                    let (xs, gs) = (&x[c * 4096..][..out.len()], &g[c * 4096..][..out.len()]);
-                    vectorized!(for ((o, &v), &gv) in out.iter_mut().zip(xs).zip(gs) {
-                        let s = sigmoid(1.702 * v);
-                        *o = gv * (s + 1.702 * v * s * (1.0 - s));
-                    })
-                })
-            })
-        })??;
+        let dx = with_cpu_slice(x, |x| with_cpu_slice(&grad, |g| quick_gelu_backward(x, g)))??;
         Ok(Some(cpu_tensor(dx, x.shape())?))
     }
 }
@@ -311,27 +329,36 @@ impl CustomOp3 for LinearOp {
         let out = w.dim(0)?;
         let grad = grad.contiguous()?;
         with_cpu_slice(&grad, |g| {
-            let dx = match x.track_op() {
-                true => {
-                    Some(with_cpu_slice(w, |w| gemm_f32(rows, inp, out, g, out, 1, w, inp, 1))?)
-                }
-                false => None,
-            };
-            let dw = match w.track_op() {
-                true => {
-                    Some(with_cpu_slice(x, |x| gemm_f32(out, inp, rows, g, 1, out, x, inp, 1))?)
-                }
-                false => None,
-            };
-            let db = b.track_op().then(|| column_sums(g, out));
-            let sink = self.sink.as_ref();
-            Ok((
-                dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
-                dw.and_then(|v| GradSink::route(sink, w, v).transpose()).transpose()?,
-                db.and_then(|v| GradSink::route(sink, b, v).transpose()).transpose()?,
-            ))
-        })?
+            with_cpu_slice(x, |xs| {
+                with_cpu_slice(w, |ws| {
+                    let need = [x.track_op(), w.track_op(), b.track_op()];
+                    let [dx, dw, db] = linear_backward(xs, ws, g, (rows, inp, out), need);
+                    let sink = self.sink.as_ref();
+                    Ok((
+                        dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
+                        dw.and_then(|v| GradSink::route(sink, w, v).transpose()).transpose()?,
+                        db.and_then(|v| GradSink::route(sink, b, v).transpose()).transpose()?,
+                    ))
+                })
+            })
+        })???
     }
+}
+
+/// The gradients of y = x·Wᵀ + b (x: rows × inp, W: out × inp) for upstream gradient `g`
+/// (rows × out): [dx, dW, db], each computed only where `need` asks for it.
+pub(crate) fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    need: [bool; 3],
+) -> [Option<Vec<f32>>; 3] {
+    [
+        need[0].then(|| gemm_f32(rows, inp, out, g, out, 1, w, inp, 1)),
+        need[1].then(|| gemm_f32(out, inp, rows, g, 1, out, x, inp, 1)),
+        need[2].then(|| column_sums(g, out)),
+    ]
 }
 
 /// The forward of a CPU linear op (this one, the SAE encoder): x (…, in) · W (out, in)ᵀ + b.

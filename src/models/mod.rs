@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod batch_norm;
 pub mod clip;
+pub mod clip_block;
 pub mod conv;
 pub mod fused;
 pub mod layers;
