@@ -315,6 +315,19 @@ impl SaeTrainer {
         full: Option<FullMonoGradient>,
         measure_mono: bool,
     ) -> Result<StepScalars> {
+        let kernels = self.kernels;
+        kernels.run(|| self.step_here(input, similarity, lr, full, measure_mono))
+    }
+
+    /// [`SaeTrainer::step`] on the calling thread.
+    fn step_here(
+        &mut self,
+        input: &Tensor,
+        similarity: &Tensor,
+        lr: f64,
+        full: Option<FullMonoGradient>,
+        measure_mono: bool,
+    ) -> Result<StepScalars> {
         let (b, d) = input.dims2()?;
         let cap = self.dead_after()?;
         let dead = self.since_fired.ge(&cap)?;

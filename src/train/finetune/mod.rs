@@ -234,6 +234,19 @@ impl Finetuner {
         lr: f64,
         measure: bool,
     ) -> Result<StepOutcome> {
+        let kernels = self.model.kernels;
+        kernels.run(|| self.step_here(x, labels, similarity, lr, measure))
+    }
+
+    /// [`Finetuner::step`] on the calling thread.
+    fn step_here(
+        &mut self,
+        x: &Tensor,
+        labels: &[u32],
+        similarity: Option<&Tensor>,
+        lr: f64,
+        measure: bool,
+    ) -> Result<StepOutcome> {
         let s = &self.settings;
         let kernels = self.model.kernels;
         // The host layers leave their weights' gradients here, past candle's store.
