@@ -177,74 +177,38 @@ impl BlockOp {
         let (rows, dim, inter) = (s.rows, s.dim, s.inter);
         let train = |i: usize| self.params[i].track_op();
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; PARAMS];
-        let mut put = |i: usize, [dw, db]: [Option<Vec<f32>>; 2]| {
-            grads[i] = dw;
-            grads[i + 1] = db;
+        // The input gradient of the linear layer `p` (weight, bias) with input `input` and
+        // upstream gradient `g`; its weight and bias gradients where they train.
+        let mut linear = |p: usize, input: &[f32], g: &[f32], (inp, out): (usize, usize)| {
+            let need = [true, train(p), train(p + 1)];
+            let [dx, dw, db] = linear_backward(input, w[p], g, (rows, inp, out), need);
+            (grads[p], grads[p + 1]) = (dw, db);
+            dx.expect("asked for")
         };
         // z = y + fc2(gelu(fc1(ln2 y)))
-        let [dgelu, dw, db] = linear_backward(
-            &saved.gelu,
-            w[FC2],
-            dz,
-            (rows, inter, dim),
-            [true, train(FC2), train(FC2 + 1)],
-        );
-        put(FC2, [dw, db]);
-        let dhidden = quick_gelu_backward(&saved.hidden, &dgelu.expect("asked for"));
-        let [dxn2, dw, db] = linear_backward(
-            &saved.xn2,
-            w[FC1],
-            &dhidden,
-            (rows, dim, inter),
-            [true, train(FC1), train(FC1 + 1)],
-        );
-        put(FC1, [dw, db]);
+        let dgelu = linear(FC2, &saved.gelu, dz, (inter, dim));
+        let dhidden = quick_gelu_backward(&saved.hidden, &dgelu);
+        drop(dgelu);
+        let dxn2 = linear(FC1, &saved.xn2, &dhidden, (dim, inter));
         drop(dhidden);
-        let (mut dy, dw, db) =
-            layer_norm_backward(&saved.y, w[LN2], &dxn2.expect("asked for"), &saved.stats2)?;
-        put(LN2, [train(LN2).then_some(dw), train(LN2 + 1).then_some(db)]);
+        let (mut dy, dw2, db2) = layer_norm_backward(&saved.y, w[LN2], &dxn2, &saved.stats2)?;
         add_into(&mut dy, dz);
         // y = x + out(attention(q, k, v of ln1 x))
-        let [dcontext, dw, db] = linear_backward(
-            &saved.context,
-            w[OUT],
-            &dy,
-            (rows, dim, dim),
-            [true, train(OUT), train(OUT + 1)],
-        );
-        put(OUT, [dw, db]);
+        let dcontext = linear(OUT, &saved.context, &dy, (dim, dim));
         let attention = self.attention(dim);
         let dims = attention.shape(batch, tokens, dim)?;
-        let [dq, dk, dv] = attention.backward_rows(
-            dims,
-            [&saved.q, &saved.k, &saved.v],
-            &dcontext.expect("asked for"),
-            [true; 3],
-        );
+        let qkv = [&saved.q[..], &saved.k[..], &saved.v[..]];
+        let [dq, dk, dv] = attention.backward_rows(dims, qkv, &dcontext, [true; 3]);
+        drop(dcontext);
         // candle reaches the value projection first, then the key's, then the query's.
-        let mut dxn1: Option<Vec<f32>> = None;
-        for (p, d) in [(V, dv), (K, dk), (Q, dq)] {
-            let [dx, dw, db] = linear_backward(
-                &saved.xn1,
-                w[p],
-                &d.expect("asked for"),
-                (rows, dim, dim),
-                [true, train(p), train(p + 1)],
-            );
-            put(p, [dw, db]);
-            let dx = dx.expect("asked for");
-            dxn1 = Some(match dxn1 {
-                None => dx,
-                Some(mut sum) => {
-                    add_into(&mut sum, &dx);
-                    sum
-                }
-            });
-        }
-        let (mut dx, dw, db) =
-            layer_norm_backward(x, w[LN1], &dxn1.expect("three terms"), &saved.stats1)?;
-        put(LN1, [train(LN1).then_some(dw), train(LN1 + 1).then_some(db)]);
+        let mut dxn1 = linear(V, &saved.xn1, &dv.expect("asked for"), (dim, dim));
+        add_into(&mut dxn1, &linear(K, &saved.xn1, &dk.expect("asked for"), (dim, dim)));
+        add_into(&mut dxn1, &linear(Q, &saved.xn1, &dq.expect("asked for"), (dim, dim)));
+        let (mut dx, dw1, db1) = layer_norm_backward(x, w[LN1], &dxn1, &saved.stats1)?;
         add_into(&mut dx, &dy);
+        for (p, [dw, db]) in [(LN2, [dw2, db2]), (LN1, [dw1, db1])] {
+            (grads[p], grads[p + 1]) = (train(p).then_some(dw), train(p + 1).then_some(db));
+        }
         Ok((need_x.then_some(dx), grads))
     }
 }

@@ -316,92 +316,83 @@ impl SaeTrainer {
         measure_mono: bool,
     ) -> Result<StepScalars> {
         let kernels = self.kernels;
-        kernels.run(|| self.step_here(input, similarity, lr, full, measure_mono))
-    }
+        kernels.run(|| {
+            let (b, d) = input.dims2()?;
+            let cap = self.dead_after()?;
+            let dead = self.since_fired.ge(&cap)?;
+            let batch_lambda = self.settings.batch_lambda();
+            let mono = (batch_lambda > 0.0).then_some(ops::MonoTerm {
+                similarity,
+                lambda: batch_lambda,
+                eps: self.settings.eps,
+            });
+            // The weight gradients skip candle's store (a zero-filled buffer and an addition each),
+            // AuxK's decoder included.
+            let sink = GradSink::default();
+            let (pass, losses) = sink.during(|| -> Result<_> {
+                let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono)?;
+                let losses = self.losses(&pass, similarity, &dead, measure_mono)?;
+                Ok((pass, losses))
+            })?;
 
-    /// [`SaeTrainer::step`] on the calling thread.
-    fn step_here(
-        &mut self,
-        input: &Tensor,
-        similarity: &Tensor,
-        lr: f64,
-        full: Option<FullMonoGradient>,
-        measure_mono: bool,
-    ) -> Result<StepScalars> {
-        let (b, d) = input.dims2()?;
-        let cap = self.dead_after()?;
-        let dead = self.since_fired.ge(&cap)?;
-        let batch_lambda = self.settings.batch_lambda();
-        let mono = (batch_lambda > 0.0).then_some(ops::MonoTerm {
-            similarity,
-            lambda: batch_lambda,
-            eps: self.settings.eps,
-        });
-        // The weight gradients skip candle's store (a zero-filled buffer and an addition each),
-        // AuxK's decoder included.
-        let sink = GradSink::default();
-        let (pass, losses) = sink.during(|| -> Result<_> {
-            let pass = sae::forward_with_mono(self.sae.as_ref(), input, true, mono)?;
-            let losses = self.losses(&pass, similarity, &dead, measure_mono)?;
-            Ok((pass, losses))
-        })?;
-
-        let named = self.sae.params().named();
-        let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
-        // The store (and the graph it holds) is dropped before the optimiser runs.
-        let mut grads =
-            Gradients::from_store(&losses.total.backward()?, Some(&sink), &vars, self.kernels)?;
-        let full_mono_score = match full {
-            Some(full) => {
-                grads.add_scaled(&full.grads, self.settings.lambda)?;
-                Some(full.mean_score)
+            let named = self.sae.params().named();
+            let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
+            // The store (and the graph it holds) is dropped before the optimiser runs.
+            let mut grads =
+                Gradients::from_store(&losses.total.backward()?, Some(&sink), &vars, self.kernels)?;
+            let full_mono_score = match full {
+                Some(full) => {
+                    grads.add_scaled(&full.grads, self.settings.lambda)?;
+                    Some(full.mean_score)
+                }
+                None => None,
+            };
+            let index =
+                |name: &str| named.iter().position(|(n, _)| *n == name).expect("SAE tensor");
+            let (enc, dec) = (index("W_enc"), index("W_dec"));
+            let (tied, encoder_bias) = (self.sae.spec().tied_decoder, self.sae.spec().encoder_bias);
+            if !encoder_bias {
+                grads.zero(index("b_enc"))?;
             }
-            None => None,
-        };
-        let index = |name: &str| named.iter().position(|(n, _)| *n == name).expect("SAE tensor");
-        let (enc, dec) = (index("W_enc"), index("W_dec"));
-        let (tied, encoder_bias) = (self.sae.spec().tied_decoder, self.sae.spec().encoder_bias);
-        if !encoder_bias {
-            grads.zero(index("b_enc"))?;
-        }
-        if tied {
-            grads.fold_into(dec, enc)?;
-        }
-        // As the reference trainers: clip the raw gradients, then constrain the decoder.
-        let p = self.sae.params();
-        if tied {
-            // The reference TopK: rows renormalised after the backward, before the step, and
-            // no gradient projection.
-            optim::normalize_rows(&p.w_enc, d, self.kernels)?;
-        }
-        let unit_rows = (!tied).then_some(UnitRows { index: dec, d });
-        let grad_norm =
-            self.optimizer.clipped_step(&vars, grads, lr, self.settings.clip, unit_rows)?;
-        if tied {
-            p.w_dec.set(p.w_enc.as_tensor())?;
-        }
-        self.sae.observe_step(&pass)?;
+            if tied {
+                grads.fold_into(dec, enc)?;
+            }
+            // As the reference trainers: clip the raw gradients, then constrain the decoder.
+            let p = self.sae.params();
+            if tied {
+                // The reference TopK: rows renormalised after the backward, before the step, and
+                // no gradient projection.
+                optim::normalize_rows(&p.w_enc, d, self.kernels)?;
+            }
+            let unit_rows = (!tied).then_some(UnitRows { index: dec, d });
+            let grad_norm =
+                self.optimizer.clipped_step(&vars, grads, lr, self.settings.clip, unit_rows)?;
+            if tied {
+                p.w_dec.set(p.w_enc.as_tensor())?;
+            }
+            self.sae.observe_step(&pass)?;
 
-        // Dead-latent counters: reset where a latent fired, else + B (capped).
-        let fired = fired_counts(&pass, self.kernels)?;
-        let grown = (&self.since_fired + b as f64)?.minimum(&cap)?;
-        self.since_fired =
-            fired.gt(&fired.zeros_like()?)?.where_cond(&fired.zeros_like()?, &grown)?;
-        let every = self.settings.reinit_dead_every;
-        if every > 0 && self.step > 0 && self.step.is_multiple_of(every) {
-            self.restart_dead()?;
-        }
-        self.step += 1;
-        Ok(StepScalars {
-            loss: losses.total.detach(),
-            reconstruction: losses.reconstruction,
-            terms: losses.terms,
-            mono: losses.mono,
-            mono_trained: batch_lambda > 0.0,
-            l0: (fired.sum_all()? / b as f64)?,
-            dead: dead.to_dtype(DType::F32)?.sum_all()?,
-            grad_norm,
-            full_mono_score,
+            // Dead-latent counters: reset where a latent fired, else + B (capped).
+            let fired = fired_counts(&pass, self.kernels)?;
+            let grown = (&self.since_fired + b as f64)?.minimum(&cap)?;
+            self.since_fired =
+                fired.gt(&fired.zeros_like()?)?.where_cond(&fired.zeros_like()?, &grown)?;
+            let every = self.settings.reinit_dead_every;
+            if every > 0 && self.step > 0 && self.step.is_multiple_of(every) {
+                self.restart_dead()?;
+            }
+            self.step += 1;
+            Ok(StepScalars {
+                loss: losses.total.detach(),
+                reconstruction: losses.reconstruction,
+                terms: losses.terms,
+                mono: losses.mono,
+                mono_trained: batch_lambda > 0.0,
+                l0: (fired.sum_all()? / b as f64)?,
+                dead: dead.to_dtype(DType::F32)?.sum_all()?,
+                grad_norm,
+                full_mono_score,
+            })
         })
     }
 

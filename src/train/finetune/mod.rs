@@ -235,60 +235,54 @@ impl Finetuner {
         measure: bool,
     ) -> Result<StepOutcome> {
         let kernels = self.model.kernels;
-        kernels.run(|| self.step_here(x, labels, similarity, lr, measure))
-    }
-
-    /// [`Finetuner::step`] on the calling thread.
-    fn step_here(
-        &mut self,
-        x: &Tensor,
-        labels: &[u32],
-        similarity: Option<&Tensor>,
-        lr: f64,
-        measure: bool,
-    ) -> Result<StepOutcome> {
-        let s = &self.settings;
-        let kernels = self.model.kernels;
-        // The host layers leave their weights' gradients here, past candle's store.
-        let sink = GradSink::default();
-        let out = sink.during(|| self.model.forward(x, true))?;
-        let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, s.smoothing)?;
-        let similarity = match similarity {
-            Some(t) => t.to_dtype(DType::F32)?,
-            None => out.features.detach().to_dtype(DType::F32)?,
-        };
-        // Without λ the MonoScore is only measured for the log, without a graph.
-        let trained = s.lambda > 0.0;
-        let mono = if trained || measure {
-            let topk = out.topk.to_dtype(DType::F32)?;
-            let topk = if trained { topk } else { topk.detach() };
-            Some(batch_mono_loss(&topk, &similarity, s.eps, None, kernels)?)
-        } else {
-            None
-        };
-        let loss = match &mono {
-            Some(m) if trained => (&ce + (&m.loss * s.lambda)?)?,
-            _ => ce.clone(),
-        };
-        let mut grads =
-            Gradients::from_store(&loss.backward()?, Some(&sink), &self.trainable_vars(), kernels)?;
-        let grad_norm = match s.clip {
-            Some(max) => grads.clip_global_norm(max)?,
-            None => grads.global_norm()?,
-        };
-        let masters: Vec<&Var> = self.masters.iter().collect();
-        self.optimizer.step(&masters, &grads, lr)?;
-        if self.model.params.dtype != DType::F32 {
-            for (m, v) in self.masters.iter().zip(self.trainable_vars()) {
-                v.set(&m.as_tensor().to_dtype(self.model.params.dtype)?)?;
+        kernels.run(|| {
+            let s = &self.settings;
+            let kernels = self.model.kernels;
+            // The host layers leave their weights' gradients here, past candle's store.
+            let sink = GradSink::default();
+            let out = sink.during(|| self.model.forward(x, true))?;
+            let ce = cross_entropy(&out.logits.to_dtype(DType::F32)?, labels, s.smoothing)?;
+            let similarity = match similarity {
+                Some(t) => t.to_dtype(DType::F32)?,
+                None => out.features.detach().to_dtype(DType::F32)?,
+            };
+            // Without λ the MonoScore is only measured for the log, without a graph.
+            let trained = s.lambda > 0.0;
+            let mono = if trained || measure {
+                let topk = out.topk.to_dtype(DType::F32)?;
+                let topk = if trained { topk } else { topk.detach() };
+                Some(batch_mono_loss(&topk, &similarity, s.eps, None, kernels)?)
+            } else {
+                None
+            };
+            let loss = match &mono {
+                Some(m) if trained => (&ce + (&m.loss * s.lambda)?)?,
+                _ => ce.clone(),
+            };
+            let mut grads = Gradients::from_store(
+                &loss.backward()?,
+                Some(&sink),
+                &self.trainable_vars(),
+                kernels,
+            )?;
+            let grad_norm = match s.clip {
+                Some(max) => grads.clip_global_norm(max)?,
+                None => grads.global_norm()?,
+            };
+            let masters: Vec<&Var> = self.masters.iter().collect();
+            self.optimizer.step(&masters, &grads, lr)?;
+            if self.model.params.dtype != DType::F32 {
+                for (m, v) in self.masters.iter().zip(self.trainable_vars()) {
+                    v.set(&m.as_tensor().to_dtype(self.model.params.dtype)?)?;
+                }
             }
-        }
-        self.step += 1;
-        let top1 = measure
-            .then(|| topk_hits(&out.logits, labels))
-            .transpose()?
-            .map(|(hits, _)| hits as f64 / labels.len() as f64);
-        Ok(StepOutcome { loss: loss.detach(), ce: ce.detach(), mono, grad_norm, top1 })
+            self.step += 1;
+            let top1 = measure
+                .then(|| topk_hits(&out.logits, labels))
+                .transpose()?
+                .map(|(hits, _)| hits as f64 / labels.len() as f64);
+            Ok(StepOutcome { loss: loss.detach(), ce: ce.detach(), mono, grad_norm, top1 })
+        })
     }
 
     /// Updates the EMA (when kept and due) after the step with batch index `index` of the epoch.
