@@ -3,6 +3,8 @@
 
 use candle_core::{CpuStorage, Device, Layout, Shape, Storage, Tensor};
 
+use crate::base::simd::vectorized;
+
 pub type CResult<T> = candle_core::Result<T>;
 
 /// The contiguous f32 data of a custom op's CPU input.
@@ -17,13 +19,7 @@ pub fn contiguous<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> CResult<&'a [f
 
 /// Runs `f` on the f32 data of a CPU tensor without copying (when already contiguous).
 pub fn with_cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
-    crate::base::host::host_kernel_ran();
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => Ok(f(contiguous("tensor", cpu, layout)?)),
-        _ => candle_core::bail!("expected a CPU tensor"),
-    }
+    with_cpu_slices([t], |[data]| f(data))
 }
 
 /// Runs `f` on the f32 data of several CPU tensors at once, without copying those already
@@ -44,6 +40,16 @@ pub fn with_cpu_slices<const N: usize, R>(
     }
     let slices: [&[f32]; N] = slices.try_into().expect("one slice per tensor");
     Ok(f(slices))
+}
+
+/// acc += other, element by element, in parallel chunks run in vector registers (a residual
+/// connection, a sum of gradients).
+pub fn add_assign(acc: &mut [f32], other: &[f32]) {
+    use rayon::prelude::*;
+    assert_eq!(acc.len(), other.len(), "added vectors differ in length");
+    acc.par_chunks_mut(1 << 14)
+        .zip(other.par_chunks(1 << 14))
+        .for_each(|(a, o)| vectorized!(a.iter_mut().zip(o).for_each(|(a, &o)| *a += o)));
 }
 
 /// A CPU tensor owning `data`.

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Result};
 use candle_core::{Tensor, TensorId};
-use rayon::prelude::*;
 
 use crate::base::cpu::cpu_tensor;
 
@@ -79,7 +78,7 @@ impl GradSink {
         match held.0.get_mut(&param.id()) {
             Some(sum) => {
                 assert_eq!(sum.len(), grad.len(), "one parameter, two gradient sizes");
-                sum.par_iter_mut().zip(grad.par_iter()).for_each(|(s, g)| *s += g);
+                crate::base::cpu::add_assign(sum, &grad);
             }
             None => {
                 held.0.insert(param.id(), grad);

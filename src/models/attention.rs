@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
+use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slices, CResult};
 use crate::base::gemm::{gemm_f32_into, Strided};
 
 /// softmax(scale · q_h k_hᵀ) v_h for every image and head h, on (B, N, D) queries, keys and
@@ -204,13 +204,9 @@ impl CustomOp3 for AttentionOp {
         let grad = grad.contiguous()?;
         let dims = self.dims(q.layout(), k.layout(), v.layout())?;
         let need = [q.track_op(), k.track_op(), v.track_op()];
-        let [dq, dk, dv] = with_cpu_slice(q, |qs| {
-            with_cpu_slice(k, |ks| {
-                with_cpu_slice(v, |vs| {
-                    with_cpu_slice(&grad, |g| self.backward_rows(dims, [qs, ks, vs], g, need))
-                })
-            })
-        })????;
+        let [dq, dk, dv] = with_cpu_slices([q, k, v, &grad], |[qs, ks, vs, g]| {
+            self.backward_rows(dims, [qs, ks, vs], g, need)
+        })?;
         let tensor = |d: Option<Vec<f32>>, input: &Tensor| {
             d.map(|d| cpu_tensor(d, input.shape())).transpose()
         };

@@ -314,18 +314,14 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use crate::base::cpu::{cpu_tensor, with_cpu_slice};
+        use crate::base::cpu::{cpu_tensor, with_cpu_slices};
         let (c, b, h, w) = x.dims4()?;
         let rows = Rows { c, b, hw: h * w };
         let stats = self.stats.lock().unwrap().clone();
         let grad = through_relu(self.relu, grad, res)?;
-        let (dx, dgamma, dbeta) = with_cpu_slice(x, |x| {
-            with_cpu_slice(&grad, |g| {
-                with_cpu_slice(gamma, |gm| {
-                    normalize_channels_backward(x, g, gm, &stats, rows, self.eps)
-                })
-            })
-        })???;
+        let (dx, dgamma, dbeta) = with_cpu_slices([x, &grad, gamma], |[x, g, gm]| {
+            normalize_channels_backward(x, g, gm, &stats, rows, self.eps)
+        })?;
         Ok((
             Some(cpu_tensor(dx, x.shape())?),
             GradSink::route(self.sink.as_ref(), gamma, dgamma)?,
@@ -395,7 +391,7 @@ impl candle_core::CustomOp3 for ConvBatchNorm {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use crate::base::cpu::{cpu_tensor, with_cpu_slice};
+        use crate::base::cpu::{cpu_tensor, with_cpu_slices};
         let (dims, (oh, ow)) = self.conv.sizes(x.dims4()?);
         let o = weight.dim(0)?;
         let rows = Rows { c: o, b: dims.0, hw: oh * ow };
@@ -404,27 +400,14 @@ impl candle_core::CustomOp3 for ConvBatchNorm {
             candle_core::bail!("{}: backward without its forward pass", self.name())
         };
         let grad = through_relu(self.relu, grad, res)?;
-        let (dx, dw, daffine) = with_cpu_slice(&grad, |g| {
-            with_cpu_slice(affine, |af| {
-                with_cpu_slice(x, |xs| {
-                    with_cpu_slice(weight, |wt| {
-                        let (dy, mut dgamma, dbeta) =
-                            normalize_channels_backward(&y, g, &af[..o], &stats, rows, self.eps);
-                        let (dw, dx) = self.conv.product_backward(
-                            &dy,
-                            xs,
-                            wt,
-                            cols.as_deref(),
-                            dims,
-                            o,
-                            x.track_op(),
-                        );
-                        dgamma.extend(dbeta);
-                        (dx, dw, dgamma)
-                    })
-                })
-            })
-        })????;
+        let (dx, dw, daffine) = with_cpu_slices([&grad, affine, x, weight], |[g, af, xs, wt]| {
+            let (dy, mut dgamma, dbeta) =
+                normalize_channels_backward(&y, g, &af[..o], &stats, rows, self.eps);
+            let (dw, dx) =
+                self.conv.product_backward(&dy, xs, wt, cols.as_deref(), dims, o, x.track_op());
+            dgamma.extend(dbeta);
+            (dx, dw, dgamma)
+        })?;
         Ok((
             dx.map(|dx| cpu_tensor(dx, x.shape())).transpose()?,
             GradSink::route(self.conv.sink.as_ref(), weight, dw)?,

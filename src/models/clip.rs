@@ -229,7 +229,7 @@ impl ClipTower {
     /// The block as one host op (`clip_block`), when host kernels run it, its layers are plain
     /// (no LoRA) and its weights' gradients, if any, can go to the active `GradSink`.
     fn block_op(&self, block: &Block, x: &Tensor, kernels: Kernels) -> Option<BlockOp> {
-        if !kernels.for_tensor(x).is_host() {
+        if !kernels.for_tensor(x).is_host() || block.ln1.eps != block.ln2.eps {
             return None;
         }
         let affine = |l: &Linear| match (&l.bias, &l.lora) {
@@ -248,9 +248,6 @@ impl ClipTower {
             affine(&block.fc2)?,
         ];
         let params: [Tensor; clip_block::PARAMS] = parts.concat().try_into().ok()?;
-        if block.ln1.eps != block.ln2.eps {
-            return None;
-        }
         BlockOp::new(params, self.heads, block.ln1.eps, x)
     }
 

@@ -17,16 +17,14 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::attention::AttentionOp;
 use super::fused::{
     affine_rows, layer_norm_backward, layer_norm_rows, linear_backward, quick_gelu_backward,
     quick_gelu_rows,
 };
-use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, with_cpu_slices, CResult};
+use crate::base::cpu::{add_assign, contiguous, cpu_tensor, with_cpu_slices, CResult};
 use crate::base::grad_sink::GradSink;
-use crate::base::simd::vectorized;
 
 /// A block's parameters, in the order of `BlockOp::params`: LayerNorm 1 (weight, bias), the
 /// query, key, value and output projections (weight, bias each), LayerNorm 2, fc1, fc2.
@@ -74,14 +72,6 @@ struct Sizes {
     rows: usize,
     dim: usize,
     inter: usize,
-}
-
-/// acc += other, in parallel (a residual connection or a sum of gradients; float addition is
-/// commutative, so either operand order gives candle's bits).
-fn add_into(acc: &mut [f32], other: &[f32]) {
-    acc.par_chunks_mut(1 << 14)
-        .zip(other.par_chunks(1 << 14))
-        .for_each(|(a, o)| vectorized!(a.iter_mut().zip(o).for_each(|(a, &o)| *a += o)));
 }
 
 impl BlockOp {
@@ -151,12 +141,12 @@ impl BlockOp {
         let v = affine_rows(&xn1, w[V], w[V + 1], rows, dim);
         let context = attention.forward_rows(dims, &q, &k, &v);
         let mut y = affine_rows(&context, w[OUT], w[OUT + 1], rows, dim);
-        add_into(&mut y, x);
+        add_assign(&mut y, x);
         let (xn2, stats2) = layer_norm_rows(&y, w[LN2], w[LN2 + 1], self.eps);
         let hidden = affine_rows(&xn2, w[FC1], w[FC1 + 1], rows, dim);
         let gelu = quick_gelu_rows(&hidden);
         let mut z = affine_rows(&gelu, w[FC2], w[FC2 + 1], rows, inter);
-        add_into(&mut z, &y);
+        add_assign(&mut z, &y);
         Ok((z, Saved { xn1, stats1, q, k, v, context, y, xn2, stats2, hidden, gelu }))
     }
 
@@ -192,7 +182,7 @@ impl BlockOp {
         let dxn2 = linear(FC1, &saved.xn2, &dhidden, (dim, inter));
         drop(dhidden);
         let (mut dy, dw2, db2) = layer_norm_backward(&saved.y, w[LN2], &dxn2, &saved.stats2)?;
-        add_into(&mut dy, dz);
+        add_assign(&mut dy, dz);
         // y = x + out(attention(q, k, v of ln1 x))
         let dcontext = linear(OUT, &saved.context, &dy, (dim, dim));
         let attention = self.attention(dim);
@@ -202,10 +192,10 @@ impl BlockOp {
         drop(dcontext);
         // candle reaches the value projection first, then the key's, then the query's.
         let mut dxn1 = linear(V, &saved.xn1, &dv.expect("asked for"), (dim, dim));
-        add_into(&mut dxn1, &linear(K, &saved.xn1, &dk.expect("asked for"), (dim, dim)));
-        add_into(&mut dxn1, &linear(Q, &saved.xn1, &dq.expect("asked for"), (dim, dim)));
+        add_assign(&mut dxn1, &linear(K, &saved.xn1, &dk.expect("asked for"), (dim, dim)));
+        add_assign(&mut dxn1, &linear(Q, &saved.xn1, &dq.expect("asked for"), (dim, dim)));
         let (mut dx, dw1, db1) = layer_norm_backward(x, w[LN1], &dxn1, &saved.stats1)?;
-        add_into(&mut dx, &dy);
+        add_assign(&mut dx, &dy);
         for (p, [dw, db]) in [(LN2, [dw2, db2]), (LN1, [dw1, db1])] {
             (grads[p], grads[p + 1]) = (train(p).then_some(dw), train(p + 1).then_some(db));
         }
@@ -239,12 +229,10 @@ impl CustomOp1 for BlockOp {
             candle_core::bail!("clip block: backward pass without the forward's intermediates");
         };
         let (dx, grads) = with_cpu_slices(self.params.each_ref(), |w| {
-            with_cpu_slice(x, |xs| {
-                with_cpu_slice(dz, |dz| {
-                    self.backward(xs, dz, (batch, tokens), sizes, w, saved, x.track_op())
-                })
+            with_cpu_slices([x, dz], |[xs, dz]| {
+                self.backward(xs, dz, (batch, tokens), sizes, w, saved, x.track_op())
             })
-        })????;
+        })???;
         for (param, grad) in self.params.iter().zip(grads) {
             if let Some(grad) = grad {
                 if GradSink::offer(self.sink.as_ref(), param, grad).is_some() {

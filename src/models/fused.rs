@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slice, CResult};
+use crate::base::cpu::{contiguous, cpu_tensor, with_cpu_slices, CResult};
 use crate::base::gemm::{gemm_f32, gemm_f32_plus_row, Strided};
 use crate::base::grad_sink::GradSink;
 use crate::base::simd::{lane_sum, vectorized};
@@ -83,9 +83,8 @@ impl CustomOp3 for LayerNormOp {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.stats.lock().unwrap().clone();
         let grad = grad.contiguous()?;
-        let (dx, dw, db) = with_cpu_slice(x, |x| {
-            with_cpu_slice(w, |w| with_cpu_slice(&grad, |g| layer_norm_backward(x, w, g, &stats)))
-        })????;
+        let (dx, dw, db) =
+            with_cpu_slices([x, w, &grad], |[x, w, g]| layer_norm_backward(x, w, g, &stats))??;
         Ok((
             Some(cpu_tensor(dx, x.shape())?),
             GradSink::route(self.sink.as_ref(), w, dw)?,
@@ -180,9 +179,8 @@ pub(crate) fn layer_norm_backward(
 /// rule at 0).
 pub(crate) fn relu_backward(grad: &Tensor, y: &Tensor) -> CResult<Tensor> {
     let grad = grad.contiguous()?;
-    let masked = with_cpu_slice(&grad, |g| {
-        with_cpu_slice(y, |y| map2(g, y, |gv, yv| if yv > 0.0 { gv } else { 0.0 }))
-    })??;
+    let masked =
+        with_cpu_slices([&grad, y], |[g, y]| map2(g, y, |gv, yv| if yv > 0.0 { gv } else { 0.0 }))?;
     cpu_tensor(masked, y.shape())
 }
 
@@ -271,7 +269,7 @@ impl CustomOp1 for QuickGelu {
     /// d/dx = σ + 1.702·x·σ·(1 − σ), σ = σ(1.702·x).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        let dx = with_cpu_slice(x, |x| with_cpu_slice(&grad, |g| quick_gelu_backward(x, g)))??;
+        let dx = with_cpu_slices([x, &grad], |[x, g]| quick_gelu_backward(x, g))?;
         Ok(Some(cpu_tensor(dx, x.shape())?))
     }
 }
@@ -328,20 +326,16 @@ impl CustomOp3 for LinearOp {
         let rows = x.elem_count() / inp.max(1);
         let out = w.dim(0)?;
         let grad = grad.contiguous()?;
-        with_cpu_slice(&grad, |g| {
-            with_cpu_slice(x, |xs| {
-                with_cpu_slice(w, |ws| {
-                    let need = [x.track_op(), w.track_op(), b.track_op()];
-                    let [dx, dw, db] = linear_backward(xs, ws, g, (rows, inp, out), need);
-                    let sink = self.sink.as_ref();
-                    Ok((
-                        dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
-                        dw.and_then(|v| GradSink::route(sink, w, v).transpose()).transpose()?,
-                        db.and_then(|v| GradSink::route(sink, b, v).transpose()).transpose()?,
-                    ))
-                })
-            })
-        })???
+        let need = [x.track_op(), w.track_op(), b.track_op()];
+        let [dx, dw, db] = with_cpu_slices([&grad, x, w], |[g, xs, ws]| {
+            linear_backward(xs, ws, g, (rows, inp, out), need)
+        })?;
+        let sink = self.sink.as_ref();
+        Ok((
+            dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
+            dw.and_then(|v| GradSink::route(sink, w, v).transpose()).transpose()?,
+            db.and_then(|v| GradSink::route(sink, b, v).transpose()).transpose()?,
+        ))
     }
 }
 
@@ -480,24 +474,20 @@ impl CustomOp1 for MaxPool3x3S2 {
         let (b, c, h, w) = x.dims4()?;
         let (ho, wo) = (pooled(h), pooled(w));
         let grad = grad.contiguous()?;
-        let dx = with_cpu_slice(x, |x| {
-            with_cpu_slice(res, |y| {
-                with_cpu_slice(&grad, |g| {
-                    crate::base::cpu::par_filled(b * c * h * w, h * w, |p, dst| {
-                        dst.fill(0.0);
-                        let plane = &x[p * h * w..(p + 1) * h * w];
-                        for i in 0..ho {
-                            for j in 0..wo {
-                                let o = p * ho * wo + i * wo + j;
-                                if let Some(q) = window(i, j, h, w).find(|&q| plane[q] == y[o]) {
-                                    dst[q] += g[o];
-                                }
-                            }
+        let dx = with_cpu_slices([x, res, &grad], |[x, y, g]| {
+            crate::base::cpu::par_filled(b * c * h * w, h * w, |p, dst| {
+                dst.fill(0.0);
+                let plane = &x[p * h * w..(p + 1) * h * w];
+                for i in 0..ho {
+                    for j in 0..wo {
+                        let o = p * ho * wo + i * wo + j;
+                        if let Some(q) = window(i, j, h, w).find(|&q| plane[q] == y[o]) {
+                            dst[q] += g[o];
                         }
-                    })
-                })
+                    }
+                }
             })
-        })???;
+        })?;
         Ok(Some(cpu_tensor(dx, (b, c, h, w))?))
     }
 }

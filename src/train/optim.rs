@@ -49,7 +49,7 @@ impl Gradients {
                 .map(|var| {
                     Ok(match (sunk(var), stored(var)?) {
                         (Some(mut g), Some(s)) => {
-                            with_cpu_slice(&s, |s| g.iter_mut().zip(s).for_each(|(a, b)| *a += b))?;
+                            with_cpu_slice(&s, |s| crate::base::cpu::add_assign(&mut g, s))?;
                             g
                         }
                         (Some(g), None) => g,
