@@ -489,10 +489,9 @@ impl Adam {
         })
     }
 
-    /// Advances the step count and returns this step's scalars.
-    fn next_step(&mut self, lr: f64) -> AdamStep {
-        self.steps += 1;
-        let t = self.steps as i32;
+    /// The scalars of the next step (`steps` + 1); the caller counts it once it is applied.
+    fn next_step(&self, lr: f64) -> AdamStep {
+        let t = (self.steps + 1) as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
         AdamStep {
@@ -539,6 +538,7 @@ impl Adam {
                 anyhow::bail!("optimizer state and gradients come from different kernels")
             };
             host_update(params, host, (ms, vs), adam, scale, unit_rows)?;
+            self.steps += 1;
             return Ok(norm);
         }
         let norm = match clip {
@@ -628,6 +628,7 @@ impl Optimizer for Adam {
             }
             _ => anyhow::bail!("optimizer state and gradients come from different kernels"),
         }
+        self.steps += 1;
         Ok(())
     }
 
@@ -765,7 +766,6 @@ impl Optimizer for Sgd {
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
         check_sizes(params, grads, self.buffers.len())?;
         let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
-        self.steps += 1;
         let lr = lr as f32;
         match (grads, &mut self.buffers) {
             (Gradients::Host(grads), Buffers::Host(buffers)) => {
@@ -821,6 +821,7 @@ impl Optimizer for Sgd {
             }
             _ => anyhow::bail!("optimizer state and gradients come from different kernels"),
         }
+        self.steps += 1;
         Ok(())
     }
 
@@ -905,6 +906,28 @@ mod tests {
         let mut wrong = Adam::new(&[&c, &b], [0.9, 0.999], 1e-8, Kernels::Host).unwrap();
         let e = wrong.load_state(&["a", "b"], &saved, "test").unwrap_err().to_string();
         assert!(e.contains("adam_m.a"), "{e}");
+    }
+
+    /// Gradients from the other kind of kernel are refused, and the refused step is not
+    /// counted: the bias corrections of the next real step stay those of step 1.
+    #[test]
+    fn mixed_kernels_are_refused_without_counting_a_step() {
+        let p = var(&[1.0, -2.0]);
+        let foreign = grads(Kernels::Portable, &[&[0.5, -1.0]]);
+        let mut adam = Adam::new(&[&p], [0.9, 0.999], 1e-8, Kernels::Host).unwrap();
+        assert!(adam.step(&[&p], &foreign, 0.1).is_err());
+        assert!(adam
+            .clipped_step(&[&p], grads(Kernels::Host, &[&[1.0, 1.0]]), 0.1, None, None)
+            .is_ok());
+        assert_eq!(adam.steps, 1);
+        let mut portable = Adam::new(&[&p], [0.9, 0.999], 1e-8, Kernels::Portable).unwrap();
+        assert!(portable
+            .clipped_step(&[&p], grads(Kernels::Host, &[&[1.0, 1.0]]), 0.1, None, None)
+            .is_err());
+        assert_eq!(portable.steps, 0);
+        let mut sgd = Sgd::new(&[&p], 0.9, false, vec![0.0], Kernels::Host).unwrap();
+        assert!(sgd.step(&[&p], &foreign, 0.1).is_err());
+        assert_eq!(sgd.steps, 0);
     }
 
     #[test]
