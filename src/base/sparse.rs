@@ -422,20 +422,26 @@ pub fn csr_transpose_matmul(a: SparseRows<'_>, x: &[f32], d: usize, m: usize) ->
     gather_rows(&cols.col_offsets, &cols.rows, &cols.values, x, d, |_, _| {})
 }
 
-/// Output columns per register block of `gather_rows` (16 AVX2 or 8 AVX-512 registers).
-const GATHER_COLUMNS: usize = 128;
-/// Most output rows per task of `gather_rows`: a block's source segments (`GATHER_COLUMNS`
-/// floats of each source row it touches) are reused across the rows of a task.
+/// Most output rows per task of `gather_rows`: a block's source segments are reused across
+/// the rows of a task.
 const GATHER_MAX_ROWS: usize = 1024;
+/// Bytes of a packed source block of `gather_rows`: half of a 2 MiB L2, so that the block stays
+/// there beside the output rows and the entries.
+const GATHER_BLOCK_BYTES: usize = 1 << 20;
 
 /// out[r] = Σ_e values[e] · src[index[e]] over the entries e of `offsets[r]..offsets[r + 1]`,
 /// for `d`-wide rows of `src`, each element summed in entry order from zero; then
 /// `finish(r, out[r])` for each row of a task once all its rows are complete.
 ///
-/// Each output row is built `GATHER_COLUMNS` columns at a time in registers, walking the row's
+/// Each output row is built a block of columns at a time in registers, walking the row's
 /// entries once per block: an axpy over the whole row instead loads and stores the output for
-/// every entry, and was 1.6–2× slower on a 4,096 × 8,192 (k = 64) by 8,192 × 768 product. The
-/// per-element arithmetic is the same (one multiply and one add per entry, in entry order).
+/// every entry, and was 1.6–2× slower. The block is as wide as lets that block of every source
+/// row fit in `GATHER_BLOCK_BYTES` (32 columns for 8,192 rows, 128 for 2,048), and a task that
+/// gathers each source row several times copies the block into one contiguous buffer first.
+/// In place, the block's segments lie 3 KiB apart (D = 768) and map onto a fraction of the
+/// L2's sets, so they were evicted before their reuse: decoding 2,048 rows (k = 64) through an
+/// 8,192 × 768 dictionary took 8.5 ms on two threads, packed 5.5 ms. Neither choice changes
+/// the arithmetic: one multiply and one add per entry, in entry order, per element.
 fn gather_rows(
     offsets: &[usize],
     index: &[u32],
@@ -444,47 +450,90 @@ fn gather_rows(
     d: usize,
     finish: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let rows = offsets.len().saturating_sub(1);
-    if d == 0 {
-        return Vec::new();
+    let src_rows = src.len() / d.max(1);
+    let fits = |w: usize| src_rows * w * 4 <= GATHER_BLOCK_BYTES;
+    let args = Gather { offsets, index, values, src, d };
+    if fits(128) {
+        args.run::<128>(finish)
+    } else if fits(64) {
+        args.run::<64>(finish)
+    } else if fits(32) {
+        args.run::<32>(finish)
+    } else {
+        args.run::<16>(finish)
     }
-    let per_task = rows.div_ceil(rayon::current_num_threads()).clamp(16, GATHER_MAX_ROWS);
-    // Written once, unzeroed: full blocks are stored from registers, a narrower last block is
-    // zeroed just before its entries are added into it.
-    crate::base::cpu::par_filled(rows * d, per_task * d, |t, block| {
-        let first = t * per_task;
-        vectorized!({
-            for start in (0..d).step_by(GATHER_COLUMNS) {
-                let width = GATHER_COLUMNS.min(d - start);
-                for (r, row) in block.chunks_exact_mut(d).enumerate() {
-                    let entries = offsets[first + r]..offsets[first + r + 1];
-                    let out = &mut row[start..start + width];
-                    if width == GATHER_COLUMNS {
-                        let mut acc = [0f32; GATHER_COLUMNS];
-                        for e in entries {
-                            let at = index[e] as usize * d + start;
-                            let seg: &[f32; GATHER_COLUMNS] =
-                                src[at..at + GATHER_COLUMNS].try_into().expect("block width");
+}
+
+/// The operands of [`gather_rows`].
+struct Gather<'a> {
+    offsets: &'a [usize],
+    index: &'a [u32],
+    values: &'a [f32],
+    src: &'a [f32],
+    d: usize,
+}
+
+impl Gather<'_> {
+    /// [`gather_rows`] with `W`-column blocks.
+    fn run<const W: usize>(&self, finish: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+        let Gather { offsets, index, values, src, d } = *self;
+        let rows = offsets.len().saturating_sub(1);
+        if d == 0 {
+            return Vec::new();
+        }
+        let src_rows = src.len() / d;
+        let per_task = rows.div_ceil(rayon::current_num_threads()).clamp(16, GATHER_MAX_ROWS);
+        // Written once, unzeroed: full blocks are stored from registers, a narrower last block
+        // is zeroed just before its entries are added into it.
+        crate::base::cpu::par_filled(rows * d, per_task * d, |t, block| {
+            let first = t * per_task;
+            let task_rows = block.len() / d;
+            // Packing reads every source row once per block: worth it when the task's entries
+            // read each about twice or more.
+            let entries = offsets[first + task_rows] - offsets[first];
+            let mut packed =
+                if entries >= 2 * src_rows { vec![0f32; src_rows * W] } else { vec![] };
+            vectorized!({
+                for start in (0..d).step_by(W) {
+                    if start + W > d {
+                        for (r, row) in block.chunks_exact_mut(d).enumerate() {
+                            let out = &mut row[start..];
+                            out.fill(0.0);
+                            for e in offsets[first + r]..offsets[first + r + 1] {
+                                let at = index[e] as usize * d + start;
+                                axpy(out, values[e], &src[at..at + (d - start)]);
+                            }
+                        }
+                        continue;
+                    }
+                    let (seg_src, stride, at0) = if packed.is_empty() {
+                        (src, d, start)
+                    } else {
+                        for (p, s) in packed.chunks_exact_mut(W).zip(src.chunks_exact(d)) {
+                            p.copy_from_slice(&s[start..start + W]);
+                        }
+                        (&packed[..], W, 0)
+                    };
+                    for (r, row) in block.chunks_exact_mut(d).enumerate() {
+                        let mut acc = [0f32; W];
+                        for e in offsets[first + r]..offsets[first + r + 1] {
+                            let at = index[e] as usize * stride + at0;
+                            let seg: &[f32; W] =
+                                seg_src[at..at + W].try_into().expect("block width");
                             let v = values[e];
                             for (a, &s) in acc.iter_mut().zip(seg) {
                                 *a += v * s;
                             }
                         }
-                        out.copy_from_slice(&acc);
-                    } else {
-                        out.fill(0.0);
-                        for e in entries {
-                            let at = index[e] as usize * d + start;
-                            axpy(out, values[e], &src[at..at + width]);
-                        }
+                        row[start..start + W].copy_from_slice(&acc);
                     }
                 }
+            });
+            for (r, row) in block.chunks_exact_mut(d).enumerate() {
+                finish(first + r, row);
             }
-        });
-        for (r, row) in block.chunks_exact_mut(d).enumerate() {
-            finish(first + r, row);
-        }
-    })
+        })
+    }
 }
 
 /// `f(row, entry)` for every entry of `a`, in parallel over rows; one output per entry.
@@ -683,23 +732,23 @@ mod tests {
         assert!((0..m).any(|k| cols.col_offsets[k] == cols.col_offsets[k + 1]));
     }
 
-    #[test]
-    fn gather_rows_sums_each_element_in_entry_order() {
-        let (m, d) = (40, 2 * GATHER_COLUMNS + 44);
+    /// `gather_rows` against its definition, bit for bit, on `rows` rows of up to `most`
+    /// entries from an `m` × `d` source.
+    fn check_gather(m: usize, d: usize, rows: usize, most: u32) {
         let src: Vec<f32> = (0..m * d).map(|i| (i as f32 * 0.61).sin()).collect();
         let mut offsets = vec![0usize];
         let (mut index, mut values) = (Vec::new(), Vec::new());
-        for r in 0..70u32 {
-            for e in 0..(r * 7) % 13 {
+        for r in 0..rows as u32 {
+            for e in 0..(r * 7) % most {
                 index.push((r * 11 + e * 5) % m as u32);
                 values.push(((r + e) as f32 * 0.37).cos());
             }
             offsets.push(index.len());
         }
         // The output is not zero-filled up front: the allocator holds NaNs before.
-        drop(std::hint::black_box(vec![f32::NAN; 70 * d]));
+        drop(std::hint::black_box(vec![f32::NAN; rows * d]));
         let got = gather_rows(&offsets, &index, &values, &src, d, |_, _| {});
-        for r in 0..70 {
+        for r in 0..rows {
             for j in 0..d {
                 let mut want = 0f32;
                 for e in offsets[r]..offsets[r + 1] {
@@ -719,6 +768,17 @@ mod tests {
         for (i, (f, g)) in finished.iter().zip(&got).enumerate() {
             assert_eq!(f.to_bits(), (g * 0.5 + (i / d) as f32).to_bits(), "element {i}");
         }
+    }
+
+    #[test]
+    fn gather_rows_sums_each_element_in_entry_order() {
+        // 128-column blocks, packed (a task's entries read each source row several times),
+        // two full blocks and a narrower last one.
+        check_gather(40, 300, 70, 13);
+        // 64-column blocks, gathered in place (too few entries to pack).
+        check_gather(3000, 150, 70, 13);
+        // 32-column blocks, packed.
+        check_gather(5000, 70, 400, 61);
     }
 
     #[test]
