@@ -219,7 +219,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
-    mono::base::alloc::keep_freed_pages();
+    mono::base::alloc::configure_allocator();
     let cli = Cli::parse();
     mono::base::progress::set_quiet(cli.quiet);
     mono::base::lock::set_wait(cli.wait);

@@ -508,7 +508,7 @@ fn extreme_aspect_ratios() {
 #[test]
 #[ignore]
 fn timing_500x375() {
-    mono::base::alloc::keep_freed_pages();
+    mono::base::alloc::configure_allocator();
     let src =
         image::imageops::crop_imm(photo("coffee").as_rgb8().unwrap(), 0, 0, 300, 200).to_image();
     // Tile the photo to 500x375 so the content is natural.
