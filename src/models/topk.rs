@@ -233,7 +233,7 @@ fn scatter_with_csr(
     x: &[f32],
     kept: &[u32],
     cols: usize,
-    f: impl Fn(f32) -> f32,
+    f: impl Fn(f32) -> f32 + Sync,
 ) -> (Vec<f32>, SparseBatch) {
     let csr = entries_csr(x, kept, cols, f);
     let mut dense = crate::base::cpu::par_filled(x.len(), 1 << 16, |_, part| part.fill(0.0));
@@ -246,18 +246,20 @@ fn scatter_with_csr(
     (dense, csr)
 }
 
-/// The non-zeros of f(x[i]) at the flat indices `kept` (increasing) as CSR rows of `cols`.
-fn entries_csr(x: &[f32], kept: &[u32], cols: usize, f: impl Fn(f32) -> f32) -> SparseBatch {
+/// The non-zeros of f(x[i]) at the flat indices `kept` (increasing) as CSR rows of `cols`. The
+/// reads of x, scattered over the whole batch, run in parallel; the rows are laid out after.
+fn entries_csr(x: &[f32], kept: &[u32], cols: usize, f: impl Fn(f32) -> f32 + Sync) -> SparseBatch {
     let rows = x.len().checked_div(cols).unwrap_or(0);
+    let mapped: Vec<f32> = kept.par_iter().with_min_len(4096).map(|&i| f(x[i as usize])).collect();
     let mut row_offsets = Vec::with_capacity(rows + 1);
     let (mut columns, mut values) =
         (Vec::with_capacity(kept.len()), Vec::with_capacity(kept.len()));
     row_offsets.push(0);
-    for &i in kept {
-        let (i, value) = (i as usize, f(x[i as usize]));
+    for (&i, &value) in kept.iter().zip(&mapped) {
         if value == 0.0 {
             continue;
         }
+        let i = i as usize;
         while row_offsets.len() <= i / cols {
             row_offsets.push(columns.len());
         }
