@@ -436,8 +436,9 @@ const GATHER_BLOCK_BYTES: usize = 1 << 20;
 /// Each output row is built a block of columns at a time in registers, walking the row's
 /// entries once per block: an axpy over the whole row instead loads and stores the output for
 /// every entry, and was 1.6–2× slower. The block is as wide as lets that block of every source
-/// row fit in `GATHER_BLOCK_BYTES` (32 columns for 8,192 rows, 128 for 2,048), and a task that
-/// gathers each source row several times copies the block into one contiguous buffer first.
+/// row fit in `GATHER_BLOCK_BYTES` (32 columns for 8,192 rows, 128 for 2,048) and no wider
+/// than a row (16 at least), and a task that gathers each source row several times copies the
+/// block into one contiguous buffer first.
 /// In place, the block's segments lie 3 KiB apart (D = 768) and map onto a fraction of the
 /// L2's sets, so they were evicted before their reuse: decoding 2,048 rows (k = 64) through an
 /// 8,192 × 768 dictionary took 8.5 ms on two threads, packed 5.5 ms. Neither choice changes
@@ -451,7 +452,8 @@ fn gather_rows(
     finish: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let src_rows = src.len() / d.max(1);
-    let fits = |w: usize| src_rows * w * 4 <= GATHER_BLOCK_BYTES;
+    // No wider than a row: a block past the row's end would take the narrow-block path whole.
+    let fits = |w: usize| w <= d && src_rows * w * 4 <= GATHER_BLOCK_BYTES;
     let args = Gather { offsets, index, values, src, d };
     if fits(128) {
         args.run::<128>(finish)
@@ -488,11 +490,11 @@ impl Gather<'_> {
         crate::base::cpu::par_filled(rows * d, per_task * d, |t, block| {
             let first = t * per_task;
             let task_rows = block.len() / d;
-            // Packing reads every source row once per block: worth it when the task's entries
-            // read each about twice or more.
+            // Packing reads every source row once per full block: worth it when there is one
+            // and the task's entries read each source row about twice or more.
             let entries = offsets[first + task_rows] - offsets[first];
             let mut packed =
-                if entries >= 2 * src_rows { vec![0f32; src_rows * W] } else { vec![] };
+                if d >= W && entries >= 2 * src_rows { vec![0f32; src_rows * W] } else { vec![] };
             vectorized!({
                 for start in (0..d).step_by(W) {
                     if start + W > d {
@@ -779,6 +781,10 @@ mod tests {
         check_gather(3000, 150, 70, 13);
         // 32-column blocks, packed.
         check_gather(5000, 70, 400, 61);
+        // Rows narrower than 128 columns: 64-column blocks, packed; then rows narrower than
+        // any block, all in the narrow-block path.
+        check_gather(40, 100, 70, 13);
+        check_gather(40, 10, 70, 13);
     }
 
     #[test]
