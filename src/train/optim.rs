@@ -254,22 +254,51 @@ fn project_row(g: &mut [f32], w: &[f32]) {
     }
 }
 
-/// The f64 norm of host gradients, summed over fixed chunks in order.
+/// The f64 norm of host gradients, summed over fixed chunks (`NORM_CHUNK`) in order.
 fn host_norm(grads: &[Vec<f32>]) -> f64 {
     let partial: Vec<f64> = grads
         .iter()
-        .flat_map(|g| {
-            g.par_chunks(1 << 14)
-                .map(|c| vectorized!(lane_sum(c, |x| x as f64 * x as f64)))
-                .collect::<Vec<f64>>()
-        })
+        .flat_map(|g| g.par_chunks(NORM_CHUNK).map(chunk_sum_of_squares).collect::<Vec<f64>>())
         .collect();
+    norm_of_chunks(&partial)
+}
+
+/// Gradient elements per partial sum of `host_norm`.
+const NORM_CHUNK: usize = 1 << 14;
+
+/// One chunk's Σ g² for `host_norm`; call it inside the task that reads the chunk.
+#[inline(always)]
+fn chunk_sum_of_squares(chunk: &[f32]) -> f64 {
+    vectorized!(lane_sum(chunk, |x| x as f64 * x as f64))
+}
+
+/// The norm from the chunks' sums, added in order.
+fn norm_of_chunks(partial: &[f64]) -> f64 {
     partial.iter().sum::<f64>().sqrt()
 }
 
 /// Updates parameters from their gradients; state is kept per parameter, in parameter order.
 pub trait Optimizer: Send {
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()>;
+
+    /// `step` after clipping the gradients to the global norm `clip` when given (PyTorch's
+    /// clip_grad_norm_); returns their norm before clipping (a scalar tensor). The same values
+    /// as `clip_global_norm` (or `global_norm`) then `step`; an optimizer may fold the norm and
+    /// the clip factor into its own pass over the parameters.
+    fn clip_and_step(
+        &mut self,
+        params: &[&Var],
+        mut grads: Gradients,
+        lr: f64,
+        clip: Option<f64>,
+    ) -> Result<Tensor> {
+        let norm = match clip {
+            Some(max) => grads.clip_global_norm(max)?,
+            None => grads.global_norm()?,
+        };
+        self.step(params, &grads, lr)?;
+        Ok(norm)
+    }
 
     /// The state as CPU tensors named after the parameters (`names`, in parameter order).
     fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>>;
@@ -607,6 +636,16 @@ fn host_update(
 }
 
 impl Optimizer for Adam {
+    fn clip_and_step(
+        &mut self,
+        params: &[&Var],
+        grads: Gradients,
+        lr: f64,
+        clip: Option<f64>,
+    ) -> Result<Tensor> {
+        self.clipped_step(params, grads, lr, clip, None)
+    }
+
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
         check_sizes(params, grads, self.m.len())?;
         let adam = self.next_step(lr);
@@ -736,9 +775,11 @@ struct SgdHyper {
     lr: f32,
     mu: f32,
     wd: f32,
+    /// The clip factor, applied to each gradient as it is read (1 leaves it exact).
+    scale: f32,
 }
 
-/// SGD on a slice of (parameter, momentum buffer, gradient): g' = g + wd·p; buffer = g' on the
+/// SGD on a slice of (parameter, momentum buffer, gradient): g' = scale·g + wd·p; buffer = g' on the
 /// first step, else μ·buffer + g'; p −= lr · (g' without momentum, g' + μ·buffer with Nesterov,
 /// else buffer) — PyTorch's `SGD`.
 #[inline(always)]
@@ -749,7 +790,7 @@ fn sgd_lanes<const FIRST: bool, const PLAIN: bool, const NESTEROV: bool>(
     h: SgdHyper,
 ) {
     for ((p, b), &g) in p.iter_mut().zip(b.iter_mut()).zip(g) {
-        let g = g + h.wd * *p;
+        let g = g * h.scale + h.wd * *p;
         *b = if FIRST { g } else { h.mu * *b + g };
         let step = if PLAIN {
             g
@@ -762,45 +803,72 @@ fn sgd_lanes<const FIRST: bool, const PLAIN: bool, const NESTEROV: bool>(
     }
 }
 
+impl Sgd {
+    /// The host update of every parameter with its gradient times `scale`; with `norm_partials`
+    /// each task also adds up its chunk's Σ g² (as `host_norm`, while the chunk is in cache) and
+    /// the sums come back in `host_norm`'s order.
+    fn host_step(
+        &mut self,
+        params: &[&Var],
+        grads: &[Vec<f32>],
+        lr: f64,
+        scale: f32,
+        norm_partials: bool,
+    ) -> Result<Vec<f64>> {
+        let Buffers::Host(buffers) = &mut self.buffers else {
+            anyhow::bail!("optimizer state and gradients come from different kernels")
+        };
+        let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
+        let lr = lr as f32;
+        let mut partials = Vec::new();
+        for (((var, grad), buf), &wd) in
+            params.iter().zip(grads).zip(buffers.iter_mut()).zip(&self.decay)
+        {
+            let h = SgdHyper { lr, mu, wd: wd as f32, scale };
+            update_param(var, |p| {
+                // The same chunks as `host_norm`'s, so that its partial sums can come from here.
+                const _: () = assert!(UPDATE_CHUNK == NORM_CHUNK);
+                let sums: Vec<f64> = p
+                    .par_chunks_mut(UPDATE_CHUNK)
+                    .zip(buf.par_chunks_mut(UPDATE_CHUNK))
+                    .zip(grad.par_chunks(UPDATE_CHUNK))
+                    .map(|((p, b), g)| {
+                        let n = p.len();
+                        let (b, g) = (&mut b[..n], &g[..n]);
+                        let sum = if norm_partials { chunk_sum_of_squares(g) } else { 0.0 };
+                        // One loop per case: with the branches inside, LLVM kept the loop
+                        // scalar (perf: vmovss in the AVX-512 copy).
+                        vectorized!(match (first, mu == 0.0, nesterov) {
+                            (true, true, _) => sgd_lanes::<true, true, false>(p, b, g, h),
+                            (true, false, true) => sgd_lanes::<true, false, true>(p, b, g, h),
+                            (true, false, false) => sgd_lanes::<true, false, false>(p, b, g, h),
+                            (false, true, _) => sgd_lanes::<false, true, false>(p, b, g, h),
+                            (false, false, true) => sgd_lanes::<false, false, true>(p, b, g, h),
+                            (false, false, false) => {
+                                sgd_lanes::<false, false, false>(p, b, g, h)
+                            }
+                        });
+                        sum
+                    })
+                    .collect();
+                if norm_partials {
+                    partials.extend(sums);
+                }
+            })?;
+        }
+        self.steps += 1;
+        Ok(partials)
+    }
+}
+
 impl Optimizer for Sgd {
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
         check_sizes(params, grads, self.buffers.len())?;
         let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
-        let lr = lr as f32;
         match (grads, &mut self.buffers) {
-            (Gradients::Host(grads), Buffers::Host(buffers)) => {
-                for (((var, grad), buf), &wd) in
-                    params.iter().zip(grads).zip(buffers.iter_mut()).zip(&self.decay)
-                {
-                    let wd = wd as f32;
-                    update_param(var, |p| {
-                        p.par_chunks_mut(UPDATE_CHUNK)
-                            .zip(buf.par_chunks_mut(UPDATE_CHUNK))
-                            .zip(grad.par_chunks(UPDATE_CHUNK))
-                            .for_each(|((p, b), g)| {
-                                let n = p.len();
-                                let (b, g) = (&mut b[..n], &g[..n]);
-                                let h = SgdHyper { lr, mu, wd };
-                                // One loop per case: with the branches inside, LLVM kept the
-                                // loop scalar (perf: vmovss in the AVX-512 copy).
-                                vectorized!(match (first, mu == 0.0, nesterov) {
-                                    (true, true, _) => sgd_lanes::<true, true, false>(p, b, g, h),
-                                    (true, false, true) =>
-                                        sgd_lanes::<true, false, true>(p, b, g, h),
-                                    (true, false, false) => {
-                                        sgd_lanes::<true, false, false>(p, b, g, h)
-                                    }
-                                    (false, true, _) => sgd_lanes::<false, true, false>(p, b, g, h),
-                                    (false, false, true) => {
-                                        sgd_lanes::<false, false, true>(p, b, g, h)
-                                    }
-                                    (false, false, false) => {
-                                        sgd_lanes::<false, false, false>(p, b, g, h)
-                                    }
-                                })
-                            });
-                    })?;
-                }
+            (Gradients::Host(grads), Buffers::Host(_)) => {
+                self.host_step(params, grads, lr, 1.0, false)?;
+                return Ok(());
             }
             (Gradients::Device(grads), Buffers::Device(buffers)) => {
                 for (((var, g), buf), &wd) in
@@ -816,13 +884,44 @@ impl Optimizer for Sgd {
                     } else {
                         buf.clone()
                     };
-                    var.set(&(p - step.affine(lr as f64, 0.0)?.to_dtype(p.dtype())?)?)?;
+                    var.set(&(p - step.affine(lr as f32 as f64, 0.0)?.to_dtype(p.dtype())?)?)?;
                 }
             }
             _ => anyhow::bail!("optimizer state and gradients come from different kernels"),
         }
         self.steps += 1;
         Ok(())
+    }
+
+    /// With host kernels one pass over the parameters: the norm's partial sums come from the
+    /// update's own reads when nothing is clipped; with clipping the factor is applied as each
+    /// gradient is read (no scaling pass). The bits of `clip_global_norm` then `step`.
+    fn clip_and_step(
+        &mut self,
+        params: &[&Var],
+        mut grads: Gradients,
+        lr: f64,
+        clip: Option<f64>,
+    ) -> Result<Tensor> {
+        check_sizes(params, &grads, self.buffers.len())?;
+        let Gradients::Host(host) = &grads else {
+            let norm = match clip {
+                Some(max) => grads.clip_global_norm(max)?,
+                None => grads.global_norm()?,
+            };
+            self.step(params, &grads, lr)?;
+            return Ok(norm);
+        };
+        let norm = match clip {
+            None => norm_of_chunks(&self.host_step(params, host, lr, 1.0, true)?),
+            Some(max) => {
+                let norm = host_norm(host);
+                let scale = clip_factor(norm, max).unwrap_or(1.0);
+                self.host_step(params, host, lr, scale, false)?;
+                norm
+            }
+        };
+        Ok(Tensor::new(norm, &Device::Cpu)?)
     }
 
     fn state(&self, names: &[&str]) -> Result<HashMap<String, Tensor>> {
@@ -969,6 +1068,56 @@ mod tests {
             assert_ne!(host, start);
             for (h, q) in host.iter().zip(&portable) {
                 assert!((h - q).abs() < 1e-6, "μ {mu} nesterov {nesterov}: {h} vs {q}");
+            }
+        }
+    }
+
+    /// SGD's one-pass `clip_and_step` (the norm from the update's reads, or the clip factor
+    /// applied as gradients are read) gives the bits of clipping then stepping, in every
+    /// momentum case, over parameters of several chunks and a short one, and over steps.
+    #[test]
+    fn sgd_clip_and_step_equals_clipping_then_stepping() {
+        let sizes = [3 * NORM_CHUNK + 123, 5];
+        let wave =
+            |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin()).collect() };
+        for (mu, nesterov, wd) in [(0.0, false, 0.01), (0.9, false, 0.0), (0.9, true, 0.05)] {
+            for clip in [None, Some(1.0), Some(1e9)] {
+                let run = |fused: bool| {
+                    let params: Vec<Var> = sizes.iter().map(|&n| var(&wave(n, 0.37))).collect();
+                    let refs: Vec<&Var> = params.iter().collect();
+                    let mut sgd =
+                        Sgd::new(&refs, mu, nesterov, vec![wd; 2], Kernels::Host).unwrap();
+                    let mut norms = Vec::new();
+                    for step in 0..3 {
+                        let g: Vec<Vec<f32>> =
+                            sizes.iter().map(|&n| wave(n, 0.05 * (step + 1) as f32)).collect();
+                        let mut g = Gradients::Host(g);
+                        let norm = if fused {
+                            sgd.clip_and_step(&refs, g, 0.1, clip).unwrap()
+                        } else {
+                            let norm = match clip {
+                                Some(max) => g.clip_global_norm(max).unwrap(),
+                                None => g.global_norm().unwrap(),
+                            };
+                            sgd.step(&refs, &g, 0.1).unwrap();
+                            norm
+                        };
+                        norms.push(norm.to_scalar::<f64>().unwrap().to_bits());
+                    }
+                    let momentum = sgd.state(&["a", "b"]).unwrap();
+                    let mut momentum: Vec<(String, Vec<f32>)> = momentum
+                        .into_iter()
+                        .filter(|(_, t)| t.dtype() == DType::F32)
+                        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap()))
+                        .collect();
+                    momentum.sort_by(|a, b| a.0.cmp(&b.0));
+                    (params.iter().map(values).collect::<Vec<_>>(), momentum, norms)
+                };
+                let (fused, apart) = (run(true), run(false));
+                assert_ne!(fused.0[0], wave(sizes[0], 0.37));
+                assert_eq!(fused.2, apart.2, "norms, μ {mu} clip {clip:?}");
+                assert!(fused.1.len() == 2 && fused.1 == apart.1, "momentum, μ {mu} clip {clip:?}");
+                assert!(fused.0 == apart.0, "parameters, μ {mu} nesterov {nesterov} clip {clip:?}");
             }
         }
     }

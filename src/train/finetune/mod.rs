@@ -259,18 +259,14 @@ impl Finetuner {
                 Some(m) if trained => (&ce + (&m.loss * s.lambda)?)?,
                 _ => ce.clone(),
             };
-            let mut grads = Gradients::from_store(
+            let grads = Gradients::from_store(
                 &loss.backward()?,
                 Some(&sink),
                 &self.trainable_vars(),
                 kernels,
             )?;
-            let grad_norm = match s.clip {
-                Some(max) => grads.clip_global_norm(max)?,
-                None => grads.global_norm()?,
-            };
             let masters: Vec<&Var> = self.masters.iter().collect();
-            self.optimizer.step(&masters, &grads, lr)?;
+            let grad_norm = self.optimizer.clip_and_step(&masters, grads, lr, s.clip)?;
             if self.model.params.dtype != DType::F32 {
                 for (m, v) in self.masters.iter().zip(self.trainable_vars()) {
                     v.set(&m.as_tensor().to_dtype(self.model.params.dtype)?)?;
