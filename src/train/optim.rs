@@ -288,16 +288,11 @@ pub trait Optimizer: Send {
     fn clip_and_step(
         &mut self,
         params: &[&Var],
-        mut grads: Gradients,
+        grads: Gradients,
         lr: f64,
         clip: Option<f64>,
     ) -> Result<Tensor> {
-        let norm = match clip {
-            Some(max) => grads.clip_global_norm(max)?,
-            None => grads.global_norm()?,
-        };
-        self.step(params, &grads, lr)?;
-        Ok(norm)
+        clip_then_step(self, params, grads, lr, clip)
     }
 
     /// The state as CPU tensors named after the parameters (`names`, in parameter order).
@@ -310,6 +305,23 @@ pub trait Optimizer: Send {
         tensors: &HashMap<String, Tensor>,
         source: &str,
     ) -> Result<()>;
+}
+
+/// `clip_global_norm` (or `global_norm`) then `opt.step`, in two passes: `clip_and_step` of
+/// optimizers without a pass of their own.
+fn clip_then_step<O: Optimizer + ?Sized>(
+    opt: &mut O,
+    params: &[&Var],
+    mut grads: Gradients,
+    lr: f64,
+    clip: Option<f64>,
+) -> Result<Tensor> {
+    let norm = match clip {
+        Some(max) => grads.clip_global_norm(max)?,
+        None => grads.global_norm()?,
+    };
+    opt.step(params, &grads, lr)?;
+    Ok(norm)
 }
 
 /// Applies `f` to a parameter's f32 data in place (host kernels).
@@ -899,18 +911,13 @@ impl Optimizer for Sgd {
     fn clip_and_step(
         &mut self,
         params: &[&Var],
-        mut grads: Gradients,
+        grads: Gradients,
         lr: f64,
         clip: Option<f64>,
     ) -> Result<Tensor> {
         check_sizes(params, &grads, self.buffers.len())?;
         let Gradients::Host(host) = &grads else {
-            let norm = match clip {
-                Some(max) => grads.clip_global_norm(max)?,
-                None => grads.global_norm()?,
-            };
-            self.step(params, &grads, lr)?;
-            return Ok(norm);
+            return clip_then_step(self, params, grads, lr, clip);
         };
         let norm = match clip {
             None => norm_of_chunks(&self.host_step(params, host, lr, 1.0, true)?),
