@@ -591,4 +591,80 @@ mod tests {
             assert_eq!(gap(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap()), 0.0);
         }
     }
+
+    /// Column sums against a plain row-by-row loop, bit for bit, with widths around the task
+    /// width (a partial last block) and in vector registers.
+    #[test]
+    fn column_sums_add_each_column_in_row_order() {
+        for (rows, cols) in [(7, 300), (33, 128), (5, 1), (0, 9)] {
+            let g: Vec<f32> =
+                (0..rows * cols).map(|i| ((i * 7919 % 1009) as f32 - 500.0) / 97.0).collect();
+            let mut want = vec![0f32; cols];
+            for row in g.chunks_exact(cols) {
+                for (s, &v) in want.iter_mut().zip(row) {
+                    *s += v;
+                }
+            }
+            let got = super::column_sums(&g, cols);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{cols}");
+            assert_eq!(got.len(), cols);
+        }
+    }
+
+    /// The layer-norm backward against its formulas written plainly (f64 sums of eight
+    /// interleaved lanes, then the tail), bit for bit, at widths with and without a tail.
+    #[test]
+    fn layer_norm_backward_matches_its_plain_formulas() {
+        for d in [768usize, 37, 8, 5] {
+            let rows = 70; // three tasks of ROWS_PER_TASK, the last one partial
+            let x: Vec<f32> =
+                (0..rows * d).map(|i| ((i * 7919) % 1003) as f32 / 251.0 - 2.0).collect();
+            let g: Vec<f32> =
+                (0..rows * d).map(|i| ((i * 31) % 997) as f32 / 503.0 - 1.0).collect();
+            let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / 1000.0).collect();
+            let b = vec![0.1f32; d];
+            let stats = super::layer_norm_rows(&x, &w, &b, 1e-5).1;
+            let (dx, dw, db) = super::layer_norm_backward(&x, &w, &g, &stats).unwrap();
+            let lanes_then_tail = |f: &dyn Fn(usize) -> f32| {
+                let mut lanes = [0f64; 8];
+                let whole = d / 8 * 8;
+                for j in 0..whole {
+                    lanes[j % 8] += f(j) as f64;
+                }
+                let mut sum = lanes.iter().sum::<f64>();
+                for j in whole..d {
+                    sum += f(j) as f64;
+                }
+                sum
+            };
+            let (mut want_dx, mut want_dw, mut want_db) = (vec![], vec![0f32; d], vec![0f32; d]);
+            let mut partial = (vec![0f32; d], vec![0f32; d]);
+            for r in 0..rows {
+                let (mean, inv) = stats[r];
+                let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+                let sum_gw = lanes_then_tail(&|j| gr[j] * w[j]);
+                let sum_gwx = lanes_then_tail(&|j| gr[j] * w[j] * ((xr[j] - mean) * inv));
+                let (mg, mgx) = ((sum_gw / d as f64) as f32, (sum_gwx / d as f64) as f32);
+                for j in 0..d {
+                    let xhat = (xr[j] - mean) * inv;
+                    want_dx.push(inv * (gr[j] * w[j] - mg - xhat * mgx));
+                    partial.0[j] += gr[j] * xhat;
+                    partial.1[j] += gr[j];
+                }
+                // Each task's partial sums, added in task order.
+                if (r + 1) % super::ROWS_PER_TASK == 0 || r + 1 == rows {
+                    for j in 0..d {
+                        want_dw[j] += partial.0[j];
+                        want_db[j] += partial.1[j];
+                    }
+                    partial = (vec![0f32; d], vec![0f32; d]);
+                }
+            }
+            let same = |a: &[f32], b: &[f32]| {
+                a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+            };
+            assert!(same(&dx, &want_dx), "dx at width {d}");
+            assert!(same(&dw, &want_dw) && same(&db, &want_db), "dw, db at width {d}");
+        }
+    }
 }
