@@ -272,6 +272,13 @@ fn chunk_sum_of_squares(chunk: &[f32]) -> f64 {
     vectorized!(lane_sum(chunk, |x| x as f64 * x as f64))
 }
 
+/// The host gradients' norm and the factor that clips them to `clip` (1 when nothing is
+/// clipped), for an update that scales each gradient as it reads it.
+fn norm_and_clip_factor(grads: &[Vec<f32>], clip: Option<f64>) -> (f64, f32) {
+    let norm = host_norm(grads);
+    (norm, clip.and_then(|max| clip_factor(norm, max)).unwrap_or(1.0))
+}
+
 /// The norm from the chunks' sums, added in order.
 fn norm_of_chunks(partial: &[f64]) -> f64 {
     partial.iter().sum::<f64>().sqrt()
@@ -569,18 +576,14 @@ impl Adam {
             );
         }
         if let Gradients::Host(host) = &grads {
-            let norm = grads.global_norm()?;
-            let scale = match clip {
-                Some(max) => clip_factor(norm.to_scalar::<f64>()?, max).unwrap_or(1.0),
-                None => 1.0,
-            };
+            let (norm, scale) = norm_and_clip_factor(host, clip);
             let adam = self.next_step(lr);
             let (Buffers::Host(ms), Buffers::Host(vs)) = (&mut self.m, &mut self.v) else {
                 anyhow::bail!("optimizer state and gradients come from different kernels")
             };
             host_update(params, host, (ms, vs), adam, scale, unit_rows)?;
             self.steps += 1;
-            return Ok(norm);
+            return Ok(Tensor::new(norm, &Device::Cpu)?);
         }
         let norm = match clip {
             Some(max) => grads.clip_global_norm(max)?,
@@ -876,13 +879,12 @@ impl Sgd {
 impl Optimizer for Sgd {
     fn step(&mut self, params: &[&Var], grads: &Gradients, lr: f64) -> Result<()> {
         check_sizes(params, grads, self.buffers.len())?;
-        let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
         match (grads, &mut self.buffers) {
             (Gradients::Host(grads), Buffers::Host(_)) => {
-                self.host_step(params, grads, lr, 1.0, false)?;
-                return Ok(());
+                return self.host_step(params, grads, lr, 1.0, false).map(drop);
             }
             (Gradients::Device(grads), Buffers::Device(buffers)) => {
+                let (mu, nesterov, first) = (self.momentum as f32, self.nesterov, self.steps == 0);
                 for (((var, g), buf), &wd) in
                     params.iter().zip(grads).zip(buffers.iter_mut()).zip(&self.decay)
                 {
@@ -921,9 +923,8 @@ impl Optimizer for Sgd {
         };
         let norm = match clip {
             None => norm_of_chunks(&self.host_step(params, host, lr, 1.0, true)?),
-            Some(max) => {
-                let norm = host_norm(host);
-                let scale = clip_factor(norm, max).unwrap_or(1.0);
+            Some(_) => {
+                let (norm, scale) = norm_and_clip_factor(host, clip);
                 self.host_step(params, host, lr, scale, false)?;
                 norm
             }
