@@ -632,7 +632,7 @@ pub fn decoder_backward(
     d: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let m = cols.col_offsets.len() - 1;
-    let rows = if d == 0 { 0 } else { g.len() / d };
+    let rows = g.len().checked_div(d).unwrap_or(0);
     let chunks = d / 8 * 8;
     let mut partial = vec![[0f32; 8]; cols.rows.len()];
     // Unzeroed: the blocks and then the tails write every element.
@@ -688,13 +688,17 @@ pub fn decoder_backward(
     (dw, dots)
 }
 
-/// `decoder_backward`'s tasks: (first latent, its rows of dw, its entries' partial sums).
+/// A task of `decoder_backward`: its first latent, their rows of dw, their entries' partial
+/// sums.
+type BackwardTask<'a> = (usize, &'a mut [f32], &'a mut [[f32; 8]]);
+
+/// `decoder_backward`'s tasks.
 fn backward_tasks<'a>(
     cols: &SparseColumns,
     dw: &'a mut Vec<f32>,
     partial: &'a mut [[f32; 8]],
     d: usize,
-) -> Vec<(usize, &'a mut [f32], &'a mut [[f32; 8]])> {
+) -> Vec<BackwardTask<'a>> {
     let m = cols.col_offsets.len() - 1;
     let slots = &mut dw.spare_capacity_mut()[..m * d];
     // SAFETY: f32 has no invalid bit patterns; callers write elements before anything reads
