@@ -643,11 +643,8 @@ pub fn decoder_backward(
         let width = if start + BACKWARD_BLOCK <= chunks { BACKWARD_BLOCK } else { 8 };
         packed.clear();
         packed.resize(rows * width, 0f32);
-        packed.par_chunks_mut(width * 64).enumerate().for_each(|(t, part)| {
-            for (r, out) in part.chunks_exact_mut(width).enumerate() {
-                let i = t * 64 + r;
-                out.copy_from_slice(&g[i * d + start..][..width]);
-            }
+        packed.par_chunks_mut(width).enumerate().with_min_len(64).for_each(|(i, out)| {
+            out.copy_from_slice(&g[i * d + start..][..width]);
         });
         let block = Block { cols, packed: &packed, w, d, start };
         backward_tasks(cols, &mut dw, &mut partial, d).into_par_iter().for_each(
@@ -660,14 +657,7 @@ pub fn decoder_backward(
     }
     // The last d − chunks columns, entry by entry as `axpy` and `dot` end, and the dots.
     let mut dots = vec![0f32; cols.rows.len()];
-    let mut dot_parts = Vec::with_capacity(m.div_ceil(BACKWARD_LATENTS_PER_TASK));
-    let mut rest = dots.as_mut_slice();
-    for k0 in (0..m).step_by(BACKWARD_LATENTS_PER_TASK) {
-        let k1 = (k0 + BACKWARD_LATENTS_PER_TASK).min(m);
-        let (head, tail) = rest.split_at_mut(cols.col_offsets[k1] - cols.col_offsets[k0]);
-        dot_parts.push(head);
-        rest = tail;
-    }
+    let dot_parts = latent_groups(cols, &mut dots);
     backward_tasks(cols, &mut dw, &mut partial, d).into_par_iter().zip(dot_parts).for_each(
         |((k0, dw_rows, partial), dots)| {
             let first = cols.col_offsets[k0];
@@ -705,17 +695,26 @@ fn backward_tasks<'a>(
     // them (each block its columns, the tails theirs) and read only what they wrote.
     let slots = unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) };
     let per = BACKWARD_LATENTS_PER_TASK;
-    let mut rest = partial;
     slots
         .chunks_mut((per * d).max(1))
+        .zip(latent_groups(cols, partial))
         .enumerate()
-        .map(|(t, dw_rows)| {
-            let k0 = t * per;
-            let k1 = (k0 + per).min(m);
-            let taken = std::mem::take(&mut rest);
-            let (head, tail) = taken.split_at_mut(cols.col_offsets[k1] - cols.col_offsets[k0]);
+        .map(|(t, (dw_rows, partial))| (t * per, dw_rows, partial))
+        .collect()
+}
+
+/// A per-entry buffer (CSC order) split into the entries of each `decoder_backward` task.
+fn latent_groups<'a, T>(cols: &SparseColumns, buf: &'a mut [T]) -> Vec<&'a mut [T]> {
+    let m = cols.col_offsets.len() - 1;
+    let mut rest = buf;
+    (0..m)
+        .step_by(BACKWARD_LATENTS_PER_TASK)
+        .map(|k0| {
+            let k1 = (k0 + BACKWARD_LATENTS_PER_TASK).min(m);
+            let (head, tail) =
+                std::mem::take(&mut rest).split_at_mut(cols.col_offsets[k1] - cols.col_offsets[k0]);
             rest = tail;
-            (k0, dw_rows, head)
+            head
         })
         .collect()
 }
