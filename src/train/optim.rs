@@ -163,6 +163,15 @@ impl Gradients {
         }
     }
 
+    /// The global norm (a scalar tensor), after which the gradients are clipped to `clip`
+    /// when given (`clip_global_norm`).
+    pub fn norm_clipped_to(&mut self, clip: Option<f64>) -> Result<Tensor> {
+        match clip {
+            Some(max) => self.clip_global_norm(max),
+            None => self.global_norm(),
+        }
+    }
+
     /// Scales all gradients so that their global norm is at most `max_norm` (PyTorch's
     /// clip_grad_norm_); returns the norm before clipping (a scalar tensor).
     pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<Tensor> {
@@ -323,10 +332,7 @@ fn clip_then_step<O: Optimizer + ?Sized>(
     lr: f64,
     clip: Option<f64>,
 ) -> Result<Tensor> {
-    let norm = match clip {
-        Some(max) => grads.clip_global_norm(max)?,
-        None => grads.global_norm()?,
-    };
+    let norm = grads.norm_clipped_to(clip)?;
     opt.step(params, &grads, lr)?;
     Ok(norm)
 }
@@ -585,10 +591,7 @@ impl Adam {
             self.steps += 1;
             return Ok(Tensor::new(norm, &Device::Cpu)?);
         }
-        let norm = match clip {
-            Some(max) => grads.clip_global_norm(max)?,
-            None => grads.global_norm()?,
-        };
+        let norm = grads.norm_clipped_to(clip)?;
         if let Some(rows) = unit_rows {
             grads.project_out_parallel(rows.index, params[rows.index], rows.d)?;
         }
@@ -1103,10 +1106,7 @@ mod tests {
                         let norm = if fused {
                             sgd.clip_and_step(&refs, g, 0.1, clip).unwrap()
                         } else {
-                            let norm = match clip {
-                                Some(max) => g.clip_global_norm(max).unwrap(),
-                                None => g.global_norm().unwrap(),
-                            };
+                            let norm = g.norm_clipped_to(clip).unwrap();
                             sgd.step(&refs, &g, 0.1).unwrap();
                             norm
                         };
@@ -1200,10 +1200,7 @@ mod tests {
                     let norm = if fused {
                         adam.clipped_step(&refs, grads, 0.01, clip, Some(unit_rows)).unwrap()
                     } else {
-                        let norm = match clip {
-                            Some(max) => grads.clip_global_norm(max).unwrap(),
-                            None => grads.global_norm().unwrap(),
-                        };
+                        let norm = grads.norm_clipped_to(clip).unwrap();
                         grads.project_out_parallel(1, refs[1], d).unwrap();
                         adam.step(&refs, &grads, 0.01).unwrap();
                         normalize_rows(refs[1], d, kernels).unwrap();
