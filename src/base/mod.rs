@@ -3,6 +3,7 @@
 //! through), progress bars, the allocator and memory measurement.
 
 pub mod alloc;
+pub mod amx;
 pub mod config;
 pub mod cpu;
 pub mod device;
@@ -14,5 +15,6 @@ pub mod io;
 pub mod lock;
 pub mod memory;
 pub mod progress;
+pub mod screen;
 pub mod simd;
 pub mod sparse;

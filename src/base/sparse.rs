@@ -17,6 +17,60 @@ pub struct SparseBatch {
     pub values: Vec<f32>,
 }
 
+/// The entries one block of columns keeps, row after row (a thresholded product computed a
+/// block of columns at a time).
+pub struct KeptBlock {
+    /// Row r's entries are `columns[offsets[r]..offsets[r + 1]]` (and the same of `values`);
+    /// empty for a block of no latents.
+    pub offsets: Vec<usize>,
+    pub columns: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl KeptBlock {
+    /// The blocks (in column order) as CSR rows: each row's entries block after block, copied
+    /// in parallel over rows.
+    pub fn merge(blocks: &[KeptBlock], rows: usize) -> SparseBatch {
+        // Row r's entries in a block: none in a block of no latents.
+        let span = |block: &KeptBlock, r: usize| match block.offsets.get(r..r + 2) {
+            Some(&[a, b]) => a..b,
+            _ => 0..0,
+        };
+        let row_offsets: Vec<usize> = std::iter::once(0)
+            .chain((0..rows).scan(0, |at, r| {
+                *at += blocks.iter().map(|block| span(block, r).len()).sum::<usize>();
+                Some(*at)
+            }))
+            .collect();
+        let nnz = row_offsets[rows];
+        let (mut columns, mut values) = (vec![0u32; nnz], vec![0f32; nnz]);
+        let per_task = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let mut tasks = Vec::new();
+        let (mut cols_left, mut vals_left) = (columns.as_mut_slice(), values.as_mut_slice());
+        for first in (0..rows).step_by(per_task) {
+            let end = (first + per_task).min(rows);
+            let len = row_offsets[end] - row_offsets[first];
+            let (c, rest_c) = std::mem::take(&mut cols_left).split_at_mut(len);
+            let (v, rest_v) = std::mem::take(&mut vals_left).split_at_mut(len);
+            (cols_left, vals_left) = (rest_c, rest_v);
+            tasks.push((first..end, c, v));
+        }
+        tasks.into_par_iter().for_each(|(task_rows, cols, vals)| {
+            let mut at = 0;
+            for r in task_rows {
+                for block in blocks {
+                    let entries = span(block, r);
+                    let n = entries.len();
+                    cols[at..at + n].copy_from_slice(&block.columns[entries.clone()]);
+                    vals[at..at + n].copy_from_slice(&block.values[entries]);
+                    at += n;
+                }
+            }
+        });
+        SparseBatch { row_offsets, columns, values }
+    }
+}
+
 /// A borrowed view of CSR rows.
 #[derive(Clone, Copy, Debug)]
 pub struct SparseRows<'a> {

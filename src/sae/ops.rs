@@ -13,14 +13,13 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
 use crate::base::gemm::{gemm_f32, gemm_f32_plus_row_blocks, Strided};
 use crate::base::grad_sink::GradSink;
 use crate::base::host::Kernels;
 use crate::base::simd::vectorized;
-use crate::base::sparse::{self, SparseBatch, SPARSE_LIMIT};
+use crate::base::sparse::{self, KeptBlock, SparseBatch, SPARSE_LIMIT};
 use crate::models::topk::{Latents, Mask};
 use crate::monoscore::sparse_loss::{self, MonoLossSaved, MonoLossStats};
 use crate::monoscore::BatchMono;
@@ -309,6 +308,9 @@ pub fn encode_above(
             with_cpu_slice(&b_enc, |bias| {
                 let dec = b_dec.as_ref().map(|t| with_cpu_slice(t, <[f32]>::to_vec)).transpose()?;
                 let xc = centre_rows(xs, dec.as_deref());
+                if let Some(blocks) = crate::base::screen::entries_above(&xc, ws, bias, d, &cuts) {
+                    return Ok(blocks);
+                }
                 let (a, wt) =
                     (Strided { data: &xc, rs: d, cs: 1 }, Strided { data: ws, rs: 1, cs: d });
                 Ok::<_, candle_core::Error>(gemm_f32_plus_row_blocks(
@@ -316,7 +318,7 @@ pub fn encode_above(
                     a,
                     wt,
                     bias,
-                    |first, width, pre| KeptBlock::scan(pre, &cuts[first..first + width], first),
+                    |first, width, pre| scan_block(pre, &cuts[first..first + width], first),
                 ))
             })
         })
@@ -324,93 +326,39 @@ pub fn encode_above(
     Ok(KeptBlock::merge(&blocks, b))
 }
 
-/// The entries one block of latents keeps, row after row.
-struct KeptBlock {
-    /// Row r's entries are `columns[offsets[r]..offsets[r + 1]]` (and the same of `values`);
-    /// empty for a block of no latents.
-    offsets: Vec<usize>,
-    columns: Vec<u32>,
-    values: Vec<f32>,
-}
-
-impl KeptBlock {
-    /// Keeps the (rows × width) pre-activations of the latents first.. that exceed their cuts.
-    fn scan(pre: &[f32], cuts: &[f32], first: usize) -> Self {
-        let width = cuts.len();
-        let mut kept = KeptBlock { offsets: Vec::new(), columns: Vec::new(), values: Vec::new() };
-        if width == 0 {
-            return kept;
-        }
-        kept.offsets.push(0);
-        let full = width / 16 * 16;
-        let keeps = |v: f32, cut: f32| v > cut;
-        vectorized!(for row in pre.chunks_exact(width) {
-            // Blocks of 16 as arrays (a fixed length is what lets LLVM vectorise the test),
-            // compared in vector registers into a bit mask; a sparse row has a few bits set.
-            let blocks = row[..full].chunks_exact(16).zip(cuts[..full].chunks_exact(16));
-            for (i, (v, t)) in blocks.enumerate() {
-                let (v, t): (&[f32; 16], &[f32; 16]) =
-                    (v.try_into().unwrap(), t.try_into().unwrap());
-                let mut bits = (0..16).fold(0u32, |bits, j| bits | (keeps(v[j], t[j]) as u32) << j);
-                while bits != 0 {
-                    let j = bits.trailing_zeros() as usize;
-                    kept.columns.push((first + i * 16 + j) as u32);
-                    kept.values.push(v[j]);
-                    bits &= bits - 1;
-                }
-            }
-            for (j, (&v, &t)) in row[full..].iter().zip(&cuts[full..]).enumerate() {
-                if keeps(v, t) {
-                    kept.columns.push((first + full + j) as u32);
-                    kept.values.push(v);
-                }
-            }
-            kept.offsets.push(kept.columns.len());
-        });
-        kept
+/// Keeps the (rows × width) pre-activations of the latents first.. that exceed their cuts.
+fn scan_block(pre: &[f32], cuts: &[f32], first: usize) -> KeptBlock {
+    let width = cuts.len();
+    let mut kept = KeptBlock { offsets: Vec::new(), columns: Vec::new(), values: Vec::new() };
+    if width == 0 {
+        return kept;
     }
-
-    /// The blocks (in column order) as CSR rows: each row's entries block after block, copied
-    /// in parallel over rows.
-    fn merge(blocks: &[KeptBlock], rows: usize) -> SparseBatch {
-        // Row r's entries in a block: none in a block of no latents.
-        let span = |block: &KeptBlock, r: usize| match block.offsets.get(r..r + 2) {
-            Some(&[a, b]) => a..b,
-            _ => 0..0,
-        };
-        let row_offsets: Vec<usize> = std::iter::once(0)
-            .chain((0..rows).scan(0, |at, r| {
-                *at += blocks.iter().map(|block| span(block, r).len()).sum::<usize>();
-                Some(*at)
-            }))
-            .collect();
-        let nnz = row_offsets[rows];
-        let (mut columns, mut values) = (vec![0u32; nnz], vec![0f32; nnz]);
-        let per_task = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
-        let mut tasks = Vec::new();
-        let (mut cols_left, mut vals_left) = (columns.as_mut_slice(), values.as_mut_slice());
-        for first in (0..rows).step_by(per_task) {
-            let end = (first + per_task).min(rows);
-            let len = row_offsets[end] - row_offsets[first];
-            let (c, rest_c) = std::mem::take(&mut cols_left).split_at_mut(len);
-            let (v, rest_v) = std::mem::take(&mut vals_left).split_at_mut(len);
-            (cols_left, vals_left) = (rest_c, rest_v);
-            tasks.push((first..end, c, v));
-        }
-        tasks.into_par_iter().for_each(|(task_rows, cols, vals)| {
-            let mut at = 0;
-            for r in task_rows {
-                for block in blocks {
-                    let entries = span(block, r);
-                    let n = entries.len();
-                    cols[at..at + n].copy_from_slice(&block.columns[entries.clone()]);
-                    vals[at..at + n].copy_from_slice(&block.values[entries]);
-                    at += n;
-                }
+    kept.offsets.push(0);
+    let full = width / 16 * 16;
+    let keeps = |v: f32, cut: f32| v > cut;
+    vectorized!(for row in pre.chunks_exact(width) {
+        // Blocks of 16 as arrays (a fixed length is what lets LLVM vectorise the test),
+        // compared in vector registers into a bit mask; a sparse row has a few bits set.
+        let blocks = row[..full].chunks_exact(16).zip(cuts[..full].chunks_exact(16));
+        for (i, (v, t)) in blocks.enumerate() {
+            let (v, t): (&[f32; 16], &[f32; 16]) = (v.try_into().unwrap(), t.try_into().unwrap());
+            let mut bits = (0..16).fold(0u32, |bits, j| bits | (keeps(v[j], t[j]) as u32) << j);
+            while bits != 0 {
+                let j = bits.trailing_zeros() as usize;
+                kept.columns.push((first + i * 16 + j) as u32);
+                kept.values.push(v[j]);
+                bits &= bits - 1;
             }
-        });
-        SparseBatch { row_offsets, columns, values }
-    }
+        }
+        for (j, (&v, &t)) in row[full..].iter().zip(&cuts[full..]).enumerate() {
+            if keeps(v, t) {
+                kept.columns.push((first + full + j) as u32);
+                kept.values.push(v);
+            }
+        }
+        kept.offsets.push(kept.columns.len());
+    });
+    kept
 }
 
 // ---------------------------------------------------------------------------------------------

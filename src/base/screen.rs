@@ -1,0 +1,451 @@
+//! The entries of a product x · wᵀ + bias above per-column cuts, bit for bit as the f32 GEMM
+//! computes them, without computing most of them in f32.
+//!
+//! An AMX bf16 product (`amx`) estimates every entry at many times the f32 rate. A rigorous
+//! bound on the estimate's error (bf16 rounding of both operands, f32 sums, via Cauchy–Schwarz
+//! on the rows' and columns' norms) rules out the entries that cannot pass their cut. The rest
+//! are recomputed in f32 by the same chain of operations the `gemm` crate runs for that entry
+//! — fused multiply-adds in contraction order, in the crate's contraction chunks, chunks added
+//! in order, then the bias — so each value, and each comparison with a cut, is the GEMM's own.
+//! The chunk length is found by comparing against the crate on a probe product; when nothing
+//! matches (another crate version or kernel), the screen is not used.
+//!
+//! Recomputation works on tiles of 16 rows × 1 column: a tile with one candidate costs as much
+//! as one with sixteen, so the screen pays when few entries pass (sparse activations).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use crate::base::amx::{self, Tiles, GROUP, STEP};
+use crate::base::gemm::{gemm_f32_plus_row_blocks, Strided};
+use crate::base::sparse::KeptBlock;
+
+/// Smaller products stay with the f32 GEMM (and the crate's small-product kernels, whose
+/// chunking differs).
+const MIN_ROWS: usize = 128;
+const MIN_COLUMNS: usize = 128;
+/// Columns per task: eight groups of 16.
+const TASK_COLUMNS: usize = 8 * GROUP;
+
+/// Whether `entries_above` runs for a product of these dimensions on this machine.
+pub fn applies(rows: usize, columns: usize, k: usize) -> bool {
+    rows >= MIN_ROWS && columns >= MIN_COLUMNS && k > 0 && amx::available() && chunk(k).is_some()
+}
+
+/// The entries (i, j) of x · wᵀ + bias with value > cuts[j], for x (rows × k, row-major) and
+/// w (n × k): what `KeptBlock::scan` keeps of `gemm_f32_plus_row_blocks`' output, as blocks of
+/// columns in order. None when the screen does not apply (`applies`).
+pub fn entries_above(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    k: usize,
+    cuts: &[f32],
+) -> Option<Vec<KeptBlock>> {
+    let (rows, n) = (x.len() / k.max(1), cuts.len());
+    if !applies(rows, n, k) {
+        return None;
+    }
+    assert!(w.len() == n * k && bias.len() == n && x.len() == rows * k, "screen: shapes");
+    let chunk = chunk(k)?;
+    let kp = k.div_ceil(STEP) * STEP;
+    let padded_rows = rows.div_ceil(32) * 32;
+    let groups = n.div_ceil(TASK_COLUMNS) * TASK_COLUMNS / GROUP;
+    let (rows_bf, cols_bf) =
+        (amx::pack_rows(x, k, padded_rows, kp), amx::pack_columns(w, k, groups, kp));
+    let panels = row_panels(x, k, padded_rows);
+    let (nx, nw) = (norms(x, k), norms(w, k));
+    let bound = Bound::new(k);
+    let blocks = (0..n.div_ceil(TASK_COLUMNS))
+        .into_par_iter()
+        .map(|task| {
+            let first = task * TASK_COLUMNS;
+            let width = TASK_COLUMNS.min(n - first);
+            let cols = Columns {
+                first,
+                width,
+                packed: &cols_bf[first * kp..(first + TASK_COLUMNS) * kp],
+                w: &w[first * k..(first + width) * k],
+                bias: &bias[first..first + width],
+                cuts: &cuts[first..first + width],
+                norms: &nw[first..first + width],
+            };
+            let rows = Rows { count: rows, packed: &rows_bf, panels: &panels, norms: &nx };
+            // SAFETY: `applies` checked AVX-512F (with AMX).
+            unsafe { screen_columns(&rows, &cols, k, kp, chunk, &bound) }
+        })
+        .collect();
+    Some(blocks)
+}
+
+/// The operand rows as the screen reads them.
+struct Rows<'a> {
+    count: usize,
+    /// bf16, `padded` rows of kp.
+    packed: &'a [u16],
+    /// f32 panels of 16 rows, contraction-major (`row_panels`).
+    panels: &'a [f32],
+    norms: &'a [f32],
+}
+
+/// One task's columns.
+struct Columns<'a> {
+    first: usize,
+    width: usize,
+    /// bf16 groups (`amx::pack_columns`), TASK_COLUMNS of them padded.
+    packed: &'a [u16],
+    /// f32 rows of w, `width` of them.
+    w: &'a [f32],
+    bias: &'a [f32],
+    cuts: &'a [f32],
+    norms: &'a [f32],
+}
+
+/// The screen's error bound for contraction length k: |exact − estimate| ≤
+/// rel · ‖x_i‖·‖w_j‖ + abs_norm · (‖x_i‖ + ‖w_j‖) + 2⁻²²·|estimate| + tiny.
+struct Bound {
+    rel: f32,
+    abs_norm: f32,
+    tiny: f32,
+}
+
+impl Bound {
+    fn new(k: usize) -> Self {
+        let k = k as f64;
+        // bf16 rounding of both operands (unit roundoff 2⁻⁸ each), the f32 sums of the tiles
+        // and of the GEMM (k + 2 roundings each), with margin for the norms' own rounding.
+        let rel = (2.0 * 2f64.powi(-8) + 2f64.powi(-16) + 2.0 * (k + 2.0) * 2f64.powi(-24)) * 1.01;
+        // Operands below the smallest normal bf16 are read as zero by the tiles: 2⁻¹²⁶ each,
+        // Σ over k of 2⁻¹²⁶·|other| ≤ 2⁻¹²⁶·√k·‖other‖.
+        let abs_norm = 2f64.powi(-125) * k.sqrt();
+        // Results flushed to zero along the sums.
+        let tiny = (k + 4.0) * 2f64.powi(-120);
+        Self { rel: rel as f32, abs_norm: abs_norm as f32, tiny: tiny as f32 }
+    }
+}
+
+/// ‖row‖₂ of each row of k, computed in f64 and rounded up.
+fn norms(a: &[f32], k: usize) -> Vec<f32> {
+    a.par_chunks(k)
+        .map(|row| {
+            let s: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+            (s.sqrt() * (1.0 + 1e-6)) as f32
+        })
+        .collect()
+}
+
+/// x as panels of 16 rows, each k × 16 (element (p, r) = x[16·panel + r][p]); rows past x's
+/// are zero.
+fn row_panels(x: &[f32], k: usize, padded_rows: usize) -> Vec<f32> {
+    let mut out = vec![0f32; padded_rows * k];
+    out.par_chunks_mut(16 * k).enumerate().for_each(|(panel, dst)| {
+        for r in 0..16 {
+            let Some(src) = x.get((panel * 16 + r) * k..(panel * 16 + r + 1) * k) else { break };
+            for (p, &v) in src.iter().enumerate() {
+                dst[p * 16 + r] = v;
+            }
+        }
+    });
+    out
+}
+
+/// The contraction chunk of the `gemm` crate's kernels for contraction length k (each entry is
+/// a chain of fused multiply-adds over one chunk, chunks added in order), found on a probe
+/// product the way `encode_above`'s callers run it; None when no chunk length reproduces it.
+pub fn chunk(k: usize) -> Option<usize> {
+    static FOUND: Mutex<Option<HashMap<usize, Option<usize>>>> = Mutex::new(None);
+    if let Some(&c) = FOUND.lock().unwrap().get_or_insert_with(HashMap::new).get(&k) {
+        return c;
+    }
+    let found = probe_chunk(k);
+    FOUND.lock().unwrap().get_or_insert_with(HashMap::new).insert(k, found);
+    found
+}
+
+fn probe_chunk(k: usize) -> Option<usize> {
+    let (rows, cols) = (96, 96);
+    let val = |i: usize| {
+        let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((h >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let x: Vec<f32> = (0..rows * k).map(val).collect();
+    let w: Vec<f32> = (0..cols * k).map(|i| val(i + rows * k)).collect();
+    let bias: Vec<f32> = (0..cols).map(|j| val(j + 7) * 0.1).collect();
+    let dense = dense_rows(&x, &w, &bias, k, rows, cols);
+    let lengths: Vec<usize> = {
+        let mut v: Vec<usize> = (1..=k.min(64)).map(|parts| k.div_ceil(parts)).collect();
+        v.dedup();
+        v
+    };
+    lengths.into_iter().find(|&c| {
+        (0..rows).all(|i| {
+            (0..cols).all(|j| {
+                chained(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k], c, bias[j]).to_bits()
+                    == dense[i * cols + j].to_bits()
+            })
+        })
+    })
+}
+
+/// The GEMM's row-major output for the probe.
+fn dense_rows(x: &[f32], w: &[f32], bias: &[f32], k: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let (a, b) = (Strided { data: x, rs: k, cs: 1 }, Strided { data: w, rs: 1, cs: k });
+    let blocks = gemm_f32_plus_row_blocks((rows, cols, k), a, b, bias, |first, width, out| {
+        (first, width, out.to_vec())
+    });
+    let mut dense = vec![0f32; rows * cols];
+    for (first, width, out) in blocks {
+        for (i, row) in out.chunks(width.max(1)).enumerate() {
+            dense[i * cols + first..i * cols + first + width].copy_from_slice(row);
+        }
+    }
+    dense
+}
+
+/// One entry as the GEMM computes it: fused multiply-adds over each chunk of `chunk`, chunks
+/// added in order, then the bias.
+pub fn chained(x: &[f32], w: &[f32], chunk: usize, bias: f32) -> f32 {
+    let mut total = None;
+    for (xs, ws) in x.chunks(chunk).zip(w.chunks(chunk)) {
+        let part = xs.iter().zip(ws).fold(0f32, |acc, (&a, &b)| a.mul_add(b, acc));
+        total = Some(total.map_or(part, |t: f32| t + part));
+    }
+    total.unwrap_or(0.0) + bias
+}
+
+/// One task: for each 32 rows, the tiles' estimates of its columns, the bound, and the exact
+/// values of the 16-row tiles that hold a candidate; then the kept entries row by row.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+unsafe fn screen_columns(
+    rows: &Rows,
+    cols: &Columns,
+    k: usize,
+    kp: usize,
+    chunk: usize,
+    bound: &Bound,
+) -> KeptBlock {
+    use std::arch::x86_64::*;
+    let tiles = Tiles::new();
+    let mut kept = KeptBlock { offsets: vec![0], columns: Vec::new(), values: Vec::new() };
+    let mut estimate = vec![0f32; 32 * 32];
+    // Kept values of 32 rows × TASK_COLUMNS, and which are kept.
+    let mut values = vec![0f32; 32 * TASK_COLUMNS];
+    // Columns past the task's width never pass.
+    let cut = |j: usize| cols.cuts.get(j).copied().unwrap_or(f32::INFINITY);
+    let col_norm = |j: usize| cols.norms.get(j).copied().unwrap_or(0.0);
+    let col_bias = |j: usize| cols.bias.get(j).copied().unwrap_or(0.0);
+    let (cuts, nw, biases): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        (0..TASK_COLUMNS).map(cut).collect(),
+        (0..TASK_COLUMNS).map(col_norm).collect(),
+        (0..TASK_COLUMNS).map(col_bias).collect(),
+    );
+    let group_len = kp * GROUP;
+    for r0 in (0..rows.count).step_by(32) {
+        let mut keep = [0u128; 32];
+        // Candidate tiles: bit j of `candidates[h]` = column j has a candidate in rows
+        // r0 + 16h .. r0 + 16h + 16.
+        let mut candidates = [0u128; 2];
+        for pair in 0..TASK_COLUMNS / 32 {
+            let j0 = pair * 32;
+            if j0 >= cols.width {
+                break;
+            }
+            let g0 = &cols.packed[(2 * pair) * group_len..][..group_len];
+            let g1 = &cols.packed[(2 * pair + 1) * group_len..][..group_len];
+            tiles.block_32x32(&rows.packed[r0 * kp..(r0 + 32) * kp], kp, g0, g1, &mut estimate);
+            let rel = _mm512_set1_ps(bound.rel);
+            let abs_norm = _mm512_set1_ps(bound.abs_norm);
+            let tiny = _mm512_set1_ps(bound.tiny);
+            let rounding = _mm512_set1_ps(2f32.powi(-22));
+            for half in 0..2 {
+                let j = j0 + 16 * half;
+                let (b, c, n) = (
+                    _mm512_loadu_ps(biases[j..].as_ptr()),
+                    _mm512_loadu_ps(cuts[j..].as_ptr()),
+                    _mm512_loadu_ps(nw[j..].as_ptr()),
+                );
+                for i in 0..32 {
+                    let nx = _mm512_set1_ps(rows.norms.get(r0 + i).copied().unwrap_or(0.0));
+                    let s =
+                        _mm512_add_ps(_mm512_loadu_ps(estimate[i * 32 + 16 * half..].as_ptr()), b);
+                    let e = _mm512_fmadd_ps(_mm512_mul_ps(rel, nx), n, tiny);
+                    let e = _mm512_fmadd_ps(abs_norm, _mm512_add_ps(nx, n), e);
+                    let e = _mm512_fmadd_ps(rounding, _mm512_abs_ps(s), e);
+                    // Candidate unless estimate + bound ≤ cut (a NaN is a candidate).
+                    let m = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_add_ps(s, e), c);
+                    candidates[i / 16] |= (m as u128) << j;
+                }
+            }
+        }
+        // Columns past the task's width are never candidates (a NaN bound would make them).
+        let valid = if cols.width >= 128 { u128::MAX } else { (1u128 << cols.width) - 1 };
+        for (half, &bits) in candidates.iter().enumerate() {
+            let bits = bits & valid;
+            let first_row = r0 + 16 * half;
+            if first_row >= rows.count || bits == 0 {
+                continue;
+            }
+            let panel = &rows.panels[first_row / 16 * 16 * k..][..16 * k];
+            let mut bits = bits;
+            while bits != 0 {
+                // Up to eight columns at once: independent chains keep the FMA units busy.
+                let mut batch = [0usize; 8];
+                let mut count = 0;
+                while bits != 0 && count < 8 {
+                    batch[count] = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    count += 1;
+                }
+                let exact = exact_tiles(panel, cols.w, k, chunk, &batch[..count], &biases);
+                for (&j, v) in batch[..count].iter().zip(&exact) {
+                    for r in 0..16 {
+                        let i = 16 * half + r;
+                        if first_row + r < rows.count && v[r] > cuts[j] {
+                            keep[i] |= 1u128 << j;
+                            values[i * TASK_COLUMNS + j] = v[r];
+                        }
+                    }
+                }
+            }
+        }
+        for (i, &bits) in keep.iter().enumerate().take((rows.count - r0).min(32)) {
+            let mut bits = bits;
+            while bits != 0 {
+                let j = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                kept.columns.push((cols.first + j) as u32);
+                kept.values.push(values[i * TASK_COLUMNS + j]);
+            }
+            kept.offsets.push(kept.columns.len());
+        }
+    }
+    kept
+}
+
+/// The exact values of 16 rows (a panel of `row_panels`) × the given columns of w, as the GEMM
+/// computes them (`chained`), lane r = row r.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+unsafe fn exact_tiles(
+    panel: &[f32],
+    w: &[f32],
+    k: usize,
+    chunk: usize,
+    columns: &[usize],
+    biases: &[f32],
+) -> Vec<[f32; 16]> {
+    use std::arch::x86_64::*;
+    const LANES: usize = 8;
+    debug_assert!(columns.len() <= LANES && panel.len() >= 16 * k);
+    // Missing columns repeat the first (computed, then dropped).
+    let col = |c: usize| columns.get(c).copied().unwrap_or(columns[0]);
+    let wrow: [&[f32]; LANES] = std::array::from_fn(|c| &w[col(c) * k..(col(c) + 1) * k]);
+    let mut total = [_mm512_setzero_ps(); LANES];
+    for (chunk_index, start) in (0..k).step_by(chunk).enumerate() {
+        let end = (start + chunk).min(k);
+        let mut acc = [_mm512_setzero_ps(); LANES];
+        for p in start..end {
+            let xv = _mm512_loadu_ps(panel[p * 16..].as_ptr());
+            for c in 0..LANES {
+                acc[c] = _mm512_fmadd_ps(xv, _mm512_set1_ps(*wrow[c].get_unchecked(p)), acc[c]);
+            }
+        }
+        for c in 0..LANES {
+            total[c] = if chunk_index == 0 { acc[c] } else { _mm512_add_ps(total[c], acc[c]) };
+        }
+    }
+    (0..columns.len())
+        .map(|c| {
+            let mut out = [0f32; 16];
+            let v = _mm512_add_ps(total[c], _mm512_set1_ps(biases[col(c)]));
+            _mm512_storeu_ps(out.as_mut_ptr(), v);
+            out
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the screen must reproduce: the dense GEMM's entries above their cuts.
+    fn dense_entries(
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        k: usize,
+        cuts: &[f32],
+    ) -> Vec<Vec<(u32, u32)>> {
+        let (rows, n) = (x.len() / k, cuts.len());
+        let dense = dense_rows(x, w, bias, k, rows, n);
+        (0..rows)
+            .map(|i| {
+                (0..n)
+                    .filter(|&j| dense[i * n + j] > cuts[j])
+                    .map(|j| (j as u32, dense[i * n + j].to_bits()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn screened(blocks: &[KeptBlock], rows: usize) -> Vec<Vec<(u32, u32)>> {
+        let csr = KeptBlock::merge(blocks, rows);
+        (0..rows)
+            .map(|i| {
+                let e = csr.row_offsets[i]..csr.row_offsets[i + 1];
+                csr.columns[e.clone()]
+                    .iter()
+                    .zip(&csr.values[e])
+                    .map(|(&c, v)| (c, v.to_bits()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Bit for bit the GEMM's kept entries: shapes with partial row and column blocks and a
+    /// contraction that is no multiple of the tiles' step, cuts that keep few and many
+    /// entries, cuts equal to kept values (not kept: strictly above), infinite and NaN cuts.
+    #[test]
+    fn screened_entries_equal_the_gemms() {
+        if !amx::available() {
+            eprintln!("skipped: no AMX bf16 on this machine");
+            return;
+        }
+        let val = |i: usize, s: f32| ((i as f32 * 0.7071 + s).sin() * 43758.547).fract() - 0.5;
+        for (rows, n, k) in [(128, 128, 32), (203, 300, 100), (300, 517, 768), (130, 129, 7)] {
+            let x: Vec<f32> = (0..rows * k).map(|i| val(i, 0.3)).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| val(i, 1.9)).collect();
+            let bias: Vec<f32> = (0..n).map(|j| val(j, 4.1) * 0.2).collect();
+            assert!(applies(rows, n, k), "{rows}×{n}×{k}");
+            let dense = dense_rows(&x, &w, &bias, k, rows, n);
+            let mut sorted = dense.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let high = sorted[rows * n / 100].max(0.0);
+            let mut cuts: Vec<f32> = (0..n).map(|j| if j % 3 == 0 { high } else { 0.0 }).collect();
+            cuts[1] = f32::INFINITY;
+            cuts[2] = f32::NAN;
+            // A cut equal to a value of its column: that entry must not be kept.
+            cuts[4] = dense[5 * n + 4];
+            let want = dense_entries(&x, &w, &bias, k, &cuts);
+            let got = screened(&entries_above(&x, &w, &bias, k, &cuts).unwrap(), rows);
+            assert_eq!(got, want, "{rows}×{n}×{k}");
+            assert!(want.iter().map(Vec::len).sum::<usize>() > rows, "keeps something");
+        }
+    }
+
+    /// The chunked chain reproduces the GEMM on the probe (what `chunk` checks) at the lengths
+    /// an SAE uses.
+    #[test]
+    fn the_gemms_chunking_is_found() {
+        for k in [7, 32, 512, 768, 1024] {
+            assert!(chunk(k).is_some(), "k = {k}");
+        }
+    }
+}
