@@ -622,11 +622,11 @@ fn encode_above_keeps_the_entries_strictly_above_their_thresholds() {
     let keep = ops::KeepAbove::PerLatent(thresholds.clone());
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let got = pool.install(|| ops::encode_above(&x, &w, &b_enc, None, &keep)).unwrap();
+        let got = pool.install(|| ops::encode_above(&x, &w, &b_enc, None, &keep, None)).unwrap();
         assert_eq!(got, SparseBatch::from_dense(&want, m), "{threads} threads");
     }
     let t = 0.25;
     let want: Vec<f32> = pre.iter().map(|&v| if v > t { v } else { 0.0 }).collect();
-    let got = ops::encode_above(&x, &w, &b_enc, None, &ops::KeepAbove::All(t)).unwrap();
+    let got = ops::encode_above(&x, &w, &b_enc, None, &ops::KeepAbove::All(t), None).unwrap();
     assert_eq!(got, SparseBatch::from_dense(&want, m), "one threshold for all");
 }

@@ -47,14 +47,13 @@ pub fn pack_columns(w: &[f32], k: usize, groups: usize, kp: usize) -> Vec<u16> {
     let n = w.len().checked_div(k).unwrap_or(0);
     let mut out = vec![0u16; groups * kp * GROUP];
     out.par_chunks_mut(kp * GROUP).enumerate().for_each(|(g, panel)| {
-        for c in 0..GROUP {
-            let j = g * GROUP + c;
-            if j >= n {
-                break;
-            }
-            let src = &w[j * k..(j + 1) * k];
-            for (i, &v) in src.iter().enumerate() {
-                panel[(i / 2) * 2 * GROUP + 2 * c + (i % 2)] = bf16(v);
+        let columns = (n.saturating_sub(g * GROUP)).min(GROUP);
+        let src: Vec<&[f32]> = (0..columns).map(|c| &w[(g * GROUP + c) * k..][..k]).collect();
+        // Pair by pair, the 16 columns' values side by side: contiguous writes, 16 read streams.
+        for (p, dst) in panel.chunks_exact_mut(2 * GROUP).enumerate().take(k.div_ceil(2)) {
+            for (c, col) in src.iter().enumerate() {
+                dst[2 * c] = bf16(col[2 * p]);
+                dst[2 * c + 1] = col.get(2 * p + 1).map_or(0, |&v| bf16(v));
             }
         }
     });
@@ -66,7 +65,7 @@ pub struct Tiles(());
 
 impl Tiles {
     /// Configures this thread's tiles (8 tiles of 16 rows × 64 bytes). Only when `available()`.
-    pub fn new() -> Self {
+    pub fn configured() -> Self {
         assert!(available(), "AMX tiles are not available");
         imp::configure();
         Tiles(())
@@ -75,7 +74,7 @@ impl Tiles {
     /// out (32 × 32 f32, row-major) = rows (32 × kp bf16, row stride `kp`) · the two column
     /// groups `g0`, `g1` (each kp/2 pairs of 16 columns, `pack_columns`' layout).
     pub fn block_32x32(&self, rows: &[u16], kp: usize, g0: &[u16], g1: &[u16], out: &mut [f32]) {
-        assert!(kp % STEP == 0 && rows.len() >= 32 * kp, "amx: rows too short");
+        assert!(kp.is_multiple_of(STEP) && rows.len() >= 32 * kp, "amx: rows too short");
         assert!(g0.len() >= kp * GROUP && g1.len() >= kp * GROUP, "amx: columns too short");
         assert!(out.len() >= 32 * 32, "amx: output too short");
         // SAFETY: the tiles are configured (this value exists); every load reads 16 rows of 64
@@ -224,7 +223,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| val(i + 7777)).collect();
         let (pa, pw) = (pack_rows(&a, k, rows, kp), pack_columns(&w, k, 2, kp));
         let mut out = vec![0f32; 32 * 32];
-        Tiles::new().block_32x32(&pa, kp, &pw[..kp * GROUP], &pw[kp * GROUP..], &mut out);
+        Tiles::configured().block_32x32(&pa, kp, &pw[..kp * GROUP], &pw[kp * GROUP..], &mut out);
         let up = |h: u16| f32::from_bits((h as u32) << 16) as f64;
         for i in 0..rows {
             for j in 0..n {

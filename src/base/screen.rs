@@ -29,34 +29,63 @@ const MIN_COLUMNS: usize = 128;
 /// Columns per task: eight groups of 16.
 const TASK_COLUMNS: usize = 8 * GROUP;
 
-/// Whether `entries_above` runs for a product of these dimensions on this machine.
-pub fn applies(rows: usize, columns: usize, k: usize) -> bool {
+/// Whether the screen runs for a product of these dimensions on this machine.
+fn applies(rows: usize, columns: usize, k: usize) -> bool {
     rows >= MIN_ROWS && columns >= MIN_COLUMNS && k > 0 && amx::available() && chunk(k).is_some()
 }
 
+/// What the screen needs of the rhs w (n × k), prepared once for many products with it.
+pub struct Prepared {
+    k: usize,
+    n: usize,
+    chunk: usize,
+    /// bf16 groups (`amx::pack_columns`), padded to whole tasks.
+    packed: Vec<u16>,
+    norms: Vec<f32>,
+}
+
+impl Prepared {
+    /// None when the screen cannot run for w on this machine (no AMX, too few columns, or the
+    /// GEMM's chunking not found).
+    pub fn new(w: &[f32], k: usize) -> Option<Self> {
+        let n = w.len() / k.max(1);
+        if !applies(MIN_ROWS, n, k) {
+            return None;
+        }
+        let groups = n.div_ceil(TASK_COLUMNS) * TASK_COLUMNS / GROUP;
+        let kp = k.div_ceil(STEP) * STEP;
+        Some(Self {
+            k,
+            n,
+            chunk: chunk(k)?,
+            packed: amx::pack_columns(w, k, groups, kp),
+            norms: norms(w, k),
+        })
+    }
+}
+
 /// The entries (i, j) of x · wᵀ + bias with value > cuts[j], for x (rows × k, row-major) and
-/// w (n × k): what `KeptBlock::scan` keeps of `gemm_f32_plus_row_blocks`' output, as blocks of
-/// columns in order. None when the screen does not apply (`applies`).
+/// the w (n × k) that `prepared` was made from: what `gemm_f32_plus_row_blocks`' output holds
+/// above the cuts, bit for bit, as blocks of columns in order. None for too few rows.
 pub fn entries_above(
     x: &[f32],
     w: &[f32],
+    prepared: &Prepared,
     bias: &[f32],
-    k: usize,
     cuts: &[f32],
 ) -> Option<Vec<KeptBlock>> {
-    let (rows, n) = (x.len() / k.max(1), cuts.len());
-    if !applies(rows, n, k) {
+    let Prepared { k, n, chunk, .. } = *prepared;
+    let rows = x.len() / k;
+    assert!(w.len() == n * k && bias.len() == n && cuts.len() == n, "screen: shapes");
+    assert!(x.len() == rows * k, "screen: x is not rows of {k}");
+    if rows < MIN_ROWS {
         return None;
     }
-    assert!(w.len() == n * k && bias.len() == n && x.len() == rows * k, "screen: shapes");
-    let chunk = chunk(k)?;
     let kp = k.div_ceil(STEP) * STEP;
     let padded_rows = rows.div_ceil(32) * 32;
-    let groups = n.div_ceil(TASK_COLUMNS) * TASK_COLUMNS / GROUP;
-    let (rows_bf, cols_bf) =
-        (amx::pack_rows(x, k, padded_rows, kp), amx::pack_columns(w, k, groups, kp));
+    let rows_bf = amx::pack_rows(x, k, padded_rows, kp);
     let panels = row_panels(x, k, padded_rows);
-    let (nx, nw) = (norms(x, k), norms(w, k));
+    let nx = norms(x, k);
     let bound = Bound::new(k);
     let blocks = (0..n.div_ceil(TASK_COLUMNS))
         .into_par_iter()
@@ -66,14 +95,14 @@ pub fn entries_above(
             let cols = Columns {
                 first,
                 width,
-                packed: &cols_bf[first * kp..(first + TASK_COLUMNS) * kp],
+                packed: &prepared.packed[first * kp..(first + TASK_COLUMNS) * kp],
                 w: &w[first * k..(first + width) * k],
                 bias: &bias[first..first + width],
                 cuts: &cuts[first..first + width],
-                norms: &nw[first..first + width],
+                norms: &prepared.norms[first..first + width],
             };
             let rows = Rows { count: rows, packed: &rows_bf, panels: &panels, norms: &nx };
-            // SAFETY: `applies` checked AVX-512F (with AMX).
+            // SAFETY: `Prepared::new` checked AVX-512F (with AMX).
             unsafe { screen_columns(&rows, &cols, k, kp, chunk, &bound) }
         })
         .collect();
@@ -230,7 +259,7 @@ unsafe fn screen_columns(
     bound: &Bound,
 ) -> KeptBlock {
     use std::arch::x86_64::*;
-    let tiles = Tiles::new();
+    let tiles = Tiles::configured();
     let mut kept = KeptBlock { offsets: vec![0], columns: Vec::new(), values: Vec::new() };
     let mut estimate = vec![0f32; 32 * 32];
     // Kept values of 32 rows × TASK_COLUMNS, and which are kept.
@@ -262,6 +291,8 @@ unsafe fn screen_columns(
             let abs_norm = _mm512_set1_ps(bound.abs_norm);
             let tiny = _mm512_set1_ps(bound.tiny);
             let rounding = _mm512_set1_ps(2f32.powi(-22));
+            // An infinite estimate bounds nothing: a candidate too.
+            let max = _mm512_set1_ps(f32::MAX);
             for half in 0..2 {
                 let j = j0 + 16 * half;
                 let (b, c, n) = (
@@ -277,7 +308,8 @@ unsafe fn screen_columns(
                     let e = _mm512_fmadd_ps(abs_norm, _mm512_add_ps(nx, n), e);
                     let e = _mm512_fmadd_ps(rounding, _mm512_abs_ps(s), e);
                     // Candidate unless estimate + bound ≤ cut (a NaN is a candidate).
-                    let m = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_add_ps(s, e), c);
+                    let m = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_add_ps(s, e), c)
+                        | _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(s), max);
                     candidates[i / 16] |= (m as u128) << j;
                 }
             }
@@ -303,11 +335,11 @@ unsafe fn screen_columns(
                 }
                 let exact = exact_tiles(panel, cols.w, k, chunk, &batch[..count], &biases);
                 for (&j, v) in batch[..count].iter().zip(&exact) {
-                    for r in 0..16 {
+                    for (r, &value) in v.iter().enumerate() {
                         let i = 16 * half + r;
-                        if first_row + r < rows.count && v[r] > cuts[j] {
+                        if first_row + r < rows.count && value > cuts[j] {
                             keep[i] |= 1u128 << j;
-                            values[i * TASK_COLUMNS + j] = v[r];
+                            values[i * TASK_COLUMNS + j] = value;
                         }
                     }
                 }
@@ -418,12 +450,11 @@ mod tests {
             eprintln!("skipped: no AMX bf16 on this machine");
             return;
         }
-        let val = |i: usize, s: f32| ((i as f32 * 0.7071 + s).sin() * 43758.547).fract() - 0.5;
+        let val = |i: usize, s: f32| ((i as f32 * 0.7 + s).sin() * 43758.547).fract() - 0.5;
         for (rows, n, k) in [(128, 128, 32), (203, 300, 100), (300, 517, 768), (130, 129, 7)] {
             let x: Vec<f32> = (0..rows * k).map(|i| val(i, 0.3)).collect();
             let w: Vec<f32> = (0..n * k).map(|i| val(i, 1.9)).collect();
             let bias: Vec<f32> = (0..n).map(|j| val(j, 4.1) * 0.2).collect();
-            assert!(applies(rows, n, k), "{rows}×{n}×{k}");
             let dense = dense_rows(&x, &w, &bias, k, rows, n);
             let mut sorted = dense.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
@@ -433,8 +464,15 @@ mod tests {
             cuts[2] = f32::NAN;
             // A cut equal to a value of its column: that entry must not be kept.
             cuts[4] = dense[5 * n + 4];
+            // Non-finite operands: an infinite row and a NaN column (never kept, as in the GEMM).
+            let (mut x, mut w) = (x, w);
+            x[7 * k + 3] = f32::INFINITY;
+            w[9 * k + 1] = f32::NAN;
+            let prepared = Prepared::new(&w, k).expect("the screen applies");
+            let dense = dense_rows(&x, &w, &bias, k, rows, n);
+            assert!(dense[7 * n].is_infinite() || dense[7 * n].is_nan());
             let want = dense_entries(&x, &w, &bias, k, &cuts);
-            let got = screened(&entries_above(&x, &w, &bias, k, &cuts).unwrap(), rows);
+            let got = screened(&entries_above(&x, &w, &prepared, &bias, &cuts).unwrap(), rows);
             assert_eq!(got, want, "{rows}×{n}×{k}");
             assert!(want.iter().map(Vec::len).sum::<usize>() > rows, "keeps something");
         }

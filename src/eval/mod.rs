@@ -16,7 +16,7 @@ use crate::layout::{
     LATENT_STATS_FILE, RESULTS_FILE,
 };
 use crate::monoscore::{MonoScoreAccumulator, MonoScores};
-use crate::sae::{infer, Inference, Sae};
+use crate::sae::{Inference, Inferrer, Sae};
 
 /// Per-latent numbers behind the summary (for reports and histograms).
 pub struct LatentStats {
@@ -145,7 +145,7 @@ struct Batch {
 
 /// Reads rows start..end into `x` (a recycled buffer) and runs the SAE on them.
 fn infer_batch(
-    sae: &dyn Sae,
+    sae: &Inferrer,
     store: &FeatureStore,
     start: usize,
     end: usize,
@@ -154,7 +154,7 @@ fn infer_batch(
 ) -> Result<Batch> {
     store.read_range(start, end, &mut x)?;
     let input = Tensor::from_slice(&x, (end - start, store.dim()), device)?;
-    let Inference { latents, recon } = infer(sae, &input)?;
+    let Inference { latents, recon } = sae.infer(&input)?;
     let recon = recon.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     Ok(Batch { start, x, latents, recon })
 }
@@ -258,10 +258,11 @@ pub fn evaluate(
             Ok(())
         });
         let step = batch_rows.max(1);
+        let inferrer = Inferrer::new(sae)?;
         let infer_all = || -> Result<()> {
             for start in (0..n).step_by(step) {
                 let x = recycled.try_recv().unwrap_or_default();
-                let batch = infer_batch(sae, store, start, (start + step).min(n), x, device)?;
+                let batch = infer_batch(&inferrer, store, start, (start + step).min(n), x, device)?;
                 // A closed channel: the adder stopped on an error, which its join returns.
                 if batches.send(batch).is_err() {
                     break;

@@ -48,11 +48,12 @@ fn top_rows(
     }
     let (n, d) = (store.len(), store.dim());
     let mut x = Vec::new();
+    let inferrer = crate::sae::Inferrer::new(sae)?;
     for start in (0..n).step_by(1024) {
         let end = (start + 1024).min(n);
         store.read_range(start, end, &mut x)?;
         let input = Tensor::from_slice(&x, (end - start, d), &Device::Cpu)?;
-        let lat = crate::sae::infer(sae, &input)?.latents;
+        let lat = inferrer.infer(&input)?.latents;
         for r in 0..lat.rows() {
             for e in lat.row_offsets[r]..lat.row_offsets[r + 1] {
                 if let Some(j) = slot[lat.columns[e] as usize] {

@@ -391,28 +391,52 @@ pub struct Inference {
 /// host kernels and a thresholded activation (`Sae::inference_keep`) the encoder's output is
 /// thresholded block by block, so no (B × M) buffer is written; otherwise a forward pass.
 pub fn infer(sae: &dyn Sae, x: &Tensor) -> Result<Inference> {
-    let (p, x) = (sae.params(), x.detach());
-    if p.kernels.for_tensor(&x).is_host() {
-        if let Some(keep) = sae.inference_keep()? {
+    Inferrer::new(sae)?.infer(x)
+}
+
+/// `infer` over many batches of one SAE: what does not depend on the batch (the threshold,
+/// the encoder's screen) is read and prepared once.
+pub struct Inferrer<'a> {
+    sae: &'a dyn Sae,
+    /// The thresholded activation and the encoder's screen, with host kernels.
+    above: Option<(ops::KeepAbove, ops::EncoderScreen)>,
+}
+
+impl<'a> Inferrer<'a> {
+    pub fn new(sae: &'a dyn Sae) -> Result<Self> {
+        let p = sae.params();
+        let above =
+            match (p.kernels.for_tensor(p.w_enc.as_tensor()).is_host(), sae.inference_keep()?) {
+                (true, Some(keep)) => Some((keep, ops::EncoderScreen::new(p.w_enc.as_tensor())?)),
+                _ => None,
+            };
+        Ok(Self { sae, above })
+    }
+
+    pub fn infer(&self, x: &Tensor) -> Result<Inference> {
+        let (sae, x) = (self.sae, x.detach());
+        let p = sae.params();
+        if let (true, Some((keep, screen))) = (p.kernels.for_tensor(&x).is_host(), &self.above) {
             let (working_input, scale) = working_space(sae, &x)?;
             let b_dec = p.b_dec.as_tensor().detach();
             let centre = sae.spec().centers_input().then_some(&b_dec);
             let (w_enc, b_enc) = (p.w_enc.as_tensor().detach(), p.b_enc.as_tensor().detach());
-            let latents = ops::encode_above(&working_input, &w_enc, &b_enc, centre, &keep)?;
+            let latents =
+                ops::encode_above(&working_input, &w_enc, &b_enc, centre, keep, Some(screen))?;
             let w_dec = p.w_dec.as_tensor().detach();
             let recon = reconstruction::from_csr(&latents, &w_dec, &b_dec, scale.as_ref())?;
             return Ok(Inference { latents, recon });
         }
+        let pass = forward(sae, &x, false)?;
+        let latents = match pass.latents_csr {
+            Some(csr) => csr,
+            None => crate::base::sparse::SparseBatch::from_dense(
+                &host::read_f32(pass.latents()?)?,
+                sae.spec().n_latents,
+            ),
+        };
+        Ok(Inference { latents, recon: pass.recon })
     }
-    let pass = forward(sae, &x, false)?;
-    let latents = match pass.latents_csr {
-        Some(csr) => csr,
-        None => crate::base::sparse::SparseBatch::from_dense(
-            &host::read_f32(pass.latents()?)?,
-            sae.spec().n_latents,
-        ),
-    };
-    Ok(Inference { latents, recon: pass.recon })
 }
 
 /// Latents for inference (no graph).

@@ -18,6 +18,7 @@ use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
 use crate::base::gemm::{gemm_f32, gemm_f32_plus_row_blocks, Strided};
 use crate::base::grad_sink::GradSink;
 use crate::base::host::Kernels;
+use crate::base::screen;
 use crate::base::simd::vectorized;
 use crate::base::sparse::{self, KeptBlock, SparseBatch, SPARSE_LIMIT};
 use crate::models::topk::{Latents, Mask};
@@ -277,16 +278,33 @@ pub enum KeepAbove {
     PerLatent(Vec<f32>),
 }
 
+/// What `encode_above`'s screen needs of an encoder's W, prepared once for many batches (empty
+/// where the screen does not run).
+pub struct EncoderScreen(Option<screen::Prepared>);
+
+impl EncoderScreen {
+    pub fn new(w: &Tensor) -> CResult<Self> {
+        let (_, d) = w.dims2()?;
+        let w = w.contiguous()?;
+        Ok(Self(with_cpu_slice(&w, |ws| screen::Prepared::new(ws, d))?))
+    }
+}
+
 /// The latents of `KeepAbove` straight from the encoder, on the host: the pre-activations are
 /// computed a block of latents at a time and thresholded while in cache, so neither they nor
 /// dense latents are ever stored. The entries are those of the masked ReLU of
 /// `encoder_linear`'s output, bit for bit (same products, same comparisons).
+///
+/// On a CPU with AMX tiles the entries come from `screen` (the same bits, most of the product
+/// skipped); `screen` is what it needs of W, when the caller prepared it once for many batches
+/// (`EncoderScreen::new` of the same W).
 pub fn encode_above(
     x: &Tensor,
     w: &Tensor,
     b_enc: &Tensor,
     b_dec: Option<&Tensor>,
     keep: &KeepAbove,
+    screen: Option<&EncoderScreen>,
 ) -> CResult<SparseBatch> {
     let (b, d) = x.dims2()?;
     let m = w.dim(0)?;
@@ -308,7 +326,17 @@ pub fn encode_above(
             with_cpu_slice(&b_enc, |bias| {
                 let dec = b_dec.as_ref().map(|t| with_cpu_slice(t, <[f32]>::to_vec)).transpose()?;
                 let xc = centre_rows(xs, dec.as_deref());
-                if let Some(blocks) = crate::base::screen::entries_above(&xc, ws, bias, d, &cuts) {
+                let fresh;
+                let prepared = match screen {
+                    Some(s) => s.0.as_ref(),
+                    None => {
+                        fresh = screen::Prepared::new(ws, d);
+                        fresh.as_ref()
+                    }
+                };
+                if let Some(blocks) =
+                    prepared.and_then(|p| screen::entries_above(&xc, ws, p, bias, &cuts))
+                {
                     return Ok(blocks);
                 }
                 let (a, wt) =
