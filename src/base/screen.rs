@@ -64,6 +64,15 @@ impl Prepared {
     }
 }
 
+/// How an entry passes its cut.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// value > cut.
+    Above,
+    /// value ≥ cut.
+    AtLeast,
+}
+
 /// The entries (i, j) of x · wᵀ + bias with value > cuts[j], for x (rows × k, row-major) and
 /// the w (n × k) that `prepared` was made from: what `gemm_f32_plus_row_blocks`' output holds
 /// above the cuts, bit for bit, as blocks of columns in order. None for too few rows.
@@ -74,39 +83,156 @@ pub fn entries_above(
     bias: &[f32],
     cuts: &[f32],
 ) -> Option<Vec<KeptBlock>> {
-    let Prepared { k, n, chunk, .. } = *prepared;
-    let rows = x.len() / k;
-    assert!(w.len() == n * k && bias.len() == n && cuts.len() == n, "screen: shapes");
-    assert!(x.len() == rows * k, "screen: x is not rows of {k}");
-    if rows < MIN_ROWS {
-        return None;
+    let rows = RowOperands::new(x, prepared)?;
+    assert!(cuts.len() == prepared.n, "screen: {} cuts for {} columns", cuts.len(), prepared.n);
+    Some(screen(&rows, w, prepared, bias, cuts, Rule::Above).0)
+}
+
+/// Candidates for the `n` largest positive entries of the whole product x · wᵀ + bias (a
+/// BatchTopK selection): a set of entries, with their exact values (the GEMM's bits), that holds
+/// every positive entry no smaller than the n-th largest — all positive entries when fewer than
+/// n are — and few others. As blocks of columns in order; None for too few rows.
+///
+/// A cut is guessed from the estimates of the first rows; the pass keeps the entries that may
+/// reach it and counts those sure to. Fewer than n sure entries (the guess was too high) and
+/// the pass runs again with a lower cut, at last with none.
+pub fn batch_candidates(
+    x: &[f32],
+    w: &[f32],
+    prepared: &Prepared,
+    bias: &[f32],
+    n: usize,
+) -> Option<Vec<KeptBlock>> {
+    let rows = RowOperands::new(x, prepared)?;
+    let sample = sample_lower_bounds(&rows, w, prepared, bias);
+    let sampled_rows = rows.count.min(SAMPLE_ROWS);
+    // Expected rank of the n-th largest in the sample, with margin (as the dense selection).
+    let mut rank = (1.25 * n as f64 * sampled_rows as f64 / rows.count as f64).ceil() as usize + 32;
+    loop {
+        let cut = sample.get(rank).copied().filter(|&c| c > 0.0 && n > 0);
+        let Some(cut) = cut else {
+            // No cut: every positive entry is a candidate.
+            let zeros = vec![0f32; prepared.n];
+            return Some(screen(&rows, w, prepared, bias, &zeros, Rule::Above).0);
+        };
+        let cuts = vec![cut; prepared.n];
+        let (blocks, sure) = screen(&rows, w, prepared, bias, &cuts, Rule::AtLeast);
+        if sure >= n {
+            return Some(blocks);
+        }
+        #[cfg(test)]
+        WIDENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        rank *= 4;
     }
-    let kp = k.div_ceil(STEP) * STEP;
-    let padded_rows = rows.div_ceil(32) * 32;
-    let rows_bf = amx::pack_rows(x, k, padded_rows, kp);
-    let panels = row_panels(x, k, padded_rows);
-    let nx = norms(x, k);
-    let bound = Bound::new(k);
-    let blocks = (0..n.div_ceil(TASK_COLUMNS))
+}
+
+/// Passes run again with a lower cut (for tests).
+#[cfg(test)]
+pub static WIDENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Rows estimated to guess a batch cut.
+const SAMPLE_ROWS: usize = 256;
+
+/// The screen's side of x.
+struct RowOperands {
+    count: usize,
+    kp: usize,
+    /// bf16, rows padded to 32, kp each.
+    packed: Vec<u16>,
+    /// f32 panels of 16 rows (`row_panels`).
+    panels: Vec<f32>,
+    norms: Vec<f32>,
+}
+
+impl RowOperands {
+    fn new(x: &[f32], prepared: &Prepared) -> Option<Self> {
+        let k = prepared.k;
+        let count = x.len() / k;
+        assert!(x.len() == count * k, "screen: x is not rows of {k}");
+        if count < MIN_ROWS {
+            return None;
+        }
+        let kp = k.div_ceil(STEP) * STEP;
+        let padded = count.div_ceil(32) * 32;
+        let (packed, panels) = (amx::pack_rows(x, k, padded, kp), row_panels(x, k, padded));
+        Some(Self { count, kp, packed, panels, norms: norms(x, k) })
+    }
+
+    fn view(&self, count: usize) -> Rows<'_> {
+        Rows { count, packed: &self.packed, panels: &self.panels, norms: &self.norms }
+    }
+}
+
+/// One pass of the screen over all columns: the passing entries (exact) as blocks of columns,
+/// and how many entries are sure to pass (their estimate's lower bound does; `AtLeast` only).
+fn screen(
+    rows: &RowOperands,
+    w: &[f32],
+    prepared: &Prepared,
+    bias: &[f32],
+    cuts: &[f32],
+    rule: Rule,
+) -> (Vec<KeptBlock>, usize) {
+    let Prepared { k, n, chunk, .. } = *prepared;
+    assert!(w.len() == n * k && bias.len() == n, "screen: shapes");
+    let (kp, bound) = (rows.kp, Bound::new(k));
+    let results: Vec<(KeptBlock, usize)> = (0..n.div_ceil(TASK_COLUMNS))
         .into_par_iter()
         .map(|task| {
-            let first = task * TASK_COLUMNS;
-            let width = TASK_COLUMNS.min(n - first);
-            let cols = Columns {
-                first,
-                width,
-                packed: &prepared.packed[first * kp..(first + TASK_COLUMNS) * kp],
-                w: &w[first * k..(first + width) * k],
-                bias: &bias[first..first + width],
-                cuts: &cuts[first..first + width],
-                norms: &prepared.norms[first..first + width],
-            };
-            let rows = Rows { count: rows, packed: &rows_bf, panels: &panels, norms: &nx };
+            let cols = prepared.task(task, w, bias, cuts);
             // SAFETY: `Prepared::new` checked AVX-512F (with AMX).
-            unsafe { screen_columns(&rows, &cols, k, kp, chunk, &bound) }
+            unsafe { screen_columns(&rows.view(rows.count), &cols, k, kp, chunk, &bound, rule) }
         })
         .collect();
-    Some(blocks)
+    let sure = results.iter().map(|r| r.1).sum();
+    (results.into_iter().map(|r| r.0).collect(), sure)
+}
+
+impl Prepared {
+    /// Task `task`'s columns, given all columns' cuts.
+    fn task<'a>(
+        &'a self,
+        task: usize,
+        w: &'a [f32],
+        bias: &'a [f32],
+        cuts: &'a [f32],
+    ) -> Columns<'a> {
+        let (k, kp) = (self.k, self.k.div_ceil(STEP) * STEP);
+        let first = task * TASK_COLUMNS;
+        let width = TASK_COLUMNS.min(self.n - first);
+        Columns {
+            first,
+            width,
+            packed: &self.packed[first * kp..(first + TASK_COLUMNS) * kp],
+            w: &w[first * k..(first + width) * k],
+            bias: &bias[first..first + width],
+            cuts: &cuts[first..first + width],
+            norms: &self.norms[first..first + width],
+        }
+    }
+}
+
+/// The positive lower bounds of the estimates of the first `SAMPLE_ROWS` rows, largest first.
+fn sample_lower_bounds(
+    rows: &RowOperands,
+    w: &[f32],
+    prepared: &Prepared,
+    bias: &[f32],
+) -> Vec<f32> {
+    let (k, n) = (prepared.k, prepared.n);
+    let bound = Bound::new(k);
+    let count = rows.count.min(SAMPLE_ROWS);
+    let none = vec![f32::INFINITY; n];
+    let mut lower: Vec<f32> = (0..n.div_ceil(TASK_COLUMNS))
+        .into_par_iter()
+        .flat_map_iter(|task| {
+            let cols = prepared.task(task, w, bias, &none);
+            // SAFETY: `Prepared::new` checked AVX-512F (with AMX).
+            unsafe { task_lower_bounds(&rows.view(count), &cols, rows.kp, &bound) }
+        })
+        .collect();
+    lower.par_sort_unstable_by(|a, b| b.total_cmp(a));
+    lower
 }
 
 /// The operand rows as the screen reads them.
@@ -244,8 +370,69 @@ pub fn chained(x: &[f32], w: &[f32], chunk: usize, bias: f32) -> f32 {
     total.unwrap_or(0.0) + bias
 }
 
+/// The estimates of one 32 × 32 block plus the bias, and their error bounds, 16 columns at a
+/// time: `each(i, half, s, e)` for row i of the block and columns 16·half.. of it.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bounded_block(
+    estimate: &[f32],
+    biases: &[f32],
+    nw: &[f32],
+    nx: &[f32],
+    bound: &Bound,
+    mut each: impl FnMut(usize, usize, std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+) {
+    use std::arch::x86_64::*;
+    let rel = _mm512_set1_ps(bound.rel);
+    let abs_norm = _mm512_set1_ps(bound.abs_norm);
+    let tiny = _mm512_set1_ps(bound.tiny);
+    let rounding = _mm512_set1_ps(2f32.powi(-22));
+    for half in 0..2 {
+        let (b, n) = (
+            _mm512_loadu_ps(biases[16 * half..].as_ptr()),
+            _mm512_loadu_ps(nw[16 * half..].as_ptr()),
+        );
+        for (i, &row_norm) in nx.iter().enumerate().take(32) {
+            let nx = _mm512_set1_ps(row_norm);
+            let s = _mm512_add_ps(_mm512_loadu_ps(estimate[i * 32 + 16 * half..].as_ptr()), b);
+            let e = _mm512_fmadd_ps(_mm512_mul_ps(rel, nx), n, tiny);
+            let e = _mm512_fmadd_ps(abs_norm, _mm512_add_ps(nx, n), e);
+            let e = _mm512_fmadd_ps(rounding, _mm512_abs_ps(s), e);
+            each(i, half, s, e);
+        }
+    }
+}
+
+/// A task's columns as the blocks read them: bias, cut and norm of each of TASK_COLUMNS,
+/// padded (padding never passes).
+struct Padded {
+    biases: Vec<f32>,
+    cuts: Vec<f32>,
+    norms: Vec<f32>,
+}
+
+impl Padded {
+    fn new(cols: &Columns) -> Self {
+        let get = |v: &[f32], j: usize, pad: f32| v.get(j).copied().unwrap_or(pad);
+        Self {
+            biases: (0..TASK_COLUMNS).map(|j| get(cols.bias, j, 0.0)).collect(),
+            cuts: (0..TASK_COLUMNS).map(|j| get(cols.cuts, j, f32::INFINITY)).collect(),
+            norms: (0..TASK_COLUMNS).map(|j| get(cols.norms, j, 0.0)).collect(),
+        }
+    }
+}
+
+/// The norms of rows r0..r0 + 32 (0 past the last row).
+fn block_norms(rows: &Rows, r0: usize) -> [f32; 32] {
+    std::array::from_fn(|i| if r0 + i < rows.count { rows.norms[r0 + i] } else { 0.0 })
+}
+
 /// One task: for each 32 rows, the tiles' estimates of its columns, the bound, and the exact
-/// values of the 16-row tiles that hold a candidate; then the kept entries row by row.
+/// values of the 16-row tiles that hold a candidate; then the passing entries row by row, and
+/// the number of entries whose lower bound passes (`AtLeast` only).
 ///
 /// # Safety
 /// AVX-512F is available.
@@ -257,28 +444,28 @@ unsafe fn screen_columns(
     kp: usize,
     chunk: usize,
     bound: &Bound,
-) -> KeptBlock {
+    rule: Rule,
+) -> (KeptBlock, usize) {
     use std::arch::x86_64::*;
     let tiles = Tiles::configured();
     let mut kept = KeptBlock { offsets: vec![0], columns: Vec::new(), values: Vec::new() };
+    let mut sure = 0;
     let mut estimate = vec![0f32; 32 * 32];
     // Kept values of 32 rows × TASK_COLUMNS, and which are kept.
     let mut values = vec![0f32; 32 * TASK_COLUMNS];
-    // Columns past the task's width never pass.
-    let cut = |j: usize| cols.cuts.get(j).copied().unwrap_or(f32::INFINITY);
-    let col_norm = |j: usize| cols.norms.get(j).copied().unwrap_or(0.0);
-    let col_bias = |j: usize| cols.bias.get(j).copied().unwrap_or(0.0);
-    let (cuts, nw, biases): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-        (0..TASK_COLUMNS).map(cut).collect(),
-        (0..TASK_COLUMNS).map(col_norm).collect(),
-        (0..TASK_COLUMNS).map(col_bias).collect(),
-    );
+    let Padded { biases, cuts, norms: nw } = Padded::new(cols);
+    // Columns past the task's width are never candidates (a NaN bound would make them).
+    let valid = if cols.width >= 128 { u128::MAX } else { (1u128 << cols.width) - 1 };
+    // An infinite estimate bounds nothing: a candidate too.
+    let max = _mm512_set1_ps(f32::MAX);
     let group_len = kp * GROUP;
     for r0 in (0..rows.count).step_by(32) {
         let mut keep = [0u128; 32];
         // Candidate tiles: bit j of `candidates[h]` = column j has a candidate in rows
         // r0 + 16h .. r0 + 16h + 16.
         let mut candidates = [0u128; 2];
+        let nx = block_norms(rows, r0);
+        let live_rows = (rows.count - r0).min(32);
         for pair in 0..TASK_COLUMNS / 32 {
             let j0 = pair * 32;
             if j0 >= cols.width {
@@ -287,35 +474,22 @@ unsafe fn screen_columns(
             let g0 = &cols.packed[(2 * pair) * group_len..][..group_len];
             let g1 = &cols.packed[(2 * pair + 1) * group_len..][..group_len];
             tiles.block_32x32(&rows.packed[r0 * kp..(r0 + 32) * kp], kp, g0, g1, &mut estimate);
-            let rel = _mm512_set1_ps(bound.rel);
-            let abs_norm = _mm512_set1_ps(bound.abs_norm);
-            let tiny = _mm512_set1_ps(bound.tiny);
-            let rounding = _mm512_set1_ps(2f32.powi(-22));
-            // An infinite estimate bounds nothing: a candidate too.
-            let max = _mm512_set1_ps(f32::MAX);
-            for half in 0..2 {
-                let j = j0 + 16 * half;
-                let (b, c, n) = (
-                    _mm512_loadu_ps(biases[j..].as_ptr()),
-                    _mm512_loadu_ps(cuts[j..].as_ptr()),
-                    _mm512_loadu_ps(nw[j..].as_ptr()),
-                );
-                for i in 0..32 {
-                    let nx = _mm512_set1_ps(rows.norms.get(r0 + i).copied().unwrap_or(0.0));
-                    let s =
-                        _mm512_add_ps(_mm512_loadu_ps(estimate[i * 32 + 16 * half..].as_ptr()), b);
-                    let e = _mm512_fmadd_ps(_mm512_mul_ps(rel, nx), n, tiny);
-                    let e = _mm512_fmadd_ps(abs_norm, _mm512_add_ps(nx, n), e);
-                    let e = _mm512_fmadd_ps(rounding, _mm512_abs_ps(s), e);
-                    // Candidate unless estimate + bound ≤ cut (a NaN is a candidate).
-                    let m = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_add_ps(s, e), c)
-                        | _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(s), max);
-                    candidates[i / 16] |= (m as u128) << j;
+            let (b, n) = (&biases[j0..j0 + 32], &nw[j0..j0 + 32]);
+            bounded_block(&estimate, b, n, &nx, bound, |i, half, s, e| {
+                let c = _mm512_loadu_ps(cuts[j0 + 16 * half..].as_ptr());
+                let upper = _mm512_add_ps(s, e);
+                // A candidate unless its upper bound fails (a NaN is a candidate).
+                let m = match rule {
+                    Rule::Above => _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(upper, c),
+                    Rule::AtLeast => _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, c),
+                } | _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(s), max);
+                candidates[i / 16] |= (m as u128) << (j0 + 16 * half);
+                if rule == Rule::AtLeast && i < live_rows {
+                    let lower = _mm512_sub_ps(s, e);
+                    sure += _mm512_cmp_ps_mask::<_CMP_GE_OQ>(lower, c).count_ones() as usize;
                 }
-            }
+            });
         }
-        // Columns past the task's width are never candidates (a NaN bound would make them).
-        let valid = if cols.width >= 128 { u128::MAX } else { (1u128 << cols.width) - 1 };
         for (half, &bits) in candidates.iter().enumerate() {
             let bits = bits & valid;
             let first_row = r0 + 16 * half;
@@ -337,7 +511,11 @@ unsafe fn screen_columns(
                 for (&j, v) in batch[..count].iter().zip(&exact) {
                     for (r, &value) in v.iter().enumerate() {
                         let i = 16 * half + r;
-                        if first_row + r < rows.count && value > cuts[j] {
+                        let passes = match rule {
+                            Rule::Above => value > cuts[j],
+                            Rule::AtLeast => value >= cuts[j],
+                        };
+                        if first_row + r < rows.count && passes {
                             keep[i] |= 1u128 << j;
                             values[i * TASK_COLUMNS + j] = value;
                         }
@@ -345,7 +523,7 @@ unsafe fn screen_columns(
                 }
             }
         }
-        for (i, &bits) in keep.iter().enumerate().take((rows.count - r0).min(32)) {
+        for (i, &bits) in keep.iter().enumerate().take(live_rows) {
             let mut bits = bits;
             while bits != 0 {
                 let j = bits.trailing_zeros() as usize;
@@ -356,7 +534,45 @@ unsafe fn screen_columns(
             kept.offsets.push(kept.columns.len());
         }
     }
-    kept
+    (kept, sure)
+}
+
+/// The positive lower bounds of one task's estimates over `rows`.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+unsafe fn task_lower_bounds(rows: &Rows, cols: &Columns, kp: usize, bound: &Bound) -> Vec<f32> {
+    use std::arch::x86_64::*;
+    let tiles = Tiles::configured();
+    let mut estimate = vec![0f32; 32 * 32];
+    let Padded { biases, norms: nw, .. } = Padded::new(cols);
+    let group_len = kp * GROUP;
+    let mut out = Vec::new();
+    for r0 in (0..rows.count).step_by(32) {
+        let nx = block_norms(rows, r0);
+        let live_rows = (rows.count - r0).min(32);
+        for pair in 0..TASK_COLUMNS / 32 {
+            let j0 = pair * 32;
+            if j0 >= cols.width {
+                break;
+            }
+            let g0 = &cols.packed[(2 * pair) * group_len..][..group_len];
+            let g1 = &cols.packed[(2 * pair + 1) * group_len..][..group_len];
+            tiles.block_32x32(&rows.packed[r0 * kp..(r0 + 32) * kp], kp, g0, g1, &mut estimate);
+            let (b, n) = (&biases[j0..j0 + 32], &nw[j0..j0 + 32]);
+            bounded_block(&estimate, b, n, &nx, bound, |i, half, s, e| {
+                if i >= live_rows {
+                    return;
+                }
+                let mut lower = [0f32; 16];
+                _mm512_storeu_ps(lower.as_mut_ptr(), _mm512_sub_ps(s, e));
+                let width = cols.width.saturating_sub(j0 + 16 * half).min(16);
+                out.extend(lower[..width].iter().copied().filter(|&v| v > 0.0));
+            });
+        }
+    }
+    out
 }
 
 /// The exact values of 16 rows (a panel of `row_panels`) × the given columns of w, as the GEMM

@@ -85,24 +85,30 @@ pub fn select_entries(
             let min = rows.iter().filter_map(|r| r.1).reduce(f32::min);
             (rows.into_iter().flat_map(|r| r.0).collect(), min)
         }
-        Selection::Batch(n) => {
-            // Candidates come in flat-index order: the n best are those no worse than the n-th,
-            // found by a selection on a copy, and a filter keeps them in that order.
-            let candidates = batch_candidates(values, cols, n, &eligible);
-            let kept: Vec<(f32, u32)> = if candidates.len() > n && n > 0 {
-                let mut order = candidates.clone();
-                let (_, nth, _) = order.select_nth_unstable_by(n - 1, better);
-                let nth = *nth;
-                candidates.into_iter().filter(|e| better(e, &nth).is_le()).collect()
-            } else if n == 0 {
-                Vec::new()
-            } else {
-                candidates
-            };
-            debug_assert!(kept.windows(2).all(|w| w[0].1 < w[1].1), "kept out of index order");
-            (kept.iter().map(|e| e.1).collect(), smallest(&kept))
-        }
+        Selection::Batch(n) => best_of_candidates(batch_candidates(values, cols, n, &eligible), n),
     }
+}
+
+/// The `n` largest of `candidates` (value, flat index), ties to the lower index, as flat
+/// indices in increasing order, and the smallest kept value: a batch selection when the
+/// candidates, in flat-index order, hold every eligible entry that can be among the n largest.
+pub fn best_of_candidates(candidates: Vec<(f32, u32)>, n: usize) -> (Vec<u32>, Option<f32>) {
+    // Order: larger value first, then lower flat index.
+    let better = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    // The n best are those no worse than the n-th, found by a selection on a copy, and a
+    // filter keeps them in index order.
+    let kept: Vec<(f32, u32)> = if candidates.len() > n && n > 0 {
+        let mut order = candidates.clone();
+        let (_, nth, _) = order.select_nth_unstable_by(n - 1, better);
+        let nth = *nth;
+        candidates.into_iter().filter(|e| better(e, &nth).is_le()).collect()
+    } else if n == 0 {
+        Vec::new()
+    } else {
+        candidates
+    };
+    debug_assert!(kept.windows(2).all(|w| w[0].1 < w[1].1), "kept out of index order");
+    (kept.iter().map(|e| e.1).collect(), kept.iter().map(|e| e.0).reduce(f32::min))
 }
 
 /// The eligible entries that can be among the batch's `n` largest, in flat-index order (which
@@ -480,6 +486,56 @@ mod tests {
         let got = scatter_with_csr(&x, &kept, cols, |v| relu_where(v, true));
         assert_eq!(got.0, want.0);
         assert_eq!(got.1, want.1);
+    }
+
+    /// The AMX screen's batch candidates select what the dense selection does, bit for bit:
+    /// spread values, latents duplicated (exact ties across columns, broken by index), few
+    /// positive entries (all kept), and cuts the sample guesses too high (a batch whose first
+    /// rows are large).
+    #[test]
+    fn screened_batch_selection_equals_the_dense_one() {
+        use crate::base::gemm::{gemm_f32_plus_row, Strided};
+        use crate::base::screen::{self, Prepared};
+        use crate::base::sparse::KeptBlock;
+        let (rows, n, k) = (600, 300, 96);
+        let val = |i: usize, s: f32| ((i as f32 * 0.7 + s).sin() * 43758.547).fract() - 0.5;
+        let x: Vec<f32> =
+            (0..rows * k).map(|i| val(i, 0.3) * if i / k < 300 { 1.0 } else { 0.05 }).collect();
+        let mut w: Vec<f32> = (0..n * k).map(|i| val(i, 1.9)).collect();
+        w.copy_within(5 * k..6 * k, 17 * k); // latent 17 = latent 5
+        w.copy_within(5 * k..6 * k, 250 * k);
+        for (name, shift) in [("spread", 0.0), ("few positive", -1.6)] {
+            let mut bias: Vec<f32> = (0..n).map(|j| val(j, 4.1) * 0.2 + shift).collect();
+            (bias[17], bias[250]) = (bias[5], bias[5]);
+            let Some(prepared) = Prepared::new(&w, k) else {
+                eprintln!("skipped: no AMX bf16 on this machine");
+                return;
+            };
+            let (a, b) = (Strided { data: &x, rs: k, cs: 1 }, Strided { data: &w, rs: 1, cs: k });
+            let dense = gemm_f32_plus_row(rows, n, k, a, b, &bias);
+            let positive = dense.iter().filter(|&&v| v > 0.0).count();
+            for take in [1, 64, 640, 6400, positive + 10] {
+                let want = select_entries(&dense, n, &Selection::Batch(take), None, true);
+                let blocks = screen::batch_candidates(&x, &w, &prepared, &bias, take).unwrap();
+                let csr = KeptBlock::merge(&blocks, rows);
+                let candidates: Vec<(f32, u32)> = (0..rows)
+                    .flat_map(|r| {
+                        let e = csr.row_offsets[r]..csr.row_offsets[r + 1];
+                        let (c, v) = (&csr.columns[e.clone()], &csr.values[e]);
+                        c.iter()
+                            .zip(v)
+                            .map(move |(&c, &v)| (v, (r * n) as u32 + c))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                for &(v, i) in &candidates {
+                    assert_eq!(v.to_bits(), dense[i as usize].to_bits(), "{name}: value at {i}");
+                }
+                let got = best_of_candidates(candidates, take);
+                assert_eq!(got, want, "{name}, n = {take}");
+            }
+        }
+        assert!(screen::WIDENED.load(std::sync::atomic::Ordering::Relaxed) > 0, "a guess too high");
     }
 
     /// A batch selection over more entries than its sample takes equals a full sort (larger
