@@ -55,7 +55,8 @@ fn sparse_ops_match_the_dense_graph() {
     for selection in [topk::Selection::PerRow(k), topk::Selection::Batch(k * b)] {
         // Sparse path.
         let (we, be, bd) = (w_enc.as_tensor(), b_enc.as_tensor(), b_dec.as_tensor());
-        let pre = ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap().pre;
+        let pre =
+            ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap().pre.tensor().unwrap().clone();
         let lat = topk::topk_latents(&pre, &selection, None, HOST)
             .unwrap()
             .latents
@@ -119,7 +120,8 @@ fn sparse_ops_match_the_dense_graph() {
             let ops::Encoded { pre, port } =
                 ops::encoder_linear(&x, we, be, Some(bd), HOST).unwrap();
             // With the CSR the selection built on the way, as the SAEs run.
-            let selected = topk::topk_latents(&pre, &selection, None, HOST).unwrap();
+            let selected =
+                topk::topk_latents(pre.tensor().unwrap(), &selection, None, HOST).unwrap();
             let csr = selected.csr.expect("host selection builds the CSR");
             assert_eq!(csr, SparseBatch::from_dense(&flat(selected.latents.tensor().unwrap()), m));
             // Into pre: the latents are detached, so W_enc and the biases get their gradients
@@ -168,7 +170,8 @@ fn decoder_route_grads(k: usize, into_pre: bool, detach: bool) -> Vec<Vec<f32>> 
     let b_enc = var(randn(m, &mut rng), m);
     let ops::Encoded { pre, port } =
         ops::encoder_linear(&x, w_enc.as_tensor(), b_enc.as_tensor(), None, HOST).unwrap();
-    let selected = topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
+    let selected =
+        topk::topk_latents(pre.tensor().unwrap(), &topk::Selection::PerRow(k), None, HOST).unwrap();
     let latents: topk::Latents = match detach {
         true => selected.latents.tensor().unwrap().detach().into(),
         false => selected.latents,
@@ -213,7 +216,8 @@ fn the_pre_port_adds_up_with_gradients_through_the_latents() {
         let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
         for (k, shift) in [(k, 0.0), (2 * k, 0.5)] {
             let selected =
-                topk::topk_latents(&pre, &topk::Selection::PerRow(k), None, HOST).unwrap();
+                topk::topk_latents(pre.tensor().unwrap(), &topk::Selection::PerRow(k), None, HOST)
+                    .unwrap();
             let latents = selected.latents;
             let recon = ops::support_matmul(
                 &latents,
@@ -446,7 +450,7 @@ fn jumprelu_threshold_gradient_is_the_pseudo_derivative() {
         // Expected, as the reference applies the pseudo-derivatives to log θ directly (no chain
         // factor θ): Σ_i [ −(θ_k/ε) K_ik · ∂L/∂out_ik − l0_coef/(B ε) K_ik ], with
         // ∂L/∂out_ik = (2/(B·D)) (recon − x)_i · W_dec[k] — also for outputs that are 0.
-        let z: Vec<f32> = flat(&pass.pre.relu().unwrap());
+        let z: Vec<f32> = flat(&pass.pre.tensor().unwrap().relu().unwrap());
         let resid: Vec<f32> = flat(&(&pass.recon - &pass.input).unwrap());
         let wd = flat(model.params().w_dec.as_tensor());
         let theta: Vec<f32> = flat(model.params().log_threshold.as_ref().unwrap().as_tensor())
@@ -605,7 +609,7 @@ fn encode_above_keeps_the_entries_strictly_above_their_thresholds() {
     let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
     let w = Tensor::from_vec(randn(m * d, &mut rng), (m, d), &Device::Cpu).unwrap();
     let b_enc = Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap();
-    let pre = flat(&ops::encoder_linear(&x, &w, &b_enc, None, HOST).unwrap().pre);
+    let pre = flat(ops::encoder_linear(&x, &w, &b_enc, None, HOST).unwrap().pre.tensor().unwrap());
     // Per latent: its value in row 3 (an exact tie there), NaN, or a negative threshold.
     let thresholds: Vec<f32> = (0..m)
         .map(|j| match j % 3 {

@@ -25,6 +25,17 @@ pub fn bf16(v: f32) -> u16 {
     ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
+/// The value the tiles read for `v`: its bf16 rounding, with values below the smallest normal
+/// bf16 read as zero.
+pub fn as_read(v: f32) -> f32 {
+    let r = f32::from_bits((bf16(v) as u32) << 16);
+    if r.abs() < f32::MIN_POSITIVE {
+        0.0
+    } else {
+        r
+    }
+}
+
 /// Rows (`rows`, a multiple of 32) of `a` as bf16 with the contraction padded with zeros to
 /// `kp` (a multiple of `STEP`): row-major, `kp` values per row. Rows past `a`'s are zero.
 pub fn pack_rows(a: &[f32], k: usize, rows: usize, kp: usize) -> Vec<u16> {

@@ -41,7 +41,7 @@ pub struct Prepared {
     chunk: usize,
     /// bf16 groups (`amx::pack_columns`), padded to whole tasks.
     packed: Vec<u16>,
-    norms: Vec<f32>,
+    norms: Norms,
 }
 
 impl Prepared {
@@ -85,7 +85,7 @@ pub fn entries_above(
 ) -> Option<Vec<KeptBlock>> {
     let rows = RowOperands::new(x, prepared)?;
     assert!(cuts.len() == prepared.n, "screen: {} cuts for {} columns", cuts.len(), prepared.n);
-    Some(screen(&rows, w, prepared, bias, cuts, Rule::Above).0)
+    Some(screen(&rows, w, prepared, bias, cuts, Rule::Above))
 }
 
 /// Candidates for the `n` largest positive entries of the whole product x · wᵀ + bias (a
@@ -93,9 +93,11 @@ pub fn entries_above(
 /// every positive entry no smaller than the n-th largest — all positive entries when fewer than
 /// n are — and few others. As blocks of columns in order; None for too few rows.
 ///
-/// A cut is guessed from the estimates of the first rows; the pass keeps the entries that may
-/// reach it and counts those sure to. Fewer than n sure entries (the guess was too high) and
-/// the pass runs again with a lower cut, at last with none.
+/// A cut near the n-th largest value is guessed from the estimates of rows spread over the
+/// batch; the pass keeps the entries whose exact value reaches it. Every entry that does is
+/// among them (its estimate's upper bound reaches the cut too), so n or more kept entries hold
+/// the n largest. Fewer (the guess was too high) and the pass runs again with a lower cut, at
+/// last with none.
 pub fn batch_candidates(
     x: &[f32],
     w: &[f32],
@@ -104,20 +106,22 @@ pub fn batch_candidates(
     n: usize,
 ) -> Option<Vec<KeptBlock>> {
     let rows = RowOperands::new(x, prepared)?;
-    let sample = sample_lower_bounds(&rows, w, prepared, bias);
-    let sampled_rows = rows.count.min(SAMPLE_ROWS);
-    // Expected rank of the n-th largest in the sample, with margin (as the dense selection).
-    let mut rank = (1.25 * n as f64 * sampled_rows as f64 / rows.count as f64).ceil() as usize + 32;
+    let sampled = rows.view(SAMPLE_STRIDE);
+    let mut sample = sample_estimates(&sampled, w, prepared, bias);
+    let fraction = sampled.rows_read() as f64 / rows.count as f64;
+    // The n-th largest's expected rank in the sample, with a margin of 15 % and 64 (the
+    // estimates are unbiased; the count in the sample varies by about its square root).
+    let mut rank = (1.15 * n as f64 * fraction).ceil() as usize + 64;
     loop {
-        let cut = sample.get(rank).copied().filter(|&c| c > 0.0 && n > 0);
-        let Some(cut) = cut else {
+        if n == 0 || rank >= sample.len() {
             // No cut: every positive entry is a candidate.
             let zeros = vec![0f32; prepared.n];
-            return Some(screen(&rows, w, prepared, bias, &zeros, Rule::Above).0);
-        };
+            return Some(screen(&rows, w, prepared, bias, &zeros, Rule::Above));
+        }
+        let (_, &mut cut, _) = sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
         let cuts = vec![cut; prepared.n];
-        let (blocks, sure) = screen(&rows, w, prepared, bias, &cuts, Rule::AtLeast);
-        if sure >= n {
+        let blocks = screen(&rows, w, prepared, bias, &cuts, Rule::AtLeast);
+        if blocks.iter().map(|b| b.columns.len()).sum::<usize>() >= n {
             return Some(blocks);
         }
         #[cfg(test)]
@@ -130,8 +134,8 @@ pub fn batch_candidates(
 #[cfg(test)]
 pub static WIDENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Rows estimated to guess a batch cut.
-const SAMPLE_ROWS: usize = 256;
+/// The cut's sample: every this many blocks of 32 rows.
+const SAMPLE_STRIDE: usize = 8;
 
 /// The screen's side of x.
 struct RowOperands {
@@ -141,7 +145,7 @@ struct RowOperands {
     packed: Vec<u16>,
     /// f32 panels of 16 rows (`row_panels`).
     panels: Vec<f32>,
-    norms: Vec<f32>,
+    norms: Norms,
 }
 
 impl RowOperands {
@@ -158,13 +162,20 @@ impl RowOperands {
         Some(Self { count, kp, packed, panels, norms: norms(x, k) })
     }
 
-    fn view(&self, count: usize) -> Rows<'_> {
-        Rows { count, packed: &self.packed, panels: &self.panels, norms: &self.norms }
+    /// Every `stride`-th block of 32 rows.
+    fn view(&self, stride: usize) -> Rows<'_> {
+        Rows {
+            count: self.count,
+            stride,
+            packed: &self.packed,
+            panels: &self.panels,
+            norm: &self.norms.value,
+            rounding: &self.norms.rounding,
+        }
     }
 }
 
-/// One pass of the screen over all columns: the passing entries (exact) as blocks of columns,
-/// and how many entries are sure to pass (their estimate's lower bound does; `AtLeast` only).
+/// One pass of the screen over all columns: the passing entries (exact) as blocks of columns.
 fn screen(
     rows: &RowOperands,
     w: &[f32],
@@ -172,20 +183,18 @@ fn screen(
     bias: &[f32],
     cuts: &[f32],
     rule: Rule,
-) -> (Vec<KeptBlock>, usize) {
+) -> Vec<KeptBlock> {
     let Prepared { k, n, chunk, .. } = *prepared;
     assert!(w.len() == n * k && bias.len() == n, "screen: shapes");
     let (kp, bound) = (rows.kp, Bound::new(k));
-    let results: Vec<(KeptBlock, usize)> = (0..n.div_ceil(TASK_COLUMNS))
+    (0..n.div_ceil(TASK_COLUMNS))
         .into_par_iter()
         .map(|task| {
             let cols = prepared.task(task, w, bias, cuts);
             // SAFETY: `Prepared::new` checked AVX-512F (with AMX).
-            unsafe { screen_columns(&rows.view(rows.count), &cols, k, kp, chunk, &bound, rule) }
+            unsafe { screen_columns(&rows.view(1), &cols, k, kp, chunk, &bound, rule) }
         })
-        .collect();
-    let sure = results.iter().map(|r| r.1).sum();
-    (results.into_iter().map(|r| r.0).collect(), sure)
+        .collect()
 }
 
 impl Prepared {
@@ -200,49 +209,55 @@ impl Prepared {
         let (k, kp) = (self.k, self.k.div_ceil(STEP) * STEP);
         let first = task * TASK_COLUMNS;
         let width = TASK_COLUMNS.min(self.n - first);
+        let part = first..first + width;
         Columns {
             first,
             width,
             packed: &self.packed[first * kp..(first + TASK_COLUMNS) * kp],
             w: &w[first * k..(first + width) * k],
-            bias: &bias[first..first + width],
-            cuts: &cuts[first..first + width],
-            norms: &self.norms[first..first + width],
+            bias: &bias[part.clone()],
+            cuts: &cuts[part.clone()],
+            norm: &self.norms.value[part.clone()],
+            rounding: &self.norms.rounding[part],
         }
     }
 }
 
-/// The positive lower bounds of the estimates of the first `SAMPLE_ROWS` rows, largest first.
-fn sample_lower_bounds(
-    rows: &RowOperands,
-    w: &[f32],
-    prepared: &Prepared,
-    bias: &[f32],
-) -> Vec<f32> {
-    let (k, n) = (prepared.k, prepared.n);
-    let bound = Bound::new(k);
-    let count = rows.count.min(SAMPLE_ROWS);
+/// The positive estimates (bias included) of the rows `rows` reads, over all columns.
+fn sample_estimates(rows: &Rows, w: &[f32], prepared: &Prepared, bias: &[f32]) -> Vec<f32> {
+    let n = prepared.n;
     let none = vec![f32::INFINITY; n];
-    let mut lower: Vec<f32> = (0..n.div_ceil(TASK_COLUMNS))
+    (0..n.div_ceil(TASK_COLUMNS))
         .into_par_iter()
         .flat_map_iter(|task| {
             let cols = prepared.task(task, w, bias, &none);
             // SAFETY: `Prepared::new` checked AVX-512F (with AMX).
-            unsafe { task_lower_bounds(&rows.view(count), &cols, rows.kp, &bound) }
+            unsafe { task_estimates(rows, &cols) }
         })
-        .collect();
-    lower.par_sort_unstable_by(|a, b| b.total_cmp(a));
-    lower
+        .collect()
 }
 
-/// The operand rows as the screen reads them.
+/// The operand rows as the screen reads them: blocks of 32 from row 0, every `stride`-th.
 struct Rows<'a> {
     count: usize,
+    stride: usize,
     /// bf16, `padded` rows of kp.
     packed: &'a [u16],
     /// f32 panels of 16 rows, contraction-major (`row_panels`).
     panels: &'a [f32],
-    norms: &'a [f32],
+    norm: &'a [f32],
+    rounding: &'a [f32],
+}
+
+impl Rows<'_> {
+    /// The first rows of the blocks read.
+    fn blocks(&self) -> impl Iterator<Item = usize> {
+        (0..self.count).step_by(32 * self.stride)
+    }
+
+    fn rows_read(&self) -> usize {
+        self.blocks().map(|r0| (self.count - r0).min(32)).sum()
+    }
 }
 
 /// One task's columns.
@@ -255,40 +270,55 @@ struct Columns<'a> {
     w: &'a [f32],
     bias: &'a [f32],
     cuts: &'a [f32],
-    norms: &'a [f32],
+    norm: &'a [f32],
+    rounding: &'a [f32],
 }
 
-/// The screen's error bound for contraction length k: |exact − estimate| ≤
-/// rel · ‖x_i‖·‖w_j‖ + abs_norm · (‖x_i‖ + ‖w_j‖) + 2⁻²²·|estimate| + tiny.
+/// The screen's error bound for contraction length k. With x̂, ŵ the bf16 operands as the
+/// tiles read them (values below the smallest normal bf16 read as 0) and δx = x − x̂,
+/// δw = w − ŵ (exact in f32): x·w − x̂·ŵ = δx·w + x̂·δw, so by Cauchy–Schwarz
+/// |exact − estimate| ≤ ‖δx‖‖w‖ + 1.01‖x‖‖δw‖ + acc·‖x‖‖w‖ + 2⁻²²·|estimate| + tiny,
+/// where acc covers the f32 sums of the tiles and of the GEMM (k + 2 roundings each, over
+/// Σ|x̂ŵ| ≤ 1.01‖x‖‖w‖), the last two terms the bias additions on both sides and results
+/// flushed to zero along the tiles' sums.
 struct Bound {
-    rel: f32,
-    abs_norm: f32,
+    acc: f32,
     tiny: f32,
 }
 
 impl Bound {
     fn new(k: usize) -> Self {
         let k = k as f64;
-        // bf16 rounding of both operands (unit roundoff 2⁻⁸ each), the f32 sums of the tiles
-        // and of the GEMM (k + 2 roundings each), with margin for the norms' own rounding.
-        let rel = (2.0 * 2f64.powi(-8) + 2f64.powi(-16) + 2.0 * (k + 2.0) * 2f64.powi(-24)) * 1.01;
-        // Operands below the smallest normal bf16 are read as zero by the tiles: 2⁻¹²⁶ each,
-        // Σ over k of 2⁻¹²⁶·|other| ≤ 2⁻¹²⁶·√k·‖other‖.
-        let abs_norm = 2f64.powi(-125) * k.sqrt();
-        // Results flushed to zero along the sums.
+        let acc = 2.0 * (k + 2.0) * 2f64.powi(-24) * 1.02;
         let tiny = (k + 4.0) * 2f64.powi(-120);
-        Self { rel: rel as f32, abs_norm: abs_norm as f32, tiny: tiny as f32 }
+        Self { acc: acc as f32, tiny: tiny as f32 }
     }
 }
 
-/// ‖row‖₂ of each row of k, computed in f64 and rounded up.
-fn norms(a: &[f32], k: usize) -> Vec<f32> {
-    a.par_chunks(k)
+/// The norms the bound needs of each row of k values: ‖row‖₂ and ‖row − bf16(row)‖₂ (as the
+/// tiles read bf16), computed in f64 with eight partial sums and rounded up.
+struct Norms {
+    value: Vec<f32>,
+    rounding: Vec<f32>,
+}
+
+fn norms(a: &[f32], k: usize) -> Norms {
+    let (value, rounding) = a
+        .par_chunks(k)
         .map(|row| {
-            let s: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
-            (s.sqrt() * (1.0 + 1e-6)) as f32
+            let (mut v, mut r) = ([0f64; 8], [0f64; 8]);
+            for chunk in row.chunks(8) {
+                for ((v, r), &x) in v.iter_mut().zip(&mut r).zip(chunk) {
+                    let delta = (x - amx::as_read(x)) as f64;
+                    *v += x as f64 * x as f64;
+                    *r += delta * delta;
+                }
+            }
+            let up = |s: [f64; 8]| (s.iter().sum::<f64>().sqrt() * (1.0 + 1e-6)) as f32;
+            (up(v), up(r))
         })
-        .collect()
+        .unzip();
+    Norms { value, rounding }
 }
 
 /// x as panels of 16 rows, each k × 16 (element (p, r) = x[16·panel + r][p]); rows past x's
@@ -370,69 +400,106 @@ pub fn chained(x: &[f32], w: &[f32], chunk: usize, bias: f32) -> f32 {
     total.unwrap_or(0.0) + bias
 }
 
-/// The estimates of one 32 × 32 block plus the bias, and their error bounds, 16 columns at a
-/// time: `each(i, half, s, e)` for row i of the block and columns 16·half.. of it.
+/// A task's columns as the blocks read them: bias, cut and norms of each of TASK_COLUMNS,
+/// padded (padding never passes).
+struct Padded {
+    biases: Vec<f32>,
+    cuts: Vec<f32>,
+    norm: Vec<f32>,
+    rounding: Vec<f32>,
+}
+
+impl Padded {
+    fn new(cols: &Columns) -> Self {
+        let get = |v: &[f32], pad: f32| {
+            (0..TASK_COLUMNS).map(|j| v.get(j).copied().unwrap_or(pad)).collect()
+        };
+        Self {
+            biases: get(cols.bias, 0.0),
+            cuts: get(cols.cuts, f32::INFINITY),
+            norm: get(cols.norm, 0.0),
+            rounding: get(cols.rounding, 0.0),
+        }
+    }
+}
+
+/// One 32 × 32 block of a task: rows r0.., columns j0.. of the task.
+struct Block<'a> {
+    /// The tiles' estimates, row-major 32 × 32.
+    estimate: &'a [f32],
+    r0: usize,
+    j0: usize,
+}
+
+/// The block's estimates plus the bias and their error bounds (`Bound`), 16 columns at a time:
+/// `each(i, half, s, e)` for row i of the block (live rows only) and its columns 16·half...
 ///
 /// # Safety
 /// AVX-512F is available.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn bounded_block(
-    estimate: &[f32],
-    biases: &[f32],
-    nw: &[f32],
-    nx: &[f32],
+unsafe fn bounded(
+    block: &Block,
+    rows: &Rows,
+    cols: &Padded,
     bound: &Bound,
     mut each: impl FnMut(usize, usize, std::arch::x86_64::__m512, std::arch::x86_64::__m512),
 ) {
     use std::arch::x86_64::*;
-    let rel = _mm512_set1_ps(bound.rel);
-    let abs_norm = _mm512_set1_ps(bound.abs_norm);
-    let tiny = _mm512_set1_ps(bound.tiny);
+    let (acc, tiny) = (_mm512_set1_ps(bound.acc), _mm512_set1_ps(bound.tiny));
     let rounding = _mm512_set1_ps(2f32.powi(-22));
+    let widen = _mm512_set1_ps(1.01);
+    let live = (rows.count - block.r0).min(32);
     for half in 0..2 {
-        let (b, n) = (
-            _mm512_loadu_ps(biases[16 * half..].as_ptr()),
-            _mm512_loadu_ps(nw[16 * half..].as_ptr()),
-        );
-        for (i, &row_norm) in nx.iter().enumerate().take(32) {
-            let nx = _mm512_set1_ps(row_norm);
-            let s = _mm512_add_ps(_mm512_loadu_ps(estimate[i * 32 + 16 * half..].as_ptr()), b);
-            let e = _mm512_fmadd_ps(_mm512_mul_ps(rel, nx), n, tiny);
-            let e = _mm512_fmadd_ps(abs_norm, _mm512_add_ps(nx, n), e);
+        let j = block.j0 + 16 * half;
+        let load = |v: &[f32]| _mm512_loadu_ps(v[j..].as_ptr());
+        let (b, nw, dw) = (load(&cols.biases), load(&cols.norm), load(&cols.rounding));
+        for i in 0..live {
+            let (nx, dx) = (rows.norm[block.r0 + i], rows.rounding[block.r0 + i]);
+            let (nx, dx) = (_mm512_set1_ps(nx), _mm512_set1_ps(dx));
+            let s =
+                _mm512_add_ps(_mm512_loadu_ps(block.estimate[i * 32 + 16 * half..].as_ptr()), b);
+            // ‖δx‖‖w‖ + 1.01‖x‖‖δw‖ + acc‖x‖‖w‖ + 2⁻²²|s| + tiny.
+            let e = _mm512_fmadd_ps(_mm512_mul_ps(acc, nx), nw, tiny);
+            let e = _mm512_fmadd_ps(dx, nw, e);
+            let e = _mm512_fmadd_ps(_mm512_mul_ps(widen, nx), dw, e);
             let e = _mm512_fmadd_ps(rounding, _mm512_abs_ps(s), e);
             each(i, half, s, e);
         }
     }
 }
 
-/// A task's columns as the blocks read them: bias, cut and norm of each of TASK_COLUMNS,
-/// padded (padding never passes).
-struct Padded {
-    biases: Vec<f32>,
-    cuts: Vec<f32>,
-    norms: Vec<f32>,
-}
-
-impl Padded {
-    fn new(cols: &Columns) -> Self {
-        let get = |v: &[f32], j: usize, pad: f32| v.get(j).copied().unwrap_or(pad);
-        Self {
-            biases: (0..TASK_COLUMNS).map(|j| get(cols.bias, j, 0.0)).collect(),
-            cuts: (0..TASK_COLUMNS).map(|j| get(cols.cuts, j, f32::INFINITY)).collect(),
-            norms: (0..TASK_COLUMNS).map(|j| get(cols.norms, j, 0.0)).collect(),
+/// The tiles' estimates of one task over the blocks of rows `rows` reads: `each(block)` for
+/// every 32 × 32 block, rows outer.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn for_each_block(
+    rows: &Rows,
+    cols: &Columns,
+    kp: usize,
+    mut each: impl FnMut(&Block),
+    mut after_rows: impl FnMut(usize),
+) {
+    let tiles = Tiles::configured();
+    let mut estimate = vec![0f32; 32 * 32];
+    let group_len = kp * GROUP;
+    for r0 in rows.blocks() {
+        for j0 in (0..cols.width).step_by(32) {
+            let pair = j0 / 32;
+            let g0 = &cols.packed[(2 * pair) * group_len..][..group_len];
+            let g1 = &cols.packed[(2 * pair + 1) * group_len..][..group_len];
+            tiles.block_32x32(&rows.packed[r0 * kp..(r0 + 32) * kp], kp, g0, g1, &mut estimate);
+            each(&Block { estimate: &estimate, r0, j0 });
         }
+        after_rows(r0);
     }
 }
 
-/// The norms of rows r0..r0 + 32 (0 past the last row).
-fn block_norms(rows: &Rows, r0: usize) -> [f32; 32] {
-    std::array::from_fn(|i| if r0 + i < rows.count { rows.norms[r0 + i] } else { 0.0 })
-}
-
 /// One task: for each 32 rows, the tiles' estimates of its columns, the bound, and the exact
-/// values of the 16-row tiles that hold a candidate; then the passing entries row by row, and
-/// the number of entries whose lower bound passes (`AtLeast` only).
+/// values of the 16-row tiles that hold a candidate; then the passing entries row by row.
 ///
 /// # Safety
 /// AVX-512F is available.
@@ -445,59 +512,42 @@ unsafe fn screen_columns(
     chunk: usize,
     bound: &Bound,
     rule: Rule,
-) -> (KeptBlock, usize) {
+) -> KeptBlock {
     use std::arch::x86_64::*;
-    let tiles = Tiles::configured();
     let mut kept = KeptBlock { offsets: vec![0], columns: Vec::new(), values: Vec::new() };
-    let mut sure = 0;
-    let mut estimate = vec![0f32; 32 * 32];
-    // Kept values of 32 rows × TASK_COLUMNS, and which are kept.
+    // Kept values of 32 rows × TASK_COLUMNS.
     let mut values = vec![0f32; 32 * TASK_COLUMNS];
-    let Padded { biases, cuts, norms: nw } = Padded::new(cols);
+    let padded = Padded::new(cols);
     // Columns past the task's width are never candidates (a NaN bound would make them).
     let valid = if cols.width >= 128 { u128::MAX } else { (1u128 << cols.width) - 1 };
     // An infinite estimate bounds nothing: a candidate too.
     let max = _mm512_set1_ps(f32::MAX);
-    let group_len = kp * GROUP;
-    for r0 in (0..rows.count).step_by(32) {
+    // Candidate tiles of the current 32 rows: bit j of `candidates[h]` = column j has a
+    // candidate in rows r0 + 16h .. r0 + 16h + 16.
+    let candidates = std::cell::Cell::new([0u128; 2]);
+    let on_block = |block: &Block| {
+        bounded(block, rows, &padded, bound, |i, half, s, e| {
+            let c = _mm512_loadu_ps(padded.cuts[block.j0 + 16 * half..].as_ptr());
+            let upper = _mm512_add_ps(s, e);
+            // A candidate unless its upper bound fails (a NaN is a candidate).
+            let m = match rule {
+                Rule::Above => _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(upper, c),
+                Rule::AtLeast => _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, c),
+            } | _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(s), max);
+            let mut c = candidates.get();
+            c[i / 16] |= (m as u128) << (block.j0 + 16 * half);
+            candidates.set(c);
+        })
+    };
+    let after_rows = |r0: usize| {
         let mut keep = [0u128; 32];
-        // Candidate tiles: bit j of `candidates[h]` = column j has a candidate in rows
-        // r0 + 16h .. r0 + 16h + 16.
-        let mut candidates = [0u128; 2];
-        let nx = block_norms(rows, r0);
-        let live_rows = (rows.count - r0).min(32);
-        for pair in 0..TASK_COLUMNS / 32 {
-            let j0 = pair * 32;
-            if j0 >= cols.width {
-                break;
-            }
-            let g0 = &cols.packed[(2 * pair) * group_len..][..group_len];
-            let g1 = &cols.packed[(2 * pair + 1) * group_len..][..group_len];
-            tiles.block_32x32(&rows.packed[r0 * kp..(r0 + 32) * kp], kp, g0, g1, &mut estimate);
-            let (b, n) = (&biases[j0..j0 + 32], &nw[j0..j0 + 32]);
-            bounded_block(&estimate, b, n, &nx, bound, |i, half, s, e| {
-                let c = _mm512_loadu_ps(cuts[j0 + 16 * half..].as_ptr());
-                let upper = _mm512_add_ps(s, e);
-                // A candidate unless its upper bound fails (a NaN is a candidate).
-                let m = match rule {
-                    Rule::Above => _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(upper, c),
-                    Rule::AtLeast => _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, c),
-                } | _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(s), max);
-                candidates[i / 16] |= (m as u128) << (j0 + 16 * half);
-                if rule == Rule::AtLeast && i < live_rows {
-                    let lower = _mm512_sub_ps(s, e);
-                    sure += _mm512_cmp_ps_mask::<_CMP_GE_OQ>(lower, c).count_ones() as usize;
-                }
-            });
-        }
-        for (half, &bits) in candidates.iter().enumerate() {
-            let bits = bits & valid;
+        for (half, bits) in candidates.take().into_iter().enumerate() {
             let first_row = r0 + 16 * half;
-            if first_row >= rows.count || bits == 0 {
+            let mut bits = bits & valid;
+            if first_row >= rows.count {
                 continue;
             }
             let panel = &rows.panels[first_row / 16 * 16 * k..][..16 * k];
-            let mut bits = bits;
             while bits != 0 {
                 // Up to eight columns at once: independent chains keep the FMA units busy.
                 let mut batch = [0usize; 8];
@@ -507,13 +557,13 @@ unsafe fn screen_columns(
                     bits &= bits - 1;
                     count += 1;
                 }
-                let exact = exact_tiles(panel, cols.w, k, chunk, &batch[..count], &biases);
+                let exact = exact_tiles(panel, cols.w, k, chunk, &batch[..count], &padded.biases);
                 for (&j, v) in batch[..count].iter().zip(&exact) {
                     for (r, &value) in v.iter().enumerate() {
                         let i = 16 * half + r;
                         let passes = match rule {
-                            Rule::Above => value > cuts[j],
-                            Rule::AtLeast => value >= cuts[j],
+                            Rule::Above => value > padded.cuts[j],
+                            Rule::AtLeast => value >= padded.cuts[j],
                         };
                         if first_row + r < rows.count && passes {
                             keep[i] |= 1u128 << j;
@@ -523,7 +573,7 @@ unsafe fn screen_columns(
                 }
             }
         }
-        for (i, &bits) in keep.iter().enumerate().take(live_rows) {
+        for (i, &bits) in keep.iter().enumerate().take((rows.count - r0).min(32)) {
             let mut bits = bits;
             while bits != 0 {
                 let j = bits.trailing_zeros() as usize;
@@ -533,45 +583,31 @@ unsafe fn screen_columns(
             }
             kept.offsets.push(kept.columns.len());
         }
-    }
-    (kept, sure)
+    };
+    for_each_block(rows, cols, kp, on_block, after_rows);
+    kept
 }
 
-/// The positive lower bounds of one task's estimates over `rows`.
+/// The positive estimates (bias included) of one task over the rows `rows` reads.
 ///
 /// # Safety
 /// AVX-512F is available.
 #[target_feature(enable = "avx512f")]
-unsafe fn task_lower_bounds(rows: &Rows, cols: &Columns, kp: usize, bound: &Bound) -> Vec<f32> {
+unsafe fn task_estimates(rows: &Rows, cols: &Columns) -> Vec<f32> {
     use std::arch::x86_64::*;
-    let tiles = Tiles::configured();
-    let mut estimate = vec![0f32; 32 * 32];
-    let Padded { biases, norms: nw, .. } = Padded::new(cols);
-    let group_len = kp * GROUP;
+    let padded = Padded::new(cols);
+    let bound = Bound { acc: 0.0, tiny: 0.0 };
+    let kp = cols.packed.len() / (TASK_COLUMNS);
     let mut out = Vec::new();
-    for r0 in (0..rows.count).step_by(32) {
-        let nx = block_norms(rows, r0);
-        let live_rows = (rows.count - r0).min(32);
-        for pair in 0..TASK_COLUMNS / 32 {
-            let j0 = pair * 32;
-            if j0 >= cols.width {
-                break;
-            }
-            let g0 = &cols.packed[(2 * pair) * group_len..][..group_len];
-            let g1 = &cols.packed[(2 * pair + 1) * group_len..][..group_len];
-            tiles.block_32x32(&rows.packed[r0 * kp..(r0 + 32) * kp], kp, g0, g1, &mut estimate);
-            let (b, n) = (&biases[j0..j0 + 32], &nw[j0..j0 + 32]);
-            bounded_block(&estimate, b, n, &nx, bound, |i, half, s, e| {
-                if i >= live_rows {
-                    return;
-                }
-                let mut lower = [0f32; 16];
-                _mm512_storeu_ps(lower.as_mut_ptr(), _mm512_sub_ps(s, e));
-                let width = cols.width.saturating_sub(j0 + 16 * half).min(16);
-                out.extend(lower[..width].iter().copied().filter(|&v| v > 0.0));
-            });
-        }
-    }
+    let on_block = |block: &Block| {
+        bounded(block, rows, &padded, &bound, |_, half, s, _| {
+            let mut v = [0f32; 16];
+            _mm512_storeu_ps(v.as_mut_ptr(), s);
+            let width = cols.width.saturating_sub(block.j0 + 16 * half).min(16);
+            out.extend(v[..width].iter().copied().filter(|&v| v > 0.0));
+        })
+    };
+    for_each_block(rows, cols, kp, on_block, |_| {});
     out
 }
 

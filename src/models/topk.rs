@@ -299,13 +299,31 @@ pub struct Latents {
     dims: (usize, usize),
     tensor: OnceLock<Tensor>,
     /// `pre` and the flat indices kept of it (increasing), while the tensor is not built.
-    entries: Option<(Tensor, Vec<u32>)>,
+    entries: Option<(Arc<dyn PreActivations>, Vec<u32>)>,
+}
+
+/// The pre-activations a selection was made of, as a tensor built when first asked for (the
+/// SAE encoder's output may not exist until then).
+pub trait PreActivations: Send + Sync {
+    fn pre_tensor(&self) -> CResult<Tensor>;
+}
+
+impl PreActivations for Tensor {
+    fn pre_tensor(&self) -> CResult<Tensor> {
+        Ok(self.clone())
+    }
 }
 
 impl Latents {
     /// (B, M).
     pub fn dims(&self) -> (usize, usize) {
         self.dims
+    }
+
+    /// Latents of the entries `kept` (flat indices, increasing) of `pre` (dims (B, M)), built as
+    /// a tensor only when read.
+    pub fn of_entries(pre: Arc<dyn PreActivations>, dims: (usize, usize), kept: Vec<u32>) -> Self {
+        Self { dims, tensor: OnceLock::new(), entries: Some((pre, kept)) }
     }
 
     /// The tensor when it is built.
@@ -319,7 +337,7 @@ impl Latents {
             return Ok(t);
         }
         let (pre, kept) = self.entries.as_ref().expect("latents without entries are built");
-        let (built, _) = apply_masked_relu(pre, Keep::Entries(kept.clone()))?;
+        let (built, _) = apply_masked_relu(&pre.pre_tensor()?, Keep::Entries(kept.clone()))?;
         Ok(self.tensor.get_or_init(|| built))
     }
 }
@@ -398,8 +416,8 @@ pub fn topk_latents(
             (entries_csr(v, &kept, cols, |v| relu_where(v, true)), kept, min)
         })?;
         let min = min.map(|m| Tensor::new(m, pre.device())).transpose()?;
-        let latents =
-            Latents { dims: pre.dims2()?, tensor: OnceLock::new(), entries: Some((pre, kept)) };
+        let dims = pre.dims2()?;
+        let latents = Latents::of_entries(Arc::new(pre), dims, kept);
         return Ok(Selected { latents, csr: Some(csr), min });
     }
     let (mask, threshold) = portable_select(&pre.detach(), how, allowed)?;

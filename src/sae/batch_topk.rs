@@ -7,7 +7,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use super::ops::KeepAbove;
+use super::ops::{KeepAbove, Pre};
 use super::{auxk_loss, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::base::host::{self, stat_dtype, Kernels};
 use crate::models::topk::{self as select, Mask};
@@ -63,11 +63,12 @@ impl Sae for BatchTopKSae {
         &self.params
     }
 
-    fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation> {
-        let (rows, _) = pre.dims2()?;
+    fn activate(&self, pre: &Pre, training: bool) -> Result<Activation> {
+        let (rows, _) = pre.dims();
         let threshold = if training { None } else { self.inference_threshold()? };
         match threshold {
             Some(threshold) => {
+                let pre = pre.tensor()?;
                 let selected = if self.params.kernels.for_tensor(pre).is_host() {
                     select::relu_above(pre, host::read_scalar(&threshold)? as f32)?
                 } else {
@@ -82,8 +83,14 @@ impl Sae for BatchTopKSae {
                 })
             }
             None => {
-                let selection = select::Selection::Batch(self.spec.k * rows);
-                let selected = select::topk_latents(pre, &selection, None, self.params.kernels)?;
+                let n = self.spec.k * rows;
+                let selected = match super::ops::screened_batch_top(pre, n)? {
+                    Some(selected) => selected,
+                    None => {
+                        let selection = select::Selection::Batch(n);
+                        select::topk_latents(pre.tensor()?, &selection, None, self.params.kernels)?
+                    }
+                };
                 Ok(Activation {
                     latents: selected.latents,
                     latents_csr: selected.csr,

@@ -11,7 +11,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::ops::KeepAbove;
+use super::ops::{KeepAbove, Pre};
 use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::base::cpu::with_cpu_slice;
 use crate::base::host::Kernels;
@@ -113,7 +113,8 @@ impl Sae for JumpReluSae {
         &self.params
     }
 
-    fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation> {
+    fn activate(&self, pre: &Pre, training: bool) -> Result<Activation> {
+        let pre = pre.tensor()?;
         let z = pre.relu()?;
         let band = self.band(&z)?;
         let passed = select::masked_relu(pre, band.pass)?;
@@ -153,7 +154,7 @@ impl Sae for JumpReluSae {
         pass: &ForwardPass,
         _dead: &Tensor,
     ) -> Result<Vec<(&'static str, Tensor)>> {
-        let z = pass.pre.relu()?;
+        let z = pass.pre.tensor()?.relu()?;
         let band = self.band(&z)?;
         let rows = z.dim(0)? as f64;
         // ∂H/∂θ = −(1/ε)K.

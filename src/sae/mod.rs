@@ -188,8 +188,8 @@ pub struct ForwardPass {
     pub working_input: Tensor,
     /// Per-row (mean, std) used to standardise, when it was.
     pub scale: Option<(Tensor, Tensor)>,
-    /// (B, M) encoder outputs before the activation.
-    pub pre: Tensor,
+    /// (B, M) encoder outputs before the activation (built when first read; see `ops::Pre`).
+    pub pre: ops::Pre,
     /// Host kernels in training: the port through which sparse ops pass `pre`'s gradient.
     pub pre_port: Option<ops::PrePort>,
     pub activation: Activation,
@@ -221,7 +221,7 @@ pub trait Sae: Send {
     fn params(&self) -> &SaeParams;
 
     /// Latents from pre-activations. `training` selects batch-dependent behaviour (BatchTopK).
-    fn activate(&self, pre: &Tensor, training: bool) -> Result<Activation>;
+    fn activate(&self, pre: &ops::Pre, training: bool) -> Result<Activation>;
 
     /// Training loss terms beyond reconstruction (sparsity penalties, AuxK), by name.
     /// `dead`: (M,) 0/1 on the SAE's device, the latents that count as dead.
@@ -469,7 +469,7 @@ pub fn auxk_loss(
         Some(dead.to_dtype(DType::F32)?.max_keepdim(0)?.reshape(())?)
     };
     let selection = select::Selection::PerRow(spec.k_aux);
-    let aux = select::topk_latents(&pass.pre, &selection, Some(dead), p.kernels)?;
+    let aux = select::topk_latents(pass.pre.tensor()?, &selection, Some(dead), p.kernels)?;
     // A host selection is a masked ReLU of `pre` with its CSR: the gradient may skip the latents.
     let aux_recon = ops::support_matmul(
         &aux.latents,

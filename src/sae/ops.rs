@@ -10,9 +10,10 @@
 //! ops otherwise (CUDA, Metal, or `run.ops = "portable"`), so models are written once.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use crate::base::cpu::{contiguous, cpu_tensor, dims2, with_cpu_slice, CResult};
 use crate::base::gemm::{gemm_f32, gemm_f32_plus_row_blocks, Strided};
@@ -21,7 +22,7 @@ use crate::base::host::Kernels;
 use crate::base::screen;
 use crate::base::simd::vectorized;
 use crate::base::sparse::{self, KeptBlock, SparseBatch, SPARSE_LIMIT};
-use crate::models::topk::{Latents, Mask};
+use crate::models::topk::{Latents, Mask, Selected};
 use crate::monoscore::sparse_loss::{self, MonoLossSaved, MonoLossStats};
 use crate::monoscore::BatchMono;
 
@@ -225,9 +226,92 @@ pub struct PrePort {
 /// The encoder's output.
 pub struct Encoded {
     /// (B, M) pre-activations.
-    pub pre: Tensor,
+    pub pre: Pre,
     /// With host kernels, when the encoder has a parameter to train.
     pub port: Option<PrePort>,
+}
+
+/// The encoder's (B, M) pre-activations. With host kernels the tensor is built when something
+/// first reads it (`tensor`): a BatchTopK training step that selects through the screen
+/// (`screened_batch_top`) and trains through the port never does, and so never runs the f32
+/// product over all (B × M) entries.
+#[derive(Clone)]
+pub struct Pre(Arc<PreInner>);
+
+struct PreInner {
+    dense: OnceLock<Tensor>,
+    /// The encoder op's inputs (host kernels).
+    inputs: Option<EncoderInputs>,
+    /// Set once the weights may have changed (`Pre::seal`): building the tensor then is refused.
+    sealed: AtomicBool,
+    dims: (usize, usize),
+    device: Device,
+}
+
+struct EncoderInputs {
+    x: Tensor,
+    w: Tensor,
+    /// b_enc, then b_dec when centring.
+    biases: Tensor,
+    centre: bool,
+    sink: Option<GradSink>,
+}
+
+impl Pre {
+    /// Pre-activations already computed.
+    pub fn ready(t: Tensor) -> CResult<Self> {
+        let (dims, device) = (t.dims2()?, t.device().clone());
+        let inner = PreInner {
+            dense: OnceLock::from(t),
+            inputs: None,
+            sealed: AtomicBool::new(false),
+            dims,
+            device,
+        };
+        Ok(Self(Arc::new(inner)))
+    }
+
+    /// The (B, M) tensor, a node of the graph like the encoder's output (built on first use).
+    pub fn tensor(&self) -> CResult<&Tensor> {
+        if let Some(t) = self.0.dense.get() {
+            return Ok(t);
+        }
+        if self.0.sealed.load(Ordering::Acquire) {
+            candle_core::bail!(
+                "the pre-activations were first read after the step that may have changed the \
+                 encoder's weights"
+            );
+        }
+        let i = self.0.inputs.as_ref().expect("pre-activations without a tensor or inputs");
+        let op = EncoderLinear { centre: i.centre, sink: i.sink.clone() };
+        let built = i.x.apply_op3(&i.w, &i.biases, op)?;
+        Ok(self.0.dense.get_or_init(|| built))
+    }
+
+    /// (B, M).
+    pub fn dims(&self) -> (usize, usize) {
+        self.0.dims
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.0.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.0.dense.get().map_or(DType::F32, Tensor::dtype)
+    }
+
+    /// From now on the weights may change (an optimiser step): building the tensor is an error
+    /// instead of a silent product of the new weights. A built tensor stays readable.
+    pub fn seal(&self) {
+        self.0.sealed.store(true, Ordering::Release);
+    }
+}
+
+impl crate::models::topk::PreActivations for Pre {
+    fn pre_tensor(&self) -> CResult<Tensor> {
+        self.tensor().cloned()
+    }
 }
 
 /// (B, D) · (M, D)ᵀ + (M,) → (B, M), the input first centred by `b_dec` when given. W's
@@ -247,23 +331,79 @@ pub fn encoder_linear(
         let (x, w, biases) = (x.contiguous()?, w.contiguous()?, biases.contiguous()?);
         let centre = b_dec.is_some();
         let sink = GradSink::active();
-        let pre = x.apply_op3(&w, &biases, EncoderLinear { centre, sink: sink.clone() })?;
         let port = (x.track_op() || w.track_op() || biases.track_op())
             .then(|| -> CResult<PrePort> {
                 let stash = GradStash::default();
-                let encoder = EncoderLinear { centre, sink };
+                let encoder = EncoderLinear { centre, sink: sink.clone() };
                 let op = PortOp { encoder, stash: stash.clone() };
                 Ok(PrePort { handle: x.apply_op3(&w, &biases, op)?, stash })
             })
             .transpose()?;
-        Ok(Encoded { pre, port })
+        let dims = (x.dim(0)?, w.dim(0)?);
+        let device = x.device().clone();
+        let inputs = Some(EncoderInputs { x, w, biases, centre, sink });
+        let inner = PreInner {
+            dense: OnceLock::new(),
+            inputs,
+            sealed: AtomicBool::new(false),
+            dims,
+            device,
+        };
+        Ok(Encoded { pre: Pre(Arc::new(inner)), port })
     } else {
         let x = match b_dec {
             Some(b_dec) => x.broadcast_sub(b_dec)?,
             None => x.clone(),
         };
-        Ok(Encoded { pre: x.matmul(&w.t()?)?.broadcast_add(b_enc)?, port: None })
+        Ok(Encoded { pre: Pre::ready(x.matmul(&w.t()?)?.broadcast_add(b_enc)?)?, port: None })
     }
+}
+
+/// A BatchTopK selection of the `n` largest positive pre-activations of the batch, through the
+/// AMX screen: the entries, their values and the smallest kept value are those of
+/// `topk_latents` on `pre.tensor()`, bit for bit, without building that tensor. None where the
+/// screen does not run (no AMX, small products, portable kernels, or the tensor already built).
+pub fn screened_batch_top(pre: &Pre, n: usize) -> CResult<Option<Selected>> {
+    let Some(i) = pre.0.inputs.as_ref().filter(|_| pre.0.dense.get().is_none()) else {
+        return Ok(None);
+    };
+    let (rows, m) = pre.dims();
+    let d = i.x.dim(1)?;
+    let found = with_cpu_slice(&i.x, |xs| {
+        with_cpu_slice(&i.w, |ws| {
+            with_cpu_slice(&i.biases, |bs| {
+                let prepared = screen::Prepared::new(ws, d)?;
+                let xc = centre_rows(xs, i.centre.then(|| &bs[m..]));
+                let blocks = screen::batch_candidates(&xc, ws, &prepared, &bs[..m], n)?;
+                Some(KeptBlock::merge(&blocks, rows))
+            })
+        })
+    })???;
+    let Some(candidates) = found else { return Ok(None) };
+    let flat: Vec<(f32, u32)> = (0..rows)
+        .flat_map(|r| {
+            let e = candidates.row_offsets[r]..candidates.row_offsets[r + 1];
+            let (cols, vals) = (&candidates.columns[e.clone()], &candidates.values[e]);
+            cols.iter().zip(vals).map(move |(&c, &v)| (v, (r * m) as u32 + c))
+        })
+        .collect();
+    let (kept, min) = crate::models::topk::best_of_candidates(flat.clone(), n);
+    // The kept entries' CSR: a walk of the candidates (both in flat-index order).
+    let mut csr = SparseBatch { row_offsets: vec![0], columns: Vec::new(), values: Vec::new() };
+    let mut next = kept.iter().peekable();
+    for r in 0..rows {
+        for &(v, index) in &flat[candidates.row_offsets[r]..candidates.row_offsets[r + 1]] {
+            if next.peek() == Some(&&index) {
+                next.next();
+                csr.columns.push(index - (r * m) as u32);
+                csr.values.push(v);
+            }
+        }
+        csr.row_offsets.push(csr.columns.len());
+    }
+    let min = min.map(|v| Tensor::new(v, pre.device())).transpose()?;
+    let latents = Latents::of_entries(Arc::new(pre.clone()), (rows, m), kept);
+    Ok(Some(Selected { latents, csr: Some(csr), min }))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::ops::KeepAbove;
+use super::ops::{KeepAbove, Pre};
 use super::{Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::base::host::Kernels;
 
@@ -33,9 +33,9 @@ impl Sae for ReluSae {
         &self.params
     }
 
-    fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
+    fn activate(&self, pre: &Pre, _training: bool) -> Result<Activation> {
         Ok(Activation {
-            latents: pre.relu()?.into(),
+            latents: pre.tensor()?.relu()?.into(),
             latents_csr: None,
             grad_support: None,
             batch_threshold: None,

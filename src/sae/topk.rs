@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 
 use crate::base::host::Kernels;
 
+use super::ops::Pre;
 use super::{auxk_loss, reconstruction, Activation, ForwardPass, Sae, SaeParams, SaeSpec};
 use crate::models::topk as select;
 
@@ -37,9 +38,9 @@ impl Sae for TopKSae {
         &self.params
     }
 
-    fn activate(&self, pre: &Tensor, _training: bool) -> Result<Activation> {
+    fn activate(&self, pre: &Pre, _training: bool) -> Result<Activation> {
         let selection = select::Selection::PerRow(self.spec.k);
-        let selected = select::topk_latents(pre, &selection, None, self.params.kernels)?;
+        let selected = select::topk_latents(pre.tensor()?, &selection, None, self.params.kernels)?;
         Ok(Activation {
             latents: selected.latents,
             latents_csr: selected.csr,

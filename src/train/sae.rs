@@ -340,6 +340,8 @@ impl SaeTrainer {
             // The store (and the graph it holds) is dropped before the optimiser runs.
             let mut grads =
                 Gradients::from_store(&losses.total.backward()?, Some(&sink), &vars, self.kernels)?;
+            // The weights change from here on: the pass may no longer build its pre-activations.
+            pass.pre.seal();
             let full_mono_score = match full {
                 Some(full) => {
                     grads.add_scaled(&full.grads, self.settings.lambda)?;
