@@ -5,6 +5,8 @@
 //! use (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and the instructions are written as inline assembly
 //! (their intrinsics are not stable Rust).
 
+use crate::base::simd::vectorized;
+
 /// Whether this process may run AMX bf16 tiles (CPU support and the kernel's permission, asked
 /// for once). Also requires AVX-512F, which the exact recomputation beside the screen uses.
 pub fn available() -> bool {
@@ -16,17 +18,23 @@ pub const GROUP: usize = 16;
 /// Contraction elements per tile step (16 pairs of bf16).
 pub const STEP: usize = 32;
 
-/// Round-to-nearest-even conversion to bf16 (NaN stays NaN).
+/// Round-to-nearest-even conversion to bf16 (NaN stays NaN). Branch-free, so loops of it
+/// vectorise.
+#[inline(always)]
 pub fn bf16(v: f32) -> u16 {
     let bits = v.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet = ((bits >> 16) | 0x40) as u16;
     if v.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
+        quiet
+    } else {
+        rounded
     }
-    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 /// The value the tiles read for `v`: its bf16 rounding, with values below the smallest normal
 /// bf16 read as zero.
+#[inline(always)]
 pub fn as_read(v: f32) -> f32 {
     let r = f32::from_bits((bf16(v) as u32) << 16);
     if r.abs() < f32::MIN_POSITIVE {
@@ -43,7 +51,7 @@ pub fn pack_rows(a: &[f32], k: usize, rows: usize, kp: usize) -> Vec<u16> {
     let mut out = vec![0u16; rows * kp];
     out.par_chunks_mut(kp.max(1)).enumerate().for_each(|(r, row)| {
         if let Some(src) = a.get(r * k..(r + 1) * k) {
-            row.iter_mut().zip(src).for_each(|(o, &v)| *o = bf16(v));
+            vectorized!(row.iter_mut().zip(src).for_each(|(o, &v)| *o = bf16(v)));
         }
     });
     out
@@ -59,12 +67,24 @@ pub fn pack_columns(w: &[f32], k: usize, groups: usize, kp: usize) -> Vec<u16> {
     let mut out = vec![0u16; groups * kp * GROUP];
     out.par_chunks_mut(kp * GROUP).enumerate().for_each(|(g, panel)| {
         let columns = (n.saturating_sub(g * GROUP)).min(GROUP);
-        let src: Vec<&[f32]> = (0..columns).map(|c| &w[(g * GROUP + c) * k..][..k]).collect();
-        // Pair by pair, the 16 columns' values side by side: contiguous writes, 16 read streams.
+        // Each column converted whole (vectorised), as pairs; then the pairs side by side.
+        let mut pairs = vec![0u32; GROUP * kp / 2];
+        for c in 0..columns {
+            let src = &w[(g * GROUP + c) * k..][..k];
+            let dst = &mut pairs[c * kp / 2..][..kp / 2];
+            vectorized!({
+                for (d, two) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = bf16(two[0]) as u32 | (bf16(two[1]) as u32) << 16;
+                }
+            });
+            if k % 2 == 1 {
+                dst[k / 2] = bf16(src[k - 1]) as u32;
+            }
+        }
         for (p, dst) in panel.chunks_exact_mut(2 * GROUP).enumerate().take(k.div_ceil(2)) {
-            for (c, col) in src.iter().enumerate() {
-                dst[2 * c] = bf16(col[2 * p]);
-                dst[2 * c + 1] = col.get(2 * p + 1).map_or(0, |&v| bf16(v));
+            for c in 0..GROUP {
+                let pair = pairs[c * kp / 2 + p];
+                (dst[2 * c], dst[2 * c + 1]) = (pair as u16, (pair >> 16) as u16);
             }
         }
     });

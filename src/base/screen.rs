@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::base::amx::{self, Tiles, GROUP, STEP};
 use crate::base::gemm::{gemm_f32_plus_row_blocks, Strided};
+use crate::base::simd::vectorized;
 use crate::base::sparse::KeptBlock;
 
 /// Smaller products stay with the f32 GEMM (and the crate's small-product kernels, whose
@@ -135,7 +136,7 @@ pub fn batch_candidates(
 pub static WIDENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The cut's sample: every this many blocks of 32 rows.
-const SAMPLE_STRIDE: usize = 8;
+const SAMPLE_STRIDE: usize = 16;
 
 /// The screen's side of x.
 struct RowOperands {
@@ -296,7 +297,7 @@ impl Bound {
 }
 
 /// The norms the bound needs of each row of k values: ‖row‖₂ and ‖row − bf16(row)‖₂ (as the
-/// tiles read bf16), computed in f64 with eight partial sums and rounded up.
+/// tiles read bf16), computed in f64 with sixteen partial sums and rounded up.
 struct Norms {
     value: Vec<f32>,
     rounding: Vec<f32>,
@@ -306,16 +307,26 @@ fn norms(a: &[f32], k: usize) -> Norms {
     let (value, rounding) = a
         .par_chunks(k)
         .map(|row| {
-            let (mut v, mut r) = ([0f64; 8], [0f64; 8]);
-            for chunk in row.chunks(8) {
-                for ((v, r), &x) in v.iter_mut().zip(&mut r).zip(chunk) {
-                    let delta = (x - amx::as_read(x)) as f64;
-                    *v += x as f64 * x as f64;
-                    *r += delta * delta;
+            vectorized!({
+                let (mut v, mut r) = ([0f64; 16], [0f64; 16]);
+                let whole = row.chunks_exact(16);
+                let tail = whole.remainder();
+                for chunk in whole {
+                    for j in 0..16 {
+                        let x = chunk[j];
+                        let delta = (x - amx::as_read(x)) as f64;
+                        v[j] += x as f64 * x as f64;
+                        r[j] += delta * delta;
+                    }
                 }
-            }
-            let up = |s: [f64; 8]| (s.iter().sum::<f64>().sqrt() * (1.0 + 1e-6)) as f32;
-            (up(v), up(r))
+                for (j, &x) in tail.iter().enumerate() {
+                    let delta = (x - amx::as_read(x)) as f64;
+                    v[j] += x as f64 * x as f64;
+                    r[j] += delta * delta;
+                }
+                let up = |s: [f64; 16]| (s.iter().sum::<f64>().sqrt() * (1.0 + 1e-6)) as f32;
+                (up(v), up(r))
+            })
         })
         .unzip();
     Norms { value, rounding }
@@ -526,6 +537,7 @@ unsafe fn screen_columns(
     // candidate in rows r0 + 16h .. r0 + 16h + 16.
     let candidates = std::cell::Cell::new([0u128; 2]);
     let on_block = |block: &Block| {
+        let mut found = candidates.get();
         bounded(block, rows, &padded, bound, |i, half, s, e| {
             let c = _mm512_loadu_ps(padded.cuts[block.j0 + 16 * half..].as_ptr());
             let upper = _mm512_add_ps(s, e);
@@ -534,10 +546,9 @@ unsafe fn screen_columns(
                 Rule::Above => _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(upper, c),
                 Rule::AtLeast => _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, c),
             } | _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(s), max);
-            let mut c = candidates.get();
-            c[i / 16] |= (m as u128) << (block.j0 + 16 * half);
-            candidates.set(c);
-        })
+            found[i / 16] |= (m as u128) << (block.j0 + 16 * half);
+        });
+        candidates.set(found);
     };
     let after_rows = |r0: usize| {
         let mut keep = [0u128; 32];
@@ -601,10 +612,13 @@ unsafe fn task_estimates(rows: &Rows, cols: &Columns) -> Vec<f32> {
     let mut out = Vec::new();
     let on_block = |block: &Block| {
         bounded(block, rows, &padded, &bound, |_, half, s, _| {
-            let mut v = [0f32; 16];
-            _mm512_storeu_ps(v.as_mut_ptr(), s);
+            // The positive estimates of the live columns, packed to the front of `v`.
             let width = cols.width.saturating_sub(block.j0 + 16 * half).min(16);
-            out.extend(v[..width].iter().copied().filter(|&v| v > 0.0));
+            let live = ((1u32 << width) - 1) as u16;
+            let keep = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(live, s, _mm512_setzero_ps());
+            let mut v = [0f32; 16];
+            _mm512_mask_compressstoreu_ps(v.as_mut_ptr().cast(), keep, s);
+            out.extend_from_slice(&v[..keep.count_ones() as usize]);
         })
     };
     for_each_block(rows, cols, kp, on_block, |_| {});

@@ -508,8 +508,8 @@ mod tests {
 
     /// The AMX screen's batch candidates select what the dense selection does, bit for bit:
     /// spread values, latents duplicated (exact ties across columns, broken by index), few
-    /// positive entries (all kept), and cuts the sample guesses too high (a batch whose first
-    /// rows are large).
+    /// positive entries (all kept), and cuts the sample guesses too high (the sampled blocks of
+    /// rows are the only large ones).
     #[test]
     fn screened_batch_selection_equals_the_dense_one() {
         use crate::base::gemm::{gemm_f32_plus_row, Strided};
@@ -517,8 +517,9 @@ mod tests {
         use crate::base::sparse::KeptBlock;
         let (rows, n, k) = (600, 300, 96);
         let val = |i: usize, s: f32| ((i as f32 * 0.7 + s).sin() * 43758.547).fract() - 0.5;
-        let x: Vec<f32> =
-            (0..rows * k).map(|i| val(i, 0.3) * if i / k < 300 { 1.0 } else { 0.05 }).collect();
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| val(i, 0.3) * if (i / k / 32) % 16 == 0 { 1.0 } else { 0.05 })
+            .collect();
         let mut w: Vec<f32> = (0..n * k).map(|i| val(i, 1.9)).collect();
         w.copy_within(5 * k..6 * k, 17 * k); // latent 17 = latent 5
         w.copy_within(5 * k..6 * k, 250 * k);
