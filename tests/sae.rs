@@ -554,6 +554,56 @@ fn batch_topk_inference_does_not_depend_on_the_batch() {
 /// reconstruction bit for bit: thresholded kinds through the blocked encoder (several column
 /// blocks on two threads, one block on one), TopK through the forward pass itself; with and
 /// without standardised inputs, with non-zero biases (the input centred by b_dec).
+/// A BatchTopK training pass selects through the AMX screen where the CPU has one, without
+/// building the pre-activations, and keeps what the dense selection keeps of them, bit for bit
+/// (entries, values, the smallest kept value); the biases are non-zero and the input centred.
+#[test]
+fn a_screened_batchtopk_pass_keeps_what_the_dense_selection_keeps() {
+    let (b, d, m, k) = (256, 48, 384, 8);
+    let sae = sae::build(&spec(SaeKind::BatchTopk, d, m, k), 5, &Device::Cpu, HOST).unwrap();
+    let mut rng = StdRng::seed_from_u64(8);
+    let p = sae.params();
+    p.b_enc.set(&Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap()).unwrap();
+    p.b_dec.set(&Tensor::from_vec(randn(d, &mut rng), d, &Device::Cpu).unwrap()).unwrap();
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    let pass = sae::forward(sae.as_ref(), &x, true).unwrap();
+    assert_eq!(!pass.pre.is_built(), mono::base::amx::available(), "screened where AMX is");
+    let pre = flat(pass.pre.tensor().unwrap());
+    let (kept, min) = topk::select_entries(&pre, m, &topk::Selection::Batch(k * b), None, true);
+    let csr = pass.latents_csr.as_ref().unwrap();
+    let got: Vec<u32> = (0..b)
+        .flat_map(|r| {
+            let e = csr.row_offsets[r]..csr.row_offsets[r + 1];
+            csr.columns[e].iter().map(move |&c| (r * m) as u32 + c)
+        })
+        .collect();
+    assert_eq!(got, kept);
+    let values: Vec<u32> = kept.iter().map(|&i| pre[i as usize].to_bits()).collect();
+    assert_eq!(csr.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), values);
+    let threshold = pass.activation.batch_threshold.as_ref().unwrap();
+    assert_eq!(threshold.to_scalar::<f32>().unwrap().to_bits(), min.unwrap().to_bits());
+}
+
+/// Host pre-activations are built when first read; once sealed (the trainer seals them before
+/// its optimiser step) building them is an error, while a built tensor stays readable.
+#[test]
+fn pre_activations_are_refused_after_the_seal_unless_built() {
+    let (b, d, m) = (4, 3, 5);
+    let mut rng = StdRng::seed_from_u64(3);
+    let x = Tensor::from_vec(randn(b * d, &mut rng), (b, d), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(randn(m * d, &mut rng), (m, d), &Device::Cpu).unwrap();
+    let b_enc = Tensor::from_vec(randn(m, &mut rng), m, &Device::Cpu).unwrap();
+    let unread = ops::encoder_linear(&x, &w, &b_enc, None, HOST).unwrap().pre;
+    unread.seal();
+    let err = unread.tensor().unwrap_err().to_string();
+    assert!(err.contains("after the step"), "{err}");
+    let read = ops::encoder_linear(&x, &w, &b_enc, None, HOST).unwrap().pre;
+    let before = flat(read.tensor().unwrap());
+    read.seal();
+    assert_eq!(flat(read.tensor().unwrap()), before);
+    assert_eq!(read.dims(), (b, m));
+}
+
 #[test]
 fn infer_gives_the_forward_pass_values_bit_for_bit() {
     let (b, d, m, k) = (64, 48, 1536, 8);

@@ -100,8 +100,9 @@ fn trainer(
 }
 
 /// Median seconds of the encoder's product alone, (B × D) · (D × M), through the product the
-/// step runs: the host kernels' GEMM on the CPU, candle's matmul otherwise. No step of an SAE
-/// can beat it.
+/// step would run for all pre-activations: the host kernels' f32 GEMM on the CPU, candle's
+/// matmul otherwise. A step that computes every pre-activation in f32 cannot beat it; with AMX
+/// tiles the BatchTopK step screens the product instead and recomputes only its candidates.
 fn encoder_gemm_floor(args: &TrainBenchArgs, device: &Device, kernels: Kernels) -> Result<f64> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let x = batch(args.batch, args.d, &mut rng).to_device(device)?;
@@ -179,7 +180,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<Vec<TrainTiming>> {
     );
     let floor = encoder_gemm_floor(args, &device, kernels)?;
     println!(
-        "encoder GEMM floor (B × D by D × M, the one dense product of a TopK step): {:.3} s = {:.0} samples/s",
+        "encoder GEMM floor (B × D by D × M in f32, every pre-activation): {:.3} s = {:.0} samples/s",
         floor,
         args.batch as f64 / floor
     );

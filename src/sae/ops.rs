@@ -293,6 +293,11 @@ impl Pre {
         self.0.dims
     }
 
+    /// Whether the tensor exists (something read it, or it was computed up front).
+    pub fn is_built(&self) -> bool {
+        self.0.dense.get().is_some()
+    }
+
     pub fn device(&self) -> &Device {
         &self.0.device
     }
