@@ -297,34 +297,39 @@ impl Bound {
 }
 
 /// The norms the bound needs of each row of k values: ‖row‖₂ and ‖row − bf16(row)‖₂ (as the
-/// tiles read bf16), computed in f64 with sixteen partial sums and rounded up.
+/// tiles read bf16), rounded up: sixteen f32 partial sums of squares (of positive terms, so
+/// within a relative k·2⁻²³ of the sum), squares below f32's range adding at most √k·2⁻⁷⁴.
 struct Norms {
     value: Vec<f32>,
     rounding: Vec<f32>,
 }
 
 fn norms(a: &[f32], k: usize) -> Norms {
+    let margin = 1.0 + k as f64 * 2f64.powi(-23) + 2f64.powi(-20);
+    let lost = (k as f64).sqrt() * 2f64.powi(-74);
+    let up = |s: [f32; 16]| {
+        let sum: f64 = s.iter().map(|&v| v as f64).sum();
+        (sum.sqrt() * margin + lost) as f32
+    };
     let (value, rounding) = a
         .par_chunks(k)
         .map(|row| {
             vectorized!({
-                let (mut v, mut r) = ([0f64; 16], [0f64; 16]);
+                let (mut v, mut r) = ([0f32; 16], [0f32; 16]);
                 let whole = row.chunks_exact(16);
                 let tail = whole.remainder();
                 for chunk in whole {
                     for j in 0..16 {
-                        let x = chunk[j];
-                        let delta = (x - amx::as_read(x)) as f64;
-                        v[j] += x as f64 * x as f64;
-                        r[j] += delta * delta;
+                        let (x, d) = (chunk[j], chunk[j] - amx::as_read(chunk[j]));
+                        v[j] += x * x;
+                        r[j] += d * d;
                     }
                 }
                 for (j, &x) in tail.iter().enumerate() {
-                    let delta = (x - amx::as_read(x)) as f64;
-                    v[j] += x as f64 * x as f64;
-                    r[j] += delta * delta;
+                    let d = x - amx::as_read(x);
+                    v[j] += x * x;
+                    r[j] += d * d;
                 }
-                let up = |s: [f64; 16]| (s.iter().sum::<f64>().sqrt() * (1.0 + 1e-6)) as f32;
                 (up(v), up(r))
             })
         })
@@ -559,17 +564,19 @@ unsafe fn screen_columns(
                 continue;
             }
             let panel = &rows.panels[first_row / 16 * 16 * k..][..16 * k];
+            let mut exact = [[0f32; 16]; 16];
             while bits != 0 {
-                // Up to eight columns at once: independent chains keep the FMA units busy.
-                let mut batch = [0usize; 8];
+                // Up to sixteen columns at once: independent chains keep the FMA units busy.
+                let mut batch = [0usize; 16];
                 let mut count = 0;
-                while bits != 0 && count < 8 {
+                while bits != 0 && count < 16 {
                     batch[count] = bits.trailing_zeros() as usize;
                     bits &= bits - 1;
                     count += 1;
                 }
-                let exact = exact_tiles(panel, cols.w, k, chunk, &batch[..count], &padded.biases);
-                for (&j, v) in batch[..count].iter().zip(&exact) {
+                let columns = &batch[..count];
+                exact_tiles(panel, cols.w, (k, chunk), columns, &padded.biases, &mut exact);
+                for (&j, v) in columns.iter().zip(&exact) {
                     for (r, &value) in v.iter().enumerate() {
                         let i = 16 * half + r;
                         let passes = match rule {
@@ -625,48 +632,70 @@ unsafe fn task_estimates(rows: &Rows, cols: &Columns) -> Vec<f32> {
     out
 }
 
-/// The exact values of 16 rows (a panel of `row_panels`) × the given columns of w, as the GEMM
-/// computes them (`chained`), lane r = row r.
+/// The exact values of 16 rows (a panel of `row_panels`) × the given columns (at most 16) of
+/// w, as the GEMM computes them (`chained`): `out[c][r]` for column c and row r.
 ///
 /// # Safety
-/// AVX-512F is available.
+/// AVX-512F is available; the panel holds 16·k values and each column is a row of w.
 #[target_feature(enable = "avx512f")]
 unsafe fn exact_tiles(
     panel: &[f32],
     w: &[f32],
-    k: usize,
-    chunk: usize,
+    (k, chunk): (usize, usize),
     columns: &[usize],
     biases: &[f32],
-) -> Vec<[f32; 16]> {
+    out: &mut [[f32; 16]; 16],
+) {
+    assert!(panel.len() >= 16 * k && columns.iter().all(|&c| (c + 1) * k <= w.len()));
+    // One copy per column count: as many independent chains as columns, none wasted.
+    macro_rules! by_count {
+        ($($n:literal)*) => {
+            match columns.len() {
+                $($n => exact_columns::<$n>(panel, w, (k, chunk), columns, biases, out),)*
+                _ => unreachable!("at most 16 columns at once"),
+            }
+        };
+    }
+    by_count!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+}
+
+/// `exact_tiles` for N columns.
+///
+/// # Safety
+/// As `exact_tiles`, which checked the bounds.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn exact_columns<const N: usize>(
+    panel: &[f32],
+    w: &[f32],
+    (k, chunk): (usize, usize),
+    columns: &[usize],
+    biases: &[f32],
+    out: &mut [[f32; 16]; 16],
+) {
     use std::arch::x86_64::*;
-    const LANES: usize = 8;
-    debug_assert!(columns.len() <= LANES && panel.len() >= 16 * k);
-    // Missing columns repeat the first (computed, then dropped).
-    let col = |c: usize| columns.get(c).copied().unwrap_or(columns[0]);
-    let wrow: [&[f32]; LANES] = std::array::from_fn(|c| &w[col(c) * k..(col(c) + 1) * k]);
-    let mut total = [_mm512_setzero_ps(); LANES];
-    for (chunk_index, start) in (0..k).step_by(chunk).enumerate() {
+    let rows: [*const f32; N] = std::array::from_fn(|c| w.as_ptr().add(columns[c] * k));
+    let x = panel.as_ptr();
+    let mut total = [_mm512_setzero_ps(); N];
+    let mut start = 0;
+    while start < k {
         let end = (start + chunk).min(k);
-        let mut acc = [_mm512_setzero_ps(); LANES];
+        let mut acc = [_mm512_setzero_ps(); N];
         for p in start..end {
-            let xv = _mm512_loadu_ps(panel[p * 16..].as_ptr());
-            for c in 0..LANES {
-                acc[c] = _mm512_fmadd_ps(xv, _mm512_set1_ps(*wrow[c].get_unchecked(p)), acc[c]);
+            let xv = _mm512_loadu_ps(x.add(p * 16));
+            for c in 0..N {
+                acc[c] = _mm512_fmadd_ps(xv, _mm512_set1_ps(*rows[c].add(p)), acc[c]);
             }
         }
-        for c in 0..LANES {
-            total[c] = if chunk_index == 0 { acc[c] } else { _mm512_add_ps(total[c], acc[c]) };
+        for c in 0..N {
+            total[c] = if start == 0 { acc[c] } else { _mm512_add_ps(total[c], acc[c]) };
         }
+        start = end;
     }
-    (0..columns.len())
-        .map(|c| {
-            let mut out = [0f32; 16];
-            let v = _mm512_add_ps(total[c], _mm512_set1_ps(biases[col(c)]));
-            _mm512_storeu_ps(out.as_mut_ptr(), v);
-            out
-        })
-        .collect()
+    for c in 0..N {
+        let v = _mm512_add_ps(total[c], _mm512_set1_ps(biases[columns[c]]));
+        _mm512_storeu_ps(out[c].as_mut_ptr(), v);
+    }
 }
 
 #[cfg(test)]
