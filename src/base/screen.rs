@@ -171,10 +171,12 @@ impl RowOperands {
         Rows {
             count: self.count,
             stride,
-            packed: &self.packed,
+            side: Side {
+                packed: &self.packed,
+                norm: &self.norms.value,
+                rounding: &self.norms.rounding,
+            },
             panels: &self.panels,
-            norm: &self.norms.value,
-            rounding: &self.norms.rounding,
         }
     }
 }
@@ -217,12 +219,14 @@ impl Prepared {
         Columns {
             first,
             width,
-            packed: &self.packed[first * kp..(first + TASK_COLUMNS) * kp],
+            side: Side {
+                packed: &self.packed[first * kp..(first + TASK_COLUMNS) * kp],
+                norm: &self.norms.value[part.clone()],
+                rounding: &self.norms.rounding[part.clone()],
+            },
             w: &w[first * k..(first + width) * k],
             bias: &bias[part.clone()],
-            cuts: &cuts[part.clone()],
-            norm: &self.norms.value[part.clone()],
-            rounding: &self.norms.rounding[part],
+            cuts: &cuts[part],
         }
     }
 }
@@ -245,10 +249,15 @@ fn sample_estimates(rows: &Rows, w: &[f32], prepared: &Prepared, bias: &[f32]) -
 struct Rows<'a> {
     count: usize,
     stride: usize,
-    /// bf16, `padded` rows of kp.
-    packed: &'a [u16],
+    /// bf16 rows padded to 32 of them, kp each.
+    side: Side<'a>,
     /// f32 panels of 16 rows, contraction-major (`row_panels`).
     panels: &'a [f32],
+}
+
+/// One operand as the screen reads it: bf16 for the tiles, and the norms of the bound.
+struct Side<'a> {
+    packed: &'a [u16],
     norm: &'a [f32],
     rounding: &'a [f32],
 }
@@ -269,13 +278,11 @@ struct Columns<'a> {
     first: usize,
     width: usize,
     /// bf16 groups (`amx::pack_columns`), TASK_COLUMNS of them padded.
-    packed: &'a [u16],
+    side: Side<'a>,
     /// f32 rows of w, `width` of them.
     w: &'a [f32],
     bias: &'a [f32],
     cuts: &'a [f32],
-    norm: &'a [f32],
-    rounding: &'a [f32],
 }
 
 /// The screen's error bound for contraction length k. With x̂, ŵ the bf16 operands as the
@@ -436,8 +443,8 @@ impl Padded {
         Self {
             biases: get(cols.bias, 0.0),
             cuts: get(cols.cuts, f32::INFINITY),
-            norm: get(cols.norm, 0.0),
-            rounding: get(cols.rounding, 0.0),
+            norm: get(cols.side.norm, 0.0),
+            rounding: get(cols.side.rounding, 0.0),
         }
     }
 }
@@ -474,7 +481,7 @@ unsafe fn bounded(
         let load = |v: &[f32]| _mm512_loadu_ps(v[j..].as_ptr());
         let (b, nw, dw) = (load(&cols.biases), load(&cols.norm), load(&cols.rounding));
         for i in 0..live {
-            let (nx, dx) = (rows.norm[block.r0 + i], rows.rounding[block.r0 + i]);
+            let (nx, dx) = (rows.side.norm[block.r0 + i], rows.side.rounding[block.r0 + i]);
             let (nx, dx) = (_mm512_set1_ps(nx), _mm512_set1_ps(dx));
             let s =
                 _mm512_add_ps(_mm512_loadu_ps(block.estimate[i * 32 + 16 * half..].as_ptr()), b);
@@ -508,9 +515,15 @@ unsafe fn for_each_block(
     for r0 in rows.blocks() {
         for j0 in (0..cols.width).step_by(32) {
             let pair = j0 / 32;
-            let g0 = &cols.packed[(2 * pair) * group_len..][..group_len];
-            let g1 = &cols.packed[(2 * pair + 1) * group_len..][..group_len];
-            tiles.block_32x32(&rows.packed[r0 * kp..(r0 + 32) * kp], kp, g0, g1, &mut estimate);
+            let g0 = &cols.side.packed[(2 * pair) * group_len..][..group_len];
+            let g1 = &cols.side.packed[(2 * pair + 1) * group_len..][..group_len];
+            tiles.block_32x32(
+                &rows.side.packed[r0 * kp..(r0 + 32) * kp],
+                kp,
+                g0,
+                g1,
+                &mut estimate,
+            );
             each(&Block { estimate: &estimate, r0, j0 });
         }
         after_rows(r0);
@@ -618,7 +631,7 @@ unsafe fn task_estimates(rows: &Rows, cols: &Columns) -> Vec<f32> {
     use std::arch::x86_64::*;
     let padded = Padded::new(cols);
     let bound = Bound { acc: 0.0, tiny: 0.0 };
-    let kp = cols.packed.len() / (TASK_COLUMNS);
+    let kp = cols.side.packed.len() / TASK_COLUMNS;
     let mut out = Vec::new();
     let on_block = |block: &Block| {
         bounded(block, rows, &padded, &bound, |_, half, s, _| {
