@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use crate::base::amx::{self, Tiles, GROUP, STEP};
-use crate::base::gemm::{gemm_f32_plus_row_blocks, Strided};
+use crate::base::gemm::{gemm_f32_plus_row_blocks, splits_contraction, Strided};
 use crate::base::simd::vectorized;
 use crate::base::sparse::KeptBlock;
 
@@ -157,7 +157,8 @@ impl RowOperands {
         let k = prepared.k;
         let count = x.len() / k;
         assert!(x.len() == count * k, "screen: x is not rows of {k}");
-        if count < MIN_ROWS {
+        // A product split along its contraction sums in other chunks than the chain here.
+        if count < MIN_ROWS || splits_contraction(count, prepared.n, k) {
             return None;
         }
         let kp = k.div_ceil(STEP) * STEP;
