@@ -13,13 +13,13 @@
 //! Recomputation works on tiles of 16 rows × 1 column: a tile with one candidate costs as much
 //! as one with sixteen, so the screen pays when few entries pass (sparse activations).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
 
 use crate::base::amx::{self, Tiles, GROUP, STEP};
-use crate::base::gemm::{gemm_f32_plus_row_blocks, splits_contraction, Strided};
+use crate::base::gemm::{gemm_f32_plus_row, splits_contraction, Strided};
 use crate::base::simd::vectorized;
 use crate::base::sparse::KeptBlock;
 
@@ -367,12 +367,12 @@ fn row_panels(x: &[f32], k: usize, padded_rows: usize) -> Vec<f32> {
 /// a chain of fused multiply-adds over one chunk, chunks added in order), found on a probe
 /// product the way `encode_above`'s callers run it; None when no chunk length reproduces it.
 pub fn chunk(k: usize) -> Option<usize> {
-    static FOUND: Mutex<Option<HashMap<usize, Option<usize>>>> = Mutex::new(None);
-    if let Some(&c) = FOUND.lock().unwrap().get_or_insert_with(HashMap::new).get(&k) {
+    static FOUND: Mutex<BTreeMap<usize, Option<usize>>> = Mutex::new(BTreeMap::new());
+    if let Some(&c) = FOUND.lock().unwrap().get(&k) {
         return c;
     }
     let found = probe_chunk(k);
-    FOUND.lock().unwrap().get_or_insert_with(HashMap::new).insert(k, found);
+    FOUND.lock().unwrap().insert(k, found);
     found
 }
 
@@ -385,7 +385,8 @@ fn probe_chunk(k: usize) -> Option<usize> {
     let x: Vec<f32> = (0..rows * k).map(val).collect();
     let w: Vec<f32> = (0..cols * k).map(|i| val(i + rows * k)).collect();
     let bias: Vec<f32> = (0..cols).map(|j| val(j + 7) * 0.1).collect();
-    let dense = dense_rows(&x, &w, &bias, k, rows, cols);
+    let (a, b) = (Strided { data: &x, rs: k, cs: 1 }, Strided { data: &w, rs: 1, cs: k });
+    let dense = gemm_f32_plus_row(rows, cols, k, a, b, &bias);
     let lengths: Vec<usize> = {
         let mut v: Vec<usize> = (1..=k.min(64)).map(|parts| k.div_ceil(parts)).collect();
         v.dedup();
@@ -399,21 +400,6 @@ fn probe_chunk(k: usize) -> Option<usize> {
             })
         })
     })
-}
-
-/// The GEMM's row-major output for the probe.
-fn dense_rows(x: &[f32], w: &[f32], bias: &[f32], k: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let (a, b) = (Strided { data: x, rs: k, cs: 1 }, Strided { data: w, rs: 1, cs: k });
-    let blocks = gemm_f32_plus_row_blocks((rows, cols, k), a, b, bias, |first, width, out| {
-        (first, width, out.to_vec())
-    });
-    let mut dense = vec![0f32; rows * cols];
-    for (first, width, out) in blocks {
-        for (i, row) in out.chunks(width.max(1)).enumerate() {
-            dense[i * cols + first..i * cols + first + width].copy_from_slice(row);
-        }
-    }
-    dense
 }
 
 /// One entry as the GEMM computes it: fused multiply-adds over each chunk of `chunk`, chunks
@@ -718,6 +704,12 @@ unsafe fn exact_columns<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The f32 GEMM's row-major x · wᵀ + bias.
+    fn dense_rows(x: &[f32], w: &[f32], bias: &[f32], k: usize, rows: usize, n: usize) -> Vec<f32> {
+        let (a, b) = (Strided { data: x, rs: k, cs: 1 }, Strided { data: w, rs: 1, cs: k });
+        gemm_f32_plus_row(rows, n, k, a, b, bias)
+    }
 
     /// What the screen must reproduce: the dense GEMM's entries above their cuts.
     fn dense_entries(
