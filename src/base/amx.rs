@@ -128,11 +128,10 @@ mod imp {
     pub fn available() -> bool {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
         *AVAILABLE.get_or_init(|| {
-            // CPUID.(7, 0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE.
-            // `MONO_SIMD` below AVX-512 (to compare paths) turns the tiles off too.
+            // CPUID.(7, 0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE. The SIMD level says
+            // AVX-512F was detected; `MONO_SIMD` below it (to compare paths) turns the tiles off.
             let simd = crate::base::simd::level() == crate::base::simd::Level::Avx512;
-            let max = std::arch::x86_64::__cpuid(0).eax;
-            if !simd || max < 7 || !std::arch::is_x86_feature_detected!("avx512f") {
+            if !simd || std::arch::x86_64::__cpuid(0).eax < 7 {
                 return false;
             }
             let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
