@@ -570,16 +570,16 @@ fn a_screened_batchtopk_pass_keeps_what_the_dense_selection_keeps() {
     assert_eq!(!pass.pre.is_built(), mono::base::amx::available(), "screened where AMX is");
     let pre = flat(pass.pre.tensor().unwrap());
     let (kept, min) = topk::select_entries(&pre, m, &topk::Selection::Batch(k * b), None, true);
-    let csr = pass.latents_csr.as_ref().unwrap();
-    let got: Vec<u32> = (0..b)
-        .flat_map(|r| {
-            let e = csr.row_offsets[r]..csr.row_offsets[r + 1];
-            csr.columns[e].iter().map(move |&c| (r * m) as u32 + c)
-        })
+    let got: Vec<(u32, u32)> = pass
+        .latents_csr
+        .as_ref()
+        .unwrap()
+        .flat_entries(m)
+        .into_iter()
+        .map(|(v, i)| (i, v.to_bits()))
         .collect();
-    assert_eq!(got, kept);
-    let values: Vec<u32> = kept.iter().map(|&i| pre[i as usize].to_bits()).collect();
-    assert_eq!(csr.values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), values);
+    let want: Vec<(u32, u32)> = kept.iter().map(|&i| (i, pre[i as usize].to_bits())).collect();
+    assert_eq!(got, want);
     let threshold = pass.activation.batch_threshold.as_ref().unwrap();
     assert_eq!(threshold.to_scalar::<f32>().unwrap().to_bits(), min.unwrap().to_bits());
 }

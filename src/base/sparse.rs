@@ -292,6 +292,18 @@ impl SparseBatch {
         self.columns.len()
     }
 
+    /// The entries as (value, flat index r·cols + column), row after row (in flat-index order
+    /// when each row's columns increase).
+    pub fn flat_entries(&self, cols: usize) -> Vec<(f32, u32)> {
+        (0..self.rows())
+            .flat_map(|r| {
+                let e = self.row_offsets[r]..self.row_offsets[r + 1];
+                let (columns, values) = (&self.columns[e.clone()], &self.values[e]);
+                columns.iter().zip(values).map(move |(&c, &v)| (v, (r * cols) as u32 + c))
+            })
+            .collect()
+    }
+
     /// Scatters back to a dense (rows × cols) matrix.
     pub fn to_dense(&self, cols: usize) -> Vec<f32> {
         let mut dense = vec![0f32; self.rows() * cols];

@@ -536,17 +536,7 @@ mod tests {
             for take in [1, 64, 640, 6400, positive + 10] {
                 let want = select_entries(&dense, n, &Selection::Batch(take), None, true);
                 let blocks = screen::batch_candidates(&x, &w, &prepared, &bias, take).unwrap();
-                let csr = KeptBlock::merge(&blocks, rows);
-                let candidates: Vec<(f32, u32)> = (0..rows)
-                    .flat_map(|r| {
-                        let e = csr.row_offsets[r]..csr.row_offsets[r + 1];
-                        let (c, v) = (&csr.columns[e.clone()], &csr.values[e]);
-                        c.iter()
-                            .zip(v)
-                            .map(move |(&c, &v)| (v, (r * n) as u32 + c))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect();
+                let candidates = KeptBlock::merge(&blocks, rows).flat_entries(n);
                 for &(v, i) in &candidates {
                     assert_eq!(v.to_bits(), dense[i as usize].to_bits(), "{name}: value at {i}");
                 }

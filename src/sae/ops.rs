@@ -261,14 +261,16 @@ impl Pre {
     /// Pre-activations already computed.
     pub fn ready(t: Tensor) -> CResult<Self> {
         let (dims, device) = (t.dims2()?, t.device().clone());
-        let inner = PreInner {
-            dense: OnceLock::from(t),
-            inputs: None,
-            sealed: AtomicBool::new(false),
-            dims,
-            device,
-        };
-        Ok(Self(Arc::new(inner)))
+        Ok(Self::of(OnceLock::from(t), None, dims, device))
+    }
+
+    fn of(
+        dense: OnceLock<Tensor>,
+        inputs: Option<EncoderInputs>,
+        dims: (usize, usize),
+        device: Device,
+    ) -> Self {
+        Self(Arc::new(PreInner { dense, inputs, sealed: AtomicBool::new(false), dims, device }))
     }
 
     /// The (B, M) tensor, a node of the graph like the encoder's output (built on first use).
@@ -347,14 +349,7 @@ pub fn encoder_linear(
         let dims = (x.dim(0)?, w.dim(0)?);
         let device = x.device().clone();
         let inputs = Some(EncoderInputs { x, w, biases, centre, sink });
-        let inner = PreInner {
-            dense: OnceLock::new(),
-            inputs,
-            sealed: AtomicBool::new(false),
-            dims,
-            device,
-        };
-        Ok(Encoded { pre: Pre(Arc::new(inner)), port })
+        Ok(Encoded { pre: Pre::of(OnceLock::new(), inputs, dims, device), port })
     } else {
         let x = match b_dec {
             Some(b_dec) => x.broadcast_sub(b_dec)?,
@@ -385,13 +380,7 @@ pub fn screened_batch_top(pre: &Pre, n: usize) -> CResult<Option<Selected>> {
         })
     })???;
     let Some(candidates) = found else { return Ok(None) };
-    let flat: Vec<(f32, u32)> = (0..rows)
-        .flat_map(|r| {
-            let e = candidates.row_offsets[r]..candidates.row_offsets[r + 1];
-            let (cols, vals) = (&candidates.columns[e.clone()], &candidates.values[e]);
-            cols.iter().zip(vals).map(move |(&c, &v)| (v, (r * m) as u32 + c))
-        })
-        .collect();
+    let flat = candidates.flat_entries(m);
     let (kept, min) = crate::models::topk::best_of_candidates(flat.clone(), n);
     // The kept entries' CSR: a walk of the candidates (both in flat-index order).
     let mut csr = SparseBatch { row_offsets: vec![0], columns: Vec::new(), values: Vec::new() };
