@@ -541,9 +541,8 @@ unsafe fn screen_columns(
     let valid = if cols.width >= 128 { u128::MAX } else { (1u128 << cols.width) - 1 };
     // An infinite estimate bounds nothing: a candidate too.
     let max = _mm512_set1_ps(f32::MAX);
-    // Candidate tiles of the current 32 rows: bit j of `candidates[h]` = column j has a
-    // candidate in rows r0 + 16h .. r0 + 16h + 16.
-    let candidates = std::cell::Cell::new([0u128; 2]);
+    // Candidates of the current 32 rows: bit j of `candidates[i]` = column j of row r0 + i.
+    let candidates = std::cell::Cell::new([0u128; 32]);
     let on_block = |block: &Block| {
         let mut found = candidates.get();
         bounded(block, rows, &padded, bound, |i, half, s, e| {
@@ -554,19 +553,40 @@ unsafe fn screen_columns(
                 Rule::Above => _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(upper, c),
                 Rule::AtLeast => _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(upper, c),
             } | _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(s), max);
-            found[i / 16] |= (m as u128) << (block.j0 + 16 * half);
+            found[i] |= (m as u128) << (block.j0 + 16 * half);
         });
         candidates.set(found);
     };
+    let by_step = transposed(cols.w, cols.width, k);
+    let mut lanes = Vec::new();
     let after_rows = |r0: usize| {
+        let mut found = candidates.take();
+        let live = (rows.count - r0).min(32);
+        for bits in &mut found[live..] {
+            *bits = 0;
+        }
         let mut keep = [0u128; 32];
-        for (half, bits) in candidates.take().into_iter().enumerate() {
-            let first_row = r0 + 16 * half;
-            let mut bits = bits & valid;
-            if first_row >= rows.count {
+        let mut record = |i: usize, j: usize, value: f32| {
+            let passes = match rule {
+                Rule::Above => value > padded.cuts[j],
+                Rule::AtLeast => value >= padded.cuts[j],
+            };
+            if i < live && passes {
+                keep[i] |= 1u128 << j;
+                values[i * TASK_COLUMNS + j] = value;
+            }
+        };
+        // Columns with several candidates among a tile's 16 rows: the whole tile at once.
+        for half in 0..2 {
+            let tile = &mut found[16 * half..16 * half + 16];
+            let mut bits = crowded(tile) & valid;
+            if bits == 0 {
                 continue;
             }
-            let panel = &rows.panels[first_row / 16 * 16 * k..][..16 * k];
+            for row in tile.iter_mut() {
+                *row &= !bits;
+            }
+            let panel = &rows.panels[(r0 / 16 + half) * 16 * k..][..16 * k];
             let mut exact = [[0f32; 16]; 16];
             while bits != 0 {
                 // Up to sixteen columns at once: independent chains keep the FMA units busy.
@@ -581,20 +601,26 @@ unsafe fn screen_columns(
                 exact_tiles(panel, cols.w, (k, chunk), columns, &padded.biases, &mut exact);
                 for (&j, v) in columns.iter().zip(&exact) {
                     for (r, &value) in v.iter().enumerate() {
-                        let i = 16 * half + r;
-                        let passes = match rule {
-                            Rule::Above => value > padded.cuts[j],
-                            Rule::AtLeast => value >= padded.cuts[j],
-                        };
-                        if first_row + r < rows.count && passes {
-                            keep[i] |= 1u128 << j;
-                            values[i * TASK_COLUMNS + j] = value;
-                        }
+                        record(16 * half + r, j, value);
                     }
                 }
             }
         }
-        for (i, &bits) in keep.iter().enumerate().take((rows.count - r0).min(32)) {
+        // The other candidates one by one, sixteen to a vector.
+        lanes.clear();
+        group_lanes(&found, valid, &mut lanes);
+        let panels = &rows.panels[r0 * k..][..32 * k];
+        for batch in lanes.chunks(MAX_GROUPS) {
+            let mut exact = [[0f32; 16]; MAX_GROUPS];
+            exact_lanes(panels, &by_step, (k, chunk), batch, &padded.biases, &mut exact);
+            for (group, v) in batch.iter().zip(&exact) {
+                let entries = group.rows.iter().zip(&group.columns).zip(v);
+                for ((&i, &j), &value) in entries.take(group.len) {
+                    record(i as usize, 32 * group.span + j as usize, value);
+                }
+            }
+        }
+        for (i, &bits) in keep[..live].iter().enumerate() {
             let mut bits = bits;
             while bits != 0 {
                 let j = bits.trailing_zeros() as usize;
@@ -633,6 +659,196 @@ unsafe fn task_estimates(rows: &Rows, cols: &Columns) -> Vec<f32> {
     };
     for_each_block(rows, cols, kp, on_block, |_| {});
     out
+}
+
+/// Candidates a tile (16 rows × 1 column) needs before it is recomputed whole rather than
+/// entry by entry: a whole tile costs about as much as four entries in lanes.
+const CROWDED: usize = 4;
+
+/// The columns with at least `CROWDED` candidates among the rows' candidate bits.
+fn crowded(rows: &[u128]) -> u128 {
+    // Bit-sliced counts saturating at CROWDED: at_least[c] = columns seen more than c times.
+    let mut at_least = [0u128; CROWDED];
+    for &row in rows {
+        for c in (1..CROWDED).rev() {
+            at_least[c] |= at_least[c - 1] & row;
+        }
+        at_least[0] |= row;
+    }
+    at_least[CROWDED - 1]
+}
+
+/// Groups of `exact_lanes` in flight at once (two index vectors, an accumulator and a total
+/// each stay in registers).
+const MAX_GROUPS: usize = 6;
+
+/// Up to sixteen entries of a block of 32 rows, all in one span of 32 of the task's columns.
+#[derive(Clone, Copy)]
+struct LaneGroup {
+    /// The block's rows (0..32) and the span's columns (0..32) of the entries, lane by lane.
+    rows: [u32; 16],
+    columns: [u32; 16],
+    span: usize,
+    len: usize,
+}
+
+/// The candidate entries of `found` (a block's rows' bits over the task's columns, within
+/// `valid`) as lane groups, span by span.
+fn group_lanes(found: &[u128; 32], valid: u128, out: &mut Vec<LaneGroup>) {
+    for span in 0..TASK_COLUMNS / 32 {
+        let mut group = LaneGroup { rows: [0; 16], columns: [0; 16], span, len: 0 };
+        for (i, &row) in found.iter().enumerate() {
+            let mut bits = ((row & valid) >> (32 * span)) as u32;
+            while bits != 0 {
+                group.rows[group.len] = i as u32;
+                group.columns[group.len] = bits.trailing_zeros();
+                group.len += 1;
+                bits &= bits - 1;
+                if group.len == 16 {
+                    out.push(group);
+                    group.len = 0;
+                }
+            }
+        }
+        if group.len > 0 {
+            out.push(group);
+        }
+    }
+}
+
+/// A task's columns transposed: value p of column j at p · TASK_COLUMNS + j (columns past the
+/// width are zero).
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+unsafe fn transposed(w: &[f32], width: usize, k: usize) -> Vec<f32> {
+    use std::arch::x86_64::*;
+    assert!(w.len() >= width * k && width <= TASK_COLUMNS);
+    let mut out = vec![0f32; k * TASK_COLUMNS];
+    for j0 in (0..width).step_by(16) {
+        for p0 in (0..k).step_by(16) {
+            if j0 + 16 <= width && p0 + 16 <= k {
+                let mut r: [__m512; 16] =
+                    std::array::from_fn(|j| _mm512_loadu_ps(w.as_ptr().add((j0 + j) * k + p0)));
+                transpose_16x16(&mut r);
+                for (p, v) in r.into_iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add((p0 + p) * TASK_COLUMNS + j0), v);
+                }
+            } else {
+                for j in j0..(j0 + 16).min(width) {
+                    for p in p0..(p0 + 16).min(k) {
+                        out[p * TASK_COLUMNS + j] = w[j * k + p];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Transposes 16 × 16 values in registers: swapping the off-diagonal blocks of 8, then of 4
+/// within them, and so on.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose_16x16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    for d in [8usize, 4, 2, 1] {
+        // Lane l of the upper row keeps its own value where l & d == 0 and takes the lower
+        // row's lane l − d elsewhere; the lower row takes the upper's lane l + d, keeps its own.
+        let upper: [i32; 16] =
+            std::array::from_fn(|l| if l & d == 0 { l as i32 } else { (16 + l - d) as i32 });
+        let lower: [i32; 16] =
+            std::array::from_fn(|l| if l & d == 0 { (l + d) as i32 } else { (16 + l) as i32 });
+        let (upper, lower) =
+            (_mm512_loadu_si512(upper.as_ptr().cast()), _mm512_loadu_si512(lower.as_ptr().cast()));
+        for i in (0..16).filter(|i| i & d == 0) {
+            let (a, b) = (r[i], r[i + d]);
+            r[i] = _mm512_permutex2var_ps(a, upper, b);
+            r[i + d] = _mm512_permutex2var_ps(a, lower, b);
+        }
+    }
+}
+
+/// The exact values of lane groups (`LaneGroup`) of one block of 32 rows, as the GEMM computes
+/// them (`chained`): `out[g][l]` for lane l of group g. Each lane runs its entry's own chain;
+/// x comes from the block's two panels and w from the task's `transposed` columns.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+unsafe fn exact_lanes(
+    panels: &[f32],
+    transposed: &[f32],
+    (k, chunk): (usize, usize),
+    groups: &[LaneGroup],
+    biases: &[f32],
+    out: &mut [[f32; 16]; MAX_GROUPS],
+) {
+    assert!(panels.len() >= 32 * k && transposed.len() >= k * TASK_COLUMNS);
+    assert!(biases.len() >= TASK_COLUMNS && groups.iter().all(|g| g.span < TASK_COLUMNS / 32));
+    macro_rules! by_count {
+        ($($n:literal)*) => {
+            match groups.len() {
+                $($n => exact_groups::<$n>(panels, transposed, (k, chunk), groups, biases, out),)*
+                _ => unreachable!("at most MAX_GROUPS groups at once"),
+            }
+        };
+    }
+    by_count!(1 2 3 4 5 6)
+}
+
+/// `exact_lanes` for G groups.
+///
+/// # Safety
+/// As `exact_lanes`, which checked the bounds.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn exact_groups<const G: usize>(
+    panels: &[f32],
+    transposed: &[f32],
+    (k, chunk): (usize, usize),
+    groups: &[LaneGroup],
+    biases: &[f32],
+    out: &mut [[f32; 16]; MAX_GROUPS],
+) {
+    use std::arch::x86_64::*;
+    let index = |v: &[u32; 16]| _mm512_loadu_si512(v.as_ptr().cast());
+    let rows: [__m512i; G] = std::array::from_fn(|g| index(&groups[g].rows));
+    let columns: [__m512i; G] = std::array::from_fn(|g| index(&groups[g].columns));
+    let spans: [usize; G] = std::array::from_fn(|g| 32 * groups[g].span);
+    let (upper, lower) = (panels.as_ptr(), panels.as_ptr().add(16 * k));
+    let w = transposed.as_ptr();
+    let mut total = [_mm512_setzero_ps(); G];
+    let mut start = 0;
+    while start < k {
+        let end = (start + chunk).min(k);
+        let mut acc = [_mm512_setzero_ps(); G];
+        for p in start..end {
+            let (xa, xb) = (_mm512_loadu_ps(upper.add(p * 16)), _mm512_loadu_ps(lower.add(p * 16)));
+            let wp = w.add(p * TASK_COLUMNS);
+            for g in 0..G {
+                let x = _mm512_permutex2var_ps(xa, rows[g], xb);
+                let (wa, wb) =
+                    (_mm512_loadu_ps(wp.add(spans[g])), _mm512_loadu_ps(wp.add(spans[g] + 16)));
+                let wv = _mm512_permutex2var_ps(wa, columns[g], wb);
+                acc[g] = _mm512_fmadd_ps(x, wv, acc[g]);
+            }
+        }
+        for g in 0..G {
+            total[g] = if start == 0 { acc[g] } else { _mm512_add_ps(total[g], acc[g]) };
+        }
+        start = end;
+    }
+    for g in 0..G {
+        let bias: [f32; 16] =
+            std::array::from_fn(|l| biases[spans[g] + groups[g].columns[l] as usize]);
+        let v = _mm512_add_ps(total[g], _mm512_loadu_ps(bias.as_ptr()));
+        _mm512_storeu_ps(out[g].as_mut_ptr(), v);
+    }
 }
 
 /// The exact values of 16 rows (a panel of `row_panels`) × the given columns (at most 16) of
@@ -780,6 +996,32 @@ mod tests {
             assert_eq!(got, want, "{rows}×{n}×{k}");
             assert!(want.iter().map(Vec::len).sum::<usize>() > rows, "keeps something");
         }
+    }
+
+    #[test]
+    fn task_columns_transpose() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for (width, k) in [(128, 768), (100, 37), (16, 16), (3, 5)] {
+            let w: Vec<f32> = (0..width * k).map(|i| i as f32).collect();
+            // SAFETY: AVX-512F checked above.
+            let t = unsafe { transposed(&w, width, k) };
+            for p in 0..k {
+                for j in 0..TASK_COLUMNS {
+                    let want = if j < width { w[j * k + p] } else { 0.0 };
+                    assert_eq!(t[p * TASK_COLUMNS + j], want, "{width}×{k} at ({p}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn crowded_columns_have_four_candidates() {
+        let rows = [0b1111u128, 0b0111, 0b0011, 0b0001, 1 << 100, 1 << 100, 1 << 100];
+        assert_eq!(crowded(&rows), 0b0001);
+        assert_eq!(crowded(&[rows[4]; 4]), 1 << 100);
+        assert_eq!(crowded(&[]), 0);
     }
 
     /// The chunked chain reproduces the GEMM on the probe (what `chunk` checks) at the lengths
