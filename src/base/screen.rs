@@ -10,8 +10,9 @@
 //! The chunk length is found by comparing against the crate on a probe product; when nothing
 //! matches (another crate version or kernel), the screen is not used.
 //!
-//! Recomputation works on tiles of 16 rows × 1 column: a tile with one candidate costs as much
-//! as one with sixteen, so the screen pays when few entries pass (sparse activations).
+//! Candidates are recomputed sixteen to a vector, each lane its own entry's chain; a tile of 16
+//! rows × 1 column holding several candidates runs whole, its rows in the lanes. Either way the
+//! screen pays when few entries pass (sparse activations).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
