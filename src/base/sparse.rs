@@ -639,7 +639,7 @@ pub fn csr_sampled_dot(a: SparseRows<'_>, x: &[f32], w: &[f32], d: usize) -> Vec
 }
 
 /// Splits a per-entry buffer (CSC order) into one mutable slice per column.
-fn column_slices<'a>(cols: &SparseColumns, buf: &'a mut [f32]) -> Vec<&'a mut [f32]> {
+pub fn column_slices<'a, T>(cols: &SparseColumns, buf: &'a mut [T]) -> Vec<&'a mut [T]> {
     let n_cols = cols.col_offsets.len() - 1;
     let mut out = Vec::with_capacity(n_cols);
     let mut rest = buf;
@@ -651,21 +651,29 @@ fn column_slices<'a>(cols: &SparseColumns, buf: &'a mut [f32]) -> Vec<&'a mut [f
     out
 }
 
-/// For every entry (i, k): x[i] · w[k], in CSC order (x: rows × D, w: M × D).
+/// For every entry (i, k): x[i] · w[k] as [`dot`] sums it, in CSC order (x: rows × D,
+/// w: M × D).
 pub fn csc_dots(cols: &SparseColumns, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; cols.rows.len()];
-    column_slices(cols, &mut out).into_par_iter().enumerate().with_min_len(16).for_each(
-        |(k, slot)| {
-            let wk = &w[k * d..(k + 1) * d];
-            vectorized!({
-                for (o, j) in slot.iter_mut().zip(cols.col_offsets[k]..cols.col_offsets[k + 1]) {
-                    let i = cols.rows[j] as usize;
-                    *o = dot(&x[i * d..(i + 1) * d], wk);
-                }
-            })
-        },
-    );
-    out
+    blocked::<false, true>(cols, &cols.values, x, w, d).1
+}
+
+/// For every latent k: Σ v · x[i] over its entries (i, k) with values `values` (CSC order),
+/// each element summed in entry order from zero (M × D), as a loop of [`axpy`] gives it.
+pub fn csc_axpys(cols: &SparseColumns, values: &[f32], x: &[f32], d: usize) -> Vec<f32> {
+    assert_eq!(values.len(), cols.rows.len(), "csc_axpys: one value per entry");
+    blocked::<true, false>(cols, values, x, &[], d).0
+}
+
+/// The sparse decoder's backward: for every entry (i, k, v), `dw[k] += v · g[i]` (M × D, each
+/// element summed in entry order from zero) and `dots[entry] = dot(g[i], w[k])` (CSC order),
+/// the same operations as those loops.
+pub fn decoder_backward(
+    cols: &SparseColumns,
+    g: &[f32],
+    w: &[f32],
+    d: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    blocked::<true, true>(cols, &cols.values, g, w, d)
 }
 
 /// Per-entry values in CSC order → CSR order of the source rows.
@@ -677,22 +685,23 @@ pub fn to_row_order(cols: &SparseColumns, by_column: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Latents per task of `decoder_backward`.
-const BACKWARD_LATENTS_PER_TASK: usize = 64;
-/// Columns of a full block of `decoder_backward`: a block of the (B × D) gradient, packed, is
-/// 1 MiB at B = 2,048, so it stays in a 2 MiB L2 while every latent reads its rows.
-const BACKWARD_BLOCK: usize = 128;
+/// Latents per task of `blocked`.
+const BLOCKED_LATENTS_PER_TASK: usize = 64;
+/// Columns of a full block of `blocked`: a block of the (B × D) operand, packed, is 1 MiB at
+/// B = 2,048, so it stays in a 2 MiB L2 while every latent reads its rows.
+const BLOCK_COLUMNS: usize = 128;
 
-/// The sparse decoder's backward: for every entry (i, k, v), `dw[k] += v · g[i]` (M × D, each
-/// element summed in entry order from zero) and `dots[entry] = dot(g[i], w[k])` (CSC order),
-/// the same operations as those loops.
+/// The gathers of a CSC matrix's entries (i, k, v) over the rows of g (rows × D): with AXPY,
+/// `sums[k] = Σ v · g[i]` (M × D, in entry order from zero); with DOTS, `dots[entry] =
+/// dot(g[i], w[k])` (CSC order). An output not asked for is empty.
 ///
 /// A block of columns at a time: the block of `g` is packed into one contiguous buffer, then
 /// every latent gathers its entries' rows from it, and each entry's eight partial sums of `dot`
 /// are kept between blocks. Gathering whole 3 KiB rows of `g` (D = 768) from the L3 instead
 /// was memory-bound: 10 ms a step at B = 2,048, k = 64, M = 8,192 on two threads.
-pub fn decoder_backward(
+fn blocked<const AXPY: bool, const DOTS: bool>(
     cols: &SparseColumns,
+    values: &[f32],
     g: &[f32],
     w: &[f32],
     d: usize,
@@ -700,94 +709,115 @@ pub fn decoder_backward(
     let m = cols.col_offsets.len() - 1;
     let rows = g.len().checked_div(d).unwrap_or(0);
     let chunks = d / 8 * 8;
-    let mut partial = vec![[0f32; 8]; cols.rows.len()];
+    let mut partial = vec![[0f32; 8]; if DOTS { cols.rows.len() } else { 0 }];
     // Unzeroed: the blocks and then the tails write every element.
-    let mut dw: Vec<f32> = Vec::with_capacity(m * d);
+    let mut sums: Vec<f32> = Vec::with_capacity(if AXPY { m * d } else { 0 });
     let mut packed = Vec::new();
     let mut start = 0;
     while start < chunks {
-        let width = if start + BACKWARD_BLOCK <= chunks { BACKWARD_BLOCK } else { 8 };
+        let width = if start + BLOCK_COLUMNS <= chunks { BLOCK_COLUMNS } else { 8 };
         packed.clear();
         packed.resize(rows * width, 0f32);
         packed.par_chunks_mut(width).enumerate().with_min_len(64).for_each(|(i, out)| {
             out.copy_from_slice(&g[i * d + start..][..width]);
         });
-        let block = Block { cols, packed: &packed, w, d, start };
-        backward_tasks(cols, &mut dw, &mut partial, d).into_par_iter().for_each(
-            |(k0, dw_rows, partial)| match width {
-                BACKWARD_BLOCK => block.run::<BACKWARD_BLOCK>(k0, dw_rows, partial),
-                _ => block.run::<8>(k0, dw_rows, partial),
+        let block = Block { cols, values, packed: &packed, w, d, start };
+        blocked_tasks::<AXPY, DOTS>(cols, &mut sums, &mut partial, d).into_par_iter().for_each(
+            |task| match width {
+                BLOCK_COLUMNS => block.run::<BLOCK_COLUMNS, AXPY, DOTS>(task),
+                _ => block.run::<8, AXPY, DOTS>(task),
             },
         );
         start += width;
     }
     // The last d − chunks columns, entry by entry as `axpy` and `dot` end, and the dots.
-    let mut dots = vec![0f32; cols.rows.len()];
-    let dot_parts = latent_groups(cols, &mut dots);
-    backward_tasks(cols, &mut dw, &mut partial, d).into_par_iter().zip(dot_parts).for_each(
-        |((k0, dw_rows, partial), dots)| {
-            let first = cols.col_offsets[k0];
-            for (dk, k) in dw_rows.chunks_exact_mut(d.max(1)).zip(k0..) {
-                let tail = &mut dk[chunks..];
+    let mut dots = vec![0f32; if DOTS { cols.rows.len() } else { 0 }];
+    let dot_parts = latent_groups(cols, &mut dots, DOTS);
+    let tasks = blocked_tasks::<AXPY, DOTS>(cols, &mut sums, &mut partial, d);
+    tasks.into_par_iter().zip(dot_parts).for_each(|(task, dots)| {
+        let BlockedTask { k0, k1, sums, partial } = task;
+        let first = cols.col_offsets[k0];
+        for k in k0..k1 {
+            let mut tail = AXPY.then(|| {
+                let tail = &mut sums[(k - k0) * d + chunks..(k - k0 + 1) * d];
                 tail.fill(0.0);
-                for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
-                    let gi = &g[cols.rows[j] as usize * d..][chunks..d];
-                    axpy(tail, cols.values[j], gi);
+                tail
+            });
+            for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+                let gi = &g[cols.rows[j] as usize * d..][chunks..d];
+                if let Some(tail) = tail.as_deref_mut() {
+                    axpy(tail, values[j], gi);
+                }
+                if DOTS {
                     dots[j - first] =
                         finish_dot(partial[j - first], gi, &w[k * d + chunks..][..d - chunks]);
                 }
             }
-        },
-    );
+        }
+    });
     // SAFETY: the blocks wrote columns 0..chunks of every row and the tails the rest.
-    unsafe { dw.set_len(m * d) };
-    (dw, dots)
+    unsafe { sums.set_len(if AXPY { m * d } else { 0 }) };
+    (sums, dots)
 }
 
-/// A task of `decoder_backward`: its first latent, their rows of dw, their entries' partial
-/// sums.
-type BackwardTask<'a> = (usize, &'a mut [f32], &'a mut [[f32; 8]]);
+/// A task of `blocked`: latents k0..k1, their rows of the sums and their entries' partial
+/// sums of `dot` (each empty when not computed).
+struct BlockedTask<'a> {
+    k0: usize,
+    k1: usize,
+    sums: &'a mut [f32],
+    partial: &'a mut [[f32; 8]],
+}
 
-/// `decoder_backward`'s tasks.
-fn backward_tasks<'a>(
+/// `blocked`'s tasks.
+fn blocked_tasks<'a, const AXPY: bool, const DOTS: bool>(
     cols: &SparseColumns,
-    dw: &'a mut Vec<f32>,
+    sums: &'a mut Vec<f32>,
     partial: &'a mut [[f32; 8]],
     d: usize,
-) -> Vec<BackwardTask<'a>> {
+) -> Vec<BlockedTask<'a>> {
     let m = cols.col_offsets.len() - 1;
-    let slots = &mut dw.spare_capacity_mut()[..m * d];
+    let len = if AXPY { m * d } else { 0 };
+    let slots = &mut sums.spare_capacity_mut()[..len];
     // SAFETY: f32 has no invalid bit patterns; callers write elements before anything reads
     // them (each block its columns, the tails theirs) and read only what they wrote.
     let slots = unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) };
-    let per = BACKWARD_LATENTS_PER_TASK;
-    slots
-        .chunks_mut((per * d).max(1))
-        .zip(latent_groups(cols, partial))
+    let per = BLOCKED_LATENTS_PER_TASK;
+    let mut slots = slots;
+    latent_groups(cols, partial, DOTS)
+        .into_iter()
         .enumerate()
-        .map(|(t, (dw_rows, partial))| (t * per, dw_rows, partial))
+        .map(|(t, partial)| {
+            let (k0, k1) = (t * per, ((t + 1) * per).min(m));
+            let (sums, rest) =
+                std::mem::take(&mut slots).split_at_mut(if AXPY { (k1 - k0) * d } else { 0 });
+            slots = rest;
+            BlockedTask { k0, k1, sums, partial }
+        })
         .collect()
 }
 
-/// A per-entry buffer (CSC order) split into the entries of each `decoder_backward` task.
-fn latent_groups<'a, T>(cols: &SparseColumns, buf: &'a mut [T]) -> Vec<&'a mut [T]> {
+/// A per-entry buffer (CSC order) split into the entries of each `blocked` task; empty slices
+/// when the buffer is not `used`.
+fn latent_groups<'a, T>(cols: &SparseColumns, buf: &'a mut [T], used: bool) -> Vec<&'a mut [T]> {
     let m = cols.col_offsets.len() - 1;
     let mut rest = buf;
     (0..m)
-        .step_by(BACKWARD_LATENTS_PER_TASK)
+        .step_by(BLOCKED_LATENTS_PER_TASK)
         .map(|k0| {
-            let k1 = (k0 + BACKWARD_LATENTS_PER_TASK).min(m);
-            let (head, tail) =
-                std::mem::take(&mut rest).split_at_mut(cols.col_offsets[k1] - cols.col_offsets[k0]);
+            let k1 = (k0 + BLOCKED_LATENTS_PER_TASK).min(m);
+            let len = if used { cols.col_offsets[k1] - cols.col_offsets[k0] } else { 0 };
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
             head
         })
         .collect()
 }
 
-/// One block of columns of `decoder_backward`.
+/// One block of columns of `blocked`.
 struct Block<'a> {
     cols: &'a SparseColumns,
+    values: &'a [f32],
     /// The block's columns of every row of g, contiguous.
     packed: &'a [f32],
     w: &'a [f32],
@@ -796,29 +826,39 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// Columns start..start + W of the latents k0.. whose dw rows and entries' partial sums
-    /// are given.
-    fn run<const W: usize>(&self, k0: usize, dw_rows: &mut [f32], partial: &mut [[f32; 8]]) {
-        let Block { cols, packed, w, d, start } = *self;
+    /// Columns start..start + W of a task's latents.
+    fn run<const W: usize, const AXPY: bool, const DOTS: bool>(&self, task: BlockedTask) {
+        let Block { cols, values, packed, w, d, start } = *self;
+        let BlockedTask { k0, k1, sums, partial } = task;
         let first = cols.col_offsets[k0];
-        vectorized!(for (dk, k) in dw_rows.chunks_exact_mut(d).zip(k0..) {
-            let wk: &[f32; W] = w[k * d + start..][..W].try_into().expect("block width");
+        vectorized!(for k in k0..k1 {
+            let wk: &[f32; W] = if DOTS {
+                w[k * d + start..][..W].try_into().expect("block width")
+            } else {
+                &[0.0; W]
+            };
             let mut acc = [0f32; W];
             for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
                 let at = cols.rows[j] as usize * W;
                 let seg: &[f32; W] = packed[at..at + W].try_into().expect("block width");
-                let v = cols.values[j];
-                for (a, &x) in acc.iter_mut().zip(seg) {
-                    *a += v * x;
+                if AXPY {
+                    let v = values[j];
+                    for (a, &x) in acc.iter_mut().zip(seg) {
+                        *a += v * x;
+                    }
                 }
-                // By value: one vector register, not eight scalars stored back each time.
-                let mut p = partial[j - first];
-                for (s, wc) in seg.chunks_exact(8).zip(wk.chunks_exact(8)) {
-                    p = std::array::from_fn(|l| p[l] + s[l] * wc[l]);
+                if DOTS {
+                    // By value: one vector register, not eight scalars stored back each time.
+                    let mut p = partial[j - first];
+                    for (s, wc) in seg.chunks_exact(8).zip(wk.chunks_exact(8)) {
+                        p = std::array::from_fn(|l| p[l] + s[l] * wc[l]);
+                    }
+                    partial[j - first] = p;
                 }
-                partial[j - first] = p;
             }
-            dk[start..start + W].copy_from_slice(&acc);
+            if AXPY {
+                sums[(k - k0) * d + start..][..W].copy_from_slice(&acc);
+            }
         })
     }
 }
@@ -889,7 +929,7 @@ mod tests {
         // Narrow blocks and a tail only; two full blocks, narrow ones and a tail over tasks of
         // several latents.
         check_decoder_backward(50, 23, 37);
-        check_decoder_backward(40, 2 * BACKWARD_LATENTS_PER_TASK + 7, 2 * BACKWARD_BLOCK + 29);
+        check_decoder_backward(40, 2 * BLOCKED_LATENTS_PER_TASK + 7, 2 * BLOCK_COLUMNS + 29);
     }
 
     fn check_decoder_backward(rows: usize, m: usize, d: usize) {
@@ -919,6 +959,9 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&dw), bits(&want_dw));
         assert_eq!(bits(&dots), bits(&want_dots));
+        // Each product alone, as the MonoLoss uses them.
+        assert_eq!(bits(&csc_axpys(&cols, &cols.values, &g, d)), bits(&want_dw));
+        assert_eq!(bits(&csc_dots(&cols, &g, &w, d)), bits(&want_dots));
         assert!((0..m).any(|k| cols.col_offsets[k] == cols.col_offsets[k + 1]));
     }
 

@@ -120,19 +120,16 @@ pub(crate) fn forward(
 ) -> (MonoLossSaved, f32, MonoLossStats) {
     let (unit, unit_sum) = unit_rows(sim, d);
     let cols = sparse::to_columns(csr.as_rows(), m);
-    // Column order: each neuron's w_k (a D-row) stays in cache while its rows are gathered;
-    // each task zeroes its own rows (no single-threaded (M × D) zero-fill up front).
-    let mut w: Vec<f32> = Vec::with_capacity(m * d);
-    let mut neurons = vec![NeuronBatchStats::default(); m];
-    w.spare_capacity_mut()[..m * d]
-        .par_chunks_mut(d)
-        .zip(neurons.par_iter_mut())
+    // Each neuron's scaling, and each entry's coefficient of its row's unit vector in w_k.
+    let mut coefs = vec![0f32; cols.rows.len()];
+    let mut neurons: Vec<NeuronBatchStats> = cols
+        .col_offsets
+        .par_windows(2)
+        .zip(sparse::column_slices(&cols, &mut coefs))
         .enumerate()
         .with_min_len(16)
-        .for_each(|(k, (w, n))| {
-            let w = crate::base::cpu::zeroed(w);
-            let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
-            let (rows, vals) = (&cols.rows[span.clone()], &cols.values[span]);
+        .map(|(k, (span, coefs))| {
+            let (rows, vals) = (&cols.rows[span[0]..span[1]], &cols.values[span[0]..span[1]]);
             let implicit = b - vals.len();
             let mut min = vals.iter().copied().fold(f32::INFINITY, f32::min);
             let mut max = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -145,35 +142,37 @@ pub(crate) fn forward(
             let zero_scaled = -min / range;
             let (mut u, mut v) =
                 (implicit as f32 * zero_scaled, implicit as f32 * zero_scaled * zero_scaled);
-            for (&r, &l) in rows.iter().zip(vals) {
+            for (&l, coef) in vals.iter().zip(coefs.iter_mut()) {
                 let a = (l - min) / range;
                 u += a;
                 v += a * a;
                 // Explicit entries carry (a − zero_scaled); every row's zero_scaled share is added below.
-                let p = &unit[r as usize * d..(r as usize + 1) * d];
-                let coef = a - zero_scaled;
-                w.iter_mut().zip(p).for_each(|(wi, &pi)| *wi += coef * pi);
+                *coef = a - zero_scaled;
             }
-            if zero_scaled != 0.0 {
-                w.iter_mut().zip(&unit_sum).for_each(|(wi, &s)| *wi += zero_scaled * s);
-            }
-            let num = 0.5 * (sparse::dot(w, w) - v);
-            let den = 0.5 * (u * u - v);
             let first = cols.col_offsets[k];
-            *n = NeuronBatchStats {
+            NeuronBatchStats {
                 min,
                 range,
                 u,
                 v,
-                num,
-                den,
-                active: den > eps,
+                num: 0.0,
+                den: 0.5 * (u * u - v),
+                active: false,
                 min_at: first_at(rows, vals, min, first, b),
                 max_at: first_at(rows, vals, max, first, b),
-            };
-        });
-    // SAFETY: the rows cover all m · d slots, and each task zeroed its row first.
-    unsafe { w.set_len(m * d) };
+            }
+        })
+        .collect();
+    // w_k = Σ coef · unit row, gathered a block of D at a time (the rows stay in cache).
+    let mut w = sparse::csc_axpys(&cols, &coefs, &unit, d);
+    w.par_chunks_mut(d.max(1)).zip(neurons.par_iter_mut()).with_min_len(16).for_each(|(w, n)| {
+        let zero_scaled = -n.min / n.range;
+        if zero_scaled != 0.0 {
+            w.iter_mut().zip(&unit_sum).for_each(|(wi, &s)| *wi += zero_scaled * s);
+        }
+        n.num = 0.5 * (sparse::dot(w, w) - n.v);
+        n.active = n.den > eps;
+    });
     let n_active = neurons.iter().filter(|n| n.active).count();
     let total: f64 =
         neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
