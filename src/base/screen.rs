@@ -135,6 +135,11 @@ pub fn batch_candidates(
     }
 }
 
+/// Candidates recomputed in lanes and whole tiles recomputed (for tests).
+#[cfg(test)]
+static RECOMPUTED: [std::sync::atomic::AtomicUsize; 2] =
+    [std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)];
+
 /// Passes run again with a lower cut (for tests).
 #[cfg(test)]
 pub static WIDENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -599,6 +604,8 @@ unsafe fn screen_columns(
                     count += 1;
                 }
                 let columns = &batch[..count];
+                #[cfg(test)]
+                RECOMPUTED[1].fetch_add(count, std::sync::atomic::Ordering::Relaxed);
                 exact_tiles(panel, cols.w, (k, chunk), columns, &padded.biases, &mut exact);
                 for (&j, v) in columns.iter().zip(&exact) {
                     for (r, &value) in v.iter().enumerate() {
@@ -613,6 +620,8 @@ unsafe fn screen_columns(
         let panels = &rows.panels[r0 * k..][..32 * k];
         for batch in lanes.chunks(MAX_GROUPS) {
             let mut exact = [[0f32; 16]; MAX_GROUPS];
+            #[cfg(test)]
+            RECOMPUTED[0].fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
             exact_lanes(panels, &by_step, (k, chunk), batch, &padded.biases, &mut exact);
             for (group, v) in batch.iter().zip(&exact) {
                 let entries = group.rows.iter().zip(&group.columns).zip(v);
@@ -921,6 +930,7 @@ unsafe fn exact_columns<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     /// The f32 GEMM's row-major x · wᵀ + bias.
     fn dense_rows(x: &[f32], w: &[f32], bias: &[f32], k: usize, rows: usize, n: usize) -> Vec<f32> {
@@ -979,8 +989,11 @@ mod tests {
             let dense = dense_rows(&x, &w, &bias, k, rows, n);
             let mut sorted = dense.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
-            let high = sorted[rows * n / 100].max(0.0);
-            let mut cuts: Vec<f32> = (0..n).map(|j| if j % 3 == 0 { high } else { 0.0 }).collect();
+            // Cuts keeping about 1 % (lone candidates: lanes), 10 % (lanes, several groups of a
+            // block at once) and half (crowded tiles, run whole).
+            let (high, mid) = (sorted[rows * n / 100].max(0.0), sorted[rows * n / 10].max(0.0));
+            let cut = |j: usize| [high, mid, 0.0][j % 3];
+            let mut cuts: Vec<f32> = (0..n).map(cut).collect();
             cuts[1] = f32::INFINITY;
             cuts[2] = f32::NAN;
             // A cut equal to a value of its column: that entry must not be kept.
@@ -996,6 +1009,11 @@ mod tests {
             let got = screened(&entries_above(&x, &w, &prepared, &bias, &cuts).unwrap(), rows);
             assert_eq!(got, want, "{rows}×{n}×{k}");
             assert!(want.iter().map(Vec::len).sum::<usize>() > rows, "keeps something");
+            let [lanes, tiles] = RECOMPUTED.each_ref().map(|c| c.swap(0, Ordering::Relaxed));
+            assert!(
+                lanes > 0 && (tiles > 0 || k == 7),
+                "both ways ran: {lanes} lanes, {tiles} tiles"
+            );
         }
     }
 
