@@ -651,31 +651,6 @@ pub fn column_slices<'a, T>(cols: &SparseColumns, buf: &'a mut [T]) -> Vec<&'a m
     out
 }
 
-/// For every entry (i, k): x[i] · w[k] as [`dot`] sums it, in CSC order (x: rows × D,
-/// w: M × D).
-pub fn csc_dots(cols: &SparseColumns, x: &[f32], w: &[f32], d: usize) -> Vec<f32> {
-    blocked::<false, true>(cols, &cols.values, x, w, d).1
-}
-
-/// For every latent k: Σ v · x[i] over its entries (i, k) with values `values` (CSC order),
-/// each element summed in entry order from zero (M × D), as a loop of [`axpy`] gives it.
-pub fn csc_axpys(cols: &SparseColumns, values: &[f32], x: &[f32], d: usize) -> Vec<f32> {
-    assert_eq!(values.len(), cols.rows.len(), "csc_axpys: one value per entry");
-    blocked::<true, false>(cols, values, x, &[], d).0
-}
-
-/// The sparse decoder's backward: for every entry (i, k, v), `dw[k] += v · g[i]` (M × D, each
-/// element summed in entry order from zero) and `dots[entry] = dot(g[i], w[k])` (CSC order),
-/// the same operations as those loops.
-pub fn decoder_backward(
-    cols: &SparseColumns,
-    g: &[f32],
-    w: &[f32],
-    d: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    blocked::<true, true>(cols, &cols.values, g, w, d)
-}
-
 /// Per-entry values in CSC order → CSR order of the source rows.
 pub fn to_row_order(cols: &SparseColumns, by_column: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; by_column.len()];
@@ -685,139 +660,261 @@ pub fn to_row_order(cols: &SparseColumns, by_column: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Latents per task of `blocked`.
-const BLOCKED_LATENTS_PER_TASK: usize = 64;
-/// Columns of a full block of `blocked`: a block of the (B × D) operand, packed, is 1 MiB at
-/// B = 2,048, so it stays in a 2 MiB L2 while every latent reads its rows.
-const BLOCK_COLUMNS: usize = 128;
+/// Latents per task of `decoder_backward`.
+const BACKWARD_LATENTS_PER_TASK: usize = 64;
+/// Columns of a full block of `decoder_backward`: a block of the (B × D) gradient, packed, is
+/// 1 MiB at B = 2,048, so it stays in a 2 MiB L2 while every latent reads its rows.
+const BACKWARD_BLOCK: usize = 128;
 
-/// The gathers of a CSC matrix's entries (i, k, v) over the rows of g (rows × D): with AXPY,
-/// `sums[k] = Σ v · g[i]` (M × D, in entry order from zero); with DOTS, `dots[entry] =
-/// dot(g[i], w[k])` (CSC order). An output not asked for is empty.
+/// The sparse decoder's backward: for every entry (i, k, v), `dw[k] += v · g[i]` (M × D, each
+/// element summed in entry order from zero) and `dots[entry] = dot(g[i], w[k])` (CSC order),
+/// the same operations as those loops.
 ///
 /// A block of columns at a time: the block of `g` is packed into one contiguous buffer, then
 /// every latent gathers its entries' rows from it, and each entry's eight partial sums of `dot`
 /// are kept between blocks. Gathering whole 3 KiB rows of `g` (D = 768) from the L3 instead
 /// was memory-bound: 10 ms a step at B = 2,048, k = 64, M = 8,192 on two threads.
-fn blocked<const AXPY: bool, const DOTS: bool>(
+pub fn decoder_backward(
     cols: &SparseColumns,
-    values: &[f32],
     g: &[f32],
     w: &[f32],
     d: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let m = cols.col_offsets.len() - 1;
-    let rows = g.len().checked_div(d).unwrap_or(0);
     let chunks = d / 8 * 8;
-    let mut partial = vec![[0f32; 8]; if DOTS { cols.rows.len() } else { 0 }];
+    let mut partial = vec![[0f32; 8]; cols.rows.len()];
     // Unzeroed: the blocks and then the tails write every element.
-    let mut sums: Vec<f32> = Vec::with_capacity(if AXPY { m * d } else { 0 });
+    let mut dw: Vec<f32> = Vec::with_capacity(m * d);
     let mut packed = Vec::new();
     let mut start = 0;
     while start < chunks {
-        let width = if start + BLOCK_COLUMNS <= chunks { BLOCK_COLUMNS } else { 8 };
-        packed.clear();
-        packed.resize(rows * width, 0f32);
-        packed.par_chunks_mut(width).enumerate().with_min_len(64).for_each(|(i, out)| {
-            out.copy_from_slice(&g[i * d + start..][..width]);
-        });
-        let block = Block { cols, values, packed: &packed, w, d, start };
-        blocked_tasks::<AXPY, DOTS>(cols, &mut sums, &mut partial, d).into_par_iter().for_each(
-            |task| match width {
-                BLOCK_COLUMNS => block.run::<BLOCK_COLUMNS, AXPY, DOTS>(task),
-                _ => block.run::<8, AXPY, DOTS>(task),
+        let width = if start + BACKWARD_BLOCK <= chunks { BACKWARD_BLOCK } else { 8 };
+        pack_block(g, d, start..start + width, &mut packed);
+        let block = Block { cols, packed: &packed, w, d, start };
+        backward_tasks(cols, &mut dw, &mut partial, d).into_par_iter().for_each(
+            |(k0, dw_rows, partial)| match width {
+                BACKWARD_BLOCK => block.run::<BACKWARD_BLOCK>(k0, dw_rows, partial),
+                _ => block.run::<8>(k0, dw_rows, partial),
             },
         );
         start += width;
     }
     // The last d − chunks columns, entry by entry as `axpy` and `dot` end, and the dots.
-    let mut dots = vec![0f32; if DOTS { cols.rows.len() } else { 0 }];
-    let dot_parts = latent_groups(cols, &mut dots, DOTS);
-    let tasks = blocked_tasks::<AXPY, DOTS>(cols, &mut sums, &mut partial, d);
-    tasks.into_par_iter().zip(dot_parts).for_each(|(task, dots)| {
-        let BlockedTask { k0, k1, sums, partial } = task;
-        let first = cols.col_offsets[k0];
-        for k in k0..k1 {
-            let mut tail = AXPY.then(|| {
-                let tail = &mut sums[(k - k0) * d + chunks..(k - k0 + 1) * d];
+    let mut dots = vec![0f32; cols.rows.len()];
+    let dot_parts = latent_groups(cols, &mut dots);
+    backward_tasks(cols, &mut dw, &mut partial, d).into_par_iter().zip(dot_parts).for_each(
+        |((k0, dw_rows, partial), dots)| {
+            let first = cols.col_offsets[k0];
+            for (dk, k) in dw_rows.chunks_exact_mut(d.max(1)).zip(k0..) {
+                let tail = &mut dk[chunks..];
                 tail.fill(0.0);
-                tail
-            });
-            for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
-                let gi = &g[cols.rows[j] as usize * d..][chunks..d];
-                if let Some(tail) = tail.as_deref_mut() {
-                    axpy(tail, values[j], gi);
-                }
-                if DOTS {
+                for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
+                    let gi = &g[cols.rows[j] as usize * d..][chunks..d];
+                    axpy(tail, cols.values[j], gi);
                     dots[j - first] =
                         finish_dot(partial[j - first], gi, &w[k * d + chunks..][..d - chunks]);
                 }
             }
-        }
-    });
+        },
+    );
     // SAFETY: the blocks wrote columns 0..chunks of every row and the tails the rest.
-    unsafe { sums.set_len(if AXPY { m * d } else { 0 }) };
-    (sums, dots)
+    unsafe { dw.set_len(m * d) };
+    (dw, dots)
 }
 
-/// A task of `blocked`: latents k0..k1, their rows of the sums and their entries' partial
-/// sums of `dot` (each empty when not computed).
-struct BlockedTask<'a> {
-    k0: usize,
-    k1: usize,
-    sums: &'a mut [f32],
-    partial: &'a mut [[f32; 8]],
+/// Columns `part` of every row of g (rows × d), contiguous in `packed`.
+fn pack_block(g: &[f32], d: usize, part: std::ops::Range<usize>, packed: &mut Vec<f32>) {
+    let (rows, width) = (g.len().checked_div(d).unwrap_or(0), part.len());
+    packed.clear();
+    packed.resize(rows * width, 0f32);
+    packed.par_chunks_mut(width).enumerate().with_min_len(64).for_each(|(i, out)| {
+        out.copy_from_slice(&g[i * d + part.start..][..width]);
+    });
 }
 
-/// `blocked`'s tasks.
-fn blocked_tasks<'a, const AXPY: bool, const DOTS: bool>(
+/// What [`csc_self_gram`] gives for the sums s_k of the latents' entries.
+pub struct SelfGram {
+    /// g[i] · s_k for every entry (i, k), in CSC order.
+    pub dots: Vec<f32>,
+    /// s_k · s_k for every latent.
+    pub squares: Vec<f32>,
+    /// base · s_k for every latent.
+    pub with_base: Vec<f32>,
+}
+
+/// For every latent k: s_k = Σ v · g[i] over its entries (i, k) with values `values` (CSC
+/// order), in entry order from zero, then s_k += shift_k · base where shift_k ≠ 0; and the dots
+/// of s_k with its entries' rows, itself and `base`, each as [`dot`] sums it. The same
+/// operations as loops of `axpy`, that shift and [`dot`]s against the sums, without writing the
+/// (M × D) sums: each block of columns of s_k is dotted while it is in registers.
+pub fn csc_self_gram(
     cols: &SparseColumns,
-    sums: &'a mut Vec<f32>,
+    values: &[f32],
+    g: &[f32],
+    shifts: &[f32],
+    base: &[f32],
+    d: usize,
+) -> SelfGram {
+    let m = cols.col_offsets.len() - 1;
+    assert!(values.len() == cols.rows.len() && shifts.len() == m && base.len() == d);
+    let chunks = d / 8 * 8;
+    // Per entry, and per latent (with itself, with base): eight partial sums of each dot.
+    let mut entry_partial = vec![[0f32; 8]; cols.rows.len()];
+    let mut latent_partial = vec![[[0f32; 8]; 2]; m];
+    let per = BACKWARD_LATENTS_PER_TASK;
+    let mut packed = Vec::new();
+    let mut start = 0;
+    while start < chunks {
+        let width = if start + BACKWARD_BLOCK <= chunks { BACKWARD_BLOCK } else { 8 };
+        pack_block(g, d, start..start + width, &mut packed);
+        let block = GramBlock { cols, values, packed: &packed, shifts, base, start };
+        latent_groups(cols, &mut entry_partial)
+            .into_par_iter()
+            .zip(latent_partial.par_chunks_mut(per))
+            .enumerate()
+            .for_each(|(t, (entries, latents))| match width {
+                BACKWARD_BLOCK => block.run::<BACKWARD_BLOCK>(t * per, entries, latents),
+                _ => block.run::<8>(t * per, entries, latents),
+            });
+        start += width;
+    }
+    // The last d − chunks columns, element by element as the loops end, and the totals.
+    let mut gram = SelfGram {
+        dots: vec![0f32; cols.rows.len()],
+        squares: vec![0f32; m],
+        with_base: vec![0f32; m],
+    };
+    let base_tail = &base[chunks..];
+    latent_groups(cols, &mut gram.dots)
+        .into_par_iter()
+        .zip(latent_groups(cols, &mut entry_partial))
+        .zip(gram.squares.par_chunks_mut(per).zip(gram.with_base.par_chunks_mut(per)))
+        .zip(latent_partial.par_chunks(per))
+        .enumerate()
+        .for_each(|(t, (((dots, entries), (squares, with_base)), latents))| {
+            let first = cols.col_offsets[t * per];
+            for (i, k) in (t * per..).take(latents.len()).enumerate() {
+                let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
+                let row = |j: usize| &g[cols.rows[j] as usize * d..][chunks..d];
+                let mut tail = [0f32; 8];
+                let tail = &mut tail[..d - chunks];
+                for j in span.clone() {
+                    axpy(tail, values[j], row(j));
+                }
+                if shifts[k] != 0.0 {
+                    axpy(tail, shifts[k], base_tail);
+                }
+                for j in span {
+                    dots[j - first] = finish_dot(entries[j - first], row(j), tail);
+                }
+                squares[i] = finish_dot(latents[i][0], tail, tail);
+                with_base[i] = finish_dot(latents[i][1], base_tail, tail);
+            }
+        });
+    gram
+}
+
+/// One block of columns of `csc_self_gram`.
+struct GramBlock<'a> {
+    cols: &'a SparseColumns,
+    values: &'a [f32],
+    /// The block's columns of every row of g, contiguous.
+    packed: &'a [f32],
+    shifts: &'a [f32],
+    base: &'a [f32],
+    start: usize,
+}
+
+impl GramBlock<'_> {
+    /// Columns start..start + W of the latents k0.. whose partial sums are given.
+    fn run<const W: usize>(
+        &self,
+        k0: usize,
+        entries: &mut [[f32; 8]],
+        latents: &mut [[[f32; 8]; 2]],
+    ) {
+        let GramBlock { cols, values, packed, shifts, base, start } = *self;
+        let first = cols.col_offsets[k0];
+        let base: &[f32; W] = base[start..][..W].try_into().expect("block width");
+        let seg = |j: usize| -> &[f32; W] {
+            let at = cols.rows[j] as usize * W;
+            packed[at..at + W].try_into().expect("block width")
+        };
+        // Eight partial sums of a dot, one block further (as `dot` adds them).
+        let add = |p: [f32; 8], a: &[f32; W], b: &[f32; W]| {
+            let mut p = p;
+            for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+                p = std::array::from_fn(|l| p[l] + ca[l] * cb[l]);
+            }
+            p
+        };
+        vectorized!(for (latent, k) in latents.iter_mut().zip(k0..) {
+            let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
+            let mut sum = [0f32; W];
+            for j in span.clone() {
+                let v = values[j];
+                for (a, &x) in sum.iter_mut().zip(seg(j)) {
+                    *a += v * x;
+                }
+            }
+            let shift = shifts[k];
+            if shift != 0.0 {
+                for (a, &x) in sum.iter_mut().zip(base) {
+                    *a += shift * x;
+                }
+            }
+            for j in span {
+                entries[j - first] = add(entries[j - first], seg(j), &sum);
+            }
+            *latent = [add(latent[0], &sum, &sum), add(latent[1], base, &sum)];
+        })
+    }
+}
+
+/// A task of `decoder_backward`: its first latent, their rows of dw, their entries' partial
+/// sums.
+type BackwardTask<'a> = (usize, &'a mut [f32], &'a mut [[f32; 8]]);
+
+/// `decoder_backward`'s tasks.
+fn backward_tasks<'a>(
+    cols: &SparseColumns,
+    dw: &'a mut Vec<f32>,
     partial: &'a mut [[f32; 8]],
     d: usize,
-) -> Vec<BlockedTask<'a>> {
+) -> Vec<BackwardTask<'a>> {
     let m = cols.col_offsets.len() - 1;
-    let len = if AXPY { m * d } else { 0 };
-    let slots = &mut sums.spare_capacity_mut()[..len];
+    let slots = &mut dw.spare_capacity_mut()[..m * d];
     // SAFETY: f32 has no invalid bit patterns; callers write elements before anything reads
     // them (each block its columns, the tails theirs) and read only what they wrote.
     let slots = unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) };
-    let per = BLOCKED_LATENTS_PER_TASK;
-    let mut slots = slots;
-    latent_groups(cols, partial, DOTS)
-        .into_iter()
+    let per = BACKWARD_LATENTS_PER_TASK;
+    slots
+        .chunks_mut((per * d).max(1))
+        .zip(latent_groups(cols, partial))
         .enumerate()
-        .map(|(t, partial)| {
-            let (k0, k1) = (t * per, ((t + 1) * per).min(m));
-            let (sums, rest) =
-                std::mem::take(&mut slots).split_at_mut(if AXPY { (k1 - k0) * d } else { 0 });
-            slots = rest;
-            BlockedTask { k0, k1, sums, partial }
-        })
+        .map(|(t, (dw_rows, partial))| (t * per, dw_rows, partial))
         .collect()
 }
 
-/// A per-entry buffer (CSC order) split into the entries of each `blocked` task; empty slices
-/// when the buffer is not `used`.
-fn latent_groups<'a, T>(cols: &SparseColumns, buf: &'a mut [T], used: bool) -> Vec<&'a mut [T]> {
+/// A per-entry buffer (CSC order) split into the entries of each `decoder_backward` task.
+fn latent_groups<'a, T>(cols: &SparseColumns, buf: &'a mut [T]) -> Vec<&'a mut [T]> {
     let m = cols.col_offsets.len() - 1;
     let mut rest = buf;
     (0..m)
-        .step_by(BLOCKED_LATENTS_PER_TASK)
+        .step_by(BACKWARD_LATENTS_PER_TASK)
         .map(|k0| {
-            let k1 = (k0 + BLOCKED_LATENTS_PER_TASK).min(m);
-            let len = if used { cols.col_offsets[k1] - cols.col_offsets[k0] } else { 0 };
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            let k1 = (k0 + BACKWARD_LATENTS_PER_TASK).min(m);
+            let (head, tail) =
+                std::mem::take(&mut rest).split_at_mut(cols.col_offsets[k1] - cols.col_offsets[k0]);
             rest = tail;
             head
         })
         .collect()
 }
 
-/// One block of columns of `blocked`.
+/// One block of columns of `decoder_backward`.
 struct Block<'a> {
     cols: &'a SparseColumns,
-    values: &'a [f32],
     /// The block's columns of every row of g, contiguous.
     packed: &'a [f32],
     w: &'a [f32],
@@ -826,39 +923,29 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// Columns start..start + W of a task's latents.
-    fn run<const W: usize, const AXPY: bool, const DOTS: bool>(&self, task: BlockedTask) {
-        let Block { cols, values, packed, w, d, start } = *self;
-        let BlockedTask { k0, k1, sums, partial } = task;
+    /// Columns start..start + W of the latents k0.. whose dw rows and entries' partial sums
+    /// are given.
+    fn run<const W: usize>(&self, k0: usize, dw_rows: &mut [f32], partial: &mut [[f32; 8]]) {
+        let Block { cols, packed, w, d, start } = *self;
         let first = cols.col_offsets[k0];
-        vectorized!(for k in k0..k1 {
-            let wk: &[f32; W] = if DOTS {
-                w[k * d + start..][..W].try_into().expect("block width")
-            } else {
-                &[0.0; W]
-            };
+        vectorized!(for (dk, k) in dw_rows.chunks_exact_mut(d).zip(k0..) {
+            let wk: &[f32; W] = w[k * d + start..][..W].try_into().expect("block width");
             let mut acc = [0f32; W];
             for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
                 let at = cols.rows[j] as usize * W;
                 let seg: &[f32; W] = packed[at..at + W].try_into().expect("block width");
-                if AXPY {
-                    let v = values[j];
-                    for (a, &x) in acc.iter_mut().zip(seg) {
-                        *a += v * x;
-                    }
+                let v = cols.values[j];
+                for (a, &x) in acc.iter_mut().zip(seg) {
+                    *a += v * x;
                 }
-                if DOTS {
-                    // By value: one vector register, not eight scalars stored back each time.
-                    let mut p = partial[j - first];
-                    for (s, wc) in seg.chunks_exact(8).zip(wk.chunks_exact(8)) {
-                        p = std::array::from_fn(|l| p[l] + s[l] * wc[l]);
-                    }
-                    partial[j - first] = p;
+                // By value: one vector register, not eight scalars stored back each time.
+                let mut p = partial[j - first];
+                for (s, wc) in seg.chunks_exact(8).zip(wk.chunks_exact(8)) {
+                    p = std::array::from_fn(|l| p[l] + s[l] * wc[l]);
                 }
+                partial[j - first] = p;
             }
-            if AXPY {
-                sums[(k - k0) * d + start..][..W].copy_from_slice(&acc);
-            }
+            dk[start..start + W].copy_from_slice(&acc);
         })
     }
 }
@@ -929,7 +1016,7 @@ mod tests {
         // Narrow blocks and a tail only; two full blocks, narrow ones and a tail over tasks of
         // several latents.
         check_decoder_backward(50, 23, 37);
-        check_decoder_backward(40, 2 * BLOCKED_LATENTS_PER_TASK + 7, 2 * BLOCK_COLUMNS + 29);
+        check_decoder_backward(40, 2 * BACKWARD_LATENTS_PER_TASK + 7, 2 * BACKWARD_BLOCK + 29);
     }
 
     fn check_decoder_backward(rows: usize, m: usize, d: usize) {
@@ -959,10 +1046,59 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&dw), bits(&want_dw));
         assert_eq!(bits(&dots), bits(&want_dots));
-        // Each product alone, as the MonoLoss uses them.
-        assert_eq!(bits(&csc_axpys(&cols, &cols.values, &g, d)), bits(&want_dw));
-        assert_eq!(bits(&csc_dots(&cols, &g, &w, d)), bits(&want_dots));
         assert!((0..m).any(|k| cols.col_offsets[k] == cols.col_offsets[k + 1]));
+    }
+
+    /// The sums' dots against plain loops, bit for bit: each s_k summed in entry order from
+    /// zero, then shifted where its shift is not zero (−0 included), each dot as `dot` sums it;
+    /// full and narrow blocks, tails, latents without entries.
+    #[test]
+    fn self_gram_equals_plain_loops() {
+        for (rows, m, d) in [
+            (50, 23, 37),
+            (40, 2 * BACKWARD_LATENTS_PER_TASK + 7, 2 * BACKWARD_BLOCK + 29),
+            (9, 5, 3),
+        ] {
+            let mut dense = vec![0f32; rows * m];
+            for (i, v) in dense.iter_mut().enumerate() {
+                if (i * 7) % 5 == 0 && (i % m) % 4 != 3 {
+                    *v = (i as f32 * 0.31).sin();
+                }
+            }
+            let cols = to_columns(SparseBatch::from_dense(&dense, m).as_rows(), m);
+            let g: Vec<f32> = (0..rows * d).map(|i| (i as f32 * 0.17).cos()).collect();
+            let base: Vec<f32> = (0..d).map(|t| (t as f32 * 0.41).sin()).collect();
+            let shifts: Vec<f32> =
+                (0..m).map(|k| [0.0, -0.0, 0.25, -1.5][k % 4] * (k as f32 * 0.3).cos()).collect();
+            let gram = csc_self_gram(&cols, &cols.values, &g, &shifts, &base, d);
+            let (mut dots, mut squares, mut with_base) = (Vec::new(), Vec::new(), Vec::new());
+            for (k, &shift) in shifts.iter().enumerate() {
+                let mut sum = vec![0f32; d];
+                let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
+                for j in span.clone() {
+                    let i = cols.rows[j] as usize;
+                    for t in 0..d {
+                        sum[t] += cols.values[j] * g[i * d + t];
+                    }
+                }
+                if shift != 0.0 {
+                    for (s, &b) in sum.iter_mut().zip(&base) {
+                        *s += shift * b;
+                    }
+                }
+                for j in span {
+                    let i = cols.rows[j] as usize;
+                    dots.push(dot(&g[i * d..(i + 1) * d], &sum));
+                }
+                squares.push(dot(&sum, &sum));
+                with_base.push(dot(&base, &sum));
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&gram.dots), bits(&dots), "{rows}×{m}×{d}");
+            assert_eq!(bits(&gram.squares), bits(&squares), "{rows}×{m}×{d}");
+            assert_eq!(bits(&gram.with_base), bits(&with_base), "{rows}×{m}×{d}");
+            assert!((0..m).any(|k| cols.col_offsets[k] == cols.col_offsets[k + 1]));
+        }
     }
 
     /// `gather_rows` against its definition, bit for bit, on `rows` rows of up to `most`

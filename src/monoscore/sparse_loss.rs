@@ -84,11 +84,9 @@ fn first_at(rows: &[u32], values: &[f32], target: f32, first: usize, b: usize) -
 /// What the MonoLoss forward pass keeps for the backward pass.
 pub(crate) struct MonoLossSaved {
     pub(crate) cols: sparse::SparseColumns,
-    /// Unit similarity rows (B × D) and their sum.
-    unit: Vec<f32>,
-    unit_sum: Vec<f32>,
-    /// w_k = Σ_i ã_ik p_i, neuron-major (M × D).
-    w: Vec<f32>,
+    /// With w_k = Σ_i ã_ik p_i over the unit similarity rows p_i: p_i · w_k for every entry,
+    /// w_k · w_k and (Σ_i p_i) · w_k for every neuron.
+    gram: sparse::SelfGram,
     neurons: Vec<NeuronBatchStats>,
 }
 
@@ -163,23 +161,21 @@ pub(crate) fn forward(
             }
         })
         .collect();
-    // w_k = Σ coef · unit row, gathered a block of D at a time (the rows stay in cache).
-    let mut w = sparse::csc_axpys(&cols, &coefs, &unit, d);
-    w.par_chunks_mut(d.max(1)).zip(neurons.par_iter_mut()).with_min_len(16).for_each(|(w, n)| {
-        let zero_scaled = -n.min / n.range;
-        if zero_scaled != 0.0 {
-            w.iter_mut().zip(&unit_sum).for_each(|(wi, &s)| *wi += zero_scaled * s);
-        }
-        n.num = 0.5 * (sparse::dot(w, w) - n.v);
+    // w_k = Σ coef · unit row, plus the implicit zeros' share: only its dots are needed, so
+    // each block of D of w_k is dotted while in registers and w is never written.
+    let shifts: Vec<f32> = neurons.iter().map(|n| -n.min / n.range).collect();
+    let gram = sparse::csc_self_gram(&cols, &coefs, &unit, &shifts, &unit_sum, d);
+    for (n, &square) in neurons.iter_mut().zip(&gram.squares) {
+        n.num = 0.5 * (square - n.v);
         n.active = n.den > eps;
-    });
+    }
     let n_active = neurons.iter().filter(|n| n.active).count();
     let total: f64 =
         neurons.iter().filter(|n| n.active).map(|n| (n.num / (n.den + eps)) as f64).sum();
     let mean = if n_active > 0 { total / n_active as f64 } else { 0.0 };
     let loss = if n_active > 0 { 1.0 - mean } else { 1.0 };
     (
-        MonoLossSaved { cols, unit, unit_sum, w, neurons },
+        MonoLossSaved { cols, gram, neurons },
         loss as f32,
         MonoLossStats { n_active, mean_score: mean },
     )
@@ -187,12 +183,11 @@ pub(crate) fn forward(
 
 /// g_out · ∂loss/∂latents on the support, in CSC order (`saved.cols`).
 pub(crate) fn backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) -> Vec<f32> {
-    let MonoLossSaved { cols, unit, unit_sum, w, neurons } = saved;
+    let MonoLossSaved { cols, gram, neurons } = saved;
     let n_active = neurons.iter().filter(|n| n.active).count();
     if n_active == 0 {
         return vec![0.0; cols.rows.len()];
     }
-    let d = unit_sum.len();
     let g_score = -g_out / n_active as f32; // ∂L/∂MS_k for active k
                                             // Per neuron: ∂L/∂num, ∂L/∂den and the min/max gradients, closed forms over all rows.
     struct Coef {
@@ -208,17 +203,16 @@ pub(crate) fn backward(saved: &MonoLossSaved, b: usize, g_out: f32, eps: f32) ->
             if !n.active {
                 return Coef { dnum: 0.0, dden: 0.0, dmin: 0.0, dmax: 0.0 };
             }
-            let wk = &w[k * d..(k + 1) * d];
             let den = n.den + eps;
             let dnum = g_score / den;
             let dden = -g_score * n.num / (den * den);
-            let sum_g = dnum * (sparse::dot(unit_sum, wk) - n.u) + dden * (b as f32 * n.u - n.u);
-            let sum_ga = dnum * (sparse::dot(wk, wk) - n.v) + dden * (n.u * n.u - n.v);
+            let sum_g = dnum * (gram.with_base[k] - n.u) + dden * (b as f32 * n.u - n.u);
+            let sum_ga = dnum * (gram.squares[k] - n.v) + dden * (n.u * n.u - n.v);
             Coef { dnum, dden, dmin: (sum_ga - sum_g) / n.range, dmax: -sum_ga / n.range }
         })
         .collect();
     // ∂L/∂l = ∂L/∂ã / range, plus the min/max terms on the one entry each goes to.
-    let mut grads = sparse::csc_dots(cols, unit, w, d);
+    let mut grads = gram.dots.clone();
     for k in 0..neurons.len() {
         let (n, c) = (&neurons[k], &coefs[k]);
         let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
@@ -324,8 +318,8 @@ pub(crate) fn sparse_batch_mono_loss(
 mod tests {
     use super::*;
 
-    /// The forward pass writes every w_k before reading it: the allocator holding NaNs or zeros
-    /// beforehand gives the same loss and the same w, bit for bit.
+    /// The forward pass writes everything it reads: the allocator holding NaNs or zeros
+    /// beforehand gives the same loss and the same dots, bit for bit.
     #[test]
     fn forward_does_not_depend_on_what_the_allocator_held() {
         let (b, m, d) = (30, 17, 21);
@@ -338,7 +332,9 @@ mod tests {
             // Many freed blocks of w's size, so that w is likely to be one of them.
             drop(std::hint::black_box((0..64).map(|_| vec![poison; m * d]).collect::<Vec<_>>()));
             let (saved, loss, _) = forward(&csr, b, m, &sim, d, 1e-8);
-            (loss.to_bits(), saved.w.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            let g = &saved.gram;
+            let all = g.dots.iter().chain(&g.squares).chain(&g.with_base);
+            (loss.to_bits(), all.map(|x| x.to_bits()).collect::<Vec<_>>())
         };
         let (clean, poisoned) = (run(0.0), run(f32::NAN));
         assert!(f32::from_bits(clean.0).is_finite());
