@@ -783,6 +783,47 @@ unsafe fn transpose_16x16(r: &mut [std::arch::x86_64::__m512; 16]) {
     }
 }
 
+/// `kernel::<N>(args)` for the run-time count `n`, one of the literals: a copy of the kernel
+/// per count, each with as many independent chains as it has work, none wasted.
+macro_rules! by_count {
+    ($n:expr, $kernel:ident $args:tt, $($count:literal)*) => {
+        match $n {
+            $($count => $kernel::<$count> $args,)*
+            n => unreachable!("no kernel for a count of {n}"),
+        }
+    };
+}
+
+/// N vectors of entries, each lane in the GEMM's own order (`chained`): `fma(p, acc)` adds
+/// contraction step p to the accumulators, steps in order from zero within each chunk of
+/// `chunk`, the chunks' sums added in order. The bias is the caller's.
+///
+/// # Safety
+/// AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn chains<const N: usize>(
+    k: usize,
+    chunk: usize,
+    mut fma: impl FnMut(usize, &mut [std::arch::x86_64::__m512; N]),
+) -> [std::arch::x86_64::__m512; N] {
+    use std::arch::x86_64::*;
+    let mut total = [_mm512_setzero_ps(); N];
+    let mut start = 0;
+    while start < k {
+        let end = (start + chunk).min(k);
+        let mut acc = [_mm512_setzero_ps(); N];
+        for p in start..end {
+            fma(p, &mut acc);
+        }
+        for c in 0..N {
+            total[c] = if start == 0 { acc[c] } else { _mm512_add_ps(total[c], acc[c]) };
+        }
+        start = end;
+    }
+    total
+}
+
 /// The exact values of lane groups (`LaneGroup`) of one block of 32 rows, as the GEMM computes
 /// them (`chained`): `out[g][l]` for lane l of group g. Each lane runs its entry's own chain;
 /// x comes from the block's two panels and w from the task's `transposed` columns.
@@ -800,15 +841,11 @@ unsafe fn exact_lanes(
 ) {
     assert!(panels.len() >= 32 * k && transposed.len() >= k * TASK_COLUMNS);
     assert!(biases.len() >= TASK_COLUMNS && groups.iter().all(|g| g.span < TASK_COLUMNS / 32));
-    macro_rules! by_count {
-        ($($n:literal)*) => {
-            match groups.len() {
-                $($n => exact_groups::<$n>(panels, transposed, (k, chunk), groups, biases, out),)*
-                _ => unreachable!("at most MAX_GROUPS groups at once"),
-            }
-        };
-    }
-    by_count!(1 2 3 4 5 6)
+    by_count!(
+        groups.len(),
+        exact_groups(panels, transposed, (k, chunk), groups, biases, out),
+        1 2 3 4 5 6
+    )
 }
 
 /// `exact_lanes` for G groups.
@@ -832,27 +869,17 @@ unsafe fn exact_groups<const G: usize>(
     let spans: [usize; G] = std::array::from_fn(|g| 32 * groups[g].span);
     let (upper, lower) = (panels.as_ptr(), panels.as_ptr().add(16 * k));
     let w = transposed.as_ptr();
-    let mut total = [_mm512_setzero_ps(); G];
-    let mut start = 0;
-    while start < k {
-        let end = (start + chunk).min(k);
-        let mut acc = [_mm512_setzero_ps(); G];
-        for p in start..end {
-            let (xa, xb) = (_mm512_loadu_ps(upper.add(p * 16)), _mm512_loadu_ps(lower.add(p * 16)));
-            let wp = w.add(p * TASK_COLUMNS);
-            for g in 0..G {
-                let x = _mm512_permutex2var_ps(xa, rows[g], xb);
-                let (wa, wb) =
-                    (_mm512_loadu_ps(wp.add(spans[g])), _mm512_loadu_ps(wp.add(spans[g] + 16)));
-                let wv = _mm512_permutex2var_ps(wa, columns[g], wb);
-                acc[g] = _mm512_fmadd_ps(x, wv, acc[g]);
-            }
-        }
+    let total = chains::<G>(k, chunk, |p, acc| {
+        let (xa, xb) = (_mm512_loadu_ps(upper.add(p * 16)), _mm512_loadu_ps(lower.add(p * 16)));
+        let wp = w.add(p * TASK_COLUMNS);
         for g in 0..G {
-            total[g] = if start == 0 { acc[g] } else { _mm512_add_ps(total[g], acc[g]) };
+            let x = _mm512_permutex2var_ps(xa, rows[g], xb);
+            let (wa, wb) =
+                (_mm512_loadu_ps(wp.add(spans[g])), _mm512_loadu_ps(wp.add(spans[g] + 16)));
+            let wv = _mm512_permutex2var_ps(wa, columns[g], wb);
+            acc[g] = _mm512_fmadd_ps(x, wv, acc[g]);
         }
-        start = end;
-    }
+    });
     for g in 0..G {
         let bias: [f32; 16] =
             std::array::from_fn(|l| biases[spans[g] + groups[g].columns[l] as usize]);
@@ -876,16 +903,11 @@ unsafe fn exact_tiles(
     out: &mut [[f32; 16]; 16],
 ) {
     assert!(panel.len() >= 16 * k && columns.iter().all(|&c| (c + 1) * k <= w.len()));
-    // One copy per column count: as many independent chains as columns, none wasted.
-    macro_rules! by_count {
-        ($($n:literal)*) => {
-            match columns.len() {
-                $($n => exact_columns::<$n>(panel, w, (k, chunk), columns, biases, out),)*
-                _ => unreachable!("at most 16 columns at once"),
-            }
-        };
-    }
-    by_count!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+    by_count!(
+        columns.len(),
+        exact_columns(panel, w, (k, chunk), columns, biases, out),
+        1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
+    )
 }
 
 /// `exact_tiles` for N columns.
@@ -905,22 +927,12 @@ unsafe fn exact_columns<const N: usize>(
     use std::arch::x86_64::*;
     let rows: [*const f32; N] = std::array::from_fn(|c| w.as_ptr().add(columns[c] * k));
     let x = panel.as_ptr();
-    let mut total = [_mm512_setzero_ps(); N];
-    let mut start = 0;
-    while start < k {
-        let end = (start + chunk).min(k);
-        let mut acc = [_mm512_setzero_ps(); N];
-        for p in start..end {
-            let xv = _mm512_loadu_ps(x.add(p * 16));
-            for c in 0..N {
-                acc[c] = _mm512_fmadd_ps(xv, _mm512_set1_ps(*rows[c].add(p)), acc[c]);
-            }
-        }
+    let total = chains::<N>(k, chunk, |p, acc| {
+        let xv = _mm512_loadu_ps(x.add(p * 16));
         for c in 0..N {
-            total[c] = if start == 0 { acc[c] } else { _mm512_add_ps(total[c], acc[c]) };
+            acc[c] = _mm512_fmadd_ps(xv, _mm512_set1_ps(*rows[c].add(p)), acc[c]);
         }
-        start = end;
-    }
+    });
     for c in 0..N {
         let v = _mm512_add_ps(total[c], _mm512_set1_ps(biases[columns[c]]));
         _mm512_storeu_ps(out[c].as_mut_ptr(), v);

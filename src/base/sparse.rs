@@ -685,20 +685,15 @@ pub fn decoder_backward(
     let mut partial = vec![[0f32; 8]; cols.rows.len()];
     // Unzeroed: the blocks and then the tails write every element.
     let mut dw: Vec<f32> = Vec::with_capacity(m * d);
-    let mut packed = Vec::new();
-    let mut start = 0;
-    while start < chunks {
-        let width = if start + BACKWARD_BLOCK <= chunks { BACKWARD_BLOCK } else { 8 };
-        pack_block(g, d, start..start + width, &mut packed);
-        let block = Block { cols, packed: &packed, w, d, start };
+    for_each_block(g, d, |packed| {
+        let block = Block { cols, packed, w, d };
         backward_tasks(cols, &mut dw, &mut partial, d).into_par_iter().for_each(
-            |(k0, dw_rows, partial)| match width {
+            |(k0, dw_rows, partial)| match packed.width {
                 BACKWARD_BLOCK => block.run::<BACKWARD_BLOCK>(k0, dw_rows, partial),
                 _ => block.run::<8>(k0, dw_rows, partial),
             },
         );
-        start += width;
-    }
+    });
     // The last d − chunks columns, entry by entry as `axpy` and `dot` end, and the dots.
     let mut dots = vec![0f32; cols.rows.len()];
     let dot_parts = latent_groups(cols, &mut dots);
@@ -722,14 +717,50 @@ pub fn decoder_backward(
     (dw, dots)
 }
 
-/// Columns `part` of every row of g (rows × d), contiguous in `packed`.
-fn pack_block(g: &[f32], d: usize, part: std::ops::Range<usize>, packed: &mut Vec<f32>) {
-    let (rows, width) = (g.len().checked_div(d).unwrap_or(0), part.len());
-    packed.clear();
-    packed.resize(rows * width, 0f32);
-    packed.par_chunks_mut(width).enumerate().with_min_len(64).for_each(|(i, out)| {
-        out.copy_from_slice(&g[i * d + part.start..][..width]);
-    });
+/// Columns start..start + width of every row of g, contiguous (`for_each_block`).
+struct Packed<'a> {
+    data: &'a [f32],
+    start: usize,
+    width: usize,
+}
+
+impl Packed<'_> {
+    /// Row i's W columns of the block.
+    #[inline(always)]
+    fn row<const W: usize>(&self, i: u32) -> &[f32; W] {
+        let at = i as usize * W;
+        self.data[at..at + W].try_into().expect("block width")
+    }
+}
+
+/// The blocked gathers' passes over g (rows × d): `each` block of BACKWARD_BLOCK columns, then
+/// of 8, up to the last multiple of 8 (the rest is each caller's tail), packed so that every
+/// latent's rows come from one buffer that stays in L2.
+fn for_each_block(g: &[f32], d: usize, mut each: impl FnMut(&Packed)) {
+    let (rows, chunks) = (g.len().checked_div(d).unwrap_or(0), d / 8 * 8);
+    let mut data = Vec::new();
+    let mut start = 0;
+    while start < chunks {
+        let width = if start + BACKWARD_BLOCK <= chunks { BACKWARD_BLOCK } else { 8 };
+        data.clear();
+        data.resize(rows * width, 0f32);
+        data.par_chunks_mut(width).enumerate().with_min_len(64).for_each(|(i, out)| {
+            out.copy_from_slice(&g[i * d + start..][..width]);
+        });
+        each(&Packed { data: &data, start, width });
+        start += width;
+    }
+}
+
+/// Eight partial sums of a [`dot`], carried over W more columns as `dot` adds them. By value:
+/// one vector register, not eight scalars stored back each time.
+#[inline(always)]
+fn dot_step<const W: usize>(p: [f32; 8], a: &[f32; W], b: &[f32; W]) -> [f32; 8] {
+    let mut p = p;
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        p = std::array::from_fn(|l| p[l] + ca[l] * cb[l]);
+    }
+    p
 }
 
 /// What [`csc_self_gram`] gives for the sums s_k of the latents' entries.
@@ -762,22 +793,17 @@ pub fn csc_self_gram(
     let mut entry_partial = vec![[0f32; 8]; cols.rows.len()];
     let mut latent_partial = vec![[[0f32; 8]; 2]; m];
     let per = BACKWARD_LATENTS_PER_TASK;
-    let mut packed = Vec::new();
-    let mut start = 0;
-    while start < chunks {
-        let width = if start + BACKWARD_BLOCK <= chunks { BACKWARD_BLOCK } else { 8 };
-        pack_block(g, d, start..start + width, &mut packed);
-        let block = GramBlock { cols, values, packed: &packed, shifts, base, start };
+    for_each_block(g, d, |packed| {
+        let block = GramBlock { cols, values, packed, shifts, base };
         latent_groups(cols, &mut entry_partial)
             .into_par_iter()
             .zip(latent_partial.par_chunks_mut(per))
             .enumerate()
-            .for_each(|(t, (entries, latents))| match width {
+            .for_each(|(t, (entries, latents))| match packed.width {
                 BACKWARD_BLOCK => block.run::<BACKWARD_BLOCK>(t * per, entries, latents),
                 _ => block.run::<8>(t * per, entries, latents),
             });
-        start += width;
-    }
+    });
     // The last d − chunks columns, element by element as the loops end, and the totals.
     let mut gram = SelfGram {
         dots: vec![0f32; cols.rows.len()],
@@ -818,11 +844,9 @@ pub fn csc_self_gram(
 struct GramBlock<'a> {
     cols: &'a SparseColumns,
     values: &'a [f32],
-    /// The block's columns of every row of g, contiguous.
-    packed: &'a [f32],
+    packed: &'a Packed<'a>,
     shifts: &'a [f32],
     base: &'a [f32],
-    start: usize,
 }
 
 impl GramBlock<'_> {
@@ -833,21 +857,10 @@ impl GramBlock<'_> {
         entries: &mut [[f32; 8]],
         latents: &mut [[[f32; 8]; 2]],
     ) {
-        let GramBlock { cols, values, packed, shifts, base, start } = *self;
+        let GramBlock { cols, values, packed, shifts, base } = *self;
         let first = cols.col_offsets[k0];
-        let base: &[f32; W] = base[start..][..W].try_into().expect("block width");
-        let seg = |j: usize| -> &[f32; W] {
-            let at = cols.rows[j] as usize * W;
-            packed[at..at + W].try_into().expect("block width")
-        };
-        // Eight partial sums of a dot, one block further (as `dot` adds them).
-        let add = |p: [f32; 8], a: &[f32; W], b: &[f32; W]| {
-            let mut p = p;
-            for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-                p = std::array::from_fn(|l| p[l] + ca[l] * cb[l]);
-            }
-            p
-        };
+        let base: &[f32; W] = base[packed.start..][..W].try_into().expect("block width");
+        let seg = |j: usize| packed.row::<W>(cols.rows[j]);
         vectorized!(for (latent, k) in latents.iter_mut().zip(k0..) {
             let span = cols.col_offsets[k]..cols.col_offsets[k + 1];
             let mut sum = [0f32; W];
@@ -864,9 +877,9 @@ impl GramBlock<'_> {
                 }
             }
             for j in span {
-                entries[j - first] = add(entries[j - first], seg(j), &sum);
+                entries[j - first] = dot_step(entries[j - first], seg(j), &sum);
             }
-            *latent = [add(latent[0], &sum, &sum), add(latent[1], base, &sum)];
+            *latent = [dot_step(latent[0], &sum, &sum), dot_step(latent[1], base, &sum)];
         })
     }
 }
@@ -915,35 +928,27 @@ fn latent_groups<'a, T>(cols: &SparseColumns, buf: &'a mut [T]) -> Vec<&'a mut [
 /// One block of columns of `decoder_backward`.
 struct Block<'a> {
     cols: &'a SparseColumns,
-    /// The block's columns of every row of g, contiguous.
-    packed: &'a [f32],
+    packed: &'a Packed<'a>,
     w: &'a [f32],
     d: usize,
-    start: usize,
 }
 
 impl Block<'_> {
     /// Columns start..start + W of the latents k0.. whose dw rows and entries' partial sums
     /// are given.
     fn run<const W: usize>(&self, k0: usize, dw_rows: &mut [f32], partial: &mut [[f32; 8]]) {
-        let Block { cols, packed, w, d, start } = *self;
-        let first = cols.col_offsets[k0];
+        let Block { cols, packed, w, d } = *self;
+        let (first, start) = (cols.col_offsets[k0], packed.start);
         vectorized!(for (dk, k) in dw_rows.chunks_exact_mut(d).zip(k0..) {
             let wk: &[f32; W] = w[k * d + start..][..W].try_into().expect("block width");
             let mut acc = [0f32; W];
             for j in cols.col_offsets[k]..cols.col_offsets[k + 1] {
-                let at = cols.rows[j] as usize * W;
-                let seg: &[f32; W] = packed[at..at + W].try_into().expect("block width");
+                let seg = packed.row::<W>(cols.rows[j]);
                 let v = cols.values[j];
                 for (a, &x) in acc.iter_mut().zip(seg) {
                     *a += v * x;
                 }
-                // By value: one vector register, not eight scalars stored back each time.
-                let mut p = partial[j - first];
-                for (s, wc) in seg.chunks_exact(8).zip(wk.chunks_exact(8)) {
-                    p = std::array::from_fn(|l| p[l] + s[l] * wc[l]);
-                }
-                partial[j - first] = p;
+                partial[j - first] = dot_step(partial[j - first], seg, wk);
             }
             dk[start..start + W].copy_from_slice(&acc);
         })
